@@ -1,0 +1,127 @@
+"""Service configuration: one frozen, validated object.
+
+Sources, later ones winning: defaults, a YAML file (``--config`` or ``ELECTRON_CONFIG``),
+environment variables ``ELECTRON_<SECTION>__<FIELD>`` (e.g. ``ELECTRON_ENGINE__DTYPE=float32``,
+``ELECTRON_ROUTER__PORT=9000``), then CLI flags. Environment variables are read here and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ENV_PREFIX = "ELECTRON_"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EngineConfig(_Frozen):
+    # A GGUF file, a Hugging Face directory, or the name of the embedded default model.
+    model: str = DEFAULT_MODEL
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    block_size: int = Field(16, ge=1, le=1024)
+    # KV pool budget: explicit bytes, or (on GPU, when None) a fraction of free memory.
+    kv_cache_bytes: int | None = Field(256 * 1024 * 1024, ge=1)
+    gpu_memory_fraction: float = Field(0.85, gt=0, le=0.99)
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(512, ge=16)
+    max_model_len: int | None = Field(None, ge=16)
+    enable_prefix_caching: bool = True
+    torch_threads: int | None = Field(None, ge=1)
+    seed: int = 0
+
+
+class RouterConfig(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    # Public model id(s) served; requests naming another get 404.
+    model_id: str = "electron"
+    policy: Literal["least_load", "round_robin"] = "least_load"
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_messages: int = Field(200, ge=1)
+    # Seconds to wait for a worker's first message before failing over.
+    first_token_timeout_s: float = Field(30.0, gt=0)
+    registry_poll_s: float = Field(0.5, gt=0)
+
+
+class AuthConfig(_Frozen):
+    enabled: bool = False
+    # Keys accepted while tenants are not configured (the embedded default prints one).
+    static_keys: tuple[str, ...] = ()
+
+
+class ClusterConfig(_Frozen):
+    ray_address: str | None = None  # None: start a local Ray
+    namespace: str = "electron"
+    workers: int = Field(1, ge=0)
+    pool: str = "default"
+    num_gpus_per_worker: float = Field(0, ge=0)
+    num_cpus_per_worker: float = Field(1, ge=0)
+    heartbeat_s: float = Field(0.5, gt=0)
+    worker_ttl_s: float = Field(1.5, gt=0)
+
+
+class Config(_Frozen):
+    engine: EngineConfig = EngineConfig()
+    router: RouterConfig = RouterConfig()
+    auth: AuthConfig = AuthConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, field = name[len(ENV_PREFIX):].lower().partition("__")
+        # YAML parsing turns "8", "true", "[a, b]" into typed values; pydantic validates them.
+        out.setdefault(section, {})[field] = yaml.safe_load(value) if value else value
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the config from a YAML file, the environment and explicit overrides."""
+    env = os.environ if env is None else env
+    path = path or env.get(ENV_PREFIX + "CONFIG")
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping")
+    data = _deep_merge(data, _env_overrides(env))
+    data = _deep_merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(str(exc)) from exc

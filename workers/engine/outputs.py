@@ -1,0 +1,59 @@
+"""What the engine hands back to its callers: deltas, then one final message."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"          # EOS, a stop token or a stop string
+    LENGTH = "length"      # max_tokens or the context window
+    ABORT = "abort"        # the caller aborted (client gone)
+    ERROR = "error"        # the engine could not serve it
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: bytes
+
+
+@dataclass(frozen=True)
+class PositionLogprobs:
+    """Log-probability of the chosen token and the top alternatives at one position."""
+
+    chosen: TokenLogprob
+    top: tuple[TokenLogprob, ...]
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One delta of one sequence (``index`` is the choice index for n > 1).
+
+    ``text`` never ends in a broken UTF-8 character and never contains a (partial) stop
+    string. The last output of a sequence has ``finish_reason`` set and carries ``usage``
+    (usage counts the prompt once, on index 0; other indexes report completion tokens only).
+    """
+
+    request_id: str
+    index: int
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[PositionLogprobs, ...] = ()
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    usage: Usage | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

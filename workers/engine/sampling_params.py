@@ -1,0 +1,85 @@
+"""Sampling parameters of one request: frozen, validated when built."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from cluster.errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What to generate and how. ``temperature == 0`` means greedy.
+
+    ``max_tokens`` None means "up to the context window". ``stop_token_ids`` are extra stop
+    tokens beside the model's EOS ids (which ``ignore_eos`` disables).
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: disabled
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    max_tokens: int | None = None
+    min_tokens: int = 0
+    logprobs: bool = False
+    top_logprobs: int = 0
+    # Opaque grammar spec for constrained decoding (JSON text); None: unconstrained.
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        def bad(param: str, why: str) -> InvalidRequest:
+            return InvalidRequest(f"'{param}' {why}", param=param)
+
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(name, "must be a finite number")
+        if not 1 <= self.n <= 16:
+            raise bad("n", "must be between 1 and 16")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise bad("temperature", "must be between 0 and 2")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "must be in (0, 1]")
+        if self.top_k < 0:
+            raise bad("top_k", "must be >= 0 (0 disables it)")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", "must be between 0 and 1")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise bad(name, "must be between -2 and 2")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise bad("repetition_penalty", "must be in (0, 2]")
+        for token, bias in self.logit_bias.items():
+            if not isinstance(token, int) or token < 0:
+                raise bad("logit_bias", "keys must be token ids >= 0")
+            if not isinstance(bias, (int, float)) or not math.isfinite(bias) or not -100 <= bias <= 100:
+                raise bad("logit_bias", "values must be between -100 and 100")
+        if len(self.stop) > 4:
+            raise bad("stop", "may hold at most 4 strings")
+        if any(not s for s in self.stop):
+            raise bad("stop", "strings must not be empty")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise bad("max_tokens", "must be >= 1")
+        if self.min_tokens < 0:
+            raise bad("min_tokens", "must be >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", "must not exceed max_tokens")
+        if not 0 <= self.top_logprobs <= 20:
+            raise bad("top_logprobs", "must be between 0 and 20")
+        if self.top_logprobs and not self.logprobs:
+            raise bad("top_logprobs", "requires logprobs")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
