@@ -1,0 +1,154 @@
+"""The router's FastAPI app: routes, auth and lifecycle (API.md).
+
+Handlers are thin: authenticate, validate, call one service function, return. Both base URLs
+(``/v1`` and ``/waves/v1``) serve the same routes. ``/health`` (liveness) and ``/ready`` (at
+least one worker connected) need no key.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from fastapi import APIRouter, Depends, FastAPI, Request
+from starlette.responses import Response
+
+from cluster.config import Config
+from cluster.errors import AuthenticationFailed, ModelNotFound, NoWorkers
+from cluster.model_files import resolve_model_path
+from cluster.tokenizer import Tokenizer
+from router import sse
+from router.chat import ChatService, system_fingerprint
+from router.errors import error_response, install_error_handlers
+from router.middleware import RequestContextMiddleware
+from router.policy import make_policy
+from router.schemas import decode_json, parse_chat_request
+from router.worker_pool import WorkerPool
+
+if TYPE_CHECKING:  # cluster.registry imports Ray; the app needs only the protocol
+    from cluster.registry import WorkerSource
+
+BASE_PATHS = ("/v1", "/waves/v1")
+OWNED_BY = "electron"
+READY_RETRY_AFTER_S = 1.0
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+# -- auth -------------------------------------------------------------------------------------------
+
+def require_api_key(request: Request) -> None:
+    """``Authorization: Bearer <key>`` with a key from ``auth.static_keys`` (when enabled)."""
+    auth = request.app.state.config.auth
+    if not auth.enabled:
+        return
+    header = request.headers.get("authorization")
+    if not header:
+        raise AuthenticationFailed(
+            "You didn't provide an API key. Provide it in an Authorization header using "
+            "Bearer auth (Authorization: Bearer YOUR_KEY).")
+    scheme, _, key = header.partition(" ")
+    key = key.strip().encode()
+    if scheme.lower() != "bearer" or not key:
+        raise AuthenticationFailed("The Authorization header must be 'Bearer YOUR_KEY'.")
+    # Compare against every key, in constant time each: no early exit on a prefix match.
+    matches = [hmac.compare_digest(key, known.encode()) for known in auth.static_keys]
+    if not any(matches):
+        raise AuthenticationFailed("Incorrect API key provided.")
+
+
+# -- routes -----------------------------------------------------------------------------------------
+
+async def chat_completions(request: Request) -> Response:
+    state = request.app.state
+    req = parse_chat_request(decode_json(await request.body()),
+                             max_messages=state.config.router.max_messages)
+    chat: ChatService = state.chat
+    request_id = request.state.request_id
+    if req.stream:
+        generation = await sse.until_disconnected(request.receive,
+                                                  chat.start_stream(req, request_id))
+        if generation is None:
+            return Response(status_code=sse.CLIENT_CLOSED_REQUEST)
+        return sse.EventStreamResponse(sse.chat_chunks(generation, chat.fingerprint),
+                                       on_close=generation.close)
+    body = await sse.until_disconnected(request.receive, chat.complete(req, request_id))
+    if body is None:
+        return Response(status_code=sse.CLIENT_CLOSED_REQUEST)
+    return _json(body)
+
+
+async def list_models(request: Request) -> Response:
+    return _json({"object": "list", "data": [request.app.state.model_card]})
+
+
+async def get_model(model_id: str, request: Request) -> Response:
+    card = request.app.state.model_card
+    if model_id != card["id"]:
+        raise ModelNotFound(f"The model '{model_id}' does not exist or you do not have access "
+                            "to it.", param="model")
+    return _json(card)
+
+
+async def health() -> Response:
+    return _json({"status": "ok"})
+
+
+async def ready(request: Request) -> Response:
+    pool: WorkerPool = request.app.state.pool
+    if not pool.ready:
+        return error_response(NoWorkers("no worker is connected yet",
+                                        retry_after=READY_RETRY_AFTER_S))
+    return _json({"status": "ready", "workers": len(pool.workers())})
+
+
+# -- the app ----------------------------------------------------------------------------------------
+
+def create_app(config: Config, worker_source: WorkerSource,
+               tokenizer: Tokenizer | None = None) -> FastAPI:
+    """The router app. ``worker_source`` is a ``cluster.registry.WorkerSource``;
+    ``tokenizer`` (a ``cluster.tokenizer.Tokenizer``) defaults to the one of
+    ``config.engine.model``, the model the workers run. The lifespan starts and stops the
+    worker pool."""
+    if tokenizer is None:
+        tokenizer = Tokenizer.from_model_path(resolve_model_path(config.engine.model))
+    settings = config.router
+    pool = WorkerPool(worker_source, model_id=settings.model_id, poll_s=settings.registry_poll_s,
+                      policy=make_policy(settings.policy))
+    chat = ChatService(pool=pool, tokenizer=tokenizer, model_id=settings.model_id,
+                       first_token_timeout_s=settings.first_token_timeout_s,
+                       fingerprint=system_fingerprint(config.engine.model))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await pool.start()
+        try:
+            yield
+        finally:
+            await pool.stop()
+
+    app = FastAPI(title="Electron Serve", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.config = config
+    app.state.pool = pool
+    app.state.chat = chat
+    app.state.model_card = {"id": settings.model_id, "object": "model",
+                            "created": int(time.time()), "owned_by": OWNED_BY}
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+
+    api = APIRouter(dependencies=[Depends(require_api_key)])
+    api.add_api_route("/chat/completions", chat_completions, methods=["POST"])
+    api.add_api_route("/models", list_models, methods=["GET"])
+    api.add_api_route("/models/{model_id:path}", get_model, methods=["GET"])
+    for base in BASE_PATHS:
+        app.include_router(api, prefix=base)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/ready", ready, methods=["GET"])
+    return app

@@ -1,0 +1,179 @@
+"""The live workers of one model, kept in step with a ``WorkerSource``.
+
+Every ``poll_s`` the pool lists the source's workers, connects the new ones (in background
+tasks: one slow worker never delays the others) and closes the ones that left. A worker
+whose state stream breaks leaves routing at once (``WorkerClient.on_broken``), without
+waiting for the source to notice: a stopped or killed worker stops receiving requests as soon
+as its connection reports it, well inside 2 s. If the source still lists it, the next poll
+tries to connect it again, and it is back as soon as it answers.
+
+Ready means: at least one worker is connected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+from cluster.errors import NoWorkers, WorkerUnavailable
+from router.policy import RequestInfo, RoutingPolicy
+from router.worker_client import WorkerClient
+
+log = logging.getLogger(__name__)
+
+# A worker that left routing may still be finishing requests (a graceful stop ends its state
+# stream first): its channel stays open this long for them before it is closed.
+DRAIN_GRACE_S = 60.0
+
+
+@dataclass(eq=False)
+class Lease:
+    """One request's claim on a worker: counted in its ``in_flight`` until released."""
+
+    worker: WorkerClient
+    reason: str
+    _released: bool = field(default=False, repr=False)
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.worker.in_flight -= 1
+
+
+class WorkerPool:
+    def __init__(self, source, *, model_id: str, poll_s: float, policy: RoutingPolicy):
+        """``source`` is a ``cluster.registry.WorkerSource``; only workers serving
+        ``model_id`` are used."""
+        self._source = source
+        self._model_id = model_id
+        self._poll_s = poll_s
+        self._policy = policy
+        self._workers: dict[str, WorkerClient] = {}
+        self._connecting: dict[str, asyncio.Task[None]] = {}
+        # Workers that left routing, closing once their last requests end (or the grace).
+        self._draining: dict[WorkerClient, asyncio.Task[None]] = {}
+        # Workers whose last connect failed or that serve another model: logged once.
+        self._quiet: set[str] = set()
+        self._poll_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        """Connects the workers listed now (waiting for them), then keeps polling."""
+        try:
+            await self._refresh()
+        except Exception:
+            log.exception("listing workers failed; retrying every %.1f s", self._poll_s)
+        if self._connecting:
+            await asyncio.wait(list(self._connecting.values()))
+        self._poll_task = asyncio.create_task(self._poll_loop(), name="worker-pool-poll")
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._poll_task, *self._connecting.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        draining = list(self._draining.items())
+        for _, task in draining:
+            task.cancel()
+        await asyncio.gather(*(task for _, task in draining), return_exceptions=True)
+        workers = [*self._workers.values(), *(worker for worker, _ in draining)]
+        self._workers = {}
+        # Closing at once cancels whatever still runs (a draining close resumes here).
+        await asyncio.gather(*(w.close() for w in workers), return_exceptions=True)
+
+    # -- routing
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._workers)
+
+    def workers(self) -> list[WorkerClient]:
+        return sorted(self._workers.values(), key=lambda w: w.worker_id)
+
+    def acquire(self, request: RequestInfo, exclude: Collection[str] = ()) -> Lease:
+        """Chooses a worker (not one in ``exclude``) and counts the request there at once."""
+        candidates = [w for w in self.workers() if w.worker_id not in exclude]
+        if not candidates:
+            if exclude and self._workers:
+                raise WorkerUnavailable("no other worker is available to retry on")
+            raise NoWorkers(f"no worker is serving model {self._model_id!r}; retry shortly")
+        choice = self._policy.choose(candidates, request)
+        choice.worker.in_flight += 1
+        return Lease(choice.worker, choice.reason)
+
+    # -- keeping in step with the source
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_s)
+            try:
+                await self._refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Keep serving the workers we know; the source may answer next time.
+                log.exception("listing workers failed")
+
+    async def _refresh(self) -> None:
+        listed = {e.worker_id: e for e in await self._source.list_workers()}
+        for worker in list(self._workers.values()):
+            endpoint = listed.get(worker.worker_id)
+            if endpoint is None or endpoint.address != worker.address:
+                self._drop(worker, "it left the registry")
+        for worker_id, task in list(self._connecting.items()):
+            if worker_id not in listed:
+                task.cancel()
+        for worker_id, endpoint in listed.items():
+            if worker_id in self._workers or worker_id in self._connecting:
+                continue
+            if endpoint.model != self._model_id:
+                if worker_id not in self._quiet:
+                    self._quiet.add(worker_id)
+                    log.info("worker %s serves %r, not %r: not used", worker_id,
+                             endpoint.model, self._model_id)
+                continue
+            task = asyncio.create_task(self._connect(endpoint), name=f"connect-{worker_id}")
+            self._connecting[worker_id] = task
+            task.add_done_callback(lambda _, w=worker_id: self._connecting.pop(w, None))
+
+    async def _connect(self, endpoint) -> None:
+        client = WorkerClient(endpoint, on_broken=self._on_broken)
+        try:
+            info = await client.connect()
+        except WorkerUnavailable as exc:
+            await client.close()
+            if endpoint.worker_id not in self._quiet:
+                self._quiet.add(endpoint.worker_id)
+                log.warning("cannot connect worker %s at %s (retrying each poll): %s",
+                            endpoint.worker_id, endpoint.address, exc.message)
+            return
+        except BaseException:
+            await asyncio.shield(client.close())
+            raise
+        if info.model != self._model_id:
+            await client.close()
+            log.warning("worker %s says it serves %r, not %r: not used", endpoint.worker_id,
+                        info.model, self._model_id)
+            return
+        if client.broken:
+            await client.close()
+            return
+        self._quiet.discard(endpoint.worker_id)
+        self._workers[endpoint.worker_id] = client
+        log.info("worker %s at %s connected (max_model_len=%d, block_size=%d)",
+                 endpoint.worker_id, endpoint.address, info.max_model_len, info.block_size)
+
+    def _on_broken(self, worker: WorkerClient) -> None:
+        if self._workers.get(worker.worker_id) is worker:
+            self._drop(worker, "its state stream broke")
+
+    def _drop(self, worker: WorkerClient, why: str) -> None:
+        del self._workers[worker.worker_id]
+        log.info("worker %s leaves routing: %s", worker.worker_id, why)
+        task = asyncio.create_task(worker.close(grace=DRAIN_GRACE_S),
+                                   name=f"close-{worker.worker_id}")
+        self._draining[worker] = task
+        task.add_done_callback(lambda _: self._draining.pop(worker, None))

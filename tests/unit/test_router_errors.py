@@ -1,0 +1,224 @@
+"""The error body and status table of API.md, X-Request-Id, the body limit and auth, driven
+through the real router app (no worker: requests that pass every check end in 503)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+
+from cluster.config import load_config
+from cluster.model_files import resolve_model_path
+from cluster.registry import StaticWorkerSource
+from cluster.tokenizer import Tokenizer
+from router.app import create_app
+from router.errors import GENERIC_500
+from tests.support.openai_schema import validate
+
+KEY = "sk-test-key"
+BODY = {"model": "electron", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.from_model_path(resolve_model_path("smollm2-135m-instruct"))
+
+
+def make_app(tokenizer: Tokenizer, **overrides: Any):
+    return create_app(load_config(env={}, overrides=overrides), StaticWorkerSource([]),
+                      tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def app(tokenizer):
+    return make_app(tokenizer, router={"max_body_bytes": 4096})
+
+
+@pytest.fixture(scope="module")
+def auth_app(tokenizer):
+    return make_app(tokenizer, auth={"enabled": True, "static_keys": [KEY, "sk-other"]})
+
+
+@asynccontextmanager
+async def client(app, raise_app_exceptions: bool = True) -> AsyncIterator[httpx.AsyncClient]:
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
+        async with httpx.AsyncClient(transport=transport, base_url="http://router") as c:
+            yield c
+
+
+def error_of(response: httpx.Response, status: int, type_: str, code: str | None,
+             param: str | None = None) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.headers.get("x-request-id")
+    body = response.json()
+    validate(body, "ErrorResponse")
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["code"], error["param"]) == (type_, code, param)
+    return error
+
+
+# -- 400: malformed JSON is never a 422 --------------------------------------------------------
+
+@pytest.mark.parametrize("raw", [b"{\"model\": \"electron\",", b"not json", b"", b"\xff\xfe"])
+async def test_malformed_json_is_400_invalid_request(app, raw):
+    async with client(app) as c:
+        response = await c.post("/v1/chat/completions", content=raw,
+                                headers={"content-type": "application/json"})
+    error = error_of(response, 400, "invalid_request_error", None)
+    assert "could not parse the JSON body" in error["message"]
+
+
+async def test_fastapi_validation_errors_are_400_naming_the_field(tokenizer):
+    app = make_app(tokenizer)
+
+    async def typed(count: int) -> dict[str, int]:
+        return {"count": count}
+
+    app.add_api_route("/typed", typed, methods=["GET"])
+    async with client(app) as c:
+        response = await c.get("/typed", params={"count": "many"})
+    error = error_of(response, 400, "invalid_request_error", None, param="count")
+    assert "valid integer" in error["message"]
+
+
+# -- 404 / 405 -----------------------------------------------------------------------------------
+
+async def test_unknown_model_is_404_model_not_found(app):
+    async with client(app) as c:
+        chat = await c.post("/v1/chat/completions", json={**BODY, "model": "gpt-4o"})
+        model = await c.get("/waves/v1/models/gpt-4o")
+    error_of(chat, 404, "invalid_request_error", "model_not_found", param="model")
+    error_of(model, 404, "invalid_request_error", "model_not_found", param="model")
+
+
+async def test_unknown_route_and_wrong_method_use_the_error_body(app):
+    async with client(app) as c:
+        missing = await c.post("/v1/completions", json=BODY)
+        wrong = await c.get("/v1/chat/completions")
+    assert "Invalid URL (POST /v1/completions)" in error_of(
+        missing, 404, "invalid_request_error", None)["message"]
+    error_of(wrong, 405, "invalid_request_error", None)
+    assert "POST" in wrong.headers["allow"]
+
+
+# -- 413 -----------------------------------------------------------------------------------------
+
+async def test_body_over_the_limit_by_content_length_is_413(app):
+    big = {**BODY, "messages": [{"role": "user", "content": "x" * 5000}]}
+    async with client(app) as c:
+        response = await c.post("/v1/chat/completions", json=big)
+    error = error_of(response, 413, "invalid_request_error", "payload_too_large")
+    assert "4096 bytes" in error["message"]
+
+
+async def test_body_over_the_limit_without_content_length_is_413(app):
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"model": "electron", "messages": [{"role": "user", "content": "'
+        for _ in range(10):
+            yield b"y" * 1000
+        yield b'"}]}'
+
+    async with client(app) as c:
+        response = await c.post("/v1/chat/completions", content=chunks())
+    assert "content-length" not in response.request.headers
+    error_of(response, 413, "invalid_request_error", "payload_too_large")
+
+
+async def test_body_just_under_the_limit_is_served(app):
+    body = {**BODY, "messages": [{"role": "user", "content": "z" * 3900}]}
+    async with client(app) as c:
+        response = await c.post("/v1/chat/completions", json=body)
+    error_of(response, 503, "server_error", "no_workers")
+
+
+# -- 401 -----------------------------------------------------------------------------------------
+
+async def test_missing_key_with_auth_on_is_401(auth_app):
+    async with client(auth_app) as c:
+        response = await c.post("/v1/chat/completions", json=BODY)
+    error = error_of(response, 401, "authentication_error", "invalid_api_key")
+    assert "didn't provide an API key" in error["message"]
+
+
+@pytest.mark.parametrize("header", [f"Bearer {KEY}x", "Bearer ", f"Basic {KEY}", KEY])
+async def test_unknown_or_malformed_key_is_401(auth_app, header):
+    async with client(auth_app) as c:
+        response = await c.get("/v1/models", headers={"Authorization": header})
+    error = error_of(response, 401, "authentication_error", "invalid_api_key")
+    assert KEY not in error["message"]
+
+
+async def test_known_key_passes_and_health_needs_none(auth_app):
+    async with client(auth_app) as c:
+        served = await c.post("/waves/v1/chat/completions", json=BODY,
+                              headers={"Authorization": f"Bearer {KEY}"})
+        models = await c.get("/v1/models", headers={"Authorization": "Bearer sk-other"})
+        health = await c.get("/health")
+        ready = await c.get("/ready")
+    error_of(served, 503, "server_error", "no_workers")
+    assert models.status_code == 200
+    validate(models.json(), "ListModelsResponse")
+    assert [m["id"] for m in models.json()["data"]] == ["electron"]
+    assert health.status_code == 200
+    error_of(ready, 503, "server_error", "no_workers")
+
+
+# -- 503 / 500 -------------------------------------------------------------------------------------
+
+async def test_no_workers_is_503_with_retry_after(app):
+    async with client(app) as c:
+        response = await c.post("/v1/chat/completions", json=BODY)
+    error_of(response, 503, "server_error", "no_workers")
+    assert int(response.headers["retry-after"]) >= 1
+
+
+async def test_unexpected_exception_is_generic_500_without_traceback(tokenizer):
+    app = make_app(tokenizer)
+
+    async def broken(request: Request) -> None:
+        raise RuntimeError("secret internal detail")
+
+    app.add_api_route("/v1/broken", broken, methods=["GET"])
+    async with client(app, raise_app_exceptions=False) as c:
+        response = await c.get("/v1/broken", headers={"X-Request-Id": "trace-me-500"})
+    error = error_of(response, 500, "server_error", None)
+    assert error["message"] == GENERIC_500
+    assert "secret" not in response.text and "Traceback" not in response.text
+    assert response.headers["x-request-id"] == "trace-me-500"
+
+
+# -- X-Request-Id -----------------------------------------------------------------------------------
+
+async def test_request_id_is_echoed_on_success_and_on_errors(app):
+    async with client(app) as c:
+        ok = await c.get("/health", headers={"X-Request-Id": "client-id-1"})
+        bad = await c.post("/v1/chat/completions", content=b"{",
+                           headers={"X-Request-Id": "client-id-2"})
+        big = await c.post("/v1/chat/completions", content=b"x" * 5000,
+                           headers={"X-Request-Id": "client-id-3"})
+    assert ok.headers["x-request-id"] == "client-id-1"
+    assert bad.headers["x-request-id"] == "client-id-2"
+    assert big.status_code == 413 and big.headers["x-request-id"] == "client-id-3"
+
+
+async def test_request_id_is_made_when_absent_or_unusable(app):
+    async with client(app) as c:
+        first = await c.get("/health")
+        second = await c.get("/v1/models/nope")
+        unusable = await c.get("/health", headers={"X-Request-Id": "x" * 500})
+    ids = [r.headers["x-request-id"] for r in (first, second, unusable)]
+    assert all(i.startswith("req_") for i in ids)
+    assert len(set(ids)) == 3
+
+
+def test_validation_error_handler_is_registered_for_fastapi_errors(app):
+    # Without it FastAPI would answer 422 for a RequestValidationError.
+    assert RequestValidationError in app.exception_handlers

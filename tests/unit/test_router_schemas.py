@@ -1,0 +1,294 @@
+"""Request validation at the HTTP edge, driven through the real router app.
+
+The app runs with no worker: a request that passes validation ends in 503 ``no_workers``,
+one that does not is a 400 whose ``param`` names the field (never FastAPI's 422).
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+
+from cluster.config import load_config
+from cluster.errors import ContextLengthExceeded, InvalidRequest
+from cluster.model_files import resolve_model_path
+from cluster.registry import StaticWorkerSource
+from cluster.tokenizer import Tokenizer
+from router.app import create_app
+from router.chat import completion_budget, to_generate_request
+from router.schemas import ChatCompletionRequest, parse_chat_request
+from tests.support.openai_schema import validate
+
+USER = {"role": "user", "content": "Hello there"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.from_model_path(resolve_model_path("smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="module")
+def app(tokenizer):
+    return create_app(load_config(env={}), StaticWorkerSource([]), tokenizer=tokenizer)
+
+
+@asynccontextmanager
+async def client(app):
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://router") as c:
+            yield c
+
+
+async def post(app, body: Any) -> httpx.Response:
+    async with client(app) as c:
+        return await c.post("/v1/chat/completions", json=body)
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    return {"model": "electron", "messages": [USER], **fields}
+
+
+def assert_invalid(response: httpx.Response, param: str | None, *, status: int = 400,
+                   code: str | None = None, says: str = "") -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    validate(body, "ErrorResponse")
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert error["code"] == code
+    assert says.lower() in error["message"].lower()
+    return error
+
+
+def assert_accepted(response: httpx.Response) -> None:
+    """Validation passed: the request got as far as choosing a worker (there is none)."""
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "no_workers"
+
+
+# -- the inputs the issue lists -------------------------------------------------------------------
+
+async def test_missing_messages_is_400_naming_messages(app):
+    response = await post(app, {"model": "electron"})
+    assert_invalid(response, "messages", says="Missing required parameter: 'messages'")
+
+
+async def test_empty_messages_is_400(app):
+    assert_invalid(await post(app, chat(messages=[])), "messages", says="at least one")
+
+
+async def test_unknown_role_is_400_naming_the_role(app):
+    response = await post(app, chat(messages=[USER, {"role": "wizard", "content": "x"}]))
+    assert_invalid(response, "messages[1].role", says="'user'")
+
+
+async def test_temperature_above_2_is_400(app):
+    assert_invalid(await post(app, chat(temperature=5)), "temperature",
+                   says="less than or equal to 2")
+
+
+async def test_top_logprobs_without_logprobs_is_400(app):
+    assert_invalid(await post(app, chat(top_logprobs=3)), "top_logprobs",
+                   says="requires logprobs")
+
+
+async def test_201_messages_exceed_the_limit_of_200(app):
+    response = await post(app, chat(messages=[USER] * 201))
+    assert_invalid(response, "messages", says="at most 200 messages")
+
+
+async def test_200_messages_are_accepted(app):
+    assert_accepted(await post(app, chat(messages=[USER] * 200)))
+
+
+async def test_unknown_model_is_404_model_not_found(app):
+    response = await post(app, chat(model="gpt-4o"))
+    assert_invalid(response, "model", status=404, code="model_not_found", says="gpt-4o")
+
+
+# -- more field rules ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("fields", "param", "says"), [
+    ({"top_p": 1.5}, "top_p", "less than or equal to 1"),
+    ({"n": 0}, "n", "greater than or equal to 1"),
+    ({"n": 17}, "n", "less than or equal to 16"),
+    ({"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens", "greater than or equal to 1"),
+    ({"presence_penalty": 2.5}, "presence_penalty", "less than or equal to 2"),
+    ({"frequency_penalty": -3}, "frequency_penalty", "greater than or equal to -2"),
+    ({"top_logprobs": 21, "logprobs": True}, "top_logprobs", "less than or equal to 20"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+    ({"stop": [""]}, "stop", "must not be empty"),
+    ({"stop": 7}, "stop", "string or an array"),
+    ({"logit_bias": {"42": 101}}, "logit_bias", "between -100 and 100"),
+    ({"logit_bias": {"hello": 1}}, "logit_bias", "not a token id"),
+    ({"seed": 2**63}, "seed", "less than or equal to"),
+    ({"stream_options": {"include_usage": True}}, "stream_options", "stream is true"),
+    ({"tools": []}, "tools", "at least 1"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}] * 65}, "tools", "at most 64"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]},
+     "tools[0].function.name", "pattern"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}},
+     "tool_choice", "not in tools"),
+    ({"tool_choice": "sometimes"}, "tool_choice", "must be 'none'"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type", "'text'"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema",
+     "needs 'json_schema'"),
+    ({"min_tokens": 5, "max_tokens": 2}, "min_tokens", "must not exceed"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+    ({"model": 3}, "model", "valid string"),
+])
+async def test_field_out_of_range_is_400_naming_the_field(app, fields, param, says):
+    assert_invalid(await post(app, chat(**fields)), param, says=says)
+
+
+@pytest.mark.parametrize(("messages", "param", "says"), [
+    ([{"role": "tool", "content": "42"}], "messages[0].tool_call_id", "tool_call_id"),
+    ([{"role": "assistant", "content": None}], "messages[0].content", "'tool_calls'"),
+    ([{"role": "user"}], "messages[0].content", "need 'content'"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+     "messages[0].content", "only 'text'"),
+    ([{"role": "user", "content": []}], "messages[0].content", "empty array"),
+    ([{"role": "user", "content": 12}], "messages[0].content", "string or an array"),
+    ([{"role": "user", "content": "x", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}],
+     "messages[0].tool_calls", "only assistant"),
+    (["hello"], "messages[0]", "valid dictionary"),
+])
+async def test_role_rules_are_400_naming_the_message_field(app, messages, param, says):
+    assert_invalid(await post(app, chat(messages=messages)), param, says=says)
+
+
+async def test_body_that_is_not_an_object_is_400(app):
+    assert_invalid(await post(app, [USER]), None, says="JSON object")
+
+
+# -- accepted shapes ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fields", [
+    {"temperature": 0, "top_p": 0, "n": 16, "stop": "\n", "seed": -5},
+    {"logprobs": True, "top_logprobs": 0, "logit_bias": {"42": -100, "7": 100}},
+    {"max_tokens": 5, "max_completion_tokens": 7, "presence_penalty": -2,
+     "frequency_penalty": 2},
+    {"stream": False, "user": "u-1", "parallel_tool_calls": True},
+    {"response_format": {"type": "text"}},
+    {"top_k": -1, "min_p": 0.1, "repetition_penalty": 1.1, "min_tokens": 1,
+     "ignore_eos": False, "cache_salt": "s", "priority": -3, "stop_token_ids": [2]},
+    {"metadata": {"a": "b"}, "store": False, "service_tier": "auto", "made_up_field": [1, 2]},
+    {"tools": [{"type": "function", "function": {"name": "get_time"}}], "tool_choice": "none"},
+])
+async def test_valid_fields_and_unknown_fields_are_accepted(app, fields):
+    assert_accepted(await post(app, chat(**fields)))
+
+
+async def test_all_roles_and_text_parts_are_accepted(app):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "developer", "content": [{"type": "text", "text": "Use metric units."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Weather?"},
+                                     {"type": "text", "text": "In Paris."}], "name": "ann"},
+        {"role": "assistant", "content": "Sunny."},
+        {"role": "user", "content": "Thanks"},
+    ]
+    assert_accepted(await post(app, chat(messages=messages)))
+
+
+def test_tool_turns_validate_and_reach_the_template_as_openai_dicts():
+    # (SmolLM2's own template cannot render a null content; templates that can get this.)
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "weather", "arguments": "{\"city\": \"Paris\"}"}}
+    req = parse_chat_request(chat(messages=[
+        USER,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "18"},
+                                                               {"type": "text", "text": "C"}]},
+    ]), max_messages=200)
+    assert [m.to_template_dict() for m in req.messages] == [
+        USER,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "18\nC", "tool_call_id": "call_1"},
+    ]
+
+
+# -- accepted by the schema, not served yet: a clear 400, never silently dropped ------------------
+
+@pytest.mark.parametrize("kind", ["json_object", "json_schema"])
+async def test_json_response_formats_are_400_not_supported_yet(app, kind):
+    fmt: dict[str, Any] = {"type": kind}
+    if kind == "json_schema":
+        fmt["json_schema"] = {"name": "answer", "schema": {"type": "object"}}
+    assert_invalid(await post(app, chat(response_format=fmt)), "response_format",
+                   says="not supported yet")
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function",
+                                                 "function": {"name": "get_time"}}])
+async def test_forced_tool_choice_is_400_not_supported_yet(app, choice):
+    tools = [{"type": "function", "function": {"name": "get_time"}}]
+    assert_invalid(await post(app, chat(tools=tools, tool_choice=choice)), "tool_choice",
+                   says="not supported yet")
+
+
+async def test_tools_the_model_template_cannot_render_are_400_not_dropped(app, tokenizer):
+    assert not tokenizer.supports_tools  # SmolLM2's embedded template has no tools section
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {}}}]
+    assert_invalid(await post(app, chat(tools=tools)), "tools", says="cannot present tools")
+
+
+# -- the converter to the wire and the context budget -----------------------------------------
+
+def request(**fields: Any) -> ChatCompletionRequest:
+    return parse_chat_request(chat(**fields), max_messages=200)
+
+
+def test_wire_request_sets_openai_defaults_explicitly():
+    msg = to_generate_request(request(), request_id="r", prompt_token_ids=[1, 2, 3],
+                              max_tokens=10, model="electron")
+    s = msg.sampling
+    assert (s.n, s.temperature, s.top_p, s.top_k, s.repetition_penalty) == (1, 1.0, 1.0, 0, 1.0)
+    assert s.max_tokens == 10 and not s.HasField("seed")
+    assert list(msg.token_ids) == [1, 2, 3] and msg.model == "electron"
+
+
+def test_wire_request_maps_edge_values():
+    msg = to_generate_request(
+        request(temperature=0, top_p=0, top_k=-1, seed=-1, priority=5, n=3,
+                logit_bias={"42": -100}, stop="END", logprobs=True, top_logprobs=4,
+                cache_salt="tenant"),
+        request_id="r", prompt_token_ids=[1], max_tokens=4, model="electron")
+    s = msg.sampling
+    assert s.temperature == 0 and 0 < s.top_p < 1e-6  # only the likeliest token
+    assert s.top_k == 0 and s.seed == 2**64 - 1 and msg.priority == -5
+    assert s.n == 3 and dict(s.logit_bias) == {42: -100.0} and list(s.stop) == ["END"]
+    assert s.logprobs and s.top_logprobs == 4 and msg.cache_salt == "tenant"
+
+
+def test_unset_max_tokens_is_clamped_to_the_room_left():
+    assert completion_budget(request(), 100, 128) == 28
+
+
+def test_explicit_max_tokens_beyond_the_room_left_is_rejected():
+    with pytest.raises(ContextLengthExceeded) as info:
+        completion_budget(request(max_completion_tokens=29), 100, 128)
+    assert info.value.param == "max_completion_tokens"
+    assert "129 tokens (100 in the messages, 29 in the completion)" in info.value.message
+    assert completion_budget(request(max_tokens=28), 100, 128) == 28
+
+
+def test_prompt_filling_the_window_is_context_length_exceeded():
+    with pytest.raises(ContextLengthExceeded) as info:
+        completion_budget(request(), 128, 128)
+    assert info.value.param == "messages" and info.value.code == "context_length_exceeded"
+
+
+def test_min_tokens_beyond_the_clamped_budget_is_rejected():
+    with pytest.raises(InvalidRequest) as info:
+        completion_budget(request(min_tokens=50), 100, 128)
+    assert info.value.param == "min_tokens"
