@@ -1,0 +1,362 @@
+"""Picks each sequence's next token from its logits.
+
+Row ``i`` of the logits belongs to ``requests[i]``. Stages, in this order; each is skipped for
+the whole batch when no row needs it, and works only on the rows that need it:
+
+1. ``logit_bias``: added to the logits (OpenAI: -100 effectively bans a token, +100 forces it).
+2. ``min_tokens``: while fewer output tokens exist, the tokens that would stop the sequence get
+   -inf: ``stop_token_ids``, and the EOS ids unless ``ignore_eos`` (then EOS stops nothing).
+3. ``repetition_penalty`` (HF/vLLM), over prompt and output tokens: a positive logit is divided
+   by the penalty, a negative one multiplied.
+4. ``presence_penalty`` / ``frequency_penalty`` (OpenAI), over output tokens only:
+   ``logit -= frequency * count + presence * (count > 0)``.
+5. The grammar mask: ``request.logits_mask.apply(row)``; the engine calls ``accept`` later.
+6. Logprobs: ``log_softmax`` of the logits as they are now. They describe the model's
+   distribution after bias, penalties and masks, BEFORE temperature, top-k, top-p and min-p.
+7. Greedy rows (``temperature == 0``): argmax, the lowest id on ties. No random draw.
+8. Sampled rows: divide by the temperature; top-k; top-p over the top-k survivors
+   (renormalised, as HF and vLLM do); min-p relative to the most likely token; then one draw.
+
+The logits tensor is modified in place.
+
+Reproducibility: a seeded request gives the same tokens whatever else is in the batch and
+whatever its row. Each request draws from its own ``torch.Generator`` (seed + index, so the n
+sequences of one request differ; unseeded requests are seeded from the OS), exactly one uniform
+per sampled step, turned into a token by inverse CDF. Every operation on the way is either
+elementwise, a gather/scatter, or a kernel that reduces each row on its own (max, topk,
+log_softmax, cumsum, sums over blocks of 64 tokens). A plain full-row ``sum`` is avoided: ATen
+splits a lone long row across threads and so rounds differently from the same row inside a
+batch (seen here: 49,152 values, 2 threads). The number of top-p candidates a row uses depends
+only on that row (see ``_TOP_P_TIERS``).
+"""
+
+from __future__ import annotations
+
+import secrets
+from array import array
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .request import Request
+
+# Candidates tried for a top-p row without top-k: the most likely 128 tokens, if they hold
+# top_p of the mass, else 1024, else 8192, else the whole vocabulary (a full sort, ~3.5 ms a
+# row on the target CPU, against ~0.1 ms for topk(128)).
+_TOP_P_TIERS = (128, 1024, 8192)
+
+
+@dataclass(frozen=True)
+class RawLogprobs:
+    """Logprobs at one position; ``top_*`` sorted by descending logprob."""
+
+    chosen_logprob: float
+    top_ids: tuple[int, ...]
+    top_logprobs: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    token_ids: list[int]                 # one per request, in row order
+    logprobs: list[RawLogprobs | None]   # None for requests that did not ask for logprobs
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, eos_token_ids: tuple[int, ...]):
+        self.vocab_size = vocab_size
+        self.eos_token_ids = tuple(eos_token_ids)
+
+    def __call__(self, logits: Tensor, requests: list[Request]) -> SamplerOutput:
+        num_rows, vocab = len(requests), self.vocab_size
+        if logits.dim() != 2 or tuple(logits.shape) != (num_rows, vocab):
+            raise ValueError(f"logits of shape {tuple(logits.shape)} for {num_rows} requests "
+                             f"and a vocabulary of {vocab}")
+        if logits.dtype != torch.float32:
+            raise TypeError(f"logits must be float32, not {logits.dtype}")
+        logits = logits.contiguous()
+        params = [r.sampling for r in requests]
+        processed = self._process(logits, requests)
+        if not processed and all(p.greedy for p in params) and not any(p.logprobs for p in params):
+            # The common decode batch: nothing to do but one argmax.
+            return SamplerOutput(_argmax(logits).tolist(), [None] * num_rows)
+
+        lp_rows = [i for i, p in enumerate(params) if p.logprobs]
+        logprobs = _select(logits, lp_rows).log_softmax(-1) if lp_rows else None
+
+        tokens = torch.empty(num_rows, dtype=torch.long)
+        greedy = [i for i, p in enumerate(params) if p.greedy]
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        if greedy:
+            tokens[greedy] = _argmax(_select(logits, greedy))
+        if sampled:
+            tokens[sampled] = self._sample(logits, requests, sampled)
+        token_ids = tokens.tolist()
+
+        raw: list[RawLogprobs | None] = [None] * num_rows
+        if logprobs is not None:
+            raw_rows = _raw_logprobs(logprobs, [token_ids[i] for i in lp_rows],
+                                     [params[i].top_logprobs for i in lp_rows])
+            for i, entry in zip(lp_rows, raw_rows):
+                raw[i] = entry
+        return SamplerOutput(token_ids, raw)
+
+    # -- stages 1-5: in-place changes to the logits --------------------------------------------
+
+    def _process(self, logits: Tensor, requests: list[Request]) -> bool:
+        """Applies bias, min_tokens, penalties and grammar masks; False when none applied."""
+        flat = logits.view(-1)
+        changed = self._apply_logit_bias(flat, requests)
+        changed |= self._apply_min_tokens(flat, requests)
+        changed |= self._apply_repetition_penalty(flat, requests)
+        changed |= self._apply_presence_frequency(flat, requests)
+        changed |= _apply_masks(logits, requests)
+        return changed
+
+    def _apply_logit_bias(self, flat: Tensor, requests: list[Request]) -> bool:
+        keys: list[int] = []
+        values: list[float] = []
+        for i, r in enumerate(requests):
+            for token, bias in r.sampling.logit_bias.items():
+                keys.append(i * self.vocab_size + token)
+                values.append(bias)
+        if not keys:
+            return False
+        # Keys are unique (one dict per row), so a plain indexed add is exact.
+        flat.index_add_(0, torch.tensor(keys), torch.tensor(values, dtype=flat.dtype))
+        return True
+
+    def _apply_min_tokens(self, flat: Tensor, requests: list[Request]) -> bool:
+        keys: list[int] = []
+        for i, r in enumerate(requests):
+            p = r.sampling
+            if r.num_output_tokens >= p.min_tokens:
+                continue
+            stops = set(p.stop_token_ids)
+            if not p.ignore_eos:
+                stops.update(self.eos_token_ids)
+            # An id outside the vocabulary can never be sampled: nothing to keep out.
+            keys.extend(i * self.vocab_size + t for t in stops if 0 <= t < self.vocab_size)
+        if not keys:
+            return False
+        flat[torch.tensor(keys)] = float("-inf")
+        return True
+
+    def _apply_repetition_penalty(self, flat: Tensor, requests: list[Request]) -> bool:
+        rows = [i for i, r in enumerate(requests) if r.sampling.repetition_penalty != 1.0]
+        if not rows:
+            return False
+        keys = self._keys(rows, [requests[i].token_ids for i in rows])  # prompt + output
+        penalty = torch.tensor([requests[i].sampling.repetition_penalty for i in rows])
+        penalty = penalty.repeat_interleave(
+            torch.tensor([requests[i].num_tokens for i in rows]))
+        values = flat[keys]
+        # A token seen twice appears twice in keys; both writes carry the same value.
+        flat[keys] = torch.where(values > 0, values / penalty, values * penalty)
+        return True
+
+    def _apply_presence_frequency(self, flat: Tensor, requests: list[Request]) -> bool:
+        rows = [i for i, r in enumerate(requests)
+                if (r.sampling.presence_penalty or r.sampling.frequency_penalty)
+                and r.num_output_tokens]
+        if not rows:
+            return False
+        keys = self._keys(rows, [requests[i].output_token_ids for i in rows])
+        keys, counts = torch.unique(keys, return_counts=True)
+        presence = torch.zeros(len(requests))
+        frequency = torch.zeros(len(requests))
+        for i in rows:
+            presence[i] = requests[i].sampling.presence_penalty
+            frequency[i] = requests[i].sampling.frequency_penalty
+        row = keys // self.vocab_size
+        flat.index_add_(0, keys, -(frequency[row] * counts + presence[row]))
+        return True
+
+    def _keys(self, rows: list[int], token_lists: list[list[int]]) -> Tensor:
+        """Flat indexes ``row * vocab + token`` of every token in each row's list."""
+        tokens = array("q")
+        for ids in token_lists:
+            tokens.extend(ids)
+        if not tokens:
+            return torch.empty(0, dtype=torch.long)
+        offsets = torch.tensor(rows, dtype=torch.long) * self.vocab_size
+        # frombuffer avoids torch.tensor(list) (~180 ns an int; a long prompt costs ms).
+        return torch.frombuffer(tokens, dtype=torch.long) + offsets.repeat_interleave(
+            torch.tensor([len(ids) for ids in token_lists]))
+
+    # -- stage 8: sampled rows -------------------------------------------------------------
+
+    def _sample(self, logits: Tensor, requests: list[Request], rows: list[int]) -> Tensor:
+        """Token ids for ``rows`` (temperature > 0), in that order."""
+        params = [requests[i].sampling for i in rows]
+        vocab = self.vocab_size
+        # One uniform in (0, 1] per row, from the row's own generator.
+        u = 1.0 - torch.tensor([torch.rand((), dtype=torch.float64, generator=_generator(
+            requests[i])).item() for i in rows], dtype=torch.float64)
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float64)
+        log_min_p = torch.tensor([p.min_p for p in params]).log()  # min_p 0: -inf, keeps all
+
+        full: list[int] = []
+        nucleus: list[int] = []
+        by_top_k: dict[int, list[int]] = {}
+        for j, p in enumerate(params):
+            if 0 < p.top_k < vocab:
+                by_top_k.setdefault(p.top_k, []).append(j)
+            elif p.top_p < 1.0:
+                nucleus.append(j)
+            else:
+                full.append(j)
+
+        def scaled(group: list[int]) -> Tensor:
+            temperature = torch.tensor([params[j].temperature for j in group]).unsqueeze(1)
+            if len(group) == logits.shape[0]:
+                return logits / temperature
+            return logits.index_select(0, torch.tensor([rows[j] for j in group])).div_(
+                temperature)
+
+        tokens = torch.empty(len(rows), dtype=torch.long)
+        if full:
+            idx = torch.tensor(full)
+            tokens[idx] = _draw_full(scaled(full), log_min_p[idx], u[idx])
+        for k, group in by_top_k.items():
+            idx = torch.tensor(group)
+            values, ids = _topk(scaled(group), k)
+            # top-p renormalises over the top-k survivors.
+            tokens[idx], _ = _draw_candidates(values.log_softmax(-1), ids, top_p[idx],
+                                              log_min_p[idx], u[idx])
+        if nucleus:
+            idx = torch.tensor(nucleus)
+            logp = scaled(nucleus).log_softmax(-1)
+            for tier in (*_TOP_P_TIERS, vocab):
+                k = min(tier, vocab)
+                cand, ids = _topk(logp, k)
+                drawn, covered = _draw_candidates(cand, ids, top_p[idx], log_min_p[idx], u[idx])
+                if k == vocab:
+                    covered[:] = True
+                tokens[idx[covered]] = drawn[covered]
+                if bool(covered.all()):
+                    break
+                left = ~covered
+                idx, logp = idx[left], logp[left]
+        return tokens
+
+
+def _select(x: Tensor, rows: list[int]) -> Tensor:
+    """Rows of ``x``, without a copy when ``rows`` is all of them in order."""
+    if len(rows) == x.shape[0]:
+        return x
+    return x.index_select(0, torch.tensor(rows))
+
+
+# -- row kernels -----------------------------------------------------------------------------
+# Viewing a row as blocks of _BLOCK tokens lets a vectorised max or sum over each block do the
+# full pass (ATen's argmax, topk and long cumsum are scalar loops, 5-20x slower). Every block
+# reduction runs within one thread, so results do not depend on the batch.
+
+_BLOCK = 64
+
+
+def _argmax(x: Tensor) -> Tensor:
+    """``x.argmax(-1)`` (the lowest id on ties), through block maxima."""
+    rows, vocab = x.shape
+    if vocab % _BLOCK:
+        return x.argmax(-1)
+    blocks = x.view(rows, vocab // _BLOCK, _BLOCK)
+    best = blocks.amax(-1).argmax(-1)  # the first block holding the maximum
+    return best * _BLOCK + blocks[torch.arange(rows), best].argmax(-1)
+
+
+def _topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``x.topk(k, -1)``, sorted descending. Through block maxima when k is small: the k
+    largest values lie in the k blocks with the largest maxima."""
+    rows, vocab = x.shape
+    block = _BLOCK // 2
+    if vocab % block or 4 * k * block > vocab:
+        return x.topk(k, -1)
+    blocks = x.view(rows, vocab // block, block).amax(-1).topk(k, -1).indices
+    ids = (blocks.unsqueeze(-1) * block + torch.arange(block)).view(rows, k * block)
+    values, pos = x.gather(1, ids).topk(k, -1)
+    return values, ids.gather(1, pos)
+
+
+def _generator(request: Request) -> torch.Generator:
+    gen = request.generator
+    if gen is None:
+        seed = request.sampling.seed
+        seed = secrets.randbits(64) if seed is None else (seed + request.index) % 2**64
+        gen = torch.Generator()
+        gen.manual_seed(seed)
+        request.generator = gen
+    return gen
+
+
+def _apply_masks(logits: Tensor, requests: list[Request]) -> bool:
+    rows = [i for i, r in enumerate(requests) if r.logits_mask is not None]
+    for i in rows:
+        requests[i].logits_mask.apply(logits[i])
+    if not rows:
+        return False
+    dead = _select(logits, rows).amax(-1) == float("-inf")
+    if bool(dead.any()):
+        ids = [requests[rows[j]].request_id for j in dead.nonzero().flatten().tolist()]
+        raise ValueError(f"the grammar of request(s) {ids} allows no token")
+    return True
+
+
+def _inverse_cdf(weights: Tensor, u: Tensor) -> Tensor:
+    """Column index per row drawn with probability proportional to ``weights`` (>= 0).
+
+    The first index whose running sum reaches ``u * total``: with ``u`` in (0, 1] the target
+    is in (0, total], so the chosen index always has a positive weight. Running sums are
+    float64, so tail tokens keep their probability. A long row goes in two levels: the block
+    holding the target, then the token inside that block.
+    """
+    rows, n = weights.shape
+    if n % _BLOCK or n <= 4 * _BLOCK:
+        cdf = weights.double().cumsum(-1)
+        return torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).squeeze(1)
+    blocks = weights.view(rows, n // _BLOCK, _BLOCK)
+    block_cdf = blocks.sum(-1).double().cumsum(-1)
+    target = (u * block_cdf[:, -1]).unsqueeze(1)
+    block = torch.searchsorted(block_cdf, target)  # [rows, 1]
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)
+    inner_cdf = blocks[torch.arange(rows), block.squeeze(1)].double().cumsum(-1)
+    # Positive (target > before); at most the block's own total, which its in-block running
+    # sum may round a little differently from the block sum.
+    rest = torch.minimum(target - before, inner_cdf[:, -1:])
+    return block.squeeze(1) * _BLOCK + torch.searchsorted(inner_cdf, rest).squeeze(1)
+
+
+def _draw_full(x: Tensor, log_min_p: Tensor, u: Tensor) -> Tensor:
+    """Draw over the whole vocabulary (no top-k, no top-p)."""
+    shifted = x - x.amax(-1, keepdim=True)
+    if bool((log_min_p > float("-inf")).any()):
+        shifted.masked_fill_(shifted < log_min_p.unsqueeze(1), float("-inf"))
+    return _inverse_cdf(shifted.exp_(), u)
+
+
+def _draw_candidates(logp: Tensor, ids: Tensor, top_p: Tensor, log_min_p: Tensor,
+                     u: Tensor) -> tuple[Tensor, Tensor]:
+    """Draw among sorted candidates (``logp`` descending, normalised over the distribution the
+    top-p mass refers to). Also says per row whether the candidates hold ``top_p`` of the mass,
+    i.e. whether the nucleus fits in them."""
+    probs = logp.double().exp()
+    cum = probs.cumsum(-1)
+    covered = cum[:, -1] >= top_p
+    # Keep a token while the mass before it is below top_p: the smallest prefix reaching
+    # top_p. The first token always stays (mass 0 before it; top_p > 0).
+    keep = ((cum - probs) < top_p.unsqueeze(1)) | (top_p >= 1.0).unsqueeze(1)
+    keep &= logp >= logp[:, :1] + log_min_p.unsqueeze(1)
+    drawn = _inverse_cdf(probs * keep, u)
+    return ids.gather(1, drawn.unsqueeze(1)).squeeze(1), covered
+
+
+def _raw_logprobs(logprobs: Tensor, chosen: list[int], top_n: list[int]) -> list[RawLogprobs]:
+    chosen_lp = logprobs.gather(1, torch.tensor(chosen).unsqueeze(1)).squeeze(1).tolist()
+    values: list[list[float]] = [[] for _ in top_n]
+    ids: list[list[int]] = [[] for _ in top_n]
+    if max(top_n):
+        top_values, top_ids = _topk(logprobs, max(top_n))
+        values, ids = top_values.tolist(), top_ids.tolist()
+    return [RawLogprobs(chosen_lp[j], tuple(ids[j][:n]), tuple(values[j][:n]))
+            for j, n in enumerate(top_n)]
