@@ -1,0 +1,224 @@
+"""The worker's gRPC service over a real socket, in front of a real AsyncEngine (a tiny
+random-weight Llama): streaming, error mapping, cancellation, KV events, health."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+
+import grpc
+import pytest
+import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cluster.config import EngineConfig
+from cluster.hashing import block_hashes, extra_key
+from cluster.pb.electron.v1 import worker_pb2 as pb
+from cluster.pb.electron.v1 import worker_pb2_grpc as pb_grpc
+from tests.support.tiny_model import make_tiny_llama_dir
+from workers.engine.async_engine import AsyncEngine
+from workers.grpc_service import ERROR_METADATA_KEY, SERVICE_NAME, serve_worker
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+MAX_MODEL_LEN = 2048
+_ids = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    model_dir = make_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama"))
+    eng = AsyncEngine(EngineConfig(model=str(model_dir), dtype="float32", device="cpu",
+                                   kv_cache_bytes=8 * 2**20, max_model_len=MAX_MODEL_LEN,
+                                   max_num_batched_tokens=64, torch_threads=1),
+                      worker_id="grpc-test-worker")
+    yield eng
+    eng.shutdown()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def address(engine):
+    server, port = await serve_worker(engine, "127.0.0.1", 0, model_id="electron",
+                                      pool="test")
+    yield f"127.0.0.1:{port}"
+    await server.stop(None)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def channel(address):
+    async with grpc.aio.insecure_channel(address) as ch:
+        yield ch
+
+
+@pytest.fixture
+def stub(channel):
+    return pb_grpc.WorkerStub(channel)
+
+
+def prompt(engine, length: int) -> list[int]:
+    """Distinct token ids (never the model's special ones), different on every call."""
+    start = 3 + next(_ids) * 7
+    usable = engine.vocab_size - 3
+    return [3 + (start + i * 13) % usable for i in range(length)]
+
+
+def request(token_ids, *, max_tokens: int = 4, salt: str = "", **sampling) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        request_id=f"req-{next(_ids)}", token_ids=token_ids, cache_salt=salt, model="electron",
+        sampling=pb.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                                   **sampling))
+
+
+async def until(condition, timeout: float = 2.0) -> None:
+    """Waits for ``condition()`` (a state of another thread) up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def electron_error(exc: grpc.aio.AioRpcError) -> dict:
+    return json.loads(dict(exc.trailing_metadata())[ERROR_METADATA_KEY])
+
+
+async def test_generate_streams_deltas_then_a_final_message_with_usage(engine, stub):
+    ids = prompt(engine, 20)
+    messages = [m async for m in stub.Generate(request(ids, max_tokens=6))]
+    *deltas, final = messages
+    assert all(m.finish_reason == "" and not m.HasField("usage") for m in deltas)
+    assert final.finish_reason == "length"
+    assert final.usage.prompt_tokens == 20
+    assert final.usage.completion_tokens == 6
+    assert sum(len(m.token_ids) for m in messages) == 6
+    assert all(0 <= t < engine.vocab_size for m in messages for t in m.token_ids)
+
+
+async def test_identical_request_reports_cached_prompt_tokens(engine, stub):
+    ids = prompt(engine, 40)
+    first = [m async for m in stub.Generate(request(ids, salt="cached"))][-1]
+    second = [m async for m in stub.Generate(request(ids, salt="cached"))][-1]
+    assert first.usage.cached_tokens == 0
+    assert second.usage.cached_tokens == (40 - 1) // engine.block_size * engine.block_size
+
+
+@pytest.mark.parametrize("case, param, code", [
+    ("token outside the vocabulary", "token_ids", None),
+    ("empty prompt", "token_ids", None),
+    ("prompt longer than the context", "messages", "context_length_exceeded"),
+    ("temperature out of range", "temperature", None),
+    ("another model", "model", "model_not_found"),
+])
+async def test_bad_request_is_invalid_argument_naming_the_field(engine, stub, case, param, code):
+    req = request(prompt(engine, 8))
+    if case == "token outside the vocabulary":
+        req.token_ids[3] = engine.vocab_size
+    elif case == "empty prompt":
+        del req.token_ids[:]
+    elif case == "prompt longer than the context":
+        req.token_ids[:] = prompt(engine, MAX_MODEL_LEN + 1)
+    elif case == "temperature out of range":
+        req.sampling.temperature = 2.5
+    else:
+        req.model = "some-other-model"
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        [m async for m in stub.Generate(req)]
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    body = electron_error(info.value)
+    assert body["type"] == "invalid_request_error"
+    assert body["param"] == param
+    assert body["code"] == code
+    assert body["message"] == info.value.details()
+
+
+async def test_cancelling_the_call_aborts_the_request_and_frees_its_blocks(engine, stub):
+    baseline = engine.load()
+    assert baseline.running == 0
+    call = stub.Generate(request(prompt(engine, 40), max_tokens=MAX_MODEL_LEN - 41))
+    for _ in range(2):
+        message = await call.read()
+        assert message.finish_reason == ""
+    assert engine.load().running == 1
+    assert engine.load().kv_blocks_used > baseline.kv_blocks_used
+    call.cancel()
+    await until(lambda: engine.load().running == 0
+                and engine.load().kv_blocks_used == baseline.kv_blocks_used)
+    assert call.cancelled()
+
+
+async def test_abort_rpc_ends_the_stream_with_finish_reason_abort(engine, stub):
+    req = request(prompt(engine, 10), max_tokens=MAX_MODEL_LEN - 11)
+    call = stub.Generate(req)
+    await call.read()
+    assert (await stub.Abort(pb.AbortRequest(request_id=req.request_id))).found
+    while (message := await call.read()) is not grpc.aio.EOF:
+        last = message
+    assert last.finish_reason == "abort"
+    assert not (await stub.Abort(pb.AbortRequest(request_id=req.request_id))).found
+
+
+async def test_watch_state_sends_a_snapshot_then_the_blocks_a_request_stored(engine, stub):
+    updates = stub.WatchState(pb.WatchStateRequest())
+    first = await updates.read()
+    assert first.WhichOneof("update") == "snapshot"
+    assert first.snapshot.block_size == engine.block_size
+
+    salt = "watch-state"
+    ids = prompt(engine, 3 * engine.block_size + 5)
+    [m async for m in stub.Generate(request(ids, salt=salt))]
+    # The router computes the same hashes from the same tokens: that is the contract.
+    expected = set(block_hashes(ids, engine.block_size, extra_key(salt, engine.model_name)))
+
+    stored: set[int] = set()
+    sequence = first.snapshot.sequence
+    saw_load = False
+    async with asyncio.timeout(5):
+        while not expected <= stored:
+            update = await updates.read()
+            kind = update.WhichOneof("update")
+            if kind == "load":
+                saw_load = True
+                assert update.load.kv_blocks_total == engine.load().kv_blocks_total
+            elif kind == "event":
+                assert update.event.sequence == sequence + 1, "events are consecutive"
+                sequence = update.event.sequence
+                if update.event.WhichOneof("kind") == "stored":
+                    stored.update(update.event.stored.block_hashes)
+    updates.cancel()
+    assert saw_load
+
+    again = stub.WatchState(pb.WatchStateRequest())
+    snapshot = (await again.read()).snapshot
+    again.cancel()
+    assert expected <= set(snapshot.block_hashes)
+
+
+async def test_health_reports_serving_and_info_describes_the_worker(engine, channel, stub):
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", SERVICE_NAME):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    info = await stub.GetInfo(pb.InfoRequest())
+    assert (info.worker_id, info.model, info.pool) == ("grpc-test-worker", "electron", "test")
+    assert (info.block_size, info.vocab_size) == (engine.block_size, engine.vocab_size)
+    assert info.max_model_len == MAX_MODEL_LEN
+
+
+async def test_stopping_the_server_ends_state_streams_at_once(engine):
+    server, port = await serve_worker(engine, "127.0.0.1", 0)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        updates = pb_grpc.WorkerStub(ch).WatchState(pb.WatchStateRequest())
+        assert (await updates.read()).WhichOneof("update") == "snapshot"
+        started = time.monotonic()
+        await server.stop(10)
+        # A WatchState stream never ends by itself: the stop must end it, not wait it out.
+        assert time.monotonic() - started < 5
+        with pytest.raises(grpc.aio.AioRpcError):
+            await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+
+
+async def test_a_second_server_cannot_bind_a_taken_port(engine, address):
+    port = int(address.rsplit(":", 1)[1])
+    with pytest.raises(OSError, match="cannot listen"):
+        await serve_worker(engine, "127.0.0.1", port)

@@ -1,0 +1,170 @@
+"""The worker as a Ray actor: loads the model, serves gRPC, registers itself, heartbeats.
+
+This module is imported by the launcher in the router's process (``electron-serve up``),
+which must not load torch: the engine and torch are imported inside the actor only.
+
+Lifecycle: ``__init__`` loads the engine, starts the gRPC server and registers the endpoint,
+so a worker is in the registry before ``ready()`` can answer. ``stop()`` undoes it in the
+reverse order. ``ray.kill`` (SIGKILL) skips ``stop()``; the registry's TTL then drops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import ray
+from ray.exceptions import RayActorError, RayError
+
+from cluster.config import Config
+from cluster.registry import WorkerEndpoint, lookup_registry
+
+if TYPE_CHECKING:
+    from workers.engine.async_engine import AsyncEngine
+    from workers.grpc_service import WorkerServer
+
+log = logging.getLogger(__name__)
+
+# The directory that holds the ``cluster`` and ``workers`` packages.
+PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+DISTRIBUTION = "electron-serve"
+
+
+@ray.remote
+class WorkerActor:
+    # Ray runs ``async def __init__`` on the actor's event loop, where gRPC must live.
+    async def __init__(self, config_json: str, worker_id: str):  # type: ignore[misc]
+        import torch
+
+        from workers.engine.async_engine import AsyncEngine
+        from workers.grpc_service import serve_worker
+
+        config = Config.model_validate_json(config_json)
+        self._config = config
+        self._worker_id = worker_id
+        cluster = config.cluster
+        registry = lookup_registry(cluster.namespace)
+        if registry is None:  # checked first: loading the model takes seconds
+            raise RuntimeError(f"no registry actor in Ray namespace {cluster.namespace!r}: "
+                               "the launcher creates it before starting workers")
+        self._registry = registry
+        # Ray sets OMP_NUM_THREADS from num_cpus; an explicit setting wins over it.
+        torch.set_num_threads(
+            config.engine.torch_threads or max(1, round(cluster.num_cpus_per_worker)))
+        self._engine: AsyncEngine = AsyncEngine(config.engine, worker_id,
+                                                  model_id=config.router.model_id)
+        host = _listen_host(config)
+        self._server: WorkerServer
+        self._server, port = await serve_worker(
+            self._engine, host, 0, model_id=config.router.model_id, pool=cluster.pool)
+        self._endpoint = WorkerEndpoint(worker_id=worker_id, address=f"{host}:{port}",
+                                        model=config.router.model_id, pool=cluster.pool)
+        await self._registry.register.remote(self._endpoint)
+        self._stopped = False
+        self._heartbeats = asyncio.get_running_loop().create_task(self._heartbeat_loop())
+        log.info("worker %s ready at %s", worker_id, self._endpoint.address)
+
+    async def ready(self) -> str:
+        """The gRPC address (host:port); answers once the worker serves and is registered."""
+        return self._endpoint.address
+
+    async def info(self) -> dict[str, Any]:
+        engine = self._engine
+        load = engine.load()
+        return {
+            "worker_id": self._worker_id, "address": self._endpoint.address,
+            "model": self._endpoint.model, "pool": self._endpoint.pool,
+            "engine_model": engine.model_name, "pid": os.getpid(),
+            "node_ip": ray.util.get_node_ip_address(), "block_size": engine.block_size,
+            "max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size,
+            "running": load.running, "waiting": load.waiting,
+            "kv_blocks_used": load.kv_blocks_used, "kv_blocks_total": load.kv_blocks_total,
+        }
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Leaves the registry, drains gRPC for up to ``grace_s`` seconds, stops the engine."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._heartbeats.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._heartbeats
+        try:
+            await self._registry.deregister.remote(self._worker_id)
+        except RayActorError:
+            # The registry is gone (its owner is shutting down): nobody is left to tell.
+            log.warning("worker %s: registry unreachable at stop", self._worker_id)
+        await self._server.stop(grace_s)
+        # The engine thread ends every open stream and joins: not on the event loop.
+        await asyncio.to_thread(self._engine.shutdown)
+        log.info("worker %s stopped", self._worker_id)
+
+    async def _heartbeat_loop(self) -> None:
+        cluster = self._config.cluster
+        while True:
+            await asyncio.sleep(cluster.heartbeat_s)
+            try:
+                if not await self._registry.heartbeat.remote(self._worker_id):
+                    # Expired (the registry restarted, or this worker stalled past the TTL).
+                    await self._registry.register.remote(self._endpoint)
+            except RayError as exc:
+                # A detached registry restarts under the same handle; keep trying (the TTL
+                # drops this worker from routing meanwhile, as it should).
+                log.warning("worker %s: heartbeat failed: %s", self._worker_id, exc)
+
+
+def _listen_host(config: Config) -> str:
+    """Where the gRPC server listens, which is also the address routers dial.
+
+    Without a Ray address everything runs on this machine (``electron-serve up``, tests):
+    listen on loopback so the unauthenticated worker port is not exposed to the network.
+    In a cluster, routers on other nodes dial the node's own address.
+    """
+    if config.cluster.ray_address is None:
+        return "127.0.0.1"
+    return ray.util.get_node_ip_address()
+
+
+def create_worker_actor(config: Config, worker_id: str) -> ray.actor.ActorHandle:
+    """Starts one worker actor (Ray is initialised and the registry exists)."""
+    cluster = config.cluster
+    options: dict[str, Any] = dict(
+        name=f"electron-worker-{worker_id}", namespace=cluster.namespace,
+        num_cpus=cluster.num_cpus_per_worker, num_gpus=_num_gpus(config), max_restarts=0)
+    runtime_env = _runtime_env()
+    if runtime_env is not None:
+        options["runtime_env"] = runtime_env
+    return WorkerActor.options(**options).remote(config.model_dump_json(), worker_id)
+
+
+def _num_gpus(config: Config) -> float:
+    """One GPU per worker on GPU nodes. Ray hides GPUs from an actor that asks for none, so
+    a worker with device "auto" asks for one whenever the cluster has any."""
+    if config.cluster.num_gpus_per_worker > 0:
+        return config.cluster.num_gpus_per_worker
+    device = config.engine.device
+    if device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0):
+        return 1
+    return 0
+
+
+def _runtime_env() -> dict[str, Any] | None:
+    """A runtime env only when Ray's worker processes could not import this package.
+
+    An installed (also editable) package or PYTHONPATH exported before Ray started needs
+    none; a runtime env costs ~1 s per actor (no prestarted worker reuse).
+    """
+    try:
+        importlib.metadata.distribution(DISTRIBUTION)
+        return None
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if PACKAGE_ROOT in paths:
+        return None
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join([PACKAGE_ROOT, *filter(None, paths)])}}

@@ -1,0 +1,312 @@
+"""The worker's gRPC service: Generate, Abort, WatchState, GetInfo, and grpc.health.v1.
+
+Errors cross this boundary in one place, ``ErrorInterceptor``: an ``ElectronError`` becomes a
+gRPC status plus trailing metadata ``electron-error`` (JSON ``{"type", "code", "param",
+"message"}``, and ``retry_after`` when the error carries one) from which the router rebuilds
+the same error; anything else becomes INTERNAL with a generic message (the traceback is
+logged here and never sent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from cluster.errors import ElectronError, InvalidRequest, ModelNotFound, Overloaded
+from cluster.pb.electron.v1 import worker_pb2 as pb
+from cluster.pb.electron.v1 import worker_pb2_grpc as pb_grpc
+from workers import wire
+from workers.engine.kv_events import SubscriberFellBehind
+
+if TYPE_CHECKING:
+    from workers.engine.async_engine import AsyncEngine
+
+log = logging.getLogger(__name__)
+
+ERROR_METADATA_KEY = "electron-error"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Worker"].full_name
+# WatchState sends the worker's load this often (and whenever it sends nothing else).
+LOAD_INTERVAL_S = 0.1
+
+SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
+    # gRPC sets SO_REUSEPORT by default: a second server on a taken port would bind silently.
+    ("grpc.so_reuseport", 0),
+    # Ping idle connections so a router that vanished without a FIN (node lost) releases its
+    # WatchState streams and in-flight generations within ~30 s.
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # Clients (routers) may send keepalive pings as often as every second; a client pinging
+    # more often is answered with GOAWAY ("too_many_pings") after two strikes.
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+def status_code_for(error: ElectronError) -> grpc.StatusCode:
+    if isinstance(error, InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(error, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    return grpc.StatusCode.INTERNAL
+
+
+def error_metadata(error: ElectronError) -> tuple[tuple[str, str], ...]:
+    body: dict[str, Any] = {"type": error.type, "code": error.code, "param": error.param,
+                            "message": error.message}
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        body["retry_after"] = retry_after
+    # json.dumps escapes non-ASCII, and ASCII is what plain (non "-bin") metadata may carry.
+    return ((ERROR_METADATA_KEY, json.dumps(body)),)
+
+
+_INTERNAL_MESSAGE = "the worker failed to serve the request"
+
+
+async def _abort_with(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+    """Ends the RPC with the status that ``exc`` maps to; always raises AbortError."""
+    if isinstance(exc, ElectronError):
+        await context.abort(status_code_for(exc), exc.message,
+                            trailing_metadata=error_metadata(exc))
+    log.exception("unexpected error in %s", method, exc_info=exc)
+    generic = ElectronError(_INTERNAL_MESSAGE)
+    await context.abort(grpc.StatusCode.INTERNAL, _INTERNAL_MESSAGE,
+                        trailing_metadata=error_metadata(generic))
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions escaping any handler to a gRPC status (see the module docstring)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method = details.method
+        if handler.unary_unary is not None:
+            inner_unary = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await inner_unary(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await _abort_with(context, exc, method)
+
+            return handler._replace(unary_unary=unary)
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                try:
+                    async with contextlib.aclosing(inner_stream(request, context)) as responses:
+                        async for response in responses:
+                            yield response
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await _abort_with(context, exc, method)
+
+            return handler._replace(unary_stream=stream)
+        return handler  # no client-streaming methods in this service
+
+
+# -- the service --------------------------------------------------------------------------------
+
+class WorkerServicer(pb_grpc.WorkerServicer):
+    """Serves one AsyncEngine. ``model_id`` is the public model id this worker answers to."""
+
+    def __init__(self, engine: AsyncEngine, *, model_id: str, pool: str):
+        self._engine = engine
+        self._model_id = model_id
+        self._pool = pool
+        # Abort tasks started from done-callbacks; held so they are not collected mid-flight.
+        self._background: set[asyncio.Task[bool]] = set()
+        # Wake-up events of the open WatchState streams, and whether they should end.
+        self._watchers: set[asyncio.Event] = set()
+        self._closing = False
+
+    def close(self) -> None:
+        """Ends every WatchState stream (they would otherwise hold a graceful stop open)."""
+        self._closing = True
+        for wake in self._watchers:
+            wake.set()
+
+    async def Generate(self, request: pb.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        args = wire.generate_args(request)
+        if args.model and args.model != self._model_id:
+            raise ModelNotFound(f"this worker serves {self._model_id!r}, not {args.model!r}",
+                                param="model")
+        outputs = self._engine.generate(args.request_id, list(args.prompt_token_ids),
+                                        args.sampling, args.priority, args.cache_salt)
+        # True from the first output to the last: only then is the request the engine's
+        # to abort. (Before, the engine raised or is cancelled inside its own iterator,
+        # which aborts; and a rejected duplicate id must not abort the original.)
+        streaming = False
+
+        def on_rpc_done(_: object) -> None:
+            # A client that cancels may leave this generator suspended at a ``yield`` that is
+            # only closed when collected; abort now so the request's blocks are freed at once.
+            if streaming:
+                task = asyncio.get_running_loop().create_task(
+                    self._engine.abort(args.request_id))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+        context.add_done_callback(on_rpc_done)
+        async with contextlib.aclosing(outputs):
+            async for output in outputs:
+                streaming = True
+                yield wire.generate_response(output)
+            streaming = False
+
+    async def Abort(self, request: pb.AbortRequest,
+                    context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        if not request.request_id:
+            raise InvalidRequest("'request_id' must not be empty", param="request_id")
+        return pb.AbortResponse(found=await self._engine.abort(request.request_id))
+
+    async def WatchState(self, request: pb.WatchStateRequest,
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StateUpdate]:
+        """A snapshot, then every KV event in order, and the load every LOAD_INTERVAL_S.
+
+        A subscriber too slow for the event log's ring (gRPC flow control holds our writes
+        back) gets a fresh snapshot instead of the events it missed.
+        """
+        events = self._engine.kv_events
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+
+        def on_event() -> None:  # engine thread; reading the flag there is benign
+            if not wake.is_set():
+                loop.call_soon_threadsafe(wake.set)
+
+        remove_listener = _once(events.add_listener(on_event))
+        # Detach before the loop can close even if this generator is never resumed.
+        context.add_done_callback(lambda _: remove_listener())
+        self._watchers.add(wake)
+        try:
+            sequence, hashes = events.snapshot()
+            yield wire.snapshot_update(sequence, hashes, self._engine.block_size)
+            next_load = loop.time()
+            while not self._closing:
+                if loop.time() >= next_load:
+                    yield wire.load_update(self._engine.load())
+                    next_load = loop.time() + LOAD_INTERVAL_S
+                await _wait(wake, next_load - loop.time())
+                # Clear before reading: an event recorded after the read sets it again.
+                wake.clear()
+                try:
+                    pending = events.events_since(sequence)
+                except SubscriberFellBehind:
+                    sequence, hashes = events.snapshot()
+                    yield wire.snapshot_update(sequence, hashes, self._engine.block_size)
+                    continue
+                for event in pending:
+                    yield wire.event_update(event)
+                    sequence = event.sequence
+        finally:
+            self._watchers.discard(wake)
+            remove_listener()
+
+    async def GetInfo(self, request: pb.InfoRequest,
+                      context: grpc.aio.ServicerContext) -> pb.WorkerInfo:
+        engine = self._engine
+        return pb.WorkerInfo(worker_id=engine.worker_id, model=self._model_id,
+                             block_size=engine.block_size, max_model_len=engine.max_model_len,
+                             vocab_size=engine.vocab_size, pool=self._pool)
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    """Waits until ``event`` is set or ``timeout`` seconds pass, whichever is first."""
+    if timeout <= 0 or event.is_set():
+        return
+    with contextlib.suppress(TimeoutError):  # the timeout is the load tick, not a failure
+        async with asyncio.timeout(timeout):
+            await event.wait()
+
+
+def _once(fn: Callable[[], None]) -> Callable[[], None]:
+    done = False
+
+    def call() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            fn()
+
+    return call
+
+
+# -- the server ---------------------------------------------------------------------------------
+
+class WorkerServer:
+    """A started gRPC server with the Worker and health services."""
+
+    def __init__(self, server: grpc.aio.Server, servicer: WorkerServicer,
+                 health: health_aio.HealthServicer):
+        self.server = server
+        self._servicer = servicer
+        self._health = health
+
+    async def stop(self, grace: float | None) -> None:
+        """Reports NOT_SERVING, ends the WatchState streams, then lets in-flight generations
+        run for up to ``grace`` seconds before cancelling them (which aborts them)."""
+        await self._health.enter_graceful_shutdown()
+        self._servicer.close()
+        await self.server.stop(grace)
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return await self.server.wait_for_termination(timeout)
+
+
+async def serve_worker(
+    engine: AsyncEngine,
+    host: str,
+    port: int = 0,
+    *,
+    model_id: str | None = None,
+    pool: str = "default",
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> tuple[WorkerServer, int]:
+    """Starts the worker's gRPC server on ``host:port`` (0: any free port).
+
+    Returns the server and the port it bound. ``model_id`` defaults to the engine's model
+    name. ``interceptors`` run before the error mapping (e.g. tracing).
+    """
+    server = grpc.aio.server(interceptors=[*interceptors, ErrorInterceptor()],
+                             options=SERVER_OPTIONS)
+    servicer = WorkerServicer(engine, model_id=model_id or engine.model_name, pool=pool)
+    pb_grpc.add_WorkerServicer_to_server(servicer, server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    try:
+        bound = server.add_insecure_port(_host_port(host, port))
+    except RuntimeError as exc:  # gRPC's way of saying the bind failed
+        raise OSError(f"cannot listen on {host}:{port}: {exc}") from exc
+    await server.start()
+    # The engine is loaded (its constructor loads the model): the worker can serve now.
+    for service in ("", SERVICE_NAME):
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("worker %s serving gRPC on %s:%d", engine.worker_id, host, bound)
+    return WorkerServer(server, servicer, health), bound
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
