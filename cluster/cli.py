@@ -17,6 +17,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import uvloop
+
 from cluster.config import Config, ConfigError, load_config
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -103,7 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         run = launcher.run_worker(config)
     try:
-        asyncio.run(run)
+        # uvloop: the router's per-request CPU (HTTP parsing, SSE writes, gRPC reads) is what
+        # queues requests behind each other under load; libuv's loop cuts it.
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(run)
     except (ConfigError, launcher.StartupFailed) as exc:
         print(f"electron-serve {args.command}: {exc}", file=sys.stderr)
         return 1

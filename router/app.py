@@ -24,8 +24,10 @@ from cluster.tokenizer import Tokenizer
 from router import sse
 from router.chat import ChatService, system_fingerprint
 from router.errors import error_response, install_error_handlers
+from router.failover import CircuitBreaker
 from router.middleware import RequestContextMiddleware
 from router.policy import make_policy
+from router.prefix_index import PrefixIndex
 from router.schemas import decode_json, parse_chat_request
 from router.worker_pool import WorkerPool
 
@@ -43,7 +45,8 @@ def _json(body: Any, status: int = 200) -> Response:
 
 # -- auth -------------------------------------------------------------------------------------------
 
-def require_api_key(request: Request) -> None:
+# async: a plain def dependency would hop to a thread pool on every request.
+async def require_api_key(request: Request) -> None:
     """``Authorization: Bearer <key>`` with a key from ``auth.static_keys`` (when enabled)."""
     auth = request.app.state.config.auth
     if not auth.enabled:
@@ -119,8 +122,10 @@ def create_app(config: Config, worker_source: WorkerSource,
     if tokenizer is None:
         tokenizer = Tokenizer.from_model_path(resolve_model_path(config.engine.model))
     settings = config.router
+    index = PrefixIndex()  # this replica's own view, fed by every worker's state stream
     pool = WorkerPool(worker_source, model_id=settings.model_id, poll_s=settings.registry_poll_s,
-                      policy=make_policy(settings.policy))
+                      policy=make_policy(settings, index), index=index,
+                      breaker=CircuitBreaker(settings.breaker_failures, settings.breaker_open_s))
     chat = ChatService(pool=pool, tokenizer=tokenizer, model_id=settings.model_id,
                        first_token_timeout_s=settings.first_token_timeout_s,
                        fingerprint=system_fingerprint(config.engine.model))
