@@ -46,7 +46,31 @@ class RouterConfig(_Frozen):
     port: int = Field(8000, ge=0, le=65535)
     # Public model id(s) served; requests naming another get 404.
     model_id: str = "electron"
-    policy: Literal["least_load", "round_robin"] = "least_load"
+    # Routing (router/policy.py): kv_aware uses the workers' KV events and a cost profile;
+    # cache_aware is sglang router's approximate-tree policy, kept as a baseline.
+    policy: Literal["kv_aware", "cache_aware", "power_of_two", "least_load",
+                    "round_robin"] = "kv_aware"
+    # kv_aware: a cost profile JSON (router/cost_model.py; the engine benchmark's result file
+    # works too) or a built-in name ("smollm2-cpu", "llama3-8b-h100"); None: smollm2-cpu.
+    cost_profile: str | None = None
+    # kv_aware: skip a worker whose requests would exceed max(load_cap_min_requests,
+    # load_cap * its fair share), so hot prefixes spill to (and replicate on) other workers.
+    load_cap: float = Field(2.0, ge=1.0)
+    load_cap_min_requests: int = Field(4, ge=1)
+    # kv_aware: seconds of score per second of prefill a choice adds (0: pure TTFT-greedy).
+    work_weight: float = Field(0.25, ge=0)
+    # kv_aware: a request's pending blocks outlive its predicted TTFT by this much.
+    pending_slack_s: float = Field(0.5, ge=0)
+    # cache_aware, with sglang router's command-line defaults.
+    cache_threshold: float = Field(0.3, ge=0, le=1)
+    balance_abs_threshold: int = Field(64, ge=0)
+    balance_rel_threshold: float = Field(1.5, ge=1.0)
+    eviction_interval_s: float = Field(120.0, gt=0)
+    max_tree_size: int = Field(2**26, ge=1)
+    # Failover: this many consecutive failures before the first token keep a worker out of
+    # routing for breaker_open_s seconds (then one probe request decides).
+    breaker_failures: int = Field(3, ge=1)
+    breaker_open_s: float = Field(10.0, gt=0)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     max_messages: int = Field(200, ge=1)
     # Seconds to wait for a worker's first message before failing over.

@@ -8,10 +8,11 @@ Generate -> wait for the first delta.
 
 Retry: a worker that fails before anything reached the client (``WorkerUnavailable``: it
 died, timed out before its first delta, or ended the request with "abort"/"error") is
-replaced once by another worker. For streams that means before the first delta arrives (the
-HTTP response starts only then, so every error before it still gets its own status); a
-non-streaming response reaches the client only when complete, so it is retried after a
-failure at any point.
+replaced once by another worker, the policy's next best; the pool's circuit breaker counts
+the failure and keeps a worker that keeps failing out of routing for a while. For streams
+that means before the first delta arrives (the HTTP response starts only then, so every error
+before it still gets its own status); a non-streaming response reaches the client only when
+complete, so it is retried after a failure at any point.
 
 Context window (API.md: clamp or reject, never crash): a prompt that leaves no room for one
 completion token is 400 ``context_length_exceeded`` (param ``messages``); an explicit
@@ -40,7 +41,6 @@ from cluster.errors import (
     WorkerUnavailable,
 )
 from cluster.pb.electron.v1 import worker_pb2 as pb
-from router.policy import RequestInfo
 from router.schemas import ChatCompletionRequest
 from router.worker_client import GenerateStream, WorkerInfo
 from router.worker_pool import Lease, WorkerPool
@@ -294,6 +294,7 @@ class ChatService:
             try:
                 return await self._collect(generation)
             except WorkerUnavailable as exc:
+                generation.lease.failed()
                 if not attempts.left:
                     raise
                 attempts.last_error = exc
@@ -303,7 +304,12 @@ class ChatService:
                 generation.close()
 
     async def _open(self, prepared: Prepared, attempts: _Attempts) -> Generation:
-        info = RequestInfo(prepared.completion_id, len(prepared.prompt_token_ids))
+        req = prepared.request
+        text = ""
+        if self._pool.policy.uses_text:
+            text = " ".join(m.content for m in req.messages if isinstance(m.content, str))
+        info = self._pool.request_info(prepared.completion_id, prepared.prompt_token_ids,
+                                       cache_salt=req.cache_salt or "", text=text)
         while True:
             try:
                 lease = self._pool.acquire(info, exclude=attempts.tried)
@@ -321,8 +327,10 @@ class ChatService:
                           lease.worker.worker_id, lease.reason)
                 stream = await lease.worker.generate(request)
                 first = await self._first_delta(stream, lease.worker.worker_id)
+                lease.started()
                 return Generation(prepared, lease, stream, first)
             except WorkerUnavailable as exc:
+                lease.failed()
                 self._abandon(stream, lease)
                 if not attempts.left:
                     raise

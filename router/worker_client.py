@@ -2,10 +2,11 @@
 
 ``WorkerClient`` owns one ``grpc.aio`` channel to one worker. ``connect`` reads the worker's
 ``GetInfo`` and starts a task consuming its ``WatchState`` stream, which keeps the latest
-``WorkerLoad`` and the set of block hashes cached there (snapshot, then consecutive events; a
-gap in sequence numbers re-opens the stream, whose first message is a fresh snapshot). When
-that stream ends or fails, the worker is gone (or going: a stopping worker ends it first) and
-``on_broken`` tells the pool at once.
+``WorkerLoad`` and feeds the block hashes cached there into the router's prefix index
+(``cached_blocks``, this worker's handle there: snapshot, then consecutive events; a gap in
+sequence numbers re-opens the stream, whose first message is a fresh snapshot). When that
+stream ends or fails, the worker is gone (or going: a stopping worker ends it first) and
+``on_broken`` tells the pool at once. Closing the client purges the worker from the index.
 
 ``generate`` opens a server-streaming ``Generate`` call; cancelling the returned stream
 cancels the call, and the worker aborts the request and frees its blocks.
@@ -38,7 +39,8 @@ from cluster.errors import (
 )
 from cluster.pb.electron.v1 import worker_pb2 as pb
 from cluster.pb.electron.v1 import worker_pb2_grpc as pb_grpc
-from router.policy import WorkerLoad
+from router.prefix_index import PrefixIndex
+from router.worker_view import LocalLoad, WorkerLoad
 
 log = logging.getLogger(__name__)
 
@@ -143,34 +145,6 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, worker_id: str) -> ElectronError:
     return cls(message, param=body.get("param"), code=code_field)
 
 
-# -- cached blocks ----------------------------------------------------------------------------------
-
-class CachedBlocks:
-    """The block hashes cached on one worker, as of ``sequence`` (None: no snapshot yet)."""
-
-    def __init__(self) -> None:
-        self.sequence: int | None = None
-        self.hashes: set[int] = set()
-
-    def reset(self, snapshot: pb.Snapshot) -> None:
-        self.sequence = snapshot.sequence
-        self.hashes = set(snapshot.block_hashes)
-
-    def apply(self, event: pb.KVEvent) -> bool:
-        """Applies the next event; False (nothing applied) when it is not the next one."""
-        if self.sequence is None or event.sequence != self.sequence + 1:
-            return False
-        kind = event.WhichOneof("kind")
-        if kind == "stored":
-            self.hashes.update(event.stored.block_hashes)
-        elif kind == "removed":
-            self.hashes.difference_update(event.removed.block_hashes)
-        elif kind == "cleared":
-            self.hashes.clear()
-        self.sequence = event.sequence
-        return True
-
-
 def _load_of(msg: pb.Load) -> WorkerLoad:
     return WorkerLoad(running=msg.running, waiting=msg.waiting,
                       waiting_prefill_tokens=msg.waiting_prefill_tokens,
@@ -217,19 +191,20 @@ class GenerateStream:
 # -- the client ---------------------------------------------------------------------------------------
 
 class WorkerClient:
-    """A connected worker. ``in_flight`` counts this router's unfinished requests there; the
-    pool changes it (see ``router.policy``)."""
+    """A connected worker, a ``router.worker_view.WorkerView``: its last load report, and
+    ``local``, this router's own requests there (the pool assigns them)."""
 
-    def __init__(self, endpoint: Endpoint, *,
+    def __init__(self, endpoint: Endpoint, *, index: PrefixIndex | None = None,
                  on_broken: Callable[[WorkerClient], None] | None = None):
+        """``index`` is the router's prefix index (None: one of its own)."""
         self.endpoint = endpoint
         self.worker_id = endpoint.worker_id
         self.address = endpoint.address
         self.info: WorkerInfo | None = None
         self.load = WorkerLoad()
         self.load_time: float | None = None  # monotonic time of the last load report
-        self.cached_blocks = CachedBlocks()
-        self.in_flight = 0
+        self.cached_blocks = (index if index is not None else PrefixIndex()).join(self.worker_id)
+        self.local = LocalLoad()
         self.broken = False
         self._on_broken = on_broken
         self._closing = False
@@ -238,6 +213,14 @@ class WorkerClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_CALLS)
         self._watch_task: asyncio.Task[None] | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return self.local.in_flight
+
+    @property
+    def in_flight_tokens(self) -> int:
+        return self.local.in_flight_tokens
 
     async def connect(self, timeout: float = CONNECT_TIMEOUT_S) -> WorkerInfo:
         """Checks that the worker is serving, reads its info and starts watching its state;
@@ -284,6 +267,7 @@ class WorkerClient:
         """Stops watching and closes the channel; calls still running after ``grace``
         seconds are cancelled (None: at once)."""
         self._closing = True
+        self.cached_blocks.leave()
         if self._watch_task is not None:
             self._watch_task.cancel()
             await asyncio.gather(self._watch_task, return_exceptions=True)
@@ -319,15 +303,28 @@ class WorkerClient:
 
     async def _consume(self, call: grpc.aio.UnaryStreamCall) -> bool:
         """Applies state updates until the stream ends (True) or skips an event (False)."""
+        blocks = self.cached_blocks
         async for update in call:
             kind = update.WhichOneof("update")
             if kind == "load":
                 self.load = _load_of(update.load)
                 self.load_time = time.monotonic()
             elif kind == "snapshot":
-                self.cached_blocks.reset(update.snapshot)
-            elif kind == "event" and not self.cached_blocks.apply(update.event):
-                return False
+                blocks.reset(update.snapshot.sequence, update.snapshot.block_hashes)
+            elif kind == "event":
+                event = update.event
+                which = event.WhichOneof("kind")
+                if which == "stored":
+                    applied = blocks.store(event.sequence, event.stored.block_hashes)
+                elif which == "removed":
+                    applied = blocks.remove(event.sequence, event.removed.block_hashes)
+                elif which == "cleared":
+                    applied = blocks.clear(event.sequence)
+                else:
+                    raise InternalError(f"worker {self.worker_id} sent a KV event of unknown "
+                                        f"kind {which!r}")
+                if not applied:
+                    return False
         return True
 
     def _mark_broken(self, reason: str) -> None:

@@ -7,49 +7,110 @@ waiting for the source to notice: a stopped or killed worker stops receiving req
 as its connection reports it, well inside 2 s. If the source still lists it, the next poll
 tries to connect it again, and it is back as soon as it answers.
 
+Routing: ``acquire`` asks the policy to choose among the connected workers whose circuit
+breaker admits them (all of them, if the breaker would leave none: a breaker must not turn a
+partial outage into a full one), counts the request there at once, and logs the decision
+with its reason. The returned ``Lease`` reports the outcome: ``started`` (first token: the
+worker works), ``failed`` (it failed: the breaker counts it), ``release`` (the request is
+over). A request that never started there makes the policy forget its record of the
+assignment (kv_aware's pending blocks).
+
+The workers' state streams feed one ``PrefixIndex``; a worker that leaves routing is purged
+from it, from the policy and from the breaker at once.
+
 Ready means: at least one worker is connected.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from cluster.errors import NoWorkers, WorkerUnavailable
-from router.policy import RequestInfo, RoutingPolicy
+from cluster.hashing import block_hashes, extra_key
+from router.failover import CircuitBreaker
+from router.policy import Choice, RequestInfo, RoutingPolicy
+from router.prefix_index import PrefixIndex
 from router.worker_client import WorkerClient
+from router.worker_view import Assignment
 
 log = logging.getLogger(__name__)
+# One line per routing decision, with its reason (INFO; silence this logger to drop them).
+decisions = logging.getLogger("router.routing")
 
 # A worker that left routing may still be finishing requests (a graceful stop ends its state
 # stream first): its channel stays open this long for them before it is closed.
 DRAIN_GRACE_S = 60.0
 
 
+class Outcome(enum.Enum):
+    STARTED = "started"  # the first token arrived
+    FAILED = "failed"    # the worker failed it (WorkerUnavailable)
+
+
 @dataclass(eq=False)
 class Lease:
-    """One request's claim on a worker: counted in its ``in_flight`` until released."""
+    """One request's claim on a worker: counted in its ``in_flight`` until released.
+    ``started``, ``failed`` and ``release`` are idempotent."""
 
     worker: WorkerClient
-    reason: str
+    choice: Choice[WorkerClient]
+    _pool: WorkerPool = field(repr=False)
+    _assignment: Assignment = field(repr=False)
+    _outcome: Outcome | None = field(default=None, repr=False)
     _released: bool = field(default=False, repr=False)
 
+    @property
+    def reason(self) -> str:
+        return self.choice.reason
+
+    def started(self) -> None:
+        """The first token arrived: its prefill is done and the worker served it."""
+        if self._outcome is None:
+            self._outcome = Outcome.STARTED
+            self._assignment.started()
+            self._pool.breaker.succeeded(self.worker.worker_id)
+
+    def failed(self) -> None:
+        """The worker failed the request (``WorkerUnavailable``)."""
+        if self._outcome is Outcome.FAILED:
+            return
+        first = self._outcome is None
+        self._outcome = Outcome.FAILED
+        self._pool.breaker.failed(self.worker.worker_id)
+        if first:  # it never ran there: its pending blocks will not appear
+            self._pool.policy.forget(self.choice)
+
     def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self.worker.in_flight -= 1
+        if self._released:
+            return
+        self._released = True
+        self._assignment.finish()
+        if self._outcome is None:
+            # Ended before its first token (rejected, or the client left): no verdict on the
+            # worker, and whatever it did cache its KV events will report.
+            self._pool.breaker.abandoned(self.worker.worker_id)
+            self._pool.policy.forget(self.choice)
 
 
 class WorkerPool:
-    def __init__(self, source, *, model_id: str, poll_s: float, policy: RoutingPolicy):
+    def __init__(self, source, *, model_id: str, poll_s: float, policy: RoutingPolicy,
+                 index: PrefixIndex | None = None, breaker: CircuitBreaker | None = None):
         """``source`` is a ``cluster.registry.WorkerSource``; only workers serving
-        ``model_id`` are used."""
+        ``model_id`` are used. ``index`` is the prefix index the policy reads (None: a new
+        one); ``breaker`` defaults to ``CircuitBreaker()``."""
         self._source = source
         self._model_id = model_id
         self._poll_s = poll_s
-        self._policy = policy
+        self.policy = policy
+        self.index = index if index is not None else PrefixIndex()
+        self.breaker = breaker if breaker is not None else CircuitBreaker()
+        # The workers' KV block size (from GetInfo; one per deployment): None until one is
+        # connected.
+        self.block_size: int | None = None
         self._workers: dict[str, WorkerClient] = {}
         self._connecting: dict[str, asyncio.Task[None]] = {}
         # Workers that left routing, closing once their last requests end (or the grace).
@@ -93,6 +154,19 @@ class WorkerPool:
     def workers(self) -> list[WorkerClient]:
         return sorted(self._workers.values(), key=lambda w: w.worker_id)
 
+    def request_info(self, request_id: str, prompt_token_ids: Sequence[int], *,
+                     cache_salt: str = "", text: str = "") -> RequestInfo:
+        """What the policy needs to know about a request: its block hashes (computed as the
+        workers compute them: the tenant's salt and the public model id in the extra key)
+        when the policy uses them and a worker has told the block size."""
+        hashes: tuple[int, ...] = ()
+        block_size = self.block_size or 0
+        if self.policy.uses_block_hashes and block_size:
+            hashes = tuple(block_hashes(prompt_token_ids, block_size,
+                                        extra_key(cache_salt, self._model_id)))
+        return RequestInfo(request_id, len(prompt_token_ids), block_hashes=hashes,
+                           block_size=block_size, text=text if self.policy.uses_text else "")
+
     def acquire(self, request: RequestInfo, exclude: Collection[str] = ()) -> Lease:
         """Chooses a worker (not one in ``exclude``) and counts the request there at once."""
         candidates = [w for w in self.workers() if w.worker_id not in exclude]
@@ -100,9 +174,18 @@ class WorkerPool:
             if exclude and self._workers:
                 raise WorkerUnavailable("no other worker is available to retry on")
             raise NoWorkers(f"no worker is serving model {self._model_id!r}; retry shortly")
-        choice = self._policy.choose(candidates, request)
-        choice.worker.in_flight += 1
-        return Lease(choice.worker, choice.reason)
+        admitted = [w for w in candidates if self.breaker.admits(w.worker_id)]
+        note = ""
+        if not admitted:
+            admitted, note = candidates, " (every candidate's circuit is open: trying anyway)"
+        choice = self.policy.choose(admitted, request)
+        worker = choice.worker
+        assignment = worker.local.assign(choice.prefill_tokens)
+        self.breaker.dispatched(worker.worker_id)
+        kept_out = len(candidates) - len(admitted)
+        decisions.info("request %s -> worker %s: %s%s%s", request.request_id, worker.worker_id,
+                       choice.reason, f" circuit_open={kept_out}" if kept_out else "", note)
+        return Lease(worker, choice, self, assignment)
 
     # -- keeping in step with the source
 
@@ -140,7 +223,7 @@ class WorkerPool:
             task.add_done_callback(lambda _, w=worker_id: self._connecting.pop(w, None))
 
     async def _connect(self, endpoint) -> None:
-        client = WorkerClient(endpoint, on_broken=self._on_broken)
+        client = WorkerClient(endpoint, index=self.index, on_broken=self._on_broken)
         try:
             info = await client.connect()
         except WorkerUnavailable as exc:
@@ -162,6 +245,13 @@ class WorkerPool:
             await client.close()
             return
         self._quiet.discard(endpoint.worker_id)
+        if self.block_size is None:
+            self.block_size = info.block_size
+        elif info.block_size != self.block_size:
+            # Its block hashes never match the router's: routable, but never for its cache.
+            log.warning("worker %s uses block size %d, not the deployment's %d: its cache is "
+                        "invisible to routing", endpoint.worker_id, info.block_size,
+                        self.block_size)
         self._workers[endpoint.worker_id] = client
         log.info("worker %s at %s connected (max_model_len=%d, block_size=%d)",
                  endpoint.worker_id, endpoint.address, info.max_model_len, info.block_size)
@@ -173,6 +263,9 @@ class WorkerPool:
     def _drop(self, worker: WorkerClient, why: str) -> None:
         del self._workers[worker.worker_id]
         log.info("worker %s leaves routing: %s", worker.worker_id, why)
+        worker.cached_blocks.leave()
+        self.policy.remove_worker(worker.worker_id)
+        self.breaker.remove(worker.worker_id)
         task = asyncio.create_task(worker.close(grace=DRAIN_GRACE_S),
                                    name=f"close-{worker.worker_id}")
         self._draining[worker] = task
