@@ -1,0 +1,95 @@
+"""A tiny random-weight Llama saved as a Hugging Face directory, for fast engine tests.
+
+It uses SmolLM2's tokenizer (vocabulary, special tokens, chat template), so prompts encode as
+they would for the real model; its outputs are random but deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from cluster.model_files import resolve_model_path
+from cluster.tokenizer import Tokenizer
+
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+def make_tiny_llama_dir(directory: Path, *, vocab_size: int = 49152, hidden: int = 64,
+                        layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0,
+                        max_position_embeddings: int = 2048, intermediate: int | None = None,
+                        attention_bias: bool = False, rope_scaling: dict[str, Any] | None = None,
+                        tie_word_embeddings: bool = False) -> Path:
+    """Writes config.json, model.safetensors and the tokenizer files; returns ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer.from_model_path(resolve_model_path(SMOLLM2))
+    tokenizer.save_hf(directory)
+
+    intermediate = intermediate or 2 * hidden
+    head_dim = hidden // heads
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": max_position_embeddings,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "rope_scaling": rope_scaling,
+        "attention_bias": attention_bias,
+        "mlp_bias": False,
+        "tie_word_embeddings": tie_word_embeddings,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_ids[0],
+        "torch_dtype": "float32",
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def matrix(rows: int, cols: int) -> torch.Tensor:
+        # Scaled like a trained model (unit-variance activations), so that logits are O(1)
+        # and a wrong RoPE or attention mask changes them by far more than any tolerance.
+        return torch.randn(rows, cols, generator=gen) / cols ** 0.5
+
+    def vector(n: int, mean: float, std: float) -> torch.Tensor:
+        return mean + std * torch.randn(n, generator=gen)
+
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    weights = {"model.embed_tokens.weight": torch.randn(vocab_size, hidden, generator=gen),
+               "model.norm.weight": vector(hidden, 1.0, 0.1)}
+    if not tie_word_embeddings:
+        weights["lm_head.weight"] = matrix(vocab_size, hidden)
+    for i in range(layers):
+        prefix = f"model.layers.{i}."
+        layer = {
+            "input_layernorm.weight": vector(hidden, 1.0, 0.1),
+            "self_attn.q_proj.weight": matrix(q_size, hidden),
+            "self_attn.k_proj.weight": matrix(kv_size, hidden),
+            "self_attn.v_proj.weight": matrix(kv_size, hidden),
+            "self_attn.o_proj.weight": matrix(hidden, q_size),
+            "post_attention_layernorm.weight": vector(hidden, 1.0, 0.1),
+            "mlp.gate_proj.weight": matrix(intermediate, hidden),
+            "mlp.up_proj.weight": matrix(intermediate, hidden),
+            "mlp.down_proj.weight": matrix(hidden, intermediate),
+        }
+        if attention_bias:  # Llama's attention_bias puts a bias on all four projections
+            layer |= {"self_attn.q_proj.bias": vector(q_size, 0.0, 0.1),
+                      "self_attn.k_proj.bias": vector(kv_size, 0.0, 0.1),
+                      "self_attn.v_proj.bias": vector(kv_size, 0.0, 0.1),
+                      "self_attn.o_proj.bias": vector(hidden, 0.0, 0.1)}
+        weights |= {prefix + name: tensor for name, tensor in layer.items()}
+    save_file({k: v.contiguous() for k, v in weights.items()}, directory / "model.safetensors",
+              metadata={"format": "pt"})
+    return directory

@@ -1,0 +1,276 @@
+"""Our paged Llama matches transformers' LlamaForCausalLM on the same weights.
+
+The reference is built from the very tensors our GGUF loader produces (not through
+transformers' own GGUF path, which needs accelerate), so any difference is the model's: RoPE,
+attention over the paged cache, GQA, fused projections.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+import transformers
+
+from cluster.model_files import resolve_model_path
+from tests.support.tiny_model import make_tiny_llama_dir
+from workers.models.attention import (
+    SDPA_MAX_DECODES,
+    AttentionMetadata,
+    PrefillSeq,
+    allocate_kv_cache,
+)
+from workers.models.config import ModelConfig
+from workers.models.llama import LlamaForCausalLM
+from workers.models.loader import (
+    iter_gguf_weights,
+    iter_safetensors_weights,
+    load_model,
+    safetensors_files,
+)
+
+# "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg
+# combined movable metal type, oil-based inks and a wooden screw press into a system that could
+# produce books quickly and cheaply. Within fifty years, presses were running in more than two
+# hundred cities across Europe, and the price of a book had fallen" in SmolLM2's vocabulary.
+PROMPT = [504, 1463, 282, 260, 7510, 1757, 5634, 281, 260, 35561, 2070, 28, 645, 28322, 45382,
+          5276, 39245, 4718, 1502, 28, 2664, 29, 2542, 43252, 284, 253, 10091, 21665, 1757, 618,
+          253, 817, 338, 856, 2690, 2905, 3112, 284, 44838, 30, 10043, 13869, 929, 28, 32422, 592,
+          4108, 281, 540, 670, 827, 3822, 4199, 1699, 1910, 28, 284, 260, 4319, 282, 253, 1863,
+          761, 12551]
+CAPITAL_OF_FRANCE_IS = [504, 3575, 282, 4649, 314]
+PARIS = 7042  # " Paris"
+BLOCK_SIZE = 16
+
+
+class PagedSequences:
+    """Gives test sequences cache blocks (in shuffled order, so block tables are not
+    contiguous) and builds each step's metadata the way the engine's model runner does."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, num_blocks: int = 64):
+        self.kv_caches = allocate_kv_cache(config, num_blocks, BLOCK_SIZE, dtype, "cpu")
+        self.free = list(range(1, num_blocks))  # block 0 stays free: it pads decode tables
+        random.Random(0).shuffle(self.free)
+        self.tables: dict[str, list[int]] = {}
+
+    def step(self, model: LlamaForCausalLM,
+             items: list[tuple[str, list[int], int]]) -> list[torch.Tensor]:
+        """items: (sequence name, new token ids, tokens already cached), single-token items
+        first. Returns each item's hidden states [new tokens, hidden]."""
+        ids, positions, slots, spans = [], [], [], []
+        decode_tables, decode_lens, prefills = [], [], []
+        for name, new, cached in items:
+            end = cached + len(new)
+            table = self.tables.setdefault(name, [])
+            while len(table) * BLOCK_SIZE < end:
+                table.append(self.free.pop())
+            spans.append((len(ids), len(new)))
+            if len(new) == 1:
+                assert not prefills, "single-token items come first"
+                decode_tables.append(table)
+                decode_lens.append(end)
+            else:
+                prefills.append(PrefillSeq(start=len(ids), num_new=len(new), context_len=end,
+                                           block_table=torch.tensor(table)))
+            ids += new
+            positions += range(cached, end)
+            slots += [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
+                      for p in range(cached, end)]
+        width = max((len(t) for t in decode_tables), default=0)
+        meta = AttentionMetadata(
+            block_size=BLOCK_SIZE,
+            slot_mapping=torch.tensor(slots),
+            num_decodes=len(decode_tables),
+            decode_block_tables=(torch.tensor([t + [0] * (width - len(t)) for t in decode_tables])
+                                 if decode_tables else None),
+            decode_context_lens=torch.tensor(decode_lens) if decode_tables else None,
+            prefills=prefills)
+        with torch.inference_mode():
+            hidden = model(torch.tensor(ids), torch.tensor(positions), self.kv_caches, meta)
+        return [hidden[start:start + n] for start, n in spans]
+
+
+def hf_llama_config(config: ModelConfig) -> transformers.LlamaConfig:
+    return transformers.LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim, rms_norm_eps=config.rms_norm_eps, rope_theta=config.rope_theta,
+        max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=config.tie_word_embeddings, attention_bias=config.attention_bias,
+        bos_token_id=config.bos_token_id, eos_token_id=list(config.eos_token_ids))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # These tests run ~200 small forward passes. With two OpenMP threads on a busy machine
+    # (other tests, CI neighbours) each op can wait for a descheduled spinning thread, which
+    # made this module 5-10x slower; one thread keeps it fast and its timing predictable.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def smollm() -> tuple[LlamaForCausalLM, transformers.LlamaForCausalLM, dict[str, torch.Tensor]]:
+    reader = gguf.GGUFReader(resolve_model_path("smollm2-135m-instruct"))
+    config = ModelConfig.from_gguf(reader)
+    weights = dict(iter_gguf_weights(reader, config))
+    ours = LlamaForCausalLM(config, torch.float32, "cpu")
+    ours.load_weights(weights.items())
+    hf = transformers.LlamaForCausalLM(hf_llama_config(config)).eval()
+    hf.load_state_dict(weights | {"lm_head.weight": weights["model.embed_tokens.weight"]},
+                       strict=True)
+    return ours, hf, weights
+
+
+def logits_of(model: LlamaForCausalLM, tokens: list[int]) -> torch.Tensor:
+    """Logits of every position of `tokens` from one fresh prefill."""
+    (hidden,) = PagedSequences(model.config, model.dtype).step(model, [("s", tokens, 0)])
+    with torch.inference_mode():
+        return model.compute_logits(hidden)
+
+
+def test_prefill_logits_match_transformers_at_every_position(smollm):
+    ours, hf, _ = smollm
+    with torch.inference_mode():
+        expected = hf(torch.tensor([PROMPT])).logits[0].float()
+    actual = logits_of(ours, PROMPT)
+    assert actual.dtype == torch.float32 and actual.shape == (64, 49152)
+    assert (actual - expected).abs().max().item() < 1e-3
+
+
+def test_greedy_decode_through_paged_cache_matches_transformers_generate(smollm):
+    ours, hf, _ = smollm
+    with torch.inference_mode():
+        generated = hf.generate(torch.tensor([PROMPT]), max_new_tokens=64, do_sample=False,
+                                pad_token_id=0)[0, len(PROMPT):].tolist()
+    assert len(generated) == 64
+
+    seqs = PagedSequences(ours.config, torch.float32)
+    (hidden,) = seqs.step(ours, [("s", PROMPT, 0)])
+    tokens = []
+    for _ in range(64):
+        with torch.inference_mode():
+            tokens.append(int(ours.compute_logits(hidden[-1:]).argmax()))
+        if len(tokens) < 64:
+            (hidden,) = seqs.step(ours, [("s", tokens[-1:], len(PROMPT) + len(tokens) - 1)])
+    assert tokens == generated
+
+
+def test_chunked_prefill_matches_one_full_prefill(smollm):
+    ours, _, _ = smollm
+    expected = logits_of(ours, PROMPT)
+    seqs = PagedSequences(ours.config, torch.float32)
+    # A chunk boundary inside a block: the second chunk reads 40 cached tokens.
+    (first,) = seqs.step(ours, [("s", PROMPT[:40], 0)])
+    (second,) = seqs.step(ours, [("s", PROMPT[40:], 40)])
+    with torch.inference_mode():
+        actual = ours.compute_logits(torch.cat([first, second]))
+    assert (actual - expected).abs().max().item() < 1e-4
+
+
+def test_batch_mixing_decodes_and_prefills_matches_separate_full_prefills(smollm):
+    ours, _, _ = smollm
+    a, b, c, d = PROMPT[:31], PROMPT[10:30], PROMPT[5:55], PROMPT
+    seqs = PagedSequences(ours.config, torch.float32)
+    seqs.step(ours, [("a", a[:-1], 0), ("c", c[:-1], 0), ("d", d[:40], 0)])
+    # Two decodes with different context lengths (so different table widths), a fresh
+    # prefill, and the second chunk of a prefill, all in one step.
+    dec_a, dec_c, pre_b, pre_d = seqs.step(ours, [
+        ("a", a[-1:], len(a) - 1), ("c", c[-1:], len(c) - 1), ("b", b, 0), ("d", d[40:], 40)])
+    with torch.inference_mode():
+        checks = [(ours.compute_logits(dec_a), logits_of(ours, a)[-1:]),
+                  (ours.compute_logits(dec_c), logits_of(ours, c)[-1:]),
+                  (ours.compute_logits(pre_b), logits_of(ours, b)),
+                  (ours.compute_logits(pre_d), logits_of(ours, d)[40:])]
+    for actual, expected in checks:
+        assert (actual - expected).abs().max().item() < 1e-4
+
+
+def test_large_decode_batch_of_different_lengths_matches_full_prefills(smollm):
+    # More decodes than SDPA_MAX_DECODES: the batched-matmul path, with block tables of
+    # different widths padded with block 0 and masked by each sequence's context length.
+    ours, _, _ = smollm
+    sequences = {f"s{i}": PROMPT[i:i + length]
+                 for i, length in enumerate((3, 17, 16, 33, 9, 48, 2, 25))}
+    assert len(sequences) > SDPA_MAX_DECODES
+    seqs = PagedSequences(ours.config, torch.float32)
+    # Everything but each last token; "s6" has a one-token prefix, which goes as a decode.
+    seqs.step(ours, [("s6", sequences["s6"][:1], 0)] + [
+        (name, tokens[:-1], 0) for name, tokens in sequences.items() if name != "s6"])
+    decoded = seqs.step(ours, [(name, tokens[-1:], len(tokens) - 1)
+                               for name, tokens in sequences.items()])
+    with torch.inference_mode():
+        for hidden, tokens in zip(decoded, sequences.values()):
+            expected = logits_of(ours, tokens)[-1:]
+            assert (ours.compute_logits(hidden) - expected).abs().max().item() < 1e-4
+
+
+def test_bfloat16_model_completes_a_known_fact(smollm):
+    # The production dtype, end to end: bf16 weights, bf16 KV cache, packed CPU matmuls.
+    ours, _, weights = smollm
+    model = LlamaForCausalLM(ours.config, torch.bfloat16, "cpu")
+    model.load_weights(weights.items())
+    logits = logits_of(model, CAPITAL_OF_FRANCE_IS)
+    assert int(logits[-1].argmax()) == PARIS
+
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+def _assert_matches_transformers(directory: Path, hf_class: type, tokens: list[int]) -> None:
+    ours, config = load_model(directory, torch.float32, "cpu")
+    hf = hf_class.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        expected = hf(torch.tensor([tokens])).logits[0].float()
+    actual = logits_of(ours, tokens)
+    assert expected.std().item() > 0.5  # logits vary: the comparison below means something
+    assert (actual - expected).abs().max().item() < 1e-4
+
+
+def test_tiny_llama_dir_with_qkv_bias_gqa_and_llama3_rope_matches_transformers(tmp_path):
+    directory = make_tiny_llama_dir(tmp_path / "tiny", attention_bias=True,
+                                    rope_scaling=LLAMA3_SCALING, heads=4, kv_heads=2)
+    config = ModelConfig.from_hf_dir(directory)
+    assert config.attention_bias and config.attention_out_bias
+    assert config.rope_scaling == LLAMA3_SCALING and config.num_kv_heads < config.num_heads
+    _assert_matches_transformers(directory, transformers.LlamaForCausalLM, PROMPT)
+
+    # The scaling matters at these positions: without it the logits move far past tolerance.
+    unscaled = LlamaForCausalLM(replace(config, rope_scaling=None), torch.float32, "cpu")
+    unscaled.load_weights(iter_safetensors_weights(safetensors_files(directory)))
+    scaled, _ = load_model(directory, torch.float32, "cpu")
+    assert (logits_of(unscaled, PROMPT) - logits_of(scaled, PROMPT)).abs().max().item() > 1e-2
+
+
+def test_tiny_qwen2_dir_with_linear_rope_matches_transformers(tmp_path):
+    hf_config = transformers.Qwen2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        rope_scaling={"rope_type": "linear", "factor": 2.0}, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(hf_config)
+    with torch.no_grad():  # default init zeroes biases and sets norms to 1: randomize all
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1 + 0.1 * torch.randn_like(param))
+            elif name.endswith("bias"):
+                param.copy_(0.1 * torch.randn_like(param))
+            elif "embed_tokens" in name:
+                param.copy_(torch.randn_like(param))
+            else:
+                param.copy_(torch.randn_like(param) / param.shape[-1] ** 0.5)
+    model.save_pretrained(tmp_path / "qwen2")
+    config = ModelConfig.from_hf_dir(tmp_path / "qwen2")
+    assert config.architecture == "qwen2" and config.attention_bias
+    assert not config.attention_out_bias and config.rope_scaling == {"rope_type": "linear",
+                                                                     "factor": 2.0}
+    _assert_matches_transformers(tmp_path / "qwen2", transformers.Qwen2ForCausalLM,
+                                 [t % 512 for t in PROMPT])

@@ -1,0 +1,192 @@
+"""The engine core: one ``step()`` schedules, runs the model, samples and emits deltas.
+
+Single-threaded by design: only the engine thread (see ``async_engine.py``) calls
+``add``/``abort``/``step``. Validation (``make_requests``) is pure and may run anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from cluster.errors import ContextLengthExceeded, InvalidRequest
+from cluster.hashing import extra_key
+from cluster.tokenizer import Tokenizer
+
+from .detokenizer import IncrementalDetokenizer
+from .kv_cache_manager import KVCacheManager
+from .model_runner import BatchItem, ModelRunner
+from .outputs import FinishReason, PositionLogprobs, RequestOutput, TokenLogprob, Usage
+from .request import Request
+from .sampler import RawLogprobs, Sampler
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _OutputState:
+    detokenizer: IncrementalDetokenizer
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, *, max_num_seqs: int,
+                 max_num_batched_tokens: int, enable_prefix_caching: bool = True,
+                 model_name: str = ""):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.block_size = runner.block_size
+        self.max_model_len = runner.max_model_len
+        self.vocab_size = runner.model_config.vocab_size
+        self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(
+            runner.model_config.eos_token_ids)
+        self.kv = KVCacheManager(runner.num_blocks, self.block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=max_num_seqs,
+                            max_num_batched_tokens=max(max_num_batched_tokens, self.block_size),
+                            long_prefill_token_threshold=max_num_batched_tokens,
+                            max_model_len=self.max_model_len),
+            self.kv)
+        self.sampler = Sampler(self.vocab_size, tuple(sorted(self.eos_token_ids)))
+        # True when the last step found nothing to run (queued work waits for a sibling).
+        self.idle = False
+
+    # -- requests in -------------------------------------------------------------------------
+
+    def make_requests(self, request_id: str, prompt_token_ids: list[int],
+                      sampling: SamplingParams, priority: int = 0,
+                      cache_salt: str = "") -> list[Request]:
+        """Validates a request and builds its n sequences; raises before anything is queued."""
+        if not prompt_token_ids:
+            raise InvalidRequest("the prompt is empty", param="token_ids")
+        bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"token id {bad} is outside the vocabulary "
+                                 f"(0..{self.vocab_size - 1})", param="token_ids")
+        if any(not 0 <= t < self.vocab_size for t in sampling.stop_token_ids):
+            raise InvalidRequest("stop_token_ids names a token outside the vocabulary",
+                                 param="stop_token_ids")
+        if any(not 0 <= t < self.vocab_size for t in sampling.logit_bias):
+            raise InvalidRequest("logit_bias names a token outside the vocabulary",
+                                 param="logit_bias")
+        num_prompt = len(prompt_token_ids)
+        if num_prompt >= self.max_model_len:
+            raise ContextLengthExceeded(
+                f"the prompt has {num_prompt} tokens; this model's context window is "
+                f"{self.max_model_len} tokens, and at least one must be left to generate",
+                param="messages")
+        if sampling.max_tokens is None:
+            max_total = self.max_model_len
+        else:
+            max_total = num_prompt + sampling.max_tokens
+            if max_total > self.max_model_len:
+                raise ContextLengthExceeded(
+                    f"the prompt ({num_prompt} tokens) plus max_tokens ({sampling.max_tokens}) "
+                    f"exceeds the context window of {self.max_model_len} tokens",
+                    param="max_tokens")
+        key = extra_key(cache_salt, self.model_name)
+        requests: list[Request] = []
+        for index in range(sampling.n):
+            req = Request(
+                request_id=request_id if index == 0 else f"{request_id}#{index}",
+                parent_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling=sampling,
+                cache_key=key, block_size=self.block_size, priority=priority, index=index,
+                max_total_tokens=max_total)
+            # Siblings wait until the first sequence has computed the prompt, then find its
+            # blocks in the prefix cache instead of computing them again.
+            req.wait_for = requests[0] if requests else None
+            req.output_state = _OutputState(IncrementalDetokenizer(
+                self.tokenizer, req.prompt_token_ids, sampling.stop))
+            requests.append(req)
+        return requests
+
+    def add(self, requests: list[Request]) -> None:
+        for req in requests:
+            self.scheduler.add_request(req)
+
+    def abort(self, request_ids: list[str]) -> list[RequestOutput]:
+        """Aborts sequences in any state, freeing their blocks at once."""
+        outputs = []
+        for rid in request_ids:
+            req = self.scheduler.abort_request(rid)
+            if req is not None:
+                outputs.append(self._final(req, "", ()))
+        return outputs
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        self.idle = not out.scheduled
+        if self.idle:
+            return []
+        batch = [BatchItem(s.request, s.num_new_tokens) for s in out.scheduled]
+        sample = [s.request for s in out.scheduled
+                  if s.request.num_computed_tokens + s.num_new_tokens == s.request.num_tokens]
+        try:
+            logits = self.runner.execute(batch, sample)
+            self.scheduler.update_after_step(out)
+            sampled = self.sampler(logits, sample) if sample else None
+        except Exception:
+            # A failed step must not take the engine down: fail this batch, keep serving.
+            log.exception("engine step failed; failing %d requests", len(batch))
+            return [self._fail(item.request) for item in batch]
+        outputs: list[RequestOutput] = []
+        if sampled is not None:
+            for req, token, raw in zip(sample, sampled.token_ids, sampled.logprobs):
+                outputs.append(self._advance(req, token, raw))
+        return outputs
+
+    def _advance(self, req: Request, token: int, raw: RawLogprobs | None) -> RequestOutput:
+        if req.logits_mask is not None:
+            req.logits_mask.accept(token)
+        req.append_token(token)
+        state: _OutputState = req.output_state
+        params = req.sampling
+        text, matched_stop = state.detokenizer.add(token)
+        logprobs = (self._logprobs(token, raw),) if raw is not None else ()
+        reason: FinishReason | None = None
+        if matched_stop is not None:
+            reason, req.stop_reason = FinishReason.STOP, matched_stop
+        elif (token in self.eos_token_ids and not params.ignore_eos) or (
+                token in params.stop_token_ids):
+            # The sampler keeps these tokens out until min_tokens have been generated.
+            reason, req.stop_reason = FinishReason.STOP, token
+        if reason is None and req.num_tokens >= req.max_total_tokens:
+            reason = FinishReason.LENGTH
+        if reason is None:
+            return RequestOutput(req.parent_id, req.index, (token,), text, logprobs)
+        if matched_stop is None:
+            text += state.detokenizer.finish()
+        self.scheduler.finish_request(req, reason)
+        return self._final(req, text, (token,), logprobs)
+
+    def _final(self, req: Request, text: str, token_ids: tuple[int, ...],
+               logprobs: tuple[PositionLogprobs, ...] = ()) -> RequestOutput:
+        if req.finish_reason is None:
+            req.finish_reason = FinishReason.ABORT
+        return RequestOutput(
+            req.parent_id, req.index, token_ids, text, logprobs,
+            finish_reason=req.finish_reason, stop_reason=req.stop_reason,
+            usage=Usage(req.num_prompt_tokens, req.num_cached_tokens or 0, req.num_output_tokens))
+
+    def _fail(self, req: Request) -> RequestOutput:
+        if not req.is_finished:
+            self.scheduler.finish_request(req, FinishReason.ERROR)
+        req.finish_reason = FinishReason.ERROR
+        out = self._final(req, "", ())
+        return RequestOutput(out.request_id, out.index, (), "", (), FinishReason.ERROR,
+                             None, out.usage, error="the engine failed to run this request")
+
+    def _logprobs(self, token: int, raw: RawLogprobs) -> PositionLogprobs:
+        tok = self.tokenizer
+        return PositionLogprobs(
+            chosen=TokenLogprob(tok.token_text(token), raw.chosen_logprob, tok.token_bytes(token)),
+            top=tuple(TokenLogprob(tok.token_text(i), lp, tok.token_bytes(i))
+                      for i, lp in zip(raw.top_ids, raw.top_logprobs)))

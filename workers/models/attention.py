@@ -1,0 +1,188 @@
+"""Paged attention in plain torch: the KV cache layout, the step metadata and the kernel.
+
+The KV cache is one tensor per layer, [2, num_blocks, block_size, num_kv_heads, head_dim]
+(index 0 holds keys, 1 values). A sequence's tokens live in the blocks of its block table:
+position p sits in block block_table[p // block_size] at offset p % block_size.
+
+A step's flat batch holds decodes first (one new token each, batched into one computation per
+layer) and then prefills (two or more new tokens each, one computation per sequence).
+Everything that depends only on the metadata (gather indices, masks) is built once per step in
+`PagedAttention` and shared by all layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+# Decode batches up to this size use SDPA's fused kernel (fewest ops: per-op overhead rules
+# small batches on CPU); larger ones use bmm + softmax, which SDPA's kernel (tiled for long
+# queries, here only `group` rows long) trails by 1.5-2x at batch 16-64.
+SDPA_MAX_DECODES = 4
+
+
+@dataclass(frozen=True)
+class PrefillSeq:
+    start: int  # index of its first new token in the flat batch
+    num_new: int
+    # Tokens in the cache once the new ones are written: they sit at positions
+    # context_len - num_new .. context_len - 1; earlier positions are already cached.
+    context_len: int
+    block_table: torch.Tensor  # LongTensor[ceil(context_len / block_size)]
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    block_size: int
+    slot_mapping: torch.Tensor  # LongTensor[T]: block_id * block_size + offset of each new token
+    num_decodes: int  # the first num_decodes tokens are single-token sequences
+    decode_block_tables: torch.Tensor | None  # LongTensor[num_decodes, max_blocks], 0-padded
+    decode_context_lens: torch.Tensor | None  # LongTensor[num_decodes], incl. the new token
+    prefills: list[PrefillSeq]
+
+
+def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block id costs: keys and values of block_size tokens in every layer."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * itemsize
+
+
+def allocate_kv_cache(config: ModelConfig, num_blocks: int, block_size: int,
+                      dtype: torch.dtype, device: torch.device | str) -> list[torch.Tensor]:
+    # Zeros, not empty: decode attention reads whole blocks (and padding block 0) and masks the
+    # unused slots; masked slots must hold finite numbers, since 0 * NaN is NaN.
+    return [torch.zeros(2, num_blocks, block_size, config.num_kv_heads, config.head_dim,
+                        dtype=dtype, device=device)
+            for _ in range(config.num_layers)]
+
+
+@dataclass(frozen=True)
+class _DecodePlan:
+    rows: torch.Tensor  # LongTensor[B * kvh * L]: rows of the cache viewed as [-1, head_dim]
+    bias: torch.Tensor  # [B * kvh, 1, L] in the model dtype: 0 where visible, -inf past the end
+    span: int  # L: the longest block table's tokens
+
+
+@dataclass(frozen=True)
+class _PrefillPlan:
+    start: int
+    num_new: int
+    # None when the whole sequence is new (plain causal attention over the new K/V); else the
+    # cache rows of positions 0 .. context_len-1, viewed as [-1, kvh, head_dim], and the mask.
+    rows: torch.Tensor | None
+    mask: torch.Tensor | None  # bool [num_new, context_len]
+
+
+class PagedAttention:
+    """Attention of one forward step; built once per step, called once per layer."""
+
+    def __init__(self, meta: AttentionMetadata, config: ModelConfig, dtype: torch.dtype):
+        self.meta = meta
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.group = config.num_heads // config.num_kv_heads
+        self.scale = config.head_dim ** -0.5
+        self.decode = self._plan_decodes(meta, dtype) if meta.num_decodes else None
+        self.prefills = [self._plan_prefill(p, meta.block_size) for p in meta.prefills]
+        # The outputs are concatenated in this order, so the batch must be laid out this way.
+        expected_start = meta.num_decodes
+        for seq in meta.prefills:
+            if seq.start != expected_start:
+                raise ValueError(f"prefill starts at {seq.start}, expected {expected_start}")
+            expected_start += seq.num_new
+        if expected_start != meta.slot_mapping.shape[0]:
+            raise ValueError(f"metadata covers {expected_start} tokens, slot_mapping "
+                             f"{meta.slot_mapping.shape[0]}")
+
+    def _plan_decodes(self, meta: AttentionMetadata, dtype: torch.dtype) -> _DecodePlan:
+        tables, lens = meta.decode_block_tables, meta.decode_context_lens
+        if tables is None or lens is None:
+            raise ValueError("decodes need decode_block_tables and decode_context_lens")
+        bs, kvh = meta.block_size, self.num_kv_heads
+        span = tables.shape[1] * bs
+        pos = torch.arange(span, device=tables.device)
+        slots = tables[:, pos // bs] * bs + pos % bs  # [B, L]
+        # Rows ordered (sequence, kv head, position): one gather lands directly in the
+        # [B, kvh, L, head_dim] layout attention wants, with no transpose copy.
+        heads = torch.arange(kvh, device=tables.device)
+        rows = (slots.unsqueeze(1) * kvh + heads.view(1, kvh, 1)).reshape(-1)
+        visible = pos.unsqueeze(0) < lens.unsqueeze(1)  # [B, L]
+        bias = torch.zeros(visible.shape, dtype=dtype, device=tables.device)
+        bias.masked_fill_(~visible, float("-inf"))
+        bias = bias.repeat_interleave(kvh, dim=0).unsqueeze(1)
+        return _DecodePlan(rows=rows, bias=bias, span=span)
+
+    @staticmethod
+    def _plan_prefill(seq: PrefillSeq, bs: int) -> _PrefillPlan:
+        if seq.num_new < 1 or seq.context_len < seq.num_new:
+            raise ValueError(f"bad prefill: {seq.num_new} new tokens, context {seq.context_len}")
+        if seq.context_len == seq.num_new:
+            return _PrefillPlan(seq.start, seq.num_new, rows=None, mask=None)
+        device = seq.block_table.device
+        pos = torch.arange(seq.context_len, device=device)
+        rows = seq.block_table[pos // bs] * bs + pos % bs
+        # New token i sits at position context_len - num_new + i and sees keys up to it.
+        query_pos = pos[seq.context_len - seq.num_new:].unsqueeze(1)
+        mask = pos.unsqueeze(0) <= query_pos
+        return _PrefillPlan(seq.start, seq.num_new, rows=rows, mask=mask)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 kv_cache: torch.Tensor) -> torch.Tensor:
+        """q [T, H, d], k and v [T, kvh, d] (this step's tokens) -> [T, H * d].
+
+        Writes k and v into kv_cache at the metadata's slot_mapping first.
+        """
+        num_tokens = q.shape[0]
+        kvh, d = self.num_kv_heads, self.head_dim
+        slots = self.meta.slot_mapping
+        kv_cache[0].view(-1, kvh, d).index_copy_(0, slots, k)
+        kv_cache[1].view(-1, kvh, d).index_copy_(0, slots, v)
+
+        parts = []
+        if self.decode is not None:
+            parts.append(self._decode(q[: self.meta.num_decodes], kv_cache, self.decode))
+        for plan in self.prefills:
+            parts.append(self._prefill(q, k, v, kv_cache, plan))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out.reshape(num_tokens, self.num_heads * d)
+
+    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, plan: _DecodePlan) -> torch.Tensor:
+        batch, kvh, d, span = q.shape[0], self.num_kv_heads, self.head_dim, plan.span
+        keys = kv_cache[0].view(-1, d).index_select(0, plan.rows).view(batch, kvh, span, d)
+        values = kv_cache[1].view(-1, d).index_select(0, plan.rows).view(batch, kvh, span, d)
+        # Query heads h*group .. h*group+group-1 share KV head h (HF repeat_kv order), so the
+        # group becomes the "query length" of attention per (sequence, KV head): no K/V repeat.
+        queries = q.reshape(batch, kvh, self.group, d)
+        if batch <= SDPA_MAX_DECODES:
+            out = F.scaled_dot_product_attention(queries, keys, values, scale=self.scale,
+                                                 attn_mask=plan.bias.view(batch, kvh, 1, span))
+            return out.view(batch, self.num_heads, d)
+        scores = torch.baddbmm(plan.bias, queries.reshape(batch * kvh, self.group, d),
+                               keys.view(batch * kvh, span, d).transpose(1, 2), alpha=self.scale)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.bmm(probs, values.view(batch * kvh, span, d)).view(batch, self.num_heads, d)
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 kv_cache: torch.Tensor, plan: _PrefillPlan) -> torch.Tensor:
+        # Batched 4-D inputs [1, heads, n, d]: on CPU, SDPA takes its flash kernel (GQA
+        # included) only for 4-D inputs and falls back to the materializing math path for 3-D.
+        end = plan.start + plan.num_new
+        queries = q[plan.start:end].transpose(0, 1).unsqueeze(0)
+        if plan.rows is None:
+            keys, values = k[plan.start:end], v[plan.start:end]
+            mask = None
+        else:
+            kvh, d = self.num_kv_heads, self.head_dim
+            keys = kv_cache[0].view(-1, kvh, d).index_select(0, plan.rows)
+            values = kv_cache[1].view(-1, kvh, d).index_select(0, plan.rows)
+            mask = plan.mask
+        out = F.scaled_dot_product_attention(
+            queries, keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True)
+        return out[0].transpose(0, 1)  # [n, H, d]
