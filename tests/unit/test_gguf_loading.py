@@ -105,14 +105,14 @@ def reference_q6_k(blocks: np.ndarray) -> np.ndarray:
     out = np.zeros((blocks.shape[0], 256), np.float32)
     for n in range(2):
         lo, hi, s = ql[:, 64 * n: 64 * n + 64], qh[:, 32 * n: 32 * n + 32], sc[:, 8 * n: 8 * n + 8]
-        for l in range(32):
-            i = l // 16
-            quads = (((lo[:, l] & 0xF) | (((hi[:, l] >> 0) & 3) << 4)) - 32,
-                     ((lo[:, l + 32] & 0xF) | (((hi[:, l] >> 2) & 3) << 4)) - 32,
-                     ((lo[:, l] >> 4) | (((hi[:, l] >> 4) & 3) << 4)) - 32,
-                     ((lo[:, l + 32] >> 4) | (((hi[:, l] >> 6) & 3) << 4)) - 32)
+        for j in range(32):
+            i = j // 16
+            quads = (((lo[:, j] & 0xF) | (((hi[:, j] >> 0) & 3) << 4)) - 32,
+                     ((lo[:, j + 32] & 0xF) | (((hi[:, j] >> 2) & 3) << 4)) - 32,
+                     ((lo[:, j] >> 4) | (((hi[:, j] >> 4) & 3) << 4)) - 32,
+                     ((lo[:, j + 32] >> 4) | (((hi[:, j] >> 6) & 3) << 4)) - 32)
             for k, q in enumerate(quads):
-                out[:, 128 * n + 32 * k + l] = d * s[:, i + 2 * k] * q
+                out[:, 128 * n + 32 * k + j] = d * s[:, i + 2 * k] * q
     return out
 
 

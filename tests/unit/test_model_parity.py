@@ -207,7 +207,7 @@ def test_large_decode_batch_of_different_lengths_matches_full_prefills(smollm):
     decoded = seqs.step(ours, [(name, tokens[-1:], len(tokens) - 1)
                                for name, tokens in sequences.items()])
     with torch.inference_mode():
-        for hidden, tokens in zip(decoded, sequences.values()):
+        for hidden, tokens in zip(decoded, sequences.values(), strict=True):
             expected = logits_of(ours, tokens)[-1:]
             assert (ours.compute_logits(hidden) - expected).abs().max().item() < 1e-4
 

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 
-
 # Decode batches up to this size use SDPA's fused kernel (fewest ops: per-op overhead rules
 # small batches on CPU); larger ones use bmm + softmax, which SDPA's kernel (tiled for long
 # queries, here only `group` rows long) trails by 1.5-2x at batch 16-64.

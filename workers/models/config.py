@@ -53,8 +53,9 @@ class ModelConfig:
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                     "num_kv_heads", "head_dim", "max_position_embeddings")
         for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"model config: {name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value <= 0:
+                raise ValueError(f"model config: {name} must be positive, got {value}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"model config: {self.num_heads} attention heads are not a multiple "
                              f"of {self.num_kv_heads} KV heads")
