@@ -58,7 +58,7 @@ class RouterConfig(_Frozen):
     load_cap: float = Field(2.0, ge=1.0)
     load_cap_min_requests: int = Field(4, ge=1)
     # kv_aware: seconds of score per second of prefill a choice adds (0: pure TTFT-greedy).
-    work_weight: float = Field(0.25, ge=0)
+    work_weight: float = Field(6.0, ge=0)
     # kv_aware: a request's pending blocks outlive its predicted TTFT by this much.
     pending_slack_s: float = Field(0.5, ge=0)
     # cache_aware, with sglang router's command-line defaults.

@@ -459,7 +459,9 @@ async def test_stopped_worker_leaves_routing_within_2s_and_requests_keep_succeed
 
 async def test_a_burst_spreads_over_idle_workers_before_any_load_report(engine, worker):
     other_server, other = await start_worker(engine, "w1")
-    router = await start_router([worker, other])  # least_load, the default
+    # least_load: its only signal here is the router's own in-flight count. (kv_aware would
+    # rightly send two identical prompts together: the first one's pending blocks.)
+    router = await start_router([worker, other], policy="least_load")
     body = chat("Tell me a long story.", stream=True, max_tokens=200, ignore_eos=True)
     try:
         async with httpx.AsyncClient(base_url=router.base, timeout=60) as client:
