@@ -34,7 +34,7 @@ class EngineConfig(_Frozen):
     kv_cache_bytes: int | None = Field(256 * 1024 * 1024, ge=1)
     gpu_memory_fraction: float = Field(0.85, gt=0, le=0.99)
     max_num_seqs: int = Field(64, ge=1)
-    max_num_batched_tokens: int = Field(512, ge=16)
+    max_num_batched_tokens: int = Field(1024, ge=16)
     max_model_len: int | None = Field(None, ge=16)
     enable_prefix_caching: bool = True
     torch_threads: int | None = Field(None, ge=1)
