@@ -53,25 +53,17 @@ from cluster.config import RouterConfig  # noqa: E402
 from cluster.hashing import block_hashes, extra_key  # noqa: E402
 from router.policy import RequestInfo, RoutingPolicy, make_policy  # noqa: E402
 from router.prefix_index import PrefixIndex  # noqa: E402
-from router.worker_view import Assignment, LocalLoad, WorkerLoad  # noqa: E402
+from router.worker_view import Assignment, CountsLocalLoad, LocalLoad, WorkerLoad  # noqa: E402
 
 BLOCK_SIZE = 16
 TARGET_P99_MS = 1.0
 
 
 @dataclass
-class Worker:
+class Worker(CountsLocalLoad):
     worker_id: str
     load: WorkerLoad
     local: LocalLoad = field(default_factory=LocalLoad)
-
-    @property
-    def in_flight(self) -> int:
-        return self.local.in_flight
-
-    @property
-    def in_flight_tokens(self) -> int:
-        return self.local.in_flight_tokens
 
 
 class Clock:

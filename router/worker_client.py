@@ -40,7 +40,7 @@ from cluster.errors import (
 from cluster.pb.electron.v1 import worker_pb2 as pb
 from cluster.pb.electron.v1 import worker_pb2_grpc as pb_grpc
 from router.prefix_index import PrefixIndex
-from router.worker_view import LocalLoad, WorkerLoad
+from router.worker_view import CountsLocalLoad, LocalLoad, WorkerLoad
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ class GenerateStream:
 
 # -- the client ---------------------------------------------------------------------------------------
 
-class WorkerClient:
+class WorkerClient(CountsLocalLoad):
     """A connected worker, a ``router.worker_view.WorkerView``: its last load report, and
     ``local``, this router's own requests there (the pool assigns them)."""
 
@@ -214,13 +214,6 @@ class WorkerClient:
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_CALLS)
         self._watch_task: asyncio.Task[None] | None = None
 
-    @property
-    def in_flight(self) -> int:
-        return self.local.in_flight
-
-    @property
-    def in_flight_tokens(self) -> int:
-        return self.local.in_flight_tokens
 
     async def connect(self, timeout: float = CONNECT_TIMEOUT_S) -> WorkerInfo:
         """Checks that the worker is serving, reads its info and starts watching its state;

@@ -67,6 +67,22 @@ class LocalLoad:
         return Assignment(self, prefill_tokens)
 
 
+class CountsLocalLoad:
+    """The WorkerView's in-flight counts, read from a ``local: LocalLoad`` attribute; every
+    worker kind (gRPC client, simulated, benchmark) mixes this in."""
+
+    __slots__ = ()
+    local: LocalLoad
+
+    @property
+    def in_flight(self) -> int:
+        return self.local.in_flight
+
+    @property
+    def in_flight_tokens(self) -> int:
+        return self.local.in_flight_tokens
+
+
 class Assignment:
     """One request's place in a ``LocalLoad``; ``started`` and ``finish`` are idempotent."""
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from bench.sim.service import ServiceModel, chunk_context_weight
 from bench.sim.trace import TraceRequest
 from router.prefix_index import WorkerBlocks
-from router.worker_view import Assignment, LocalLoad, WorkerLoad
+from router.worker_view import Assignment, CountsLocalLoad, LocalLoad, WorkerLoad
 from workers.engine.block_pool import BlockPool, KVBlock
 from workers.engine.kv_events import BlocksRemoved, BlocksStored, KVEventLog
 
@@ -277,7 +277,7 @@ class SimWorker:
             kv_blocks_total=self.pool.num_blocks, running_decode_tokens=remaining)))
 
 
-class SimView:
+class SimView(CountsLocalLoad):
     """A ``WorkerView`` of a ``SimWorker``: its reported load, lagging, and the router's own
     count of its requests."""
 
@@ -304,10 +304,3 @@ class SimView:
             history.popleft()
         return history[0][1]
 
-    @property
-    def in_flight(self) -> int:
-        return self.local.in_flight
-
-    @property
-    def in_flight_tokens(self) -> int:
-        return self.local.in_flight_tokens

@@ -17,13 +17,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import grpc
 import httpx
 import pytest
 
 from cluster.config import EngineConfig, load_config
 from cluster.registry import StaticWorkerSource, WorkerEndpoint
 from router.app import create_app
+from tests.support.faults import FailGenerate, HangGenerate
 from tests.support.tiny_model import make_tiny_llama_dir
 from workers.engine.async_engine import AsyncEngine
 from workers.engine.sampling_params import SamplingParams
@@ -241,25 +241,6 @@ async def test_killing_the_worker_that_holds_a_prefix_sends_the_next_request_els
     assert cached(before) > 0 and cached(after) == 0
 
 
-class HangGenerate(grpc.aio.ServerInterceptor):
-    """A worker whose Generate never answers (its state stream keeps working)."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if not details.method.endswith("/Generate"):
-            return handler
-
-        async def hang(request, context):
-            self.calls += 1
-            await asyncio.Event().wait()
-            yield  # unreachable; makes this a server-streaming handler
-
-        return handler._replace(unary_stream=hang)
-
-
 async def test_worker_timing_out_before_the_first_token_is_left_for_the_next_best(
         engine_a, engine_b, caplog):
     prompt = long_prompt("tides")
@@ -284,25 +265,6 @@ async def test_worker_timing_out_before_the_first_token_is_left_for_the_next_bes
     assert response["choices"][0]["message"]["content"] is not None
     assert any("sent nothing within 1 s; retrying on another worker" in m
                for m in caplog.messages)
-
-
-class FailGenerate(grpc.aio.ServerInterceptor):
-    """A worker whose Generate fails with UNAVAILABLE before any output."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if not details.method.endswith("/Generate"):
-            return handler
-
-        async def fail(request, context):
-            self.calls += 1
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "injected failure")
-            yield  # unreachable
-
-        return handler._replace(unary_stream=fail)
 
 
 async def test_failing_worker_circuit_opens_and_keeps_it_out(engine_a, engine_b, caplog):

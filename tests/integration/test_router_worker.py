@@ -16,7 +16,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 import httpx
 import openai
 import pytest
@@ -28,6 +27,7 @@ from cluster.hashing import block_hashes, extra_key
 from cluster.registry import StaticWorkerSource, WorkerEndpoint
 from router.app import create_app
 from router.middleware import listen_socket
+from tests.support.faults import FailGenerate
 from tests.support.openai_schema import validate
 from workers.engine.async_engine import AsyncEngine
 from workers.grpc_service import serve_worker
@@ -372,25 +372,6 @@ async def test_openai_sdk_works_on_both_base_urls(router):
 
 
 # -- several workers --------------------------------------------------------------------------------
-
-class FailGenerate(grpc.aio.ServerInterceptor):
-    """Makes a worker's Generate fail with UNAVAILABLE before any output (its state stream
-    and info keep working, so the router keeps choosing it)."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if not details.method.endswith("/Generate"):
-            return handler
-
-        async def fail(request, context):
-            self.calls += 1
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "injected failure")
-            yield  # unreachable; makes this a server-streaming handler
-
-        return handler._replace(unary_stream=fail)
 
 
 async def test_worker_failing_before_the_first_token_is_retried_on_another(

@@ -29,7 +29,7 @@ from router.policy import (
 )
 from router.prefix_index import PrefixIndex
 from router.worker_pool import WorkerPool
-from router.worker_view import Assignment, LocalLoad, WorkerLoad
+from router.worker_view import Assignment, CountsLocalLoad, LocalLoad, WorkerLoad
 from workers.engine.request import Request
 from workers.engine.sampling_params import SamplingParams
 
@@ -38,18 +38,10 @@ KEY = extra_key("", "electron")
 
 
 @dataclass
-class SimWorker:
+class SimWorker(CountsLocalLoad):
     worker_id: str
     load: WorkerLoad = field(default_factory=WorkerLoad)
     local: LocalLoad = field(default_factory=LocalLoad)
-
-    @property
-    def in_flight(self) -> int:
-        return self.local.in_flight
-
-    @property
-    def in_flight_tokens(self) -> int:
-        return self.local.in_flight_tokens
 
 
 class Clock:
