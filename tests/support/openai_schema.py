@@ -16,7 +16,10 @@ _CANDIDATES = [
 
 @cache
 def _validator(root: str) -> jsonschema.Draft202012Validator:
-    path = next(p for p in _CANDIDATES if p.is_file())
+    path = next((p for p in _CANDIDATES if p.is_file()), None)
+    if path is None:  # CI lays shared/ beside the clone, as in development
+        raise FileNotFoundError(f"OpenAI's schema is not at any of {_CANDIDATES}: "
+                                "shared/ must lie beside the checkout")
     defs = json.loads(path.read_text())["$defs"]
     return jsonschema.Draft202012Validator({"$ref": f"#/$defs/{root}", "$defs": defs})
 
