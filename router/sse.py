@@ -80,16 +80,16 @@ async def chat_chunks(generation: Generation, fingerprint: str) -> AsyncIterator
                 yield out
         if finished < n:
             raise WorkerUnavailable("the worker's stream ended before every choice finished")
-        if req.include_usage:
-            yield event({**base, "choices": [], "usage": usage.as_dict()})
+        tail = event({**base, "choices": [], "usage": usage.as_dict()}) if req.include_usage else b""
     except ElectronError as exc:
         log.warning("request %s failed while streaming: %s", prepared.request_id, exc.message)
-        yield event(body_of(exc))
+        tail = event(body_of(exc))
     except Exception as exc:
         log.error("request %s: unhandled %s while streaming", prepared.request_id,
                   type(exc).__name__, exc_info=exc)
-        yield event(body_of(InternalError(GENERIC_500)))
-    yield DONE
+        tail = event(body_of(InternalError(GENERIC_500)))
+    # The usage (or error) event, [DONE] and the end of the body leave in one write.
+    yield tail + DONE
 
 
 async def _until_disconnect(receive: Receive) -> None:
@@ -128,7 +128,10 @@ class EventStreamResponse(StreamingResponse):
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
         async for data in self._events:
-            await send({"type": "http.response.body", "body": data, "more_body": True})
+            last = data.endswith(DONE)
+            await send({"type": "http.response.body", "body": data, "more_body": not last})
+            if last:
+                return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
