@@ -3,7 +3,7 @@ the worker's gRPC service directly: same worker, same tiny prompt, kept-alive co
 
     python bench/router_overhead.py [--quick] [--out bench/results/router_overhead.json]
         [--concurrency 1 32] [--samples 400] [--rounds 8] [--max-tokens 4] [--model tiny]
-        [--router-http auto|h11|httptools] [--router-loop asyncio|uvloop] [--routers 1]
+        [--router-http auto|h11|httptools] [--router-loop uvloop|asyncio] [--routers 1]
 
 Three processes, so no two sides share a GIL or an event loop: the worker (AsyncEngine +
 ``serve_worker``; ``tiny`` is a random-weight 2-layer Llama with SmolLM2's tokenizer, so model
@@ -599,7 +599,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--worker-threads", type=int, default=1, help="the worker's torch threads")
     p.add_argument("--router-http", default="auto", choices=["auto", "h11", "httptools"])
-    p.add_argument("--router-loop", default="asyncio", choices=["asyncio", "uvloop"])
+    p.add_argument("--router-loop", default="uvloop", choices=["asyncio", "uvloop"],
+                   help="the router process's event loop (electron-serve runs uvloop)")
     p.add_argument("--routers", type=int, default=1, help="router processes sharing the port "
                    "(what more of them buys; production runs one)")
     args = p.parse_args(argv)
