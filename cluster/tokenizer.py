@@ -383,7 +383,8 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of ``text``. Special-token text in it (``<|im_end|>``) becomes that token;
         ``add_special_tokens`` adds what the model's files say to add (e.g. BOS)."""
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # The batch "fast" path skips computing offsets, which nothing here reads: half the time.
+        return self._backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
