@@ -16,8 +16,8 @@ from cluster.config import EngineConfig
 from cluster.errors import InvalidRequest
 from cluster.tokenizer import Tokenizer
 from tests.support.schemas import SCHEMAS, TOOLS, grammar_tools, prompt_for
+from tests.support.smollm_engine import assert_no_leaked_blocks, chat_ids, smollm2_engine
 from tests.support.tiny_model import make_tiny_llama_dir
-from workers.engine.async_engine import AsyncEngine
 from workers.engine.engine import Engine
 from workers.engine.grammar_spec import MAX_PARALLEL_CALLS
 from workers.engine.model_runner import ModelRunner
@@ -32,16 +32,7 @@ TOOL_PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS
 
 @pytest.fixture(scope="module")
 def engine():
-    eng = AsyncEngine(EngineConfig(dtype="float32", kv_cache_bytes=128 * 2**20,
-                                   max_model_len=2048, torch_threads=2), worker_id="structured")
-    yield eng
-    eng.shutdown()
-
-
-def chat_ids(engine, text: str, system: str | None = None) -> list[int]:
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": text}]
-    return engine.tokenizer.encode_chat(messages)
+    yield from smollm2_engine("structured")
 
 
 async def generate(engine, request_id, ids, params) -> dict[int, tuple[str, list]]:
@@ -50,13 +41,6 @@ async def generate(engine, request_id, ids, params) -> dict[int, tuple[str, list
     async for o in engine.generate(request_id, ids, params):
         outs.setdefault(o.index, []).append(o)
     return {i: ("".join(o.text for o in seq), seq) for i, seq in outs.items()}
-
-
-def assert_no_leaked_blocks(engine):
-    load = engine.load()
-    assert load.running == 0 and load.waiting == 0
-    assert load.kv_blocks_used == 0
-    engine.engine.scheduler.check_integrity()
 
 
 def schema_spec(schema) -> str:
