@@ -7,6 +7,11 @@ every chunk has ``"usage": null`` and one more chunk with ``"choices": []`` and 
 comes before ``[DONE]``. An error after the stream started is one ``data: {"error": …}``
 event, then ``[DONE]``.
 
+Tool calls (when the request uses tools) are parsed from each choice's text as it streams
+(``router/tool_parser.py``): content deltas first, then per call one chunk with its index, id,
+type, name and ``arguments: ""``, and one with the arguments; such a stream opens with
+``content: null``.
+
 A client that disconnects cancels the work in progress: the gRPC call is cancelled and the
 worker aborts the request (``EventStreamResponse`` for streams, ``until_disconnected`` for
 responses that are built whole).
@@ -24,8 +29,15 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from cluster.errors import ElectronError, InternalError, WorkerUnavailable
-from router.chat import Generation, UsageTotals, finish_reason_of, logprob_entries
+from router.chat import (
+    Generation,
+    UsageTotals,
+    finish_reason_of,
+    logprob_entries,
+    tool_calls_finish,
+)
 from router.errors import GENERIC_500, body_of
+from router.tool_parser import ToolCallParser, stream_deltas
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +68,8 @@ async def chat_chunks(generation: Generation, fingerprint: str) -> AsyncIterator
     started = [False] * n
     finished = 0
     usage = UsageTotals(len(prepared.prompt_token_ids))
+    parsers = ([ToolCallParser(prepared.tools.names) for _ in range(n)]
+               if prepared.tools is not None else None)
     try:
         async for message in generation.responses():
             i = message.index
@@ -63,17 +77,33 @@ async def chat_chunks(generation: Generation, fingerprint: str) -> AsyncIterator
                 raise InternalError(f"the worker sent choice index {i} for n={n}")
             logprobs = ({"content": logprob_entries(message.logprobs, top), "refusal": None}
                         if req.logprobs and message.logprobs else None)
-            out = b""
-            if not started[i] or message.text or logprobs is not None:
-                delta = {"content": message.text}
-                if not started[i]:
-                    delta = {"role": "assistant", "content": message.text}
-                    started[i] = True
-                out = chunk({"index": i, "delta": delta, "logprobs": logprobs,
-                             "finish_reason": None})
+            if parsers is None:
+                deltas = ([{"content": message.text}]
+                          if message.text or logprobs is not None else [])
+            else:
+                events = parsers[i].feed(message.text)
+                if message.finish_reason:
+                    events += parsers[i].finish()
+                deltas = stream_deltas(events)
+            if not started[i]:
+                # Tool-call streams open with content null, as a message with calls has it.
+                first: dict[str, Any] = {"role": "assistant",
+                                         "content": "" if parsers is None else None}
+                if deltas and "content" in deltas[0]:
+                    first["content"] = deltas.pop(0)["content"]
+                deltas.insert(0, first)
+                started[i] = True
+            if logprobs is not None and not deltas:
+                deltas.append({})
+            out = b"".join(chunk({"index": i, "delta": delta,
+                                  "logprobs": logprobs if k == 0 else None,
+                                  "finish_reason": None}) for k, delta in enumerate(deltas))
             if message.finish_reason:
+                reason = finish_reason_of(message.finish_reason)
+                if parsers is not None and parsers[i].calls:
+                    reason = tool_calls_finish(reason)
                 out += chunk({"index": i, "delta": {}, "logprobs": None,
-                              "finish_reason": finish_reason_of(message.finish_reason)})
+                              "finish_reason": reason})
                 usage.add(message.usage)
                 finished += 1
             if out:
