@@ -232,7 +232,7 @@ class Generation:
             self.lease.release()
 
 
-def _message(tools: ToolUse | None, text: str, finish: str | None) -> dict[str, Any]:
+def assistant_message(tools: ToolUse | None, text: str, finish: str | None) -> dict[str, Any]:
     """A choice's ``message`` and ``finish_reason``, its tool calls parsed out when tools are
     in use."""
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
@@ -410,7 +410,7 @@ class ChatService:
             "system_fingerprint": self.fingerprint,
             "choices": [{
                 "index": i,
-                **_message(prepared.tools, "".join(texts[i]), finish[i]),
+                **assistant_message(prepared.tools, "".join(texts[i]), finish[i]),
                 "logprobs": {"content": logprobs[i], "refusal": None} if req.logprobs else None,
             } for i in range(n)],
             "usage": usage.as_dict(),

@@ -7,10 +7,7 @@ every chunk has ``"usage": null`` and one more chunk with ``"choices": []`` and 
 comes before ``[DONE]``. An error after the stream started is one ``data: {"error": …}``
 event, then ``[DONE]``.
 
-Tool calls (when the request uses tools) are parsed from each choice's text as it streams
-(``router/tool_parser.py``): content deltas first, then per call one chunk with its index, id,
-type, name and ``arguments: ""``, and one with the arguments; such a stream opens with
-``content: null``.
+Chunk payloads are built in ``router/chunks.py`` (tool calls included).
 
 A client that disconnects cancels the work in progress: the gRPC call is cancelled and the
 worker aborts the request (``EventStreamResponse`` for streams, ``until_disconnected`` for
@@ -28,16 +25,10 @@ import orjson
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from cluster.errors import ElectronError, InternalError, WorkerUnavailable
-from router.chat import (
-    Generation,
-    UsageTotals,
-    finish_reason_of,
-    logprob_entries,
-    tool_calls_finish,
-)
+from cluster.errors import ElectronError, InternalError
+from router.chat import Generation
+from router.chunks import ChunkStream
 from router.errors import GENERIC_500, body_of
-from router.tool_parser import ToolCallParser, stream_deltas
 
 log = logging.getLogger(__name__)
 
@@ -54,64 +45,14 @@ def event(payload: dict[str, Any]) -> bytes:
 async def chat_chunks(generation: Generation, fingerprint: str) -> AsyncIterator[bytes]:
     """The SSE events of one streamed chat completion."""
     prepared = generation.prepared
-    req, n = prepared.request, prepared.n
-    top = req.top_logprobs or 0
-    base: dict[str, Any] = {"id": prepared.completion_id, "object": "chat.completion.chunk",
-                            "created": prepared.created, "model": prepared.model,
-                            "system_fingerprint": fingerprint}
-    if req.include_usage:
-        base["usage"] = None
-
-    def chunk(choice: dict[str, Any]) -> bytes:
-        return event({**base, "choices": [choice]})
-
-    started = [False] * n
-    finished = 0
-    usage = UsageTotals(len(prepared.prompt_token_ids))
-    parsers = ([ToolCallParser(prepared.tools.names) for _ in range(n)]
-               if prepared.tools is not None else None)
+    chunks = ChunkStream(prepared, fingerprint)
     try:
         async for message in generation.responses():
-            i = message.index
-            if not 0 <= i < n:
-                raise InternalError(f"the worker sent choice index {i} for n={n}")
-            logprobs = ({"content": logprob_entries(message.logprobs, top), "refusal": None}
-                        if req.logprobs and message.logprobs else None)
-            if parsers is None:
-                deltas = ([{"content": message.text}]
-                          if message.text or logprobs is not None else [])
-            else:
-                events = parsers[i].feed(message.text)
-                if message.finish_reason:
-                    events += parsers[i].finish()
-                deltas = stream_deltas(events)
-            if not started[i]:
-                # Tool-call streams open with content null, as a message with calls has it.
-                first: dict[str, Any] = {"role": "assistant",
-                                         "content": "" if parsers is None else None}
-                if deltas and "content" in deltas[0]:
-                    first["content"] = deltas.pop(0)["content"]
-                deltas.insert(0, first)
-                started[i] = True
-            if logprobs is not None and not deltas:
-                deltas.append({})
-            out = b"".join(chunk({"index": i, "delta": delta,
-                                  "logprobs": logprobs if k == 0 else None,
-                                  "finish_reason": None}) for k, delta in enumerate(deltas))
-            if message.finish_reason:
-                reason = finish_reason_of(message.finish_reason)
-                if parsers is not None and parsers[i].calls:
-                    reason = tool_calls_finish(reason)
-                out += chunk({"index": i, "delta": {}, "logprobs": None,
-                              "finish_reason": reason})
-                usage.add(message.usage)
-                finished += 1
+            out = b"".join(event(chunk) for chunk in chunks.add(message))
             if out:
                 yield out
-        if finished < n:
-            raise WorkerUnavailable("the worker's stream ended before every choice finished")
-        if req.include_usage:
-            yield event({**base, "choices": [], "usage": usage.as_dict()})
+        for chunk in chunks.end():
+            yield event(chunk)
     except ElectronError as exc:
         log.warning("request %s failed while streaming: %s", prepared.request_id, exc.message)
         yield event(body_of(exc))
