@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from cluster.config import EngineConfig
 from tests.integration.test_router_worker import start_router, start_worker, stop_router
 from tests.support.openai_schema import validate
-from tests.support.schemas import SCHEMAS
+from tests.support.schemas import SCHEMAS, prompt_for
 from workers.engine.async_engine import AsyncEngine
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
@@ -110,24 +110,60 @@ def assert_valid_calls(message: Any, names: set[str]) -> None:
 
 # -- structured output -----------------------------------------------------------------------------
 
-def schema_request(name: str, schema: dict[str, Any], prompt: str) -> dict[str, Any]:
-    return {"messages": user(prompt), "temperature": 0, "max_tokens": 400,
+_ADDRESS = {"type": "object", "additionalProperties": False, "required": ["street", "city"],
+            "properties": {"street": {"type": "string", "maxLength": 30},
+                           "city": {"type": "string", "maxLength": 20}}}
+# Beyond tests/support/schemas.py (shared with the engine's tests): the rest of the subset the
+# router accepts (cluster/json_schema_subset.py), as pydantic and other clients write it.
+ROUTER_SCHEMAS: list[tuple[str, str, dict[str, Any]]] = [
+    ("defs_and_refs", "a person and their pets", {
+        "$defs": {"Pet": {"type": "object", "additionalProperties": False,
+                          "required": ["name", "kind"],
+                          "properties": {"name": {"type": "string", "maxLength": 20},
+                                         "kind": {"enum": ["cat", "dog", "fish"]}}}},
+        "type": "object", "additionalProperties": False, "required": ["owner", "pets"],
+        "properties": {"owner": {"type": "string", "maxLength": 20},
+                       "pets": {"type": "array", "items": {"$ref": "#/$defs/Pet"},
+                                "minItems": 1, "maxItems": 2}}}),
+    ("all_of_one_with_description", "a shipping address", {
+        "type": "object", "additionalProperties": False, "required": ["shipping"],
+        "properties": {"shipping": {"allOf": [_ADDRESS], "description": "where to ship"}}}),
+    ("formats", "a holiday with its date and an id", {
+        "type": "object", "additionalProperties": False, "required": ["date", "id"],
+        "properties": {"date": {"type": "string", "format": "date"},
+                       "id": {"type": "string", "format": "uuid"}}}),
+    ("pattern_const_exclusive", "a flight code and a probability", {
+        "type": "object", "additionalProperties": False,
+        "required": ["version", "code", "p"],
+        "properties": {"version": {"const": 2},
+                       "code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{3}$"},
+                       "p": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}}}),
+    ("top_level_array", "three players and their scores", {
+        "type": "array", "minItems": 1, "maxItems": 3,
+        "items": {"type": "object", "additionalProperties": False, "required": ["name", "score"],
+                  "properties": {"name": {"type": "string", "maxLength": 12},
+                                 "score": {"type": "integer", "minimum": 0, "maximum": 10}}}}),
+    ("top_level_enum", "your favourite primary colour", {"enum": ["red", "green", "blue"]}),
+]
+
+def schema_request(name: str, what: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"messages": user(prompt_for(what)), "temperature": 0, "max_tokens": 400,
             "response_format": {"type": "json_schema",
                                 "json_schema": {"name": name, "schema": schema, "strict": True}}}
 
 
 async def test_every_json_schema_response_parses_and_validates_whole_and_streamed(client):
-    async def whole(name, schema, prompt):
-        r = await client.chat.completions.create(model=MODEL, **schema_request(name, schema,
-                                                                              prompt))
-        return name, r.choices[0].finish_reason, r.choices[0].message.content
+    async def whole(case):
+        r = await client.chat.completions.create(model=MODEL, **schema_request(*case))
+        return case[0], r.choices[0].finish_reason, r.choices[0].message.content
 
-    async def stream(name, schema, prompt):
-        _, choice = await streamed(client, **schema_request(name, schema, prompt))
-        return name, choice.finish_reason, choice.message.content
+    async def stream(case):
+        _, choice = await streamed(client, **schema_request(*case))
+        return case[0], choice.finish_reason, choice.message.content
 
-    results = await bounded([f(*case) for case in SCHEMAS for f in (whole, stream)])
-    schemas = {name: schema for name, schema, _ in SCHEMAS}
+    cases = SCHEMAS + ROUTER_SCHEMAS
+    results = await bounded([f(case) for case in cases for f in (whole, stream)])
+    schemas = {name: schema for name, _, schema in cases}
     failures = []
     for name, finish, content in results:
         try:
