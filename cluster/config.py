@@ -39,6 +39,10 @@ class EngineConfig(_Frozen):
     enable_prefix_caching: bool = True
     torch_threads: int | None = Field(None, ge=1)
     seed: int = 0
+    # Constrained decoding (docs/structured-output.md): compiled grammars kept (LRU, per spec),
+    # and whether the next step's token mask is filled on a helper thread beside the forward.
+    grammar_cache_size: int = Field(64, ge=1)
+    grammar_overlap: bool = True
 
 
 class RouterConfig(_Frozen):

@@ -14,6 +14,7 @@ from cluster.hashing import extra_key
 from cluster.tokenizer import Tokenizer
 
 from .detokenizer import IncrementalDetokenizer
+from .grammar import GrammarCompiler
 from .kv_cache_manager import KVCacheManager
 from .model_runner import BatchItem, ModelRunner
 from .outputs import FinishReason, PositionLogprobs, RequestOutput, TokenLogprob, Usage
@@ -33,7 +34,8 @@ class _OutputState:
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, *, max_num_seqs: int,
                  max_num_batched_tokens: int, enable_prefix_caching: bool = True,
-                 model_name: str = ""):
+                 model_name: str = "", grammar_cache_size: int = 64,
+                 grammar_overlap: bool = True):
         self.runner = runner
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -52,6 +54,17 @@ class Engine:
         self.sampler = Sampler(self.vocab_size, tuple(sorted(self.eos_token_ids)))
         # True when the last step found nothing to run (queued work waits for a sibling).
         self.idle = False
+        self._grammar_options = {"cache_size": grammar_cache_size, "overlap": grammar_overlap}
+        self._grammars: GrammarCompiler | None = None
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Built on first use: its tokenizer set-up costs ~0.2 s."""
+        if self._grammars is None:
+            eos = dict.fromkeys((*self.tokenizer.eos_token_ids, *sorted(self.eos_token_ids)))
+            self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, tuple(eos),
+                                             **self._grammar_options)
+        return self._grammars
 
     # -- requests in -------------------------------------------------------------------------
 
@@ -87,6 +100,9 @@ class Engine:
                     f"exceeds the context window of {self.max_model_len} tokens",
                     param="max_tokens")
         key = extra_key(cache_salt, self.model_name)
+        # Compiled (or found in the cache) before anything is queued: a bad grammar fails here.
+        masks = ([self.grammars.matcher(sampling.grammar) for _ in range(sampling.n)]
+                 if sampling.grammar is not None else None)
         requests: list[Request] = []
         for index in range(sampling.n):
             req = Request(
@@ -97,6 +113,7 @@ class Engine:
             # Siblings wait until the first sequence has computed the prompt, then find its
             # blocks in the prefix cache instead of computing them again.
             req.wait_for = requests[0] if requests else None
+            req.logits_mask = masks[index] if masks is not None else None
             req.output_state = _OutputState(IncrementalDetokenizer(
                 self.tokenizer, req.prompt_token_ids, sampling.stop))
             requests.append(req)

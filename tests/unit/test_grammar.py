@@ -1,0 +1,205 @@
+"""Grammar specs -> llguidance matchers on SmolLM2's tokenizer, without the model: what each
+grammar admits and rejects, how it ends, how bad specs fail, and the mask on the logits."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+import torch
+
+from cluster.errors import InvalidRequest
+from cluster.model_files import resolve_model_path
+from cluster.tokenizer import Tokenizer
+from tests.support.schemas import SCHEMAS, TOOLS, grammar_tools
+from workers.engine.grammar import GrammarCompiler
+from workers.engine.grammar_spec import MAX_PARALLEL_CALLS, build_grammar, close_objects
+from workers.engine.request import Request
+from workers.engine.sampler import Sampler
+from workers.engine.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.from_model_path(resolve_model_path("smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="module")
+def compiler(tok):
+    comp = GrammarCompiler(tok, tok.vocab_size, tok.eos_token_ids, overlap=False)
+    yield comp
+    comp.close()
+
+
+def admits(compiler, tok, spec: dict, text: str) -> bool:
+    """Whether the grammar takes ``text`` (as SmolLM2 tokenizes it) and then allows EOS."""
+    m = compiler.matcher(json.dumps(spec))
+    for token in tok.encode(text):
+        if not bool(m.allowed()[token]):
+            return False
+        m.accept(token)
+    return bool(m.allowed()[tok.eos_token_ids[0]])
+
+
+def tool_spec(mode="required", name=None, parallel=False, filler=False) -> dict:
+    return {"type": "tool_calls", "tools": grammar_tools(TOOLS), "mode": mode, "name": name,
+            "parallel": parallel, "filler": filler}
+
+
+WEATHER = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}</tool_call>'
+TIME = '<tool_call>{"name": "get_time", "arguments": {"timezone": "UTC"}}</tool_call>'
+
+
+def test_json_schema_admits_a_valid_document_and_rejects_wrong_types(compiler, tok):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
+                                                     "maximum": 9}}, "required": ["n"]}
+    spec = {"type": "json_schema", "schema": schema, "strict": True}
+    assert admits(compiler, tok, spec, '{"n": 7}')
+    assert not admits(compiler, tok, spec, '{"n": 12}')
+    assert not admits(compiler, tok, spec, '{"n": "7"}')
+    assert not admits(compiler, tok, spec, '{"n": 7, "extra": 1}')  # strict closes objects
+    assert not admits(compiler, tok, spec, '{"n": 7')               # EOS only when complete
+
+
+def test_json_whitespace_is_fixed_so_a_model_cannot_loop_on_it(compiler, tok):
+    spec = {"type": "json_object"}
+    assert admits(compiler, tok, spec, '{"a": [1, 2]}')
+    assert not admits(compiler, tok, spec, '{"a":  [1, 2]}')
+    assert not admits(compiler, tok, spec, '{\n"a": 1}')
+    assert not admits(compiler, tok, spec, '[1, 2]')
+
+
+def test_a_complete_document_allows_only_eos(compiler, tok):
+    m = compiler.matcher(json.dumps({"type": "json_object"}))
+    for token in tok.encode('{"a": 1}'):
+        m.accept(token)
+    assert m.is_stopped
+    assert set(m.allowed().nonzero().flatten().tolist()) <= set(tok.eos_token_ids)
+
+
+def test_every_test_schema_compiles_and_is_itself_a_valid_schema(compiler):
+    assert len(SCHEMAS) >= 40
+    for _name, _what, schema in SCHEMAS:
+        jsonschema.Draft202012Validator.check_schema(schema)
+        compiler.matcher(json.dumps({"type": "json_schema", "schema": schema, "strict": True}))
+
+
+def test_required_tool_call_admits_calls_only(compiler, tok):
+    spec = tool_spec()
+    assert admits(compiler, tok, spec, WEATHER)
+    assert not admits(compiler, tok, spec, "Sure. " + WEATHER)        # no filler asked
+    assert not admits(compiler, tok, spec, WEATHER + TIME)            # not parallel
+    assert not admits(compiler, tok, spec, WEATHER.replace("celsius", "kelvin"))
+    assert not admits(compiler, tok, spec, WEATHER.replace("get_weather", "get_news"))
+    assert not admits(compiler, tok, spec, "The weather is fine.")
+
+
+def test_named_tool_call_admits_only_that_tool(compiler, tok):
+    spec = tool_spec(mode="named", name="get_time")
+    assert admits(compiler, tok, spec, TIME)
+    assert not admits(compiler, tok, spec, WEATHER)
+
+
+def test_filler_sentence_may_precede_the_calls_but_holds_no_angle_bracket(compiler, tok):
+    spec = tool_spec(filler=True)
+    assert admits(compiler, tok, spec, "Let me check that for you.\n" + WEATHER)
+    assert admits(compiler, tok, spec, WEATHER)
+    assert not admits(compiler, tok, spec, "Let me <b>check</b>. " + WEATHER)
+    assert not admits(compiler, tok, spec, "word " * 60 + WEATHER)   # too long a filler
+
+
+def test_parallel_calls_are_bounded(compiler, tok):
+    spec = tool_spec(parallel=True)
+    assert admits(compiler, tok, spec, WEATHER + "\n" + TIME)
+    assert admits(compiler, tok, spec, "\n".join([TIME] * MAX_PARALLEL_CALLS))
+    assert not admits(compiler, tok, spec, "\n".join([TIME] * (MAX_PARALLEL_CALLS + 1)))
+
+
+def test_auto_mode_is_free_text_until_a_call_opens(compiler, tok):
+    spec = tool_spec(mode="auto")
+    assert admits(compiler, tok, spec, "It is 4, since a < b and b > a.")
+    assert admits(compiler, tok, spec, "Checking. " + WEATHER)
+    assert not admits(compiler, tok, spec, 'Checking. <tool_call>{"name": "get_news", '
+                                           '"arguments": {}}</tool_call>')
+
+
+def test_compiled_grammars_are_cached_per_spec(compiler):
+    text = json.dumps({"type": "json_schema", "schema": {"type": "object", "properties": {
+        "cached": {"type": "boolean"}}}})
+    compiler.matcher(text)
+    assert text in compiler._cache
+    a, b = compiler.matcher(text), compiler.matcher(text)
+    a.accept(a.allowed().nonzero()[0].item())  # each matcher has its own state
+    assert not torch.equal(a.allowed(), b.allowed())
+
+
+@pytest.mark.parametrize("spec, param", [
+    ("not json", "response_format"),
+    ({"type": "xml"}, "response_format"),
+    ({"type": "json_schema", "schema": {"type": "frobnicate"}}, "response_format"),
+    ({"type": "json_schema", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nope"}}}},
+     "response_format"),
+    ({"type": "json_schema", "schema": {"type": "string", "pattern": "(unclosed"}},
+     "response_format"),
+    ({"type": "json_schema", "schema": {"type": "integer", "minimum": 5, "maximum": 1}},
+     "response_format"),
+    ({"type": "json_schema"}, "response_format"),
+    ({"type": "tool_calls", "tools": [], "mode": "required"}, "tools"),
+    ({"type": "tool_calls", "tools": [{"name": "a"}, {"name": "a"}], "mode": "required"}, "tools"),
+    ({"type": "tool_calls", "tools": [{"name": "a"}], "mode": "named", "name": "b"},
+     "tool_choice"),
+    ({"type": "tool_calls", "tools": [{"name": "a", "parameters": {"type": "nope"}}],
+      "mode": "required"}, "tools"),
+])
+def test_bad_specs_are_invalid_requests_naming_the_field(compiler, spec, param):
+    text = spec if isinstance(spec, str) else json.dumps(spec)
+    with pytest.raises(InvalidRequest) as err:
+        compiler.matcher(text)
+    assert err.value.param == param
+
+
+def test_close_objects_keeps_what_the_schema_admits_a_subset():
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {}}},
+              "allOf": [{"properties": {"b": {}}}], "not": {"properties": {"c": {}}}}
+    closed = close_objects(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["a"]["additionalProperties"] is False
+    assert "additionalProperties" not in closed["allOf"][0]
+    assert "additionalProperties" not in closed["not"]
+    assert build_grammar(json.dumps({"type": "json_schema", "schema": schema})).param == \
+        "response_format"
+
+
+def test_sampler_masks_constrained_rows_only_and_grammar_beats_min_tokens(compiler, tok):
+    vocab = tok.vocab_size
+    sampler = Sampler(vocab, tuple(sorted(tok.eos_token_ids)))
+    spec = json.dumps({"type": "json_schema", "schema": {"enum": ["yes"]}})
+    free = Request("free", "free", [5, 6], SamplingParams(temperature=0))
+    # min_tokens keeps EOS out; once "yes" is written, the grammar allows nothing but EOS.
+    done = Request("done", "done", [5, 6], SamplingParams(temperature=0, min_tokens=50))
+    done.logits_mask = compiler.matcher(spec)
+    for token in tok.encode('"yes"'):
+        done.logits_mask.accept(token)
+    logits = torch.randn(2, vocab)
+    expected_free = int(logits[0].argmax())
+    out = sampler(logits, [free, done])
+    assert out.token_ids[0] == expected_free
+    assert out.token_ids[1] in tok.eos_token_ids
+
+
+def test_mask_fill_overlaps_on_a_helper_thread(tok):
+    comp = GrammarCompiler(tok, tok.vocab_size, tok.eos_token_ids, overlap=True)
+    try:
+        spec = json.dumps({"type": "json_schema", "schema": {"type": "object", "properties": {
+            "v": {"type": "integer"}}, "required": ["v"]}})
+        m = comp.matcher(spec)
+        text = ""
+        for token in tok.encode('{"v": 42}'):
+            assert bool(m.allowed()[token])
+            m.accept(token)
+            text += tok.decode([token])
+        assert json.loads(text) == {"v": 42}
+        assert m.is_stopped
+    finally:
+        comp.close()

@@ -1,0 +1,164 @@
+"""The grammar spec a request carries (``SamplingParams.grammar``) -> an llguidance grammar.
+
+The router builds the spec (JSON text) from ``response_format`` or ``tools``/``tool_choice``:
+
+    {"type": "json_object"}
+    {"type": "json_schema", "schema": {...}, "strict": true}
+    {"type": "tool_calls", "tools": [{"name": str, "parameters": {json schema}}],
+     "mode": "auto" | "required" | "named", "name": str | null, "parallel": bool,
+     "filler": bool}
+
+Tool calls are written as ``<tool_call>{"name": "...", "arguments": {...}}</tool_call>``
+(SmolLM2's template has no tools section; this is our documented format). In ``required`` and
+``named`` modes the output is only calls, optionally preceded by one short filler sentence
+(no ``<`` in it), then EOS. In ``auto`` mode the text is free until the model writes
+``<tool_call>``; from there on the JSON must be a call of a declared tool.
+
+Termination: JSON is written with fixed separators (``", "`` and ``": "``) and no other
+whitespace, so a small model cannot loop on whitespace; once a grammar is complete the only
+token it allows is EOS. Objects that declare ``properties`` are closed
+(``additionalProperties: false`` where the schema says nothing) for strict schemas and for
+tool arguments, as OpenAI's strict mode requires; what the grammar admits still validates
+against the schema as given.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from llguidance import LLMatcher
+
+from cluster.errors import InvalidRequest
+
+# JSON layout inside every grammar: no free whitespace (see the module docstring).
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+# Parallel calls in one turn: a bound, so a looping model still ends.
+MAX_PARALLEL_CALLS = 4
+# The filler sentence: at most this many tokens and characters, and no '<' (calls start there).
+FILLER_MAX_TOKENS = 30
+FILLER_MAX_CHARS = 200
+TOOL_MODES = ("auto", "required", "named")
+
+
+@dataclass(frozen=True)
+class CompiledSpec:
+    """An llguidance grammar (its serialised top-level form) and the request field that
+    declared it, which errors name."""
+
+    grammar: str
+    param: str
+
+
+def build_grammar(spec_text: str) -> CompiledSpec:
+    """Parses and checks a grammar spec; raises InvalidRequest naming the request field."""
+    try:
+        spec = json.loads(spec_text)
+    except ValueError as exc:
+        raise InvalidRequest(f"the grammar spec is not JSON: {exc}",
+                             param="response_format") from None
+    if not isinstance(spec, dict):
+        raise InvalidRequest("the grammar spec must be a JSON object", param="response_format")
+    kind = spec.get("type")
+    if kind == "json_object":
+        return CompiledSpec(_json_grammar({"type": "object"}), "response_format")
+    if kind == "json_schema":
+        schema = spec.get("schema")
+        if not isinstance(schema, dict):
+            raise InvalidRequest("'response_format.json_schema.schema' must be a JSON object",
+                                 param="response_format")
+        if spec.get("strict"):
+            schema = close_objects(schema)
+        return CompiledSpec(_json_grammar(schema), "response_format")
+    if kind == "tool_calls":
+        return CompiledSpec(_tool_grammar(spec), "tools")
+    raise InvalidRequest(f"unknown grammar type {kind!r}", param="response_format")
+
+
+def _json_grammar(schema: dict[str, Any]) -> str:
+    try:
+        return LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+    except ValueError as exc:
+        raise InvalidRequest(f"invalid JSON schema: {exc}", param="response_format") from None
+
+
+def _tool_grammar(spec: dict[str, Any]) -> str:
+    tools = spec.get("tools")
+    if not isinstance(tools, list) or not tools:
+        raise InvalidRequest("'tools' must be a non-empty list", param="tools")
+    params: dict[str, dict[str, Any]] = {}
+    for tool in tools:
+        name = tool.get("name") if isinstance(tool, dict) else None
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest("every tool needs a name", param="tools")
+        if name in params:
+            raise InvalidRequest(f"tool name {name!r} is repeated", param="tools")
+        schema = tool.get("parameters")
+        if schema is None:
+            schema = {"type": "object", "properties": {}}
+        if not isinstance(schema, dict):
+            raise InvalidRequest(f"the parameters of tool {name!r} must be a JSON schema",
+                                 param="tools")
+        params[name] = close_objects(schema)
+    mode = spec.get("mode", "auto")
+    if mode not in TOOL_MODES:
+        raise InvalidRequest(f"unknown tool mode {mode!r}", param="tool_choice")
+    if mode == "named":
+        chosen = spec.get("name")
+        if chosen not in params:
+            raise InvalidRequest(f"tool_choice names {chosen!r}, which is not in 'tools'",
+                                 param="tool_choice")
+        params = {chosen: params[chosen]}
+    body = " | ".join(f"%json {json.dumps(_call_schema(name, schema))}"
+                      for name, schema in params.items())
+    more = f'("\\n"? call){{0,{MAX_PARALLEL_CALLS - 1}}}' if spec.get("parallel") else ""
+    call = f'call: "{TOOL_CALL_OPEN}" body "{TOOL_CALL_CLOSE}"\nbody: {body}\n'
+    if mode == "auto":
+        # Free text that never holds "<tool_call>", or text up to the first "<tool_call>"
+        # (lazy: it ends there) followed by the rest of a call.
+        lark = (f"start: TEXT | text_open body \"{TOOL_CALL_CLOSE}\" {more}\n"
+                "TEXT: /(.|\\n)+/ & ~/(.|\\n)*<tool_call>(.|\\n)*/\n"
+                "text_open[lazy]: /(.|\\n)*<tool_call>/\n" + call)
+    else:
+        filler = ""
+        if spec.get("filler"):
+            filler = "filler? "
+            call += (f"filler[max_tokens={FILLER_MAX_TOKENS}]: "
+                     f"/[^<\\x00-\\x1f]{{1,{FILLER_MAX_CHARS}}}\\n?/\n")
+        lark = f"start: {filler}call {more}\n" + call
+    return LLMatcher.grammar_from_lark(lark)
+
+
+def _call_schema(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object",
+            "properties": {"name": {"const": name}, "arguments": parameters},
+            "required": ["name", "arguments"], "additionalProperties": False,
+            "x-guidance": JSON_OPTIONS}
+
+
+def close_objects(schema: Any) -> Any:
+    """A copy of ``schema`` where every object schema that lists ``properties`` and says
+    nothing about other keys gets ``additionalProperties: false``. ``allOf`` branches are left
+    as they are (closing each would make their conjunction reject the others' keys), and so are
+    ``not`` and ``if`` (closing them would widen what the schema admits)."""
+    if isinstance(schema, list):
+        return [close_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in ("properties", "$defs", "definitions", "patternProperties") and isinstance(
+                value, dict):
+            out[key] = {k: close_objects(v) for k, v in value.items()}
+        elif key in ("items", "prefixItems", "anyOf", "oneOf", "additionalProperties",
+                     "contains", "then", "else"):
+            out[key] = close_objects(value)
+        else:
+            out[key] = value
+    if ("properties" in out and "additionalProperties" not in out
+            and "patternProperties" not in out and "unevaluatedProperties" not in out):
+        out["additionalProperties"] = False
+    return out
