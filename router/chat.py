@@ -1,10 +1,12 @@
 """The chat-completions service: a validated request in; a response, or an open stream of
 worker deltas, out.
 
-One request's path: checks that need no worker (model id, features not supported yet) ->
-chat template + tokenize -> choose a worker -> check the context window against that worker's
-``max_model_len`` -> ``to_generate_request`` (the one pydantic -> proto converter) -> gRPC
-Generate -> wait for the first delta.
+One request's path: checks that need no worker (model id) -> the grammar spec (structured
+output, tools; router/grammar_spec.py) -> chat template (with our tools fallback,
+router/tool_prompt.py) + tokenize -> choose a worker -> check the context window against that
+worker's ``max_model_len`` -> ``to_generate_request`` (the one pydantic -> proto converter) ->
+gRPC Generate -> wait for the first delta. Tool calls are parsed out of the text on the way
+back (router/tool_parser.py).
 
 Retry: a worker that fails before anything reached the client (``WorkerUnavailable``: it
 died, timed out before its first delta, or ended the request with "abort"/"error") is
@@ -41,7 +43,10 @@ from cluster.errors import (
     WorkerUnavailable,
 )
 from cluster.pb.electron.v1 import worker_pb2 as pb
+from router.grammar_spec import ToolUse, encode, grammar_spec, tool_use
 from router.schemas import ChatCompletionRequest
+from router.tool_parser import parse_all
+from router.tool_prompt import template_inputs
 from router.worker_client import GenerateStream, WorkerInfo
 from router.worker_pool import Lease, WorkerPool
 
@@ -74,6 +79,8 @@ class Prepared:
     created: int
     model: str
     prompt_token_ids: list[int]
+    grammar: str | None = None      # the grammar spec's JSON (router/grammar_spec.py)
+    tools: ToolUse | None = None    # set: the output is parsed for tool calls
 
     @property
     def n(self) -> int:
@@ -82,7 +89,7 @@ class Prepared:
 
 def to_generate_request(req: ChatCompletionRequest, *, request_id: str,
                         prompt_token_ids: Sequence[int], max_tokens: int,
-                        model: str) -> pb.GenerateRequest:
+                        model: str, grammar: str | None = None) -> pb.GenerateRequest:
     """The wire request. Every sampling field is set explicitly: proto3 reads an unset scalar
     as 0, and temperature 0 means greedy."""
     if req.top_p is None:
@@ -109,6 +116,8 @@ def to_generate_request(req: ChatCompletionRequest, *, request_id: str,
     )
     if req.seed is not None:
         sampling.seed = req.seed % 2**64  # OpenAI seeds are int64; the wire's are uint64
+    if grammar is not None:
+        sampling.grammar = grammar
     return pb.GenerateRequest(
         request_id=request_id, token_ids=prompt_token_ids, sampling=sampling,
         cache_salt=req.cache_salt or "",
@@ -223,6 +232,26 @@ class Generation:
             self.lease.release()
 
 
+def assistant_message(tools: ToolUse | None, text: str, finish: str | None) -> dict[str, Any]:
+    """A choice's ``message`` and ``finish_reason``, its tool calls parsed out when tools are
+    in use."""
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if tools is None:
+        return {"message": message, "finish_reason": finish}
+    content, calls = parse_all(text, tools.names)
+    if not calls:
+        message["content"] = content
+        return {"message": message, "finish_reason": finish}
+    message["content"] = content or None
+    message["tool_calls"] = [call.as_openai() for call in calls]
+    return {"message": message, "finish_reason": tool_calls_finish(finish)}
+
+
+def tool_calls_finish(finish: str | None) -> str | None:
+    """A choice that made calls and stopped by itself finished for ``tool_calls``."""
+    return "tool_calls" if finish == "stop" else finish
+
+
 def _checked(message: pb.GenerateResponse, worker_id: str) -> pb.GenerateResponse:
     if message.finish_reason in _WORKER_GAVE_UP:
         raise WorkerUnavailable(f"worker {worker_id} ended the request: {message.finish_reason}")
@@ -253,33 +282,18 @@ class ChatService:
         if req.model != self.model_id:
             raise ModelNotFound(f"The model '{req.model}' does not exist or you do not have "
                                 "access to it.", param="model")
-        self._reject_unsupported(req)
-        messages = [m.to_template_dict() for m in req.messages]
-        tools = None
-        if req.tools and not (req.tool_choice and req.tool_choice.mode == "none"):
-            tools = [t.model_dump(exclude_none=True) for t in req.tools]
+        tools = tool_use(req)
+        grammar = encode(grammar_spec(req, tools))
+        messages, template_tools = template_inputs(
+            req, tools, template_supports_tools=self._tokenizer.supports_tools)
         size = sum(len(m["content"] or "") for m in messages)
         if size > OFFLOAD_TOKENIZE_CHARS:
-            ids = await asyncio.to_thread(self._tokenizer.encode_chat, messages, tools)
+            ids = await asyncio.to_thread(self._tokenizer.encode_chat, messages, template_tools)
         else:
-            ids = self._tokenizer.encode_chat(messages, tools)
+            ids = self._tokenizer.encode_chat(messages, template_tools)
         return Prepared(request=req, request_id=request_id,
                         completion_id="chatcmpl-" + uuid.uuid4().hex, created=int(time.time()),
-                        model=self.model_id, prompt_token_ids=ids)
-
-    def _reject_unsupported(self, req: ChatCompletionRequest) -> None:
-        """Accepted by the schema but not served yet: a clear 400, never silently ignored."""
-        if req.response_format is not None and req.response_format.type != "text":
-            raise InvalidRequest(f"response_format of type '{req.response_format.type}' is not "
-                                 "supported yet", param="response_format")
-        if req.tool_choice is not None and req.tool_choice.mode in ("required", "function"):
-            what = "'required'" if req.tool_choice.mode == "required" else "a named function"
-            raise InvalidRequest(f"tool_choice {what} is not supported yet",
-                                 param="tool_choice")
-        uses_tools = req.tools and not (req.tool_choice and req.tool_choice.mode == "none")
-        if uses_tools and not self._tokenizer.supports_tools:
-            raise InvalidRequest("this model's chat template cannot present tools to the model; "
-                                 "tool calling is not supported for it yet", param="tools")
+                        model=self.model_id, prompt_token_ids=ids, grammar=grammar, tools=tools)
 
     async def start_stream(self, req: ChatCompletionRequest, request_id: str) -> Generation:
         """An open generation whose first delta has arrived (the caller must ``close()`` it)."""
@@ -353,7 +367,8 @@ class ChatService:
         budget = completion_budget(req, len(prepared.prompt_token_ids), worker.max_model_len)
         return to_generate_request(req, request_id=prepared.completion_id,
                                    prompt_token_ids=prepared.prompt_token_ids,
-                                   max_tokens=budget, model=self.model_id)
+                                   max_tokens=budget, model=self.model_id,
+                                   grammar=prepared.grammar)
 
     async def _first_delta(self, stream: GenerateStream, worker_id: str) -> pb.GenerateResponse:
         try:
@@ -395,9 +410,8 @@ class ChatService:
             "system_fingerprint": self.fingerprint,
             "choices": [{
                 "index": i,
-                "message": {"role": "assistant", "content": "".join(texts[i]), "refusal": None},
+                **assistant_message(prepared.tools, "".join(texts[i]), finish[i]),
                 "logprobs": {"content": logprobs[i], "refusal": None} if req.logprobs else None,
-                "finish_reason": finish[i],
             } for i in range(n)],
             "usage": usage.as_dict(),
         }

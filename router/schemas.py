@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_core import PydanticCustomError
 
 from cluster.errors import InvalidRequest
+from cluster.json_schema_subset import UnsupportedSchema, check_schema
 from router.errors import from_validation_errors, invalid_json
 
 # n > 1 makes the worker run n sequences sharing one prompt; 16 bounds one request's share of a
@@ -42,6 +43,13 @@ _CONTENT_REQUIRED = frozenset({"system", "developer", "user", "tool"})
 
 def _bad(kind: str, message: str) -> PydanticCustomError:
     return PydanticCustomError(kind, message)
+
+
+def _check_schema(schema: dict[str, Any], *, require_object: bool = False) -> None:
+    try:
+        check_schema(schema, require_object=require_object)
+    except UnsupportedSchema as exc:
+        raise _bad("json_schema", str(exc)) from None
 
 
 class _EdgeModel(BaseModel):
@@ -135,6 +143,13 @@ class FunctionDefinition(_EdgeModel):
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
+    @field_validator("parameters")
+    @classmethod
+    def _parameters_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value:  # {} declares no parameters, as an absent schema does
+            _check_schema(value, require_object=True)
+        return value
+
 
 class Tool(_EdgeModel):
     type: Literal["function"]
@@ -154,6 +169,13 @@ class JsonSchemaFormat(_EdgeModel):
     # "schema" would shadow a BaseModel attribute; the alias keeps the wire name.
     json_schema: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            _check_schema(value)
+        return value
 
 
 class ResponseFormat(_EdgeModel):
@@ -268,6 +290,17 @@ class ChatCompletionRequest(_EdgeModel):
     def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value and not info.data.get("logprobs"):
             raise _bad("top_logprobs", "top_logprobs requires logprobs to be true")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _tool_names_unique(cls, value: list[Tool] | None) -> list[Tool] | None:
+        seen: set[str] = set()
+        for tool in value or ():
+            if tool.function.name in seen:
+                raise _bad("tools", f"the tool name {tool.function.name!r} is repeated; tool "
+                           "names must be unique")
+            seen.add(tool.function.name)
         return value
 
     @field_validator("tool_choice", mode="before")

@@ -7,6 +7,8 @@ every chunk has ``"usage": null`` and one more chunk with ``"choices": []`` and 
 comes before ``[DONE]``. An error after the stream started is one ``data: {"error": …}``
 event, then ``[DONE]``.
 
+Chunk payloads are built in ``router/chunks.py`` (tool calls included).
+
 A client that disconnects cancels the work in progress: the gRPC call is cancelled and the
 worker aborts the request (``EventStreamResponse`` for streams, ``until_disconnected`` for
 responses that are built whole).
@@ -23,8 +25,9 @@ import orjson
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from cluster.errors import ElectronError, InternalError, WorkerUnavailable
-from router.chat import Generation, UsageTotals, finish_reason_of, logprob_entries
+from cluster.errors import ElectronError, InternalError
+from router.chat import Generation
+from router.chunks import ChunkStream
 from router.errors import GENERIC_500, body_of
 
 log = logging.getLogger(__name__)
@@ -42,45 +45,13 @@ def event(payload: dict[str, Any]) -> bytes:
 async def chat_chunks(generation: Generation, fingerprint: str) -> AsyncIterator[bytes]:
     """The SSE events of one streamed chat completion."""
     prepared = generation.prepared
-    req, n = prepared.request, prepared.n
-    top = req.top_logprobs or 0
-    base: dict[str, Any] = {"id": prepared.completion_id, "object": "chat.completion.chunk",
-                            "created": prepared.created, "model": prepared.model,
-                            "system_fingerprint": fingerprint}
-    if req.include_usage:
-        base["usage"] = None
-
-    def chunk(choice: dict[str, Any]) -> bytes:
-        return event({**base, "choices": [choice]})
-
-    started = [False] * n
-    finished = 0
-    usage = UsageTotals(len(prepared.prompt_token_ids))
+    chunks = ChunkStream(prepared, fingerprint)
     try:
         async for message in generation.responses():
-            i = message.index
-            if not 0 <= i < n:
-                raise InternalError(f"the worker sent choice index {i} for n={n}")
-            logprobs = ({"content": logprob_entries(message.logprobs, top), "refusal": None}
-                        if req.logprobs and message.logprobs else None)
-            out = b""
-            if not started[i] or message.text or logprobs is not None:
-                delta = {"content": message.text}
-                if not started[i]:
-                    delta = {"role": "assistant", "content": message.text}
-                    started[i] = True
-                out = chunk({"index": i, "delta": delta, "logprobs": logprobs,
-                             "finish_reason": None})
-            if message.finish_reason:
-                out += chunk({"index": i, "delta": {}, "logprobs": None,
-                              "finish_reason": finish_reason_of(message.finish_reason)})
-                usage.add(message.usage)
-                finished += 1
+            out = b"".join(event(chunk) for chunk in chunks.add(message))
             if out:
                 yield out
-        if finished < n:
-            raise WorkerUnavailable("the worker's stream ended before every choice finished")
-        tail = event({**base, "choices": [], "usage": usage.as_dict()}) if req.include_usage else b""
+        tail = b"".join(event(chunk) for chunk in chunks.end())
     except ElectronError as exc:
         log.warning("request %s failed while streaming: %s", prepared.request_id, exc.message)
         tail = event(body_of(exc))

@@ -141,6 +141,28 @@ async def test_unknown_model_is_404_model_not_found(app):
     ({"response_format": {"type": "yaml"}}, "response_format.type", "'text'"),
     ({"response_format": {"type": "json_schema"}}, "response_format.json_schema",
      "needs 'json_schema'"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}},
+                {"type": "function", "function": {"name": "f"}}]}, "tools", "repeated"),
+    ({"tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "strin"}}}}}]},
+     "tools[0].function.parameters", "not a valid JSON schema at '#/properties/a/type'"),
+    ({"tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "patternProperties": {"^a": {}}}}}]},
+     "tools[0].function.parameters", "'patternProperties' is not supported"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "array"}}}]}, "tools[0].function.parameters", "\"type\": \"object\""),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+        "type": "object", "minProperties": "two"}}}},
+     "response_format.json_schema.schema", "not a valid JSON schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+        "type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}}}},
+     "response_format.json_schema.schema", "'if' is not supported"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+        "type": "object", "properties": {"d": {"type": "string", "format": "iri"}}}}}},
+     "response_format.json_schema.schema", "format 'iri' is not supported"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+        "$ref": "https://example.com/schema.json"}}}},
+     "response_format.json_schema.schema", "only local references"),
     ({"min_tokens": 5, "max_tokens": 2}, "min_tokens", "must not exceed"),
     ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
     ({"model": 3}, "model", "valid string"),
@@ -217,29 +239,27 @@ def test_tool_turns_validate_and_reach_the_template_as_openai_dicts():
     ]
 
 
-# -- accepted by the schema, not served yet: a clear 400, never silently dropped ------------------
+# -- structured output and tools: accepted, and reaching a worker -----------------------------
 
-@pytest.mark.parametrize("kind", ["json_object", "json_schema"])
-async def test_json_response_formats_are_400_not_supported_yet(app, kind):
-    fmt: dict[str, Any] = {"type": kind}
-    if kind == "json_schema":
-        fmt["json_schema"] = {"name": "answer", "schema": {"type": "object"}}
-    assert_invalid(await post(app, chat(response_format=fmt)), "response_format",
-                   says="not supported yet")
+@pytest.mark.parametrize("fields", [
+    {"response_format": {"type": "json_object"}},
+    {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "answer", "strict": True, "schema": {"type": "object"}}}},
+    {"tools": [{"type": "function", "function": {"name": "get_time", "parameters": {}}}]},
+    {"tools": [{"type": "function", "function": {"name": "get_time"}}],
+     "tool_choice": "required", "parallel_tool_calls": False},
+    {"tools": [{"type": "function", "function": {"name": "get_time"}}],
+     "tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+])
+async def test_structured_output_and_tool_requests_reach_a_worker(app, fields):
+    # SmolLM2's template has no tools section: the fallback renders them, nothing is refused.
+    assert_accepted(await post(app, chat(**fields)))
 
 
-@pytest.mark.parametrize("choice", ["required", {"type": "function",
-                                                 "function": {"name": "get_time"}}])
-async def test_forced_tool_choice_is_400_not_supported_yet(app, choice):
+async def test_tools_with_a_json_response_format_are_400(app):
     tools = [{"type": "function", "function": {"name": "get_time"}}]
-    assert_invalid(await post(app, chat(tools=tools, tool_choice=choice)), "tool_choice",
-                   says="not supported yet")
-
-
-async def test_tools_the_model_template_cannot_render_are_400_not_dropped(app, tokenizer):
-    assert not tokenizer.supports_tools  # SmolLM2's embedded template has no tools section
-    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {}}}]
-    assert_invalid(await post(app, chat(tools=tools)), "tools", says="cannot present tools")
+    assert_invalid(await post(app, chat(tools=tools, response_format={"type": "json_object"})),
+                   "response_format", says="cannot be combined with tools")
 
 
 # -- the converter to the wire and the context budget -----------------------------------------

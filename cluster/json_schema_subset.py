@@ -1,0 +1,123 @@
+"""The JSON-schema subset that constrained decoding serves, and the check that a schema keeps to it.
+
+A schema reaches us twice: as ``response_format.json_schema.schema`` and as a tool's
+``parameters``. Both are compiled into a token grammar by the worker, and a grammar library
+covers only part of JSON Schema, so a keyword it would ignore must be refused up front (a clear
+400) rather than silently not enforced. The subset below is what both candidate grammar
+libraries (xgrammar and llguidance) enforce; ``docs/tools.md`` lists it for users.
+
+Plain Python (jsonschema for the metaschema), no torch: the router checks requests with it and
+a worker may call it again on what it is asked to compile.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jsonschema
+
+# Keywords whose value is a map of name -> subschema.
+_SCHEMA_MAPS = frozenset({"properties", "$defs", "definitions"})
+# Keywords whose value is one subschema (additionalProperties may also be a boolean).
+_SCHEMA_ONE = frozenset({"items", "additionalProperties"})
+# Keywords whose value is a list of subschemas. ``allOf`` only with one member (pydantic's
+# wrapper around a ``$ref`` with siblings): an intersection of several is not served.
+_SCHEMA_LISTS = frozenset({"anyOf", "oneOf", "allOf", "prefixItems"})
+# Keywords that constrain the value and whose own value is not a schema.
+_CONSTRAINTS = frozenset({
+    "type", "required", "enum", "const", "$ref",
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+    "minLength", "maxLength", "pattern", "format", "minItems", "maxItems",
+})
+# Annotations: accepted and ignored (they do not constrain the value).
+_ANNOTATIONS = frozenset({
+    "title", "description", "default", "examples", "$schema", "$id", "$comment",
+    "deprecated", "readOnly", "writeOnly", "discriminator",
+})
+SUPPORTED_KEYWORDS = _SCHEMA_MAPS | _SCHEMA_ONE | _SCHEMA_LISTS | _CONSTRAINTS | _ANNOTATIONS
+SUPPORTED_FORMATS = frozenset({"date-time", "date", "time", "duration", "email", "hostname",
+                               "ipv4", "ipv6", "uuid"})
+MAX_DEPTH = 64
+# Regex features a grammar (a finite automaton) cannot express.
+_NON_REGULAR = re.compile(r"\(\?<?[=!]|\\[1-9]|\\k<")
+
+
+class UnsupportedSchema(ValueError):
+    """The schema is not valid JSON Schema, or uses what constrained decoding cannot serve."""
+
+
+def check_schema(schema: Any, *, require_object: bool = False) -> None:
+    """Raises ``UnsupportedSchema`` (its message names the place) unless ``schema`` is a valid
+    JSON schema (draft 2020-12) within ``SUPPORTED_KEYWORDS``. ``require_object``: the root
+    must describe an object (tool parameters)."""
+    if not isinstance(schema, Mapping):
+        raise UnsupportedSchema("the schema must be a JSON object")
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path)
+        raise UnsupportedSchema(f"not a valid JSON schema at '#/{where}': {exc.message}") \
+            from None
+    if require_object and schema.get("type") != "object":
+        raise UnsupportedSchema("the root must be a schema of \"type\": \"object\"")
+    _walk(schema, schema, "#", 0)
+
+
+def _walk(node: Any, root: Mapping[str, Any], where: str, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise UnsupportedSchema(f"the schema is nested more than {MAX_DEPTH} levels deep")
+    if node is True:
+        return
+    if node is False or not isinstance(node, Mapping):
+        raise UnsupportedSchema(f"{where}: a subschema must be an object or true")
+    for key, value in node.items():
+        at = f"{where}/{key}"
+        if key not in SUPPORTED_KEYWORDS:
+            raise UnsupportedSchema(f"{at}: the keyword '{key}' is not supported by constrained "
+                                    "decoding (see the supported subset in docs/tools.md)")
+        if key in _SCHEMA_MAPS:
+            for name, sub in value.items():
+                _walk(sub, root, f"{at}/{name}", depth + 1)
+        elif key == "additionalProperties" and isinstance(value, bool):
+            continue
+        elif key in _SCHEMA_ONE:
+            _walk(value, root, at, depth + 1)
+        elif key in _SCHEMA_LISTS:
+            if key == "allOf" and len(value) != 1:
+                raise UnsupportedSchema(f"{at}: 'allOf' is supported with one subschema only")
+            for i, sub in enumerate(value):
+                _walk(sub, root, f"{at}/{i}", depth + 1)
+        elif key == "format" and value not in SUPPORTED_FORMATS:
+            raise UnsupportedSchema(f"{at}: the format '{value}' is not supported (supported: "
+                                    f"{', '.join(sorted(SUPPORTED_FORMATS))})")
+        elif key == "pattern":
+            _check_pattern(value, at)
+        elif key == "$ref":
+            _check_ref(value, root, at)
+
+
+def _check_pattern(pattern: str, at: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise UnsupportedSchema(f"{at}: the pattern does not compile: {exc}") from None
+    if _NON_REGULAR.search(pattern):
+        raise UnsupportedSchema(f"{at}: lookarounds and backreferences are not supported in "
+                                "patterns")
+
+
+def _check_ref(ref: str, root: Mapping[str, Any], at: str) -> None:
+    """Only references inside the schema itself (``#``, ``#/$defs/...``) can be compiled."""
+    if ref == "#":
+        return
+    if not ref.startswith("#/"):
+        raise UnsupportedSchema(f"{at}: only local references ('#/$defs/...') are supported, "
+                                f"not '{ref}'")
+    node: Any = root
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(node, Mapping) or part not in node:
+            raise UnsupportedSchema(f"{at}: the reference '{ref}' points at nothing")
+        node = node[part]
