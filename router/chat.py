@@ -41,6 +41,7 @@ from cluster.errors import (
     WorkerUnavailable,
 )
 from cluster.pb.electron.v1 import worker_pb2 as pb
+from router import observe
 from router.schemas import ChatCompletionRequest
 from router.worker_client import GenerateStream, WorkerInfo
 from router.worker_pool import Lease, WorkerPool
@@ -259,10 +260,13 @@ class ChatService:
         if req.tools and not (req.tool_choice and req.tool_choice.mode == "none"):
             tools = [t.model_dump(exclude_none=True) for t in req.tools]
         size = sum(len(m["content"] or "") for m in messages)
-        if size > OFFLOAD_TOKENIZE_CHARS:
-            ids = await asyncio.to_thread(self._tokenizer.encode_chat, messages, tools)
-        else:
-            ids = self._tokenizer.encode_chat(messages, tools)
+        with observe.span("tokenize") as span:
+            if size > OFFLOAD_TOKENIZE_CHARS:
+                ids = await asyncio.to_thread(self._tokenizer.encode_chat, messages, tools)
+            else:
+                ids = self._tokenizer.encode_chat(messages, tools)
+            if span is not None:
+                span.set_attribute("gen_ai.usage.input_tokens", len(ids))
         return Prepared(request=req, request_id=request_id,
                         completion_id="chatcmpl-" + uuid.uuid4().hex, created=int(time.time()),
                         model=self.model_id, prompt_token_ids=ids)
