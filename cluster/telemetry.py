@@ -53,17 +53,7 @@ class Tracing:
         self.tracer: Tracer = (provider.get_tracer(TRACER_NAME) if provider is not None
                                else trace.NoOpTracer())
 
-    # -- router side
-
-    def instrument_app(self, app: Any) -> None:
-        """The HTTP server span of every request (honouring an incoming ``traceparent``).
-        ``receive``/``send`` spans are excluded: every SSE chunk would be one."""
-        if not self.enabled:
-            return
-        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
-
-        FastAPIInstrumentor.instrument_app(app, tracer_provider=self.provider,
-                                           exclude_spans=["receive", "send"])
+    # -- router side (its HTTP server span: router/observe.py)
 
     def start_generate_span(self, worker_id: str, address: str
                             ) -> tuple[Span | None, tuple[tuple[str, str], ...]]:

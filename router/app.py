@@ -167,7 +167,6 @@ def create_app(config: Config, worker_source: WorkerSource,
     app.add_middleware(observe.ObservabilityMiddleware, metrics=app.state.metrics,
                        tracing=tracing)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
-    tracing.instrument_app(app)
 
     api = APIRouter(dependencies=[Depends(authenticate)])
     api.add_api_route("/chat/completions", chat_completions, methods=["POST"])

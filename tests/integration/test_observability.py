@@ -147,7 +147,8 @@ async def test_streamed_request_is_one_trace_across_router_and_worker(router, wo
         mine = [s for s in spans if s.trace_id == trace_id]
         return {s.service for s in mine} == {"electron-router", "electron-worker"} and \
             WORKER_CHILDREN <= {s.name for s in mine if s.service == "electron-worker"} and \
-            any(s.kind == CLIENT for s in mine)
+            any(s.kind == CLIENT for s in mine) and \
+            any(s.kind == SERVER and s.service == "electron-router" for s in mine)
 
     spans = [s for s in receiver.wait_for(complete) if s.trace_id == trace_id]
     router_spans = [s for s in spans if s.service == "electron-router"]
