@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import uvloop
 
 from cluster.config import Config, ConfigError, load_config
+from cluster.logs import configure_logging
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE", help="YAML configuration file")
     common.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    common.add_argument("--log-format", choices=("text", "json"),
+                        help="log lines as text or JSON (observability.log_format)")
 
     joining = argparse.ArgumentParser(add_help=False)
     joining.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join")
@@ -77,6 +79,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
                         policy=getattr(args, "policy", None)),
         "cluster": given(workers=getattr(args, "workers", None),
                          ray_address=getattr(args, "ray_address", None)),
+        "observability": given(log_format=getattr(args, "log_format", None)),
     }
     return {name: fields for name, fields in sections.items() if fields}
 
@@ -87,13 +90,12 @@ def build_config(args: argparse.Namespace) -> Config:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = build_config(args)
     except ConfigError as exc:
         print(f"electron-serve: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    configure_logging(args.log_level, config.observability.log_format)
 
     # Imported here: Ray and uvicorn take a second to import, and --help should not wait.
     from cluster import launcher

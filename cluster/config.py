@@ -99,11 +99,21 @@ class ClusterConfig(_Frozen):
     worker_ttl_s: float = Field(1.5, gt=0)
 
 
+class ObservabilityConfig(_Frozen):
+    # Logs: "text" for people, "json" (one object per line, with request and trace ids) for
+    # log pipelines. Traces are configured by the standard OTEL_* variables
+    # (cluster/telemetry.py).
+    log_format: Literal["text", "json"] = "text"
+    # Each worker process serves /metrics here (0: a free port, advertised in the registry).
+    worker_metrics_port: int = Field(0, ge=0, le=65535)
+
+
 class Config(_Frozen):
     engine: EngineConfig = EngineConfig()
     router: RouterConfig = RouterConfig()
     auth: AuthConfig = AuthConfig()
     cluster: ClusterConfig = ClusterConfig()
+    observability: ObservabilityConfig = ObservabilityConfig()
 
 
 class ConfigError(ValueError):

@@ -30,10 +30,12 @@ from ray.exceptions import RayActorError
 
 from cluster.config import Config, ConfigError
 from cluster.registry import RayWorkerSource, registry_actor
+from cluster.telemetry import DISABLED, Tracing, tracing_from_env
 from workers.actor import PACKAGE_ROOT, create_worker_actor
 
 log = logging.getLogger(__name__)
 
+ROUTER_SERVICE_NAME = "electron-router"  # OTEL_SERVICE_NAME overrides it
 # Seconds a stopping worker gives in-flight generations before cancelling them.
 WORKER_STOP_GRACE_S = 5.0
 
@@ -175,11 +177,15 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _router_server(config: Config, log_level: str) -> _RouterServer:
+def _router_server(config: Config, log_level: str, tracing: Tracing = DISABLED) -> _RouterServer:
     from router.app import create_app  # the router loads its own tokenizer
 
-    app = create_app(config, RayWorkerSource(config.cluster.namespace))
-    return _RouterServer(uvicorn.Config(app, log_level=log_level.lower(), lifespan="on"))
+    app = create_app(config, RayWorkerSource(config.cluster.namespace), tracing=tracing)
+    extra: dict[str, Any] = {}
+    if config.observability.log_format == "json":
+        extra["log_config"] = None  # uvicorn's loggers go to the root's JSON handler
+    return _RouterServer(uvicorn.Config(app, log_level=log_level.lower(), lifespan="on",
+                                        **extra))
 
 
 async def _start_router(server: _RouterServer, sock: socket.socket,
@@ -269,6 +275,7 @@ async def run_up(config: Config, log_level: str = "info") -> None:
     sock = listen_socket(config.router.host, config.router.port)
     workers = WorkerSet(config)
     registry = None
+    tracing = DISABLED
     router_task: asyncio.Task[None] | None = None
     server: _RouterServer | None = None
     try:
@@ -280,7 +287,8 @@ async def run_up(config: Config, log_level: str = "info") -> None:
               flush=True)
         if not await _until(stop, workers.wait_ready(1)):
             return
-        server = _router_server(config, log_level)
+        tracing = tracing_from_env(ROUTER_SERVICE_NAME)
+        server = _router_server(config, log_level, tracing)
         router_task = await _start_router(server, sock, stop)
         if server.started:
             print(_banner(config, sock.getsockname()[1], workers), flush=True)
@@ -289,6 +297,7 @@ async def run_up(config: Config, log_level: str = "info") -> None:
         if server is not None and router_task is not None:
             server.should_exit = True
             await asyncio.gather(router_task, return_exceptions=True)
+        tracing.shutdown()
         await workers.stop()
         if registry is not None:
             ray.kill(registry)
@@ -300,12 +309,13 @@ async def run_up(config: Config, log_level: str = "info") -> None:
 async def run_router(config: Config, log_level: str = "info") -> None:
     """``electron-serve router``: a router on an existing Ray cluster (no workers)."""
     sock = listen_socket(config.router.host, config.router.port)
+    tracing = tracing_from_env(ROUTER_SERVICE_NAME)
     try:
         connect_ray(config)
         stop = _stop_event()
         # Idempotent: routers and workers may start in any order.
         registry_actor(config.cluster, detached=True)
-        server = _router_server(config, log_level)
+        server = _router_server(config, log_level, tracing)
         router_task = await _start_router(server, sock, stop)
         if server.started:
             print(_banner(config, sock.getsockname()[1], None), flush=True)
@@ -313,6 +323,7 @@ async def run_router(config: Config, log_level: str = "info") -> None:
         server.should_exit = True
         await asyncio.gather(router_task, return_exceptions=True)
     finally:
+        tracing.shutdown()
         ray.shutdown()
         sock.close()
 

@@ -30,6 +30,7 @@ class WorkerEndpoint:
     address: str  # host:port of the worker's gRPC server
     model: str    # the public model id it serves
     pool: str
+    metrics_address: str = ""  # host:port of its Prometheus /metrics ("": none)
 
 
 class Registry:

@@ -20,11 +20,13 @@ from starlette.responses import Response
 from cluster.config import Config
 from cluster.errors import AuthenticationFailed, ModelNotFound, NoWorkers
 from cluster.model_files import resolve_model_path
+from cluster.telemetry import DISABLED, Tracing
 from cluster.tokenizer import Tokenizer
-from router import sse
+from router import observe, sse
 from router.chat import ChatService, system_fingerprint
 from router.errors import error_response, install_error_handlers
 from router.failover import CircuitBreaker
+from router.metrics import RouterMetrics
 from router.middleware import RequestContextMiddleware
 from router.policy import make_policy
 from router.prefix_index import PrefixIndex
@@ -66,12 +68,19 @@ async def require_api_key(request: Request) -> None:
         raise AuthenticationFailed("Incorrect API key provided.")
 
 
+async def authenticate(request: Request) -> None:
+    """Authentication and limits, under one span."""
+    with observe.span("auth_and_limits"):
+        await require_api_key(request)
+
+
 # -- routes -----------------------------------------------------------------------------------------
 
 async def chat_completions(request: Request) -> Response:
     state = request.app.state
     req = parse_chat_request(decode_json(await request.body()),
                              max_messages=state.config.router.max_messages)
+    observe.set_model(req.model, state.config.router.model_id)
     chat: ChatService = state.chat
     request_id = request.state.request_id
     if req.stream:
@@ -99,6 +108,11 @@ async def get_model(model_id: str, request: Request) -> Response:
     return _json(card)
 
 
+async def metrics(request: Request) -> Response:
+    body, content_type = request.app.state.metrics.render()
+    return Response(body, media_type=content_type)
+
+
 async def health() -> Response:
     return _json({"status": "ok"})
 
@@ -114,18 +128,20 @@ async def ready(request: Request) -> Response:
 # -- the app ----------------------------------------------------------------------------------------
 
 def create_app(config: Config, worker_source: WorkerSource,
-               tokenizer: Tokenizer | None = None) -> FastAPI:
+               tokenizer: Tokenizer | None = None, tracing: Tracing = DISABLED) -> FastAPI:
     """The router app. ``worker_source`` is a ``cluster.registry.WorkerSource``;
     ``tokenizer`` (a ``cluster.tokenizer.Tokenizer``) defaults to the one of
-    ``config.engine.model``, the model the workers run. The lifespan starts and stops the
-    worker pool."""
+    ``config.engine.model``, the model the workers run; ``tracing`` is the process's
+    (``cluster.telemetry.tracing_from_env``). The lifespan starts and stops the worker
+    pool."""
     if tokenizer is None:
         tokenizer = Tokenizer.from_model_path(resolve_model_path(config.engine.model))
     settings = config.router
     index = PrefixIndex()  # this replica's own view, fed by every worker's state stream
     pool = WorkerPool(worker_source, model_id=settings.model_id, poll_s=settings.registry_poll_s,
                       policy=make_policy(settings, index), index=index,
-                      breaker=CircuitBreaker(settings.breaker_failures, settings.breaker_open_s))
+                      breaker=CircuitBreaker(settings.breaker_failures, settings.breaker_open_s),
+                      tracing=tracing)
     chat = ChatService(pool=pool, tokenizer=tokenizer, model_id=settings.model_id,
                        first_token_timeout_s=settings.first_token_timeout_s,
                        fingerprint=system_fingerprint(config.engine.model))
@@ -143,12 +159,16 @@ def create_app(config: Config, worker_source: WorkerSource,
     app.state.config = config
     app.state.pool = pool
     app.state.chat = chat
+    app.state.metrics = RouterMetrics()
     app.state.model_card = {"id": settings.model_id, "object": "model",
                             "created": int(time.time()), "owned_by": OWNED_BY}
     install_error_handlers(app)
+    # Added first, so it runs inside RequestContextMiddleware, whose request id it reads.
+    app.add_middleware(observe.ObservabilityMiddleware, metrics=app.state.metrics,
+                       tracing=tracing)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
 
-    api = APIRouter(dependencies=[Depends(require_api_key)])
+    api = APIRouter(dependencies=[Depends(authenticate)])
     api.add_api_route("/chat/completions", chat_completions, methods=["POST"])
     api.add_api_route("/models", list_models, methods=["GET"])
     api.add_api_route("/models/{model_id:path}", get_model, methods=["GET"])
@@ -156,4 +176,5 @@ def create_app(config: Config, worker_source: WorkerSource,
         app.include_router(api, prefix=base)
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/ready", ready, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
     return app

@@ -53,6 +53,7 @@ class CacheAware:
                 and high > low * self.balance_rel_threshold):
             worker = candidates[loads.index(low)]
             reason = f"cache_aware imbalanced (in_flight max={high} min={low}): shortest queue"
+            label = "imbalanced"
         else:
             by_id = {w.worker_id: w for w in candidates}
             matched, tenant = self.tree.prefix_match(text, by_id)
@@ -60,13 +61,15 @@ class CacheAware:
             if tenant is not None and rate > self.cache_threshold:
                 worker = by_id[tenant]
                 reason = f"cache_aware match {rate:.2f} > {self.cache_threshold}"
+                label = "cache_match"
             else:
                 worker = by_id[self.tree.smallest([w.worker_id for w in candidates])]
                 reason = (f"cache_aware match {rate:.2f} <= {self.cache_threshold}: smallest "
                           f"tree ({self.tree.size(worker.worker_id)} chars)")
+                label = "smallest_tree"
         self.tree.insert(text, worker.worker_id, now)
         return Choice(worker, f"{reason} in_flight={worker.in_flight}",
-                      request.num_prompt_tokens)
+                      request.num_prompt_tokens, label=label)
 
     def forget(self, choice: Choice[W]) -> None:
         return None  # sglang keeps the text of a failed request in the tree too

@@ -44,6 +44,7 @@ from cluster.errors import (
 )
 from cluster.pb.electron.v1 import worker_pb2 as pb
 from router.grammar_spec import ToolUse, encode, grammar_spec, tool_use
+from router import observe
 from router.schemas import ChatCompletionRequest
 from router.tool_parser import parse_all
 from router.tool_prompt import template_inputs
@@ -287,10 +288,13 @@ class ChatService:
         messages, template_tools = template_inputs(
             req, tools, template_supports_tools=self._tokenizer.supports_tools)
         size = sum(len(m["content"] or "") for m in messages)
-        if size > OFFLOAD_TOKENIZE_CHARS:
-            ids = await asyncio.to_thread(self._tokenizer.encode_chat, messages, template_tools)
-        else:
-            ids = self._tokenizer.encode_chat(messages, template_tools)
+        with observe.span("tokenize") as span:
+            if size > OFFLOAD_TOKENIZE_CHARS:
+                ids = await asyncio.to_thread(self._tokenizer.encode_chat, messages, template_tools)
+            else:
+                ids = self._tokenizer.encode_chat(messages, template_tools)
+            if span is not None:
+                span.set_attribute("gen_ai.usage.input_tokens", len(ids))
         return Prepared(request=req, request_id=request_id,
                         completion_id="chatcmpl-" + uuid.uuid4().hex, created=int(time.time()),
                         model=self.model_id, prompt_token_ids=ids, grammar=grammar, tools=tools)

@@ -118,7 +118,14 @@ class KvAware:
                   f"queued=max({load.waiting_prefill_tokens},{worker.in_flight_tokens}) tokens "
                   f"requests={requests[i]} cap={limit:.1f} over_cap={over_cap}/{count}"
                   + (" (every worker over the cap)" if capped else ""))
-        return Choice(worker, reason, prompt - cached, predicted_ttft_s=ttft, pending=pending)
+        if capped:
+            label = "all_over_cap"
+        elif max(matched.values(), default=0) > matched.get(worker.worker_id, 0):
+            label = "load_over_cache"  # another worker held more, but was slower or capped
+        else:
+            label = "cache_hit" if cached else "no_cache"
+        return Choice(worker, reason, prompt - cached, predicted_ttft_s=ttft, pending=pending,
+                      label=label)
 
     def _with_cold_workers(self, candidates: Sequence[W],
                            matched: dict[str, int]) -> dict[str, int]:

@@ -63,6 +63,9 @@ class Choice(Generic[W]):
     prefill_tokens: int
     predicted_ttft_s: float | None = None
     pending: PendingBlocks | None = None  # the index's record of this assignment (kv_aware)
+    # ``reason`` in a few words from a small fixed set (a metric label); "" means the
+    # policy's name.
+    label: str = ""
 
 
 class RoutingPolicy(Protocol):
@@ -117,7 +120,7 @@ class RoundRobin(_Stateless):
 
     def choose(self, candidates: Sequence[W], request: RequestInfo) -> Choice[W]:
         worker = candidates[next(self._counter) % len(candidates)]
-        return Choice(worker, "round_robin", request.num_prompt_tokens)
+        return Choice(worker, "round_robin", request.num_prompt_tokens, label="turn")
 
 
 class LeastLoad(_Stateless):
@@ -134,7 +137,8 @@ class LeastLoad(_Stateless):
         tied = [w for w, s in zip(candidates, scores) if s == best]
         worker = tied[next(self._counter) % len(tied)]
         return Choice(worker, f"least_load score={best} {_describe_load(worker)} "
-                              f"tied={len(tied)}", request.num_prompt_tokens)
+                              f"tied={len(tied)}", request.num_prompt_tokens,
+                      label="least_load")
 
 
 class PowerOfTwo(_Stateless):
@@ -149,7 +153,7 @@ class PowerOfTwo(_Stateless):
     def choose(self, candidates: Sequence[W], request: RequestInfo) -> Choice[W]:
         if len(candidates) == 1:
             return Choice(candidates[0], "power_of_two single candidate",
-                          request.num_prompt_tokens)
+                          request.num_prompt_tokens, label="single_candidate")
         a, b = self._rng.sample(range(len(candidates)), 2)
         first, second = candidates[a], candidates[b]
         sa, sb = load_score(first), load_score(second)
@@ -157,7 +161,7 @@ class PowerOfTwo(_Stateless):
             (first, second, sa, sb) if sa <= sb else (second, first, sb, sa))
         return Choice(worker, f"power_of_two score={score} vs {other.worker_id} score="
                               f"{other_score} {_describe_load(worker)}",
-                      request.num_prompt_tokens)
+                      request.num_prompt_tokens, label="lower_load")
 
 
 PolicyName = Literal["kv_aware", "cache_aware", "power_of_two", "least_load", "round_robin"]

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.trace import Span, StatusCode
 
 from cluster.errors import (
     ElectronError,
@@ -39,6 +40,8 @@ from cluster.errors import (
 )
 from cluster.pb.electron.v1 import worker_pb2 as pb
 from cluster.pb.electron.v1 import worker_pb2_grpc as pb_grpc
+from cluster.telemetry import DISABLED, Tracing
+from router import observe
 from router.prefix_index import PrefixIndex
 from router.worker_view import CountsLocalLoad, LocalLoad, WorkerLoad
 
@@ -156,13 +159,18 @@ def _load_of(msg: pb.Load) -> WorkerLoad:
 
 class GenerateStream:
     """The responses of one Generate call. ``cancel()`` (idempotent, any time) ends the call
-    and makes the worker abort the request; reaching the end releases it too."""
+    and makes the worker abort the request; reaching the end releases it too. Each delta is
+    reported to the request's ``observe.Observation``; the call's client span (if traced)
+    ends with the call."""
 
     def __init__(self, call: grpc.aio.UnaryStreamCall, worker_id: str,
-                 release: Callable[[], None]):
+                 release: Callable[[], None], observation: observe.Observation | None = None,
+                 span: Span | None = None):
         self._call = call
         self._worker_id = worker_id
         self._release: Callable[[], None] | None = release
+        self._observation = observation
+        self._span = span
 
     def __aiter__(self) -> GenerateStream:
         return self
@@ -171,6 +179,9 @@ class GenerateStream:
         try:
             message = await self._call.read()
         except grpc.aio.AioRpcError as exc:
+            if self._span is not None:
+                self._span.set_status(StatusCode.ERROR, f"{exc.code().name}: {exc.details()}")
+                self._span.set_attribute("rpc.grpc.status_code", exc.code().value[0])
             self.cancel()
             raise error_from_rpc(exc, self._worker_id) from None
         except asyncio.CancelledError:
@@ -179,6 +190,9 @@ class GenerateStream:
         if message is grpc.aio.EOF:
             self.cancel()
             raise StopAsyncIteration
+        if self._observation is not None:
+            self._observation.delta(message.usage.cached_tokens if message.finish_reason
+                                    else None)
         return message
 
     def cancel(self) -> None:
@@ -186,6 +200,8 @@ class GenerateStream:
         if self._release is not None:
             release, self._release = self._release, None
             release()
+            if self._span is not None:
+                self._span.end()
 
 
 # -- the client ---------------------------------------------------------------------------------------
@@ -195,8 +211,10 @@ class WorkerClient(CountsLocalLoad):
     ``local``, this router's own requests there (the pool assigns them)."""
 
     def __init__(self, endpoint: Endpoint, *, index: PrefixIndex | None = None,
-                 on_broken: Callable[[WorkerClient], None] | None = None):
-        """``index`` is the router's prefix index (None: one of its own)."""
+                 on_broken: Callable[[WorkerClient], None] | None = None,
+                 tracing: Tracing = DISABLED):
+        """``index`` is the router's prefix index (None: one of its own); ``tracing``
+        traces the Generate calls."""
         self.endpoint = endpoint
         self.worker_id = endpoint.worker_id
         self.address = endpoint.address
@@ -207,6 +225,7 @@ class WorkerClient(CountsLocalLoad):
         self.local = LocalLoad()
         self.broken = False
         self._on_broken = on_broken
+        self._tracing = tracing
         self._closing = False
         self._channel = grpc.aio.insecure_channel(endpoint.address, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.WorkerStub(self._channel)
@@ -239,14 +258,21 @@ class WorkerClient(CountsLocalLoad):
     async def generate(self, request: pb.GenerateRequest) -> GenerateStream:
         """Starts a Generate call (waiting for a free slot on this channel)."""
         await self._slots.acquire()
+        observation = observe.current()
+        if observation is not None:
+            observation.dispatched()
+        span, metadata = self._tracing.start_generate_span(self.worker_id, self.address)
         try:
             # wait_for_ready=False: a worker that cannot be reached fails at once, and the
             # router tries another instead of queueing behind a dead connection.
-            call = self._stub.Generate(request, wait_for_ready=False)
+            call = self._stub.Generate(request, wait_for_ready=False,
+                                       metadata=metadata or None)
         except BaseException:
             self._slots.release()
+            if span is not None:
+                span.end()
             raise
-        return GenerateStream(call, self.worker_id, self._slots.release)
+        return GenerateStream(call, self.worker_id, self._slots.release, observation, span)
 
     async def abort(self, request_id: str) -> bool:
         try:

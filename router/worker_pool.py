@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 from cluster.errors import NoWorkers, WorkerUnavailable
 from cluster.hashing import block_hashes, extra_key
+from cluster.telemetry import DISABLED, Tracing
+from router import observe
 from router.failover import CircuitBreaker
 from router.policy import Choice, RequestInfo, RoutingPolicy
 from router.prefix_index import PrefixIndex
@@ -98,16 +100,19 @@ class Lease:
 
 class WorkerPool:
     def __init__(self, source, *, model_id: str, poll_s: float, policy: RoutingPolicy,
-                 index: PrefixIndex | None = None, breaker: CircuitBreaker | None = None):
+                 index: PrefixIndex | None = None, breaker: CircuitBreaker | None = None,
+                 tracing: Tracing = DISABLED):
         """``source`` is a ``cluster.registry.WorkerSource``; only workers serving
         ``model_id`` are used. ``index`` is the prefix index the policy reads (None: a new
-        one); ``breaker`` defaults to ``CircuitBreaker()``."""
+        one); ``breaker`` defaults to ``CircuitBreaker()``; ``tracing`` traces the Generate
+        calls."""
         self._source = source
         self._model_id = model_id
         self._poll_s = poll_s
         self.policy = policy
         self.index = index if index is not None else PrefixIndex()
         self.breaker = breaker if breaker is not None else CircuitBreaker()
+        self._tracing = tracing
         # The workers' KV block size (from GetInfo; one per deployment): None until one is
         # connected.
         self.block_size: int | None = None
@@ -178,7 +183,10 @@ class WorkerPool:
         note = ""
         if not admitted:
             admitted, note = candidates, " (every candidate's circuit is open: trying anyway)"
-        choice = self.policy.choose(admitted, request)
+        with observe.span("route") as route_span:
+            choice = self.policy.choose(admitted, request)
+            observe.routed(self.policy.name, choice, request.num_prompt_tokens, len(admitted),
+                           route_span)
         worker = choice.worker
         assignment = worker.local.assign(choice.prefill_tokens)
         self.breaker.dispatched(worker.worker_id)
@@ -223,7 +231,8 @@ class WorkerPool:
             task.add_done_callback(lambda _, w=worker_id: self._connecting.pop(w, None))
 
     async def _connect(self, endpoint) -> None:
-        client = WorkerClient(endpoint, index=self.index, on_broken=self._on_broken)
+        client = WorkerClient(endpoint, index=self.index, on_broken=self._on_broken,
+                              tracing=self._tracing)
         try:
             info = await client.connect()
         except WorkerUnavailable as exc:

@@ -22,14 +22,18 @@ import ray
 from ray.exceptions import RayActorError, RayError
 
 from cluster.config import Config
+from cluster.logs import configure_logging
 from cluster.registry import WorkerEndpoint, lookup_registry
+from cluster.telemetry import tracing_from_env
 
 if TYPE_CHECKING:
     from workers.engine.async_engine import AsyncEngine
     from workers.grpc_service import WorkerServer
+    from workers.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
+WORKER_SERVICE_NAME = "electron-worker"  # OTEL_SERVICE_NAME overrides it
 # The directory that holds the ``cluster`` and ``workers`` packages.
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 DISTRIBUTION = "electron-serve"
@@ -43,8 +47,13 @@ class WorkerActor:
 
         from workers.engine.async_engine import AsyncEngine
         from workers.grpc_service import serve_worker
+        from workers.metrics import WorkerMetrics
 
         config = Config.model_validate_json(config_json)
+        configure_logging("info", config.observability.log_format)
+        # Before the gRPC server exists (TRAPS.md); the OTEL_* variables reach this process
+        # through Ray's environment (exported before `ray start`, or the pod's env).
+        self._tracing = tracing_from_env(WORKER_SERVICE_NAME)
         self._config = config
         self._worker_id = worker_id
         cluster = config.cluster
@@ -59,11 +68,16 @@ class WorkerActor:
         self._engine: AsyncEngine = AsyncEngine(config.engine, worker_id,
                                                   model_id=config.router.model_id)
         host = _listen_host(config)
+        self._metrics: WorkerMetrics = WorkerMetrics(self._engine, worker_id)
+        self._engine.step_observer = self._metrics.observe_step
+        metrics_port = self._metrics.serve(host, config.observability.worker_metrics_port)
         self._server: WorkerServer
         self._server, port = await serve_worker(
-            self._engine, host, 0, model_id=config.router.model_id, pool=cluster.pool)
+            self._engine, host, 0, model_id=config.router.model_id, pool=cluster.pool,
+            tracing=self._tracing, metrics=self._metrics)
         self._endpoint = WorkerEndpoint(worker_id=worker_id, address=f"{host}:{port}",
-                                        model=config.router.model_id, pool=cluster.pool)
+                                        model=config.router.model_id, pool=cluster.pool,
+                                        metrics_address=f"{host}:{metrics_port}")
         await self._registry.register.remote(self._endpoint)
         self._stopped = False
         self._heartbeats = asyncio.get_running_loop().create_task(self._heartbeat_loop())
@@ -78,6 +92,7 @@ class WorkerActor:
         load = engine.load()
         return {
             "worker_id": self._worker_id, "address": self._endpoint.address,
+            "metrics_address": self._endpoint.metrics_address,
             "model": self._endpoint.model, "pool": self._endpoint.pool,
             "engine_model": engine.model_name, "pid": os.getpid(),
             "node_ip": ray.util.get_node_ip_address(), "block_size": engine.block_size,
@@ -102,7 +117,15 @@ class WorkerActor:
         await self._server.stop(grace_s)
         # The engine thread ends every open stream and joins: not on the event loop.
         await asyncio.to_thread(self._engine.shutdown)
+        self._metrics.stop()
+        # Export the spans still buffered: ray.kill (which follows) is SIGKILL.
+        await asyncio.to_thread(self._tracing.shutdown)
         log.info("worker %s stopped", self._worker_id)
+
+    async def flush_traces(self) -> None:
+        """Exports the spans buffered so far (tests, before reading a receiver)."""
+        if self._tracing.provider is not None:
+            await asyncio.to_thread(self._tracing.provider.force_flush)
 
     async def _heartbeat_loop(self) -> None:
         cluster = self._config.cluster

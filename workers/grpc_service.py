@@ -21,13 +21,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from cluster.errors import ElectronError, InvalidRequest, ModelNotFound, Overloaded
+from cluster.logs import request_id_var
+from cluster.telemetry import DISABLED, Tracing
 from cluster.pb.electron.v1 import worker_pb2 as pb
 from cluster.pb.electron.v1 import worker_pb2_grpc as pb_grpc
 from workers import wire
 from workers.engine.kv_events import SubscriberFellBehind
+from workers.observe import GenerationObserver
 
 if TYPE_CHECKING:
     from workers.engine.async_engine import AsyncEngine
+    from workers.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +135,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 class WorkerServicer(pb_grpc.WorkerServicer):
     """Serves one AsyncEngine. ``model_id`` is the public model id this worker answers to."""
 
-    def __init__(self, engine: AsyncEngine, *, model_id: str, pool: str):
+    def __init__(self, engine: AsyncEngine, *, model_id: str, pool: str,
+                 tracing: Tracing = DISABLED, metrics: WorkerMetrics | None = None):
         self._engine = engine
         self._model_id = model_id
         self._pool = pool
+        self._tracing = tracing
+        self._metrics = metrics
         # Abort tasks started from done-callbacks; held so they are not collected mid-flight.
         self._background: set[asyncio.Task[bool]] = set()
         # Wake-up events of the open WatchState streams, and whether they should end.
@@ -150,6 +157,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         args = wire.generate_args(request)
+        request_id_var.set(args.request_id)  # this call's task: its log lines carry the id
         if args.model and args.model != self._model_id:
             raise ModelNotFound(f"this worker serves {self._model_id!r}, not {args.model!r}",
                                 param="model")
@@ -170,11 +178,17 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 task.add_done_callback(self._background.discard)
 
         context.add_done_callback(on_rpc_done)
-        async with contextlib.aclosing(outputs):
-            async for output in outputs:
-                streaming = True
-                yield wire.generate_response(output)
-            streaming = False
+        observer = GenerationObserver(self._tracing, self._metrics, args, self._model_id,
+                                      self._engine.worker_id)
+        try:
+            async with contextlib.aclosing(outputs):
+                async for output in outputs:
+                    streaming = True
+                    observer.output(output)
+                    yield wire.generate_response(output)
+                streaming = False
+        finally:
+            observer.close()
 
     async def Abort(self, request: pb.AbortRequest,
                     context: grpc.aio.ServicerContext) -> pb.AbortResponse:
@@ -284,15 +298,21 @@ async def serve_worker(
     model_id: str | None = None,
     pool: str = "default",
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    tracing: Tracing = DISABLED,
+    metrics: WorkerMetrics | None = None,
 ) -> tuple[WorkerServer, int]:
     """Starts the worker's gRPC server on ``host:port`` (0: any free port).
 
     Returns the server and the port it bound. ``model_id`` defaults to the engine's model
-    name. ``interceptors`` run before the error mapping (e.g. tracing).
+    name. ``interceptors`` run before the error mapping; ``tracing`` adds the Generate server
+    span (outside the error mapping, so the span sees the status); ``metrics`` gets each
+    finished sequence.
     """
-    server = grpc.aio.server(interceptors=[*interceptors, ErrorInterceptor()],
-                             options=SERVER_OPTIONS)
-    servicer = WorkerServicer(engine, model_id=model_id or engine.model_name, pool=pool)
+    server = grpc.aio.server(
+        interceptors=[*interceptors, *tracing.server_interceptors(), ErrorInterceptor()],
+        options=SERVER_OPTIONS)
+    servicer = WorkerServicer(engine, model_id=model_id or engine.model_name, pool=pool,
+                              tracing=tracing, metrics=metrics)
     pb_grpc.add_WorkerServicer_to_server(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -13,12 +13,12 @@ import pytest
 import pytest_asyncio
 import ray
 
-from cluster.config import ClusterConfig, Config, EngineConfig
+from cluster.config import Config
 from cluster.launcher import start_local_ray
 from cluster.pb.electron.v1 import worker_pb2 as pb
 from cluster.pb.electron.v1 import worker_pb2_grpc as pb_grpc
 from cluster.registry import RayWorkerSource, registry_actor
-from tests.support.tiny_model import make_tiny_llama_dir
+from tests.support.tiny_model import make_tiny_llama_dir, tiny_cluster_config
 from workers.actor import create_worker_actor
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="session")]
@@ -45,12 +45,8 @@ def _ray_processes(session_dir: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Config:
-    model_dir = make_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama"))
-    return Config(
-        engine=EngineConfig(model=str(model_dir), dtype="float32", device="cpu",
-                            kv_cache_bytes=4 * 2**20, max_model_len=256, torch_threads=1),
-        cluster=ClusterConfig(namespace=f"test-{uuid.uuid4().hex[:8]}", workers=2,
-                              num_cpus_per_worker=1))
+    return tiny_cluster_config(make_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama")),
+                               workers=2)
 
 
 @pytest.fixture(scope="module")

@@ -93,3 +93,18 @@ def make_tiny_llama_dir(directory: Path, *, vocab_size: int = 49152, hidden: int
     save_file({k: v.contiguous() for k, v in weights.items()}, directory / "model.safetensors",
               metadata={"format": "pt"})
     return directory
+
+
+def tiny_cluster_config(model_dir: Path, *, workers: int, max_model_len: int = 256) -> Any:
+    """A ``cluster.config.Config`` for Ray tests: the tiny model on CPU in float32, one
+    torch thread and one CPU per worker, a Ray namespace of its own."""
+    import uuid
+
+    from cluster.config import ClusterConfig, Config, EngineConfig
+
+    return Config(
+        engine=EngineConfig(model=str(model_dir), dtype="float32", device="cpu",
+                            kv_cache_bytes=4 * 2**20, max_model_len=max_model_len,
+                            torch_threads=1),
+        cluster=ClusterConfig(namespace=f"test-{uuid.uuid4().hex[:8]}", workers=workers,
+                              num_cpus_per_worker=1))

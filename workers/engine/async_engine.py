@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,8 @@ class AsyncEngine:
         self._inbox: deque[tuple[str, object]] = deque()
         self._wake = threading.Condition()
         self._stopped = False
+        # Called from the engine thread with each non-idle step's seconds (worker metrics).
+        self.step_observer: Callable[[float], None] | None = None
         self._thread = threading.Thread(target=self._run, name=f"engine-{worker_id}",
                                         daemon=True)
         self._thread.start()
@@ -160,7 +163,10 @@ class AsyncEngine:
                         engine.add(payload)  # type: ignore[arg-type]
                     else:
                         outputs.extend(engine.abort(payload))  # type: ignore[arg-type]
+                started = time.perf_counter()
                 outputs.extend(engine.step())
+                if self.step_observer is not None and not engine.idle:
+                    self.step_observer(time.perf_counter() - started)
                 self._deliver(outputs)
             # Shutting down: end every open stream so no caller waits forever.
             live = [rid for s in list(self._streams.values()) for rid in s.request_ids]

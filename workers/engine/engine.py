@@ -7,6 +7,7 @@ Single-threaded by design: only the engine thread (see ``async_engine.py``) call
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from cluster.errors import ContextLengthExceeded, InvalidRequest
@@ -22,6 +23,7 @@ from .request import Request
 from .sampler import RawLogprobs, Sampler
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
+from .stats import EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ class Engine:
             self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, tuple(eos),
                                              **self._grammar_options)
         return self._grammars
+        self.stats = EngineStats()
 
     # -- requests in -------------------------------------------------------------------------
 
@@ -146,6 +149,7 @@ class Engine:
         batch = [BatchItem(s.request, s.num_new_tokens) for s in out.scheduled]
         sample = [s.request for s in out.scheduled
                   if s.request.num_computed_tokens + s.num_new_tokens == s.request.num_tokens]
+        start_ns = time.time_ns()
         try:
             logits = self.runner.execute(batch, sample)
             self.scheduler.update_after_step(out)
@@ -154,6 +158,14 @@ class Engine:
             # A failed step must not take the engine down: fail this batch, keep serving.
             log.exception("engine step failed; failing %d requests", len(batch))
             return [self._fail(item.request) for item in batch]
+        end_ns = time.time_ns()
+        stats = self.stats
+        stats.steps += 1
+        stats.preemptions += len(out.preempted)
+        stats.generation_tokens += len(sample)
+        for s in out.scheduled:
+            if s.num_computed_tokens < s.request.num_prompt_tokens:
+                s.request.timeline.prefill(start_ns, end_ns, s.num_new_tokens)
         outputs: list[RequestOutput] = []
         if sampled is not None:
             for req, token, raw in zip(sample, sampled.token_ids, sampled.logprobs):
@@ -164,6 +176,10 @@ class Engine:
         if req.logits_mask is not None:
             req.logits_mask.accept(token)
         req.append_token(token)
+        if req.timeline.first_token_ns is None:
+            req.timeline.first_token_ns = time.time_ns()
+            self.stats.prompt_tokens += req.num_prompt_tokens
+            self.stats.cached_prompt_tokens += req.num_cached_tokens or 0
         state: _OutputState = req.output_state
         params = req.sampling
         text, matched_stop = state.detokenizer.add(token)
@@ -188,10 +204,14 @@ class Engine:
                logprobs: tuple[PositionLogprobs, ...] = ()) -> RequestOutput:
         if req.finish_reason is None:
             req.finish_reason = FinishReason.ABORT
+        timeline = req.timeline
+        timeline.finished_ns = time.time_ns()
+        timeline.num_preemptions = req.num_preemptions
         return RequestOutput(
             req.parent_id, req.index, token_ids, text, logprobs,
             finish_reason=req.finish_reason, stop_reason=req.stop_reason,
-            usage=Usage(req.num_prompt_tokens, req.num_cached_tokens or 0, req.num_output_tokens))
+            usage=Usage(req.num_prompt_tokens, req.num_cached_tokens or 0, req.num_output_tokens),
+            timeline=timeline)
 
     def _fail(self, req: Request) -> RequestOutput:
         if not req.is_finished:
@@ -199,7 +219,8 @@ class Engine:
         req.finish_reason = FinishReason.ERROR
         out = self._final(req, "", ())
         return RequestOutput(out.request_id, out.index, (), "", (), FinishReason.ERROR,
-                             None, out.usage, error="the engine failed to run this request")
+                             None, out.usage, error="the engine failed to run this request",
+                             timeline=out.timeline)
 
     def _logprobs(self, token: int, raw: RawLogprobs) -> PositionLogprobs:
         tok = self.tokenizer

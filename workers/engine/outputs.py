@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .stats import Timeline
 
 
 class FinishReason(str, enum.Enum):
@@ -53,6 +57,7 @@ class RequestOutput:
     stop_reason: str | int | None = None
     usage: Usage | None = None
     error: str | None = None
+    timeline: Timeline | None = None  # on the final output: the sequence's milestones
 
     @property
     def finished(self) -> bool:

@@ -16,6 +16,7 @@ from cluster.hashing import block_hashes
 
 from .outputs import FinishReason
 from .sampling_params import SamplingParams
+from .stats import Timeline
 
 
 class RequestStatus(enum.Enum):
@@ -68,6 +69,7 @@ class Request:
     generator: Any = None
     # Opaque per-request state of the engine's output side (detokenizer, stream queue).
     output_state: Any = None
+    timeline: Timeline = field(default_factory=Timeline)  # for traces and metrics
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

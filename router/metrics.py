@@ -1,0 +1,91 @@
+"""The router's Prometheus metrics, served at ``GET /metrics``.
+
+Names follow vLLM's where the meaning is the same (``vllm:time_to_first_token_seconds`` ->
+``electron:time_to_first_token_seconds``, ...). Each app owns its ``CollectorRegistry``, so two
+routers in one process (tests) count separately.
+
+Seen from the router (the client's view, network and queueing included):
+- ``electron:requests_total{status,model,plan}``: chat-completion requests by HTTP status;
+  ``plan`` is the tenant's plan (``request.state.principal.plan.name``), "none" without one;
+- ``electron:time_to_first_token_seconds``: HTTP arrival -> the worker's first delta;
+- ``electron:inter_token_latency_seconds``: between consecutive deltas of a request;
+- ``electron:e2e_request_latency_seconds``: HTTP arrival -> the response's last byte;
+- ``electron:router_queue_time_seconds``: HTTP arrival -> the Generate call is sent (auth,
+  limits, templating, tokenization, routing, waiting for a channel slot);
+- ``electron:routing_decisions_total{policy,reason}``: each worker choice (a retry is one more);
+- ``electron:routing_predicted_cached_tokens_total{policy}`` and
+  ``electron:routing_cached_tokens_total{policy}``: the prefix the policy expected the chosen
+  worker to hold, and what the worker then reported (a finished request's ``cached_tokens``);
+- ``electron:rate_limit_rejections_total{plan,limit}``: 429s from the limits
+  (``record_rate_limit_rejection``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+NO_PLAN = "none"
+OTHER_MODEL = "other"  # a model id the router does not serve (bounded label values)
+# Seconds; vLLM's TTFT / e2e buckets, trimmed.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
+               0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
+E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
+               40.0, 50.0, 60.0, 120.0, 240.0)
+QUEUE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("electron:requests", "Chat-completion requests by HTTP status",
+                                ["status", "model", "plan"], registry=r)
+        self.ttft = Histogram("electron:time_to_first_token_seconds",
+                              "HTTP arrival to the first delta from the worker",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("electron:inter_token_latency_seconds",
+                             "Time between consecutive deltas of a request",
+                             buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("electron:e2e_request_latency_seconds",
+                             "HTTP arrival to the last byte of the response",
+                             buckets=E2E_BUCKETS, registry=r)
+        self.queue = Histogram("electron:router_queue_time_seconds",
+                               "HTTP arrival until the Generate call is sent",
+                               buckets=QUEUE_BUCKETS, registry=r)
+        self.routing = Counter("electron:routing_decisions", "Worker choices by policy and reason",
+                               ["policy", "reason"], registry=r)
+        self.predicted_cached = Counter(
+            "electron:routing_predicted_cached_tokens",
+            "Prompt tokens the policy expected the chosen worker to hold", ["policy"], registry=r)
+        self.actual_cached = Counter(
+            "electron:routing_cached_tokens",
+            "Prompt tokens the chosen worker reported cached", ["policy"], registry=r)
+        self.rate_limited = Counter("electron:rate_limit_rejections",
+                                    "Requests refused by a rate or concurrency limit (429)",
+                                    ["plan", "limit"], registry=r)
+
+    def render(self) -> tuple[bytes, str]:
+        """The text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def plan_of(principal: Any) -> str:
+    """The plan label of a request's principal (issue 5's ``request.state.principal``)."""
+    plan = getattr(principal, "plan", None)
+    name = getattr(plan, "name", None) if plan is not None else None
+    return str(name) if name else NO_PLAN
+
+
+def record_rate_limit_rejection(request: Any, limit: str) -> None:
+    """Counts one request refused by a limit (``limit``: "rpm", "concurrency", "tpm", ...).
+    ``request`` is the Starlette request; its principal gives the plan."""
+    metrics: RouterMetrics | None = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        principal = getattr(request.state, "principal", None)
+        metrics.rate_limited.labels(plan_of(principal), limit).inc()

@@ -1,0 +1,142 @@
+"""Tracing set-up from the OTEL_* variables, JSON log lines with request and trace ids, and
+the router's metrics route (no network beyond the ASGI transport, no Ray)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import httpx
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client.parser import text_string_to_metric_families
+
+from cluster.config import ConfigError, load_config
+from cluster.logs import JsonFormatter, RequestContextFilter, configure_logging, request_id_var
+from cluster.registry import StaticWorkerSource
+from cluster.telemetry import DISABLED, tracing_from_env
+from router.app import create_app
+from router.metrics import RouterMetrics, plan_of
+
+ENDPOINT = "http://127.0.0.1:4317"
+
+
+def test_no_endpoint_means_tracing_is_off_and_costs_nothing():
+    tracing = tracing_from_env("electron-router", env={})
+    assert tracing is DISABLED and not tracing.enabled and tracing.provider is None
+    assert tracing.server_interceptors() == ()
+    assert tracing.start_generate_span("w0", "127.0.0.1:1") == (None, ())
+    for env in ({"OTEL_EXPORTER_OTLP_ENDPOINT": ENDPOINT, "OTEL_SDK_DISABLED": "true"},
+                {"OTEL_EXPORTER_OTLP_ENDPOINT": ENDPOINT, "OTEL_TRACES_EXPORTER": "none"}):
+        assert tracing_from_env("electron-router", env=env) is DISABLED
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_an_endpoint_installs_a_provider_with_the_chosen_exporter(protocol):
+    tracing = tracing_from_env("electron-router", env={
+        "OTEL_EXPORTER_OTLP_ENDPOINT": ENDPOINT, "OTEL_EXPORTER_OTLP_PROTOCOL": protocol})
+    try:
+        assert tracing.enabled and isinstance(tracing.provider, TracerProvider)
+        assert tracing.provider.resource.attributes["service.name"] == "electron-router"
+        span, metadata = tracing.start_generate_span("w0", "127.0.0.1:5000")
+        assert span is not None and span.is_recording()
+        (key, value), = metadata
+        trace_id = format(span.get_span_context().trace_id, "032x")
+        assert key == "traceparent" and value.split("-")[1] == trace_id
+    finally:
+        tracing.provider.shutdown()  # before the span ends: nothing to send (no collector)
+    span.end()
+
+
+def test_an_unknown_protocol_is_a_config_error():
+    with pytest.raises(ConfigError, match="OTEL_EXPORTER_OTLP_PROTOCOL"):
+        tracing_from_env("x", env={"OTEL_EXPORTER_OTLP_ENDPOINT": ENDPOINT,
+                                   "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
+
+
+def _record(message: str, **extra) -> logging.LogRecord:
+    record = logging.LogRecord("router.chat", logging.WARNING, __file__, 1, message, None, None)
+    record.__dict__.update(extra)
+    RequestContextFilter().filter(record)
+    return record
+
+
+def test_json_log_lines_carry_the_request_and_trace_ids():
+    provider = TracerProvider()
+    token = request_id_var.set("req_abc")
+    try:
+        with provider.get_tracer("t").start_as_current_span("s") as span:
+            line = JsonFormatter().format(_record("worker %s gone", worker="w1"))
+            context = span.get_span_context()
+    finally:
+        request_id_var.reset(token)
+        provider.shutdown()
+    body = json.loads(line)
+    assert body["message"] == "worker %s gone" and body["level"] == "warning"
+    assert body["request_id"] == "req_abc"
+    assert body["trace_id"] == format(context.trace_id, "032x")
+    assert body["span_id"] == format(context.span_id, "016x")
+    assert body["worker"] == "w1" and body["logger"] == "router.chat"
+    outside = json.loads(JsonFormatter().format(_record("idle")))
+    assert "request_id" not in outside and "trace_id" not in outside
+
+
+def test_configure_logging_writes_one_json_object_per_line(monkeypatch):
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        configure_logging("info", "json")
+        token = request_id_var.set("req_1")
+        logging.getLogger("router.test").info("first")
+        request_id_var.reset(token)
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("router.test").exception("second")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["request_id"] == "req_1" and first["message"] == "first"
+    assert "ValueError: boom" in second["exception"] and "request_id" not in second
+
+
+def test_plan_label_is_none_without_a_principal():
+    assert plan_of(None) == "none"
+
+    class Plan:
+        name = "pro"
+
+    class Principal:
+        plan = Plan()
+
+    assert plan_of(Principal()) == "pro"
+
+
+async def test_router_metrics_route_serves_prometheus_text():
+    app = create_app(load_config(env={}), StaticWorkerSource([]))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://router") as http:
+        bad = await http.post("/v1/chat/completions", content=b"{not json")
+        assert bad.status_code == 400
+        response = await http.get("/metrics")
+    assert response.status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    requests = families["electron:requests"]
+    assert [(s.labels, s.value) for s in requests.samples if s.name.endswith("_total")] == [
+        ({"status": "400", "model": "other", "plan": "none"}, 1.0)]
+    assert set(families) >= {name.removesuffix("_total") for name in (
+        "electron:time_to_first_token_seconds", "electron:inter_token_latency_seconds",
+        "electron:e2e_request_latency_seconds", "electron:router_queue_time_seconds",
+        "electron:routing_decisions_total", "electron:rate_limit_rejections_total")}
+
+
+def test_two_router_metric_sets_count_separately():
+    a, b = RouterMetrics(), RouterMetrics()
+    a.requests.labels("200", "electron", "none").inc()
+    assert b.registry.get_sample_value("electron:requests_total",
+                                       {"status": "200", "model": "electron",
+                                        "plan": "none"}) is None
