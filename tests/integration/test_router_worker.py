@@ -31,6 +31,7 @@ from tests.support.faults import FailGenerate
 from tests.support.openai_schema import validate
 from workers.engine.async_engine import AsyncEngine
 from workers.grpc_service import serve_worker
+from tests.support.tenancy import local_tenancy
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -76,7 +77,9 @@ class Router:
 
 
 async def start_router(endpoints: list[WorkerEndpoint], **router: Any) -> Router:
-    config = load_config(env={}, overrides={"router": {"registry_poll_s": 0.2, **router}})
+    config = load_config(env={}, overrides={"router": {"registry_poll_s": 0.2, **router},
+                                            "auth": {"enabled": False},
+                                            "tenancy": local_tenancy()})
     app = create_app(config, StaticWorkerSource(endpoints))  # loads the model's tokenizer
     sock = listen_socket("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning"))
