@@ -59,3 +59,62 @@ async def drop_redis_prefix(prefix: str, url: str = REDIS_URL) -> None:
             await client.delete(*keys)
     finally:
         await client.aclose()
+
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+class ThrowawayPostgres:
+    """A PostgreSQL server of its own (initdb in a temporary directory, a free port), which a
+    test may stop and start again without touching the shared service. Runs as the
+    ``postgres`` user when the tests run as root (PostgreSQL refuses root)."""
+
+    def __init__(self) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.dir = Path(tempfile.mkdtemp(prefix="electron-pg-"))
+        self.data = self.dir / "data"
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *argv: str) -> None:
+        import subprocess
+
+        command = [str(PG_BIN / argv[0]), *argv[1:]]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
+
+    def init(self) -> None:
+        if os.geteuid() == 0:
+            import shutil
+
+            shutil.chown(self.dir, "postgres")
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust",
+                  "--no-sync")
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-w", "-l", str(self.dir / "log"),
+                  "-o", f"-p {self.port} -h 127.0.0.1 -k {self.dir} -F", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-w", "-m", "fast", "stop")
+
+
+@contextmanager
+def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
+    import shutil
+
+    server = ThrowawayPostgres()
+    server.init()
+    server.start()
+    try:
+        yield server
+    finally:
+        try:
+            server.stop()
+        except Exception:  # already stopped by the test
+            pass
+        shutil.rmtree(server.dir, ignore_errors=True)
