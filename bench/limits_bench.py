@@ -241,11 +241,12 @@ async def enterprise_ttft(serving: Serving, flood_tenants: int, samples: int = 1
                     headers={"Authorization": f"Bearer {key}"},
                     json=body(max_tokens=8, stream=True)) as response:
                 assert response.status_code == 200, await response.aread()
-                async for line in response.aiter_lines():
+                lines = response.aiter_lines()
+                async for line in lines:
                     if line.startswith("data: "):
                         first = time.perf_counter() - t0
                         break
-                async for _ in response.aiter_lines():
+                async for _ in lines:
                     pass
             return first
 
