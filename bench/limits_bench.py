@@ -14,8 +14,10 @@
    inside a minute. Every request past the 200th must get 429: admitted within 2 % of 200.
 3. **Enterprise TTFT under a standard flood**: the enterprise tenant's time to first token
    (streamed, 12 sequential requests) unloaded, then while ``--flood-tenants`` standard
-   tenants each keep their 3 allowed streams busy (64 tokens each, EOS ignored); the ratio
-   loaded / unloaded, target <= 2. Standard requests shed (503) during the flood are counted.
+   tenants each keep their 3 allowed streams busy (64 tokens each, EOS ignored) against a
+   worker whose batch holds ``--max-num-seqs`` sequences; the ratio loaded / unloaded,
+   target <= 2. Standard requests shed (503) during the flood are counted. The random Llama
+   is made wide enough (``--hidden``) that decoding, not the router, is the bottleneck.
 
 Writes the machine's load average and the exact command into the results file: the
 development box (2 cores) is shared, so absolute timings are noisy; the ratios are measured
@@ -126,9 +128,9 @@ class Serving:
     """One worker (the tiny random Llama) and two router replicas sharing Redis and
     PostgreSQL (a schema of its own, dropped at the end)."""
 
-    def __init__(self, redis_url: str, database_url: str, max_num_seqs: int):
-        self.redis_url, self.database_url, self.max_num_seqs = redis_url, database_url, \
-            max_num_seqs
+    def __init__(self, redis_url: str, database_url: str, max_num_seqs: int, hidden: int):
+        self.redis_url, self.database_url = redis_url, database_url
+        self.max_num_seqs, self.hidden = max_num_seqs, hidden
 
     async def __aenter__(self) -> Serving:
         from cluster.config import EngineConfig, load_config
@@ -143,7 +145,9 @@ class Serving:
         import psycopg
 
         self.tmp = Path(tempfile.mkdtemp(prefix="limits-bench-"))
-        tiny = make_tiny_llama_dir(self.tmp / "tiny")
+        # Wide enough that the worker, not the router, is what a flood saturates.
+        tiny = make_tiny_llama_dir(self.tmp / "tiny", hidden=self.hidden, layers=4,
+                                   heads=4, kv_heads=2)
         self.schema = "bench_" + uuid.uuid4().hex[:10]
         with psycopg.connect(self.database_url, autocommit=True) as conn:
             conn.execute(f"CREATE SCHEMA {self.schema}")
@@ -291,7 +295,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"limiter_check": await limiter_latency(args.redis_url,
                                                                      args.checks)}
     if not args.skip_serving:
-        async with Serving(args.redis_url, args.database_url, args.max_num_seqs) as serving:
+        async with Serving(args.redis_url, args.database_url, args.max_num_seqs,
+                           args.hidden) as serving:
             result["two_replicas_shared_rpm"] = await shared_rpm(serving)
             result["enterprise_ttft_under_standard_flood"] = await enterprise_ttft(
                 serving, args.flood_tenants)
@@ -307,7 +312,10 @@ def main() -> None:
     parser.add_argument("--database-url", default=os.environ.get(
         "DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"))
     parser.add_argument("--flood-tenants", type=int, default=12)
-    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-seqs", type=int, default=8,
+                        help="the worker's batch: a flood fills it and queues")
+    parser.add_argument("--hidden", type=int, default=256,
+                        help="hidden size of the random Llama (4 layers)")
     parser.add_argument("--skip-serving", action="store_true")
     args = parser.parse_args()
     load_before = os.getloadavg()

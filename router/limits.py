@@ -24,7 +24,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from cluster.errors import AuthenticationFailed, RateLimited
+from redis.exceptions import RedisError
+
+from cluster.errors import AuthenticationFailed, Overloaded, RateLimited
 from cluster.tenants import Principal
 
 log = logging.getLogger(__name__)
@@ -245,9 +247,17 @@ class RedisLimiter(Limiter):
         plan = principal.plan
         slot_id = uuid.uuid4().hex
         rpm_key, slots_key = self._keys(principal.tenant_id)
-        verdict_code, used, reset_ms = await self._admit(
-            keys=[rpm_key, slots_key, self._revoked_key],
-            args=[plan.rpm, plan.concurrency, slot_id, self._lease_ms, principal.key_id or ""])
+        try:
+            verdict_code, used, reset_ms = await self._admit(
+                keys=[rpm_key, slots_key, self._revoked_key],
+                args=[plan.rpm, plan.concurrency, slot_id, self._lease_ms,
+                      principal.key_id or ""])
+        except RedisError as exc:
+            # Limits cannot be checked: refuse (a 503 the client retries), never serve
+            # unmetered.
+            log.warning("the limit store is unavailable: %s", exc)
+            raise Overloaded("The rate limit store is unavailable; retry shortly.",
+                             retry_after=1.0) from None
         reason = (None, "rpm", "concurrency", "revoked")[int(verdict_code)]
         verdict = Verdict(reason is None, reason, plan.rpm, int(used), int(reset_ms) / 1000)
         if reason is not None:

@@ -261,7 +261,7 @@ async def test_slots_of_a_dead_replica_expire_on_their_own(redis_prefix):
         deadline = time.monotonic() + 5
         while True:  # the leases end 0.5 s after the last renewal
             try:
-                slot = await alive.admit(who)
+                await alive.admit(who)
                 break
             except RateLimited:
                 assert time.monotonic() < deadline, "a dead replica's slots never expired"
@@ -269,10 +269,10 @@ async def test_slots_of_a_dead_replica_expire_on_their_own(redis_prefix):
         # A live replica's slot outlives its lease: the renewer keeps it.
         await asyncio.sleep(1.0)
         assert await alive.slots_in_use("lease-test") == 1
-        slot.release()
     finally:
-        await alive.stop()
-        await dead._redis.aclose()
+        await alive.stop()  # a replica shutting down gives back the slots it holds
+    assert await dead.slots_in_use("lease-test") == 0
+    await dead._redis.aclose()
 
 
 async def test_revoked_key_gets_401_at_once_on_every_replica(clients):
@@ -436,9 +436,16 @@ async def test_ledger_totals_equal_the_usage_clients_saw(clients, gate):
         await response.aclose()
     finally:
         gate.gate.set()
+    # The row is written when the router sees the client gone (after the close returns).
+    async def billed() -> bool:
+        usage = (await cb.get("/v1/usage", headers=auth(key))).json()
+        return usage["totals"]["requests"] == len(seen) + 1
+
+    await wait_until(billed)
     rows = (await cb.get("/v1/usage", headers=auth(key))).json()
     disconnected = [r for r in rows["data"] if r["status"] != "ok"]
     assert len(disconnected) == 1 and disconnected[0]["completion_tokens"] == 1
+    assert disconnected[0]["status"] == "incomplete"
     assert first["choices"][0]["delta"]["role"] == "assistant"
     seen.append({k: disconnected[0][k] for k in ("prompt_tokens", "cached_tokens",
                                                    "completion_tokens")})
