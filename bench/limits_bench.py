@@ -30,10 +30,12 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import logging
 import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -125,24 +127,30 @@ async def _evalsha_stats(client) -> tuple[int, int]:
 # -- 2 and 3: real routers --------------------------------------------------------------------------
 
 class Serving:
-    """One worker (the tiny random Llama) and two router replicas sharing Redis and
-    PostgreSQL (a schema of its own, dropped at the end)."""
+    """One worker (the random Llama) and two router replicas sharing Redis and PostgreSQL
+    (a schema of its own, dropped at the end), each in a process of its own: the load
+    generator's event loop must not be the routers' or the worker's."""
 
     def __init__(self, redis_url: str, database_url: str, max_num_seqs: int, hidden: int):
         self.redis_url, self.database_url = redis_url, database_url
         self.max_num_seqs, self.hidden = max_num_seqs, hidden
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def _spawn(self, *argv: str) -> int:
+        proc = subprocess.Popen([sys.executable, __file__, "--serve", *argv], cwd=ROOT,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.procs.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"a serving process failed to start: {line!r}")
+        return int(line.split()[1])
 
     async def __aenter__(self) -> Serving:
-        from cluster.config import EngineConfig, load_config
-        from cluster.registry import StaticWorkerSource, WorkerEndpoint
-        from router.app import create_app
-        from tests.support.serving import serve_router
+        import psycopg
+
         from tests.support.tenancy import unique_prefix, with_search_path
         from tests.support.tiny_model import make_tiny_llama_dir
-        from workers.engine.async_engine import AsyncEngine
-        from workers.grpc_service import serve_worker
-
-        import psycopg
 
         self.tmp = Path(tempfile.mkdtemp(prefix="limits-bench-"))
         # Wide enough that the worker, not the router, is what a flood saturates.
@@ -151,40 +159,37 @@ class Serving:
         self.schema = "bench_" + uuid.uuid4().hex[:10]
         with psycopg.connect(self.database_url, autocommit=True) as conn:
             conn.execute(f"CREATE SCHEMA {self.schema}")
-        self.engine = AsyncEngine(EngineConfig(
-            model=str(tiny), dtype="float32", kv_cache_bytes=64 * 2**20, max_model_len=1024,
-            max_num_seqs=self.max_num_seqs, torch_threads=1), worker_id="w0", model_id=MODEL)
-        self.server, port = await serve_worker(self.engine, "127.0.0.1", 0, model_id=MODEL)
-        endpoint = WorkerEndpoint("w0", f"127.0.0.1:{port}", MODEL, "default")
         self.prefix = unique_prefix()
+        port = await asyncio.to_thread(self._spawn, "worker", str(tiny), str(self.max_num_seqs))
         self.routers = []
         for i in range(2):
-            config = load_config(env={}, overrides={
+            overrides = {
                 "engine": {"model": str(tiny)},
                 "auth": {"admin_key": ADMIN},
                 "tenancy": {"redis_url": self.redis_url, "redis_prefix": self.prefix,
                             "database_url": with_search_path(self.database_url, self.schema),
-                            "spool_path": str(self.tmp / f"spool{i}.jsonl")}})
-            self.routers.append(await serve_router(create_app(
-                config, StaticWorkerSource([endpoint]))))
+                            "spool_path": str(self.tmp / f"spool{i}.jsonl")}}
+            router_port = await asyncio.to_thread(self._spawn, "router", str(port),
+                                                  json.dumps(overrides))
+            self.routers.append(f"http://127.0.0.1:{router_port}")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         import psycopg
 
-        from tests.support.serving import stop_router
         from tests.support.tenancy import drop_redis_prefix
 
-        await asyncio.gather(*(stop_router(r) for r in self.routers))
-        await self.server.stop(None)
-        self.engine.shutdown()
+        for proc in reversed(self.procs):  # routers first, then the worker
+            assert proc.stdin is not None
+            proc.stdin.close()
+            await asyncio.to_thread(proc.wait, 60)
         await drop_redis_prefix(self.prefix, self.redis_url)
         with psycopg.connect(self.database_url, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {self.schema} CASCADE")
 
     async def tenant(self, client, plan: str) -> str:
         response = await client.post(
-            f"{self.routers[0].base}/v1/admin/tenants", headers={"Authorization":
+            f"{self.routers[0]}/v1/admin/tenants", headers={"Authorization":
                                                                  f"Bearer {ADMIN}"},
             json={"tenant_id": f"{plan}-{uuid.uuid4().hex[:8]}", "plan": plan})
         response.raise_for_status()
@@ -214,7 +219,7 @@ async def shared_rpm(serving: Serving, attempts: int = 600, parallel: int = 16
                 i = next_attempt
                 next_attempt += 1
                 response = await client.post(
-                    f"{serving.routers[i % 2].base}/v1/chat/completions", headers=headers,
+                    f"{serving.routers[i % 2]}/v1/chat/completions", headers=headers,
                     json=body(max_tokens=1))
                 statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
                 if response.status_code == 200:
@@ -241,7 +246,7 @@ async def enterprise_ttft(serving: Serving, flood_tenants: int, samples: int = 1
         async def ttft() -> float:
             t0 = time.perf_counter()
             async with client.stream(
-                    "POST", f"{serving.routers[0].base}/v1/chat/completions",
+                    "POST", f"{serving.routers[0]}/v1/chat/completions",
                     headers={"Authorization": f"Bearer {key}"},
                     json=body(max_tokens=8, stream=True)) as response:
                 assert response.status_code == 200, await response.aread()
@@ -265,12 +270,12 @@ async def enterprise_ttft(serving: Serving, flood_tenants: int, samples: int = 1
         async def flood_stream(key: str, replica: int) -> None:
             while not stop.is_set():
                 async with client.stream(
-                        "POST", f"{serving.routers[replica].base}/v1/chat/completions",
+                        "POST", f"{serving.routers[replica]}/v1/chat/completions",
                         headers={"Authorization": f"Bearer {key}"},
                         json=body(max_tokens=64, ignore_eos=True, stream=True)) as response:
                     flood_status[response.status_code] = \
                         flood_status.get(response.status_code, 0) + 1
-                    async for _ in response.aiter_lines():
+                    async for _ in response.aiter_raw():  # the load, not its parsing
                         pass
                     if response.status_code != 200:
                         retry = float(response.headers.get("retry-after", "1"))
@@ -289,6 +294,39 @@ async def enterprise_ttft(serving: Serving, flood_tenants: int, samples: int = 1
             "ratio_p50": round(lo / un, 3), "target_ratio": TARGET_TTFT_RATIO,
             "meets_target": lo / un <= TARGET_TTFT_RATIO,
             "flood_statuses": {str(k): v for k, v in sorted(flood_status.items())}}
+
+
+async def serve_child(role: str, argv: list[str]) -> None:
+    """A serving process: prints ``PORT n``, serves until its stdin closes."""
+    from cluster.config import EngineConfig, load_config
+    from cluster.registry import StaticWorkerSource, WorkerEndpoint
+
+    loop = asyncio.get_running_loop()
+    if role == "worker":
+        from workers.engine.async_engine import AsyncEngine
+        from workers.grpc_service import serve_worker
+
+        tiny, max_num_seqs = argv
+        engine = AsyncEngine(EngineConfig(
+            model=tiny, dtype="float32", kv_cache_bytes=64 * 2**20, max_model_len=1024,
+            max_num_seqs=int(max_num_seqs), torch_threads=1), worker_id="w0", model_id=MODEL)
+        server, port = await serve_worker(engine, "127.0.0.1", 0, model_id=MODEL)
+        print(f"PORT {port}", flush=True)
+        await loop.run_in_executor(None, sys.stdin.read)
+        await server.stop(1)
+        engine.shutdown()
+        return
+    from router.app import create_app
+    from tests.support.serving import serve_router, stop_router
+
+    worker_port, overrides = argv
+    endpoint = WorkerEndpoint("w0", f"127.0.0.1:{worker_port}", MODEL, "default")
+    app = create_app(load_config(env={}, overrides=json.loads(overrides)),
+                     StaticWorkerSource([endpoint]))
+    router = await serve_router(app)
+    print(f"PORT {router.base.rsplit(':', 1)[1]}", flush=True)
+    await loop.run_in_executor(None, sys.stdin.read)
+    await stop_router(router)
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -317,9 +355,16 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256,
                         help="hidden size of the random Llama (4 layers)")
     parser.add_argument("--skip-serving", action="store_true")
+    parser.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)  # a child process
     args = parser.parse_args()
-    load_before = os.getloadavg()
     import uvloop
+
+    if args.serve:
+        logging.basicConfig(level=logging.ERROR)
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(serve_child(args.serve[0], args.serve[1:]))
+        return
+    load_before = os.getloadavg()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         result = runner.run(main_async(args))

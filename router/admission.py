@@ -79,12 +79,12 @@ class Admission:
         if self._finished:
             return
         self._finished = True
-        if self._slot is not None:
-            self._slot.release()
         meter = self.terms.meter
         if status is None:
             status = "ok" if meter.finished else "incomplete"
         prompt = meter.prompt_tokens if meter.started else 0
+        if self._slot is not None:
+            self._slot.release(prompt + meter.completion_tokens)
         principal = self.principal
         self._tenancy.ledger.record(UsageRow(
             request_id=self.request_id,

@@ -24,6 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from cluster.errors import AuthenticationFailed, Overloaded, RateLimited
@@ -33,10 +34,11 @@ log = logging.getLogger(__name__)
 
 WINDOW_S = 60.0
 
-# KEYS: rpm log, concurrency leases, revoked key ids.
-# ARGV: rpm limit, concurrency limit, slot id, lease ms, key id.
-# Returns {verdict, rpm used, ms until the oldest entry leaves the window}; verdict 0 admitted,
-# 1 over the RPM limit, 2 over the concurrency limit, 3 revoked key.
+# KEYS: rpm log, concurrency leases, revoked key ids, this minute's token count.
+# ARGV: rpm limit, concurrency limit, slot id, lease ms, key id, tpm limit (0: none), ms left
+# in this minute.
+# Returns {verdict, rpm used, ms until the limit resets}; verdict 0 admitted, 1 over the RPM
+# limit, 2 over the concurrency limit, 3 revoked key, 4 over the tokens-per-minute limit.
 _ADMIT_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -56,6 +58,9 @@ if used >= tonumber(ARGV[1]) then
 end
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then
   return {2, used, reset}
+end
+if tonumber(ARGV[6]) > 0 and tonumber(redis.call('GET', KEYS[4]) or '0') >= tonumber(ARGV[6]) then
+  return {4, used, tonumber(ARGV[7])}
 end
 local lease = tonumber(ARGV[4])
 redis.call('ZADD', KEYS[1], now, ARGV[3])
@@ -81,7 +86,7 @@ return 0
 @dataclass(frozen=True)
 class Verdict:
     admitted: bool
-    reason: str | None   # None, "rpm", "concurrency" or "revoked"
+    reason: str | None   # None, "rpm", "concurrency", "tpm" or "revoked"
     rpm_limit: int
     rpm_used: int
     reset_s: float       # until the oldest request in the window leaves it
@@ -111,16 +116,24 @@ class Slot:
     _limiter: Limiter = field(repr=False)
     _released: bool = field(default=False, repr=False)
 
-    def release(self) -> None:
+    def release(self, tokens: int = 0) -> None:
+        """Gives the slot back; ``tokens`` (prompt + completion) count against the plan's
+        tokens per minute."""
         if not self._released:
             self._released = True
-            self._limiter._release(self)
+            self._limiter._release(self, tokens)
 
 
 def refusal(verdict: Verdict, principal: Principal) -> Exception:
     if verdict.reason == "revoked":
         return AuthenticationFailed("Incorrect API key provided: this key was revoked.")
     plan = principal.plan
+    if verdict.reason == "tpm":
+        return RateLimited(
+            f"Rate limit reached for tenant {principal.tenant_id} on tokens per minute "
+            f"(TPM): limit {plan.tpm}. Please try again in {duration(verdict.reset_s)}.",
+            retry_after=verdict.reset_s, code="rate_limit_exceeded",
+            headers={**verdict.headers(), "x-ratelimit-limit-tokens": str(plan.tpm)})
     if verdict.reason == "rpm":
         return RateLimited(
             f"Rate limit reached for tenant {principal.tenant_id} on requests per minute "
@@ -152,7 +165,7 @@ class Limiter:
     async def is_revoked(self, key_id: str) -> bool:
         raise NotImplementedError
 
-    def _release(self, slot: Slot) -> None:
+    def _release(self, slot: Slot, tokens: int) -> None:
         raise NotImplementedError
 
     def in_flight(self, tenant_id: str) -> int:
@@ -165,6 +178,7 @@ class InProcessLimiter(Limiter):
         self._log: dict[str, collections.deque[float]] = collections.defaultdict(
             collections.deque)
         self._held: dict[str, set[str]] = collections.defaultdict(set)
+        self._tokens: dict[str, tuple[int, int]] = {}  # tenant -> (minute, tokens used)
         self._revoked: set[str] = set()
 
     async def admit(self, principal: Principal) -> Slot:
@@ -182,6 +196,8 @@ class InProcessLimiter(Limiter):
             reason = "rpm"
         elif len(self._held[tenant]) >= plan.concurrency:
             reason = "concurrency"
+        elif plan.tpm is not None and self._tokens_this_minute(tenant) >= plan.tpm:
+            reason, reset = "tpm", 60 - time.time() % 60
         if reason is not None:
             raise refusal(Verdict(False, reason, plan.rpm, used, reset), principal)
         entries.append(now)
@@ -189,8 +205,15 @@ class InProcessLimiter(Limiter):
         self._held[tenant].add(slot_id)
         return Slot(tenant, slot_id, Verdict(True, None, plan.rpm, used + 1, reset), self)
 
-    def _release(self, slot: Slot) -> None:
+    def _release(self, slot: Slot, tokens: int) -> None:
         self._held[slot.tenant_id].discard(slot.slot_id)
+        if tokens:
+            self._tokens[slot.tenant_id] = (int(time.time() // 60),
+                                            self._tokens_this_minute(slot.tenant_id) + tokens)
+
+    def _tokens_this_minute(self, tenant_id: str) -> int:
+        minute, used = self._tokens.get(tenant_id, (0, 0))
+        return used if minute == int(time.time() // 60) else 0
 
     async def revoke(self, key_id: str) -> None:
         self._revoked.add(key_id)
@@ -204,8 +227,6 @@ class InProcessLimiter(Limiter):
 
 class RedisLimiter(Limiter):
     def __init__(self, url: str, *, prefix: str = "electron:", slot_lease_s: float = 30.0):
-        import redis.asyncio as aioredis  # only deployments with Redis need it loaded
-
         self._redis = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3)
         self._prefix = prefix
         self._lease_ms = max(1, int(slot_lease_s * 1000))
@@ -247,36 +268,47 @@ class RedisLimiter(Limiter):
         plan = principal.plan
         slot_id = uuid.uuid4().hex
         rpm_key, slots_key = self._keys(principal.tenant_id)
+        now = time.time()
         try:
             verdict_code, used, reset_ms = await self._admit(
-                keys=[rpm_key, slots_key, self._revoked_key],
+                keys=[rpm_key, slots_key, self._revoked_key,
+                      self._tpm_key(principal.tenant_id, now)],
                 args=[plan.rpm, plan.concurrency, slot_id, self._lease_ms,
-                      principal.key_id or ""])
+                      principal.key_id or "", plan.tpm or 0, int((60 - now % 60) * 1000)])
         except RedisError as exc:
             # Limits cannot be checked: refuse (a 503 the client retries), never serve
             # unmetered.
             log.warning("the limit store is unavailable: %s", exc)
             raise Overloaded("The rate limit store is unavailable; retry shortly.",
                              retry_after=1.0) from None
-        reason = (None, "rpm", "concurrency", "revoked")[int(verdict_code)]
+        reason = (None, "rpm", "concurrency", "revoked", "tpm")[int(verdict_code)]
         verdict = Verdict(reason is None, reason, plan.rpm, int(used), int(reset_ms) / 1000)
         if reason is not None:
             raise refusal(verdict, principal)
         self._held[principal.tenant_id].add(slot_id)
         return Slot(principal.tenant_id, slot_id, verdict, self)
 
-    def _release(self, slot: Slot) -> None:
+    def _tpm_key(self, tenant_id: str, now: float) -> str:
+        return f"{self._prefix}{{{tenant_id}}}:tpm:{int(now // 60)}"
+
+    def _release(self, slot: Slot, tokens: int) -> None:
         self._held[slot.tenant_id].discard(slot.slot_id)
-        task = asyncio.get_running_loop().create_task(
-            self._zrem(self._keys(slot.tenant_id)[1], slot.slot_id))
+        task = asyncio.get_running_loop().create_task(self._give_back(slot, tokens))
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
 
-    async def _zrem(self, key: str, slot_id: str) -> None:
+    async def _give_back(self, slot: Slot, tokens: int) -> None:
         try:
-            await self._redis.zrem(key, slot_id)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.zrem(self._keys(slot.tenant_id)[1], slot.slot_id)
+                if tokens:
+                    key = self._tpm_key(slot.tenant_id, time.time())
+                    pipe.incrby(key, tokens)
+                    pipe.expire(key, 120)
+                await pipe.execute()
         except Exception as exc:  # the lease expires on its own
-            log.warning("releasing slot %s failed (it expires with its lease): %s", slot_id, exc)
+            log.warning("releasing slot %s failed (it expires with its lease): %s",
+                        slot.slot_id, exc)
 
     async def _renew_loop(self) -> None:
         while True:

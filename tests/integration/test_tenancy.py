@@ -275,6 +275,23 @@ async def test_slots_of_a_dead_replica_expire_on_their_own(redis_prefix):
     await dead._redis.aclose()
 
 
+async def test_tokens_per_minute_hold_across_replicas(redis_prefix):
+    plan = Plan("metered", rpm=100, concurrency=5, tpm=500, priority=0, max_context=None,
+                shed_queue_per_worker=8)
+    who = Principal("tpm-test", "k1", plan, "s", None)
+    a = RedisLimiter(REDIS_URL, prefix=redis_prefix)
+    b = RedisLimiter(REDIS_URL, prefix=redis_prefix)
+    try:
+        (await a.admit(who)).release(tokens=300)
+        (await b.admit(who)).release(tokens=200)
+        await a.stop()  # waits for its releases to land
+        with pytest.raises(RateLimited) as over:
+            await b.admit(who)
+        assert over.value.headers["x-ratelimit-limit-tokens"] == "500"
+    finally:
+        await b.stop()
+
+
 async def test_revoked_key_gets_401_at_once_on_every_replica(clients):
     ca, cb = clients
     _, key, key_id = await new_tenant(ca, "standard")

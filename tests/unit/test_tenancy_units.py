@@ -92,3 +92,17 @@ async def test_ledger_writes_every_row_once_and_flushes_on_stop(tmp_path):
     assert usage["totals"]["requests"] == 5
     assert Decimal(usage["totals"]["cost"]) == 5 * PRICES.cost(100, 32, 10)
     assert (await ledger.usage("other", now - 1, now + 1))["totals"]["requests"] == 0
+
+
+async def test_tokens_per_minute_refuse_once_the_minutes_tokens_are_spent():
+    limiter = InProcessLimiter()
+    plan = Plan("metered", rpm=100, concurrency=5, tpm=1000, priority=0, max_context=None,
+                shed_queue_per_worker=8)
+    who = Principal("acme", "key_1", plan, "tenant:acme", None)
+    (await limiter.admit(who)).release(tokens=999)
+    (await limiter.admit(who)).release(tokens=1)
+    with pytest.raises(RateLimited) as over:
+        await limiter.admit(who)
+    assert over.value.code == "rate_limit_exceeded" and "TPM" in over.value.message
+    assert over.value.headers["x-ratelimit-limit-tokens"] == "1000"
+    assert 0 < over.value.retry_after <= 60
