@@ -41,7 +41,7 @@ from tests.support.tiny_model import make_tiny_llama_dir
 from workers.engine.async_engine import AsyncEngine
 from workers.grpc_service import serve_worker
 
-pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 MODEL = "electron"
 ADMIN = "sk-admin-test"
