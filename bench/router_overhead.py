@@ -209,7 +209,11 @@ async def _serve_router(conn: Any, spec: ChildSpec) -> None:
         def capture_signals(self):  # type: ignore[no-untyped-def]
             yield  # SIGTERM and the pipe are _serve_control's
 
-    config = load_config(env={}, overrides={"engine": {"model": spec.model}})
+    # Auth off explicitly: this measures the serving path (the ledger still records).
+    config = load_config(env={}, overrides={
+        "engine": {"model": spec.model}, "auth": {"enabled": False},
+        "tenancy": {"sqlite_path": f"{tempfile.gettempdir()}/router-overhead-{os.getpid()}.db",
+                    "spool_path": f"{tempfile.gettempdir()}/router-overhead-{os.getpid()}.spool"}})
     worker = WorkerEndpoint("bench-w0", f"127.0.0.1:{spec.worker_port}", MODEL_ID, "default")
     app = create_app(config, StaticWorkerSource([worker]))
     sock = spec.listen

@@ -117,7 +117,8 @@ class Cluster:
                "--model", a.model, "--kv-cache-mb", str(a.kv_cache_mb),
                "--torch-threads", str(a.torch_threads), "--port", str(self.port),
                "--log-level", "info"]
-        env = {**os.environ, "RAY_AUTH_MODE": "disabled",
+        # Auth off explicitly: this compares routing; limits would cut the workload short.
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "ELECTRON_AUTH__ENABLED": "false",
                "ELECTRON_ENGINE__MAX_MODEL_LEN": str(a.max_model_len)}
         for item in a.router_set:
             key, sep, value = item.partition("=")

@@ -3,6 +3,7 @@
     electron-serve up [--workers N] [--port 8000] [--model PATH_OR_NAME]   everything, locally
     electron-serve router --ray-address ADDR [--port 8000]                 a router on a cluster
     electron-serve worker --ray-address ADDR [--workers N] [--model ...]  workers on a cluster
+    electron-serve tenants add|add-key|list|revoke-key|plans ...          tenants and keys
 
 Flags override environment variables, which override the YAML file (``--config``); the
 merged result is validated once by ``cluster.config.load_config``.
@@ -18,6 +19,7 @@ from typing import Any
 
 import uvloop
 
+from cluster import tenants_cli
 from cluster.config import Config, ConfigError, load_config
 from cluster.logs import configure_logging
 
@@ -60,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="a router joining an existing Ray cluster")
     commands.add_parser("worker", parents=[common, joining, scale, engine],
                         help="worker actors joining an existing Ray cluster")
+    tenants_cli.add_parser(commands, [common])
     return parser
 
 
@@ -97,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(args.log_level, config.observability.log_format)
 
+    if args.command == "tenants":
+        return tenants_cli.run(args, config)
     # Imported here: Ray and uvicorn take a second to import, and --help should not wait.
     from cluster import launcher
 

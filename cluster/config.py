@@ -83,9 +83,65 @@ class RouterConfig(_Frozen):
 
 
 class AuthConfig(_Frozen):
-    enabled: bool = False
-    # Keys accepted while tenants are not configured (the embedded default prints one).
+    # On unless turned off explicitly; `electron-serve up` prints a ready-made key.
+    enabled: bool = True
+    # Keys from the config (no database): they act for the tenant `static_tenant` on the plan
+    # `static_plan`. Keys made by `electron-serve tenants` live (hashed) in the database.
     static_keys: tuple[str, ...] = ()
+    static_tenant: str = "local"
+    static_plan: str = "enterprise"
+    # The key of the admin API (/v1/admin/...) and of `GET /v1/usage` over every tenant.
+    admin_key: str | None = None
+    # Seconds a key found in the database is trusted before it is looked up again (a
+    # revocation reaches every replica at once through Redis, or this replica's cache).
+    key_cache_ttl_s: float = Field(30.0, ge=0)
+
+
+class PlanConfig(_Frozen):
+    rpm: int = Field(ge=1)                 # requests per minute, per tenant
+    concurrency: int = Field(ge=1)         # requests in flight, per tenant
+    tpm: int | None = Field(None, ge=1)    # tokens (prompt + completion) per minute
+    # Higher is admitted first by the workers' schedulers (and preempted last).
+    priority: int = Field(0, ge=0, le=1000)
+    max_context: int | None = Field(None, ge=16)
+    # Requests waiting in the workers' queues, per worker, beyond which this plan's requests
+    # are shed (503 overloaded) instead of queued.
+    shed_queue_per_worker: int = Field(16, ge=1)
+
+
+BUILTIN_PLANS: dict[str, PlanConfig] = {
+    "standard": PlanConfig(rpm=10, concurrency=3, priority=0, shed_queue_per_worker=8),
+    "enterprise": PlanConfig(rpm=200, concurrency=20, priority=100, shed_queue_per_worker=64),
+}
+
+
+class TenancyConfig(_Frozen):
+    # Plans beside (or replacing) the built-in `standard` and `enterprise`.
+    plans: dict[str, PlanConfig] = {}
+    # Limits shared by every router replica: a Redis URL (None: in process, one replica).
+    redis_url: str | None = None
+    redis_prefix: str = "electron:"
+    # A router replica holds a concurrency slot by renewing its lease; a dead replica's
+    # slots expire after this long.
+    slot_lease_s: float = Field(30.0, gt=0)
+    # Tenants, keys and the usage ledger: PostgreSQL when set, else the SQLite file.
+    database_url: str | None = None
+    sqlite_path: str = "~/.local/share/electron-serve/electron.db"
+    # Ledger rows wait here while the database is down (one JSON line each).
+    spool_path: str = "~/.local/share/electron-serve/ledger-spool.jsonl"
+    ledger_flush_s: float = Field(0.5, gt=0)
+    ledger_batch: int = Field(200, ge=1)
+    # US dollars per million tokens (API.md); cached prompt tokens are billed at the cached
+    # price instead of the input price.
+    price_input: str = "0.40"
+    price_cached_input: str = "0.10"
+    price_output: str = "1.60"
+
+    def plan(self, name: str) -> PlanConfig | None:
+        return self.plans.get(name) or BUILTIN_PLANS.get(name)
+
+    def plan_names(self) -> list[str]:
+        return sorted({*BUILTIN_PLANS, *self.plans})
 
 
 class ClusterConfig(_Frozen):
@@ -112,6 +168,7 @@ class Config(_Frozen):
     engine: EngineConfig = EngineConfig()
     router: RouterConfig = RouterConfig()
     auth: AuthConfig = AuthConfig()
+    tenancy: TenancyConfig = TenancyConfig()
     cluster: ClusterConfig = ClusterConfig()
     observability: ObservabilityConfig = ObservabilityConfig()
 

@@ -265,6 +265,17 @@ def _banner(config: Config, port: int, workers: WorkerSet | None) -> str:
     return "\n".join(lines)
 
 
+def with_ready_made_key(config: Config) -> Config:
+    """The embedded default keeps auth on: with no key configured, ``up`` makes one for this
+    run (printed in the banner) instead of serving without auth."""
+    if not config.auth.enabled or config.auth.static_keys:
+        return config
+    from cluster.tenants import new_key
+
+    auth = config.auth.model_copy(update={"static_keys": (new_key().key,)})
+    return config.model_copy(update={"auth": auth})
+
+
 async def run_up(config: Config, log_level: str = "info") -> None:
     """``electron-serve up``: local Ray, ``cluster.workers`` workers and the router."""
     if config.cluster.ray_address:
@@ -272,6 +283,7 @@ async def run_up(config: Config, log_level: str = "info") -> None:
                           "use `electron-serve worker` and `router` to join a cluster")
     if config.cluster.workers < 1:
         raise ConfigError("`up` needs at least one worker")
+    config = with_ready_made_key(config)
     sock = listen_socket(config.router.host, config.router.port)
     workers = WorkerSet(config)
     registry = None

@@ -7,7 +7,6 @@ least one worker connected) need no key.
 
 from __future__ import annotations
 
-import hmac
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,11 +17,12 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.responses import Response
 
 from cluster.config import Config
-from cluster.errors import AuthenticationFailed, ModelNotFound, NoWorkers
+from cluster.errors import ModelNotFound, NoWorkers
 from cluster.model_files import resolve_model_path
 from cluster.telemetry import DISABLED, Tracing
 from cluster.tokenizer import Tokenizer
-from router import observe, sse
+from router import observe, sse, tenancy_routes
+from router.admission import Admission, Tenancy
 from router.chat import ChatService, system_fingerprint
 from router.errors import error_response, install_error_handlers
 from router.failover import CircuitBreaker
@@ -48,30 +48,18 @@ def _json(body: Any, status: int = 200) -> Response:
 # -- auth -------------------------------------------------------------------------------------------
 
 # async: a plain def dependency would hop to a thread pool on every request.
-async def require_api_key(request: Request) -> None:
-    """``Authorization: Bearer <key>`` with a key from ``auth.static_keys`` (when enabled)."""
-    auth = request.app.state.config.auth
-    if not auth.enabled:
-        return
-    header = request.headers.get("authorization")
-    if not header:
-        raise AuthenticationFailed(
-            "You didn't provide an API key. Provide it in an Authorization header using "
-            "Bearer auth (Authorization: Bearer YOUR_KEY).")
-    scheme, _, key = header.partition(" ")
-    key = key.strip().encode()
-    if scheme.lower() != "bearer" or not key:
-        raise AuthenticationFailed("The Authorization header must be 'Bearer YOUR_KEY'.")
-    # Compare against every key, in constant time each: no early exit on a prefix match.
-    matches = [hmac.compare_digest(key, known.encode()) for known in auth.static_keys]
-    if not any(matches):
-        raise AuthenticationFailed("Incorrect API key provided.")
-
-
 async def authenticate(request: Request) -> None:
-    """Authentication and limits, under one span."""
-    with observe.span("auth_and_limits"):
-        await require_api_key(request)
+    """The request's ``Principal`` on ``request.state.principal`` (None while auth is off)."""
+    with observe.span("auth"):
+        request.state.principal = await request.app.state.tenancy.authenticate(
+            request.headers.get("authorization"))
+
+
+async def authenticate_chat(request: Request) -> None:
+    """As ``authenticate``; the revocation check comes with the limits' round trip."""
+    with observe.span("auth"):
+        request.state.principal = await request.app.state.tenancy.authenticate(
+            request.headers.get("authorization"), check_revoked=False)
 
 
 # -- routes -----------------------------------------------------------------------------------------
@@ -83,17 +71,37 @@ async def chat_completions(request: Request) -> Response:
     observe.set_model(req.model, state.config.router.model_id)
     chat: ChatService = state.chat
     request_id = request.state.request_id
-    if req.stream:
-        generation = await sse.until_disconnected(request.receive,
-                                                  chat.start_stream(req, request_id))
-        if generation is None:
-            return Response(status_code=sse.CLIENT_CLOSED_REQUEST)
-        return sse.EventStreamResponse(sse.chat_chunks(generation, chat.fingerprint),
-                                       on_close=generation.close)
-    body = await sse.until_disconnected(request.receive, chat.complete(req, request_id))
-    if body is None:
-        return Response(status_code=sse.CLIENT_CLOSED_REQUEST)
-    return _json(body)
+    with observe.span("limits"):
+        admission: Admission = await state.tenancy.admit(request.state.principal, req.model,
+                                                         request_id)
+    # Every path below ends in admission.finish (the slot back, the ledger row), once.
+    try:
+        if req.stream:
+            generation = await sse.until_disconnected(
+                request.receive, chat.start_stream(req, request_id, admission.terms))
+            if generation is None:
+                admission.finish("disconnected")
+                return Response(status_code=sse.CLIENT_CLOSED_REQUEST)
+
+            def on_close() -> None:
+                generation.close()
+                admission.finish()
+
+            response: Response = sse.EventStreamResponse(
+                sse.chat_chunks(generation, chat.fingerprint), on_close=on_close)
+        else:
+            body = await sse.until_disconnected(request.receive,
+                                                chat.complete(req, request_id, admission.terms))
+            if body is None:
+                admission.finish("disconnected")
+                return Response(status_code=sse.CLIENT_CLOSED_REQUEST)
+            admission.finish()
+            response = _json(body)
+    except BaseException:
+        admission.finish("error")
+        raise
+    response.headers.update(admission.headers())
+    return response
 
 
 async def list_models(request: Request) -> Response:
@@ -146,13 +154,19 @@ def create_app(config: Config, worker_source: WorkerSource,
                        first_token_timeout_s=settings.first_token_timeout_s,
                        fingerprint=system_fingerprint(config.engine.model))
 
+    tenancy = Tenancy(config, pool)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await pool.start()
+        await tenancy.start()
         try:
-            yield
+            await pool.start()
+            try:
+                yield
+            finally:
+                await pool.stop()  # ends open streams: their admissions finish
         finally:
-            await pool.stop()
+            await tenancy.stop()
 
     app = FastAPI(title="Electron Serve", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -160,6 +174,7 @@ def create_app(config: Config, worker_source: WorkerSource,
     app.state.pool = pool
     app.state.chat = chat
     app.state.metrics = RouterMetrics()
+    app.state.tenancy = tenancy
     app.state.model_card = {"id": settings.model_id, "object": "model",
                             "created": int(time.time()), "owned_by": OWNED_BY}
     install_error_handlers(app)
@@ -168,12 +183,16 @@ def create_app(config: Config, worker_source: WorkerSource,
                        tracing=tracing)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
 
+    chat_api = APIRouter(dependencies=[Depends(authenticate_chat)])
+    chat_api.add_api_route("/chat/completions", chat_completions, methods=["POST"])
     api = APIRouter(dependencies=[Depends(authenticate)])
-    api.add_api_route("/chat/completions", chat_completions, methods=["POST"])
     api.add_api_route("/models", list_models, methods=["GET"])
     api.add_api_route("/models/{model_id:path}", get_model, methods=["GET"])
+    api.add_api_route("/usage", tenancy_routes.usage, methods=["GET"])
     for base in BASE_PATHS:
+        app.include_router(chat_api, prefix=base)
         app.include_router(api, prefix=base)
+    app.include_router(tenancy_routes.admin_routes(), prefix="/v1/admin")
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/ready", ready, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])

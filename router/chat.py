@@ -70,6 +70,51 @@ def system_fingerprint(model: str) -> str:
     return "fp_" + xxhash.xxh3_64_hexdigest(model.encode())[:10]
 
 
+@dataclass
+class Meter:
+    """What one request has used so far, for the usage ledger: every delta the client is
+    sent passes ``observe``. A retry on another worker starts it again (``start``)."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    started: bool = False    # a worker's first delta arrived: the prompt was computed
+    choices_left: int = 0
+
+    def start(self, prompt_tokens: int, n: int) -> None:
+        self.prompt_tokens, self.cached_tokens, self.completion_tokens = prompt_tokens, 0, 0
+        self.started, self.choices_left = True, n
+
+    def observe(self, message: pb.GenerateResponse) -> None:
+        self.completion_tokens += len(message.token_ids)
+        if message.finish_reason and message.finish_reason not in _WORKER_GAVE_UP:
+            self.choices_left -= 1
+            self.cached_tokens = min(self.prompt_tokens,
+                                     max(self.cached_tokens, message.usage.cached_tokens))
+
+    @property
+    def finished(self) -> bool:
+        return self.started and self.choices_left <= 0
+
+
+@dataclass(frozen=True)
+class TenantTerms:
+    """What the tenant's plan adds to a request (router.admission builds it)."""
+
+    priority: int = 0                 # the wire's: higher first
+    cache_salt: str = ""              # the tenant's salt, mixed into every block hash
+    max_context: int | None = None    # the plan's cap on prompt + completion tokens
+    meter: Meter = field(default_factory=Meter)
+
+
+def effective_cache_salt(req: ChatCompletionRequest, terms: TenantTerms | None) -> str:
+    """The tenant's salt, then the request's own: a client's ``cache_salt`` can narrow its
+    tenant's cache sharing but never reach another tenant's (tenant salts hold no '|')."""
+    if terms is None or not terms.cache_salt:
+        return req.cache_salt or ""
+    return terms.cache_salt + "|" + (req.cache_salt or "")
+
+
 @dataclass(frozen=True)
 class Prepared:
     """A request ready to send to any worker."""
@@ -82,6 +127,7 @@ class Prepared:
     prompt_token_ids: list[int]
     grammar: str | None = None      # the grammar spec's JSON (router/grammar_spec.py)
     tools: ToolUse | None = None    # set: the output is parsed for tool calls
+    terms: TenantTerms | None = None
 
     @property
     def n(self) -> int:
@@ -90,7 +136,8 @@ class Prepared:
 
 def to_generate_request(req: ChatCompletionRequest, *, request_id: str,
                         prompt_token_ids: Sequence[int], max_tokens: int,
-                        model: str, grammar: str | None = None) -> pb.GenerateRequest:
+                        model: str, grammar: str | None = None,
+                        terms: TenantTerms | None = None) -> pb.GenerateRequest:
     """The wire request. Every sampling field is set explicitly: proto3 reads an unset scalar
     as 0, and temperature 0 means greedy."""
     if req.top_p is None:
@@ -121,9 +168,11 @@ def to_generate_request(req: ChatCompletionRequest, *, request_id: str,
         sampling.grammar = grammar
     return pb.GenerateRequest(
         request_id=request_id, token_ids=prompt_token_ids, sampling=sampling,
-        cache_salt=req.cache_salt or "",
-        # The request's priority is vLLM's (lower first); the wire's is higher first.
-        priority=-(req.priority or 0),
+        cache_salt=effective_cache_salt(req, terms),
+        # A tenant's requests carry its plan's priority (a client cannot raise its own);
+        # without tenancy the request's priority is vLLM's (lower first), the wire's is
+        # higher first.
+        priority=terms.priority if terms is not None else -(req.priority or 0),
         model=model)
 
 
@@ -222,8 +271,11 @@ class Generation:
 
     async def responses(self) -> AsyncIterator[pb.GenerateResponse]:
         """Every delta; WorkerUnavailable when the worker gives the request up."""
+        terms = self.prepared.terms
         yield _checked(self.first, self.lease.worker.worker_id)
         async for message in self.stream:
+            if terms is not None:  # the first delta was counted when it arrived
+                terms.meter.observe(message)
             yield _checked(message, self.lease.worker.worker_id)
 
     def close(self) -> None:
@@ -279,7 +331,8 @@ class ChatService:
         self._first_token_timeout_s = first_token_timeout_s
         self.fingerprint = fingerprint
 
-    async def prepare(self, req: ChatCompletionRequest, request_id: str) -> Prepared:
+    async def prepare(self, req: ChatCompletionRequest, request_id: str,
+                      terms: TenantTerms | None = None) -> Prepared:
         if req.model != self.model_id:
             raise ModelNotFound(f"The model '{req.model}' does not exist or you do not have "
                                 "access to it.", param="model")
@@ -297,15 +350,19 @@ class ChatService:
                 span.set_attribute("gen_ai.usage.input_tokens", len(ids))
         return Prepared(request=req, request_id=request_id,
                         completion_id="chatcmpl-" + uuid.uuid4().hex, created=int(time.time()),
-                        model=self.model_id, prompt_token_ids=ids, grammar=grammar, tools=tools)
+                        model=self.model_id, prompt_token_ids=ids, grammar=grammar, tools=tools,
+                        terms=terms)
 
-    async def start_stream(self, req: ChatCompletionRequest, request_id: str) -> Generation:
+
+    async def start_stream(self, req: ChatCompletionRequest, request_id: str,
+                           terms: TenantTerms | None = None) -> Generation:
         """An open generation whose first delta has arrived (the caller must ``close()`` it)."""
-        return await self._open(await self.prepare(req, request_id), _Attempts())
+        return await self._open(await self.prepare(req, request_id, terms), _Attempts())
 
-    async def complete(self, req: ChatCompletionRequest, request_id: str) -> dict[str, Any]:
+    async def complete(self, req: ChatCompletionRequest, request_id: str,
+                       terms: TenantTerms | None = None) -> dict[str, Any]:
         """The whole non-streaming response body."""
-        prepared = await self.prepare(req, request_id)
+        prepared = await self.prepare(req, request_id, terms)
         attempts = _Attempts()
         while True:
             generation = await self._open(prepared, attempts)
@@ -327,7 +384,8 @@ class ChatService:
         if self._pool.policy.uses_text:
             text = " ".join(m.content for m in req.messages if isinstance(m.content, str))
         info = self._pool.request_info(prepared.completion_id, prepared.prompt_token_ids,
-                                       cache_salt=req.cache_salt or "", text=text)
+                                       cache_salt=effective_cache_salt(req, prepared.terms),
+                                       text=text)
         while True:
             try:
                 lease = self._pool.acquire(info, exclude=attempts.tried)
@@ -346,6 +404,9 @@ class ChatService:
                 stream = await lease.worker.generate(request)
                 first = await self._first_delta(stream, lease.worker.worker_id)
                 lease.started()
+                if prepared.terms is not None:
+                    prepared.terms.meter.start(len(prepared.prompt_token_ids), prepared.n)
+                    prepared.terms.meter.observe(first)
                 return Generation(prepared, lease, stream, first)
             except WorkerUnavailable as exc:
                 lease.failed()
@@ -368,11 +429,14 @@ class ChatService:
     def _wire_request(self, prepared: Prepared, worker: WorkerInfo) -> pb.GenerateRequest:
         req = prepared.request
         _check_token_ids(req, worker.vocab_size)
-        budget = completion_budget(req, len(prepared.prompt_token_ids), worker.max_model_len)
+        max_model_len = worker.max_model_len
+        if prepared.terms is not None and prepared.terms.max_context is not None:
+            max_model_len = min(max_model_len, prepared.terms.max_context)
+        budget = completion_budget(req, len(prepared.prompt_token_ids), max_model_len)
         return to_generate_request(req, request_id=prepared.completion_id,
                                    prompt_token_ids=prepared.prompt_token_ids,
                                    max_tokens=budget, model=self.model_id,
-                                   grammar=prepared.grammar)
+                                   grammar=prepared.grammar, terms=prepared.terms)
 
     async def _first_delta(self, stream: GenerateStream, worker_id: str) -> pb.GenerateResponse:
         try:

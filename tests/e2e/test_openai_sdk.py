@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +35,10 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def service():
     port = _free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
+    data = tempfile.mkdtemp(prefix="electron-e2e-")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1",
+               ELECTRON_TENANCY__SQLITE_PATH=f"{data}/electron.db",
+               ELECTRON_TENANCY__SPOOL_PATH=f"{data}/spool.jsonl")
     log_path = ROOT / ".pytest-electron-up.log"
     log = open(log_path, "w")
     proc = subprocess.Popen(
@@ -66,8 +71,25 @@ def service():
 
 
 @pytest.fixture(scope="module")
-def client(service):
-    return openai.OpenAI(base_url=f"{service}/v1", api_key="none", max_retries=0)
+def api_key(service) -> str:
+    """The ready-made key `up` prints in its banner (auth is on by default)."""
+    log_path = ROOT / ".pytest-electron-up.log"
+    deadline = time.monotonic() + 30
+    while not (found := re.search(r'api_key="(es-[^"]+)"', log_path.read_text())):
+        assert time.monotonic() < deadline, "the banner printed no key"
+        time.sleep(0.1)
+    return found.group(1)
+
+
+@pytest.fixture(scope="module")
+def client(service, api_key):
+    return openai.OpenAI(base_url=f"{service}/v1", api_key=api_key, max_retries=0)
+
+
+def test_a_request_without_the_key_is_401(service):
+    bare = openai.OpenAI(base_url=f"{service}/v1", api_key="es-not-a-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bare.chat.completions.create(model="electron", messages=PARIS_QUESTION, max_tokens=4)
 
 
 def test_answer_mentions_paris_and_response_validates(client):
@@ -105,15 +127,15 @@ def test_streaming_with_include_usage(client):
     assert all(c.usage is None for c in chunks[:-1])
 
 
-async def test_async_client(service):
-    async with openai.AsyncOpenAI(base_url=f"{service}/v1", api_key="none") as aclient:
+async def test_async_client(service, api_key):
+    async with openai.AsyncOpenAI(base_url=f"{service}/v1", api_key=api_key) as aclient:
         completion = await aclient.chat.completions.create(
             model="electron", messages=PARIS_QUESTION, temperature=0, max_tokens=32)
     assert "Paris" in completion.choices[0].message.content
 
 
-def test_waves_base_url_works(service):
-    waves = openai.OpenAI(base_url=f"{service}/waves/v1", api_key="none")
+def test_waves_base_url_works(service, api_key):
+    waves = openai.OpenAI(base_url=f"{service}/waves/v1", api_key=api_key)
     completion = waves.chat.completions.create(model="electron", messages=PARIS_QUESTION,
                                                temperature=0, max_tokens=16)
     assert completion.choices[0].message.content
@@ -140,14 +162,14 @@ def test_logprobs_with_top_logprobs_3(client):
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
-def test_official_js_sdk_streaming_and_not(service):
+def test_official_js_sdk_streaming_and_not(service, api_key):
     js_dir = ROOT / "tests" / "e2e" / "js"
     if not (js_dir / "node_modules" / "openai").is_dir():
         subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund"], cwd=js_dir,
                        check=True, timeout=300)
     out = subprocess.run(["node", "chat.mjs"], cwd=js_dir, capture_output=True, text=True,
                          timeout=120, env=dict(os.environ, OPENAI_BASE_URL=f"{service}/v1",
-                                               OPENAI_API_KEY="none"))
+                                               OPENAI_API_KEY=api_key))
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert "Paris" in result["content"]

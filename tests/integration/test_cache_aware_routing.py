@@ -28,6 +28,7 @@ from tests.support.tiny_model import make_tiny_llama_dir
 from workers.engine.async_engine import AsyncEngine
 from workers.engine.sampling_params import SamplingParams
 from workers.grpc_service import serve_worker
+from tests.support.tenancy import local_tenancy
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -72,7 +73,9 @@ async def serve(engine: AsyncEngine, worker_id: str, interceptors=()):
 @asynccontextmanager
 async def router(endpoints: list[WorkerEndpoint], **settings: Any
                  ) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
-    config = load_config(env={}, overrides={"router": {"registry_poll_s": 0.2, **settings}})
+    config = load_config(env={}, overrides={"router": {"registry_poll_s": 0.2, **settings},
+                                            "auth": {"enabled": False},
+                                            "tenancy": local_tenancy()})
     app = create_app(config, StaticWorkerSource(endpoints))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

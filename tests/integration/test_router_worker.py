@@ -20,15 +20,15 @@ import httpx
 import openai
 import pytest
 import pytest_asyncio
-import uvicorn
 
 from cluster.config import EngineConfig, load_config
 from cluster.hashing import block_hashes, extra_key
 from cluster.registry import StaticWorkerSource, WorkerEndpoint
 from router.app import create_app
-from router.middleware import listen_socket
 from tests.support.faults import FailGenerate
 from tests.support.openai_schema import validate
+from tests.support.serving import Router, serve_router, stop_router
+from tests.support.tenancy import local_tenancy
 from workers.engine.async_engine import AsyncEngine
 from workers.grpc_service import serve_worker
 
@@ -61,35 +61,11 @@ async def worker(engine) -> AsyncIterator[WorkerEndpoint]:
     await server.stop(None)
 
 
-class Router:
-    """The app served by uvicorn on a TCP_NODELAY listening socket."""
-
-    def __init__(self, app, server: uvicorn.Server, task: asyncio.Task, base: str):
-        self.app, self.server, self.task, self.base = app, server, task, base
-
-    @property
-    def pool(self):
-        return self.app.state.pool
-
-    def worker_ids(self) -> list[str]:
-        return [w.worker_id for w in self.pool.workers()]
-
-
 async def start_router(endpoints: list[WorkerEndpoint], **router: Any) -> Router:
-    config = load_config(env={}, overrides={"router": {"registry_poll_s": 0.2, **router}})
-    app = create_app(config, StaticWorkerSource(endpoints))  # loads the model's tokenizer
-    sock = listen_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:  # uvicorn offers no awaitable for "started"
-        assert not task.done(), "uvicorn exited during startup"
-        await asyncio.sleep(0.01)
-    return Router(app, server, task, f"http://127.0.0.1:{sock.getsockname()[1]}")
-
-
-async def stop_router(router: Router) -> None:
-    router.server.should_exit = True
-    await router.task
+    config = load_config(env={}, overrides={"router": {"registry_poll_s": 0.2, **router},
+                                            "auth": {"enabled": False},
+                                            "tenancy": local_tenancy()})
+    return await serve_router(create_app(config, StaticWorkerSource(endpoints)))
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

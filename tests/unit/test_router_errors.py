@@ -19,6 +19,7 @@ from cluster.tokenizer import Tokenizer
 from router.app import create_app
 from router.errors import GENERIC_500
 from tests.support.openai_schema import validate
+from tests.support.tenancy import local_tenancy
 
 KEY = "sk-test-key"
 BODY = {"model": "electron", "messages": [{"role": "user", "content": "Hi"}]}
@@ -30,6 +31,7 @@ def tokenizer() -> Tokenizer:
 
 
 def make_app(tokenizer: Tokenizer, **overrides: Any):
+    overrides = {"auth": {"enabled": False}, "tenancy": local_tenancy(), **overrides}
     return create_app(load_config(env={}, overrides=overrides), StaticWorkerSource([]),
                       tokenizer=tokenizer)
 

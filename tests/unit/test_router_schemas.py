@@ -21,6 +21,7 @@ from router.app import create_app
 from router.chat import completion_budget, to_generate_request
 from router.schemas import ChatCompletionRequest, parse_chat_request
 from tests.support.openai_schema import validate
+from tests.support.tenancy import local_tenancy
 
 USER = {"role": "user", "content": "Hello there"}
 
@@ -32,7 +33,9 @@ def tokenizer() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def app(tokenizer):
-    return create_app(load_config(env={}), StaticWorkerSource([]), tokenizer=tokenizer)
+    config = load_config(env={}, overrides={"auth": {"enabled": False},
+                                            "tenancy": local_tenancy()})
+    return create_app(config, StaticWorkerSource([]), tokenizer=tokenizer)
 
 
 @asynccontextmanager

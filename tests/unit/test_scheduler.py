@@ -121,6 +121,26 @@ def test_lower_priority_preempted_under_kv_pressure_and_recomputed():
     assert scheduler.kv_cache_manager.num_used_blocks == 0
 
 
+def test_higher_priority_request_preempts_a_lower_one_from_a_full_batch():
+    scheduler = make_scheduler(max_num_seqs=2)
+    low = [make_request([i, i], max_tokens=20) for i in range(2)]
+    for request in low:
+        scheduler.add_request(request)
+    step(scheduler)
+    equal = make_request([9, 9], max_tokens=2)
+    scheduler.add_request(equal)
+    assert equal.request_id not in tokens_of(step(scheduler))  # equal priority waits
+    high = make_request([5, 5], max_tokens=2, priority=1)
+    scheduler.add_request(high)
+    output = step(scheduler)
+    assert high.request_id in tokens_of(output) and output.preempted == [low[1]]
+    while not high.is_finished:
+        step(scheduler)
+    while scheduler.has_unfinished:
+        step(scheduler)
+    assert all(r.num_output_tokens == 20 for r in low)
+
+
 def test_lower_priority_request_does_not_jump_a_blocked_higher_priority_one():
     scheduler = make_scheduler(num_blocks=4)
     running = make_request(list(range(10)), max_tokens=2, priority=1)

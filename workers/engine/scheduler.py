@@ -3,9 +3,10 @@
 There is no prefill or decode phase: each request's ``num_computed_tokens`` catches up with
 its ``num_tokens``. A step gives running requests their share of the token budget first
 (highest priority first; a decode needs one token), then admits waiting requests in priority
-order with chunks of their prompts. When blocks run out, the lowest-priority running request
-is preempted: its blocks are freed and it is recomputed later (the prefix cache usually still
-holds most of them). Requests are identified by ``request_id``, unique in the engine.
+order with chunks of their prompts. When blocks run out, or the batch is full (``max_num_seqs``)
+and a higher-priority request waits, the lowest-priority running request is preempted: its
+blocks are freed and it is recomputed later (the prefix cache usually still holds most of
+them). Requests are identified by ``request_id``, unique in the engine.
 """
 
 from __future__ import annotations
@@ -198,7 +199,10 @@ class Scheduler:
 
     def _schedule_waiting(self, step: _Step) -> None:
         for _, request in list(self._waiting):
-            if step.budget == 0 or len(self._running) >= self.config.max_num_seqs:
+            if step.budget == 0:
+                return
+            if len(self._running) >= self.config.max_num_seqs and \
+                    not self._make_room(request, step):
                 return
             if request in step.preempted:
                 # It would only retake the blocks it just gave up; nothing behind it may
@@ -208,6 +212,16 @@ class Scheduler:
                 continue   # stays queued; it will share the sibling's prompt blocks
             if not self._admit(request, step):
                 return     # a lower-priority request must not jump a blocked one
+
+    def _make_room(self, request: Request, step: _Step) -> bool:
+        """A full batch takes a waiting request only by preempting its lowest-priority
+        running one, and only if that is strictly lower: a higher plan's request never waits
+        for a batch of lower-priority decodes to finish."""
+        victim = max(self._running.values(), key=self._key, default=None)
+        if victim is None or victim.priority >= request.priority:
+            return False
+        self._preempt(victim, step)
+        return True
 
     def _admit(self, request: Request, step: _Step) -> bool:
         """Admit a waiting request, preempting strictly lower-priority running ones if its

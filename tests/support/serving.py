@@ -1,0 +1,41 @@
+"""A router app served by uvicorn on a real TCP_NODELAY socket, in the test's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+
+from router.middleware import listen_socket
+
+
+@dataclass
+class Router:
+    app: Any
+    server: uvicorn.Server
+    task: asyncio.Task
+    base: str
+
+    @property
+    def pool(self):
+        return self.app.state.pool
+
+    def worker_ids(self) -> list[str]:
+        return [w.worker_id for w in self.pool.workers()]
+
+
+async def serve_router(app) -> Router:
+    sock = listen_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:  # uvicorn offers no awaitable for "started"
+        assert not task.done(), "uvicorn exited during startup"
+        await asyncio.sleep(0.01)
+    return Router(app, server, task, f"http://127.0.0.1:{sock.getsockname()[1]}")
+
+
+async def stop_router(router: Router) -> None:
+    router.server.should_exit = True
+    await router.task

@@ -1,0 +1,108 @@
+"""Tenancy's parts without a network: prices, the in-process limiter, the tenant store on
+SQLite, the ledger's batching on SQLite."""
+
+from __future__ import annotations
+
+import time
+from decimal import Decimal
+
+import pytest
+
+from cluster.errors import AuthenticationFailed, RateLimited
+from cluster.sqldb import Database
+from cluster.tenants import Plan, Principal, TenantError, TenantStore
+from router.ledger import Ledger, Prices, UsageRow, money
+from router.limits import InProcessLimiter, duration
+
+PRICES = Prices(Decimal("0.40"), Decimal("0.10"), Decimal("1.60"))
+STANDARD = Plan("standard", rpm=10, concurrency=3, tpm=None, priority=0, max_context=None,
+                shed_queue_per_worker=8)
+
+
+def test_cached_prompt_tokens_cost_a_quarter_in_exact_decimals():
+    # 400 uncached at $0.40/M, 600 cached at $0.10/M, 200 completion at $1.60/M.
+    assert PRICES.cost(1000, 600, 200) == Decimal("0.00016") + Decimal("0.00006") \
+        + Decimal("0.00032")
+    assert money(PRICES.cost(1, 0, 0)) == "0.0000004"  # never "4E-7"
+    assert money(Decimal("12.3400")) == "12.34"
+
+
+def test_reset_durations_use_openais_format():
+    assert [duration(s) for s in (0.02, 6, 90, 59.5)] == ["20ms", "6s", "1m30s", "59.5s"]
+
+
+async def test_in_process_limiter_refuses_the_11th_request_and_the_4th_concurrent():
+    limiter = InProcessLimiter()
+    who = Principal("acme", "key_1", STANDARD, "tenant:acme", None)
+    held = [await limiter.admit(who) for _ in range(3)]
+    with pytest.raises(RateLimited) as busy:
+        await limiter.admit(who)
+    assert busy.value.code == "concurrency_limit_exceeded"
+    for slot in held:
+        slot.release()
+        slot.release()  # idempotent: the slot is returned once
+    assert limiter.in_flight("acme") == 0
+    for _ in range(7):
+        (await limiter.admit(who)).release()
+    with pytest.raises(RateLimited) as over:
+        await limiter.admit(who)
+    assert over.value.code == "rate_limit_exceeded"
+    assert over.value.headers["x-ratelimit-limit-requests"] == "10"
+    assert over.value.headers["x-ratelimit-remaining-requests"] == "0"
+    assert 59 <= over.value.retry_after <= 60
+    await limiter.revoke("key_1")
+    with pytest.raises(AuthenticationFailed):
+        await limiter.admit(who)
+
+
+def test_keys_are_stored_only_as_hashes_and_revocation_ends_them(tmp_path):
+    db = Database(None, tmp_path / "t.db")
+    db.migrate()
+    db.migrate()  # idempotent
+    store = TenantStore(db, ["enterprise", "standard"])
+    tenant, key = store.add_tenant("acme", "standard")
+    assert key.key.startswith("es-") and len(key.key) > 40
+    found = store.lookup(key.key)
+    assert found is not None and found[0].tenant_id == "acme"
+    assert found[0].effective_salt == "tenant:acme"
+    second = store.add_key("acme")
+    store.revoke_key(key.key_id)
+    assert store.lookup(key.key) is None
+    assert store.lookup(second.key) is not None
+    with pytest.raises(TenantError):
+        store.revoke_key(key.key_id)
+    with pytest.raises(TenantError):
+        store.add_tenant("other", "gold")
+    db.close()
+    assert key.key.encode() not in (tmp_path / "t.db").read_bytes()
+
+
+async def test_ledger_writes_every_row_once_and_flushes_on_stop(tmp_path):
+    db = Database(None, tmp_path / "l.db")
+    db.migrate()
+    ledger = Ledger(db, tmp_path / "spool.jsonl", flush_s=60, batch=1000)
+    await ledger.start()
+    now = time.time()
+    for i in range(5):
+        ledger.record(UsageRow(f"req_{i}", "acme", "key_1", "electron", 100, 32, 10,
+                               PRICES.cost(100, 32, 10), "ok", now, now))
+    await ledger.stop()  # the flusher never ran: stop writes them
+    ledger = Ledger(db, tmp_path / "spool.jsonl")
+    usage = await ledger.usage("acme", now - 1, now + 1)
+    assert usage["totals"]["requests"] == 5
+    assert Decimal(usage["totals"]["cost"]) == 5 * PRICES.cost(100, 32, 10)
+    assert (await ledger.usage("other", now - 1, now + 1))["totals"]["requests"] == 0
+
+
+async def test_tokens_per_minute_refuse_once_the_minutes_tokens_are_spent():
+    limiter = InProcessLimiter()
+    plan = Plan("metered", rpm=100, concurrency=5, tpm=1000, priority=0, max_context=None,
+                shed_queue_per_worker=8)
+    who = Principal("acme", "key_1", plan, "tenant:acme", None)
+    (await limiter.admit(who)).release(tokens=999)
+    (await limiter.admit(who)).release(tokens=1)
+    with pytest.raises(RateLimited) as over:
+        await limiter.admit(who)
+    assert over.value.code == "rate_limit_exceeded" and "TPM" in over.value.message
+    assert over.value.headers["x-ratelimit-limit-tokens"] == "1000"
+    assert 0 < over.value.retry_after <= 60
