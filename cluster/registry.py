@@ -1,6 +1,6 @@
 """The registry: how routers learn which workers exist.
 
-Workers register ``{worker_id, address, model, pool}`` with one named Ray actor and heartbeat
+Workers register ``{worker_id, address, model, pool, draining}`` with one named Ray actor and heartbeat
 every ``cluster.heartbeat_s``; an entry whose last heartbeat is older than
 ``cluster.worker_ttl_s`` is dropped, so a worker killed without a word (``ray.kill`` is
 SIGKILL, a node lost) disappears on its own. Routers poll through a ``WorkerSource``.
@@ -30,6 +30,9 @@ class WorkerEndpoint:
     address: str  # host:port of the worker's gRPC server
     model: str    # the public model id it serves
     pool: str
+    # Being retired (the autoscaler's scale-down): routers send it no new requests and
+    # purge it from their prefix index; its running requests finish.
+    draining: bool = False
 
 
 class Registry:

@@ -66,6 +66,11 @@ async def require_api_key(request: Request) -> None:
         raise AuthenticationFailed("Incorrect API key provided.")
 
 
+def tenant_pool(request: Request) -> str | None:
+    """The worker pool the authenticated tenant is pinned to (None: the shared pool)."""
+    return getattr(getattr(request.state, "principal", None), "pool", None)
+
+
 # -- routes -----------------------------------------------------------------------------------------
 
 async def chat_completions(request: Request) -> Response:
@@ -74,14 +79,15 @@ async def chat_completions(request: Request) -> Response:
                              max_messages=state.config.router.max_messages)
     chat: ChatService = state.chat
     request_id = request.state.request_id
+    pool = tenant_pool(request)
     if req.stream:
         generation = await sse.until_disconnected(request.receive,
-                                                  chat.start_stream(req, request_id))
+                                                  chat.start_stream(req, request_id, pool))
         if generation is None:
             return Response(status_code=sse.CLIENT_CLOSED_REQUEST)
         return sse.EventStreamResponse(sse.chat_chunks(generation, chat.fingerprint),
                                        on_close=generation.close)
-    body = await sse.until_disconnected(request.receive, chat.complete(req, request_id))
+    body = await sse.until_disconnected(request.receive, chat.complete(req, request_id, pool))
     if body is None:
         return Response(status_code=sse.CLIENT_CLOSED_REQUEST)
     return _json(body)
@@ -125,7 +131,10 @@ def create_app(config: Config, worker_source: WorkerSource,
     index = PrefixIndex()  # this replica's own view, fed by every worker's state stream
     pool = WorkerPool(worker_source, model_id=settings.model_id, poll_s=settings.registry_poll_s,
                       policy=make_policy(settings, index), index=index,
-                      breaker=CircuitBreaker(settings.breaker_failures, settings.breaker_open_s))
+                      breaker=CircuitBreaker(settings.breaker_failures, settings.breaker_open_s),
+                      shared_pool=config.cluster.pool,
+                      fallback_pools=[p.name for p in config.autoscaler.pools
+                                      if p.fallback_to_shared])
     chat = ChatService(pool=pool, tokenizer=tokenizer, model_id=settings.model_id,
                        first_token_timeout_s=settings.first_token_timeout_s,
                        fingerprint=system_fingerprint(config.engine.model))

@@ -74,6 +74,7 @@ class Prepared:
     created: int
     model: str
     prompt_token_ids: list[int]
+    pool: str | None = None  # the tenant's worker pool (None: the shared pool)
 
     @property
     def n(self) -> int:
@@ -249,7 +250,8 @@ class ChatService:
         self._first_token_timeout_s = first_token_timeout_s
         self.fingerprint = fingerprint
 
-    async def prepare(self, req: ChatCompletionRequest, request_id: str) -> Prepared:
+    async def prepare(self, req: ChatCompletionRequest, request_id: str,
+                      pool: str | None = None) -> Prepared:
         if req.model != self.model_id:
             raise ModelNotFound(f"The model '{req.model}' does not exist or you do not have "
                                 "access to it.", param="model")
@@ -265,7 +267,7 @@ class ChatService:
             ids = self._tokenizer.encode_chat(messages, tools)
         return Prepared(request=req, request_id=request_id,
                         completion_id="chatcmpl-" + uuid.uuid4().hex, created=int(time.time()),
-                        model=self.model_id, prompt_token_ids=ids)
+                        model=self.model_id, prompt_token_ids=ids, pool=pool)
 
     def _reject_unsupported(self, req: ChatCompletionRequest) -> None:
         """Accepted by the schema but not served yet: a clear 400, never silently ignored."""
@@ -281,13 +283,16 @@ class ChatService:
             raise InvalidRequest("this model's chat template cannot present tools to the model; "
                                  "tool calling is not supported for it yet", param="tools")
 
-    async def start_stream(self, req: ChatCompletionRequest, request_id: str) -> Generation:
-        """An open generation whose first delta has arrived (the caller must ``close()`` it)."""
-        return await self._open(await self.prepare(req, request_id), _Attempts())
+    async def start_stream(self, req: ChatCompletionRequest, request_id: str,
+                           pool: str | None = None) -> Generation:
+        """An open generation whose first delta has arrived (the caller must ``close()`` it).
+        ``pool``: the worker pool it may run in (None: the shared pool)."""
+        return await self._open(await self.prepare(req, request_id, pool), _Attempts())
 
-    async def complete(self, req: ChatCompletionRequest, request_id: str) -> dict[str, Any]:
+    async def complete(self, req: ChatCompletionRequest, request_id: str,
+                       pool: str | None = None) -> dict[str, Any]:
         """The whole non-streaming response body."""
-        prepared = await self.prepare(req, request_id)
+        prepared = await self.prepare(req, request_id, pool)
         attempts = _Attempts()
         while True:
             generation = await self._open(prepared, attempts)
@@ -312,7 +317,7 @@ class ChatService:
                                        cache_salt=req.cache_salt or "", text=text)
         while True:
             try:
-                lease = self._pool.acquire(info, exclude=attempts.tried)
+                lease = self._pool.acquire(info, exclude=attempts.tried, pool=prepared.pool)
             except WorkerUnavailable:
                 if attempts.last_error is not None:  # nowhere else to retry
                     raise attempts.last_error from None
