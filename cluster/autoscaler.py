@@ -130,7 +130,7 @@ class PoolScaler:
         demand = await self._demand()
         current = len(self.active)
         decision = self.decider.decide(demand, current)
-        if decision != self.last:
+        if decision.target != current:
             log.info("pool %s: %d workers (%d serving), target %d: %s", self.pool.name,
                      current, len(demand), decision.target, decision.reason)
         self.last = decision
