@@ -209,6 +209,11 @@ class Autoscaler:
     def addresses(self) -> dict[str, str]:
         return {w: a for p in self.pools.values() for w, a in p.workers.addresses.items()}
 
+    @property
+    def requested(self) -> list[dict[str, float]]:
+        """The bundles last filed with Ray's autoscaler (provider "ray")."""
+        return list(self._requested or ())
+
     def start(self) -> None:
         """Starts each pool's minimum and the control loop."""
         for scaler in self.pools.values():

@@ -20,7 +20,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module"),
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def cluster(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "PYTHONPATH")}
-    config = autoscale_config(make_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama")))
+    # provider "ray": the autoscaler also files its standing request with Ray's autoscaler
+    # (what makes KubeRay add GPU pods; on a local Ray it is only recorded).
+    config = autoscale_config(make_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama")),
+                              provider="ray")
     c = await start_cluster(config)
     yield c
     await c.stop()
@@ -44,10 +47,16 @@ async def test_burst_scales_up_idleness_scales_down_and_no_request_fails(cluster
     await wait_for(lambda: all(w in cluster.decisions.first_at for w in shared.serving), 30,
                    "every new worker to serve a request")
     assert len(acme.active) == 1, "the tenant pool scaled on the shared pool's demand"
+    # The bundles last filed with ray.autoscaler.sdk.request_resources (set once it returned).
+    def requested() -> int:
+        return len(cluster.autoscaler.requested)
+
+    await wait_for(lambda: requested() == 4, 5, "Ray's autoscaler asked for 3 + 1 workers")
     await load.remove(burst)
 
     await wait_for(lambda: len(shared.active) == 1 and not shared.retiring, 60,
                    "the shared pool to shrink back to 1 worker")
+    await wait_for(lambda: requested() == 2, 5, "the request shrunk to 1 + 1")
     ok_before_stop = sum(load.ok.values())
     await load.remove(trickle)
     await load.remove(tenant)
