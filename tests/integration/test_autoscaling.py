@@ -47,6 +47,10 @@ async def test_burst_scales_up_idleness_scales_down_and_no_request_fails(cluster
     await wait_for(lambda: all(w in cluster.decisions.first_at for w in shared.serving), 30,
                    "every new worker to serve a request")
     assert len(acme.active) == 1, "the tenant pool scaled on the shared pool's demand"
+    # What the autoscaler reads from a busy worker, its time to first token included.
+    info = await shared.workers.actors[shared.serving[0]].info.remote()
+    assert info["ttft_p90_s"] > 0 and info["draining"] is False
+    assert {"waiting_prefill_tokens", "kv_blocks_used", "kv_blocks_total"} <= set(info)
     # The bundles last filed with ray.autoscaler.sdk.request_resources (set once it returned).
     def requested() -> int:
         return len(cluster.autoscaler.requested)
