@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ENV_PREFIX = "ELECTRON_"
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -153,6 +153,67 @@ class ClusterConfig(_Frozen):
     num_cpus_per_worker: float = Field(1, ge=0)
     heartbeat_s: float = Field(0.5, gt=0)
     worker_ttl_s: float = Field(1.5, gt=0)
+    # Extra Ray resources each worker actor asks for (e.g. {"electron_pool_acme": 1}, which
+    # only that pool's KubeRay worker group offers); the autoscaler sets it per pool.
+    worker_resources: dict[str, float] = Field(default_factory=dict)
+
+
+class PoolConfig(_Frozen):
+    """A named worker pool (cluster/autoscaler.py, docs/deploy-kubernetes.md). The shared
+    pool is ``cluster.pool``; a tenant pinned to another pool is served only there (and by
+    the shared pool when ``fallback_to_shared`` and its own pool has no worker)."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+    min_workers: int = Field(1, ge=0)
+    max_workers: int = Field(1, ge=0)
+    fallback_to_shared: bool = False
+    # Demand targets per worker: above any of them the pool grows; well below all of them
+    # (scale_down_utilization of each) for autoscaler.scale_down_delay_s it shrinks.
+    target_ttft_s: float = Field(1.0, gt=0)
+    target_waiting_prefill_tokens: int = Field(2048, ge=1)
+    target_kv_usage: float = Field(0.85, gt=0, le=1)
+    target_requests_per_worker: int = Field(16, ge=1)
+    # Extra Ray resources each of its workers asks for (matches its KubeRay worker group).
+    resources: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> PoolConfig:
+        if self.min_workers > self.max_workers:
+            raise ValueError(f"pool {self.name!r}: min_workers ({self.min_workers}) exceeds "
+                             f"max_workers ({self.max_workers})")
+        return self
+
+
+class AutoscalerConfig(_Frozen):
+    """Keeps each pool between its min and max from measured demand (cluster/autoscaler.py):
+    up fast, down slowly, draining a worker before it stops."""
+
+    enabled: bool = False
+    interval_s: float = Field(1.0, gt=0)
+    # At most one step up per scale_up_cooldown_s, one step down per scale_down_cooldown_s,
+    # and a step down only after demand stayed low for scale_down_delay_s.
+    scale_up_cooldown_s: float = Field(10.0, ge=0)
+    scale_down_cooldown_s: float = Field(60.0, ge=0)
+    scale_down_delay_s: float = Field(120.0, ge=0)
+    # Demand below this fraction of every target counts as low.
+    scale_down_utilization: float = Field(0.3, gt=0, lt=1)
+    # Workers added per step up at most (a burst may need several at once).
+    max_step_up: int = Field(2, ge=1)
+    # A draining worker gets this long for its running requests before it is stopped.
+    drain_timeout_s: float = Field(120.0, gt=0)
+    # "ray": also ask Ray's autoscaler for the pool's resources (KubeRay adds GPU pods);
+    # "local": only start and stop actors on the nodes there are.
+    provider: Literal["local", "ray"] = "local"
+    # The pools. The shared pool (cluster.pool), when not listed, is fixed at
+    # cluster.workers workers.
+    pools: tuple[PoolConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_pools(self) -> AutoscalerConfig:
+        names = [p.name for p in self.pools]
+        if len(names) != len(set(names)):
+            raise ValueError(f"autoscaler.pools: pool names must be unique, got {names}")
+        return self
 
 
 class ObservabilityConfig(_Frozen):
@@ -171,6 +232,7 @@ class Config(_Frozen):
     tenancy: TenancyConfig = TenancyConfig()
     cluster: ClusterConfig = ClusterConfig()
     observability: ObservabilityConfig = ObservabilityConfig()
+    autoscaler: AutoscalerConfig = AutoscalerConfig()
 
 
 class ConfigError(ValueError):

@@ -68,8 +68,12 @@ def start_local_ray(config: Config) -> None:
     """
     prepare_ray_environment()
     cluster = config.cluster
-    # Every worker must be schedulable even on a machine with fewer cores than workers.
-    num_cpus = max(os.cpu_count() or 1, math.ceil(cluster.workers * cluster.num_cpus_per_worker))
+    # Every worker must be schedulable even on a machine with fewer cores than workers
+    # (with the autoscaler: every pool at its maximum).
+    workers = cluster.workers
+    if config.autoscaler.enabled:
+        workers += sum(p.max_workers for p in config.autoscaler.pools)
+    num_cpus = max(os.cpu_count() or 1, math.ceil(workers * cluster.num_cpus_per_worker))
     ray.init(address="local", namespace=cluster.namespace, num_cpus=num_cpus,
              include_dashboard=False, logging_level=logging.WARNING)
 
@@ -96,12 +100,16 @@ class WorkerSet:
         self.failures: dict[str, RayActorError] = {}
         self._ready: dict[str, asyncio.Task[str | None]] = {}
 
-    def start(self, count: int) -> None:
+    def start(self, count: int) -> list[str]:
+        """Starts ``count`` more workers; returns their ids."""
+        started = []
         for _ in range(count):
             worker_id = f"{self._config.cluster.pool}-{uuid.uuid4().hex[:8]}"
             self.actors[worker_id] = create_worker_actor(self._config, worker_id)
             self._ready[worker_id] = asyncio.get_running_loop().create_task(
                 self._await_ready(worker_id))
+            started.append(worker_id)
+        return started
 
     async def _await_ready(self, worker_id: str) -> str | None:
         """The worker's address, or None when it failed to start (its error is logged: the
@@ -141,16 +149,31 @@ class WorkerSet:
         for worker_id, handle in self.actors.items():
             if worker_id not in self.addresses:
                 ray.kill(handle)
-        results = await asyncio.gather(
-            *(asyncio.wait_for(h.stop.remote(grace_s), grace_s + 10) for _, h in handles),
-            return_exceptions=True)
-        for (worker_id, handle), result in zip(handles, results):
-            if isinstance(result, RayActorError):
-                log.info("worker %s was already gone", worker_id)
-            elif isinstance(result, BaseException):
-                log.warning("worker %s did not stop cleanly: %r", worker_id, result)
-            ray.kill(handle)
+        await asyncio.gather(*(_stop_actor(wid, h, grace_s) for wid, h in handles))
         self.actors.clear()
+
+    async def stop_one(self, worker_id: str, grace_s: float = WORKER_STOP_GRACE_S) -> None:
+        """Stops one worker (gracefully when it serves) and forgets it."""
+        handle = self.actors.pop(worker_id)
+        task = self._ready.pop(worker_id, None)
+        if task is not None:
+            task.cancel()
+        self.failures.pop(worker_id, None)
+        if self.addresses.pop(worker_id, None) is None:
+            ray.kill(handle)
+            return
+        await _stop_actor(worker_id, handle, grace_s)
+
+
+async def _stop_actor(worker_id: str, handle: ray.actor.ActorHandle, grace_s: float) -> None:
+    """A serving worker's ``stop()`` (bounded), then ``ray.kill``."""
+    try:
+        await asyncio.wait_for(handle.stop.remote(grace_s), grace_s + 10)
+    except RayActorError:
+        log.info("worker %s was already gone", worker_id)
+    except Exception as exc:  # noqa: BLE001 - it is killed below whatever went wrong
+        log.warning("worker %s did not stop cleanly: %r", worker_id, exc)
+    ray.kill(handle)
 
 
 # -- the router ---------------------------------------------------------------------------------
@@ -236,6 +259,22 @@ async def _until(stop: asyncio.Event, work: Awaitable[Any]) -> bool:
     return True
 
 
+def _workers(config: Config) -> Any:
+    """A fixed ``WorkerSet``, or the ``Autoscaler`` of every pool when it is enabled."""
+    if config.autoscaler.enabled:
+        from cluster.autoscaler import Autoscaler
+
+        return Autoscaler(config)
+    return WorkerSet(config)
+
+
+def _start(workers: Any, config: Config) -> None:
+    if isinstance(workers, WorkerSet):
+        workers.start(config.cluster.workers)
+    else:  # the autoscaler starts each pool's minimum
+        workers.start()
+
+
 def _banner(config: Config, port: int, workers: WorkerSet | None) -> str:
     host = config.router.host
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
@@ -285,7 +324,7 @@ async def run_up(config: Config, log_level: str = "info") -> None:
         raise ConfigError("`up` needs at least one worker")
     config = with_ready_made_key(config)
     sock = listen_socket(config.router.host, config.router.port)
-    workers = WorkerSet(config)
+    workers = _workers(config)
     registry = None
     tracing = DISABLED
     router_task: asyncio.Task[None] | None = None
@@ -294,7 +333,7 @@ async def run_up(config: Config, log_level: str = "info") -> None:
         start_local_ray(config)
         stop = _stop_event()
         registry = registry_actor(config.cluster, detached=False)
-        workers.start(config.cluster.workers)
+        _start(workers, config)
         print(f"starting {config.cluster.workers} worker(s) with {config.engine.model} ...",
               flush=True)
         if not await _until(stop, workers.wait_ready(1)):
@@ -343,11 +382,11 @@ async def run_router(config: Config, log_level: str = "info") -> None:
 async def run_worker(config: Config) -> None:
     """``electron-serve worker``: ``cluster.workers`` workers on an existing Ray cluster."""
     connect_ray(config)
-    workers = WorkerSet(config)
+    workers = _workers(config)
     try:
         stop = _stop_event()
         registry_actor(config.cluster, detached=True)
-        workers.start(config.cluster.workers)
+        _start(workers, config)
         if not await _until(stop, workers.wait_ready(1)):
             return
         for worker_id, address in sorted(workers.addresses.items()):

@@ -1,6 +1,6 @@
 """The registry: how routers learn which workers exist.
 
-Workers register ``{worker_id, address, model, pool}`` with one named Ray actor and heartbeat
+Workers register ``{worker_id, address, model, pool, draining}`` with one named Ray actor and heartbeat
 every ``cluster.heartbeat_s``; an entry whose last heartbeat is older than
 ``cluster.worker_ttl_s`` is dropped, so a worker killed without a word (``ray.kill`` is
 SIGKILL, a node lost) disappears on its own. Routers poll through a ``WorkerSource``.
@@ -31,6 +31,9 @@ class WorkerEndpoint:
     model: str    # the public model id it serves
     pool: str
     metrics_address: str = ""  # host:port of its Prometheus /metrics ("": none)
+    # Being retired (the autoscaler's scale-down): routers send it no new requests and
+    # purge it from their prefix index; its running requests finish.
+    draining: bool = False
 
 
 class Registry:

@@ -200,7 +200,7 @@ class Tenancy:
         slot = await self.limiter.admit(principal)
         plan = principal.plan
         terms = TenantTerms(priority=plan.priority, cache_salt=principal.cache_salt,
-                            max_context=plan.max_context)
+                            max_context=plan.max_context, pool=principal.pool)
         return Admission(principal, terms, model, request_id, slot, self)
 
     def _shed(self, plan: Plan) -> None:

@@ -149,7 +149,9 @@ def create_app(config: Config, worker_source: WorkerSource,
     pool = WorkerPool(worker_source, model_id=settings.model_id, poll_s=settings.registry_poll_s,
                       policy=make_policy(settings, index), index=index,
                       breaker=CircuitBreaker(settings.breaker_failures, settings.breaker_open_s),
-                      tracing=tracing)
+                      tracing=tracing, shared_pool=config.cluster.pool,
+                      fallback_pools=[p.name for p in config.autoscaler.pools
+                                      if p.fallback_to_shared])
     chat = ChatService(pool=pool, tokenizer=tokenizer, model_id=settings.model_id,
                        first_token_timeout_s=settings.first_token_timeout_s,
                        fingerprint=system_fingerprint(config.engine.model))

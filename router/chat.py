@@ -104,6 +104,7 @@ class TenantTerms:
     priority: int = 0                 # the wire's: higher first
     cache_salt: str = ""              # the tenant's salt, mixed into every block hash
     max_context: int | None = None    # the plan's cap on prompt + completion tokens
+    pool: str | None = None           # the tenant's worker pool (None: the shared pool)
     meter: Meter = field(default_factory=Meter)
 
 
@@ -128,6 +129,7 @@ class Prepared:
     grammar: str | None = None      # the grammar spec's JSON (router/grammar_spec.py)
     tools: ToolUse | None = None    # set: the output is parsed for tool calls
     terms: TenantTerms | None = None
+    pool: str | None = None  # the tenant's worker pool (None: the shared pool)
 
     @property
     def n(self) -> int:
@@ -351,7 +353,7 @@ class ChatService:
         return Prepared(request=req, request_id=request_id,
                         completion_id="chatcmpl-" + uuid.uuid4().hex, created=int(time.time()),
                         model=self.model_id, prompt_token_ids=ids, grammar=grammar, tools=tools,
-                        terms=terms)
+                        terms=terms, pool=terms.pool if terms is not None else None)
 
 
     async def start_stream(self, req: ChatCompletionRequest, request_id: str,
@@ -388,7 +390,7 @@ class ChatService:
                                        text=text)
         while True:
             try:
-                lease = self._pool.acquire(info, exclude=attempts.tried)
+                lease = self._pool.acquire(info, exclude=attempts.tried, pool=prepared.pool)
             except WorkerUnavailable:
                 if attempts.last_error is not None:  # nowhere else to retry
                     raise attempts.last_error from None

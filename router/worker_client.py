@@ -218,6 +218,8 @@ class WorkerClient(CountsLocalLoad):
         self.endpoint = endpoint
         self.worker_id = endpoint.worker_id
         self.address = endpoint.address
+        # Its worker pool, as the registry lists it (requests route within a pool).
+        self.pool: str = getattr(endpoint, "pool", "default")
         self.info: WorkerInfo | None = None
         self.load = WorkerLoad()
         self.load_time: float | None = None  # monotonic time of the last load report

@@ -18,6 +18,13 @@ assignment (kv_aware's pending blocks).
 The workers' state streams feed one ``PrefixIndex``; a worker that leaves routing is purged
 from it, from the policy and from the breaker at once.
 
+Pools: each worker belongs to one named pool (``WorkerEndpoint.pool``). A request names
+the pool of its tenant (None: the shared pool, ``shared_pool``) and is routed only to that
+pool's workers; a pool listed in ``fallback_pools`` borrows the shared pool's workers while
+it has none of its own. A worker the registry marks draining (the autoscaler retires it)
+leaves routing like one that left the registry: no new requests, its prefix-index entries
+purged, its running requests left to finish.
+
 Ready means: at least one worker is connected.
 """
 
@@ -101,12 +108,16 @@ class Lease:
 class WorkerPool:
     def __init__(self, source, *, model_id: str, poll_s: float, policy: RoutingPolicy,
                  index: PrefixIndex | None = None, breaker: CircuitBreaker | None = None,
-                 tracing: Tracing = DISABLED):
+                 tracing: Tracing = DISABLED, shared_pool: str = "default",
+                 fallback_pools: Collection[str] = ()):
         """``source`` is a ``cluster.registry.WorkerSource``; only workers serving
         ``model_id`` are used. ``index`` is the prefix index the policy reads (None: a new
         one); ``breaker`` defaults to ``CircuitBreaker()``; ``tracing`` traces the Generate
-        calls."""
+        calls. ``shared_pool`` serves requests that name no pool; pools in
+        ``fallback_pools`` fall back to it."""
         self._source = source
+        self.shared_pool = shared_pool
+        self._fallback_pools = frozenset(fallback_pools)
         self._model_id = model_id
         self._poll_s = poll_s
         self.policy = policy
@@ -172,13 +183,26 @@ class WorkerPool:
         return RequestInfo(request_id, len(prompt_token_ids), block_hashes=hashes,
                            block_size=block_size, text=text if self.policy.uses_text else "")
 
-    def acquire(self, request: RequestInfo, exclude: Collection[str] = ()) -> Lease:
-        """Chooses a worker (not one in ``exclude``) and counts the request there at once."""
-        candidates = [w for w in self.workers() if w.worker_id not in exclude]
+    def pool_workers(self, pool: str | None = None) -> list[WorkerClient]:
+        """The connected workers that may serve a request of ``pool`` (None: shared)."""
+        name = pool or self.shared_pool
+        own = [w for w in self.workers() if w.pool == name]
+        if not own and name != self.shared_pool and name in self._fallback_pools:
+            return [w for w in self.workers() if w.pool == self.shared_pool]
+        return own
+
+    def acquire(self, request: RequestInfo, exclude: Collection[str] = (),
+                pool: str | None = None) -> Lease:
+        """Chooses a worker of ``pool`` (None: the shared pool), not one in ``exclude``, and
+        counts the request there at once."""
+        members = self.pool_workers(pool)
+        candidates = [w for w in members if w.worker_id not in exclude]
         if not candidates:
-            if exclude and self._workers:
+            if exclude and members:
                 raise WorkerUnavailable("no other worker is available to retry on")
-            raise NoWorkers(f"no worker is serving model {self._model_id!r}; retry shortly")
+            where = f" in pool {pool!r}" if pool and pool != self.shared_pool else ""
+            raise NoWorkers(f"no worker{where} is serving model {self._model_id!r}; "
+                            "retry shortly")
         admitted = [w for w in candidates if self.breaker.admits(w.worker_id)]
         note = ""
         if not admitted:
@@ -214,11 +238,15 @@ class WorkerPool:
             endpoint = listed.get(worker.worker_id)
             if endpoint is None or endpoint.address != worker.address:
                 self._drop(worker, "it left the registry")
+            elif getattr(endpoint, "draining", False):
+                self._drop(worker, "it is draining")
         for worker_id, task in list(self._connecting.items()):
-            if worker_id not in listed:
+            endpoint = listed.get(worker_id)
+            if endpoint is None or getattr(endpoint, "draining", False):
                 task.cancel()
         for worker_id, endpoint in listed.items():
-            if worker_id in self._workers or worker_id in self._connecting:
+            if (worker_id in self._workers or worker_id in self._connecting
+                    or getattr(endpoint, "draining", False)):
                 continue
             if endpoint.model != self._model_id:
                 if worker_id not in self._quiet:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib.metadata
 import logging
 import os
@@ -98,8 +99,19 @@ class WorkerActor:
             "node_ip": ray.util.get_node_ip_address(), "block_size": engine.block_size,
             "max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size,
             "running": load.running, "waiting": load.waiting,
+            "waiting_prefill_tokens": load.waiting_prefill_tokens,
             "kv_blocks_used": load.kv_blocks_used, "kv_blocks_total": load.kv_blocks_total,
+            "ttft_p90_s": self._server.ttft_p90_s(), "draining": self._endpoint.draining,
         }
+
+    async def drain(self) -> None:
+        """Marks this worker draining in the registry: routers stop sending it requests and
+        purge it from their prefix index; the ones it runs go on. (Heartbeats re-register
+        the same endpoint, so the mark survives a registry restart.) ``stop()`` follows."""
+        if not self._endpoint.draining:
+            self._endpoint = dataclasses.replace(self._endpoint, draining=True)
+            await self._registry.register.remote(self._endpoint)
+            log.info("worker %s draining", self._worker_id)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Leaves the registry, drains gRPC for up to ``grace_s`` seconds, stops the engine."""
@@ -159,6 +171,8 @@ def create_worker_actor(config: Config, worker_id: str) -> ray.actor.ActorHandle
     options: dict[str, Any] = dict(
         name=f"electron-worker-{worker_id}", namespace=cluster.namespace,
         num_cpus=cluster.num_cpus_per_worker, num_gpus=_num_gpus(config), max_restarts=0)
+    if cluster.worker_resources:  # e.g. the custom resource of its pool's node group
+        options["resources"] = dict(cluster.worker_resources)
     runtime_env = _runtime_env()
     if runtime_env is not None:
         options["runtime_env"] = runtime_env

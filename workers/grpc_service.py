@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from cluster.demand import RecentLatencies
 from cluster.errors import ElectronError, InvalidRequest, ModelNotFound, Overloaded
 from cluster.logs import request_id_var
 from cluster.telemetry import DISABLED, Tracing
@@ -147,6 +149,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         # Wake-up events of the open WatchState streams, and whether they should end.
         self._watchers: set[asyncio.Event] = set()
         self._closing = False
+        # Recent times to first token, read by the autoscaler through the actor's info().
+        self.ttft = RecentLatencies()
 
     def close(self) -> None:
         """Ends every WatchState stream (they would otherwise hold a graceful stop open)."""
@@ -180,9 +184,12 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         context.add_done_callback(on_rpc_done)
         observer = GenerationObserver(self._tracing, self._metrics, args, self._model_id,
                                       self._engine.worker_id)
+        received = time.monotonic()
         try:
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
+                    if not streaming:  # the first output: its time to first token (autoscaler)
+                        self.ttft.record(time.monotonic() - received)
                     streaming = True
                     observer.output(output)
                     yield wire.generate_response(output)
@@ -278,6 +285,10 @@ class WorkerServer:
         self.server = server
         self._servicer = servicer
         self._health = health
+
+    def ttft_p90_s(self) -> float | None:
+        """The p90 time to first token of the last few seconds' requests (None: none)."""
+        return self._servicer.ttft.quantile(0.9)
 
     async def stop(self, grace: float | None) -> None:
         """Reports NOT_SERVING, ends the WatchState streams, then lets in-flight generations

@@ -1,0 +1,190 @@
+"""A real local cluster with the autoscaler on: local Ray, the registry, every pool's worker
+actors (tiny random Llama) and a router on a TCP port, plus a load generator using the
+official ``openai`` SDK. Shared by tests/integration/test_autoscaling.py and
+bench/autoscale_bench.py.
+
+Tenants: the router app is wrapped so that a request's ``X-Test-Pool`` header becomes
+``request.state.principal.pool``, which is where authentication (issue 5) puts a tenant's
+pool; the routing code reads only that attribute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import types
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import openai
+import ray
+import uvicorn
+
+from cluster.autoscaler import Autoscaler
+from cluster.config import Config, load_config
+from cluster.launcher import listen_socket, start_local_ray
+from cluster.registry import RayWorkerSource, registry_actor
+from router.app import create_app
+
+POOL_HEADER = b"x-test-pool"
+_DECISION = re.compile(r"request (\S+) -> worker (\S+):")
+
+
+def autoscale_config(model_dir: Path, **autoscaler: Any) -> Config:
+    """Short cooldowns; the shared pool "default" 1..3 workers, tenant pool "acme" 1..2."""
+    settings = {
+        "enabled": True, "interval_s": 0.25, "scale_up_cooldown_s": 0.5,
+        "scale_down_delay_s": 2.0, "scale_down_cooldown_s": 1.0, "drain_timeout_s": 20.0,
+        "pools": [
+            {"name": "default", "min_workers": 1, "max_workers": 3,
+             "target_requests_per_worker": 2, "target_ttft_s": 30.0},
+            {"name": "acme", "min_workers": 1, "max_workers": 2,
+             "target_requests_per_worker": 2, "target_ttft_s": 30.0},
+        ],
+        **autoscaler,
+    }
+    return load_config(env={}, overrides={
+        "engine": {"model": str(model_dir), "dtype": "float32", "device": "cpu",
+                   "kv_cache_bytes": 4 * 2**20, "max_model_len": 256, "torch_threads": 1},
+        "router": {"registry_poll_s": 0.2, "host": "127.0.0.1", "port": 0},
+        "cluster": {"namespace": f"autoscale-{uuid.uuid4().hex[:8]}", "workers": 1,
+                    "num_cpus_per_worker": 0.5},
+        "autoscaler": settings,
+    })
+
+
+def _with_principal(app: Any) -> Callable[..., Awaitable[None]]:
+    async def wrapped(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            pool = dict(scope["headers"]).get(POOL_HEADER)
+            if pool is not None:
+                scope.setdefault("state", {})["principal"] = types.SimpleNamespace(
+                    tenant_id=f"tenant-{pool.decode()}", pool=pool.decode())
+        await app(scope, receive, send)
+    return wrapped
+
+
+class _Decisions(logging.Handler):
+    """The router's routing decisions: completion id -> worker id."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.worker_of: dict[str, str] = {}
+        self.first_at: dict[str, float] = {}  # worker id -> monotonic time of its first request
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = _DECISION.match(record.getMessage())
+        if match:
+            self.worker_of[match[1]] = match[2]
+            self.first_at.setdefault(match[2], time.monotonic())
+
+
+@dataclass
+class LocalCluster:
+    config: Config
+    autoscaler: Autoscaler
+    base_url: str
+    decisions: _Decisions
+    _server: uvicorn.Server
+    _task: asyncio.Task
+    _registry: Any
+
+    def pool_of(self, worker_id: str) -> str:
+        for name, scaler in self.autoscaler.pools.items():
+            if any(wid == worker_id for _, _, wid in scaler.events):
+                return name
+        raise KeyError(worker_id)
+
+    async def stop(self) -> None:
+        self._server.should_exit = True
+        await asyncio.gather(self._task, return_exceptions=True)
+        await self.autoscaler.stop()
+        logging.getLogger("router.routing").removeHandler(self.decisions)
+        ray.kill(self._registry)
+        ray.shutdown()
+
+
+async def start_cluster(config: Config) -> LocalCluster:
+    start_local_ray(config)
+    registry = registry_actor(config.cluster, detached=False)
+    autoscaler = Autoscaler(config)
+    autoscaler.start()
+    total = sum(p.pool.min_workers for p in autoscaler.pools.values())
+    await asyncio.wait_for(autoscaler.wait_ready(total), 120)
+    decisions = _Decisions()
+    routing_log = logging.getLogger("router.routing")
+    routing_log.addHandler(decisions)
+    routing_log.setLevel(logging.INFO)
+    app = create_app(config, RayWorkerSource(config.cluster.namespace))
+    sock = listen_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(_with_principal(app), lifespan="on",
+                                           log_level="warning"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        assert not task.done(), "uvicorn exited during startup"
+        await asyncio.sleep(0.01)
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    return LocalCluster(config, autoscaler, base, decisions, server, task, registry)
+
+
+@dataclass
+class Load:
+    """Clients that each send one streamed request after another until stopped."""
+
+    base_url: str
+    ok: Counter = field(default_factory=Counter)           # pool -> completed requests
+    failures: list[str] = field(default_factory=list)
+    served: list[tuple[str, str]] = field(default_factory=list)  # (pool, completion id)
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+
+    def add(self, clients: int, pool: str | None = None, max_tokens: int = 24) -> list:
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(self._client(stop, pool, max_tokens, i))
+                 for i in range(clients)]
+        self._tasks.extend(tasks)
+        return [stop, tasks]
+
+    async def remove(self, group: list) -> None:
+        stop, tasks = group
+        stop.set()
+        await asyncio.gather(*tasks)
+
+    async def _client(self, stop: asyncio.Event, pool: str | None, max_tokens: int,
+                      n: int) -> None:
+        headers = {"X-Test-Pool": pool} if pool else {}
+        client = openai.AsyncOpenAI(base_url=self.base_url, api_key="none", max_retries=0,
+                                    timeout=60, default_headers=headers)
+        async with client:
+            while not stop.is_set():
+                try:
+                    stream = await client.chat.completions.create(
+                        model="electron", stream=True, max_tokens=max_tokens, temperature=0,
+                        messages=[{"role": "user", "content": f"client {n}: count slowly"}],
+                        extra_body={"ignore_eos": True})
+                    completion_id, finished = None, None
+                    async for chunk in stream:
+                        completion_id = chunk.id
+                        if chunk.choices and chunk.choices[0].finish_reason:
+                            finished = chunk.choices[0].finish_reason
+                    if finished != "length":
+                        raise AssertionError(f"stream ended with {finished!r}")
+                    self.ok[pool or "default"] += 1
+                    self.served.append((pool or "default", completion_id))
+                except Exception as exc:  # noqa: BLE001 - every failure is counted
+                    self.failures.append(f"{pool}: {type(exc).__name__}: {exc}")
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    """Seconds until ``condition()`` held; AssertionError after ``timeout``."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - start
