@@ -117,7 +117,8 @@ def test_plan_label_is_none_without_a_principal():
 
 
 async def test_router_metrics_route_serves_prometheus_text():
-    app = create_app(load_config(env={}), StaticWorkerSource([]))
+    app = create_app(load_config(env={}, overrides={"auth": {"enabled": False}}),
+                     StaticWorkerSource([]))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://router") as http:
         bad = await http.post("/v1/chat/completions", content=b"{not json")

@@ -25,7 +25,7 @@ class Source:
 
 def endpoint(worker_id: str, pool: str, draining: bool = False) -> WorkerEndpoint:
     return WorkerEndpoint(worker_id, f"127.0.0.1:{1000 + len(worker_id)}", "electron", pool,
-                          draining)
+                          draining=draining)
 
 
 def pool_with(*endpoints: WorkerEndpoint, fallback=()) -> WorkerPool:
