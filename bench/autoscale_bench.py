@@ -74,7 +74,7 @@ async def run(args: argparse.Namespace) -> dict:
     shared = cluster.autoscaler.pools["default"]
     try:
         baseline = await cold_start(config)
-        load = Load(cluster.base_url)
+        load = Load(cluster.base_url, cluster.keys)
         trickle = load.add(1)
         await asyncio.sleep(3)
         first = set(shared.workers.actors)

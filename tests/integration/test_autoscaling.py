@@ -38,7 +38,7 @@ async def test_burst_scales_up_idleness_scales_down_and_no_request_fails(cluster
     shared = cluster.autoscaler.pools["default"]
     acme = cluster.autoscaler.pools["acme"]
     assert len(shared.serving) == 1 and len(acme.serving) == 1
-    load = Load(cluster.base_url)
+    load = Load(cluster.base_url, cluster.keys)
     tenant = load.add(1, pool="acme")        # the pinned tenant, all along
     trickle = load.add(1)                     # shared traffic that never stops
     burst = load.add(10)

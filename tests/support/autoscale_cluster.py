@@ -3,9 +3,9 @@ actors (tiny random Llama) and a router on a TCP port, plus a load generator usi
 official ``openai`` SDK. Shared by tests/integration/test_autoscaling.py and
 bench/autoscale_bench.py.
 
-Tenants: the router app is wrapped so that a request's ``X-Test-Pool`` header becomes
-``request.state.principal.pool``, which is where authentication (issue 5) puts a tenant's
-pool; the routing code reads only that attribute.
+Tenants are real: the cluster makes two through the admin API, "shared" (no pool) and
+"acme" (pinned to the pool "acme"), on a plan loose enough for the load, and each client
+sends its tenant's key.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import asyncio
 import logging
 import re
 import time
-import types
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import ray
 import uvicorn
@@ -31,8 +31,12 @@ from cluster.config import Config, load_config
 from cluster.launcher import listen_socket, start_local_ray
 from cluster.registry import RayWorkerSource, registry_actor
 from router.app import create_app
+from tests.support.tenancy import local_tenancy
 
-POOL_HEADER = b"x-test-pool"
+ADMIN_KEY = "autoscale-admin-key"
+TENANT_POOLS = {"shared": None, "acme": "acme"}  # tenant -> pool (None: the shared pool)
+# Limits far above what the load sends: scaling is under test, not the plan's limits.
+LOAD_PLAN = {"rpm": 1_000_000, "concurrency": 1000, "shed_queue_per_worker": 1000}
 _DECISION = re.compile(r"request (\S+) -> worker (\S+):")
 
 
@@ -56,18 +60,9 @@ def autoscale_config(model_dir: Path, **autoscaler: Any) -> Config:
         "cluster": {"namespace": f"autoscale-{uuid.uuid4().hex[:8]}", "workers": 1,
                     "num_cpus_per_worker": 0.5},
         "autoscaler": settings,
+        "auth": {"enabled": True, "admin_key": ADMIN_KEY},
+        "tenancy": local_tenancy(plans={"load": LOAD_PLAN}),
     })
-
-
-def _with_principal(app: Any) -> Callable[..., Awaitable[None]]:
-    async def wrapped(scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            pool = dict(scope["headers"]).get(POOL_HEADER)
-            if pool is not None:
-                scope.setdefault("state", {})["principal"] = types.SimpleNamespace(
-                    tenant_id=f"tenant-{pool.decode()}", pool=pool.decode())
-        await app(scope, receive, send)
-    return wrapped
 
 
 class _Decisions(logging.Handler):
@@ -90,6 +85,7 @@ class LocalCluster:
     config: Config
     autoscaler: Autoscaler
     base_url: str
+    keys: dict[str | None, str]  # pool (None: shared) -> its tenant's API key
     decisions: _Decisions
     _server: uvicorn.Server
     _task: asyncio.Task
@@ -123,14 +119,21 @@ async def start_cluster(config: Config) -> LocalCluster:
     routing_log.setLevel(logging.INFO)
     app = create_app(config, RayWorkerSource(config.cluster.namespace))
     sock = listen_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(_with_principal(app), lifespan="on",
-                                           log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         assert not task.done(), "uvicorn exited during startup"
         await asyncio.sleep(0.01)
     base = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    return LocalCluster(config, autoscaler, base, decisions, server, task, registry)
+    keys = {}
+    async with httpx.AsyncClient(base_url=base, timeout=30,
+                                 headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
+        for tenant_id, pool in TENANT_POOLS.items():
+            made = await admin.post("/admin/tenants", json={"tenant_id": tenant_id,
+                                                            "plan": "load", "pool": pool})
+            assert made.status_code == 201, made.text
+            keys[pool] = made.json()["key"]
+    return LocalCluster(config, autoscaler, base, keys, decisions, server, task, registry)
 
 
 @dataclass
@@ -138,6 +141,7 @@ class Load:
     """Clients that each send one streamed request after another until stopped."""
 
     base_url: str
+    keys: dict[str | None, str]  # pool (None: shared) -> the API key of a tenant pinned there
     ok: Counter = field(default_factory=Counter)           # pool -> completed requests
     failures: list[str] = field(default_factory=list)
     served: list[tuple[str, str]] = field(default_factory=list)  # (pool, completion id)
@@ -157,9 +161,8 @@ class Load:
 
     async def _client(self, stop: asyncio.Event, pool: str | None, max_tokens: int,
                       n: int) -> None:
-        headers = {"X-Test-Pool": pool} if pool else {}
-        client = openai.AsyncOpenAI(base_url=self.base_url, api_key="none", max_retries=0,
-                                    timeout=60, default_headers=headers)
+        client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self.keys[pool],
+                                    max_retries=0, timeout=60)
         async with client:
             while not stop.is_set():
                 try:

@@ -58,6 +58,7 @@ class Engine:
         self.idle = False
         self._grammar_options = {"cache_size": grammar_cache_size, "overlap": grammar_overlap}
         self._grammars: GrammarCompiler | None = None
+        self.stats = EngineStats()
 
     @property
     def grammars(self) -> GrammarCompiler:
@@ -67,7 +68,6 @@ class Engine:
             self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, tuple(eos),
                                              **self._grammar_options)
         return self._grammars
-        self.stats = EngineStats()
 
     # -- requests in -------------------------------------------------------------------------
 
