@@ -141,6 +141,21 @@ def test_higher_priority_request_preempts_a_lower_one_from_a_full_batch():
     assert all(r.num_output_tokens == 20 for r in low)
 
 
+def test_higher_priority_prefill_gets_a_step_without_lower_priority_decodes():
+    scheduler = make_scheduler(max_num_seqs=4)
+    low = [make_request([i, i], max_tokens=20) for i in range(2)]
+    for request in low:
+        scheduler.add_request(request)
+    step(scheduler)
+    high = make_request(list(range(30, 40)), max_tokens=2, priority=1)
+    scheduler.add_request(high)
+    assert tokens_of(step(scheduler)) == {high.request_id: 10}  # its prefill alone
+    assert set(tokens_of(step(scheduler))) == {high.request_id, *(r.request_id for r in low)}
+    while scheduler.has_unfinished:
+        step(scheduler)
+    assert all(r.num_output_tokens == 20 for r in low)
+
+
 def test_lower_priority_request_does_not_jump_a_blocked_higher_priority_one():
     scheduler = make_scheduler(num_blocks=4)
     running = make_request(list(range(10)), max_tokens=2, priority=1)
