@@ -69,7 +69,7 @@ def percentiles(samples_s: list[float]) -> dict[str, float]:
 async def limiter_latency(redis_url: str, checks: int) -> dict[str, Any]:
     import redis.asyncio as aioredis
 
-    prefix = f"electron-bench-{uuid.uuid4().hex[:8]}:"
+    prefix = f"electron-bench-{uuid.uuid4().hex[:8]}"
     plan = Plan("bench", rpm=10**9, concurrency=10**9, tpm=None, priority=0,
                 max_context=None, shed_queue_per_worker=1)
     tenants = [Principal(f"bench-{i}", f"k{i}", plan, "", None) for i in range(16)]
@@ -101,7 +101,7 @@ async def limiter_latency(redis_url: str, checks: int) -> dict[str, Any]:
             slot.release()
     finally:
         await redis_limiter.stop()
-        keys = [k async for k in client.scan_iter(match=prefix + "*")]
+        keys = [k async for k in client.scan_iter(match=prefix + ":*")]
         if keys:
             await client.delete(*keys)
         await client.aclose()

@@ -120,7 +120,7 @@ class TenancyConfig(_Frozen):
     plans: dict[str, PlanConfig] = {}
     # Limits shared by every router replica: a Redis URL (None: in process, one replica).
     redis_url: str | None = None
-    redis_prefix: str = "electron:"
+    redis_prefix: str = "electron"  # every Redis key is "<prefix>:…"
     # A router replica holds a concurrency slot by renewing its lease; a dead replica's
     # slots expire after this long.
     slot_lease_s: float = Field(30.0, gt=0)

@@ -91,6 +91,16 @@ class NewKey:
     key: str  # the only time the key itself exists outside the client
 
 
+def redis_namespace(prefix: str) -> str:
+    """Every Redis key of a deployment starts with this (``prefix`` with one ':' after)."""
+    return prefix.rstrip(":") + ":"
+
+
+def revoked_keys_set(prefix: str) -> str:
+    """The Redis set of revoked key ids, which every router replica checks."""
+    return redis_namespace(prefix) + "revoked_keys"
+
+
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 

@@ -20,7 +20,7 @@ import datetime as dt
 
 from cluster.config import Config
 from cluster.sqldb import Database
-from cluster.tenants import TenantError, TenantStore
+from cluster.tenants import TenantError, TenantStore, revoked_keys_set
 
 
 def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]
@@ -99,6 +99,6 @@ def _verb(args: argparse.Namespace, config: Config, store: TenantStore) -> int:
             import redis
 
             with redis.Redis.from_url(config.tenancy.redis_url) as client:
-                client.sadd(config.tenancy.redis_prefix + "revoked_keys", args.key_id)
+                client.sadd(revoked_keys_set(config.tenancy.redis_prefix), args.key_id)
         print(f"key {args.key_id} revoked")
     return 0

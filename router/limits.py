@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from cluster.errors import AuthenticationFailed, Overloaded, RateLimited
-from cluster.tenants import Principal
+from cluster.tenants import Principal, redis_namespace, revoked_keys_set
 
 log = logging.getLogger(__name__)
 
@@ -226,16 +226,16 @@ class InProcessLimiter(Limiter):
 
 
 class RedisLimiter(Limiter):
-    def __init__(self, url: str, *, prefix: str = "electron:", slot_lease_s: float = 30.0):
+    def __init__(self, url: str, *, prefix: str = "electron", slot_lease_s: float = 30.0):
         self._redis = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3)
-        self._prefix = prefix
+        self._prefix = redis_namespace(prefix)
         self._lease_ms = max(1, int(slot_lease_s * 1000))
         self._admit = self._redis.register_script(_ADMIT_LUA)
         self._renew = self._redis.register_script(_RENEW_LUA)
         self._held: dict[str, set[str]] = collections.defaultdict(set)
         self._releases: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
-        self._revoked_key = prefix + "revoked_keys"
+        self._revoked_key = revoked_keys_set(prefix)
 
     def _keys(self, tenant_id: str) -> tuple[str, str]:
         # One hash tag per tenant: both keys land in one Redis Cluster slot.

@@ -26,7 +26,7 @@ def local_tenancy(directory: str | Path | None = None, **fields: Any) -> dict[st
 
 
 def unique_prefix() -> str:
-    return f"electron-test-{uuid.uuid4().hex[:12]}:"
+    return f"electron-test-{uuid.uuid4().hex[:12]}"
 
 
 def with_search_path(url: str, schema: str) -> str:
@@ -54,7 +54,7 @@ async def drop_redis_prefix(prefix: str, url: str = REDIS_URL) -> None:
 
     client = aioredis.Redis.from_url(url)
     try:
-        keys = [k async for k in client.scan_iter(match=prefix + "*")]
+        keys = [k async for k in client.scan_iter(match=prefix + ":*")]
         if keys:
             await client.delete(*keys)
     finally:

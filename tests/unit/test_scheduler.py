@@ -121,12 +121,24 @@ def test_lower_priority_preempted_under_kv_pressure_and_recomputed():
     assert scheduler.kv_cache_manager.num_used_blocks == 0
 
 
-def test_higher_priority_request_preempts_a_lower_one_from_a_full_batch():
-    scheduler = make_scheduler(max_num_seqs=2)
-    low = [make_request([i, i], max_tokens=20) for i in range(2)]
-    for request in low:
+def decoding(scheduler: Scheduler, count: int) -> list[Request]:
+    """``count`` priority-0 requests, admitted and decoding (20 tokens each)."""
+    requests = [make_request([i, i], max_tokens=20) for i in range(count)]
+    for request in requests:
         scheduler.add_request(request)
     step(scheduler)
+    return requests
+
+
+def finish_all(scheduler: Scheduler, low: list[Request]) -> None:
+    while scheduler.has_unfinished:
+        step(scheduler)
+    assert all(r.num_output_tokens == 20 for r in low)
+
+
+def test_higher_priority_request_preempts_a_lower_one_from_a_full_batch():
+    scheduler = make_scheduler(max_num_seqs=2)
+    low = decoding(scheduler, 2)
     equal = make_request([9, 9], max_tokens=2)
     scheduler.add_request(equal)
     assert equal.request_id not in tokens_of(step(scheduler))  # equal priority waits
@@ -134,11 +146,17 @@ def test_higher_priority_request_preempts_a_lower_one_from_a_full_batch():
     scheduler.add_request(high)
     output = step(scheduler)
     assert high.request_id in tokens_of(output) and output.preempted == [low[1]]
-    while not high.is_finished:
-        step(scheduler)
-    while scheduler.has_unfinished:
-        step(scheduler)
-    assert all(r.num_output_tokens == 20 for r in low)
+    finish_all(scheduler, low)
+
+
+def test_higher_priority_prefill_gets_a_step_without_lower_priority_decodes():
+    scheduler = make_scheduler(max_num_seqs=4)
+    low = decoding(scheduler, 2)
+    high = make_request(list(range(30, 40)), max_tokens=2, priority=1)
+    scheduler.add_request(high)
+    assert tokens_of(step(scheduler)) == {high.request_id: 10}  # its prefill alone
+    assert set(tokens_of(step(scheduler))) == {high.request_id, *(r.request_id for r in low)}
+    finish_all(scheduler, low)
 
 
 def test_lower_priority_request_does_not_jump_a_blocked_higher_priority_one():

@@ -6,7 +6,8 @@ its ``num_tokens``. A step gives running requests their share of the token budge
 order with chunks of their prompts. When blocks run out, or the batch is full (``max_num_seqs``)
 and a higher-priority request waits, the lowest-priority running request is preempted: its
 blocks are freed and it is recomputed later (the prefix cache usually still holds most of
-them). Requests are identified by ``request_id``, unique in the engine.
+them). A waiting request that outranks every running one gets a step of its own (the lower
+decodes resume in the next), so its first token does not wait on theirs. Requests are identified by ``request_id``, unique in the engine.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Choose the next step's batch within the token budget and max_num_seqs."""
         step = _Step(budget=self.config.max_num_batched_tokens)
-        self._schedule_running(step)
+        self._schedule_running(step, self._urgent_priority())
         self._schedule_waiting(step)
         ordered = sorted(step.scheduled.values(), key=lambda s: s.num_new_tokens > 1)
         return SchedulerOutput(ordered, step.preempted,
@@ -178,12 +179,28 @@ class Scheduler:
                 caught_up.append(request)
         return caught_up
 
-    def _schedule_running(self, step: _Step) -> None:
+    def _urgent_priority(self) -> int | None:
+        """The priority of the first waiting request if it outranks every running one: its
+        prefill then gets a step without the lower-priority decodes (they resume next step),
+        so a higher plan's first token does not pay for a batch of lower-plan decodes."""
+        if not self._waiting:
+            return None
+        head = self._waiting[0][1]
+        if head.wait_for is not None:
+            return None
+        top_running = max((r.priority for r in self._running.values()), default=None)
+        if top_running is None or head.priority <= top_running:
+            return None
+        return head.priority
+
+    def _schedule_running(self, step: _Step, urgent: int | None = None) -> None:
         for request in sorted(self._running.values(), key=self._key):
             if step.budget == 0:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue   # preempted earlier in this loop
+            if urgent is not None and request.priority < urgent:
+                break      # sorted by priority: the rest are lower too
             num_new = min(request.num_uncomputed_tokens, step.budget,
                           self.config.max_chunk_tokens)
             if num_new == 0:
