@@ -141,3 +141,32 @@ def test_two_router_metric_sets_count_separately():
     assert b.registry.get_sample_value("electron:requests_total",
                                        {"status": "200", "model": "electron",
                                         "plan": "none"}) is None
+
+
+async def test_router_server_span_continues_the_callers_trace():
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from cluster.telemetry import Tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = create_app(load_config(env={}), StaticWorkerSource([]), tracing=Tracing(provider))
+    trace_id, parent = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://router") as http:
+        bad = await http.post("/v1/chat/completions", content=b"{not json",
+                              headers={"traceparent": f"00-{trace_id}-{parent}-01"})
+        assert bad.status_code == 400
+        assert (await http.get("/v1/models/electron")).status_code == 200
+        assert (await http.get("/health")).status_code == 200
+    provider.shutdown()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert set(spans) == {"POST /v1/chat/completions", "auth_and_limits",
+                          "GET /v1/models/{model_id}"}
+    server = spans["POST /v1/chat/completions"]
+    assert format(server.context.trace_id, "032x") == trace_id
+    assert format(server.parent.span_id, "016x") == parent
+    assert server.attributes["http.response.status_code"] == 400
+    assert spans["auth_and_limits"].parent.span_id == server.context.span_id
