@@ -486,11 +486,20 @@ def test_monitors_scrape_the_routers_and_every_worker(case, tmp_path):
     assert not _selects(pod_monitor["spec"]["selector"], head)
     for monitor in (router_monitor, pod_monitor):
         assert labels.items() <= monitor["metadata"]["labels"].items()
-    # The NetworkPolicy lets the scraper reach the workers' metrics port.
+    # The NetworkPolicies let the scraper reach the workers' metrics port and the routers'.
+    scrapers = values.get("networkPolicy", {}).get("metricsFrom", [])
     policy = one(docs, "NetworkPolicy", f"{FULLNAME}-worker-metrics")
-    assert policy["spec"]["ingress"][0]["ports"] == [
-        {"port": config.observability.worker_metrics_port, "protocol": "TCP"}]
+    assert policy["spec"]["ingress"] == [
+        {"ports": [{"port": config.observability.worker_metrics_port, "protocol": "TCP"}],
+         **({"from": scrapers} if scrapers else {})}]
     assert _selects(policy["spec"]["podSelector"], groups[0]["template"]["metadata"]["labels"])
+    router_rules = one(docs, "NetworkPolicy", f"{FULLNAME}-router")["spec"]["ingress"]
+    if values.get("networkPolicy", {}).get("routerIngressFrom"):
+        assert scrapers, "a values file that narrows the routers' port must let scrapers in"
+        assert any(r.get("from") == scrapers and r["ports"][0]["port"] == config.router.port
+                   for r in router_rules)
+    else:
+        assert "from" not in router_rules[0]
 
 
 def test_the_grafana_dashboard_is_the_charts_one_file_rendered_in_a_config_map():
