@@ -188,6 +188,7 @@ def test_the_values_schema_rejects_bad_values():
                        ({"plans": {"pro": {"rpm": 10, "concurrency": 0}}},
                         "/plans/pro/concurrency"),
                        ({"logs": {"format": "xml"}}, "/logs/format"),
+                       ({"metrics": {"workerPort": 0}}, "/metrics/workerPort"),
                        ({"typo": True}, "typo")]:
         with pytest.raises(helm_python.HelmValuesError, match=where):
             render(bad)
