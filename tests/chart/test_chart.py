@@ -379,7 +379,9 @@ def test_sqlite_and_the_ledger_spool_are_on_a_writable_volume(case, tmp_path):
 def test_datastores_external_or_in_chart(case, tmp_path):
     values, _, docs = case
     config, _ = router_config(docs, tmp_path)
-    redis, postgres = values.get("redis", {}), values.get("postgresql", {})
+    defaults = values_of(CHART / "values.yaml")
+    redis = {**defaults["redis"], **values.get("redis", {})}
+    postgres = {**defaults["postgresql"], **values.get("postgresql", {})}
     assert bool(find(docs, "Deployment", f"{FULLNAME}-redis")) == bool(redis.get("deploy"))
     assert bool(find(docs, "StatefulSet", f"{FULLNAME}-postgresql")) \
         == bool(postgres.get("deploy"))
@@ -536,6 +538,9 @@ def test_notes_tell_how_to_reach_the_api_and_make_the_first_key():
     assert command[0] == "electron-serve"
     parsed = _parser().parse_args(command[1:])
     assert (parsed.command, parsed.verb, parsed.plan) == ("tenants", "add", "standard")
-    assert "no PostgreSQL is configured" in text
+    # The defaults deploy PostgreSQL and Redis in the chart: tenants work across replicas.
+    assert "no PostgreSQL" not in text and "no Redis" not in text
+    bare = notes({"postgresql": {"deploy": False}, "redis": {"deploy": False}})
+    assert "no PostgreSQL is configured" in bare and "no Redis is configured" in bare
     external = notes(values_of(CHART / "ci" / "external-datastores-values.yaml"))
     assert "no PostgreSQL" not in external and "no Redis" not in external
