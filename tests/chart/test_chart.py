@@ -2,8 +2,9 @@
 values file in its ci/ folder, each object validated against Kubernetes 1.33's schemas
 (kubernetes-validate, strict) and the RayCluster against KubeRay v1.7.0's CRD schema
 (shared/kuberay/validate_raycluster.py); then assertions on what matters: GPU requests, Ray's
-autoscaler, the pools, probes, environment, secrets never inlined, non-root pods, and command
-lines the real CLI accepts.
+autoscaler, the pools, probes, environment, secrets never inlined, non-root pods, command
+lines the real CLI accepts, and that the router's ConfigMap and environment (its Secrets
+resolved) load with ``cluster.config.load_config`` into the settings the values asked for.
 
 Helm runs through helm-python-sdk (Helm's own library, no binary): its render output is the
 helm binary's.
@@ -12,8 +13,8 @@ helm binary's.
 from __future__ import annotations
 
 import base64
+import json
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,10 +26,12 @@ import pytest
 import yaml
 
 from cluster.cli import _parser
-from cluster.config import load_config
+from cluster.config import ENV_PREFIX, Config, PlanConfig, load_config
 from tests.support.shared_dir import shared_path
 
-CHART = Path(__file__).resolve().parents[2] / "helm" / "electron-serve"
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "electron-serve"
+DASHBOARD = CHART / "files" / "dashboards" / "electron-serve.json"
 CI_VALUES = sorted(CHART.glob("ci/*-values.yaml"))
 KUBE_VERSION = "1.33.0"
 RELEASE, NAMESPACE = "es", "serving"
@@ -82,6 +85,55 @@ def service_config(docs) -> dict[str, Any]:
     return yaml.safe_load(one(docs, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
 
 
+def defaults() -> dict[str, Any]:
+    return values_of(CHART / "values.yaml")
+
+
+def env_name(section: str, field: str) -> str:
+    """The environment variable cluster/config.py reads for ``section.field``."""
+    assert field in type(getattr(Config(), section)).model_fields, (section, field)
+    return f"{ENV_PREFIX}{section.upper()}__{field.upper()}"
+
+
+ADMIN_KEY, REDIS_URL, DATABASE_URL = (env_name("auth", "admin_key"),
+                                      env_name("tenancy", "redis_url"),
+                                      env_name("tenancy", "database_url"))
+# What a Secret the chart does not create (existingSecret) holds, for load_config.
+EXTERNAL = {ADMIN_KEY: "sk-admin-external-0123456789", REDIS_URL: "redis://ext-redis:6379/0",
+            DATABASE_URL: "postgresql://u:p@ext-db:5432/electron"}
+
+
+def router_container(docs) -> dict[str, Any]:
+    return one(docs, "Deployment", f"{FULLNAME}-router")["spec"]["template"]["spec"][
+        "containers"][0]
+
+
+def resolved_env(container: dict[str, Any], docs) -> dict[str, str]:
+    """The container's environment as the kubelet gives it: secretKeyRefs read from the
+    rendered Secrets (or EXTERNAL for a Secret that exists outside the chart)."""
+    secrets = {s["metadata"]["name"]: s.get("data", {}) for s in find(docs, "Secret")}
+    env = {}
+    for name, entry in env_of(container).items():
+        if "value" in entry:
+            env[name] = entry["value"]
+            continue
+        ref = entry["valueFrom"]["secretKeyRef"]
+        if ref["name"] in secrets:
+            env[name] = base64.b64decode(secrets[ref["name"]][ref["key"]]).decode()
+        else:
+            env[name] = EXTERNAL[name]
+    return env
+
+
+def router_config(docs, tmp_path: Path) -> tuple[Config, dict[str, str]]:
+    """The config the router process builds: the ConfigMap's file plus its environment."""
+    path = tmp_path / "config.yaml"
+    path.write_text(one(docs, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
+    env = resolved_env(router_container(docs), docs)
+    assert env["ELECTRON_CONFIG"] == "/etc/electron-serve/config.yaml"
+    return load_config(env={**env, "ELECTRON_CONFIG": str(path)}), env
+
+
 @pytest.fixture(scope="module", params=CI_VALUES, ids=lambda p: p.name)
 def case(request) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
     values = values_of(request.param)
@@ -112,7 +164,7 @@ def test_every_object_is_valid_kubernetes(case):
             kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
         except kubernetes_validate.SchemaNotFoundError:
             custom.append(doc["kind"])  # custom resources: checked below
-    assert set(custom) <= {"RayCluster", "ServiceMonitor"}
+    assert set(custom) <= {"RayCluster", "ServiceMonitor", "PodMonitor"}
     assert custom.count("RayCluster") == 1
 
 
@@ -130,9 +182,24 @@ def test_the_values_schema_rejects_bad_values():
                        ({"router": {"replicas": 0}}, "/router/replicas"),
                        ({"model": {"volume": {"type": "nfs"}}}, "/model/volume/type"),
                        ({"redis": {"url": "http://x"}}, "/redis/url"),
+                       ({"plans": {"pro": {"rpm": 10, "concurrency": 2, "pool": "acme"}}},
+                        "/plans/pro"),
+                       ({"plans": {"pro": {"rpm": 10}}}, "/plans/pro"),
+                       ({"plans": {"pro": {"rpm": 10, "concurrency": 0}}},
+                        "/plans/pro/concurrency"),
+                       ({"logs": {"format": "xml"}}, "/logs/format"),
+                       ({"metrics": {"workerPort": 0}}, "/metrics/workerPort"),
                        ({"typo": True}, "typo")]:
         with pytest.raises(helm_python.HelmValuesError, match=where):
             render(bad)
+
+
+def test_the_values_schema_describes_plans_as_the_config_does():
+    schema = yaml.safe_load((CHART / "values.schema.json").read_text())
+    plan = schema["properties"]["plans"]["additionalProperties"]
+    assert set(plan["properties"]) == set(PlanConfig.model_fields)
+    assert set(plan["required"]) == {n for n, f in PlanConfig.model_fields.items()
+                                     if f.is_required()}
 
 
 # -- what matters -----------------------------------------------------------------------------------
@@ -252,51 +319,90 @@ def test_secrets_are_never_inlined(case):
     non_secret = "\n".join(yaml.safe_dump(d) for d in docs if d["kind"] != "Secret")
     for value in inlined:
         assert value not in non_secret
-    router = one(docs, "Deployment", f"{FULLNAME}-router")
-    env = env_of(router["spec"]["template"]["spec"]["containers"][0])
+    env = env_of(router_container(docs))
     auth = values.get("auth", {})
-    key_ref = env["ELECTRON_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]
+    key_ref = env[ADMIN_KEY]["valueFrom"]["secretKeyRef"]
     if auth.get("existingSecret"):
         assert key_ref == {"name": auth["existingSecret"], "key": auth["existingSecretKey"]}
         assert not find(docs, "Secret", f"{FULLNAME}-admin")
     else:
         assert key_ref == {"name": f"{FULLNAME}-admin", "key": "admin-key"}
         assert one(docs, "Secret", f"{FULLNAME}-admin")["data"]["admin-key"]
-    for name in ("REDIS_URL", "DATABASE_URL"):
-        if name in env:
-            assert set(env[name]) == {"name", "valueFrom"}
+    # Every setting the router reads from its environment comes from a Secret.
+    settings = [name for name in env if name.startswith(ENV_PREFIX) and "__" in name]
+    assert settings and set(settings) <= {ADMIN_KEY, REDIS_URL, DATABASE_URL}
+    for name in settings:
+        assert set(env[name]) == {"name", "valueFrom"}, name
+    # The other processes get none of them.
+    for name, spec in pod_specs(docs):
+        if not name.endswith("-router"):
+            assert not set(env_of(spec["containers"][0])) & {ADMIN_KEY, REDIS_URL,
+                                                             DATABASE_URL}, name
 
 
-def test_datastores_external_or_in_chart(case):
+def test_the_router_loads_the_settings_the_values_ask_for(case, tmp_path):
     values, _, docs = case
-    env = env_of(one(docs, "Deployment", f"{FULLNAME}-router")
-                 ["spec"]["template"]["spec"]["containers"][0])
-    redis, postgres = values.get("redis", {}), values.get("postgresql", {})
+    config, env = router_config(docs, tmp_path)
+    # The admin key: the auth.admin_key setting, from the Secret; not a chat key.
+    assert config.auth.enabled is True
+    assert config.auth.admin_key == env[ADMIN_KEY]
+    assert config.auth.admin_key.startswith("sk-admin-") and len(config.auth.admin_key) >= 24
+    assert config.auth.static_keys == ()
+    if values.get("auth", {}).get("adminKey"):
+        assert config.auth.admin_key == values["auth"]["adminKey"]
+    # Plans: tenancy.plans, as given (the built-in ones stay unless replaced).
+    plans = values.get("plans", {})
+    assert config.tenancy.plans == {n: PlanConfig(**p) for n, p in plans.items()}
+    assert {"standard", "enterprise"} <= set(config.tenancy.plan_names())
+    # JSON logs unless asked otherwise; the workers' fixed metrics port.
+    logs = {**defaults()["logs"], **values.get("logs", {})}
+    assert config.observability.log_format == logs["format"]
+    port = values.get("metrics", {}).get("workerPort", defaults()["metrics"]["workerPort"])
+    assert config.observability.worker_metrics_port == port
+
+
+def test_sqlite_and_the_ledger_spool_are_on_a_writable_volume(case, tmp_path):
+    _, _, docs = case
+    config, _ = router_config(docs, tmp_path)
+    router = one(docs, "Deployment", f"{FULLNAME}-router")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in router["volumes"]}
+    writable = {m["mountPath"]: volumes[m["name"]]
+                for m in router["containers"][0]["volumeMounts"] if not m.get("readOnly")}
+    for path in (config.tenancy.sqlite_path, config.tenancy.spool_path):
+        assert path.startswith("/") and "~" not in path
+        mount = str(Path(path).parent)
+        assert mount in writable, path
+        assert "emptyDir" in writable[mount]
+        assert mount != "/tmp"  # its own volume, not Ray's scratch space
+
+
+def test_datastores_external_or_in_chart(case, tmp_path):
+    values, _, docs = case
+    config, _ = router_config(docs, tmp_path)
+    defaults = values_of(CHART / "values.yaml")
+    redis = {**defaults["redis"], **values.get("redis", {})}
+    postgres = {**defaults["postgresql"], **values.get("postgresql", {})}
     assert bool(find(docs, "Deployment", f"{FULLNAME}-redis")) == bool(redis.get("deploy"))
     assert bool(find(docs, "StatefulSet", f"{FULLNAME}-postgresql")) \
         == bool(postgres.get("deploy"))
-    secrets = {s["metadata"]["name"]: s.get("data", {}) for s in find(docs, "Secret")}
-
-    def url(name: str) -> str:
-        ref = env[name]["valueFrom"]["secretKeyRef"]
-        return base64.b64decode(secrets[ref["name"]][ref["key"]]).decode()
-
+    env = env_of(router_container(docs))
     if redis.get("deploy"):
-        assert url("REDIS_URL") == f"redis://{FULLNAME}-redis:6379/0"
+        assert config.tenancy.redis_url == f"redis://{FULLNAME}-redis:6379/0"
     elif redis.get("existingSecret"):
-        assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"] \
+        assert env[REDIS_URL]["valueFrom"]["secretKeyRef"] \
             == {"name": redis["existingSecret"], "key": redis["existingSecretKey"]}
+        assert config.tenancy.redis_url == EXTERNAL[REDIS_URL]
     else:
-        assert "REDIS_URL" not in env
+        assert REDIS_URL not in env and config.tenancy.redis_url is None
     if postgres.get("deploy"):
-        db = url("DATABASE_URL")
-        password = base64.b64decode(secrets[f"{FULLNAME}-datastores"]
-                                    ["postgres-password"]).decode()
-        assert db == f"postgresql://electron:{password}@{FULLNAME}-postgresql:5432/electron"
+        secret = one(docs, "Secret", f"{FULLNAME}-datastores")["data"]
+        password = base64.b64decode(secret["postgres-password"]).decode()
+        assert config.tenancy.database_url \
+            == f"postgresql://electron:{password}@{FULLNAME}-postgresql:5432/electron"
     elif postgres.get("url"):
-        assert url("DATABASE_URL") == postgres["url"]
+        assert config.tenancy.database_url == postgres["url"]
     else:
-        assert "DATABASE_URL" not in env
+        assert DATABASE_URL not in env and config.tenancy.database_url is None
 
 
 def test_otlp_settings_reach_every_process(case):
@@ -339,30 +445,102 @@ def test_optional_objects_follow_their_switches(case):
     values, _, docs = case
     monitor = values.get("metrics", {}).get("serviceMonitor", {}).get("enabled", False)
     assert bool(find(docs, "ServiceMonitor")) == monitor
+    assert bool(find(docs, "PodMonitor")) == monitor
     policies = find(docs, "NetworkPolicy")
-    assert len(policies) == 2
+    assert len(policies) == 3
     router_policy = one(docs, "NetworkPolicy", f"{FULLNAME}-router")
     assert router_policy["spec"]["ingress"][0]["ports"][0]["port"] == 8000
 
 
-def test_grafana_dashboards_are_mounted_when_present_and_optional(tmp_path):
-    # Without dashboard files the chart renders no dashboard ConfigMap.
-    assert not [d for d in render({}) if "dashboard" in d["metadata"]["name"]]
-    chart = tmp_path / "electron-serve"
-    shutil.copytree(CHART, chart)
-    board = '{"title": "Electron Serve", "panels": []}'
-    (chart / "files" / "dashboards" / "electron-serve.json").write_text(board)
-    boards = [d for d in render({}, chart) if "dashboard" in d["metadata"]["name"]]
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return selector["matchLabels"].items() <= labels.items()
+
+
+def test_monitors_scrape_the_routers_and_every_worker(case, tmp_path):
+    values, _, docs = case
+    metrics = values.get("metrics", {})
+    if not metrics.get("serviceMonitor", {}).get("enabled"):  # this setup, monitors on
+        metrics = {**metrics, "serviceMonitor": {**metrics.get("serviceMonitor", {}),
+                                                 "enabled": True}}
+        values = {**values, "metrics": metrics}
+        docs = render(values)
+    config, _ = router_config(docs, tmp_path)
+    labels = metrics["serviceMonitor"].get("labels", {})
+    # Routers: /metrics on the Service's HTTP port.
+    router_monitor = one(docs, "ServiceMonitor")
+    service = one(docs, "Service", f"{FULLNAME}-router")
+    assert _selects(router_monitor["spec"]["selector"], service["metadata"]["labels"])
+    assert router_monitor["spec"]["endpoints"] == [
+        {"port": "http", "path": "/metrics",
+         "interval": metrics["serviceMonitor"].get("interval", "30s")}]
+    # Workers: /metrics on the port the config gives every worker actor, on each pool's pods.
+    pod_monitor = one(docs, "PodMonitor")
+    (endpoint,) = pod_monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["path"] == "/metrics"
+    groups = one(docs, "RayCluster")["spec"]["workerGroupSpecs"]
+    for group in groups:
+        template = group["template"]
+        assert _selects(pod_monitor["spec"]["selector"], template["metadata"]["labels"])
+        ports = {p["name"]: p for p in template["spec"]["containers"][0]["ports"]}
+        assert ports[endpoint["port"]]["containerPort"] \
+            == config.observability.worker_metrics_port
+        assert "electron-serve/pool" in template["metadata"]["labels"]
+    head = one(docs, "RayCluster")["spec"]["headGroupSpec"]["template"]["metadata"]["labels"]
+    assert not _selects(pod_monitor["spec"]["selector"], head)
+    for monitor in (router_monitor, pod_monitor):
+        assert labels.items() <= monitor["metadata"]["labels"].items()
+    # The NetworkPolicies let the scraper reach the workers' metrics port and the routers'.
+    scrapers = values.get("networkPolicy", {}).get("metricsFrom", [])
+    policy = one(docs, "NetworkPolicy", f"{FULLNAME}-worker-metrics")
+    assert policy["spec"]["ingress"] == [
+        {"ports": [{"port": config.observability.worker_metrics_port, "protocol": "TCP"}],
+         **({"from": scrapers} if scrapers else {})}]
+    assert _selects(policy["spec"]["podSelector"], groups[0]["template"]["metadata"]["labels"])
+    router_rules = one(docs, "NetworkPolicy", f"{FULLNAME}-router")["spec"]["ingress"]
+    if values.get("networkPolicy", {}).get("routerIngressFrom"):
+        assert scrapers, "a values file that narrows the routers' port must let scrapers in"
+        assert any(r.get("from") == scrapers and r["ports"][0]["port"] == config.router.port
+                   for r in router_rules)
+    else:
+        assert "from" not in router_rules[0]
+
+
+def test_the_grafana_dashboard_is_the_charts_one_file_rendered_in_a_config_map():
+    # One file: the repository's dashboards/ path is a link to the chart's copy.
+    assert (ROOT / "dashboards" / "electron-serve.json").resolve() == DASHBOARD.resolve()
+    assert DASHBOARD.resolve() == DASHBOARD  # the chart holds the file itself
+    board = DASHBOARD.read_text()
+    boards = [d for d in render({}) if "dashboard" in d["metadata"]["name"]]
     assert len(boards) == 1
+    assert boards[0]["metadata"]["name"] == f"{FULLNAME}-dashboard-electron-serve"
     assert boards[0]["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert boards[0]["data"] == {"electron-serve.json": board}
-    assert not [d for d in render({"dashboards": {"enabled": False}}, chart)
+    assert list(boards[0]["data"]) == ["electron-serve.json"]
+    assert boards[0]["data"]["electron-serve.json"] == board.rstrip("\n")
+    assert json.loads(boards[0]["data"]["electron-serve.json"])["title"] == "Electron Serve"
+    assert len(yaml.safe_dump(boards[0])) < 1 << 20  # a ConfigMap's limit
+    assert not [d for d in render({"dashboards": {"enabled": False}})
                 if "dashboard" in d["metadata"]["name"]]
 
 
-def test_notes_tell_how_to_reach_the_api():
-    with helm_python.Chart.load(CHART) as loaded:
-        notes = loaded.render({}, name=RELEASE, namespace=NAMESPACE)[
-            "electron-serve/templates/NOTES.txt"]
-    assert f"port-forward svc/{FULLNAME}-router" in notes
-    assert f"get secret {FULLNAME}-admin" in notes and "chat/completions" in notes
+def test_notes_tell_how_to_reach_the_api_and_make_the_first_key():
+    def notes(values: dict[str, Any]) -> str:
+        with helm_python.Chart.load(CHART) as loaded:
+            return loaded.render(values, name=RELEASE, namespace=NAMESPACE)[
+                "electron-serve/templates/NOTES.txt"]
+
+    text = notes({})
+    assert f"port-forward svc/{FULLNAME}-router" in text
+    assert f"get secret {FULLNAME}-admin" in text and "chat/completions" in text
+    assert "$BASE_URL/admin/tenants" in text
+    # The CLI line runs: the command kubectl exec would start parses with the real CLI.
+    line = next(ln for ln in text.splitlines() if "kubectl" in ln and " exec " in ln)
+    command = shlex.split(line.split(" -- ", 1)[1])
+    assert command[0] == "electron-serve"
+    parsed = _parser().parse_args(command[1:])
+    assert (parsed.command, parsed.verb, parsed.plan) == ("tenants", "add", "standard")
+    # The defaults deploy PostgreSQL and Redis in the chart: tenants work across replicas.
+    assert "no PostgreSQL" not in text and "no Redis" not in text
+    bare = notes({"postgresql": {"deploy": False}, "redis": {"deploy": False}})
+    assert "no PostgreSQL is configured" in bare and "no Redis is configured" in bare
+    external = notes(values_of(CHART / "ci" / "external-datastores-values.yaml"))
+    assert "no PostgreSQL" not in external and "no Redis" not in external

@@ -86,6 +86,11 @@ app.kubernetes.io/part-of: electron-serve
   "engine" $engine
   "router" (dict "host" "0.0.0.0" "port" (int .Values.router.port) "model_id" .Values.model.id "policy" .Values.router.policy)
   "auth" (dict "enabled" .Values.auth.enabled)
+  "tenancy" (dict "plans" (.Values.plans | default dict)
+               "sqlite_path" (printf "%s/electron.db" (include "electron-serve.stateDir" .))
+               "spool_path" (printf "%s/ledger-spool.jsonl" (include "electron-serve.stateDir" .)))
+  "observability" (dict "log_format" .Values.logs.format
+                     "worker_metrics_port" (int .Values.metrics.workerPort))
   "cluster" (dict "namespace" "electron" "pool" "default" "workers" 0
               "num_gpus_per_worker" .Values.workers.gpusPerWorker
               "num_cpus_per_worker" .Values.workers.cpusPerWorker)
@@ -138,22 +143,37 @@ app.kubernetes.io/part-of: electron-serve
 {{- printf "%s-datastores" (include "electron-serve.fullname" .) }}
 {{- end }}
 
-{{/* Redis and PostgreSQL URLs: from a Secret, never inlined. */}}
-{{- define "electron-serve.datastoreEnv" -}}
+{{/* The router's secrets, as the config's own environment variables
+(ELECTRON_<SECTION>__<FIELD>, cluster/config.py): tenancy.redis_url, tenancy.database_url and
+auth.admin_key come from Secrets through secretKeyRef, never inlined. */}}
+{{- define "electron-serve.secretEnv" -}}
+{{- if .Values.auth.enabled }}
+- name: ELECTRON_AUTH__ADMIN_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "electron-serve.adminSecretName" . }}
+      key: {{ ternary .Values.auth.existingSecretKey "admin-key" (ne .Values.auth.existingSecret "") }}
+{{- end }}
 {{- if or .Values.redis.deploy .Values.redis.url .Values.redis.existingSecret }}
-- name: REDIS_URL
+- name: ELECTRON_TENANCY__REDIS_URL
   valueFrom:
     secretKeyRef:
       name: {{ default (include "electron-serve.datastoreSecretName" .) .Values.redis.existingSecret }}
       key: {{ ternary .Values.redis.existingSecretKey "redis-url" (ne .Values.redis.existingSecret "") }}
 {{- end }}
 {{- if or .Values.postgresql.deploy .Values.postgresql.url .Values.postgresql.existingSecret }}
-- name: DATABASE_URL
+- name: ELECTRON_TENANCY__DATABASE_URL
   valueFrom:
     secretKeyRef:
       name: {{ default (include "electron-serve.datastoreSecretName" .) .Values.postgresql.existingSecret }}
       key: {{ ternary .Values.postgresql.existingSecretKey "database-url" (ne .Values.postgresql.existingSecret "") }}
 {{- end }}
+{{- end }}
+
+{{/* The router's writable state (read-only root file system): the SQLite database when no
+PostgreSQL is configured, and the ledger's spool while the database is down. */}}
+{{- define "electron-serve.stateDir" -}}
+/var/lib/electron-serve
 {{- end }}
 
 {{/* Volumes every Electron Serve pod mounts: writable /tmp (Ray's session dirs live in
