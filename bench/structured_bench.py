@@ -16,7 +16,10 @@ changing load hits them alike:
 
 Decode tokens/s of a turn = B * chunk / its wall time (prefill is done before the first turn,
 and one warm-up turn is not counted). The result is the median over rounds, and the ratio
-masked / plain; the target is a mask cost of at most 10 % at batch 16 (ratio >= 0.90).
+masked / plain; the target is a mask cost of at most 10 % at batch 16 (ratio >= 0.90). On a
+shared machine wall time swings with other processes' load, so the same ratio is also given
+per CPU second of this process (all its threads, the mask helper included), and the masks of
+one step are timed alone.
 """
 
 from __future__ import annotations
@@ -79,35 +82,40 @@ def start(engine: Engine, ids: list[list[int]], config: str, max_tokens: int) ->
     return requests
 
 
-def timed_steps(engine: Engine, config: str, steps: int) -> float:
-    begin = time.perf_counter()
+def timed_steps(engine: Engine, config: str, steps: int) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (this process, all its threads) of ``steps`` steps."""
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         if any(o.finished for o in engine.step()):
             raise RuntimeError(f"{config}: a request finished inside the measured steps")
-    return time.perf_counter() - begin
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 @torch.inference_mode()
 def measure(runners: dict[str, ModelRunner], tokenizer: Tokenizer, batch: int, rounds: int,
-            chunk: int) -> tuple[dict[str, list[float]], float]:
+            chunk: int) -> tuple[dict[str, list[float]], dict[str, list[float]], float]:
     """Per round, ``chunk`` decode steps of each configuration (order rotating), on live
-    batches: tokens/s per round and configuration; and the masks' own time per step."""
+    batches: tokens per wall second and per CPU second, per round and configuration; and the
+    masks' own time per step."""
     engines = {c: make_engine(runners[c], tokenizer, c, batch) for c in CONFIGS}
     ids = prompts(tokenizer, batch)
     live = {c: start(engines[c], ids, c, (rounds + 1) * chunk + 8) for c in CONFIGS}
     for c in CONFIGS:  # warm-up round, not counted
         timed_steps(engines[c], c, chunk)
     rates: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    cpu_rates: dict[str, list[float]] = {c: [] for c in CONFIGS}
     for r in range(rounds):
         order = CONFIGS[r % 3:] + CONFIGS[:r % 3]
         for c in order:
-            rates[c].append(batch * chunk / timed_steps(engines[c], c, chunk))
+            wall, cpu = timed_steps(engines[c], c, chunk)
+            rates[c].append(batch * chunk / wall)
+            cpu_rates[c].append(batch * chunk / cpu)
     mask_ms = mask_ms_per_step(live["masked_no_overlap"], runners["plain"].model_config.vocab_size)
     for c, engine in engines.items():
         engine.abort([req.request_id for req in live[c]])
         if engine._grammars is not None:
             engine._grammars.close()
-    return rates, mask_ms
+    return rates, cpu_rates, mask_ms
 
 
 def mask_ms_per_step(requests: list, vocab: int, repeats: int = 50) -> float:
@@ -141,7 +149,7 @@ def main() -> None:
     tokenizer = Tokenizer.from_model_path(runners["plain"].model_path)
     results: dict[str, dict] = {}
     for batch in (int(b) for b in args.batches.split(",")):
-        rates, mask_ms = measure(runners, tokenizer, batch, args.rounds, args.chunk)
+        rates, cpu_rates, mask_ms = measure(runners, tokenizer, batch, args.rounds, args.chunk)
         med = {c: statistics.median(v) for c, v in rates.items()}
         results[f"batch_{batch}"] = {
             "decode_tokens_per_s": {c: round(v, 1) for c, v in med.items()},
@@ -152,6 +160,15 @@ def main() -> None:
             # Each round's masked turn against the plain turn next to it in time.
             "masked_over_plain_round_median": round(statistics.median(
                 m / p for m, p in zip(rates["masked"], rates["plain"])), 3),
+            # Tokens per CPU second of this process (all threads, the mask helper included):
+            # what other processes' load on a shared machine blurs least.
+            "decode_tokens_per_cpu_s": {c: round(statistics.median(v), 1)
+                                        for c, v in cpu_rates.items()},
+            "masked_over_plain_cpu": round(statistics.median(cpu_rates["masked"])
+                                           / statistics.median(cpu_rates["plain"]), 3),
+            "masked_no_overlap_over_plain_cpu": round(
+                statistics.median(cpu_rates["masked_no_overlap"])
+                / statistics.median(cpu_rates["plain"]), 3),
             # The masks of one step timed alone (best of 50), against a plain step's time.
             "mask_ms_per_step": round(mask_ms, 3),
             "plain_step_ms": round(1e3 * batch / med["plain"], 1),

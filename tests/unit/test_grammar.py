@@ -205,3 +205,12 @@ def test_mask_fill_overlaps_on_a_helper_thread(tok):
         assert m.is_stopped
     finally:
         comp.close()
+
+
+@pytest.mark.parametrize("parameters", [None, {}])
+def test_a_tool_without_parameters_takes_an_empty_object(compiler, tok, parameters):
+    spec = {"type": "tool_calls", "tools": [{"name": "ping", "parameters": parameters}],
+            "mode": "required"}
+    assert admits(compiler, tok, spec, '<tool_call>{"name": "ping", "arguments": {}}</tool_call>')
+    assert not admits(compiler, tok, spec,
+                      '<tool_call>{"name": "ping", "arguments": 3}</tool_call>')
