@@ -8,9 +8,8 @@ import math
 
 import pytest
 
-from cluster.config import EngineConfig
 from cluster.errors import ContextLengthExceeded, InvalidRequest
-from workers.engine.async_engine import AsyncEngine
+from tests.support.smollm_engine import assert_no_leaked_blocks, chat_ids, smollm2_engine
 from workers.engine.outputs import FinishReason
 from workers.engine.sampling_params import SamplingParams
 
@@ -19,18 +18,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def engine():
-    # float32: in bf16 SmolLM2's first answer token to the Paris question is a near-tie
-    # ("The" -0.07 below "L"), which rounding can flip; fp32 matches transformers.
-    eng = AsyncEngine(EngineConfig(dtype="float32", kv_cache_bytes=128 * 2**20,
-                                   max_model_len=2048, torch_threads=2), worker_id="test")
-    yield eng
-    eng.shutdown()
-
-
-def chat_ids(engine, text: str, system: str | None = None) -> list[int]:
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": text}]
-    return engine.tokenizer.encode_chat(messages)
+    yield from smollm2_engine("test")
 
 
 async def run(engine, request_id, ids, params, **kw):
@@ -43,13 +31,6 @@ async def run(engine, request_id, ids, params, **kw):
 
 def text_of(outs) -> str:
     return "".join(o.text for o in outs)
-
-
-def assert_no_leaked_blocks(engine):
-    load = engine.load()
-    assert load.running == 0 and load.waiting == 0
-    assert load.kv_blocks_used == 0, "every block must be back in the free pool"
-    engine.engine.scheduler.check_integrity()
 
 
 async def test_capital_of_france_is_paris_greedy(engine):

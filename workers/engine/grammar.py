@@ -12,7 +12,7 @@ Overlap: after ``accept`` the mask of the next step is filled on a helper thread
 releases the GIL), so it runs beside the engine's next forward pass; ``apply`` waits for it.
 
 The mask is one bit per token (llguidance's layout: bit ``t % 32`` of 32-bit word ``t // 32``),
-expanded to booleans through a 256-entry byte table.
+turned into an additive bias (0 or -inf) through a 256-entry byte table.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import llguidance
+import numpy as np
 import torch
 
 from cluster.errors import InvalidRequest
@@ -32,9 +33,11 @@ from .grammar_spec import build_grammar
 
 log = logging.getLogger(__name__)
 
-# _BYTE_BITS[b, i] is bit i of byte b: a little-endian bitmask viewed as bytes expands to one
-# boolean per token.
-_BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()
+# _BYTE_BIAS[b, i] is 0.0 if bit i of byte b is set, else -inf: a little-endian bitmask viewed
+# as bytes becomes one additive bias per token through one take (numpy's take is ~10x faster
+# here than torch's indexing or masked_fill on a 49,152-token row).
+_BYTE_BIAS = np.where(np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1,
+                                    bitorder="little"), 0.0, -np.inf).astype(np.float32)
 
 
 class _TokenizerView:
@@ -104,6 +107,7 @@ class GrammarMatcher:
         self._eos_ids = eos_token_ids
         self._eos = torch.tensor(eos_token_ids, dtype=torch.long)
         self._bits = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
+        self._bytes = self._bits.numpy().view(np.uint8)  # the same memory
         self._pool = pool
         self._pending: Future[None] | None = None
         self._schedule_fill()
@@ -120,28 +124,33 @@ class GrammarMatcher:
         if self._pool is not None:
             self._pending = self._pool.submit(self._fill)
 
-    def allowed(self) -> torch.Tensor:
-        """Booleans [vocab]: the tokens the grammar allows next."""
+    def _bias(self) -> torch.Tensor:
+        """Float [vocab]: 0 for the tokens the grammar allows next, -inf for the others."""
         if self._pending is not None:
             self._pending.result()
             self._pending = None
         else:
             self._fill()
-        allowed = _BYTE_BITS[self._bits.view(torch.uint8).long()].view(-1)[:self._vocab_size]
         if self._matcher.is_error():
             # Cannot happen for tokens the mask allowed; if it does, end the text cleanly.
             log.error("grammar matcher failed: %s", _first_line(self._matcher))
-            allowed = torch.zeros_like(allowed)
-            allowed[self._eos] = True
-        return allowed
+            bias = torch.full((self._vocab_size,), float("-inf"))
+            bias[self._eos] = 0.0
+            return bias
+        return torch.from_numpy(
+            np.take(_BYTE_BIAS, self._bytes, axis=0).reshape(-1)[:self._vocab_size])
+
+    def allowed(self) -> torch.Tensor:
+        """Booleans [vocab]: the tokens the grammar allows next."""
+        return self._bias() == 0
 
     def apply(self, logits: torch.Tensor) -> None:
-        allowed = self.allowed()
-        logits.masked_fill_(~allowed, float("-inf"))
+        bias = self._bias()
+        logits.add_(bias)
         if bool(logits.amax() == float("-inf")):
             # Everything the grammar allows was banned by another stage (min_tokens keeps EOS
             # out, logit_bias -100): the grammar wins, its tokens equally likely.
-            logits.masked_fill_(allowed, 0.0)
+            logits.copy_(bias)
 
     def accept(self, token_id: int) -> None:
         if not self._matcher.consume_token(token_id):
