@@ -121,3 +121,34 @@ def _check_ref(ref: str, root: Mapping[str, Any], at: str) -> None:
         if not isinstance(node, Mapping) or part not in node:
             raise UnsupportedSchema(f"{at}: the reference '{ref}' points at nothing")
         node = node[part]
+
+
+# The integers every JSON parser reads exactly (JavaScript's safe integers).
+SAFE_INTEGER = 2**53 - 1
+
+
+def with_bounded_integers(schema: Any) -> Any:
+    """A copy of ``schema`` whose integer schemas without a lower or upper bound get
+    ``±SAFE_INTEGER``. A grammar admits integers of any length, and a small model can loop on
+    digits until ``max_tokens`` (SmolLM2 writes 1234567890123... when shown some schemas);
+    the bound caps an integer at 16 digits. Anything it admits still validates against the
+    schema as given."""
+    if isinstance(schema, list):
+        return [with_bounded_integers(item) for item in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, Mapping):
+            out[key] = {name: with_bounded_integers(sub) for name, sub in value.items()}
+        elif key in _SCHEMA_ONE or key in _SCHEMA_LISTS:
+            out[key] = with_bounded_integers(value)
+        else:
+            out[key] = value
+    kinds = out.get("type")
+    if kinds == "integer" or (isinstance(kinds, list) and "integer" in kinds):
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = -SAFE_INTEGER
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = SAFE_INTEGER
+    return out

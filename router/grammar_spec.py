@@ -7,6 +7,9 @@ The spec is a JSON object (the contract between router and workers; docs/tools.m
 - ``{"type": "tool_calls", "tools": [{"name", "parameters"}], "mode": "auto" | "required" |
   "named", "name": str | None, "parallel": bool, "filler": bool}``
 
+Integer schemas without bounds are sent bounded to JavaScript's safe integers
+(``with_bounded_integers``): otherwise a small model can write digits until ``max_tokens``.
+
 The filler heuristic lives here too: it decides ``filler``, and the prompt's tool section
 (``router/tool_prompt.py``) asks for the sentence when it is on.
 """
@@ -20,6 +23,7 @@ from typing import Any
 import orjson
 
 from cluster.errors import InvalidRequest
+from cluster.json_schema_subset import with_bounded_integers
 from router.schemas import ChatCompletionRequest
 
 # A function declared without ``parameters`` takes none (OpenAI's reading).
@@ -79,7 +83,8 @@ def grammar_spec(req: ChatCompletionRequest, tools: ToolUse | None) -> dict[str,
         assert req.tools is not None
         return {"type": "tool_calls",
                 "tools": [{"name": t.function.name,
-                           "parameters": t.function.parameters or NO_PARAMETERS}
+                           "parameters": with_bounded_integers(t.function.parameters
+                                                               or NO_PARAMETERS)}
                           for t in req.tools],
                 "mode": tools.mode, "name": tools.name, "parallel": tools.parallel,
                 "filler": tools.filler}
@@ -87,8 +92,8 @@ def grammar_spec(req: ChatCompletionRequest, tools: ToolUse | None) -> dict[str,
         return None
     assert fmt is not None
     if fmt.type == "json_schema" and fmt.json_schema and fmt.json_schema.json_schema is not None:
-        return {"type": "json_schema", "schema": fmt.json_schema.json_schema,
-                "strict": bool(fmt.json_schema.strict)}
+        schema = with_bounded_integers(fmt.json_schema.json_schema)
+        return {"type": "json_schema", "schema": schema, "strict": bool(fmt.json_schema.strict)}
     return {"type": "json_object"}
 
 

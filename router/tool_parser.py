@@ -13,9 +13,10 @@ What comes out:
   "arguments": {...}}``. A call is never emitted half-parsed: text that could still become
   ``<tool_call>`` is held back until it is known to be one or not.
 - A block that turns out not to be a valid call (bad JSON, an undeclared name, unclosed when the
-  generation ends, e.g. at ``max_tokens``) is emitted as content, verbatim: nothing is lost and
-  nothing is half-parsed. With the worker's grammar (required / named modes, and auto once a
-  call opens) this happens only when the generation is cut short.
+  generation ends, e.g. at ``max_tokens``) is dropped: it is neither a call nor content, so a
+  half-written call is never run and never read out by a text-to-speech layer. With the
+  worker's grammar (required / named modes, and auto once a call opens) this happens only when
+  the generation is cut short, and ``finish_reason: "length"`` says so.
 """
 
 from __future__ import annotations
@@ -107,8 +108,6 @@ class ToolCallParser:
                 call = self._call(body)
                 if call is not None:
                     events.append(call)
-                else:
-                    self._content(OPEN + body + CLOSE, events)
                 continue
             start = self._buffer.find(OPEN)
             if start >= 0:
@@ -123,11 +122,12 @@ class ToolCallParser:
             return events
 
     def finish(self) -> list[Event]:
-        """The end of the text: what is still held back is content (an unclosed call too)."""
+        """The end of the text: a held-back partial marker is content; an unclosed call is
+        dropped."""
         events: list[Event] = []
-        rest = (OPEN if self._in_call else "") + self._buffer
+        if not self._in_call:
+            self._content(self._buffer, events)
         self._buffer, self._in_call = "", False
-        self._content(rest, events)
         self._held_space = ""
         return events
 

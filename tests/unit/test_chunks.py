@@ -116,15 +116,17 @@ def test_calls_without_filler_have_null_content(tokenizer):
     validate(body, "CreateChatCompletionResponse")
 
 
-def test_a_call_cut_short_by_max_tokens_arrives_as_content_and_finishes_length(tokenizer):
+def test_a_call_cut_short_by_max_tokens_is_dropped_and_finishes_length(tokenizer):
     p = prepared(tools=[WEATHER])
-    text = f"{FILLER} " + (CALL % "Paris")[:40]
+    text = f"{FILLER} {CALL % 'Paris'}" + (CALL % "Oslo")[:40]
     chunks = stream(p, worker_deltas(tokenizer, text, finish="length"))
-    assert not any("tool_calls" in c["choices"][0]["delta"] for c in chunks)
     choice = accumulate(chunks)
     assert choice.finish_reason == "length"
-    assert choice.message.content == text == assistant_message(p.tools, text, "length")[
-        "message"]["content"]
+    assert choice.message.content == FILLER
+    assert [c.function.arguments for c in choice.message.tool_calls] == ['{"city": "Paris"}']
+    whole = assistant_message(p.tools, text, "length")
+    assert whole["finish_reason"] == "length" and whole["message"]["content"] == FILLER
+    assert len(whole["message"]["tool_calls"]) == 1
 
 
 def test_auto_mode_plain_answer_streams_as_content(tokenizer):

@@ -165,7 +165,7 @@ def test_tool_modes(choice, mode):
 
 
 def test_response_formats_map_to_their_specs():
-    schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    schema = {"type": "object", "properties": {"n": {"type": "string"}}}
     assert grammar_spec(request(response_format={"type": "json_object"}), None) == \
         {"type": "json_object"}
     req = request(response_format={"type": "json_schema", "json_schema": {
@@ -173,6 +173,30 @@ def test_response_formats_map_to_their_specs():
     assert grammar_spec(req, None) == {"type": "json_schema", "schema": schema, "strict": True}
     assert grammar_spec(request(response_format={"type": "text"}), None) is None
     assert grammar_spec(request(tools=[CLOCK], tool_choice="none"), None) is None
+
+
+def test_unbounded_integers_are_bounded_to_safe_integers_in_the_spec():
+    schema = {"$defs": {"N": {"type": ["integer", "null"]}}, "type": "object", "properties": {
+        "a": {"type": "integer"}, "b": {"type": "integer", "minimum": 0},
+        "c": {"type": "array", "items": {"anyOf": [{"type": "integer", "exclusiveMaximum": 5},
+                                                   {"$ref": "#/$defs/N"}]}},
+        "d": {"type": "number"}}}
+    req = request(response_format={"type": "json_schema", "json_schema": {
+        "name": "n", "schema": schema}})
+    sent = grammar_spec(req, None)["schema"]
+    safe = 2**53 - 1
+    assert sent["properties"]["a"] == {"type": "integer", "minimum": -safe, "maximum": safe}
+    assert sent["properties"]["b"] == {"type": "integer", "minimum": 0, "maximum": safe}
+    assert sent["properties"]["c"]["items"]["anyOf"][0] == {
+        "type": "integer", "exclusiveMaximum": 5, "minimum": -safe}
+    assert sent["$defs"]["N"]["maximum"] == safe
+    assert sent["properties"]["d"] == {"type": "number"}
+    assert schema["properties"]["a"] == {"type": "integer"}  # the request is left as sent
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer"}}}}}
+    req = request(tools=[tool])
+    assert grammar_spec(req, tool_use(req))["tools"][0]["parameters"]["properties"]["n"][
+        "maximum"] == safe
 
 
 def test_the_spec_travels_in_sampling_params_grammar():
