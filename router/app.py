@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.responses import Response
 
 from cluster.config import Config
-from cluster.errors import ModelNotFound, NoWorkers
+from cluster.errors import ModelNotFound, NoWorkers, RateLimited
 from cluster.model_files import resolve_model_path
 from cluster.telemetry import DISABLED, Tracing
 from cluster.tokenizer import Tokenizer
@@ -26,7 +26,7 @@ from router.admission import Admission, Tenancy
 from router.chat import ChatService, system_fingerprint
 from router.errors import error_response, install_error_handlers
 from router.failover import CircuitBreaker
-from router.metrics import RouterMetrics
+from router.metrics import RouterMetrics, record_rate_limit_rejection
 from router.middleware import RequestContextMiddleware
 from router.policy import make_policy
 from router.prefix_index import PrefixIndex
@@ -72,8 +72,13 @@ async def chat_completions(request: Request) -> Response:
     chat: ChatService = state.chat
     request_id = request.state.request_id
     with observe.span("limits"):
-        admission: Admission = await state.tenancy.admit(request.state.principal, req.model,
-                                                         request_id)
+        try:
+            admission: Admission = await state.tenancy.admit(request.state.principal,
+                                                             req.model, request_id)
+        except RateLimited as exc:
+            record_rate_limit_rejection(
+                request, "concurrency" if exc.code == "concurrency_limit_exceeded" else "requests")
+            raise
     # Every path below ends in admission.finish (the slot back, the ledger row), once.
     try:
         if req.stream:

@@ -19,6 +19,7 @@ import openai
 import psycopg
 import pytest
 import pytest_asyncio
+from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.config import EngineConfig, load_config
 from cluster.errors import RateLimited
@@ -222,9 +223,21 @@ async def test_standard_tenants_11th_request_in_a_minute_gets_429_on_either_repl
                                               json=chat(max_tokens=1))
         assert response.status_code == 200, response.text
         assert response.headers["x-ratelimit-remaining-requests"] == str(9 - i)
+    before = [await rate_limit_rejections(c) for c in (ca, cb)]
     for client in (ca, cb):
         assert_429(await client.post("/v1/chat/completions", headers=auth(key), json=chat()),
                    "rate_limit_exceeded", 10)
+    # Each replica counts its own refusal, by plan and limit (the dashboard's 429s per plan).
+    assert [await rate_limit_rejections(c) for c in (ca, cb)] == [b + 1 for b in before]
+
+
+async def rate_limit_rejections(client: httpx.AsyncClient, plan: str = "standard",
+                                limit: str = "requests") -> float:
+    text = (await client.get("/metrics")).text
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples
+               if sample.name == "electron:rate_limit_rejections_total"
+               and sample.labels == {"plan": plan, "limit": limit})
 
 
 async def test_fourth_concurrent_request_gets_429_while_three_stream(clients, replicas, gate):
