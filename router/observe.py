@@ -8,7 +8,8 @@ request inherit); the code on the request's path reports to it through the modul
 simulator and benchmarks call the same code). ``GenerateStream`` keeps the observation of
 the call it belongs to and reports each delta.
 
-Spans, children of the server span: ``auth_and_limits``, ``tokenize`` (chat template and
+Spans, children of the server span: ``auth`` (the key), ``limits`` (the tenant's plan
+limits, chat only), ``tokenize`` (chat template and
 tokenizer), ``route`` (policy, chosen worker, reason, predicted cached tokens, candidates)
 and the Generate client span (``Tracing.start_generate_span``), whose context travels to the
 worker in gRPC metadata.

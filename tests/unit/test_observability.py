@@ -18,8 +18,16 @@ from cluster.registry import StaticWorkerSource
 from cluster.telemetry import DISABLED, tracing_from_env
 from router.app import create_app
 from router.metrics import RouterMetrics, plan_of
+from tests.support.tenancy import local_tenancy
 
 ENDPOINT = "http://127.0.0.1:4317"
+
+
+def no_auth_config():
+    """Auth off explicitly (bad JSON must reach the parser), tenancy files in a temp dir."""
+    return load_config(env={}, overrides={"auth": {"enabled": False},
+                                          "tenancy": local_tenancy()})
+
 
 
 def test_no_endpoint_means_tracing_is_off_and_costs_nothing():
@@ -117,8 +125,7 @@ def test_plan_label_is_none_without_a_principal():
 
 
 async def test_router_metrics_route_serves_prometheus_text():
-    app = create_app(load_config(env={}, overrides={"auth": {"enabled": False}}),
-                     StaticWorkerSource([]))
+    app = create_app(no_auth_config(), StaticWorkerSource([]))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://router") as http:
         bad = await http.post("/v1/chat/completions", content=b"{not json")
@@ -152,7 +159,7 @@ async def test_router_server_span_continues_the_callers_trace():
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    app = create_app(load_config(env={}), StaticWorkerSource([]), tracing=Tracing(provider))
+    app = create_app(no_auth_config(), StaticWorkerSource([]), tracing=Tracing(provider))
     trace_id, parent = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://router") as http:
@@ -163,10 +170,10 @@ async def test_router_server_span_continues_the_callers_trace():
         assert (await http.get("/health")).status_code == 200
     provider.shutdown()
     spans = {s.name: s for s in exporter.get_finished_spans()}
-    assert set(spans) == {"POST /v1/chat/completions", "auth_and_limits",
-                          "GET /v1/models/{model_id}"}
+    assert set(spans) == {"POST /v1/chat/completions", "auth", "GET /v1/models/{model_id}"}
     server = spans["POST /v1/chat/completions"]
     assert format(server.context.trace_id, "032x") == trace_id
     assert format(server.parent.span_id, "016x") == parent
     assert server.attributes["http.response.status_code"] == 400
-    assert spans["auth_and_limits"].parent.span_id == server.context.span_id
+    # The bad JSON never reached the limits.
+    assert spans["auth"].parent.span_id == server.context.span_id
