@@ -124,14 +124,16 @@ def test_auto_mode_is_free_text_until_a_call_opens(compiler, tok):
                                            '"arguments": {}}</tool_call>')
 
 
-def test_compiled_grammars_are_cached_per_spec(compiler):
-    text = json.dumps({"type": "json_schema", "schema": {"type": "object", "properties": {
-        "cached": {"type": "boolean"}}}})
-    compiler.matcher(text)
-    assert text in compiler._cache
-    a, b = compiler.matcher(text), compiler.matcher(text)
+def test_compiled_grammars_are_cached_per_spec_least_recently_used_out(tok):
+    comp = GrammarCompiler(tok, tok.vocab_size, tok.eos_token_ids, cache_size=2, overlap=False)
+    specs = [json.dumps({"type": "json_schema", "schema": {"enum": [f"v{i}"]}}) for i in range(3)]
+    a, b = comp.matcher(specs[0]), comp.matcher(specs[0])
     a.accept(a.allowed().nonzero()[0].item())  # each matcher has its own state
     assert not torch.equal(a.allowed(), b.allowed())
+    comp.matcher(specs[1])
+    comp.matcher(specs[0])          # a hit: now the most recently used
+    comp.matcher(specs[2])          # evicts specs[1]
+    assert list(comp._cache) == [specs[0], specs[2]]
 
 
 @pytest.mark.parametrize("spec, param", [
@@ -203,3 +205,12 @@ def test_mask_fill_overlaps_on_a_helper_thread(tok):
         assert m.is_stopped
     finally:
         comp.close()
+
+
+@pytest.mark.parametrize("parameters", [None, {}])
+def test_a_tool_without_parameters_takes_an_empty_object(compiler, tok, parameters):
+    spec = {"type": "tool_calls", "tools": [{"name": "ping", "parameters": parameters}],
+            "mode": "required"}
+    assert admits(compiler, tok, spec, '<tool_call>{"name": "ping", "arguments": {}}</tool_call>')
+    assert not admits(compiler, tok, spec,
+                      '<tool_call>{"name": "ping", "arguments": 3}</tool_call>')

@@ -97,7 +97,7 @@ def _tool_grammar(spec: dict[str, Any]) -> str:
         if name in params:
             raise InvalidRequest(f"tool name {name!r} is repeated", param="tools")
         schema = tool.get("parameters")
-        if schema is None:
+        if not schema:  # None or {}: the function takes no arguments (OpenAI's reading)
             schema = {"type": "object", "properties": {}}
         if not isinstance(schema, dict):
             raise InvalidRequest(f"the parameters of tool {name!r} must be a JSON schema",
