@@ -12,6 +12,8 @@ a worker may call it again on what it is asked to compile.
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -39,7 +41,10 @@ _ANNOTATIONS = frozenset({
 SUPPORTED_KEYWORDS = _SCHEMA_MAPS | _SCHEMA_ONE | _SCHEMA_LISTS | _CONSTRAINTS | _ANNOTATIONS
 SUPPORTED_FORMATS = frozenset({"date-time", "date", "time", "duration", "email", "hostname",
                                "ipv4", "ipv6", "uuid"})
-MAX_DEPTH = 64
+# JSON objects and arrays within each other (a subschema takes one to three levels): real
+# schemas stay far below; jsonschema's checks recurse and overflow Python's stack near 200.
+MAX_NESTING = 64
+CHECK_CACHE_SIZE = 1024
 # Regex features a grammar (a finite automaton) cannot express.
 _NON_REGULAR = re.compile(r"\(\?<?[=!]|\\[1-9]|\\k<")
 
@@ -54,20 +59,51 @@ def check_schema(schema: Any, *, require_object: bool = False) -> None:
     must describe an object (tool parameters)."""
     if not isinstance(schema, Mapping):
         raise UnsupportedSchema("the schema must be a JSON object")
+    if _nesting(schema) > MAX_NESTING:
+        # Before anything recursive (the metaschema check, json.dumps) can overflow the stack.
+        raise UnsupportedSchema(f"the schema is nested more than {MAX_NESTING} levels deep")
+    error = _check_text(json.dumps(schema, sort_keys=True), require_object)
+    if error is not None:
+        raise UnsupportedSchema(error)
+
+
+# Checking against the 2020-12 metaschema takes ~5 ms; clients send the same tools and schemas
+# with every turn of a conversation, so verdicts are kept per schema text.
+@functools.lru_cache(maxsize=CHECK_CACHE_SIZE)
+def _check_text(text: str, require_object: bool) -> str | None:
+    schema = json.loads(text)
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.SchemaError as exc:
         where = "/".join(str(p) for p in exc.absolute_path)
-        raise UnsupportedSchema(f"not a valid JSON schema at '#/{where}': {exc.message}") \
-            from None
+        return f"not a valid JSON schema at '#/{where}': {exc.message}"
     if require_object and schema.get("type") != "object":
-        raise UnsupportedSchema("the root must be a schema of \"type\": \"object\"")
-    _walk(schema, schema, "#", 0)
+        return "the root must be a schema of \"type\": \"object\""
+    try:
+        _walk(schema, schema, "#")
+    except UnsupportedSchema as exc:
+        return str(exc)
+    return None
 
 
-def _walk(node: Any, root: Mapping[str, Any], where: str, depth: int) -> None:
-    if depth > MAX_DEPTH:
-        raise UnsupportedSchema(f"the schema is nested more than {MAX_DEPTH} levels deep")
+def _nesting(value: Any) -> int:
+    """How deeply JSON objects and arrays nest in ``value`` (without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, Mapping):
+            children = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if depth <= MAX_NESTING:
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _walk(node: Any, root: Mapping[str, Any], where: str) -> None:
     if node is True:
         return
     if node is False or not isinstance(node, Mapping):
@@ -79,16 +115,16 @@ def _walk(node: Any, root: Mapping[str, Any], where: str, depth: int) -> None:
                                     "decoding (see the supported subset in docs/tools.md)")
         if key in _SCHEMA_MAPS:
             for name, sub in value.items():
-                _walk(sub, root, f"{at}/{name}", depth + 1)
+                _walk(sub, root, f"{at}/{name}")
         elif key == "additionalProperties" and isinstance(value, bool):
             continue
         elif key in _SCHEMA_ONE:
-            _walk(value, root, at, depth + 1)
+            _walk(value, root, at)
         elif key in _SCHEMA_LISTS:
             if key == "allOf" and len(value) != 1:
                 raise UnsupportedSchema(f"{at}: 'allOf' is supported with one subschema only")
             for i, sub in enumerate(value):
-                _walk(sub, root, f"{at}/{i}", depth + 1)
+                _walk(sub, root, f"{at}/{i}")
         elif key == "format" and value not in SUPPORTED_FORMATS:
             raise UnsupportedSchema(f"{at}: the format '{value}' is not supported (supported: "
                                     f"{', '.join(sorted(SUPPORTED_FORMATS))})")

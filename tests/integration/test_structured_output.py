@@ -160,6 +160,19 @@ def test_stop_string_ends_constrained_text_early(results):
     assert text.startswith('{"name": "') and '", ' not in text
 
 
+async def test_aborting_a_constrained_request_frees_its_blocks(engine):
+    gen = engine.generate("abort-grammar", chat_ids(engine, prompt_for("a book")), SamplingParams(
+        temperature=0, max_tokens=150, grammar=schema_spec(SCHEMAS[8][2])))
+    async for _ in gen:
+        break
+    await gen.aclose()
+    for _ in range(200):  # the abort reaches the engine thread through its inbox
+        if engine.load().running == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert_no_leaked_blocks(engine)
+
+
 @pytest.mark.parametrize("grammar, param", [
     (json.dumps({"type": "json_schema", "schema": {"type": "frobnicate"}}), "response_format"),
     (json.dumps({"type": "tool_calls", "tools": [], "mode": "required"}), "tools"),

@@ -16,11 +16,16 @@ import pytest
 import pytest_asyncio
 from pydantic import BaseModel, Field
 
-from cluster.config import EngineConfig
-from tests.integration.test_router_worker import start_router, start_worker, stop_router
+from tests.integration.test_router_worker import (
+    engine_idle,
+    start_router,
+    start_worker,
+    stop_router,
+    wait_until,
+)
 from tests.support.openai_schema import validate
 from tests.support.schemas import SCHEMAS, prompt_for
-from workers.engine.async_engine import AsyncEngine
+from tests.support.smollm_engine import assert_no_leaked_blocks, smollm2_engine
 
 # The first test to read `answers` waits for every generation, on a shared 2-core CPU.
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module"),
@@ -56,10 +61,8 @@ TOOL_PROMPTS = ["What's the weather like in Paris?", "Book a table for 4 at Luig
 
 @pytest.fixture(scope="module")
 def engine():
-    eng = AsyncEngine(EngineConfig(dtype="float32", kv_cache_bytes=512 * 2**20,
-                                   max_model_len=2048, torch_threads=2), worker_id="w0")
-    yield eng
-    eng.shutdown()
+    # Room for CONCURRENCY prompts of a few hundred tokens and their answers.
+    yield from smollm2_engine("w0", kv_cache_mb=512)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -333,3 +336,8 @@ async def test_invalid_schema_is_a_400_the_sdk_raises_naming_the_field(client):
                 "type": "json_schema", "json_schema": {"name": "x", "schema": {
                     "type": "object", "dependentSchemas": {"a": {"required": ["b"]}}}}})
     assert caught.value.body["param"] == "response_format.json_schema.schema"
+
+
+async def test_no_kv_block_is_left_behind(answers, engine):
+    await wait_until(lambda: engine_idle(engine), timeout=30)
+    assert_no_leaked_blocks(engine)

@@ -109,6 +109,7 @@ async def test_identical_request_reports_cached_prompt_tokens(engine, stub):
     ("prompt longer than the context", "messages", "context_length_exceeded"),
     ("temperature out of range", "temperature", None),
     ("another model", "model", "model_not_found"),
+    ("uncompilable grammar", "response_format", None),
 ])
 async def test_bad_request_is_invalid_argument_naming_the_field(engine, stub, case, param, code):
     req = request(prompt(engine, 8))
@@ -120,6 +121,8 @@ async def test_bad_request_is_invalid_argument_naming_the_field(engine, stub, ca
         req.token_ids[:] = prompt(engine, MAX_MODEL_LEN + 1)
     elif case == "temperature out of range":
         req.sampling.temperature = 2.5
+    elif case == "uncompilable grammar":
+        req.sampling.grammar = json.dumps({"type": "json_schema", "schema": {"type": "nope"}})
     else:
         req.model = "some-other-model"
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -130,6 +133,20 @@ async def test_bad_request_is_invalid_argument_naming_the_field(engine, stub, ca
     assert body["param"] == param
     assert body["code"] == code
     assert body["message"] == info.value.details()
+
+
+async def test_a_grammar_makes_even_random_weights_write_valid_json(engine, stub):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"},
+                                               "n": {"type": "integer", "minimum": 0,
+                                                     "maximum": 9}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    req = request(prompt(engine, 12), max_tokens=40)
+    req.sampling.ignore_eos = False
+    req.sampling.grammar = json.dumps({"type": "json_schema", "schema": schema, "strict": True})
+    messages = [m async for m in stub.Generate(req)]
+    assert messages[-1].finish_reason == "stop"
+    value = json.loads("".join(m.text for m in messages))
+    assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool) and 0 <= value["n"] <= 9
 
 
 async def test_cancelling_the_call_aborts_the_request_and_frees_its_blocks(engine, stub):

@@ -8,11 +8,11 @@ from cluster.config import EngineConfig
 from workers.engine.async_engine import AsyncEngine
 
 
-def smollm2_engine(worker_id: str) -> Iterator[AsyncEngine]:
+def smollm2_engine(worker_id: str, kv_cache_mb: int = 128) -> Iterator[AsyncEngine]:
     """Body of a module-scoped fixture: one float32 engine, shut down afterwards."""
     # float32: in bf16 SmolLM2's first answer token to the Paris question is a near-tie
     # ("The" -0.07 below "L"), which rounding can flip; fp32 matches transformers.
-    eng = AsyncEngine(EngineConfig(dtype="float32", kv_cache_bytes=128 * 2**20,
+    eng = AsyncEngine(EngineConfig(dtype="float32", kv_cache_bytes=kv_cache_mb * 2**20,
                                    max_model_len=2048, torch_threads=2), worker_id=worker_id)
     yield eng
     eng.shutdown()

@@ -259,6 +259,15 @@ async def test_structured_output_and_tool_requests_reach_a_worker(app, fields):
     assert_accepted(await post(app, chat(**fields)))
 
 
+async def test_a_schema_nested_too_deeply_is_400_not_a_stack_overflow(app):
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(500):
+        schema = {"type": "array", "items": schema}
+    fmt = {"type": "json_schema", "json_schema": {"name": "deep", "schema": schema}}
+    assert_invalid(await post(app, chat(response_format=fmt)),
+                   "response_format.json_schema.schema", says="nested more than 64 levels")
+
+
 async def test_tools_with_a_json_response_format_are_400(app):
     tools = [{"type": "function", "function": {"name": "get_time"}}]
     assert_invalid(await post(app, chat(tools=tools, response_format={"type": "json_object"})),
