@@ -28,6 +28,8 @@ from router.schemas import ChatCompletionRequest
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
 _SYSTEM_ROLES = ("system", "developer")
+FILLER_REQUEST = ("Before the first call, say one short sentence to the user (for example "
+                  "\"Let me check that for you.\"), then write the call.")
 
 
 def template_inputs(req: ChatCompletionRequest, tools: ToolUse | None, *,
@@ -41,6 +43,8 @@ def template_inputs(req: ChatCompletionRequest, tools: ToolUse | None, *,
         if tools is not None:
             assert req.tools is not None
             template_tools = [t.model_dump(exclude_none=True) for t in req.tools]
+            if tools.filler:
+                sections.append(FILLER_REQUEST)
     else:
         messages = _fallback_history(messages)
         if tools is not None:
@@ -76,8 +80,7 @@ def tools_section(req: ChatCompletionRequest, tools: ToolUse) -> str:
     lines.append("You may call several tools, one block each." if tools.parallel
                  else "Call at most one tool.")
     if tools.filler:
-        lines.append("Before the first call, say one short sentence to the user (for example "
-                     "\"Let me check that for you.\"), then write the call.")
+        lines.append(FILLER_REQUEST)
     return "\n".join(lines)
 
 

@@ -110,6 +110,10 @@ def test_a_template_that_reads_tools_gets_them_and_the_history_untouched():
     messages, tools = template_inputs(req, tool_use(req), template_supports_tools=True)
     assert template.render(messages, tools) == (
         "[get_weather]user:What's the weather in Paris?;tool:sunny;")
+    voice = request(tools=[WEATHER], messages=[VOICE, USER])
+    messages, _ = template_inputs(voice, tool_use(voice), template_supports_tools=True)
+    assert messages[0]["content"].endswith("say one short sentence to the user (for example "
+                                           "\"Let me check that for you.\"), then write the call.")
 
 
 def test_json_schema_request_gets_a_schema_hint(tokenizer):
