@@ -16,7 +16,6 @@ import httpx
 import pytest
 import pytest_asyncio
 import ray
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.config import Config
@@ -24,8 +23,8 @@ from cluster.launcher import start_local_ray
 from cluster.registry import RayWorkerSource, registry_actor
 from cluster.telemetry import tracing_from_env
 from router.app import create_app
-from router.middleware import listen_socket
 from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan
+from tests.support.serving import serve_router, stop_router
 from tests.support.tiny_model import make_tiny_llama_dir, tiny_cluster_config
 from workers.actor import create_worker_actor
 
@@ -96,19 +95,13 @@ async def router(worker, config) -> AsyncIterator[Router]:
     tracing = tracing_from_env("electron-router")
     assert tracing.enabled
     app = create_app(config, RayWorkerSource(config.cluster.namespace), tracing=tracing)
-    sock = listen_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        assert not task.done(), "uvicorn exited during startup"
-        await asyncio.sleep(0.01)
-    r = Router(app, server, task, f"http://127.0.0.1:{sock.getsockname()[1]}", tracing)
+    served = await serve_router(app)
+    r = Router(app, served.server, served.task, served.base, tracing)
     async with httpx.AsyncClient(base_url=r.base, timeout=60) as http:
         while not (await http.get("/ready")).is_success:
             await asyncio.sleep(0.05)
     yield r
-    server.should_exit = True
-    await task
+    await stop_router(served)
     tracing.shutdown()
 
 

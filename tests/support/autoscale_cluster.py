@@ -28,9 +28,10 @@ import uvicorn
 
 from cluster.autoscaler import Autoscaler
 from cluster.config import Config, load_config
-from cluster.launcher import listen_socket, start_local_ray
+from cluster.launcher import start_local_ray
 from cluster.registry import RayWorkerSource, registry_actor
 from router.app import create_app
+from tests.support.serving import serve_router
 from tests.support.tenancy import local_tenancy
 
 ADMIN_KEY = "autoscale-admin-key"
@@ -118,13 +119,8 @@ async def start_cluster(config: Config) -> LocalCluster:
     routing_log.addHandler(decisions)
     routing_log.setLevel(logging.INFO)
     app = create_app(config, RayWorkerSource(config.cluster.namespace))
-    sock = listen_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        assert not task.done(), "uvicorn exited during startup"
-        await asyncio.sleep(0.01)
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    served = await serve_router(app)
+    server, task, base = served.server, served.task, served.base + "/v1"
     keys = {}
     async with httpx.AsyncClient(base_url=base, timeout=30,
                                  headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
