@@ -97,8 +97,12 @@ async def _router(model_dir: str, worker_address: str) -> None:
 
     tracing = tracing_from_env("electron-router")
     # A real model on a loaded CPU may take long to start a request: no failover here.
-    config = load_config(env={}, overrides={"engine": {"model": model_dir},
-                                            "router": {"first_token_timeout_s": 600}})
+    # Auth off explicitly: the two stacks differ in tracing only (the ledger still records).
+    state = tempfile.mkdtemp(prefix="tracing-overhead-")
+    config = load_config(env={}, overrides={
+        "engine": {"model": model_dir}, "router": {"first_token_timeout_s": 600},
+        "auth": {"enabled": False},
+        "tenancy": {"sqlite_path": f"{state}/electron.db", "spool_path": f"{state}/spool"}})
     app = create_app(config, StaticWorkerSource(
         [WorkerEndpoint("w0", worker_address, MODEL, "default")]), tracing=tracing)
     sock = listen_socket("127.0.0.1", 0)
