@@ -13,10 +13,11 @@
    (200 RPM, 20 concurrent) sends 600 requests, alternating replicas, 16 at a time, well
    inside a minute. Every request past the 200th must get 429: admitted within 2 % of 200.
 3. **Enterprise TTFT under a standard flood**: the enterprise tenant's time to first token
-   (streamed, 12 sequential requests) unloaded, then while ``--flood-tenants`` standard
+   (streamed, 40 sequential requests) unloaded, then while ``--flood-tenants`` standard
    tenants each keep their 3 allowed streams busy (64 tokens each, EOS ignored) against a
    worker whose batch holds ``--max-num-seqs`` sequences; the ratio loaded / unloaded,
-   target <= 2. Standard requests shed (503) during the flood are counted. The random Llama
+   target <= 2. The flood's clients run in a process of their own (other tenants' clients
+   are not this one's event loop). Standard requests shed (503) during the flood are counted. The random Llama
    is made wide enough (``--hidden``) that decoding, not the router, is the bottleneck.
 
 Writes the machine's load average and the exact command into the results file: the
@@ -187,6 +188,18 @@ class Serving:
         with psycopg.connect(self.database_url, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {self.schema} CASCADE")
 
+    def start_flood(self, keys: list[str]) -> subprocess.Popen[str]:
+        self._spawn("flood", json.dumps(self.routers), json.dumps(keys))
+        return self.procs[-1]
+
+    @staticmethod
+    def stop_flood(proc: subprocess.Popen[str]) -> dict[str, int]:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.close()
+        status = json.loads(proc.stdout.readline())
+        proc.wait(60)
+        return status
+
     async def tenant(self, client, plan: str) -> str:
         response = await client.post(
             f"{self.routers[0]}/v1/admin/tenants", headers={"Authorization":
@@ -236,7 +249,7 @@ async def shared_rpm(serving: Serving, attempts: int = 600, parallel: int = 16
             "meets_target": elapsed < 60 and error <= TARGET_RPM_ERROR}
 
 
-async def enterprise_ttft(serving: Serving, flood_tenants: int, samples: int = 12
+async def enterprise_ttft(serving: Serving, flood_tenants: int, samples: int = 40
                           ) -> dict[str, Any]:
     import httpx
 
@@ -264,36 +277,47 @@ async def enterprise_ttft(serving: Serving, flood_tenants: int, samples: int = 1
         unloaded = [await ttft() for _ in range(samples)]
 
         standard_keys = [await serving.tenant(client, "standard") for _ in range(flood_tenants)]
-        stop = asyncio.Event()
-        flood_status: dict[int, int] = {}
-
-        async def flood_stream(key: str, replica: int) -> None:
-            while not stop.is_set():
-                async with client.stream(
-                        "POST", f"{serving.routers[replica]}/v1/chat/completions",
-                        headers={"Authorization": f"Bearer {key}"},
-                        json=body(max_tokens=64, ignore_eos=True, stream=True)) as response:
-                    flood_status[response.status_code] = \
-                        flood_status.get(response.status_code, 0) + 1
-                    async for _ in response.aiter_raw():  # the load, not its parsing
-                        pass
-                    if response.status_code != 200:
-                        retry = float(response.headers.get("retry-after", "1"))
-                        await asyncio.wait([asyncio.ensure_future(stop.wait())],
-                                           timeout=min(retry, 0.5))
-
-        flood = [asyncio.create_task(flood_stream(k, (i + j) % 2))
-                 for i, k in enumerate(standard_keys) for j in range(3)]
+        # The flood's clients run in a process of their own, as other tenants' would: their
+        # SSE reading must not delay this client's event loop (what the ratio measures).
+        flood = await asyncio.to_thread(serving.start_flood, standard_keys)
         await asyncio.sleep(2.0)  # the flood reaches its steady state
         loaded = [await ttft() for _ in range(samples)]
-        stop.set()
-        await asyncio.gather(*flood)
+        flood_status = await asyncio.to_thread(serving.stop_flood, flood)
     un, lo = statistics.median(unloaded), statistics.median(loaded)
     return {"samples": samples, "flood_streams": 3 * flood_tenants,
             "unloaded_ttft": percentiles(unloaded), "loaded_ttft": percentiles(loaded),
             "ratio_p50": round(lo / un, 3), "target_ratio": TARGET_TTFT_RATIO,
             "meets_target": lo / un <= TARGET_TTFT_RATIO,
-            "flood_statuses": {str(k): v for k, v in sorted(flood_status.items())}}
+            "flood_statuses": flood_status}
+
+
+async def flood(routers: list[str], keys: list[str], until: Any) -> dict[str, int]:
+    """Each standard key keeps its 3 allowed streams busy (64 tokens, EOS ignored), spread
+    over the routers, backing off as Retry-After says (at most 0.5 s) when refused, until
+    ``until`` is done. Returns the count of each HTTP status seen."""
+    import httpx
+
+    status: dict[str, int] = {}
+    stop = asyncio.ensure_future(until)
+
+    async def stream(client: httpx.AsyncClient, key: str, router: str) -> None:
+        while not stop.done():
+            async with client.stream(
+                    "POST", f"{router}/v1/chat/completions",
+                    headers={"Authorization": f"Bearer {key}"},
+                    json=body(max_tokens=64, ignore_eos=True, stream=True)) as response:
+                code = str(response.status_code)
+                status[code] = status.get(code, 0) + 1
+                async for _ in response.aiter_raw():  # the load, not its parsing
+                    pass
+                if response.status_code != 200:
+                    retry = float(response.headers.get("retry-after", "1"))
+                    await asyncio.wait([stop], timeout=min(retry, 0.5))
+
+    async with httpx.AsyncClient(timeout=120) as client:
+        await asyncio.gather(*(stream(client, key, routers[(i + j) % len(routers)])
+                               for i, key in enumerate(keys) for j in range(3)))
+    return dict(sorted(status.items()))
 
 
 async def serve_child(role: str, argv: list[str]) -> None:
@@ -302,6 +326,12 @@ async def serve_child(role: str, argv: list[str]) -> None:
     from cluster.registry import StaticWorkerSource, WorkerEndpoint
 
     loop = asyncio.get_running_loop()
+    if role == "flood":
+        routers, keys = json.loads(argv[0]), json.loads(argv[1])
+        print("PORT 0", flush=True)
+        print(json.dumps(await flood(routers, keys, loop.run_in_executor(None, sys.stdin.read))),
+              flush=True)
+        return
     if role == "worker":
         from workers.engine.async_engine import AsyncEngine
         from workers.grpc_service import serve_worker
