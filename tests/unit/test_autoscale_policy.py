@@ -111,3 +111,22 @@ def test_pool_config_is_validated():
            "ELECTRON_AUTOSCALER__POOLS": '[{name: acme, min_workers: 1, max_workers: 3}]'}
     config = load_config(env=env)
     assert config.autoscaler.enabled and config.autoscaler.pools[0].max_workers == 3
+
+
+def test_each_pool_gets_its_workers_config_and_ray_bundle():
+    from cluster.autoscaler import effective_pools, pool_config, worker_bundle
+
+    config = load_config(env={}, overrides={
+        "cluster": {"workers": 2, "num_gpus_per_worker": 1, "num_cpus_per_worker": 4},
+        "autoscaler": {"enabled": True, "pools": [
+            {"name": "acme", "min_workers": 1, "max_workers": 3,
+             "resources": {"electron_pool_acme": 1}}]}})
+    shared, acme = effective_pools(config)
+    # The shared pool, not listed, stays at cluster.workers.
+    assert (shared.name, shared.min_workers, shared.max_workers) == ("default", 2, 2)
+    worker = pool_config(config, acme)
+    assert worker.cluster.pool == "acme"
+    assert worker.cluster.worker_resources == {"electron_pool_acme": 1}
+    assert worker.engine == config.engine
+    assert worker_bundle(config, acme) == {"CPU": 4, "GPU": 1, "electron_pool_acme": 1}
+    assert worker_bundle(config, shared) == {"CPU": 4, "GPU": 1}
