@@ -38,7 +38,6 @@ import datetime as dt
 import json
 import os
 import platform
-import signal
 import socket
 import subprocess
 import sys
@@ -51,6 +50,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
 from bench import loadgen  # noqa: E402
+from tests.support.serving import stop_process_group  # noqa: E402
 
 POLICIES = ("kv_aware", "round_robin", "least_load", "power_of_two", "cache_aware")
 CONNECTED = "connected (max_model_len"
@@ -156,15 +156,8 @@ class Cluster:
     def stop(self) -> None:
         """SIGINT (a graceful stop of router, workers and Ray); its process group is killed
         if it has not exited after a minute."""
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if self._proc is not None:
+            stop_process_group(self._proc)
 
 
 def workloads(args: argparse.Namespace) -> dict[str, list[loadgen.Planned]]:

@@ -1,8 +1,12 @@
-"""A router app served by uvicorn on a real TCP_NODELAY socket, in the test's event loop."""
+"""A router app served by uvicorn on a real TCP_NODELAY socket, in the test's event loop;
+and the graceful stop of an ``electron-serve`` process started in a session of its own."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,3 +43,16 @@ async def serve_router(app) -> Router:
 async def stop_router(router: Router) -> None:
     router.server.should_exit = True
     await router.task
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """SIGINT (``electron-serve``'s graceful stop of router, workers and Ray); the process
+    group (started with ``start_new_session``) is killed if it has not exited in time."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
