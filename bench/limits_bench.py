@@ -2,7 +2,8 @@
 
     python bench/limits_bench.py [--out bench/results/limits.json] [--checks 3000]
         [--redis-url redis://127.0.0.1:6379/0] [--database-url postgresql://...]
-        [--flood-tenants 12] [--skip-serving]
+        [--flood-tenants 12] [--flood-tokens 256] [--samples 80] [--probe-gap-ms 25]
+        [--skip-serving]
 
 1. **Limiter check latency** with Redis: ``RedisLimiter.admit`` (one EVALSHA round trip:
    revocation, sliding-window RPM and concurrency lease, atomically), timed ``--checks``
@@ -13,12 +14,20 @@
    (200 RPM, 20 concurrent) sends 600 requests, alternating replicas, 16 at a time, well
    inside a minute. Every request past the 200th must get 429: admitted within 2 % of 200.
 3. **Enterprise TTFT under a standard flood**: the enterprise tenant's time to first token
-   (streamed, 40 sequential requests) unloaded, then while ``--flood-tenants`` standard
-   tenants each keep their 3 allowed streams busy (64 tokens each, EOS ignored) against a
-   worker whose batch holds ``--max-num-seqs`` sequences; the ratio loaded / unloaded,
-   target <= 2. The flood's clients run in a process of their own (other tenants' clients
-   are not this one's event loop). Standard requests shed (503) during the flood are counted. The random Llama
-   is made wide enough (``--hidden``) that decoding, not the router, is the bottleneck.
+   (streamed, ``--samples`` sequential requests) unloaded, then while ``--flood-tenants``
+   standard tenants each keep their 3 allowed streams busy (``--flood-tokens`` tokens each,
+   EOS ignored) against a worker whose batch holds ``--max-num-seqs`` sequences; the ratio
+   loaded / unloaded, target <= 2. Each probe starts after a random pause (uniform in
+   0..``--probe-gap-ms``): a client's requests arrive at any point of the engine's step, not
+   in step with it (back to back, an unloaded probe finds the worker warm from the one before,
+   and a flooded one is sent as the step that finished the one before ends, lands just after
+   the next step began and waits most of it; ``--probe-gap-ms 0`` measures that). The
+   flood's clients run in a process of their own (other tenants' clients are not this one's
+   event loop); it reports when each of its streams ran, so the result shows how many flood
+   streams were in flight as each loaded probe started (the flood must still fill the batch:
+   a standard plan allows only 10 requests a minute, so streams are long). Standard requests
+   shed (503) or limited (429) during the flood are counted. The random Llama is made wide
+   enough (``--hidden``) that decoding, not the router, is the bottleneck.
 
 Writes the machine's load average and the exact command into the results file: the
 development box (2 cores) is shared, so absolute timings are noisy; the ratios are measured
@@ -162,6 +171,8 @@ class Serving:
             conn.execute(f"CREATE SCHEMA {self.schema}")
         self.prefix = unique_prefix()
         port = await asyncio.to_thread(self._spawn, "worker", str(tiny), str(self.max_num_seqs))
+        self.worker = self.procs[-1]
+        self.worker_report: dict[str, Any] = {}
         self.routers = []
         for i in range(2):
             overrides = {
@@ -181,19 +192,21 @@ class Serving:
         from tests.support.tenancy import drop_redis_prefix
 
         for proc in reversed(self.procs):  # routers first, then the worker
-            assert proc.stdin is not None
+            assert proc.stdin is not None and proc.stdout is not None
             proc.stdin.close()
+            if proc is self.worker:
+                self.worker_report = json.loads(await asyncio.to_thread(proc.stdout.readline))
             await asyncio.to_thread(proc.wait, 60)
         await drop_redis_prefix(self.prefix, self.redis_url)
         with psycopg.connect(self.database_url, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {self.schema} CASCADE")
 
-    def start_flood(self, keys: list[str]) -> subprocess.Popen[str]:
-        self._spawn("flood", json.dumps(self.routers), json.dumps(keys))
+    def start_flood(self, keys: list[str], tokens: int) -> subprocess.Popen[str]:
+        self._spawn("flood", json.dumps(self.routers), json.dumps(keys), str(tokens))
         return self.procs[-1]
 
     @staticmethod
-    def stop_flood(proc: subprocess.Popen[str]) -> dict[str, int]:
+    def stop_flood(proc: subprocess.Popen[str]) -> dict[str, Any]:
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.close()
         status = json.loads(proc.stdout.readline())
@@ -249,15 +262,19 @@ async def shared_rpm(serving: Serving, attempts: int = 600, parallel: int = 16
             "meets_target": elapsed < 60 and error <= TARGET_RPM_ERROR}
 
 
-async def enterprise_ttft(serving: Serving, flood_tenants: int, samples: int = 40
-                          ) -> dict[str, Any]:
+async def enterprise_ttft(serving: Serving, flood_tenants: int, samples: int,
+                          flood_tokens: int, gap_s: float, max_num_seqs: int) -> dict[str, Any]:
+    import random
+
     import httpx
 
+    rng = random.Random(0)
     async with httpx.AsyncClient(timeout=120) as client:
-        key = await serving.tenant(client, "enterprise")
 
-        async def ttft() -> float:
-            t0 = time.perf_counter()
+        async def ttft(key: str) -> tuple[float, float]:
+            """(when it was sent, epoch seconds; its time to first token)."""
+            await asyncio.sleep(rng.uniform(0, gap_s))
+            sent, t0 = time.time(), time.perf_counter()
             async with client.stream(
                     "POST", f"{serving.routers[0]}/v1/chat/completions",
                     headers={"Authorization": f"Bearer {key}"},
@@ -270,54 +287,120 @@ async def enterprise_ttft(serving: Serving, flood_tenants: int, samples: int = 4
                         break
                 async for _ in lines:
                     pass
-            return first
+            return sent, first
 
+        # A tenant per phase: each phase's requests stay inside one plan's 200 RPM.
+        unloaded_key = await serving.tenant(client, "enterprise")
         for _ in range(3):
-            await ttft()  # warm
-        unloaded = [await ttft() for _ in range(samples)]
+            await ttft(unloaded_key)  # warm
+        phases = {"unloaded": (time.time(), 0.0)}
+        unloaded = [(await ttft(unloaded_key))[1] for _ in range(samples)]
+        phases["unloaded"] = (phases["unloaded"][0], time.time())
 
+        loaded_key = await serving.tenant(client, "enterprise")
         standard_keys = [await serving.tenant(client, "standard") for _ in range(flood_tenants)]
         # The flood's clients run in a process of their own, as other tenants' would: their
         # SSE reading must not delay this client's event loop (what the ratio measures).
-        flood = await asyncio.to_thread(serving.start_flood, standard_keys)
+        flood = await asyncio.to_thread(serving.start_flood, standard_keys, flood_tokens)
         await asyncio.sleep(2.0)  # the flood reaches its steady state
-        loaded = [await ttft() for _ in range(samples)]
-        flood_status = await asyncio.to_thread(serving.stop_flood, flood)
+        loaded_start = time.time()
+        probes = [await ttft(loaded_key) for _ in range(samples)]
+        phases["flooded"] = (loaded_start, time.time())
+        flood_report = await asyncio.to_thread(serving.stop_flood, flood)
+    loaded = [first for _, first in probes]
+    # Flood streams (admitted ones) in flight as each loaded probe was sent.
+    in_flight = sorted(sum(1 for start, end in flood_report["streams"] if start <= sent < end)
+                       for sent, _ in probes)
     un, lo = statistics.median(unloaded), statistics.median(loaded)
     return {"samples": samples, "flood_streams": 3 * flood_tenants,
+            "flood_tokens_per_request": flood_tokens, "probe_gap_ms": gap_s * 1000,
+            "worker_max_num_seqs": max_num_seqs,
             "unloaded_ttft": percentiles(unloaded), "loaded_ttft": percentiles(loaded),
             "ratio_p50": round(lo / un, 3), "target_ratio": TARGET_TTFT_RATIO,
-            "meets_target": lo / un <= TARGET_TTFT_RATIO,
-            "flood_statuses": flood_status}
+            "flood_in_flight_at_probe": {"min": in_flight[0],
+                                         "p50": in_flight[len(in_flight) // 2],
+                                         "max": in_flight[-1]},
+            "flood_saturated_batch": in_flight[0] >= max_num_seqs,
+            "meets_target": lo / un <= TARGET_TTFT_RATIO and in_flight[0] >= max_num_seqs,
+            "flood_statuses": flood_report["statuses"], "phases": phases}
 
 
-async def flood(routers: list[str], keys: list[str], until: Any) -> dict[str, int]:
-    """Each standard key keeps its 3 allowed streams busy (64 tokens, EOS ignored), spread
-    over the routers, backing off as Retry-After says (at most 0.5 s) when refused, until
-    ``until`` is done. Returns the count of each HTTP status seen."""
+async def flood(routers: list[str], keys: list[str], tokens: int, until: Any
+                ) -> dict[str, Any]:
+    """Each standard key keeps its 3 allowed streams busy (``tokens`` tokens, EOS ignored),
+    spread over the routers, backing off as Retry-After says (at most 0.5 s) when refused,
+    until ``until`` is done. Returns the count of each HTTP status seen and the (start, end)
+    epoch times of every admitted stream."""
     import httpx
 
     status: dict[str, int] = {}
+    streams: list[tuple[float, float]] = []
     stop = asyncio.ensure_future(until)
 
     async def stream(client: httpx.AsyncClient, key: str, router: str) -> None:
         while not stop.done():
+            start = time.time()
             async with client.stream(
                     "POST", f"{router}/v1/chat/completions",
                     headers={"Authorization": f"Bearer {key}"},
-                    json=body(max_tokens=64, ignore_eos=True, stream=True)) as response:
+                    json=body(max_tokens=tokens, ignore_eos=True, stream=True)) as response:
                 code = str(response.status_code)
                 status[code] = status.get(code, 0) + 1
                 async for _ in response.aiter_raw():  # the load, not its parsing
                     pass
-                if response.status_code != 200:
+                if response.status_code == 200:
+                    streams.append((start, time.time()))
+                else:
                     retry = float(response.headers.get("retry-after", "1"))
                     await asyncio.wait([stop], timeout=min(retry, 0.5))
 
-    async with httpx.AsyncClient(timeout=120) as client:
+    async with httpx.AsyncClient(timeout=300) as client:
         await asyncio.gather(*(stream(client, key, routers[(i + j) % len(routers)])
                                for i, key in enumerate(keys) for j in range(3)))
-    return dict(sorted(status.items()))
+    return {"statuses": dict(sorted(status.items())), "streams": streams}
+
+
+def record_worker(engine: Any) -> dict[str, list[list[float]]]:
+    """Where a prioritised request's time to first token goes inside the worker: for each
+    request above priority 0, its arrival, the start of the step that first computed its
+    prompt, the end of the step that finished it and its first token (epoch seconds, from
+    the engine's own timeline); and the end time and length of every engine step."""
+    report: dict[str, list[list[float]]] = {"requests": [], "steps": []}
+    generate = engine.generate
+
+    async def recorded(request_id, prompt_token_ids, sampling, priority=0, cache_salt=""):
+        async for out in generate(request_id, prompt_token_ids, sampling, priority,
+                                  cache_salt):
+            timeline = out.timeline
+            if out.finished and priority > 0 and timeline is not None \
+                    and timeline.scheduled_ns is not None and timeline.first_token_ns:
+                report["requests"].append([
+                    timeline.arrival_ns / 1e9, timeline.scheduled_ns / 1e9,
+                    timeline.prefill_chunks[-1][1] / 1e9, timeline.first_token_ns / 1e9])
+            yield out
+
+    engine.generate = recorded  # the servicer calls the engine through this attribute
+    engine.step_observer = lambda seconds: report["steps"].append([time.time(), seconds])
+    return report
+
+
+def worker_breakdown(report: dict[str, list[list[float]]],
+                     phases: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """Medians (ms) per phase: waiting for the step in flight, the request's own prompt
+    step(s), arrival to first token in the worker; and the engine's step length."""
+    out: dict[str, Any] = {}
+    for phase, (start, end) in phases.items():
+        rows = [r for r in report["requests"] if start <= r[0] < end]
+        steps = [seconds for at, seconds in report["steps"] if start <= at < end]
+        if not rows or not steps:
+            continue
+        out[phase] = {
+            "requests": len(rows),
+            "wait_for_step_ms": round(statistics.median(r[1] - r[0] for r in rows) * 1e3, 2),
+            "own_prompt_step_ms": round(statistics.median(r[2] - r[1] for r in rows) * 1e3, 2),
+            "worker_ttft_ms": round(statistics.median(r[3] - r[0] for r in rows) * 1e3, 2),
+            "engine_step_ms": round(statistics.median(steps) * 1e3, 2)}
+    return out
 
 
 async def serve_child(role: str, argv: list[str]) -> None:
@@ -327,10 +410,10 @@ async def serve_child(role: str, argv: list[str]) -> None:
 
     loop = asyncio.get_running_loop()
     if role == "flood":
-        routers, keys = json.loads(argv[0]), json.loads(argv[1])
+        routers, keys, tokens = json.loads(argv[0]), json.loads(argv[1]), int(argv[2])
         print("PORT 0", flush=True)
-        print(json.dumps(await flood(routers, keys, loop.run_in_executor(None, sys.stdin.read))),
-              flush=True)
+        print(json.dumps(await flood(routers, keys, tokens,
+                                     loop.run_in_executor(None, sys.stdin.read))), flush=True)
         return
     if role == "worker":
         from workers.engine.async_engine import AsyncEngine
@@ -340,11 +423,13 @@ async def serve_child(role: str, argv: list[str]) -> None:
         engine = AsyncEngine(EngineConfig(
             model=tiny, dtype="float32", kv_cache_bytes=64 * 2**20, max_model_len=1024,
             max_num_seqs=int(max_num_seqs), torch_threads=1), worker_id="w0", model_id=MODEL)
+        report = record_worker(engine)
         server, port = await serve_worker(engine, "127.0.0.1", 0, model_id=MODEL)
         print(f"PORT {port}", flush=True)
         await loop.run_in_executor(None, sys.stdin.read)
         await server.stop(1)
         engine.shutdown()
+        print(json.dumps(report), flush=True)
         return
     from router.app import create_app
     from tests.support.serving import serve_router, stop_router
@@ -366,8 +451,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         async with Serving(args.redis_url, args.database_url, args.max_num_seqs,
                            args.hidden) as serving:
             result["two_replicas_shared_rpm"] = await shared_rpm(serving)
-            result["enterprise_ttft_under_standard_flood"] = await enterprise_ttft(
-                serving, args.flood_tenants)
+            result["enterprise_ttft_under_standard_flood"] = ttft = await enterprise_ttft(
+                serving, args.flood_tenants, args.samples, args.flood_tokens,
+                args.probe_gap_ms / 1000, args.max_num_seqs)
+        ttft["worker_breakdown"] = worker_breakdown(serving.worker_report, ttft.pop("phases"))
     return result
 
 
@@ -380,6 +467,13 @@ def main() -> None:
     parser.add_argument("--database-url", default=os.environ.get(
         "DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"))
     parser.add_argument("--flood-tenants", type=int, default=12)
+    parser.add_argument("--flood-tokens", type=int, default=256,
+                        help="tokens per flood request: long enough that 10 requests a "
+                             "minute per standard tenant keep the batch full")
+    parser.add_argument("--samples", type=int, default=80,
+                        help="enterprise TTFT samples per phase (at most 190: 200 RPM)")
+    parser.add_argument("--probe-gap-ms", type=float, default=25.0,
+                        help="each probe waits uniform(0, this) first: about two engine steps")
     parser.add_argument("--max-num-seqs", type=int, default=8,
                         help="the worker's batch: a flood fills it and queues")
     parser.add_argument("--hidden", type=int, default=256,
