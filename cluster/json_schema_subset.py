@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import jsonschema
@@ -163,24 +163,38 @@ def _check_ref(ref: str, root: Mapping[str, Any], at: str) -> None:
 SAFE_INTEGER = 2**53 - 1
 
 
+def map_subschemas(schema: Any, visit: Callable[[dict[str, Any]], dict[str, Any]], *,
+                   maps: Collection[str], singles: Collection[str]) -> Any:
+    """A copy of ``schema`` in which ``visit`` has rewritten every subschema reached through
+    the keywords in ``maps`` (name -> subschema) and ``singles`` (a subschema, or a list of
+    them), innermost first, and then the schema itself. Other values are kept as they are."""
+    if isinstance(schema, list):
+        return [map_subschemas(item, visit, maps=maps, singles=singles) for item in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in maps and isinstance(value, Mapping):
+            out[key] = {name: map_subschemas(sub, visit, maps=maps, singles=singles)
+                        for name, sub in value.items()}
+        elif key in singles:
+            out[key] = map_subschemas(value, visit, maps=maps, singles=singles)
+        else:
+            out[key] = value
+    return visit(out)
+
+
 def with_bounded_integers(schema: Any) -> Any:
     """A copy of ``schema`` whose integer schemas without a lower or upper bound get
     ``±SAFE_INTEGER``. A grammar admits integers of any length, and a small model can loop on
     digits until ``max_tokens`` (SmolLM2 writes 1234567890123... when shown some schemas);
     the bound caps an integer at 16 digits. Anything it admits still validates against the
     schema as given."""
-    if isinstance(schema, list):
-        return [with_bounded_integers(item) for item in schema]
-    if not isinstance(schema, Mapping):
-        return schema
-    out: dict[str, Any] = {}
-    for key, value in schema.items():
-        if key in _SCHEMA_MAPS and isinstance(value, Mapping):
-            out[key] = {name: with_bounded_integers(sub) for name, sub in value.items()}
-        elif key in _SCHEMA_ONE or key in _SCHEMA_LISTS:
-            out[key] = with_bounded_integers(value)
-        else:
-            out[key] = value
+    return map_subschemas(schema, _bound_integers, maps=_SCHEMA_MAPS,
+                          singles=_SCHEMA_ONE | _SCHEMA_LISTS)
+
+
+def _bound_integers(out: dict[str, Any]) -> dict[str, Any]:
     kinds = out.get("type")
     if kinds == "integer" or (isinstance(kinds, list) and "integer" in kinds):
         if "minimum" not in out and "exclusiveMinimum" not in out:

@@ -31,6 +31,7 @@ from typing import Any
 from llguidance import LLMatcher
 
 from cluster.errors import InvalidRequest
+from cluster.json_schema_subset import map_subschemas
 
 # JSON layout inside every grammar: no free whitespace (see the module docstring).
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -144,20 +145,13 @@ def close_objects(schema: Any) -> Any:
     nothing about other keys gets ``additionalProperties: false``. ``allOf`` branches are left
     as they are (closing each would make their conjunction reject the others' keys), and so are
     ``not`` and ``if`` (closing them would widen what the schema admits)."""
-    if isinstance(schema, list):
-        return [close_objects(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out: dict[str, Any] = {}
-    for key, value in schema.items():
-        if key in ("properties", "$defs", "definitions", "patternProperties") and isinstance(
-                value, dict):
-            out[key] = {k: close_objects(v) for k, v in value.items()}
-        elif key in ("items", "prefixItems", "anyOf", "oneOf", "additionalProperties",
-                     "contains", "then", "else"):
-            out[key] = close_objects(value)
-        else:
-            out[key] = value
+    return map_subschemas(
+        schema, _close, maps=("properties", "$defs", "definitions", "patternProperties"),
+        singles=("items", "prefixItems", "anyOf", "oneOf", "additionalProperties", "contains",
+                 "then", "else"))
+
+
+def _close(out: dict[str, Any]) -> dict[str, Any]:
     if ("properties" in out and "additionalProperties" not in out
             and "patternProperties" not in out and "unevaluatedProperties" not in out):
         out["additionalProperties"] = False
