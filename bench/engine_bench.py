@@ -49,9 +49,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from cluster.config import EngineConfig  # noqa: E402
-from cluster.model_files import resolve_model_path  # noqa: E402
-from cluster.tokenizer import Tokenizer  # noqa: E402
+from core.config import EngineConfig  # noqa: E402
+from core.model_files import resolve_model_path  # noqa: E402
+from core.tokenizer import Tokenizer  # noqa: E402
 from workers.engine import model_runner  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
 from workers.engine.outputs import FinishReason, RequestOutput  # noqa: E402

@@ -23,8 +23,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from cluster.model_files import resolve_model_path  # noqa: E402
-from cluster.tokenizer import Tokenizer  # noqa: E402
+from core.model_files import resolve_model_path  # noqa: E402
+from core.tokenizer import Tokenizer  # noqa: E402
 
 SCHEMAS = {
     "rich": {"type": "object", "additionalProperties": False,

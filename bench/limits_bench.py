@@ -57,8 +57,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from cluster.tenants import Plan, Principal  # noqa: E402
-from router.limits import InProcessLimiter, RedisLimiter  # noqa: E402
+from router.tenancy.limits import InProcessLimiter, RedisLimiter  # noqa: E402
+from router.tenancy.store import Plan, Principal  # noqa: E402
 
 MODEL = "electron"
 ADMIN = "sk-bench-admin"
@@ -405,8 +405,8 @@ def worker_breakdown(report: dict[str, list[list[float]]],
 
 async def serve_child(role: str, argv: list[str]) -> None:
     """A serving process: prints ``PORT n``, serves until its stdin closes."""
-    from cluster.config import EngineConfig, load_config
-    from cluster.registry import StaticWorkerSource, WorkerEndpoint
+    from core.config import EngineConfig, load_config
+    from core.endpoints import StaticWorkerSource, WorkerEndpoint
 
     loop = asyncio.get_running_loop()
     if role == "flood":
@@ -431,7 +431,7 @@ async def serve_child(role: str, argv: list[str]) -> None:
         engine.shutdown()
         print(json.dumps(report), flush=True)
         return
-    from router.app import create_app
+    from router.api.app import create_app
     from tests.support.serving import serve_router, stop_router
 
     worker_port, overrides = argv

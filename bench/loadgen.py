@@ -223,7 +223,7 @@ def ideal_cached_ratio(plan: Sequence[Planned], encode: Callable[[list[dict]], l
     """Cached prompt tokens over prompt tokens with one infinite cache: each request hits the
     leading full blocks any earlier request had (never its last token, which is always
     recomputed), in arrival order."""
-    from cluster.hashing import block_hashes  # the router's and workers' own hashing
+    from core.hashing import block_hashes  # the router's and workers' own hashing
 
     seen: set[int] = set()
     cached = total = 0
@@ -533,8 +533,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def chat_encoder(model: str) -> Callable[[list[dict]], list[int]]:
     """Token ids of a chat as the router renders and tokenizes it."""
-    from cluster.model_files import resolve_model_path
-    from cluster.tokenizer import Tokenizer
+    from core.model_files import resolve_model_path
+    from core.tokenizer import Tokenizer
 
     return Tokenizer.from_model_path(resolve_model_path(model)).encode_chat
 

@@ -65,11 +65,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from cluster.pb.electron.v1 import worker_pb2 as pb  # noqa: E402
-from cluster.pb.electron.v1 import worker_pb2_grpc as pb_grpc  # noqa: E402
-from router.chat import to_generate_request  # noqa: E402
-from router.schemas import parse_chat_request  # noqa: E402
-from router.worker_client import CHANNEL_OPTIONS  # noqa: E402
+from core.pb.electron.v1 import worker_pb2 as pb  # noqa: E402
+from core.pb.electron.v1 import worker_pb2_grpc as pb_grpc  # noqa: E402
+from router.chat.service import to_generate_request  # noqa: E402
+from router.fleet.client import CHANNEL_OPTIONS  # noqa: E402
+from router.openai.schemas import parse_chat_request  # noqa: E402
 
 MODEL_ID = "electron"
 PROMPT = [{"role": "user", "content": "Say hello."}]
@@ -173,7 +173,7 @@ def _child_main(conn: Any, spec: ChildSpec, serve: Callable[[Any, ChildSpec], An
 
 
 async def _serve_worker(conn: Any, spec: ChildSpec) -> None:
-    from cluster.config import EngineConfig
+    from core.config import EngineConfig
     from workers.engine.async_engine import AsyncEngine
     from workers.grpc_service import serve_worker
 
@@ -200,9 +200,9 @@ async def _serve_worker(conn: Any, spec: ChildSpec) -> None:
 async def _serve_router(conn: Any, spec: ChildSpec) -> None:
     import uvicorn
 
-    from cluster.config import load_config
-    from cluster.registry import StaticWorkerSource, WorkerEndpoint
-    from router.app import create_app
+    from core.config import load_config
+    from core.endpoints import StaticWorkerSource, WorkerEndpoint
+    from router.api.app import create_app
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -616,9 +616,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from cluster.model_files import resolve_model_path
-    from cluster.tokenizer import Tokenizer
-    from router.middleware import listen_socket
+    from core.model_files import resolve_model_path
+    from core.tokenizer import Tokenizer
+    from router.api.server import listen_socket
 
     started, t0, facts = dt.datetime.now(dt.timezone.utc), time.monotonic(), machine()
     children: dict[str, Child] = {}

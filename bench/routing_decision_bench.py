@@ -23,7 +23,7 @@ the scheduler gives other processes in the middle of a decision, so the CPU time
 decision's own cost, and ``machine.load_average`` says how busy the box was.
 
 Block hashes are random 64-bit integers here (the index only compares them); the cost of
-computing real ones (cluster.hashing, which the router pays once per request, before the
+computing real ones (core.hashing, which the router pays once per request, before the
 decision) is measured separately for a 2,048-token prompt. Target (the issue): decision
 p99 <= 1 ms with 64 workers and 1,000,000 indexed blocks.
 """
@@ -49,11 +49,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from cluster.config import RouterConfig  # noqa: E402
-from cluster.hashing import block_hashes, extra_key  # noqa: E402
-from router.policy import RequestInfo, RoutingPolicy, make_policy  # noqa: E402
-from router.prefix_index import PrefixIndex  # noqa: E402
-from router.worker_view import Assignment, CountsLocalLoad, LocalLoad, WorkerLoad  # noqa: E402
+from core.config import RouterConfig  # noqa: E402
+from core.hashing import block_hashes, extra_key  # noqa: E402
+from router.routing.factory import make_policy  # noqa: E402
+from router.routing.load import Assignment, CountsLocalLoad, LocalLoad, WorkerLoad  # noqa: E402
+from router.routing.policy import RequestInfo, RoutingPolicy  # noqa: E402
+from router.routing.prefix_index import PrefixIndex  # noqa: E402
 
 BLOCK_SIZE = 16
 TARGET_P99_MS = 1.0
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--decisions", type=int, default=20_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", default="llama3-8b-h100",
-                   help="cost profile: a built-in name or a JSON file (router/cost_model.py)")
+                   help="cost profile: a built-in name or a JSON file (router/routing/cost_model.py)")
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
 

@@ -47,8 +47,8 @@ from bench.sim.report import markdown, summarise  # noqa: E402
 from bench.sim.service import make_service, scaled  # noqa: E402
 from bench.sim.trace import TraceRequest, ideal_hit_ratio, load_trace  # noqa: E402
 from bench.sim.worker import Delays  # noqa: E402
-from cluster.config import RouterConfig, load_config  # noqa: E402
-from router.cost_model import CostProfile, resolve_profile  # noqa: E402
+from core.config import RouterConfig, load_config  # noqa: E402
+from router.routing.cost_model import CostProfile, resolve_profile  # noqa: E402
 
 POLICIES = ("kv_aware", "cache_aware", "power_of_two", "least_load", "round_robin")
 

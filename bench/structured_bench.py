@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from cluster.config import EngineConfig  # noqa: E402
-from cluster.tokenizer import Tokenizer  # noqa: E402
+from core.config import EngineConfig  # noqa: E402
+from core.tokenizer import Tokenizer  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
 from workers.engine.model_runner import ModelRunner  # noqa: E402
 from workers.engine.sampling_params import SamplingParams  # noqa: E402

@@ -25,11 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from openai.lib._pydantic import to_strict_json_schema  # noqa: E402
 from pydantic import BaseModel, Field  # noqa: E402
 
-from cluster import json_schema_subset  # noqa: E402
-from router.grammar_spec import grammar_spec, tool_use  # noqa: E402
-from router.schemas import parse_chat_request  # noqa: E402
-from router.tool_parser import ToolCallParser  # noqa: E402
-from router.tool_prompt import template_inputs  # noqa: E402
+from core import json_schema_subset  # noqa: E402
+from router.openai.schemas import parse_chat_request  # noqa: E402
+from router.tools.grammar_spec import grammar_spec, tool_use  # noqa: E402
+from router.tools.parser import ToolCallParser  # noqa: E402
+from router.tools.prompt import template_inputs  # noqa: E402
 from tests.support.schemas import TOOLS  # noqa: E402
 
 

@@ -65,8 +65,8 @@ async def _until_stdin_closes() -> None:
 
 
 async def _worker(model_dir: str, dtype: str) -> None:
-    from cluster.config import EngineConfig
-    from cluster.telemetry import tracing_from_env
+    from core.config import EngineConfig
+    from core.telemetry import tracing_from_env
     from workers.engine.async_engine import AsyncEngine
     from workers.grpc_service import serve_worker
     from workers.metrics import WorkerMetrics
@@ -89,11 +89,11 @@ async def _worker(model_dir: str, dtype: str) -> None:
 async def _router(model_dir: str, worker_address: str) -> None:
     import uvicorn
 
-    from cluster.config import load_config
-    from cluster.registry import StaticWorkerSource, WorkerEndpoint
-    from cluster.telemetry import tracing_from_env
-    from router.app import create_app
-    from router.middleware import listen_socket
+    from core.config import load_config
+    from core.endpoints import StaticWorkerSource, WorkerEndpoint
+    from core.telemetry import tracing_from_env
+    from router.api.app import create_app
+    from router.api.server import listen_socket
 
     tracing = tracing_from_env("electron-router")
     # A real model on a loaded CPU may take long to start a request: no failover here.

@@ -29,12 +29,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import ray
 from ray.exceptions import RayActorError, RayError
 
-from cluster.config import Config, PoolConfig
 from cluster.demand import Decision, ScaleDecider, WorkerDemand
-from cluster.launcher import WORKER_STOP_GRACE_S, StartupFailed, WorkerSet
+from cluster.fleet import WORKER_STOP_GRACE_S, Fleet, StartupFailed, WorkerSet
+from core.config import Config, PoolConfig
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +189,7 @@ class PoolScaler:
         await self.workers.stop()
 
 
-class Autoscaler:
+class Autoscaler(Fleet):
     """Every pool's ``PoolScaler``, stepped every ``autoscaler.interval_s``. Used by
     ``electron-serve up`` and ``worker`` when ``autoscaler.enabled``."""
 
@@ -200,7 +199,6 @@ class Autoscaler:
         self._loop_task: asyncio.Task[None] | None = None
         self._requested: list[dict[str, float]] | None = None
 
-    # The launcher reads these as it reads a WorkerSet's.
     @property
     def actors(self) -> dict[str, Any]:
         return {w: h for p in self.pools.values() for w, h in p.workers.actors.items()}

@@ -6,7 +6,7 @@
     electron-serve tenants add|add-key|list|revoke-key|plans ...          tenants and keys
 
 Flags override environment variables, which override the YAML file (``--config``); the
-merged result is validated once by ``cluster.config.load_config``.
+merged result is validated once by ``core.config.load_config``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 import uvloop
 
 from cluster import tenants_cli
-from cluster.config import Config, ConfigError, load_config
-from cluster.logs import configure_logging
+from core.config import Config, ConfigError, load_config
+from core.logs import configure_logging
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 

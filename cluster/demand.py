@@ -1,11 +1,11 @@
 """How loaded a worker pool is, and how many workers it should have.
 
-Plain Python (no Ray, gRPC or torch): the worker records its time to first token here
-(``RecentLatencies``), the autoscaler (cluster/autoscaler.py) turns the workers' reports into
+Plain Python (no Ray, gRPC or torch): the worker records its time to first token
+(``workers.latency.RecentLatencies``) and reports it; the autoscaler (cluster/autoscaler.py) turns the workers' reports into
 a ``PoolDemand`` and asks a ``ScaleDecider`` for the pool's target size.
 
 The rule: a pool's *pressure* is the largest of four ratios against its targets
-(``cluster.config.PoolConfig``) — waiting prefill tokens per worker, KV usage, recent p90 time
+(``core.config.PoolConfig``) — waiting prefill tokens per worker, KV usage, recent p90 time
 to first token, requests per worker. Pressure above 1 scales up at once to
 ``ceil(serving * pressure)`` workers (at most ``max_step_up`` more per step, one step per
 ``scale_up_cooldown_s``); pressure below ``scale_down_utilization`` for ``scale_down_delay_s``
@@ -17,34 +17,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from cluster.config import AutoscalerConfig, PoolConfig
-
-
-class RecentLatencies:
-    """Latencies observed in the last ``window_s`` seconds (at most ``max_samples``)."""
-
-    def __init__(self, window_s: float = 15.0, max_samples: int = 2048,
-                 clock: Callable[[], float] = time.monotonic):
-        self._window_s = window_s
-        self._samples: deque[tuple[float, float]] = deque(maxlen=max_samples)
-        self._clock = clock
-
-    def record(self, seconds: float) -> None:
-        self._samples.append((self._clock(), seconds))
-
-    def quantile(self, q: float) -> float | None:
-        """The q-quantile of the recent samples (nearest rank); None when there are none."""
-        deadline = self._clock() - self._window_s
-        while self._samples and self._samples[0][0] < deadline:
-            self._samples.popleft()
-        if not self._samples:
-            return None
-        values = sorted(v for _, v in self._samples)
-        return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
+from core.config import AutoscalerConfig, PoolConfig
 
 
 @dataclass(frozen=True)

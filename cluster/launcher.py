@@ -20,30 +20,23 @@ import math
 import os
 import signal
 import socket
-import uuid
 from collections.abc import Awaitable, Iterator
 from typing import Any
 
 import ray
 import uvicorn
-from ray.exceptions import RayActorError
 
-from cluster.config import Config, ConfigError
+from cluster.autoscaler import Autoscaler
+from cluster.fleet import Fleet, StartupFailed, StaticFleet
 from cluster.registry import RayWorkerSource, registry_actor
-from cluster.telemetry import DISABLED, Tracing, tracing_from_env
-from workers.actor import PACKAGE_ROOT, create_worker_actor
+from core.config import Config, ConfigError
+from core.telemetry import DISABLED, Tracing, tracing_from_env
+from router.api.server import listen_socket
+from workers.actor import PACKAGE_ROOT
 
 log = logging.getLogger(__name__)
 
 ROUTER_SERVICE_NAME = "electron-router"  # OTEL_SERVICE_NAME overrides it
-# Seconds a stopping worker gives in-flight generations before cancelling them.
-WORKER_STOP_GRACE_S = 5.0
-
-
-class StartupFailed(RuntimeError):
-    """Not enough workers could start (each worker's own error is logged)."""
-
-
 # -- Ray ----------------------------------------------------------------------------------------
 
 def prepare_ray_environment() -> None:
@@ -88,94 +81,6 @@ def connect_ray(config: Config) -> None:
              logging_level=logging.WARNING)
 
 
-# -- workers ------------------------------------------------------------------------------------
-
-class WorkerSet:
-    """Worker actors started by this process; they die with it (they are not detached)."""
-
-    def __init__(self, config: Config):
-        self._config = config
-        self.actors: dict[str, ray.actor.ActorHandle] = {}
-        self.addresses: dict[str, str] = {}
-        self.failures: dict[str, RayActorError] = {}
-        self._ready: dict[str, asyncio.Task[str | None]] = {}
-
-    def start(self, count: int) -> list[str]:
-        """Starts ``count`` more workers; returns their ids."""
-        started = []
-        for _ in range(count):
-            worker_id = f"{self._config.cluster.pool}-{uuid.uuid4().hex[:8]}"
-            self.actors[worker_id] = create_worker_actor(self._config, worker_id)
-            self._ready[worker_id] = asyncio.get_running_loop().create_task(
-                self._await_ready(worker_id))
-            started.append(worker_id)
-        return started
-
-    async def _await_ready(self, worker_id: str) -> str | None:
-        """The worker's address, or None when it failed to start (its error is logged: the
-        others may serve, and ``wait_ready`` decides whether that is enough)."""
-        try:
-            address = await self.actors[worker_id].ready.remote()
-        except RayActorError as exc:
-            log.error("worker %s failed to start: %s", worker_id, exc)
-            self.failures[worker_id] = exc
-            return None
-        self.addresses[worker_id] = address
-        log.info("worker %s ready at %s", worker_id, address)
-        return address
-
-    async def wait_ready(self, minimum: int = 1) -> None:
-        """Returns once ``minimum`` workers serve; the others keep starting in the background.
-
-        Raises StartupFailed when too many failed for ``minimum`` to be reached.
-        """
-        pending = set(self._ready.values())
-        while len(self.addresses) < minimum:
-            if len(self._ready) - len(self.failures) < minimum or not pending:
-                first = next(iter(self.failures.values()), None)
-                raise StartupFailed(f"{len(self.failures)} of {len(self._ready)} workers "
-                                    f"failed to start; first error: {first}")
-            _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-
-    async def stop(self, grace_s: float = WORKER_STOP_GRACE_S) -> None:
-        """Stops every serving worker gracefully (bounded), then kills all the actors.
-
-        A worker still starting has nothing to drain, and its ``stop()`` would only run once
-        its model has loaded: it is killed at once.
-        """
-        for task in self._ready.values():
-            task.cancel()
-        handles = [(wid, h) for wid, h in self.actors.items() if wid in self.addresses]
-        for worker_id, handle in self.actors.items():
-            if worker_id not in self.addresses:
-                ray.kill(handle)
-        await asyncio.gather(*(_stop_actor(wid, h, grace_s) for wid, h in handles))
-        self.actors.clear()
-
-    async def stop_one(self, worker_id: str, grace_s: float = WORKER_STOP_GRACE_S) -> None:
-        """Stops one worker (gracefully when it serves) and forgets it."""
-        handle = self.actors.pop(worker_id)
-        task = self._ready.pop(worker_id, None)
-        if task is not None:
-            task.cancel()
-        self.failures.pop(worker_id, None)
-        if self.addresses.pop(worker_id, None) is None:
-            ray.kill(handle)
-            return
-        await _stop_actor(worker_id, handle, grace_s)
-
-
-async def _stop_actor(worker_id: str, handle: ray.actor.ActorHandle, grace_s: float) -> None:
-    """A serving worker's ``stop()`` (bounded), then ``ray.kill``."""
-    try:
-        await asyncio.wait_for(handle.stop.remote(grace_s), grace_s + 10)
-    except RayActorError:
-        log.info("worker %s was already gone", worker_id)
-    except Exception as exc:  # noqa: BLE001 - it is killed below whatever went wrong
-        log.warning("worker %s did not stop cleanly: %r", worker_id, exc)
-    ray.kill(handle)
-
-
 # -- the router ---------------------------------------------------------------------------------
 
 class _RouterServer(uvicorn.Server):
@@ -186,22 +91,8 @@ class _RouterServer(uvicorn.Server):
         yield
 
 
-def listen_socket(host: str, port: int) -> socket.socket:
-    """The router's listening socket, bound before anything slow starts: a taken port fails
-    the command at once, and port 0 gets a free port that the banner can show."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"the router cannot listen on {host}:{port}: {exc.strerror}") from exc
-    return sock
-
-
 def _router_server(config: Config, log_level: str, tracing: Tracing = DISABLED) -> _RouterServer:
-    from router.app import create_app  # the router loads its own tokenizer
+    from router.api.app import create_app  # the router loads its own tokenizer
 
     app = create_app(config, RayWorkerSource(config.cluster.namespace), tracing=tracing)
     extra: dict[str, Any] = {}
@@ -259,23 +150,14 @@ async def _until(stop: asyncio.Event, work: Awaitable[Any]) -> bool:
     return True
 
 
-def _workers(config: Config) -> Any:
-    """A fixed ``WorkerSet``, or the ``Autoscaler`` of every pool when it is enabled."""
+def make_fleet(config: Config) -> Fleet:
+    """The autoscaler of every pool when it is enabled, else a fixed set of workers."""
     if config.autoscaler.enabled:
-        from cluster.autoscaler import Autoscaler
-
         return Autoscaler(config)
-    return WorkerSet(config)
+    return StaticFleet(config)
 
 
-def _start(workers: Any, config: Config) -> None:
-    if isinstance(workers, WorkerSet):
-        workers.start(config.cluster.workers)
-    else:  # the autoscaler starts each pool's minimum
-        workers.start()
-
-
-def _banner(config: Config, port: int, workers: WorkerSet | None) -> str:
+def _banner(config: Config, port: int, workers: Fleet | None) -> str:
     host = config.router.host
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     base = f"http://{shown}:{port}/v1"
@@ -309,7 +191,7 @@ def with_ready_made_key(config: Config) -> Config:
     run (printed in the banner) instead of serving without auth."""
     if not config.auth.enabled or config.auth.static_keys:
         return config
-    from cluster.tenants import new_key
+    from router.tenancy.store import new_key
 
     auth = config.auth.model_copy(update={"static_keys": (new_key().key,)})
     return config.model_copy(update={"auth": auth})
@@ -324,7 +206,7 @@ async def run_up(config: Config, log_level: str = "info") -> None:
         raise ConfigError("`up` needs at least one worker")
     config = with_ready_made_key(config)
     sock = listen_socket(config.router.host, config.router.port)
-    workers = _workers(config)
+    workers = make_fleet(config)
     registry = None
     tracing = DISABLED
     router_task: asyncio.Task[None] | None = None
@@ -333,7 +215,7 @@ async def run_up(config: Config, log_level: str = "info") -> None:
         start_local_ray(config)
         stop = _stop_event()
         registry = registry_actor(config.cluster, detached=False)
-        _start(workers, config)
+        workers.start()
         print(f"starting {config.cluster.workers} worker(s) with {config.engine.model} ...",
               flush=True)
         if not await _until(stop, workers.wait_ready(1)):
@@ -382,11 +264,11 @@ async def run_router(config: Config, log_level: str = "info") -> None:
 async def run_worker(config: Config) -> None:
     """``electron-serve worker``: ``cluster.workers`` workers on an existing Ray cluster."""
     connect_ray(config)
-    workers = _workers(config)
+    workers = make_fleet(config)
     try:
         stop = _stop_event()
         registry_actor(config.cluster, detached=True)
-        _start(workers, config)
+        workers.start()
         if not await _until(stop, workers.wait_ready(1)):
             return
         for worker_id, address in sorted(workers.addresses.items()):

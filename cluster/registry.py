@@ -13,27 +13,13 @@ before it reports ready and is seen within one poll.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Protocol
 
 import ray
 from ray.exceptions import RayActorError
 
-from cluster.config import ClusterConfig
-
-REGISTRY_NAME = "electron-registry"
-
-
-@dataclass(frozen=True)
-class WorkerEndpoint:
-    worker_id: str
-    address: str  # host:port of the worker's gRPC server
-    model: str    # the public model id it serves
-    pool: str
-    metrics_address: str = ""  # host:port of its Prometheus /metrics ("": none)
-    # Being retired (the autoscaler's scale-down): routers send it no new requests and
-    # purge it from their prefix index; its running requests finish.
-    draining: bool = False
+from core.config import ClusterConfig
+from core.endpoints import REGISTRY_NAME, WorkerEndpoint
+from workers.actor import lookup_registry
 
 
 class Registry:
@@ -88,31 +74,6 @@ def registry_actor(cluster: ClusterConfig, *, detached: bool) -> ray.actor.Actor
     if detached:
         options["lifetime"] = "detached"
     return ray.remote(Registry).options(**options).remote(cluster.worker_ttl_s)
-
-
-def lookup_registry(namespace: str) -> ray.actor.ActorHandle | None:
-    """The registry actor if it exists (None: nothing has registered in this namespace yet)."""
-    try:
-        return ray.get_actor(REGISTRY_NAME, namespace=namespace)
-    except ValueError:  # Ray's way of saying "no actor by that name"
-        return None
-
-
-class WorkerSource(Protocol):
-    """Where a router learns the current set of workers."""
-
-    async def list_workers(self) -> list[WorkerEndpoint]:
-        ...
-
-
-class StaticWorkerSource:
-    """A fixed set of workers (tests, benches, a router pointed at known addresses)."""
-
-    def __init__(self, workers: list[WorkerEndpoint]):
-        self._workers = list(workers)
-
-    async def list_workers(self) -> list[WorkerEndpoint]:
-        return list(self._workers)
 
 
 class RayWorkerSource:

@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 
-from cluster.config import Config
-from cluster.sqldb import Database
-from cluster.tenants import TenantError, TenantStore, revoked_keys_set
+from core.config import Config
+from router.tenancy.sqldb import Database
+from router.tenancy.store import TenantError, TenantStore, revoked_keys_set
 
 
 def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]

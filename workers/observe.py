@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import trace
 from opentelemetry.trace import Span, StatusCode
 
-from cluster.telemetry import Tracing
+from core.telemetry import Tracing
 
 if TYPE_CHECKING:
     from workers.engine.outputs import RequestOutput

@@ -16,8 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cluster.errors import InvalidRequest
-from cluster.pb.electron.v1 import worker_pb2 as pb
+from core.errors import InvalidRequest
+from core.pb.electron.v1 import worker_pb2 as pb
 from workers.engine.kv_events import AllCleared, BlocksRemoved, BlocksStored, KVEvent
 from workers.engine.outputs import PositionLogprobs, RequestOutput, TokenLogprob
 from workers.engine.sampling_params import SamplingParams

@@ -1,7 +1,7 @@
 """The discrete-event loop: a trace replayed through one real routing policy onto N
 simulated workers.
 
-The policy is the router's own (``router.policy.make_policy`` with the simulation's clock,
+The policy is the router's own (``router.routing.policy.make_policy`` with the simulation's clock,
 the router's ``PrefixIndex`` fed by the workers' KV events, the router's ``LocalLoad``
 counts): at each arrival it chooses among the workers' ``SimView``s, the request is counted
 there (``LocalLoad.assign``, as ``WorkerPool.acquire`` does) and queued on the worker; its
@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 from bench.sim.service import ServiceModel
 from bench.sim.trace import BLOCK_TEXT_CHARS, BlockText, TraceRequest
 from bench.sim.worker import Delays, Job, SimView, SimWorker
-from cluster.config import RouterConfig
-from router.cost_model import CostProfile
-from router.policy import PowerOfTwo, RequestInfo, RoutingPolicy, make_policy
-from router.prefix_index import PrefixIndex
+from core.config import RouterConfig
+from router.routing.cost_model import CostProfile
+from router.routing.factory import make_policy
+from router.routing.policy import RequestInfo, RoutingPolicy
+from router.routing.prefix_index import PrefixIndex
+from router.routing.simple import PowerOfTwo
 
 STEP_END, DELIVER = 0, 1
 # cache_aware's tree limit counts characters of real text, ~4 per token.

@@ -7,7 +7,7 @@ engine's scheduler. Its time, in the simulation, is
     decode:   decode_step(decodes) + kv_read_s_per_token * (context tokens of the decodes)
     step   =  (prefill + decode) * noise,   noise ~ lognormal(mean 1, sigma)
 
-where ``spt`` and ``decode_step`` are a ``CostProfile``'s curves (router/cost_model.py: the
+where ``spt`` and ``decode_step`` are a ``CostProfile``'s curves (router/routing/cost_model.py: the
 same class the router uses), ``A`` (``attention_context_tokens``) is the context length at
 which attention costs as much again as the rest of a prefill token, and the KV-read term is
 a decode step's memory traffic for attention.
@@ -24,7 +24,7 @@ Built-in truths:
   figures for that pair, not our measurement; attention parity at 32k context (per token,
   4 * context * 4096 * 32 attention FLOPs = 2 * 8e9 linear FLOPs at 32k); KV reads of
   131,072 bytes per context token at ~3 TB/s.
-- any profile ``router.cost_model.resolve_profile`` reads (a built-in name, a profile JSON,
+- any profile ``router.routing.cost_model.resolve_profile`` reads (a built-in name, a profile JSON,
   or ``bench/engine_bench.py``'s result), e.g. ``smollm2-cpu``, with no attention or KV-read
   term unless given.
 """
@@ -34,7 +34,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from router.cost_model import CostProfile, resolve_profile
+from router.routing.cost_model import CostProfile, resolve_profile
 
 H100_8B = CostProfile(
     name="llama3-8b-class, bf16, one H100 (simulated truth: published figures)",

@@ -3,7 +3,7 @@
 One JSON object per line: ``timestamp`` (ms), ``input_length``, ``output_length``,
 ``hash_ids`` (one id per block of the prompt, the last one possibly partial). The ids are
 prefix-unique (an id always follows the same parent id: checked on the conversation trace),
-so they serve as block hashes as they are, like the chained hashes of ``cluster.hashing``.
+so they serve as block hashes as they are, like the chained hashes of ``core.hashing``.
 
 The conversation trace's arrivals come in ~3 s steps (up to 28 requests share one
 timestamp); ``load_trace`` spreads the requests of one step evenly over it, in trace order,

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 from bench.sim.service import ServiceModel, chunk_context_weight
 from bench.sim.trace import TraceRequest
-from router.prefix_index import WorkerBlocks
-from router.worker_view import Assignment, CountsLocalLoad, LocalLoad, WorkerLoad
+from router.routing.load import Assignment, CountsLocalLoad, LocalLoad, WorkerLoad
+from router.routing.prefix_index import WorkerBlocks
 from workers.engine.block_pool import BlockPool, KVBlock
 from workers.engine.kv_events import BlocksRemoved, BlocksStored, KVEventLog
 

@@ -4,7 +4,7 @@ values file in its ci/ folder, each object validated against Kubernetes 1.33's s
 (shared/kuberay/validate_raycluster.py); then assertions on what matters: GPU requests, Ray's
 autoscaler, the pools, probes, environment, secrets never inlined, non-root pods, command
 lines the real CLI accepts, and that the router's ConfigMap and environment (its Secrets
-resolved) load with ``cluster.config.load_config`` into the settings the values asked for.
+resolved) load with ``core.config.load_config`` into the settings the values asked for.
 
 Helm runs through helm-python-sdk (Helm's own library, no binary): its render output is the
 helm binary's.
@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from cluster.cli import _parser
-from cluster.config import ENV_PREFIX, Config, PlanConfig, load_config
+from core.config import ENV_PREFIX, Config, PlanConfig, load_config
 from tests.support.shared_dir import shared_path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,7 +90,7 @@ def defaults() -> dict[str, Any]:
 
 
 def env_name(section: str, field: str) -> str:
-    """The environment variable cluster/config.py reads for ``section.field``."""
+    """The environment variable core/config.py reads for ``section.field``."""
     assert field in type(getattr(Config(), section)).model_fields, (section, field)
     return f"{ENV_PREFIX}{section.upper()}__{field.upper()}"
 

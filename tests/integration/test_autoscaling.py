@@ -10,7 +10,12 @@ import os
 import pytest
 import pytest_asyncio
 
-from tests.support.autoscale_cluster import Load, autoscale_config, start_cluster, wait_for
+from tests.support.autoscale_cluster import (
+    Load,
+    autoscale_config,
+    start_cluster,
+    wait_for,
+)
 from tests.support.tiny_model import make_tiny_llama_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module"),

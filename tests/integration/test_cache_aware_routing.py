@@ -20,15 +20,15 @@ from typing import Any
 import httpx
 import pytest
 
-from cluster.config import EngineConfig, load_config
-from cluster.registry import StaticWorkerSource, WorkerEndpoint
-from router.app import create_app
+from core.config import EngineConfig, load_config
+from core.endpoints import StaticWorkerSource, WorkerEndpoint
+from router.api.app import create_app
 from tests.support.faults import FailGenerate, HangGenerate
+from tests.support.tenancy import local_tenancy
 from tests.support.tiny_model import make_tiny_llama_dir
 from workers.engine.async_engine import AsyncEngine
 from workers.engine.sampling_params import SamplingParams
 from workers.grpc_service import serve_worker
-from tests.support.tenancy import local_tenancy
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -8,8 +8,12 @@ import math
 
 import pytest
 
-from cluster.errors import ContextLengthExceeded, InvalidRequest
-from tests.support.smollm_engine import assert_no_leaked_blocks, chat_ids, smollm2_engine
+from core.errors import ContextLengthExceeded, InvalidRequest
+from tests.support.smollm_engine import (
+    assert_no_leaked_blocks,
+    chat_ids,
+    smollm2_engine,
+)
 from workers.engine.outputs import FinishReason
 from workers.engine.sampling_params import SamplingParams
 

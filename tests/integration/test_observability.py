@@ -18,11 +18,11 @@ import pytest_asyncio
 import ray
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.config import Config
 from cluster.launcher import start_local_ray
 from cluster.registry import RayWorkerSource, registry_actor
-from cluster.telemetry import tracing_from_env
-from router.app import create_app
+from core.config import Config
+from core.telemetry import tracing_from_env
+from router.api.app import create_app
 from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.support.serving import serve_router, stop_router
 from tests.support.tiny_model import make_tiny_llama_dir, tiny_cluster_config

@@ -13,11 +13,11 @@ import pytest
 import pytest_asyncio
 import ray
 
-from cluster.config import Config
 from cluster.launcher import start_local_ray
-from cluster.pb.electron.v1 import worker_pb2 as pb
-from cluster.pb.electron.v1 import worker_pb2_grpc as pb_grpc
 from cluster.registry import RayWorkerSource, registry_actor
+from core.config import Config
+from core.pb.electron.v1 import worker_pb2 as pb
+from core.pb.electron.v1 import worker_pb2_grpc as pb_grpc
 from tests.support.tiny_model import make_tiny_llama_dir, tiny_cluster_config
 from workers.actor import create_worker_actor
 

@@ -21,10 +21,10 @@ import openai
 import pytest
 import pytest_asyncio
 
-from cluster.config import EngineConfig, load_config
-from cluster.hashing import block_hashes, extra_key
-from cluster.registry import StaticWorkerSource, WorkerEndpoint
-from router.app import create_app
+from core.config import EngineConfig, load_config
+from core.endpoints import StaticWorkerSource, WorkerEndpoint
+from core.hashing import block_hashes, extra_key
+from router.api.app import create_app
 from tests.support.faults import FailGenerate
 from tests.support.openai_schema import validate
 from tests.support.serving import Router, serve_router, stop_router
@@ -358,7 +358,7 @@ async def test_worker_failing_before_the_first_token_is_retried_on_another(
     try:
         assert sorted(router.worker_ids()) == ["w-bad", "w0"]
         async with httpx.AsyncClient(base_url=router.base, timeout=60) as client:
-            with caplog.at_level(logging.WARNING, logger="router.chat"):
+            with caplog.at_level(logging.WARNING, logger="router.chat.service"):
                 plain = [await client.post("/v1/chat/completions", json=chat("Hi", max_tokens=2))
                          for _ in range(2)]
                 streamed = [await client.post("/v1/chat/completions",
@@ -404,14 +404,14 @@ async def test_stopped_worker_leaves_routing_within_2s_and_requests_keep_succeed
             await other_server.server.stop(None)
             gone = await wait_until(lambda: router.worker_ids() == ["w0"], timeout=2.0)
             assert gone < 2.0
-            with caplog.at_level(logging.WARNING, logger="router.chat"):
+            with caplog.at_level(logging.WARNING, logger="router.chat.service"):
                 after = [await client.post("/v1/chat/completions",
                                            json=chat("Hi", max_tokens=2)) for _ in range(4)]
         assert [r.status_code for r in after] == [200] * 4
         # No request went to the dead worker first (the pool's own reconnect attempts to it
         # also log "retrying", so only the chat service's failover records count).
         assert not any("retrying on another worker" in r.getMessage() for r in caplog.records
-                       if r.name == "router.chat")
+                       if r.name == "router.chat.service")
     finally:
         await stop_router(router)
         await other_server.stop(None)

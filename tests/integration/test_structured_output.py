@@ -12,11 +12,15 @@ import jsonschema
 import pytest
 import torch
 
-from cluster.config import EngineConfig
-from cluster.errors import InvalidRequest
-from cluster.tokenizer import Tokenizer
+from core.config import EngineConfig
+from core.errors import InvalidRequest
+from core.tokenizer import Tokenizer
 from tests.support.schemas import SCHEMAS, TOOLS, grammar_tools, prompt_for
-from tests.support.smollm_engine import assert_no_leaked_blocks, chat_ids, smollm2_engine
+from tests.support.smollm_engine import (
+    assert_no_leaked_blocks,
+    chat_ids,
+    smollm2_engine,
+)
 from tests.support.tiny_model import make_tiny_llama_dir
 from workers.engine.engine import Engine
 from workers.engine.grammar_spec import MAX_PARALLEL_CALLS

@@ -21,13 +21,13 @@ import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.config import EngineConfig, load_config
-from cluster.errors import RateLimited
-from cluster.registry import StaticWorkerSource, WorkerEndpoint
-from cluster.tenants import Plan, Principal
-from router.app import create_app
-from router.ledger import Prices
-from router.limits import RedisLimiter
+from core.config import EngineConfig, load_config
+from core.endpoints import StaticWorkerSource, WorkerEndpoint
+from core.errors import RateLimited
+from router.api.app import create_app
+from router.tenancy.ledger import Prices
+from router.tenancy.limits import RedisLimiter
+from router.tenancy.store import Plan, Principal
 from tests.support.faults import GateGenerate
 from tests.support.serving import Router, serve_router, stop_router
 from tests.support.tenancy import (

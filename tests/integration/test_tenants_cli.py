@@ -7,8 +7,8 @@ import re
 import redis
 
 from cluster.cli import main
-from cluster.sqldb import Database
-from cluster.tenants import TenantStore, revoked_keys_set
+from router.tenancy.sqldb import Database
+from router.tenancy.store import TenantStore, revoked_keys_set
 from tests.support.tenancy import REDIS_URL, postgres_schema, unique_prefix
 
 

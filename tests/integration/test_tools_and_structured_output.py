@@ -111,7 +111,7 @@ _ADDRESS = {"type": "object", "additionalProperties": False, "required": ["stree
             "properties": {"street": {"type": "string", "maxLength": 30},
                            "city": {"type": "string", "maxLength": 20}}}
 # Beyond tests/support/schemas.py (shared with the engine's tests): the rest of the subset the
-# router accepts (cluster/json_schema_subset.py), as pydantic and other clients write it.
+# router accepts (core/json_schema_subset.py), as pydantic and other clients write it.
 ROUTER_SCHEMAS: list[tuple[str, str, dict[str, Any]]] = [
     ("defs_and_refs", "a person and their pets", {
         "$defs": {"Pet": {"type": "object", "additionalProperties": False,

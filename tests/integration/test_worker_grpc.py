@@ -13,10 +13,10 @@ import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cluster.config import EngineConfig
-from cluster.hashing import block_hashes, extra_key
-from cluster.pb.electron.v1 import worker_pb2 as pb
-from cluster.pb.electron.v1 import worker_pb2_grpc as pb_grpc
+from core.config import EngineConfig
+from core.hashing import block_hashes, extra_key
+from core.pb.electron.v1 import worker_pb2 as pb
+from core.pb.electron.v1 import worker_pb2_grpc as pb_grpc
 from tests.support.tiny_model import make_tiny_llama_dir
 from workers.engine.async_engine import AsyncEngine
 from workers.grpc_service import ERROR_METADATA_KEY, SERVICE_NAME, serve_worker

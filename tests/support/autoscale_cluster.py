@@ -27,10 +27,10 @@ import ray
 import uvicorn
 
 from cluster.autoscaler import Autoscaler
-from cluster.config import Config, load_config
 from cluster.launcher import start_local_ray
 from cluster.registry import RayWorkerSource, registry_actor
-from router.app import create_app
+from core.config import Config, load_config
+from router.api.app import create_app
 from tests.support.serving import serve_router
 from tests.support.tenancy import local_tenancy
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import uvicorn
 
-from router.middleware import listen_socket
+from router.api.server import listen_socket
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from cluster.config import EngineConfig
+from core.config import EngineConfig
 from workers.engine.async_engine import AsyncEngine
 
 

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from cluster.model_files import resolve_model_path
-from cluster.tokenizer import Tokenizer
+from core.model_files import resolve_model_path
+from core.tokenizer import Tokenizer
 
 SMOLLM2 = "smollm2-135m-instruct"
 
@@ -96,11 +96,17 @@ def make_tiny_llama_dir(directory: Path, *, vocab_size: int = 49152, hidden: int
 
 
 def tiny_cluster_config(model_dir: Path, *, workers: int, max_model_len: int = 256) -> Any:
-    """A ``cluster.config.Config`` for Ray tests: the tiny model on CPU in float32, one
+    """A ``core.config.Config`` for Ray tests: the tiny model on CPU in float32, one
     torch thread and one CPU per worker, a Ray namespace of its own."""
     import uuid
 
-    from cluster.config import AuthConfig, ClusterConfig, Config, EngineConfig, TenancyConfig
+    from core.config import (
+        AuthConfig,
+        ClusterConfig,
+        Config,
+        EngineConfig,
+        TenancyConfig,
+    )
     from tests.support.tenancy import local_tenancy
 
     return Config(

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.config import AutoscalerConfig, ConfigError, PoolConfig, load_config
-from cluster.demand import RecentLatencies, ScaleDecider, WorkerDemand, pressure
+from cluster.demand import ScaleDecider, WorkerDemand, pressure
+from core.config import AutoscalerConfig, ConfigError, PoolConfig, load_config
+from workers.latency import RecentLatencies
 
 POOL = PoolConfig(name="acme", min_workers=1, max_workers=4, target_requests_per_worker=4,
                   target_waiting_prefill_tokens=1000, target_kv_usage=0.8, target_ttft_s=0.5)

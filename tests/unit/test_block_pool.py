@@ -8,12 +8,22 @@ import threading
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule,
-                                 run_state_machine_as_test)
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from workers.engine.block_pool import BlockPool, KVBlock
-from workers.engine.kv_events import (AllCleared, BlocksRemoved, BlocksStored, KVEventLog,
-                                      SubscriberFellBehind)
+from workers.engine.kv_events import (
+    AllCleared,
+    BlocksRemoved,
+    BlocksStored,
+    KVEventLog,
+    SubscriberFellBehind,
+)
 
 
 class Subscriber:

@@ -11,13 +11,13 @@ import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletionChunk
 
-from cluster.model_files import resolve_model_path
-from cluster.pb.electron.v1 import worker_pb2 as pb
-from cluster.tokenizer import Tokenizer
-from router.chat import Prepared, assistant_message
-from router.chunks import ChunkStream
-from router.grammar_spec import tool_use
-from router.schemas import parse_chat_request
+from core.model_files import resolve_model_path
+from core.pb.electron.v1 import worker_pb2 as pb
+from core.tokenizer import Tokenizer
+from router.chat.chunks import ChunkStream
+from router.chat.service import Prepared, assistant_message
+from router.openai.schemas import parse_chat_request
+from router.tools.grammar_spec import tool_use
 from tests.support.openai_schema import validate
 
 WEATHER = {"type": "function", "function": {

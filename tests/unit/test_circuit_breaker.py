@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.failover import BreakerState, CircuitBreaker
+from router.fleet.breaker import BreakerState, CircuitBreaker
 
 
 class Clock:

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.model_files import resolve_model_path
-from cluster.tokenizer import Tokenizer
+from core.model_files import resolve_model_path
+from core.tokenizer import Tokenizer
 from workers.engine.detokenizer import IncrementalDetokenizer
 
 PROMPT = "<|im_start|>user\nSay something.<|im_end|>\n<|im_start|>assistant\n"

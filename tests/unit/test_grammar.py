@@ -9,9 +9,9 @@ import jsonschema
 import pytest
 import torch
 
-from cluster.errors import InvalidRequest
-from cluster.model_files import resolve_model_path
-from cluster.tokenizer import Tokenizer
+from core.errors import InvalidRequest
+from core.model_files import resolve_model_path
+from core.tokenizer import Tokenizer
 from tests.support.schemas import SCHEMAS, TOOLS, grammar_tools
 from workers.engine.grammar import GrammarCompiler
 from workers.engine.grammar_spec import MAX_PARALLEL_CALLS, build_grammar, close_objects

@@ -15,9 +15,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from bench import loadgen
 from bench.loadgen import Planned, Result
-from cluster.hashing import block_hashes
-from cluster.model_files import resolve_model_path
-from cluster.tokenizer import Tokenizer
+from core.hashing import block_hashes
+from core.model_files import resolve_model_path
+from core.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers
 
-from cluster.model_files import resolve_model_path
+from core.model_files import resolve_model_path
 from tests.support.tiny_model import make_tiny_llama_dir
 from workers.models.attention import (
     SDPA_MAX_DECODES,

@@ -12,12 +12,17 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.config import ConfigError, load_config
-from cluster.logs import JsonFormatter, RequestContextFilter, configure_logging, request_id_var
-from cluster.registry import StaticWorkerSource
-from cluster.telemetry import DISABLED, tracing_from_env
-from router.app import create_app
-from router.metrics import RouterMetrics, plan_of
+from core.config import ConfigError, load_config
+from core.endpoints import StaticWorkerSource
+from core.logs import (
+    JsonFormatter,
+    RequestContextFilter,
+    configure_logging,
+    request_id_var,
+)
+from core.telemetry import DISABLED, tracing_from_env
+from router.api.app import create_app
+from router.telemetry.metrics import RouterMetrics, plan_of
 from tests.support.tenancy import local_tenancy
 
 ENDPOINT = "http://127.0.0.1:4317"
@@ -64,7 +69,7 @@ def test_an_unknown_protocol_is_a_config_error():
 
 
 def _record(message: str, **extra) -> logging.LogRecord:
-    record = logging.LogRecord("router.chat", logging.WARNING, __file__, 1, message, None, None)
+    record = logging.LogRecord("router.chat.service", logging.WARNING, __file__, 1, message, None, None)
     record.__dict__.update(extra)
     RequestContextFilter().filter(record)
     return record
@@ -85,7 +90,7 @@ def test_json_log_lines_carry_the_request_and_trace_ids():
     assert body["request_id"] == "req_abc"
     assert body["trace_id"] == format(context.trace_id, "032x")
     assert body["span_id"] == format(context.span_id, "016x")
-    assert body["worker"] == "w1" and body["logger"] == "router.chat"
+    assert body["worker"] == "w1" and body["logger"] == "router.chat.service"
     outside = json.loads(JsonFormatter().format(_record("idle")))
     assert "request_id" not in outside and "trace_id" not in outside
 
@@ -152,9 +157,11 @@ def test_two_router_metric_sets_count_separately():
 
 async def test_router_server_span_continues_the_callers_trace():
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+        InMemorySpanExporter,
+    )
 
-    from cluster.telemetry import Tracing
+    from core.telemetry import Tracing
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()

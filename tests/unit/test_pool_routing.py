@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.errors import NoWorkers
-from cluster.registry import WorkerEndpoint
-from router.policy import make_policy
-from router.worker_client import WorkerClient
-from router.worker_pool import WorkerPool
+from core.endpoints import WorkerEndpoint
+from core.errors import NoWorkers
+from router.fleet.client import WorkerClient
+from router.fleet.pool import WorkerPool
+from router.routing.factory import make_policy
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from cluster.hashing import block_hashes, extra_key
-from router.prefix_index import PrefixIndex, WorkerBlocks
+from core.hashing import block_hashes, extra_key
+from router.routing.prefix_index import PrefixIndex, WorkerBlocks
 from workers.engine.kv_events import AllCleared, BlocksRemoved, BlocksStored, KVEventLog
 
 KEY = extra_key("", "electron")
@@ -20,7 +20,7 @@ def prompt_hashes(seed: int, blocks: int) -> list[int]:
 
 
 def feed(handle: WorkerBlocks, event) -> bool:
-    """What router/worker_client.py does with each WatchState event."""
+    """What router/fleet/client.py does with each WatchState event."""
     if isinstance(event, BlocksStored):
         return handle.store(event.sequence, event.block_hashes)
     if isinstance(event, BlocksRemoved):

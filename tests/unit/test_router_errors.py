@@ -12,12 +12,12 @@ import pytest
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 
-from cluster.config import load_config
-from cluster.model_files import resolve_model_path
-from cluster.registry import StaticWorkerSource
-from cluster.tokenizer import Tokenizer
-from router.app import create_app
-from router.errors import GENERIC_500
+from core.config import load_config
+from core.endpoints import StaticWorkerSource
+from core.model_files import resolve_model_path
+from core.tokenizer import Tokenizer
+from router.api.app import create_app
+from router.openai.errors import GENERIC_500
 from tests.support.openai_schema import validate
 from tests.support.tenancy import local_tenancy
 

@@ -12,14 +12,14 @@ from typing import Any
 import httpx
 import pytest
 
-from cluster.config import load_config
-from cluster.errors import ContextLengthExceeded, InvalidRequest
-from cluster.model_files import resolve_model_path
-from cluster.registry import StaticWorkerSource
-from cluster.tokenizer import Tokenizer
-from router.app import create_app
-from router.chat import completion_budget, to_generate_request
-from router.schemas import ChatCompletionRequest, parse_chat_request
+from core.config import load_config
+from core.endpoints import StaticWorkerSource
+from core.errors import ContextLengthExceeded, InvalidRequest
+from core.model_files import resolve_model_path
+from core.tokenizer import Tokenizer
+from router.api.app import create_app
+from router.chat.service import completion_budget, to_generate_request
+from router.openai.schemas import ChatCompletionRequest, parse_chat_request
 from tests.support.openai_schema import validate
 from tests.support.tenancy import local_tenancy
 

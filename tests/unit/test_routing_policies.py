@@ -11,25 +11,24 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from cluster.config import RouterConfig, load_config
-from cluster.hashing import block_hashes, extra_key
-from cluster.registry import StaticWorkerSource
-from router.approx_tree import ApproxTree
-from router.cache_aware import CacheAware
-from router.cost_model import BUILT_IN, SMOLLM2_CPU, CostProfile, resolve_profile
-from router.kv_aware import KvAware
-from router.policy import (
-    Choice,
-    LeastLoad,
-    PowerOfTwo,
-    RequestInfo,
-    RoundRobin,
-    RoutingPolicy,
-    make_policy,
+from core.config import RouterConfig, load_config
+from core.endpoints import StaticWorkerSource
+from core.hashing import block_hashes, extra_key
+from router.fleet.pool import WorkerPool
+from router.routing.approx_tree import ApproxTree
+from router.routing.cache_aware import CacheAware
+from router.routing.cost_model import (
+    BUILT_IN,
+    SMOLLM2_CPU,
+    CostProfile,
+    resolve_profile,
 )
-from router.prefix_index import PrefixIndex
-from router.worker_pool import WorkerPool
-from router.worker_view import Assignment, CountsLocalLoad, LocalLoad, WorkerLoad
+from router.routing.factory import make_policy
+from router.routing.kv_aware import KvAware
+from router.routing.load import Assignment, CountsLocalLoad, LocalLoad, WorkerLoad
+from router.routing.policy import Choice, RequestInfo, RoutingPolicy
+from router.routing.prefix_index import PrefixIndex
+from router.routing.simple import LeastLoad, PowerOfTwo, RoundRobin
 from workers.engine.request import Request
 from workers.engine.sampling_params import SamplingParams
 
@@ -117,7 +116,7 @@ def text_request(text: str, rid: str = "r") -> RequestInfo:
 
 def test_cache_aware_sends_a_repeated_prefix_back_to_the_same_worker():
     ws = workers(WorkerLoad(), WorkerLoad(), WorkerLoad())
-    policy = CacheAware(clock=Clock())
+    policy = CacheAware(RouterConfig(), clock=Clock())
     system = "You are a meticulous assistant that answers in French. " * 4
     first, _ = route(policy, ws, text_request(system + "What is a cat?"))
     other, _ = route(policy, ws, text_request("Completely different text about dogs."))
@@ -128,7 +127,7 @@ def test_cache_aware_sends_a_repeated_prefix_back_to_the_same_worker():
 
 def test_cache_aware_low_match_goes_to_the_worker_with_the_smallest_tree():
     ws = workers(WorkerLoad(), WorkerLoad())
-    policy = CacheAware(clock=Clock())
+    policy = CacheAware(RouterConfig(), clock=Clock())
     route(policy, ws, text_request("a" * 500))
     choice, _ = route(policy, ws, text_request("b" * 10))
     assert choice.worker.worker_id == "w1" and "smallest tree" in choice.reason
@@ -136,7 +135,7 @@ def test_cache_aware_low_match_goes_to_the_worker_with_the_smallest_tree():
 
 def test_cache_aware_imbalanced_in_flight_switches_to_the_shortest_queue():
     ws = workers(WorkerLoad(), WorkerLoad())
-    policy = CacheAware(clock=Clock())
+    policy = CacheAware(RouterConfig(), clock=Clock())
     text = "shared prefix " * 20
     home = route(policy, ws, text_request(text))[0].worker
     for _ in range(70):  # 71 in flight at home, 0 elsewhere: > 64 apart and > 1.5x
@@ -147,7 +146,7 @@ def test_cache_aware_imbalanced_in_flight_switches_to_the_shortest_queue():
 
 def test_cache_aware_within_the_absolute_threshold_keeps_cache_affinity():
     ws = workers(WorkerLoad(), WorkerLoad())
-    policy = CacheAware(clock=Clock())
+    policy = CacheAware(RouterConfig(), clock=Clock())
     text = "shared prefix " * 20
     home = route(policy, ws, text_request(text))[0].worker
     for _ in range(60):  # 61 vs 0: not more than 64 apart
@@ -157,7 +156,7 @@ def test_cache_aware_within_the_absolute_threshold_keeps_cache_affinity():
 
 def test_cache_aware_forgets_a_worker_that_left():
     ws = workers(WorkerLoad(), WorkerLoad())
-    policy = CacheAware(clock=Clock())
+    policy = CacheAware(RouterConfig(), clock=Clock())
     route(policy, ws, text_request("hello world " * 10))
     route(policy, ws, text_request("something else"))
     assert policy.tree.tenants() == ["w0", "w1"]
@@ -196,7 +195,7 @@ def test_approx_tree_eviction_drops_least_recently_used_leaves_first():
 
 def test_cache_aware_evicts_on_its_interval():
     clock = Clock()
-    policy = CacheAware(eviction_interval_s=10, max_tree_size=100, clock=clock)
+    policy = CacheAware(RouterConfig(eviction_interval_s=10, max_tree_size=100), clock=clock)
     ws = workers(WorkerLoad())
     for i in range(20):
         route(policy, ws, text_request(f"{i:03d}" + "x" * 50))
@@ -214,7 +213,7 @@ def kv_setup(*loads: WorkerLoad, **options) -> tuple[KvAware, list[SimWorker], P
     ws = workers(*loads)
     for w in ws:
         index.join(w.worker_id).reset(0, [])
-    return KvAware(index, SMOLLM2_CPU, clock=clock, **options), ws, index, clock
+    return KvAware(index, SMOLLM2_CPU, RouterConfig(**options), clock=clock), ws, index, clock
 
 
 def hold(index: PrefixIndex, worker_id: str, ids: list[int]) -> None:
@@ -303,14 +302,26 @@ def test_kv_aware_same_burst_on_idle_workers_also_lands_together():
     assert second.worker is first.worker
 
 
-def test_kv_aware_short_identical_burst_spreads_over_idle_workers():
-    # Recomputing two blocks elsewhere costs less than waiting behind the first request.
-    policy, ws, _, _ = kv_setup(WorkerLoad(), WorkerLoad())
+def test_kv_aware_short_identical_burst_spreads_over_idle_workers_when_ttft_greedy():
+    # Near TTFT-greedy (a small work weight), recomputing two blocks elsewhere costs less than
+    # waiting behind the first request. (At the default weight the copy's work outweighs it:
+    # the next test.)
+    policy, ws, _, _ = kv_setup(WorkerLoad(), WorkerLoad(), work_weight=0.25)
     ids = tokens(1, 36)
     first = route(policy, ws, request(ids, "a"))[0]
     second = route(policy, ws, request(ids, "b"))[0]
     assert second.worker is not first.worker
     assert [w.in_flight for w in ws] == [1, 1]
+
+
+def test_kv_aware_short_identical_burst_stays_together_at_the_default_work_weight():
+    policy, ws, _, _ = kv_setup(WorkerLoad(), WorkerLoad())
+    assert policy.work_weight == RouterConfig().work_weight
+    ids = tokens(1, 36)
+    first = route(policy, ws, request(ids, "a"))[0]
+    second = route(policy, ws, request(ids, "b"))[0]
+    assert second.worker is first.worker
+    assert sorted(w.in_flight for w in ws) == [0, 2]
 
 
 def test_kv_aware_forgotten_assignment_no_longer_attracts_its_prefix():

@@ -17,9 +17,9 @@ from bench.sim.report import jain, max_over_mean, percentile, summarise
 from bench.sim.service import H100_8B, ServiceModel, scaled
 from bench.sim.trace import TraceRequest, ideal_hit_ratio, load_trace, spread_steps
 from bench.sim.worker import Delays
-from cluster.config import RouterConfig
-from router.cost_model import CostProfile
-from router.worker_view import WorkerLoad
+from core.config import RouterConfig
+from router.routing.cost_model import CostProfile
+from router.routing.load import WorkerLoad
 
 MOONCAKE = Path(__file__).resolve().parents[3] / "shared/traces/mooncake/conversation_trace.jsonl"
 

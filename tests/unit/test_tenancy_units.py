@@ -8,11 +8,11 @@ from decimal import Decimal
 
 import pytest
 
-from cluster.errors import AuthenticationFailed, RateLimited
-from cluster.sqldb import Database
-from cluster.tenants import Plan, Principal, TenantError, TenantStore
-from router.ledger import Ledger, Prices, UsageRow, money
-from router.limits import InProcessLimiter, duration
+from core.errors import AuthenticationFailed, RateLimited
+from router.tenancy.ledger import Ledger, Prices, UsageRow, money
+from router.tenancy.limits import InProcessLimiter, duration
+from router.tenancy.sqldb import Database
+from router.tenancy.store import Plan, Principal, TenantError, TenantStore
 
 PRICES = Prices(Decimal("0.40"), Decimal("0.10"), Decimal("1.60"))
 STANDARD = Plan("standard", rpm=10, concurrency=3, tpm=None, priority=0, max_context=None,

@@ -1,5 +1,5 @@
 """Tokenizer built from GGUF metadata or a Hugging Face directory, and chat templates
-(cluster/tokenizer.py, cluster/chat_template.py).
+(core/tokenizer.py, core/chat_template.py).
 
 transformers is the reference here (tests only): its own GGUF tokenizer conversion and its
 apply_chat_template must agree with ours id for id and character for character.
@@ -16,10 +16,10 @@ from pathlib import Path
 import gguf
 import pytest
 
-from cluster.chat_template import ChatTemplate
-from cluster.errors import InvalidRequest
-from cluster.model_files import resolve_model_path
-from cluster.tokenizer import Tokenizer, read_gguf_metadata
+from core.chat_template import ChatTemplate
+from core.errors import InvalidRequest
+from core.model_files import resolve_model_path
+from core.tokenizer import Tokenizer, read_gguf_metadata
 
 CORPUS = [
     "Hello, world! How are you today?",
@@ -59,8 +59,10 @@ def reference(smollm_path: Path):
     """transformers' tokenizer for the GGUF file, built by the conversion its
     AutoTokenizer.from_pretrained(gguf_file=...) runs, without loading the rest of the model."""
     transformers = pytest.importorskip("transformers")
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import (convert_gguf_tokenizer,
-                                                                       get_gguf_tokenizer)
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        convert_gguf_tokenizer,
+        get_gguf_tokenizer,
+    )
     architecture, vocab, config = get_gguf_tokenizer(str(smollm_path))
     backend, _ = convert_gguf_tokenizer(architecture, vocab)
     return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **config)
@@ -119,7 +121,7 @@ def test_from_model_path_reads_the_gguf_quickly(smollm_path):
 
 
 def test_tokenizer_module_imports_neither_torch_nor_transformers():
-    code = ("import sys, cluster.tokenizer, cluster.chat_template; "
+    code = ("import sys, core.tokenizer, core.chat_template; "
             "bad = {'torch', 'transformers'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -133,7 +135,7 @@ PRE_TEXTS = [*CORPUS, "12345 678 9", "I'M HERE, you'RE 2x", "x\n\n  y\r\n z", "a
 def byte_level_gguf(tmp_path_factory, smollm_path):
     """A GGUF with a small byte-level vocabulary (SmolLM's first merges plus merges of digits,
     which SmolLM itself never merges) and the given ``tokenizer.ggml.pre``."""
-    from cluster.tokenizer import bytes_to_unicode
+    from core.tokenizer import bytes_to_unicode
     merges = read_gguf_metadata(smollm_path)["tokenizer.ggml.merges"][:3000]
     merges += ["1 2", "12 3", "4 5", "Ġ 1", "6 7", "67 8"]
     tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *bytes_to_unicode().values()]

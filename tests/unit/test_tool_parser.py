@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.model_files import resolve_model_path
-from cluster.tokenizer import Tokenizer
-from router.tool_parser import (
+from core.model_files import resolve_model_path
+from core.tokenizer import Tokenizer
+from router.tools.parser import (
     CLOSE,
     ContentDelta,
     ToolCall,

@@ -7,13 +7,19 @@ from typing import Any
 
 import pytest
 
-from cluster.chat_template import ChatTemplate
-from cluster.model_files import resolve_model_path
-from cluster.tokenizer import Tokenizer
-from router.chat import to_generate_request
-from router.grammar_spec import NO_PARAMETERS, asks_for_filler, encode, grammar_spec, tool_use
-from router.schemas import ChatCompletionRequest, parse_chat_request
-from router.tool_prompt import template_inputs
+from core.chat_template import ChatTemplate
+from core.model_files import resolve_model_path
+from core.tokenizer import Tokenizer
+from router.chat.service import to_generate_request
+from router.openai.schemas import ChatCompletionRequest, parse_chat_request
+from router.tools.grammar_spec import (
+    NO_PARAMETERS,
+    asks_for_filler,
+    encode,
+    grammar_spec,
+    tool_use,
+)
+from router.tools.prompt import template_inputs
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.config import EngineConfig
-from cluster.errors import InvalidRequest, WorkerUnavailable
-from cluster.tokenizer import Tokenizer
+from core.config import EngineConfig
+from core.errors import InvalidRequest, WorkerUnavailable
+from core.tokenizer import Tokenizer
 
 from .engine import Engine
 from .kv_events import KVEventLog

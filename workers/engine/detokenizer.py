@@ -21,7 +21,7 @@ from __future__ import annotations
 import codecs
 from collections.abc import Sequence
 
-from cluster.tokenizer import Tokenizer
+from core.tokenizer import Tokenizer
 
 _MAX_UTF8_LEN = 4
 

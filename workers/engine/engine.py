@@ -10,9 +10,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from cluster.errors import ContextLengthExceeded, InvalidRequest
-from cluster.hashing import extra_key
-from cluster.tokenizer import Tokenizer
+from core.errors import ContextLengthExceeded, InvalidRequest
+from core.hashing import extra_key
+from core.tokenizer import Tokenizer
 
 from .detokenizer import IncrementalDetokenizer
 from .grammar import GrammarCompiler

@@ -26,8 +26,8 @@ import llguidance
 import numpy as np
 import torch
 
-from cluster.errors import InvalidRequest
-from cluster.tokenizer import Tokenizer
+from core.errors import InvalidRequest
+from core.tokenizer import Tokenizer
 
 from .grammar_spec import build_grammar
 

@@ -30,8 +30,8 @@ from typing import Any
 
 from llguidance import LLMatcher
 
-from cluster.errors import InvalidRequest
-from cluster.json_schema_subset import map_subschemas
+from core.errors import InvalidRequest
+from core.json_schema_subset import map_subschemas
 
 # JSON layout inside every grammar: no free whitespace (see the module docstring).
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}

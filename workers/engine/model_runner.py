@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.config import EngineConfig
-from cluster.model_files import resolve_model_path
+from core.config import EngineConfig
+from core.model_files import resolve_model_path
 from workers.models.attention import (
     AttentionMetadata,
     PrefillSeq,

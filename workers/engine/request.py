@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from cluster.hashing import block_hashes
+from core.hashing import block_hashes
 
 from .outputs import FinishReason
 from .sampling_params import SamplingParams

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from cluster.errors import InvalidRequest
+from core.errors import InvalidRequest
 
 
 @dataclass(frozen=True)

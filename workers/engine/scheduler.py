@@ -16,7 +16,7 @@ import bisect
 import itertools
 from dataclasses import dataclass, field
 
-from cluster.errors import ContextLengthExceeded
+from core.errors import ContextLengthExceeded
 
 from .kv_cache_manager import KVCacheManager
 from .outputs import FinishReason

@@ -57,7 +57,7 @@ app.kubernetes.io/part-of: electron-serve
 {{- printf "electron_pool_%s" . }}
 {{- end }}
 
-{{/* The service config (cluster/config.py), as YAML. */}}
+{{/* The service config (core/config.py), as YAML. */}}
 {{- define "electron-serve.config" -}}
 {{- $pools := list }}
 {{- $hasShared := false }}
@@ -144,7 +144,7 @@ app.kubernetes.io/part-of: electron-serve
 {{- end }}
 
 {{/* The router's secrets, as the config's own environment variables
-(ELECTRON_<SECTION>__<FIELD>, cluster/config.py): tenancy.redis_url, tenancy.database_url and
+(ELECTRON_<SECTION>__<FIELD>, core/config.py): tenancy.redis_url, tenancy.database_url and
 auth.admin_key come from Secrets through secretKeyRef, never inlined. */}}
 {{- define "electron-serve.secretEnv" -}}
 {{- if .Values.auth.enabled }}

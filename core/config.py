@@ -1,0 +1,284 @@
+"""Service configuration: one frozen, validated object.
+
+Sources, later ones winning: defaults, a YAML file (``--config`` or ``ELECTRON_CONFIG``),
+environment variables ``ELECTRON_<SECTION>__<FIELD>`` (e.g. ``ELECTRON_ENGINE__DTYPE=float32``,
+``ELECTRON_ROUTER__PORT=9000``), then CLI flags. Environment variables are read here and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ENV_PREFIX = "ELECTRON_"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EngineConfig(_Frozen):
+    # A GGUF file, a Hugging Face directory, or the name of the embedded default model.
+    model: str = DEFAULT_MODEL
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    block_size: int = Field(16, ge=1, le=1024)
+    # KV pool budget: explicit bytes, or (on GPU, when None) a fraction of free memory.
+    kv_cache_bytes: int | None = Field(256 * 1024 * 1024, ge=1)
+    gpu_memory_fraction: float = Field(0.85, gt=0, le=0.99)
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(1024, ge=16)
+    max_model_len: int | None = Field(None, ge=16)
+    enable_prefix_caching: bool = True
+    torch_threads: int | None = Field(None, ge=1)
+    seed: int = 0
+    # Constrained decoding (docs/structured-output.md): compiled grammars kept (LRU, per spec),
+    # and whether the next step's token mask is filled on a helper thread beside the forward.
+    grammar_cache_size: int = Field(64, ge=1)
+    grammar_overlap: bool = True
+
+
+class RouterConfig(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    # Public model id(s) served; requests naming another get 404.
+    model_id: str = "electron"
+    # Routing (router/routing/policy.py): kv_aware uses the workers' KV events and a cost profile;
+    # cache_aware is sglang router's approximate-tree policy, kept as a baseline.
+    policy: Literal["kv_aware", "cache_aware", "power_of_two", "least_load",
+                    "round_robin"] = "kv_aware"
+    # kv_aware: a cost profile JSON (router/routing/cost_model.py; the engine benchmark's result file
+    # works too) or a built-in name ("smollm2-cpu", "llama3-8b-h100"); None: smollm2-cpu.
+    cost_profile: str | None = None
+    # kv_aware: skip a worker whose requests would exceed max(load_cap_min_requests,
+    # load_cap * its fair share), so hot prefixes spill to (and replicate on) other workers.
+    load_cap: float = Field(2.0, ge=1.0)
+    load_cap_min_requests: int = Field(4, ge=1)
+    # kv_aware: seconds of score per second of prefill a choice adds (0: pure TTFT-greedy).
+    work_weight: float = Field(6.0, ge=0)
+    # kv_aware: a request's pending blocks outlive its predicted TTFT by this much.
+    pending_slack_s: float = Field(0.5, ge=0)
+    # cache_aware, with sglang router's command-line defaults.
+    cache_threshold: float = Field(0.3, ge=0, le=1)
+    balance_abs_threshold: int = Field(64, ge=0)
+    balance_rel_threshold: float = Field(1.5, ge=1.0)
+    eviction_interval_s: float = Field(120.0, gt=0)
+    max_tree_size: int = Field(2**26, ge=1)
+    # Failover: this many consecutive failures before the first token keep a worker out of
+    # routing for breaker_open_s seconds (then one probe request decides).
+    breaker_failures: int = Field(3, ge=1)
+    breaker_open_s: float = Field(10.0, gt=0)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_messages: int = Field(200, ge=1)
+    # Seconds to wait for a worker's first message before failing over.
+    first_token_timeout_s: float = Field(30.0, gt=0)
+    registry_poll_s: float = Field(0.5, gt=0)
+
+
+class AuthConfig(_Frozen):
+    # On unless turned off explicitly; `electron-serve up` prints a ready-made key.
+    enabled: bool = True
+    # Keys from the config (no database): they act for the tenant `static_tenant` on the plan
+    # `static_plan`. Keys made by `electron-serve tenants` live (hashed) in the database.
+    static_keys: tuple[str, ...] = ()
+    static_tenant: str = "local"
+    static_plan: str = "enterprise"
+    # The key of the admin API (/v1/admin/...) and of `GET /v1/usage` over every tenant.
+    admin_key: str | None = None
+    # Seconds a key found in the database is trusted before it is looked up again (a
+    # revocation reaches every replica at once through Redis, or this replica's cache).
+    key_cache_ttl_s: float = Field(30.0, ge=0)
+
+
+class PlanConfig(_Frozen):
+    rpm: int = Field(ge=1)                 # requests per minute, per tenant
+    concurrency: int = Field(ge=1)         # requests in flight, per tenant
+    tpm: int | None = Field(None, ge=1)    # tokens (prompt + completion) per minute
+    # Higher is admitted first by the workers' schedulers (and preempted last).
+    priority: int = Field(0, ge=0, le=1000)
+    max_context: int | None = Field(None, ge=16)
+    # Requests waiting in the workers' queues, per worker, beyond which this plan's requests
+    # are shed (503 overloaded) instead of queued.
+    shed_queue_per_worker: int = Field(16, ge=1)
+
+
+BUILTIN_PLANS: dict[str, PlanConfig] = {
+    "standard": PlanConfig(rpm=10, concurrency=3, priority=0, shed_queue_per_worker=8),
+    "enterprise": PlanConfig(rpm=200, concurrency=20, priority=100, shed_queue_per_worker=64),
+}
+
+
+class TenancyConfig(_Frozen):
+    # Plans beside (or replacing) the built-in `standard` and `enterprise`.
+    plans: dict[str, PlanConfig] = {}
+    # Limits shared by every router replica: a Redis URL (None: in process, one replica).
+    redis_url: str | None = None
+    redis_prefix: str = "electron"  # every Redis key is "<prefix>:…"
+    # A router replica holds a concurrency slot by renewing its lease; a dead replica's
+    # slots expire after this long.
+    slot_lease_s: float = Field(30.0, gt=0)
+    # Tenants, keys and the usage ledger: PostgreSQL when set, else the SQLite file.
+    database_url: str | None = None
+    sqlite_path: str = "~/.local/share/electron-serve/electron.db"
+    # Ledger rows wait here while the database is down (one JSON line each).
+    spool_path: str = "~/.local/share/electron-serve/ledger-spool.jsonl"
+    ledger_flush_s: float = Field(0.5, gt=0)
+    ledger_batch: int = Field(200, ge=1)
+    # US dollars per million tokens (API.md); cached prompt tokens are billed at the cached
+    # price instead of the input price.
+    price_input: str = "0.40"
+    price_cached_input: str = "0.10"
+    price_output: str = "1.60"
+
+    def plan(self, name: str) -> PlanConfig | None:
+        return self.plans.get(name) or BUILTIN_PLANS.get(name)
+
+    def plan_names(self) -> list[str]:
+        return sorted({*BUILTIN_PLANS, *self.plans})
+
+
+class ClusterConfig(_Frozen):
+    ray_address: str | None = None  # None: start a local Ray
+    namespace: str = "electron"
+    workers: int = Field(1, ge=0)
+    pool: str = "default"
+    num_gpus_per_worker: float = Field(0, ge=0)
+    num_cpus_per_worker: float = Field(1, ge=0)
+    heartbeat_s: float = Field(0.5, gt=0)
+    worker_ttl_s: float = Field(1.5, gt=0)
+    # Extra Ray resources each worker actor asks for (e.g. {"electron_pool_acme": 1}, which
+    # only that pool's KubeRay worker group offers); the autoscaler sets it per pool.
+    worker_resources: dict[str, float] = Field(default_factory=dict)
+
+
+class PoolConfig(_Frozen):
+    """A named worker pool (cluster/autoscaler.py, docs/deploy-kubernetes.md). The shared
+    pool is ``cluster.pool``; a tenant pinned to another pool is served only there (and by
+    the shared pool when ``fallback_to_shared`` and its own pool has no worker)."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+    min_workers: int = Field(1, ge=0)
+    max_workers: int = Field(1, ge=0)
+    fallback_to_shared: bool = False
+    # Demand targets per worker: above any of them the pool grows; well below all of them
+    # (scale_down_utilization of each) for autoscaler.scale_down_delay_s it shrinks.
+    target_ttft_s: float = Field(1.0, gt=0)
+    target_waiting_prefill_tokens: int = Field(2048, ge=1)
+    target_kv_usage: float = Field(0.85, gt=0, le=1)
+    target_requests_per_worker: int = Field(16, ge=1)
+    # Extra Ray resources each of its workers asks for (matches its KubeRay worker group).
+    resources: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> PoolConfig:
+        if self.min_workers > self.max_workers:
+            raise ValueError(f"pool {self.name!r}: min_workers ({self.min_workers}) exceeds "
+                             f"max_workers ({self.max_workers})")
+        return self
+
+
+class AutoscalerConfig(_Frozen):
+    """Keeps each pool between its min and max from measured demand (cluster/autoscaler.py):
+    up fast, down slowly, draining a worker before it stops."""
+
+    enabled: bool = False
+    interval_s: float = Field(1.0, gt=0)
+    # At most one step up per scale_up_cooldown_s, one step down per scale_down_cooldown_s,
+    # and a step down only after demand stayed low for scale_down_delay_s.
+    scale_up_cooldown_s: float = Field(10.0, ge=0)
+    scale_down_cooldown_s: float = Field(60.0, ge=0)
+    scale_down_delay_s: float = Field(120.0, ge=0)
+    # Demand below this fraction of every target counts as low.
+    scale_down_utilization: float = Field(0.3, gt=0, lt=1)
+    # Workers added per step up at most (a burst may need several at once).
+    max_step_up: int = Field(2, ge=1)
+    # A draining worker gets this long for its running requests before it is stopped.
+    drain_timeout_s: float = Field(120.0, gt=0)
+    # "ray": also ask Ray's autoscaler for the pool's resources (KubeRay adds GPU pods);
+    # "local": only start and stop actors on the nodes there are.
+    provider: Literal["local", "ray"] = "local"
+    # The pools. The shared pool (cluster.pool), when not listed, is fixed at
+    # cluster.workers workers.
+    pools: tuple[PoolConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_pools(self) -> AutoscalerConfig:
+        names = [p.name for p in self.pools]
+        if len(names) != len(set(names)):
+            raise ValueError(f"autoscaler.pools: pool names must be unique, got {names}")
+        return self
+
+
+class ObservabilityConfig(_Frozen):
+    # Logs: "text" for people, "json" (one object per line, with request and trace ids) for
+    # log pipelines. Traces are configured by the standard OTEL_* variables
+    # (core/telemetry.py).
+    log_format: Literal["text", "json"] = "text"
+    # Each worker process serves /metrics here (0: a free port, advertised in the registry).
+    worker_metrics_port: int = Field(0, ge=0, le=65535)
+
+
+class Config(_Frozen):
+    engine: EngineConfig = EngineConfig()
+    router: RouterConfig = RouterConfig()
+    auth: AuthConfig = AuthConfig()
+    tenancy: TenancyConfig = TenancyConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    observability: ObservabilityConfig = ObservabilityConfig()
+    autoscaler: AutoscalerConfig = AutoscalerConfig()
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, field = name[len(ENV_PREFIX):].lower().partition("__")
+        # YAML parsing turns "8", "true", "[a, b]" into typed values; pydantic validates them.
+        out.setdefault(section, {})[field] = yaml.safe_load(value) if value else value
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the config from a YAML file, the environment and explicit overrides."""
+    env = os.environ if env is None else env
+    path = path or env.get(ENV_PREFIX + "CONFIG")
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping")
+    data = _deep_merge(data, _env_overrides(env))
+    data = _deep_merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(str(exc)) from exc

@@ -1,0 +1,94 @@
+"""One error taxonomy for the whole service.
+
+Every failure a client can cause or see is one of these. Each boundary maps them once:
+``router/openai/errors.py`` to HTTP status and the OpenAI error body, ``workers/grpc_service.py`` to
+gRPC status codes (and back, in the router's worker client).
+"""
+
+from __future__ import annotations
+
+
+class ElectronError(Exception):
+    """Base class. ``status`` is the HTTP status, ``type``/``code`` the OpenAI error fields."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequest(ElectronError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class PayloadTooLarge(InvalidRequest):
+    status = 413
+    code = "payload_too_large"
+
+
+class ModelNotFound(InvalidRequest):
+    status = 404
+    code = "model_not_found"
+
+
+class AuthenticationFailed(ElectronError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(ElectronError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class RateLimited(ElectronError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+        self.headers = headers or {}
+
+
+class Overloaded(ElectronError):
+    status = 503
+    type = "server_error"
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None):
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
+class NoWorkers(Overloaded):
+    code = "no_workers"
+
+
+class WorkerUnavailable(ElectronError):
+    """A worker failed or vanished; the router may retry elsewhere if nothing was sent yet."""
+
+    status = 503
+    type = "server_error"
+    code = "worker_unavailable"
+
+
+class InternalError(ElectronError):
+    status = 500
+    type = "server_error"
+    code = None

@@ -1,0 +1,206 @@
+"""The router's FastAPI app: routes, auth and lifecycle (API.md).
+
+Handlers are thin: authenticate, validate, call one service function, return. Both base URLs
+(``/v1`` and ``/waves/v1``) serve the same routes. ``/health`` (liveness) and ``/ready`` (at
+least one worker connected) need no key.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Depends, FastAPI, Request
+from starlette.responses import Response
+
+from core.config import Config
+from core.endpoints import WorkerSource
+from core.errors import ModelNotFound, NoWorkers, RateLimited
+from core.model_files import resolve_model_path
+from core.telemetry import DISABLED, Tracing
+from core.tokenizer import Tokenizer
+from router.api import sse
+from router.api import tenancy as tenancy_routes
+from router.api.middleware import RequestContextMiddleware
+from router.chat.service import ChatService, system_fingerprint
+from router.fleet.breaker import CircuitBreaker
+from router.fleet.pool import WorkerPool
+from router.openai.errors import error_response, install_error_handlers
+from router.openai.schemas import decode_json, parse_chat_request
+from router.routing.factory import make_policy
+from router.routing.prefix_index import PrefixIndex
+from router.telemetry import observe
+from router.telemetry.metrics import RouterMetrics, record_rate_limit_rejection
+from router.tenancy.admission import Admission, Tenancy
+
+BASE_PATHS = ("/v1", "/waves/v1")
+OWNED_BY = "electron"
+READY_RETRY_AFTER_S = 1.0
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+# -- auth -------------------------------------------------------------------------------------------
+
+# async: a plain def dependency would hop to a thread pool on every request.
+async def authenticate(request: Request) -> None:
+    """The request's ``Principal`` on ``request.state.principal`` (None while auth is off)."""
+    with observe.span("auth"):
+        request.state.principal = await request.app.state.tenancy.authenticate(
+            request.headers.get("authorization"))
+
+
+async def authenticate_chat(request: Request) -> None:
+    """As ``authenticate``; the revocation check comes with the limits' round trip."""
+    with observe.span("auth"):
+        request.state.principal = await request.app.state.tenancy.authenticate(
+            request.headers.get("authorization"), check_revoked=False)
+
+
+# -- routes -----------------------------------------------------------------------------------------
+
+async def chat_completions(request: Request) -> Response:
+    state = request.app.state
+    req = parse_chat_request(decode_json(await request.body()),
+                             max_messages=state.config.router.max_messages)
+    observe.set_model(req.model, state.config.router.model_id)
+    chat: ChatService = state.chat
+    request_id = request.state.request_id
+    with observe.span("limits"):
+        try:
+            admission: Admission = await state.tenancy.admit(request.state.principal,
+                                                             req.model, request_id)
+        except RateLimited as exc:
+            record_rate_limit_rejection(
+                request, "concurrency" if exc.code == "concurrency_limit_exceeded" else "requests")
+            raise
+    # Every path below ends in admission.finish (the slot back, the ledger row), once.
+    try:
+        if req.stream:
+            generation = await sse.until_disconnected(
+                request.receive, chat.start_stream(req, request_id, admission.terms))
+            if generation is None:
+                admission.finish("disconnected")
+                return Response(status_code=sse.CLIENT_CLOSED_REQUEST)
+
+            def on_close() -> None:
+                generation.close()
+                admission.finish()
+
+            response: Response = sse.EventStreamResponse(
+                sse.chat_chunks(generation, chat.fingerprint), on_close=on_close)
+        else:
+            body = await sse.until_disconnected(request.receive,
+                                                chat.complete(req, request_id, admission.terms))
+            if body is None:
+                admission.finish("disconnected")
+                return Response(status_code=sse.CLIENT_CLOSED_REQUEST)
+            admission.finish()
+            response = _json(body)
+    except BaseException:
+        admission.finish("error")
+        raise
+    response.headers.update(admission.headers())
+    return response
+
+
+async def list_models(request: Request) -> Response:
+    return _json({"object": "list", "data": [request.app.state.model_card]})
+
+
+async def get_model(model_id: str, request: Request) -> Response:
+    card = request.app.state.model_card
+    if model_id != card["id"]:
+        raise ModelNotFound(f"The model '{model_id}' does not exist or you do not have access "
+                            "to it.", param="model")
+    return _json(card)
+
+
+async def metrics(request: Request) -> Response:
+    body, content_type = request.app.state.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+async def health() -> Response:
+    return _json({"status": "ok"})
+
+
+async def ready(request: Request) -> Response:
+    pool: WorkerPool = request.app.state.pool
+    if not pool.ready:
+        return error_response(NoWorkers("no worker is connected yet",
+                                        retry_after=READY_RETRY_AFTER_S))
+    return _json({"status": "ready", "workers": len(pool.workers())})
+
+
+# -- the app ----------------------------------------------------------------------------------------
+
+def create_app(config: Config, worker_source: WorkerSource,
+               tokenizer: Tokenizer | None = None, tracing: Tracing = DISABLED) -> FastAPI:
+    """The router app. ``worker_source`` is a ``core.endpoints.WorkerSource``;
+    ``tokenizer`` (a ``core.tokenizer.Tokenizer``) defaults to the one of
+    ``config.engine.model``, the model the workers run; ``tracing`` is the process's
+    (``core.telemetry.tracing_from_env``). The lifespan starts and stops the worker
+    pool."""
+    if tokenizer is None:
+        tokenizer = Tokenizer.from_model_path(resolve_model_path(config.engine.model))
+    settings = config.router
+    index = PrefixIndex()  # this replica's own view, fed by every worker's state stream
+    pool = WorkerPool(worker_source, model_id=settings.model_id, poll_s=settings.registry_poll_s,
+                      policy=make_policy(settings, index), index=index,
+                      breaker=CircuitBreaker(settings.breaker_failures, settings.breaker_open_s),
+                      tracing=tracing, shared_pool=config.cluster.pool,
+                      fallback_pools=[p.name for p in config.autoscaler.pools
+                                      if p.fallback_to_shared])
+    chat = ChatService(pool=pool, tokenizer=tokenizer, model_id=settings.model_id,
+                       first_token_timeout_s=settings.first_token_timeout_s,
+                       fingerprint=system_fingerprint(config.engine.model))
+
+    tenancy = Tenancy(config, pool)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await tenancy.start()
+        try:
+            await pool.start()
+            try:
+                yield
+            finally:
+                await pool.stop()  # ends open streams: their admissions finish
+        finally:
+            await tenancy.stop()
+
+    app = FastAPI(title="Electron Serve", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.config = config
+    app.state.pool = pool
+    app.state.chat = chat
+    app.state.metrics = RouterMetrics()
+    app.state.tenancy = tenancy
+    app.state.model_card = {"id": settings.model_id, "object": "model",
+                            "created": int(time.time()), "owned_by": OWNED_BY}
+    install_error_handlers(app)
+    # Added first, so it runs inside RequestContextMiddleware, whose request id it reads.
+    app.add_middleware(observe.ObservabilityMiddleware, metrics=app.state.metrics,
+                       tracing=tracing)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+
+    chat_api = APIRouter(dependencies=[Depends(authenticate_chat)])
+    chat_api.add_api_route("/chat/completions", chat_completions, methods=["POST"])
+    api = APIRouter(dependencies=[Depends(authenticate)])
+    api.add_api_route("/models", list_models, methods=["GET"])
+    api.add_api_route("/models/{model_id:path}", get_model, methods=["GET"])
+    api.add_api_route("/usage", tenancy_routes.usage, methods=["GET"])
+    for base in BASE_PATHS:
+        app.include_router(chat_api, prefix=base)
+        app.include_router(api, prefix=base)
+    app.include_router(tenancy_routes.admin_routes(), prefix="/v1/admin")
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/ready", ready, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
+    return app

@@ -1,0 +1,344 @@
+"""Per-tenant request limits: requests per minute and requests in flight (API.md's plans),
+shared by every router replica.
+
+``RedisLimiter`` makes each check one round trip: a Lua script (EVALSHA) that, atomically on
+the Redis server and with the server's clock,
+  1. answers "revoked" if the key id is in the revoked set,
+  2. drops RPM entries older than 60 s (a sliding-window log: one sorted-set member per
+     admitted request, scored by its time) and concurrency leases past their expiry,
+  3. refuses if the window is full or every slot is taken, else records both.
+A concurrency slot is a member of the tenant's lease set scored by its expiry; the replica
+holding it renews its leases every third of ``slot_lease_s``, so the slots of a replica that
+died expire on their own within one lease. ``InProcessLimiter`` is the same, for one replica.
+
+A ``Slot`` is released exactly once (``release`` is idempotent), by whoever ends the
+request; the router calls it from one place (``router.tenancy.admission``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from core.errors import AuthenticationFailed, Overloaded, RateLimited
+from router.tenancy.store import Principal, redis_namespace, revoked_keys_set
+
+log = logging.getLogger(__name__)
+
+WINDOW_S = 60.0
+
+# KEYS: rpm log, concurrency leases, revoked key ids, this minute's token count.
+# ARGV: rpm limit, concurrency limit, slot id, lease ms, key id, tpm limit (0: none), ms left
+# in this minute.
+# Returns {verdict, rpm used, ms until the limit resets}; verdict 0 admitted, 1 over the RPM
+# limit, 2 over the concurrency limit, 3 revoked key, 4 over the tokens-per-minute limit.
+_ADMIT_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[5] ~= '' and redis.call('SISMEMBER', KEYS[3], ARGV[5]) == 1 then
+  return {3, 0, 0}
+end
+local window = 60000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local used = redis.call('ZCARD', KEYS[1])
+local reset = 0
+if used > 0 then
+  reset = tonumber(redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]) + window - now
+end
+if used >= tonumber(ARGV[1]) then
+  return {1, used, reset}
+end
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then
+  return {2, used, reset}
+end
+if tonumber(ARGV[6]) > 0 and tonumber(redis.call('GET', KEYS[4]) or '0') >= tonumber(ARGV[6]) then
+  return {4, used, tonumber(ARGV[7])}
+end
+local lease = tonumber(ARGV[4])
+redis.call('ZADD', KEYS[1], now, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], window)
+redis.call('ZADD', KEYS[2], now + lease, ARGV[3])
+redis.call('PEXPIRE', KEYS[2], lease)
+if used == 0 then reset = window end
+return {0, used + 1, reset}
+"""
+
+# KEYS: concurrency leases; ARGV: new expiry offset (ms), slot ids. Extends leases still held.
+_RENEW_LUA = """
+local t = redis.call('TIME')
+local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i])
+end
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]))
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    admitted: bool
+    reason: str | None   # None, "rpm", "concurrency", "tpm" or "revoked"
+    rpm_limit: int
+    rpm_used: int
+    reset_s: float       # until the oldest request in the window leaves it
+
+    def headers(self) -> dict[str, str]:
+        return {"x-ratelimit-limit-requests": str(self.rpm_limit),
+                "x-ratelimit-remaining-requests": str(max(0, self.rpm_limit - self.rpm_used)),
+                "x-ratelimit-reset-requests": duration(self.reset_s)}
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's reset header format: ``"20ms"``, ``"6s"``, ``"1m30s"``."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    minutes, rest = divmod(seconds, 60)
+    rest_s = f"{rest:.3f}".rstrip("0").rstrip(".")
+    return f"{int(minutes)}m{rest_s}s" if minutes else f"{rest_s}s"
+
+
+@dataclass(eq=False)
+class Slot:
+    """One admitted request's concurrency slot and its place in the RPM window."""
+
+    tenant_id: str
+    slot_id: str
+    verdict: Verdict
+    _limiter: Limiter = field(repr=False)
+    _released: bool = field(default=False, repr=False)
+
+    def release(self, tokens: int = 0) -> None:
+        """Gives the slot back; ``tokens`` (prompt + completion) count against the plan's
+        tokens per minute."""
+        if not self._released:
+            self._released = True
+            self._limiter._release(self, tokens)
+
+
+def refusal(verdict: Verdict, principal: Principal) -> Exception:
+    if verdict.reason == "revoked":
+        return AuthenticationFailed("Incorrect API key provided: this key was revoked.")
+    plan = principal.plan
+    if verdict.reason == "tpm":
+        return RateLimited(
+            f"Rate limit reached for tenant {principal.tenant_id} on tokens per minute "
+            f"(TPM): limit {plan.tpm}. Please try again in {duration(verdict.reset_s)}.",
+            retry_after=verdict.reset_s, code="rate_limit_exceeded",
+            headers={**verdict.headers(), "x-ratelimit-limit-tokens": str(plan.tpm)})
+    if verdict.reason == "rpm":
+        return RateLimited(
+            f"Rate limit reached for tenant {principal.tenant_id} on requests per minute "
+            f"(RPM): limit {plan.rpm}, used {verdict.rpm_used}. Please try again in "
+            f"{duration(verdict.reset_s)}.", retry_after=verdict.reset_s,
+            code="rate_limit_exceeded", headers=verdict.headers())
+    return RateLimited(
+        f"Concurrency limit reached for tenant {principal.tenant_id}: {plan.concurrency} "
+        "requests in flight. Please retry when one of them finishes.", retry_after=1.0,
+        code="concurrency_limit_exceeded", headers=verdict.headers())
+
+
+class Limiter:
+    """The interface both limiters keep."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None:
+        """Releases every slot this replica still holds."""
+
+    async def admit(self, principal: Principal) -> Slot:
+        """A slot, or ``RateLimited`` / ``AuthenticationFailed`` (a revoked key)."""
+        raise NotImplementedError
+
+    async def revoke(self, key_id: str) -> None:
+        """Every replica refuses ``key_id`` from now on."""
+        raise NotImplementedError
+
+    async def is_revoked(self, key_id: str) -> bool:
+        raise NotImplementedError
+
+    def _release(self, slot: Slot, tokens: int) -> None:
+        raise NotImplementedError
+
+    def in_flight(self, tenant_id: str) -> int:
+        """This replica's slots of the tenant (tests, metrics)."""
+        raise NotImplementedError
+
+
+class InProcessLimiter(Limiter):
+    def __init__(self) -> None:
+        self._log: dict[str, collections.deque[float]] = collections.defaultdict(
+            collections.deque)
+        self._held: dict[str, set[str]] = collections.defaultdict(set)
+        self._tokens: dict[str, tuple[int, int]] = {}  # tenant -> (minute, tokens used)
+        self._revoked: set[str] = set()
+
+    async def admit(self, principal: Principal) -> Slot:
+        if principal.key_id is not None and principal.key_id in self._revoked:
+            raise refusal(Verdict(False, "revoked", 0, 0, 0), principal)
+        now = time.monotonic()
+        tenant, plan = principal.tenant_id, principal.plan
+        entries = self._log[tenant]
+        while entries and entries[0] <= now - WINDOW_S:
+            entries.popleft()
+        used = len(entries)
+        reset = entries[0] + WINDOW_S - now if entries else WINDOW_S
+        reason = None
+        if used >= plan.rpm:
+            reason = "rpm"
+        elif len(self._held[tenant]) >= plan.concurrency:
+            reason = "concurrency"
+        elif plan.tpm is not None and self._tokens_this_minute(tenant) >= plan.tpm:
+            reason, reset = "tpm", 60 - time.time() % 60
+        if reason is not None:
+            raise refusal(Verdict(False, reason, plan.rpm, used, reset), principal)
+        entries.append(now)
+        slot_id = uuid.uuid4().hex
+        self._held[tenant].add(slot_id)
+        return Slot(tenant, slot_id, Verdict(True, None, plan.rpm, used + 1, reset), self)
+
+    def _release(self, slot: Slot, tokens: int) -> None:
+        self._held[slot.tenant_id].discard(slot.slot_id)
+        if tokens:
+            self._tokens[slot.tenant_id] = (int(time.time() // 60),
+                                            self._tokens_this_minute(slot.tenant_id) + tokens)
+
+    def _tokens_this_minute(self, tenant_id: str) -> int:
+        minute, used = self._tokens.get(tenant_id, (0, 0))
+        return used if minute == int(time.time() // 60) else 0
+
+    async def revoke(self, key_id: str) -> None:
+        self._revoked.add(key_id)
+
+    async def is_revoked(self, key_id: str) -> bool:
+        return key_id in self._revoked
+
+    def in_flight(self, tenant_id: str) -> int:
+        return len(self._held.get(tenant_id, ()))
+
+
+class RedisLimiter(Limiter):
+    def __init__(self, url: str, *, prefix: str = "electron", slot_lease_s: float = 30.0):
+        self._redis = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3)
+        self._prefix = redis_namespace(prefix)
+        self._lease_ms = max(1, int(slot_lease_s * 1000))
+        self._admit = self._redis.register_script(_ADMIT_LUA)
+        self._renew = self._redis.register_script(_RENEW_LUA)
+        self._held: dict[str, set[str]] = collections.defaultdict(set)
+        self._releases: set[asyncio.Task[None]] = set()
+        self._renewer: asyncio.Task[None] | None = None
+        self._revoked_key = revoked_keys_set(prefix)
+
+    def _keys(self, tenant_id: str) -> tuple[str, str]:
+        # One hash tag per tenant: both keys land in one Redis Cluster slot.
+        tag = f"{self._prefix}{{{tenant_id}}}"
+        return tag + ":rpm", tag + ":slots"
+
+    async def start(self) -> None:
+        await self._redis.ping()
+        self._renewer = asyncio.create_task(self._renew_loop(), name="slot-lease-renewer")
+
+    async def stop(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            await asyncio.gather(self._renewer, return_exceptions=True)
+        held = [(t, s) for t, slots in self._held.items() for s in slots]
+        self._held.clear()
+        if held:
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for tenant, slot_id in held:
+                        pipe.zrem(self._keys(tenant)[1], slot_id)
+                    await pipe.execute()
+            except Exception as exc:  # they expire with their leases
+                log.warning("could not release %d slots at shutdown: %s", len(held), exc)
+        if self._releases:
+            await asyncio.gather(*self._releases, return_exceptions=True)
+        await self._redis.aclose()
+
+    async def admit(self, principal: Principal) -> Slot:
+        plan = principal.plan
+        slot_id = uuid.uuid4().hex
+        rpm_key, slots_key = self._keys(principal.tenant_id)
+        now = time.time()
+        try:
+            verdict_code, used, reset_ms = await self._admit(
+                keys=[rpm_key, slots_key, self._revoked_key,
+                      self._tpm_key(principal.tenant_id, now)],
+                args=[plan.rpm, plan.concurrency, slot_id, self._lease_ms,
+                      principal.key_id or "", plan.tpm or 0, int((60 - now % 60) * 1000)])
+        except RedisError as exc:
+            # Limits cannot be checked: refuse (a 503 the client retries), never serve
+            # unmetered.
+            log.warning("the limit store is unavailable: %s", exc)
+            raise Overloaded("The rate limit store is unavailable; retry shortly.",
+                             retry_after=1.0) from None
+        reason = (None, "rpm", "concurrency", "revoked", "tpm")[int(verdict_code)]
+        verdict = Verdict(reason is None, reason, plan.rpm, int(used), int(reset_ms) / 1000)
+        if reason is not None:
+            raise refusal(verdict, principal)
+        self._held[principal.tenant_id].add(slot_id)
+        return Slot(principal.tenant_id, slot_id, verdict, self)
+
+    def _tpm_key(self, tenant_id: str, now: float) -> str:
+        return f"{self._prefix}{{{tenant_id}}}:tpm:{int(now // 60)}"
+
+    def _release(self, slot: Slot, tokens: int) -> None:
+        self._held[slot.tenant_id].discard(slot.slot_id)
+        task = asyncio.get_running_loop().create_task(self._give_back(slot, tokens))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _give_back(self, slot: Slot, tokens: int) -> None:
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.zrem(self._keys(slot.tenant_id)[1], slot.slot_id)
+                if tokens:
+                    key = self._tpm_key(slot.tenant_id, time.time())
+                    pipe.incrby(key, tokens)
+                    pipe.expire(key, 120)
+                await pipe.execute()
+        except Exception as exc:  # the lease expires on its own
+            log.warning("releasing slot %s failed (it expires with its lease): %s",
+                        slot.slot_id, exc)
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease_ms / 3000)
+            try:
+                for tenant, slots in [(t, list(s)) for t, s in self._held.items() if s]:
+                    await self._renew(keys=[self._keys(tenant)[1]],
+                                      args=[self._lease_ms, *slots])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("renewing slot leases failed: %s", exc)
+
+    async def revoke(self, key_id: str) -> None:
+        await self._redis.sadd(self._revoked_key, key_id)
+
+    async def is_revoked(self, key_id: str) -> bool:
+        return bool(await self._redis.sismember(self._revoked_key, key_id))
+
+    def in_flight(self, tenant_id: str) -> int:
+        return len(self._held.get(tenant_id, ()))
+
+    async def slots_in_use(self, tenant_id: str) -> int:
+        """Live slots of the tenant over every replica (tests)."""
+        key = self._keys(tenant_id)[1]
+        now_ms = int(time.time() * 1000)
+        return int(await self._redis.zcount(key, now_ms, "+inf"))
+
+
+def make_limiter(redis_url: str | None, *, prefix: str, slot_lease_s: float) -> Limiter:
+    if redis_url:
+        return RedisLimiter(redis_url, prefix=prefix, slot_lease_s=slot_lease_s)
+    return InProcessLimiter()
