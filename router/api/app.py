@@ -1,4 +1,4 @@
-"""The router's FastAPI app: routes, auth and lifecycle (API.md).
+"""The router's FastAPI app: routes, auth and the app's lifespan (docs/api.md).
 
 Handlers are thin: authenticate, validate, call one service function, return. Both base URLs
 (``/v1`` and ``/waves/v1``) serve the same routes. ``/health`` (liveness) and ``/ready`` (at
@@ -22,10 +22,11 @@ from core.errors import ModelNotFound, NoWorkers, RateLimited
 from core.model_files import resolve_model_path
 from core.telemetry import DISABLED, Tracing
 from core.tokenizer import Tokenizer
-from router.api import sse
 from router.api import tenancy as tenancy_routes
+from router.api.lifecycle import ChatRequest
 from router.api.middleware import RequestContextMiddleware
-from router.chat.service import ChatService, system_fingerprint
+from router.chat.response import system_fingerprint
+from router.chat.service import ChatService
 from router.fleet.breaker import CircuitBreaker
 from router.fleet.pool import WorkerPool
 from router.openai.errors import error_response, install_error_handlers
@@ -79,34 +80,7 @@ async def chat_completions(request: Request) -> Response:
             record_rate_limit_rejection(
                 request, "concurrency" if exc.code == "concurrency_limit_exceeded" else "requests")
             raise
-    # Every path below ends in admission.finish (the slot back, the ledger row), once.
-    try:
-        if req.stream:
-            generation = await sse.until_disconnected(
-                request.receive, chat.start_stream(req, request_id, admission.terms))
-            if generation is None:
-                admission.finish("disconnected")
-                return Response(status_code=sse.CLIENT_CLOSED_REQUEST)
-
-            def on_close() -> None:
-                generation.close()
-                admission.finish()
-
-            response: Response = sse.EventStreamResponse(
-                sse.chat_chunks(generation, chat.fingerprint), on_close=on_close)
-        else:
-            body = await sse.until_disconnected(request.receive,
-                                                chat.complete(req, request_id, admission.terms))
-            if body is None:
-                admission.finish("disconnected")
-                return Response(status_code=sse.CLIENT_CLOSED_REQUEST)
-            admission.finish()
-            response = _json(body)
-    except BaseException:
-        admission.finish("error")
-        raise
-    response.headers.update(admission.headers())
-    return response
+    return await ChatRequest(chat, admission, req, request_id).respond(request.receive, _json)
 
 
 async def list_models(request: Request) -> Response:

@@ -45,7 +45,7 @@ def event(payload: dict[str, Any]) -> bytes:
 async def chat_chunks(generation: Generation, fingerprint: str) -> AsyncIterator[bytes]:
     """The SSE events of one streamed chat completion."""
     prepared = generation.prepared
-    chunks = ChunkStream(prepared, fingerprint)
+    chunks = ChunkStream(prepared, generation.usage, fingerprint)
     try:
         async for message in generation.responses():
             out = b"".join(event(chunk) for chunk in chunks.add(message))

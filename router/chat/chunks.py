@@ -1,6 +1,6 @@
 """A streamed chat completion's ``chat.completion.chunk`` payloads, built from worker deltas.
 
-Shapes (API.md): a choice's first chunk carries ``delta.role``; its last one is ``{"index": i,
+Shapes (docs/api.md, "Streaming"): a choice's first chunk carries ``delta.role``; its last one is ``{"index": i,
 "delta": {}, "finish_reason": …}``; with ``stream_options.include_usage`` every chunk has
 ``"usage": null`` and one more chunk with ``"choices": []`` carries the usage.
 
@@ -16,20 +16,22 @@ from typing import Any
 
 from core.errors import InternalError, WorkerUnavailable
 from core.pb.electron.v1 import worker_pb2 as pb
-from router.chat.service import (
-    Prepared,
-    UsageTotals,
+from router.chat.response import (
     finish_reason_of,
     logprob_entries,
     tool_calls_finish,
+    usage_body,
 )
+from router.chat.service import Prepared
+from router.chat.usage import Usage
 from router.tools.parser import ToolCallParser, stream_deltas
 
 
 class ChunkStream:
-    """One request's chunks: ``add`` each worker delta, then ``end``."""
+    """One request's chunks: ``add`` each worker delta, then ``end``. ``usage`` is the
+    request's count, fed by the generation as the deltas pass (the usage chunk reads it)."""
 
-    def __init__(self, prepared: Prepared, fingerprint: str):
+    def __init__(self, prepared: Prepared, usage: Usage, fingerprint: str):
         self._req, self._n = prepared.request, prepared.n
         self._top = self._req.top_logprobs or 0
         self._base: dict[str, Any] = {
@@ -40,7 +42,7 @@ class ChunkStream:
             self._base["usage"] = None
         self._started = [False] * self._n
         self._finished = 0
-        self._usage = UsageTotals(len(prepared.prompt_token_ids))
+        self._usage = usage
         self._parsers = ([ToolCallParser(prepared.tools.names) for _ in range(self._n)]
                          if prepared.tools is not None else None)
 
@@ -81,7 +83,6 @@ class ChunkStream:
                 reason = tool_calls_finish(reason)
             chunks.append(self._chunk({"index": i, "delta": {}, "logprobs": None,
                                        "finish_reason": reason}))
-            self._usage.add(message.usage)
             self._finished += 1
         return chunks
 
@@ -90,5 +91,5 @@ class ChunkStream:
         if self._finished < self._n:
             raise WorkerUnavailable("the worker's stream ended before every choice finished")
         if self._req.include_usage:
-            return [{**self._base, "choices": [], "usage": self._usage.as_dict()}]
+            return [{**self._base, "choices": [], "usage": usage_body(self._usage)}]
         return []

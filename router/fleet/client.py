@@ -191,8 +191,7 @@ class GenerateStream:
             self.cancel()
             raise StopAsyncIteration
         if self._observation is not None:
-            self._observation.delta(message.usage.cached_tokens if message.finish_reason
-                                    else None)
+            self._observation.delta()
         return message
 
     def cancel(self) -> None:

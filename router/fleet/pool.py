@@ -191,6 +191,19 @@ class WorkerPool:
             return [w for w in self.workers() if w.pool == self.shared_pool]
         return own
 
+    def model_limits(self, pool: str | None = None) -> tuple[int, int]:
+        """``(max_model_len, vocab_size)`` of the model as ``pool``'s workers serve it (the
+        smallest any of them reports), so a request is checked before a worker is reserved.
+        NoWorkers when none is connected."""
+        infos = [w.info for w in self.pool_workers(pool) if w.info is not None]
+        if not infos:
+            raise self._no_workers(pool)
+        return min(i.max_model_len for i in infos), min(i.vocab_size for i in infos)
+
+    def _no_workers(self, pool: str | None) -> NoWorkers:
+        where = f" in pool {pool!r}" if pool and pool != self.shared_pool else ""
+        return NoWorkers(f"no worker{where} is serving model {self._model_id!r}; retry shortly")
+
     def acquire(self, request: RequestInfo, exclude: Collection[str] = (),
                 pool: str | None = None) -> Lease:
         """Chooses a worker of ``pool`` (None: the shared pool), not one in ``exclude``, and
@@ -200,9 +213,7 @@ class WorkerPool:
         if not candidates:
             if exclude and members:
                 raise WorkerUnavailable("no other worker is available to retry on")
-            where = f" in pool {pool!r}" if pool and pool != self.shared_pool else ""
-            raise NoWorkers(f"no worker{where} is serving model {self._model_id!r}; "
-                            "retry shortly")
+            raise self._no_workers(pool)
         admitted = [w for w in candidates if self.breaker.admits(w.worker_id)]
         note = ""
         if not admitted:

@@ -66,8 +66,8 @@ class Observation:
             self.dispatched_at = now = time.monotonic()
             self.metrics.queue.observe(now - self.arrival)
 
-    def delta(self, cached_tokens: int | None) -> None:
-        """A delta arrived; ``cached_tokens`` is set on a finished sequence's last one."""
+    def delta(self) -> None:
+        """A delta arrived."""
         now = time.monotonic()
         if self.first_delta is None:
             self.first_delta = now
@@ -75,8 +75,6 @@ class Observation:
         else:
             self.metrics.itl.observe(now - self.last_delta)
         self.last_delta = now
-        if cached_tokens is not None and self.policy:
-            self.metrics.actual_cached.labels(self.policy).inc(cached_tokens)
 
 
 def current() -> Observation | None:
@@ -92,6 +90,13 @@ def span(name: str) -> Iterator[Span | None]:
         return
     with obs.tracing.tracer.start_as_current_span(name) as s:
         yield s
+
+
+def cached_tokens(tokens: int) -> None:
+    """The request ended with ``tokens`` of its prompt found cached (its usage count's)."""
+    obs = _current.get()
+    if obs is not None and obs.policy and tokens:
+        obs.metrics.actual_cached.labels(obs.policy).inc(tokens)
 
 
 def set_model(model: str, served: str) -> None:

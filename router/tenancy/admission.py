@@ -10,8 +10,9 @@ and every request checks it, in the same round trip as its limits for chat reque
 ``Tenancy.admit`` sheds a request when the workers' queues are longer than its plan
 tolerates (lower-priority plans tolerate less, so they are shed first), then takes an RPM
 entry and a concurrency slot. The ``Admission`` it returns is finished exactly once, by the
-route, however the request ends (``finish`` is idempotent): the slot goes back and the
-ledger gets its row, with the tokens the ``Meter`` saw reach the client.
+request's lifecycle (router/chat/lifecycle.py), however the request ends (``finish`` is
+idempotent): the slot goes back and the ledger gets its row, with the tokens the request's
+usage count saw reach the client.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from decimal import Decimal
 
 from core.config import Config
 from core.errors import AuthenticationFailed, Overloaded, PermissionDenied
-from router.chat.service import TenantTerms
 from router.routing.load import requests_at
 from router.tenancy.ledger import Ledger, Prices, UsageRow
 from router.tenancy.limits import Limiter, Slot, make_limiter
 from router.tenancy.sqldb import Database
 from router.tenancy.store import Plan, Principal, Tenant, TenantStore, hash_key
+from router.tenancy.terms import TenantTerms
 
 log = logging.getLogger(__name__)
 
@@ -73,27 +74,23 @@ class Admission:
         """The ``x-ratelimit-*`` headers of an admitted request."""
         return self._slot.verdict.headers() if self._slot is not None else {}
 
-    def finish(self, status: str | None = None) -> None:
-        """Releases the slot and writes the ledger row (once). ``status`` None: "ok" if every
-        choice finished, else "incomplete" (the client left, or the worker failed)."""
+    def finish(self, status: str, prompt_tokens: int, cached_tokens: int,
+               completion_tokens: int) -> None:
+        """Releases the slot and writes the ledger row, once (later calls do nothing).
+        ``status``: "ok", "incomplete", "disconnected" or "error"."""
         if self._finished:
             return
         self._finished = True
-        meter = self.terms.meter
-        if status is None:
-            status = "ok" if meter.finished else "incomplete"
-        prompt = meter.prompt_tokens if meter.started else 0
         if self._slot is not None:
-            self._slot.release(prompt + meter.completion_tokens)
+            self._slot.release(prompt_tokens + completion_tokens)
         principal = self.principal
         self._tenancy.ledger.record(UsageRow(
             request_id=self.request_id,
             tenant_id=principal.tenant_id if principal else ANONYMOUS,
             key_id=principal.key_id if principal else None, model=self.model,
-            prompt_tokens=prompt, cached_tokens=meter.cached_tokens,
-            completion_tokens=meter.completion_tokens,
-            cost=self._tenancy.prices.cost(prompt, meter.cached_tokens,
-                                           meter.completion_tokens),
+            prompt_tokens=prompt_tokens, cached_tokens=cached_tokens,
+            completion_tokens=completion_tokens,
+            cost=self._tenancy.prices.cost(prompt_tokens, cached_tokens, completion_tokens),
             status=status, started_at=self.started_at, finished_at=time.time()))
 
 

@@ -15,7 +15,9 @@ from core.model_files import resolve_model_path
 from core.pb.electron.v1 import worker_pb2 as pb
 from core.tokenizer import Tokenizer
 from router.chat.chunks import ChunkStream
-from router.chat.service import Prepared, assistant_message
+from router.chat.response import assistant_message
+from router.chat.service import Prepared
+from router.chat.usage import Usage
 from router.openai.schemas import parse_chat_request
 from router.tools.grammar_spec import tool_use
 from tests.support.openai_schema import validate
@@ -38,7 +40,8 @@ def prepared(**fields: Any) -> Prepared:
                               "messages": [{"role": "user", "content": "Weather?"}], **fields},
                              max_messages=200)
     return Prepared(request=req, request_id="req_1", completion_id="chatcmpl-1", created=1,
-                    model="electron", prompt_token_ids=[1, 2, 3], tools=tool_use(req))
+                    model="electron", prompt_token_ids=[1, 2, 3], wire=pb.GenerateRequest(),
+                    tools=tool_use(req))
 
 
 def worker_deltas(tokenizer: Tokenizer, text: str, finish: str = "stop",
@@ -57,8 +60,14 @@ def worker_deltas(tokenizer: Tokenizer, text: str, finish: str = "stop",
 
 
 def stream(p: Prepared, messages: list[pb.GenerateResponse]) -> list[dict[str, Any]]:
-    chunks = ChunkStream(p, "fp_test")
-    out = [c for m in messages for c in chunks.add(m)] + chunks.end()
+    usage = Usage()
+    usage.start(len(p.prompt_token_ids), p.n)
+    chunks = ChunkStream(p, usage, "fp_test")
+    out = []
+    for m in messages:  # counted as the generation counts them, then turned into chunks
+        usage.observe(m)
+        out += chunks.add(m)
+    out += chunks.end()
     for chunk in out:
         validate(chunk, "CreateChatCompletionStreamResponse")
     return out

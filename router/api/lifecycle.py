@@ -1,0 +1,95 @@
+"""One chat request from its admission to its last byte.
+
+``ChatRequest`` owns everything a request holds and must give back, so that each happens
+exactly once on every path (done, worker failure, client gone before or during the stream,
+validation error after admission, router stop):
+
+- the admission (a concurrency slot and its RPM entry, router/tenancy/admission.py);
+- the disconnect race: a client that leaves before the response starts cancels the work
+  (``sse.until_disconnected``); one that leaves mid-stream ends the event stream
+  (``sse.EventStreamResponse``);
+- the generation (the gRPC call and the worker's lease), closed in ``finish``;
+- the request's ONE usage count (router/chat/usage.py), fed by the generation as deltas pass
+  and read by the response body, the stream's usage chunk, the ledger row, the slot's token
+  count and the cached-tokens metric;
+- ``finish``: closes the generation, records the cached tokens, releases the slot and writes
+  the ledger row, once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from starlette.responses import Response
+from starlette.types import Receive
+
+from router.api import sse
+from router.chat.service import ChatService, Generation, Prepared
+from router.chat.usage import Usage
+from router.openai.schemas import ChatCompletionRequest
+from router.telemetry import observe
+from router.tenancy.admission import Admission
+
+
+class ChatRequest:
+    def __init__(self, chat: ChatService, admission: Admission, request: ChatCompletionRequest,
+                 request_id: str):
+        self._chat = chat
+        self.admission = admission
+        self.request = request
+        self.request_id = request_id
+        self.usage = Usage()
+        self._generation: Generation | None = None
+        self._finished = False
+
+    async def respond(self, receive: Receive, as_json: Callable[[Any], Response]) -> Response:
+        """The HTTP response: an event stream, a JSON body, or 499 when the client left first.
+        Every path ends in ``finish`` (the event stream's when it closes)."""
+        try:
+            if self.request.stream:
+                generation = await sse.until_disconnected(receive, self._start_stream())
+                if generation is None:
+                    return self._client_left()
+                self._generation = generation
+                response: Response = sse.EventStreamResponse(
+                    sse.chat_chunks(generation, self._chat.fingerprint), on_close=self.finish)
+            else:
+                body = await sse.until_disconnected(receive, self._complete())
+                if body is None:
+                    return self._client_left()
+                self.finish()
+                response = as_json(body)
+        except BaseException:
+            self.finish("error")
+            raise
+        response.headers.update(self.admission.headers())
+        return response
+
+    async def _prepare(self) -> Prepared:
+        return await self._chat.prepare(self.request, self.request_id, self.admission.terms)
+
+    async def _start_stream(self) -> Generation:
+        return await self._chat.start_stream(await self._prepare(), self.usage)
+
+    async def _complete(self) -> dict[str, Any]:
+        return await self._chat.complete(await self._prepare(), self.usage)
+
+    def _client_left(self) -> Response:
+        self.finish("disconnected")
+        return Response(status_code=sse.CLIENT_CLOSED_REQUEST)
+
+    def finish(self, status: str | None = None) -> None:
+        """Ends the request, once. ``status`` None: "ok" if every choice finished, else
+        "incomplete" (the client left mid-stream, or the worker failed)."""
+        if self._finished:
+            return
+        self._finished = True
+        if self._generation is not None:
+            self._generation.close()
+        usage = self.usage
+        if status is None:
+            status = "ok" if usage.finished else "incomplete"
+        observe.cached_tokens(usage.cached_tokens)
+        self.admission.finish(status, usage.billed_prompt_tokens, usage.cached_tokens,
+                              usage.completion_tokens)

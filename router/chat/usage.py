@@ -1,0 +1,46 @@
+"""The one count of what a request used: the prompt, its cached part and the completion
+tokens that reached the client. Everything reads it: the response's ``usage``, the stream's
+usage chunk, the ledger row, the concurrency slot's token count and the cached-tokens metric.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core.pb.electron.v1 import worker_pb2 as pb
+from core.protocol import WORKER_GAVE_UP
+
+
+@dataclass
+class Usage:
+    """Counted as the deltas pass on their way to the client (``observe``); a retry on another
+    worker starts it again (``start``). The prompt counts once over a request's n choices; the
+    worker reports the cached part on each choice's last delta (the maximum is the same
+    whether it reports it once or per choice); completion tokens add up."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    started: bool = False    # a worker's first delta arrived: the prompt was computed
+    choices_left: int = 0
+
+    def start(self, prompt_tokens: int, n: int) -> None:
+        self.prompt_tokens, self.cached_tokens, self.completion_tokens = prompt_tokens, 0, 0
+        self.started, self.choices_left = True, n
+
+    def observe(self, message: pb.GenerateResponse) -> None:
+        self.completion_tokens += len(message.token_ids)
+        if message.finish_reason and message.finish_reason not in WORKER_GAVE_UP:
+            self.choices_left -= 1
+            self.cached_tokens = min(self.prompt_tokens,
+                                     max(self.cached_tokens, message.usage.cached_tokens))
+
+    @property
+    def finished(self) -> bool:
+        """Every choice finished (stop or length)."""
+        return self.started and self.choices_left <= 0
+
+    @property
+    def billed_prompt_tokens(self) -> int:
+        """The prompt counts once a worker computed it (its first delta arrived)."""
+        return self.prompt_tokens if self.started else 0
