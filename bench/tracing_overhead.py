@@ -71,7 +71,7 @@ async def _worker(model_dir: str, dtype: str) -> None:
     from workers.grpc_service import serve_worker
     from workers.metrics import WorkerMetrics
 
-    tracing = tracing_from_env("electron-worker")  # before the server (TRAPS.md)
+    tracing = tracing_from_env("electron-worker")  # before the server (docs/operations-notes.md)
     engine = AsyncEngine(EngineConfig(model=model_dir, dtype=dtype, device="cpu",
                                       kv_cache_bytes=64 * 2**20, max_model_len=1024,
                                       torch_threads=1), worker_id="w0", model_id=MODEL)

@@ -131,7 +131,7 @@ class TenancyConfig(_Frozen):
     spool_path: str = "~/.local/share/electron-serve/ledger-spool.jsonl"
     ledger_flush_s: float = Field(0.5, gt=0)
     ledger_batch: int = Field(200, ge=1)
-    # US dollars per million tokens (API.md); cached prompt tokens are billed at the cached
+    # US dollars per million tokens (docs/api.md, "Price and the ledger"); cached prompt tokens are billed at the cached
     # price instead of the input price.
     price_input: str = "0.40"
     price_cached_input: str = "0.10"

@@ -14,7 +14,8 @@
 These are the one exception to "environment variables are read in core/config.py": they
 are OpenTelemetry's own standard, and the SDK reads most of them anyway.
 
-Each process builds one ``Tracing`` before it opens gRPC channels or servers (TRAPS.md) and
+Each process builds one ``Tracing`` before it opens gRPC channels or servers
+(docs/operations-notes.md#opentelemetry-set-up-tracing-before-any-grpc-channel-or-server) and
 hands it down explicitly; the provider is not installed globally, so several apps in one
 process (tests, benchmarks) do not share one. Context crosses to the workers in gRPC metadata
 (W3C ``traceparent``): Ray carries none. ``shutdown()`` flushes: call it from an explicit stop

@@ -60,7 +60,8 @@ class WorkerActor:
 
         config = Config.model_validate_json(config_json)
         configure_logging("info", config.observability.log_format)
-        # Before the gRPC server exists (TRAPS.md); the OTEL_* variables reach this process
+        # Before the gRPC server exists (docs/operations-notes.md, "OpenTelemetry: set up
+        # tracing before any gRPC channel or server"); the OTEL_* variables reach this process
         # through Ray's environment (exported before `ray start`, or the pod's env).
         self._tracing = tracing_from_env(WORKER_SERVICE_NAME)
         self._config = config

@@ -2,13 +2,14 @@
 launcher's ``electron-serve up`` / ``router``, the tests and the benchmarks alike).
 
 TCP_NODELAY: a router that answers with small SSE frames on kept-alive connections must not
-let Nagle's algorithm hold a frame back until the client ACKs the previous one
-(docs/operations-notes.md, "SSE and Nagle": a popular router lost ~44 ms on the first chunk
-that way). asyncio's selector transport, which uvicorn's h11/httptools protocols run on, sets
-TCP_NODELAY on every socket it wraps (``asyncio.base_events._set_nodelay``), and so does
-uvloop. ``listen_socket`` makes this independent of the event loop's choice: it sets
-TCP_NODELAY on the listening socket, which Linux copies to every accepted connection; serve
-with ``uvicorn.Server(config).serve(sockets=[listen_socket(host, port)])``.
+let Nagle's algorithm hold a frame back until the client ACKs the previous one (a popular
+router lost ~44 ms on the first chunk that way:
+docs/operations-notes.md#sse-tcp_nodelay-or-nagle-holds-frames-back). asyncio's selector
+transport, which uvicorn's h11/httptools protocols run on, sets TCP_NODELAY on every socket it
+wraps (``asyncio.base_events._set_nodelay``), and so does uvloop. ``listen_socket`` makes this
+independent of the event loop's choice: it sets TCP_NODELAY on the listening socket, which
+Linux copies to every accepted connection; serve with
+``uvicorn.Server(config).serve(sockets=[listen_socket(host, port)])``.
 tests/integration/test_router_worker.py checks the option on the server's side of a live
 connection.
 

@@ -1,6 +1,6 @@
 """The client's side of a response in progress: SSE framing and disconnect watching.
 
-Framing (API.md): each event is ``data: <json>\\n\\n`` and the stream ends with
+Framing (docs/api.md, "Streaming"): each event is ``data: <json>\\n\\n`` and the stream ends with
 ``data: [DONE]\\n\\n``. A choice's first chunk carries ``delta.role``; its last one is
 ``{"index": i, "delta": {}, "finish_reason": …}``. With ``stream_options.include_usage``
 every chunk has ``"usage": null`` and one more chunk with ``"choices": []`` and the usage

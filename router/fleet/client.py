@@ -62,7 +62,7 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     # Snapshots of a large cache: ~10 bytes per block hash.
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 )
-# Thousands of concurrent calls on one aio channel start failing with CANCELLED (TRAPS.md);
+# Thousands of concurrent calls on one aio channel start failing with CANCELLED (docs/operations-notes.md#grpc-bound-concurrent-calls-per-channel);
 # 500 were fine: bound each channel's concurrent Generate calls below that.
 MAX_CONCURRENT_CALLS = 400
 CONNECT_TIMEOUT_S = 2.0

@@ -1,6 +1,6 @@
 """The chat-completions request at the HTTP edge (pydantic v2), validated once.
 
-Ranges and rules are API.md's; where it is silent, OpenAI's. Unknown fields are accepted and
+Ranges and rules are docs/api.md's ("Request fields"); where it is silent, OpenAI's. Unknown fields are accepted and
 ignored. Optional fields default to None ("not given"): defaults are applied once, in
 ``router/chat/service.py``'s converter to the wire request, so "explicitly 16" and "unset" stay
 distinguishable (``max_tokens`` is clamped when unset and checked when given).

@@ -7,7 +7,8 @@ is left. When the database cannot be reached the batch is appended to a local sp
 again; rows are keyed by request id and written with ``ON CONFLICT DO NOTHING``, so a replay
 that is interrupted and repeated writes no row twice.
 
-Cost is exact decimal arithmetic: API.md's prices per million tokens, with cached prompt
+Cost is exact decimal arithmetic: the prices per million tokens of docs/api.md ("Price and
+the ledger"), with cached prompt
 tokens at the cached price instead of the input price.
 """
 

@@ -1,4 +1,4 @@
-"""Per-tenant request limits: requests per minute and requests in flight (API.md's plans),
+"""Per-tenant request limits: requests per minute and requests in flight (docs/api.md, "Plans and limits"),
 shared by every router replica.
 
 ``RedisLimiter`` makes each check one round trip: a Lua script (EVALSHA) that, atomically on

@@ -1,4 +1,4 @@
-"""The error body and status table of API.md, X-Request-Id, the body limit and auth, driven
+"""The error body and status table of docs/api.md ("Errors"), X-Request-Id, the body limit and auth, driven
 through the real router app (no worker: requests that pass every check end in 503)."""
 
 from __future__ import annotations
