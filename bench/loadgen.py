@@ -54,7 +54,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
-TRACES = ROOT.parent / "shared" / "traces"
+TRACES = ROOT / "data" / "traces"
 
 WORDS = tuple("""able about above across act add after again age ago agree air all allow almost
 alone along already also always among amount animal answer any appear apple area arm army around art

@@ -1,7 +1,7 @@
 """Routing simulator: replays a trace onto N simulated workers through the router's own
 policies and prefix index, and compares the policies.
 
-    python bench/routing_sim.py --trace ../shared/traces/mooncake/conversation_trace.jsonl \\
+    python bench/routing_sim.py --trace data/traces/mooncake/conversation_trace.jsonl \\
         --workers 8 --cache-blocks 5000 --out bench/results/routing_sim.json
     python bench/routing_sim.py --trace ... --workers 8 16 64 --jobs 2 --out ...
 

@@ -1,7 +1,7 @@
 """The Helm chart (helm/electron-serve): `helm lint --strict`, then `helm template` over every
 values file in its ci/ folder, each object validated against Kubernetes 1.33's schemas
 (kubernetes-validate, strict) and the RayCluster against KubeRay v1.7.0's CRD schema
-(shared/kuberay/validate_raycluster.py); then assertions on what matters: GPU requests, Ray's
+(tests/chart/raycluster_validator.py); then assertions on what matters: GPU requests, Ray's
 autoscaler, the pools, probes, environment, secrets never inlined, non-root pods, command
 lines the real CLI accepts, and that the router's ConfigMap and environment (its Secrets
 resolved) load with ``core.config.load_config`` into the settings the values asked for.
@@ -27,7 +27,6 @@ import yaml
 
 from cluster.cli import _parser
 from core.config import ENV_PREFIX, Config, PlanConfig, load_config
-from tests.support.shared_dir import shared_path
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "electron-serve"
@@ -170,7 +169,7 @@ def test_every_object_is_valid_kubernetes(case):
 
 def test_the_raycluster_matches_kuberays_crd_strictly(case):
     _, text, _ = case
-    validator = shared_path("kuberay", "validate_raycluster.py")
+    validator = Path(__file__).with_name("raycluster_validator.py")
     result = subprocess.run([sys.executable, str(validator)], input=text, text=True,
                             capture_output=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1,4 +1,4 @@
-"""Validates bodies against OpenAI's own JSON schemas (shared/openai)."""
+"""Validates bodies against OpenAI's own JSON schemas (data/openai)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from functools import cache
 
 import jsonschema
 
-from tests.support.shared_dir import shared_path
+from tests.support.data import data_path
 
 
 @cache
 def _validator(root: str) -> jsonschema.Draft202012Validator:
-    path = shared_path("openai", "chat-completions.schema.json")
+    path = data_path("openai", "chat-completions.schema.json")
     defs = json.loads(path.read_text())["$defs"]
     return jsonschema.Draft202012Validator({"$ref": f"#/$defs/{root}", "$defs": defs})
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import random
-from pathlib import Path
 
 import pytest
 
@@ -20,8 +19,9 @@ from bench.sim.worker import Delays
 from core.config import RouterConfig
 from router.routing.cost_model import CostProfile
 from router.routing.load import WorkerLoad
+from tests.support.data import data_path
 
-MOONCAKE = Path(__file__).resolve().parents[3] / "shared/traces/mooncake/conversation_trace.jsonl"
+MOONCAKE = data_path("traces", "mooncake", "conversation_trace.jsonl")
 
 # A truth with round numbers: 1 ms per prefill token, 10 ms per decode step, no noise.
 FLAT = CostProfile(name="flat", max_batch_tokens=1000, max_num_seqs=8,
