@@ -247,10 +247,8 @@ class OurEngine:
         else:
             runner = model_runner.ModelRunner(config)
             tokenizer_path = runner.model_path
-        engine = Engine(runner, Tokenizer.from_model_path(tokenizer_path),
-                        max_num_seqs=config.max_num_seqs,
-                        max_num_batched_tokens=config.max_num_batched_tokens,
-                        enable_prefix_caching=config.enable_prefix_caching, model_name=config.model)
+        engine = Engine(runner, Tokenizer.from_model_path(tokenizer_path), config,
+                        model_name=config.model)
         return cls(engine, config, tokenizer_path)
 
     def describe(self) -> dict[str, Any]:

@@ -57,9 +57,10 @@ CONFIGS = ("plain", "masked", "masked_no_overlap")
 
 
 def make_engine(runner: ModelRunner, tokenizer: Tokenizer, config: str, batch: int) -> Engine:
-    return Engine(runner, tokenizer, max_num_seqs=batch, max_num_batched_tokens=4096,
-                  enable_prefix_caching=False, model_name="bench",
-                  grammar_overlap=config != "masked_no_overlap")
+    settings = runner.config.model_copy(update={
+        "max_num_seqs": batch, "max_num_batched_tokens": 4096, "enable_prefix_caching": False,
+        "grammar_overlap": config != "masked_no_overlap"})
+    return Engine(runner, tokenizer, settings, model_name="bench")
 
 
 def prompts(tokenizer: Tokenizer, batch: int) -> list[list[int]]:

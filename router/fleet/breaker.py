@@ -41,7 +41,7 @@ class _Circuit:
 
 
 class CircuitBreaker:
-    def __init__(self, failure_threshold: int = 3, open_s: float = 10.0,
+    def __init__(self, failure_threshold: int, open_s: float,
                  clock: Callable[[], float] = time.monotonic):
         if failure_threshold < 1 or open_s <= 0:
             raise ValueError("failure_threshold must be >= 1 and open_s > 0")

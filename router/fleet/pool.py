@@ -36,6 +36,7 @@ import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
+from core.config import RouterConfig
 from core.errors import NoWorkers, WorkerUnavailable
 from core.hashing import block_hashes, extra_key
 from core.telemetry import DISABLED, Tracing
@@ -112,7 +113,7 @@ class WorkerPool:
                  fallback_pools: Collection[str] = ()):
         """``source`` is a ``cluster.registry.WorkerSource``; only workers serving
         ``model_id`` are used. ``index`` is the prefix index the policy reads (None: a new
-        one); ``breaker`` defaults to ``CircuitBreaker()``; ``tracing`` traces the Generate
+        one); ``breaker`` defaults to one with the router's default settings; ``tracing`` traces the Generate
         calls. ``shared_pool`` serves requests that name no pool; pools in
         ``fallback_pools`` fall back to it."""
         self._source = source
@@ -122,7 +123,10 @@ class WorkerPool:
         self._poll_s = poll_s
         self.policy = policy
         self.index = index if index is not None else PrefixIndex()
-        self.breaker = breaker if breaker is not None else CircuitBreaker()
+        if breaker is None:
+            defaults = RouterConfig()
+            breaker = CircuitBreaker(defaults.breaker_failures, defaults.breaker_open_s)
+        self.breaker = breaker
         self._tracing = tracing
         # The workers' KV block size (from GetInfo; one per deployment): None until one is
         # connected.

@@ -84,8 +84,7 @@ class UsageRow:
 
 
 class Ledger:
-    def __init__(self, db: Database, spool_path: str | Path, *, flush_s: float = 0.5,
-                 batch: int = 200):
+    def __init__(self, db: Database, spool_path: str | Path, *, flush_s: float, batch: int):
         self.db = db
         self.spool_path = Path(spool_path).expanduser()
         self._flush_s = flush_s

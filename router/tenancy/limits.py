@@ -226,7 +226,7 @@ class InProcessLimiter(Limiter):
 
 
 class RedisLimiter(Limiter):
-    def __init__(self, url: str, *, prefix: str = "electron", slot_lease_s: float = 30.0):
+    def __init__(self, url: str, *, prefix: str, slot_lease_s: float):
         self._redis = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3)
         self._prefix = redis_namespace(prefix)
         self._lease_ms = max(1, int(slot_lease_s * 1000))

@@ -198,10 +198,9 @@ def test_preempted_constrained_requests_still_follow_the_grammar(tmp_path):
     and recomputed, and every output still validates (the grammar carries a random model)."""
     model = make_tiny_llama_dir(tmp_path / "tiny")
     # 8 KiB a block: 24 blocks hold 384 tokens; 8 requests of ~60-100 tokens need more.
-    runner = ModelRunner(EngineConfig(model=str(model), dtype="float32",
-                                      kv_cache_bytes=24 * 8192, max_model_len=256))
-    eng = Engine(runner, Tokenizer.from_model_path(model), max_num_seqs=8,
-                 max_num_batched_tokens=256)
+    config = EngineConfig(model=str(model), dtype="float32", kv_cache_bytes=24 * 8192,
+                          max_model_len=256, max_num_seqs=8, max_num_batched_tokens=256)
+    eng = Engine(ModelRunner(config), Tokenizer.from_model_path(model), config)
     schema = {"type": "object", "properties": {
         "ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99},
         "tag": {"enum": ["a", "b", "c"]}, "word": {"type": "string", "maxLength": 30}},

@@ -21,7 +21,7 @@ import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
-from core.config import EngineConfig, load_config
+from core.config import EngineConfig, TenancyConfig, load_config
 from core.endpoints import StaticWorkerSource, WorkerEndpoint
 from core.errors import RateLimited
 from router.api.app import create_app
@@ -292,8 +292,9 @@ async def test_tokens_per_minute_hold_across_replicas(redis_prefix):
     plan = Plan("metered", rpm=100, concurrency=5, tpm=500, priority=0, max_context=None,
                 shed_queue_per_worker=8)
     who = Principal("tpm-test", "k1", plan, "s", None)
-    a = RedisLimiter(REDIS_URL, prefix=redis_prefix)
-    b = RedisLimiter(REDIS_URL, prefix=redis_prefix)
+    lease_s = TenancyConfig().slot_lease_s
+    a = RedisLimiter(REDIS_URL, prefix=redis_prefix, slot_lease_s=lease_s)
+    b = RedisLimiter(REDIS_URL, prefix=redis_prefix, slot_lease_s=lease_s)
     try:
         (await a.admit(who)).release(tokens=300)
         (await b.admit(who)).release(tokens=200)

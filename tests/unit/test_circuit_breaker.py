@@ -109,6 +109,6 @@ def test_removed_worker_comes_back_closed(breaker):
 
 def test_invalid_settings_are_rejected():
     with pytest.raises(ValueError):
-        CircuitBreaker(failure_threshold=0)
+        CircuitBreaker(failure_threshold=0, open_s=10.0)
     with pytest.raises(ValueError):
-        CircuitBreaker(open_s=0)
+        CircuitBreaker(failure_threshold=3, open_s=0)

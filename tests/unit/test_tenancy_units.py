@@ -8,6 +8,7 @@ from decimal import Decimal
 
 import pytest
 
+from core.config import TenancyConfig
 from core.errors import AuthenticationFailed, RateLimited
 from router.tenancy.ledger import Ledger, Prices, UsageRow, money
 from router.tenancy.limits import InProcessLimiter, duration
@@ -87,7 +88,9 @@ async def test_ledger_writes_every_row_once_and_flushes_on_stop(tmp_path):
         ledger.record(UsageRow(f"req_{i}", "acme", "key_1", "electron", 100, 32, 10,
                                PRICES.cost(100, 32, 10), "ok", now, now))
     await ledger.stop()  # the flusher never ran: stop writes them
-    ledger = Ledger(db, tmp_path / "spool.jsonl")
+    settings = TenancyConfig()
+    ledger = Ledger(db, tmp_path / "spool.jsonl", flush_s=settings.ledger_flush_s,
+                    batch=settings.ledger_batch)
     usage = await ledger.usage("acme", now - 1, now + 1)
     assert usage["totals"]["requests"] == 5
     assert Decimal(usage["totals"]["cost"]) == 5 * PRICES.cost(100, 32, 10)

@@ -61,12 +61,7 @@ class AsyncEngine:
         self.worker_id = worker_id
         runner = ModelRunner(config)
         self.tokenizer = Tokenizer.from_model_path(runner.model_path)
-        self.engine = Engine(runner, self.tokenizer, max_num_seqs=config.max_num_seqs,
-                             max_num_batched_tokens=config.max_num_batched_tokens,
-                             enable_prefix_caching=config.enable_prefix_caching,
-                             model_name=model_id or config.model,
-                             grammar_cache_size=config.grammar_cache_size,
-                             grammar_overlap=config.grammar_overlap)
+        self.engine = Engine(runner, self.tokenizer, config, model_name=model_id or config.model)
         self.model_name = model_id or config.model
         self.block_size = runner.block_size
         self.max_model_len = runner.max_model_len

@@ -10,6 +10,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from core.config import EngineConfig
 from core.errors import ContextLengthExceeded, InvalidRequest
 from core.hashing import extra_key
 from core.tokenizer import Tokenizer
@@ -34,10 +35,12 @@ class _OutputState:
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, *, max_num_seqs: int,
-                 max_num_batched_tokens: int, enable_prefix_caching: bool = True,
-                 model_name: str = "", grammar_cache_size: int = 64,
-                 grammar_overlap: bool = True):
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, config: EngineConfig, *,
+                 model_name: str = ""):
+        """``config``: the engine's settings (``max_num_seqs``, ``max_num_batched_tokens``,
+        ``enable_prefix_caching``, ``grammar_cache_size``, ``grammar_overlap``); the runner
+        was built from the model and cache ones."""
+        max_num_batched_tokens = config.max_num_batched_tokens
         self.runner = runner
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -46,9 +49,10 @@ class Engine:
         self.vocab_size = runner.model_config.vocab_size
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(
             runner.model_config.eos_token_ids)
-        self.kv = KVCacheManager(runner.num_blocks, self.block_size, enable_prefix_caching)
+        self.kv = KVCacheManager(runner.num_blocks, self.block_size,
+                                 config.enable_prefix_caching)
         self.scheduler = Scheduler(
-            SchedulerConfig(max_num_seqs=max_num_seqs,
+            SchedulerConfig(max_num_seqs=config.max_num_seqs,
                             max_num_batched_tokens=max(max_num_batched_tokens, self.block_size),
                             long_prefill_token_threshold=max_num_batched_tokens,
                             max_model_len=self.max_model_len),
@@ -56,7 +60,8 @@ class Engine:
         self.sampler = Sampler(self.vocab_size, tuple(sorted(self.eos_token_ids)))
         # True when the last step found nothing to run (queued work waits for a sibling).
         self.idle = False
-        self._grammar_options = {"cache_size": grammar_cache_size, "overlap": grammar_overlap}
+        self._grammar_options = {"cache_size": config.grammar_cache_size,
+                                 "overlap": config.grammar_overlap}
         self._grammars: GrammarCompiler | None = None
         self.stats = EngineStats()
 
