@@ -43,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cluster.launcher import WorkerSet  # noqa: E402
+from cluster.fleet import WorkerSet  # noqa: E402
 from tests.support.autoscale_cluster import (  # noqa: E402
     Load,
     autoscale_config,
