@@ -17,9 +17,10 @@ from core.config import EngineConfig
 from core.hashing import block_hashes, extra_key
 from core.pb.electron.v1 import worker_pb2 as pb
 from core.pb.electron.v1 import worker_pb2_grpc as pb_grpc
+from core.protocol import ERROR_METADATA_KEY, WORKER_SERVICE
 from tests.support.tiny_model import make_tiny_llama_dir
 from workers.engine.async_engine import AsyncEngine
-from workers.grpc_service import ERROR_METADATA_KEY, SERVICE_NAME, serve_worker
+from workers.grpc_service import serve_worker
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -213,7 +214,7 @@ async def test_watch_state_sends_a_snapshot_then_the_blocks_a_request_stored(eng
 
 async def test_health_reports_serving_and_info_describes_the_worker(engine, channel, stub):
     health = health_pb2_grpc.HealthStub(channel)
-    for service in ("", SERVICE_NAME):
+    for service in ("", WORKER_SERVICE):
         reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     info = await stub.GetInfo(pb.InfoRequest())

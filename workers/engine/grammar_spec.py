@@ -32,11 +32,10 @@ from llguidance import LLMatcher
 
 from core.errors import InvalidRequest
 from core.json_schema_subset import map_subschemas
+from core.protocol import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 # JSON layout inside every grammar: no free whitespace (see the module docstring).
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-TOOL_CALL_OPEN = "<tool_call>"
-TOOL_CALL_CLOSE = "</tool_call>"
 # Parallel calls in one turn: a bound, so a looping model still ends.
 MAX_PARALLEL_CALLS = 4
 # The filler sentence: at most this many tokens and characters, and no '<' (calls start there).
@@ -118,11 +117,12 @@ def _tool_grammar(spec: dict[str, Any]) -> str:
     more = f'("\\n"? call){{0,{MAX_PARALLEL_CALLS - 1}}}' if spec.get("parallel") else ""
     call = f'call: "{TOOL_CALL_OPEN}" body "{TOOL_CALL_CLOSE}"\nbody: {body}\n'
     if mode == "auto":
-        # Free text that never holds "<tool_call>", or text up to the first "<tool_call>"
-        # (lazy: it ends there) followed by the rest of a call.
+        # Free text that never holds TOOL_CALL_OPEN, or text up to the first TOOL_CALL_OPEN
+        # (lazy: it ends there) followed by the rest of a call. (The tag holds no character
+        # that a regex or a lark literal would read specially.)
         lark = (f"start: TEXT | text_open body \"{TOOL_CALL_CLOSE}\" {more}\n"
-                "TEXT: /(.|\\n)+/ & ~/(.|\\n)*<tool_call>(.|\\n)*/\n"
-                "text_open[lazy]: /(.|\\n)*<tool_call>/\n" + call)
+                f"TEXT: /(.|\\n)+/ & ~/(.|\\n)*{TOOL_CALL_OPEN}(.|\\n)*/\n"
+                f"text_open[lazy]: /(.|\\n)*{TOOL_CALL_OPEN}/\n" + call)
     else:
         filler = ""
         if spec.get("filler"):
