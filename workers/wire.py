@@ -3,8 +3,10 @@
 proto3 scalars have no presence: a field the sender left out reads as 0. Where 0 is not a
 meaningful value the conversion reads it as the field's neutral default (``n`` 0 -> 1,
 ``top_p`` 0 -> 1.0, ``repetition_penalty`` 0 -> 1.0); ``temperature`` 0 stays 0 (greedy),
-so senders always set it. Fields that may be absent (``seed``, ``max_tokens``, ``grammar``)
-are ``optional`` in the proto and become ``None`` here.
+so senders always set it. Fields that may be absent (``seed``, ``max_tokens``) are
+``optional`` in the proto and become ``None`` here, and so does an absent ``grammar``; a
+present one goes to the engine as the ``GrammarSpec`` message itself (the engine's grammar
+compiler reads it).
 
 Range checks against the model (vocabulary, context window) belong to the engine, which
 raises before it queues anything; this module checks what the message alone can tell.
@@ -100,7 +102,7 @@ def sampling_params_message(sampling: SamplingParams) -> pb.SamplingParams:
     if sampling.max_tokens is not None:
         msg.max_tokens = sampling.max_tokens
     if sampling.grammar is not None:
-        msg.grammar = sampling.grammar
+        msg.grammar.CopyFrom(sampling.grammar)
     return msg
 
 

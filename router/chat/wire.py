@@ -32,7 +32,7 @@ def effective_cache_salt(req: ChatCompletionRequest, terms: TenantTerms | None) 
 
 def to_generate_request(req: ChatCompletionRequest, *, request_id: str,
                         prompt_token_ids: Sequence[int], max_tokens: int,
-                        model: str, grammar: str | None = None,
+                        model: str, grammar: pb.GrammarSpec | None = None,
                         terms: TenantTerms | None = None) -> pb.GenerateRequest:
     """The wire request. Every sampling field is set explicitly: proto3 reads an unset scalar
     as 0, and temperature 0 means greedy."""
@@ -61,7 +61,7 @@ def to_generate_request(req: ChatCompletionRequest, *, request_id: str,
     if req.seed is not None:
         sampling.seed = req.seed % 2**64  # OpenAI seeds are int64; the wire's are uint64
     if grammar is not None:
-        sampling.grammar = grammar
+        sampling.grammar.CopyFrom(grammar)
     return pb.GenerateRequest(
         request_id=request_id, token_ids=prompt_token_ids, sampling=sampling,
         cache_salt=effective_cache_salt(req, terms),

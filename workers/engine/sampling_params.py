@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from core.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from core.pb.electron.v1.worker_pb2 import GrammarSpec
 
 
 @dataclass(frozen=True)
@@ -33,8 +37,8 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: bool = False
     top_logprobs: int = 0
-    # Opaque grammar spec for constrained decoding (JSON text); None: unconstrained.
-    grammar: str | None = None
+    # Constrained decoding (workers/engine/grammar_spec.py reads it); None: unconstrained.
+    grammar: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         def bad(param: str, why: str) -> InvalidRequest:
