@@ -2,9 +2,10 @@
 
 proto3 scalars have no presence: a field the sender left out reads as 0. Where 0 is not a
 meaningful value the conversion reads it as the field's neutral default (``n`` 0 -> 1,
-``top_p`` 0 -> 1.0, ``repetition_penalty`` 0 -> 1.0); ``temperature`` 0 stays 0 (greedy),
-so senders always set it. Fields that may be absent (``seed``, ``max_tokens``) are
-``optional`` in the proto and become ``None`` here, and so does an absent ``grammar``; a
+``repetition_penalty`` 0 -> 1.0); ``temperature`` 0 stays 0 (greedy), so senders always set
+it. ``top_p`` is ``optional`` since 0 means something (only the likeliest token): unset reads
+as 1.0. Fields that may be absent (``seed``, ``max_tokens``) are ``optional`` in the proto
+and become ``None`` here, and so does an absent ``grammar``; a
 present one goes to the engine as the ``GrammarSpec`` message itself (the engine's grammar
 compiler reads it).
 
@@ -67,7 +68,7 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(
         n=msg.n or 1,
         temperature=msg.temperature,
-        top_p=msg.top_p or 1.0,
+        top_p=msg.top_p if msg.HasField("top_p") else 1.0,
         top_k=msg.top_k,
         min_p=msg.min_p,
         seed=msg.seed if msg.HasField("seed") else None,
