@@ -87,26 +87,6 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
     )
 
 
-def sampling_params_message(sampling: SamplingParams) -> pb.SamplingParams:
-    """The inverse of ``sampling_params`` (tests and in-process benches build requests)."""
-    msg = pb.SamplingParams(
-        n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-        top_k=sampling.top_k, min_p=sampling.min_p,
-        presence_penalty=sampling.presence_penalty,
-        frequency_penalty=sampling.frequency_penalty,
-        repetition_penalty=sampling.repetition_penalty, logit_bias=sampling.logit_bias,
-        stop=sampling.stop, stop_token_ids=sampling.stop_token_ids,
-        ignore_eos=sampling.ignore_eos, min_tokens=sampling.min_tokens,
-        logprobs=sampling.logprobs, top_logprobs=sampling.top_logprobs)
-    if sampling.seed is not None:
-        msg.seed = sampling.seed
-    if sampling.max_tokens is not None:
-        msg.max_tokens = sampling.max_tokens
-    if sampling.grammar is not None:
-        msg.grammar.CopyFrom(sampling.grammar)
-    return msg
-
-
 def generate_response(output: RequestOutput) -> pb.GenerateResponse:
     msg = pb.GenerateResponse(
         index=output.index,

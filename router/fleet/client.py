@@ -206,14 +206,6 @@ class WorkerClient(CountsLocalLoad):
             raise
         return GenerateStream(call, self.worker_id, self._slots.release, observation, span)
 
-    async def abort(self, request_id: str) -> bool:
-        try:
-            response = await self._stub.Abort(pb.AbortRequest(request_id=request_id),
-                                              timeout=CONNECT_TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc, self.worker_id) from None
-        return response.found
-
     async def close(self, grace: float | None = None) -> None:
         """Stops watching and closes the channel; calls still running after ``grace``
         seconds are cancelled (None: at once)."""
