@@ -41,6 +41,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
 from core.config import EngineConfig  # noqa: E402
+from core.pb.electron.v1 import worker_pb2 as pb  # noqa: E402
 from core.tokenizer import Tokenizer  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
 from workers.engine.model_runner import ModelRunner  # noqa: E402
@@ -52,7 +53,8 @@ SCHEMA = {"type": "array", "minItems": 100, "items": {
     "properties": {"name": {"type": "string", "maxLength": 24},
                    "qty": {"type": "integer", "minimum": 0, "maximum": 100},
                    "kind": {"enum": ["fruit", "vegetable", "grain"]}}}}
-GRAMMAR = json.dumps({"type": "json_schema", "schema": SCHEMA, "strict": True})
+GRAMMAR = pb.GrammarSpec(json_schema=pb.GrammarSpec.JsonSchema(schema_json=json.dumps(SCHEMA),
+                                                               strict=True))
 CONFIGS = ("plain", "masked", "masked_no_overlap")
 
 
@@ -184,7 +186,8 @@ def main() -> None:
                     "load_average_before": [round(x, 2) for x in load_before],
                     "load_average_after": [round(x, 2) for x in os.getloadavg()]},
         "model": "smollm2-135m-instruct, float32, greedy",
-        "grammar": {"library": "llguidance", "spec": json.loads(GRAMMAR)},
+        "grammar": {"library": "llguidance", "spec": {"type": "json_schema", "schema": SCHEMA,
+                                                      "strict": True}},
         "rounds": args.rounds, "chunk_steps": args.chunk,
         "results": results,
         "target": {"masked_over_plain_at_batch_16_at_least": 0.90,

@@ -1,8 +1,8 @@
 """One error taxonomy for the whole service.
 
 Every failure a client can cause or see is one of these. Each boundary maps them once:
-``router/openai/errors.py`` to HTTP status and the OpenAI error body, ``workers/grpc_service.py`` to
-gRPC status codes (and back, in the router's worker client).
+``router/openai/errors.py`` to HTTP status and the OpenAI error body, ``core/protocol.py`` to
+gRPC status codes and trailing metadata (the worker's side) and back (the router's side).
 """
 
 from __future__ import annotations

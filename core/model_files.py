@@ -38,7 +38,3 @@ def resolve_model_path(name_or_path: str) -> Path:
     if path.is_dir() and (path / "config.json").is_file():
         return path
     raise ModelFilesNotFound(f"no GGUF file or Hugging Face directory at {path}")
-
-
-def is_gguf(path: Path) -> bool:
-    return path.is_file() and path.suffix == ".gguf"

@@ -1,10 +1,40 @@
 """What both ends of the gRPC wire agree on, beyond the messages in
-proto/electron/v1/worker.proto: the meaning of the finish reasons a worker sends.
+proto/electron/v1/worker.proto: the service's name, the meaning of the finish reasons a worker
+sends, the tags a tool call is written in, and how errors cross (both directions).
 
-Plain Python: the router and the workers import it.
+Errors: a worker ends a failed RPC with the status ``status_code_for`` gives and the trailing
+metadata ``error_metadata`` gives (``electron-error``: JSON ``{"type", "code", "param",
+"message"}``, and ``retry_after`` when the error carries one); the router rebuilds the same
+``core.errors`` class from them (``error_from_rpc``). A worker that failed, vanished or timed
+out is ``WorkerUnavailable``, which the router may retry elsewhere.
+
+The router and the workers import it.
 """
 
 from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import grpc
+
+from core.errors import (
+    ElectronError,
+    InternalError,
+    InvalidRequest,
+    Overloaded,
+    RateLimited,
+    WorkerUnavailable,
+)
+from core.pb.electron.v1 import worker_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+# The full name of the Worker service ("electron.v1.Worker"): also the name its health is
+# reported under (grpc.health.v1), which routers check before they connect.
+WORKER_SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name
 
 # A choice's last delta carries one of these (``GenerateResponse.finish_reason``).
 FINISH_STOP = "stop"      # EOS, a stop string or a stop token
@@ -13,3 +43,92 @@ FINISH_ABORT = "abort"    # the worker gave the request up (it was cancelled or 
 FINISH_ERROR = "error"    # the worker failed the request
 # The worker did not finish the request: the router may retry it elsewhere.
 WORKER_GAVE_UP = frozenset({FINISH_ABORT, FINISH_ERROR})
+
+# A tool call in generated text: TOOL_CALL_OPEN {"name": ..., "arguments": {...}} TOOL_CALL_CLOSE.
+# The worker's grammar enforces it, the router's prompt asks for it and its parser reads it.
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+ERROR_METADATA_KEY = "electron-error"
+# Status codes meaning "this worker could not serve it", whatever its metadata says.
+_WORKER_FAILURES = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
+    grpc.StatusCode.DATA_LOSS, grpc.StatusCode.UNIMPLEMENTED,
+})
+
+
+def status_code_for(error: ElectronError) -> grpc.StatusCode:
+    """The status a worker ends an RPC with when it fails with ``error``."""
+    if isinstance(error, InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(error, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    return grpc.StatusCode.INTERNAL
+
+
+def error_metadata(error: ElectronError) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata that carries ``error`` to the router."""
+    body: dict[str, Any] = {"type": error.type, "code": error.code, "param": error.param,
+                            "message": error.message}
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        body["retry_after"] = retry_after
+    # json.dumps escapes non-ASCII, and ASCII is what plain (non "-bin") metadata may carry.
+    return ((ERROR_METADATA_KEY, json.dumps(body)),)
+
+
+def error_from_rpc(exc: grpc.aio.AioRpcError, worker_id: str) -> ElectronError:
+    """The error a worker's failed RPC stands for (see the module docstring)."""
+    code = exc.code()
+    if code in _WORKER_FAILURES:
+        return WorkerUnavailable(f"worker {worker_id} failed: {code.name}: {exc.details()}")
+    body = _error_body(exc.trailing_metadata())
+    if body is None:
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return InvalidRequest(exc.details() or "invalid request")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return Overloaded(exc.details() or "the worker is overloaded")
+        return WorkerUnavailable(f"worker {worker_id} failed: {code.name}: {exc.details()}")
+    cls = _error_class(body.get("type"), body.get("code"))
+    message = str(body.get("message") or exc.details() or "")
+    code_field = body.get("code")
+    if issubclass(cls, (RateLimited, Overloaded)):
+        return cls(message, retry_after=float(body.get("retry_after") or 1.0), code=code_field)
+    return cls(message, param=body.get("param"), code=code_field)
+
+
+def _all_error_classes() -> list[type[ElectronError]]:
+    found, todo = [], [ElectronError]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def _error_class(type_: str | None, code: str | None) -> type[ElectronError]:
+    """The most specific taxonomy class with this type and code (code may be unknown)."""
+    classes = [c for c in _all_error_classes() if c.type == type_]
+    exact = [c for c in classes if code is not None and c.code == code]
+    if exact:
+        return max(exact, key=lambda c: len(c.__mro__))
+    generic = [c for c in classes if c.code is None and c is not ElectronError] or classes
+    if generic:
+        return min(generic, key=lambda c: len(c.__mro__))
+    return InternalError
+
+
+def _error_body(metadata: Iterable[tuple[str, str | bytes]] | None) -> dict[str, Any] | None:
+    for key, value in metadata or ():
+        if key == ERROR_METADATA_KEY:
+            try:
+                body = json.loads(value)
+            except (TypeError, ValueError):
+                log.warning("unreadable %s metadata from a worker: %r", key, value)
+                return None
+            return body if isinstance(body, dict) else None
+    return None

@@ -1,8 +1,7 @@
 """The worker's gRPC service: Generate, Abort, WatchState, GetInfo, and grpc.health.v1.
 
 Errors cross this boundary in one place, ``ErrorInterceptor``: an ``ElectronError`` becomes a
-gRPC status plus trailing metadata ``electron-error`` (JSON ``{"type", "code", "param",
-"message"}``, and ``retry_after`` when the error carries one) from which the router rebuilds
+gRPC status plus trailing metadata (``core.protocol``'s codec) from which the router rebuilds
 the same error; anything else becomes INTERNAL with a generic message (the traceback is
 logged here and never sent).
 """
@@ -11,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -21,10 +19,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from core.errors import ElectronError, InvalidRequest, ModelNotFound, Overloaded
+from core.errors import ElectronError, InvalidRequest, ModelNotFound
 from core.logs import request_id_var
 from core.pb.electron.v1 import worker_pb2 as pb
 from core.pb.electron.v1 import worker_pb2_grpc as pb_grpc
+from core.protocol import WORKER_SERVICE, error_metadata, status_code_for
 from core.telemetry import DISABLED, Tracing
 from workers import wire
 from workers.engine.kv_events import SubscriberFellBehind
@@ -37,8 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ERROR_METADATA_KEY = "electron-error"
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Worker"].full_name
 # WatchState sends the worker's load this often (and whenever it sends nothing else).
 LOAD_INTERVAL_S = 0.1
 
@@ -58,24 +55,6 @@ SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
 
 
 # -- errors -------------------------------------------------------------------------------------
-
-def status_code_for(error: ElectronError) -> grpc.StatusCode:
-    if isinstance(error, InvalidRequest):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(error, Overloaded):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
-    return grpc.StatusCode.INTERNAL
-
-
-def error_metadata(error: ElectronError) -> tuple[tuple[str, str], ...]:
-    body: dict[str, Any] = {"type": error.type, "code": error.code, "param": error.param,
-                            "message": error.message}
-    retry_after = getattr(error, "retry_after", None)
-    if retry_after is not None:
-        body["retry_after"] = retry_after
-    # json.dumps escapes non-ASCII, and ASCII is what plain (non "-bin") metadata may carry.
-    return ((ERROR_METADATA_KEY, json.dumps(body)),)
-
 
 _INTERNAL_MESSAGE = "the worker failed to serve the request"
 
@@ -333,7 +312,7 @@ async def serve_worker(
         raise OSError(f"cannot listen on {host}:{port}: {exc}") from exc
     await server.start()
     # The engine is loaded (its constructor loads the model): the worker can serve now.
-    for service in ("", SERVICE_NAME):
+    for service in ("", WORKER_SERVICE):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("worker %s serving gRPC on %s:%d", engine.worker_id, host, bound)
     return WorkerServer(server, servicer, health), bound

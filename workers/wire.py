@@ -2,9 +2,12 @@
 
 proto3 scalars have no presence: a field the sender left out reads as 0. Where 0 is not a
 meaningful value the conversion reads it as the field's neutral default (``n`` 0 -> 1,
-``top_p`` 0 -> 1.0, ``repetition_penalty`` 0 -> 1.0); ``temperature`` 0 stays 0 (greedy),
-so senders always set it. Fields that may be absent (``seed``, ``max_tokens``, ``grammar``)
-are ``optional`` in the proto and become ``None`` here.
+``repetition_penalty`` 0 -> 1.0); ``temperature`` 0 stays 0 (greedy), so senders always set
+it. ``top_p`` is ``optional`` since 0 means something (only the likeliest token): unset reads
+as 1.0. Fields that may be absent (``seed``, ``max_tokens``) are ``optional`` in the proto
+and become ``None`` here, and so does an absent ``grammar``; a
+present one goes to the engine as the ``GrammarSpec`` message itself (the engine's grammar
+compiler reads it).
 
 Range checks against the model (vocabulary, context window) belong to the engine, which
 raises before it queues anything; this module checks what the message alone can tell.
@@ -65,7 +68,7 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(
         n=msg.n or 1,
         temperature=msg.temperature,
-        top_p=msg.top_p or 1.0,
+        top_p=msg.top_p if msg.HasField("top_p") else 1.0,
         top_k=msg.top_k,
         min_p=msg.min_p,
         seed=msg.seed if msg.HasField("seed") else None,
@@ -82,26 +85,6 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
         top_logprobs=msg.top_logprobs,
         grammar=msg.grammar if msg.HasField("grammar") else None,
     )
-
-
-def sampling_params_message(sampling: SamplingParams) -> pb.SamplingParams:
-    """The inverse of ``sampling_params`` (tests and in-process benches build requests)."""
-    msg = pb.SamplingParams(
-        n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-        top_k=sampling.top_k, min_p=sampling.min_p,
-        presence_penalty=sampling.presence_penalty,
-        frequency_penalty=sampling.frequency_penalty,
-        repetition_penalty=sampling.repetition_penalty, logit_bias=sampling.logit_bias,
-        stop=sampling.stop, stop_token_ids=sampling.stop_token_ids,
-        ignore_eos=sampling.ignore_eos, min_tokens=sampling.min_tokens,
-        logprobs=sampling.logprobs, top_logprobs=sampling.top_logprobs)
-    if sampling.seed is not None:
-        msg.seed = sampling.seed
-    if sampling.max_tokens is not None:
-        msg.max_tokens = sampling.max_tokens
-    if sampling.grammar is not None:
-        msg.grammar = sampling.grammar
-    return msg
 
 
 def generate_response(output: RequestOutput) -> pb.GenerateResponse:

@@ -11,13 +11,15 @@ import xxhash
 
 from core.errors import InternalError
 from core.pb.electron.v1 import worker_pb2 as pb
+from core.protocol import FINISH_LENGTH, FINISH_STOP
 from router.chat.usage import Usage
 from router.tools.grammar_spec import ToolUse
 from router.tools.parser import parse_all
 
 # OpenAI's stand-in for "very unlikely" (JSON has no -inf; orjson would write null).
 MIN_LOGPROB = -9999.0
-_FINISH_REASONS = {"stop": "stop", "length": "length"}
+# The worker's finish reasons (core/protocol.py) -> OpenAI's.
+_FINISH_REASONS = {FINISH_STOP: "stop", FINISH_LENGTH: "length"}
 
 
 def system_fingerprint(model: str) -> str:

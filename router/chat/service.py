@@ -49,7 +49,7 @@ from router.fleet.pool import Lease, WorkerPool
 from router.openai.schemas import ChatCompletionRequest
 from router.telemetry import observe
 from router.tenancy.terms import TenantTerms
-from router.tools.grammar_spec import ToolUse, encode, grammar_spec, tool_use
+from router.tools.grammar_spec import ToolUse, grammar_spec, tool_use
 from router.tools.prompt import template_inputs
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class ChatService:
             raise ModelNotFound(f"The model '{req.model}' does not exist or you do not have "
                                 "access to it.", param="model")
         tools = tool_use(req)
-        grammar = encode(grammar_spec(req, tools))
+        grammar = grammar_spec(req, tools)
         messages, template_tools = template_inputs(
             req, tools, template_supports_tools=self._tokenizer.supports_tools)
         size = sum(len(m["content"] or "") for m in messages)

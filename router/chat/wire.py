@@ -17,10 +17,6 @@ from core.pb.electron.v1 import worker_pb2 as pb
 from router.openai.schemas import ChatCompletionRequest
 from router.tenancy.terms import TenantTerms
 
-# top_p 0 (allowed by OpenAI) keeps only the likeliest token; the wire reads 0 as "unset",
-# and any positive top_p keeps at least the likeliest token, so the smallest one does that.
-_TOP_P_ONLY_LIKELIEST = 1e-9
-
 
 def effective_cache_salt(req: ChatCompletionRequest, terms: TenantTerms | None) -> str:
     """The tenant's salt, then the request's own: a client's ``cache_salt`` can narrow its
@@ -32,18 +28,15 @@ def effective_cache_salt(req: ChatCompletionRequest, terms: TenantTerms | None) 
 
 def to_generate_request(req: ChatCompletionRequest, *, request_id: str,
                         prompt_token_ids: Sequence[int], max_tokens: int,
-                        model: str, grammar: str | None = None,
+                        model: str, grammar: pb.GrammarSpec | None = None,
                         terms: TenantTerms | None = None) -> pb.GenerateRequest:
     """The wire request. Every sampling field is set explicitly: proto3 reads an unset scalar
-    as 0, and temperature 0 means greedy."""
-    if req.top_p is None:
-        top_p = 1.0
-    else:
-        top_p = req.top_p or _TOP_P_ONLY_LIKELIEST
+    as 0, and temperature 0 means greedy (top_p 0, which OpenAI allows too, keeps only the
+    likeliest token)."""
     sampling = pb.SamplingParams(
         n=req.n or 1,
         temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=top_p,
+        top_p=1.0 if req.top_p is None else req.top_p,
         top_k=max(req.top_k or 0, 0),  # vLLM's -1 and 0 both disable it
         min_p=req.min_p or 0.0,
         presence_penalty=req.presence_penalty or 0.0,
@@ -61,7 +54,7 @@ def to_generate_request(req: ChatCompletionRequest, *, request_id: str,
     if req.seed is not None:
         sampling.seed = req.seed % 2**64  # OpenAI seeds are int64; the wire's are uint64
     if grammar is not None:
-        sampling.grammar = grammar
+        sampling.grammar.CopyFrom(grammar)
     return pb.GenerateRequest(
         request_id=request_id, token_ids=prompt_token_ids, sampling=sampling,
         cache_salt=effective_cache_salt(req, terms),

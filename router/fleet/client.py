@@ -11,18 +11,17 @@ stream ends or fails, the worker is gone (or going: a stopping worker ends it fi
 ``generate`` opens a server-streaming ``Generate`` call; cancelling the returned stream
 cancels the call, and the worker aborts the request and frees its blocks.
 
-gRPC errors come back as the ``core.errors`` taxonomy (``error_from_rpc``): a worker's
-own error (trailing metadata ``electron-error``) is rebuilt as the same class; a worker that
-failed, vanished or timed out is ``WorkerUnavailable``, which the router may retry elsewhere.
+gRPC errors come back as the ``core.errors`` taxonomy (``core.protocol.error_from_rpc``): a
+worker's own error is rebuilt as the same class; a worker that failed, vanished or timed out is
+``WorkerUnavailable``, which the router may retry elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,16 +29,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.trace import Span, StatusCode
 
-from core.errors import (
-    ElectronError,
-    InternalError,
-    InvalidRequest,
-    Overloaded,
-    RateLimited,
-    WorkerUnavailable,
-)
+from core.errors import InternalError, WorkerUnavailable
 from core.pb.electron.v1 import worker_pb2 as pb
 from core.pb.electron.v1 import worker_pb2_grpc as pb_grpc
+from core.protocol import WORKER_SERVICE, error_from_rpc
 from core.telemetry import DISABLED, Tracing
 from router.routing.load import CountsLocalLoad, LocalLoad, WorkerLoad
 from router.routing.prefix_index import PrefixIndex
@@ -47,8 +40,6 @@ from router.telemetry import observe
 
 log = logging.getLogger(__name__)
 
-ERROR_METADATA_KEY = "electron-error"
-WORKER_SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name
 CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     # Ping the worker so a peer that vanished without a FIN breaks the WatchState stream.
     # 5 s is the most often the worker's server accepts pings (workers/grpc_service.py).
@@ -66,12 +57,6 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 # 500 were fine: bound each channel's concurrent Generate calls below that.
 MAX_CONCURRENT_CALLS = 400
 CONNECT_TIMEOUT_S = 2.0
-# Status codes meaning "this worker could not serve it", whatever its metadata says.
-_WORKER_FAILURES = frozenset({
-    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
-    grpc.StatusCode.DATA_LOSS, grpc.StatusCode.UNIMPLEMENTED,
-})
 
 
 class Endpoint(Protocol):
@@ -92,60 +77,6 @@ class WorkerInfo:
     max_model_len: int
     vocab_size: int
     pool: str
-
-
-# -- errors ---------------------------------------------------------------------------------------
-
-def _all_error_classes() -> list[type[ElectronError]]:
-    found, todo = [], [ElectronError]
-    while todo:
-        cls = todo.pop()
-        found.append(cls)
-        todo.extend(cls.__subclasses__())
-    return found
-
-
-def _error_class(type_: str | None, code: str | None) -> type[ElectronError]:
-    """The most specific taxonomy class with this type and code (code may be unknown)."""
-    classes = [c for c in _all_error_classes() if c.type == type_]
-    exact = [c for c in classes if code is not None and c.code == code]
-    if exact:
-        return max(exact, key=lambda c: len(c.__mro__))
-    generic = [c for c in classes if c.code is None and c is not ElectronError] or classes
-    if generic:
-        return min(generic, key=lambda c: len(c.__mro__))
-    return InternalError
-
-
-def _error_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> dict[str, Any] | None:
-    for key, value in metadata or ():
-        if key == ERROR_METADATA_KEY:
-            try:
-                body = json.loads(value)
-            except (TypeError, ValueError):
-                log.warning("unreadable %s metadata from a worker: %r", key, value)
-                return None
-            return body if isinstance(body, dict) else None
-    return None
-
-
-def error_from_rpc(exc: grpc.aio.AioRpcError, worker_id: str) -> ElectronError:
-    code = exc.code()
-    if code in _WORKER_FAILURES:
-        return WorkerUnavailable(f"worker {worker_id} failed: {code.name}: {exc.details()}")
-    body = _error_metadata(exc.trailing_metadata())
-    if body is None:
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return InvalidRequest(exc.details() or "invalid request")
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return Overloaded(exc.details() or "the worker is overloaded")
-        return WorkerUnavailable(f"worker {worker_id} failed: {code.name}: {exc.details()}")
-    cls = _error_class(body.get("type"), body.get("code"))
-    message = str(body.get("message") or exc.details() or "")
-    code_field = body.get("code")
-    if issubclass(cls, (RateLimited, Overloaded)):
-        return cls(message, retry_after=float(body.get("retry_after") or 1.0), code=code_field)
-    return cls(message, param=body.get("param"), code=code_field)
 
 
 def _load_of(msg: pb.Load) -> WorkerLoad:
@@ -274,14 +205,6 @@ class WorkerClient(CountsLocalLoad):
                 span.end()
             raise
         return GenerateStream(call, self.worker_id, self._slots.release, observation, span)
-
-    async def abort(self, request_id: str) -> bool:
-        try:
-            response = await self._stub.Abort(pb.AbortRequest(request_id=request_id),
-                                              timeout=CONNECT_TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc, self.worker_id) from None
-        return response.found
 
     async def close(self, grace: float | None = None) -> None:
         """Stops watching and closes the channel; calls still running after ``grace``

@@ -152,12 +152,6 @@ class TenantStore:
                         (key.key_id, tenant_id, hash_key(key.key), time.time()))
         return key
 
-    def set_plan(self, tenant_id: str, plan: str) -> None:
-        self._check_plan(plan)
-        if not self.db.execute("UPDATE tenants SET plan = %s WHERE tenant_id = %s",
-                               (plan, tenant_id)):
-            raise TenantError(f"no tenant {tenant_id!r}")
-
     def revoke_key(self, key_id: str) -> KeyRecord:
         changed = self.db.execute("UPDATE api_keys SET revoked_at = %s WHERE key_id = %s "
                                   "AND revoked_at IS NULL", (time.time(), key_id))

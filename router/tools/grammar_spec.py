@@ -1,11 +1,7 @@
-"""What a request asks the worker to constrain: the grammar spec in ``SamplingParams.grammar``.
-
-The spec is a JSON object (the contract between router and workers; docs/tools.md):
-
-- ``{"type": "json_object"}``
-- ``{"type": "json_schema", "schema": {...}, "strict": bool}``
-- ``{"type": "tool_calls", "tools": [{"name", "parameters"}], "mode": "auto" | "required" |
-  "named", "name": str | None, "parallel": bool, "filler": bool}``
+"""What a request asks the worker to constrain: the ``GrammarSpec`` message in
+``SamplingParams.grammar`` (proto/electron/v1/worker.proto describes its fields; docs/tools.md
+the contract): a JSON object, a JSON schema, or tool calls (the tools, the mode ``auto`` /
+``required`` / ``named``, the named function, ``parallel`` and ``filler``).
 
 Integer schemas without bounds are sent bounded to JavaScript's safe integers
 (``with_bounded_integers``): otherwise a small model can write digits until ``max_tokens``.
@@ -24,6 +20,7 @@ import orjson
 
 from core.errors import InvalidRequest
 from core.json_schema_subset import with_bounded_integers
+from core.pb.electron.v1 import worker_pb2 as pb
 from router.openai.schemas import ChatCompletionRequest
 
 # A function declared without ``parameters`` takes none (OpenAI's reading).
@@ -41,6 +38,9 @@ FILLER_PATTERN = re.compile(
     r"[^.]{0,40}\b(?:tool|function)"
     r"|while (?:the |a )?(?:tool|function)s? (?:runs?|is running|works?)",
     re.IGNORECASE)
+_TOOL_MODES = {"auto": pb.GrammarSpec.TOOL_MODE_AUTO,
+               "required": pb.GrammarSpec.TOOL_MODE_REQUIRED,
+               "named": pb.GrammarSpec.TOOL_MODE_NAMED}
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def asks_for_filler(req: ChatCompletionRequest) -> bool:
                and FILLER_PATTERN.search(m.content) for m in req.messages)
 
 
-def grammar_spec(req: ChatCompletionRequest, tools: ToolUse | None) -> dict[str, Any] | None:
+def grammar_spec(req: ChatCompletionRequest, tools: ToolUse | None) -> pb.GrammarSpec | None:
     """The spec for this request, or None when its output is unconstrained."""
     fmt = req.response_format
     structured = fmt is not None and fmt.type != "text"
@@ -81,21 +81,22 @@ def grammar_spec(req: ChatCompletionRequest, tools: ToolUse | None) -> dict[str,
                              param="response_format")
     if tools is not None:
         assert req.tools is not None
-        return {"type": "tool_calls",
-                "tools": [{"name": t.function.name,
-                           "parameters": with_bounded_integers(t.function.parameters
-                                                               or NO_PARAMETERS)}
-                          for t in req.tools],
-                "mode": tools.mode, "name": tools.name, "parallel": tools.parallel,
-                "filler": tools.filler}
+        declared = [pb.GrammarSpec.Tool(
+            name=t.function.name,
+            parameters_json=_json(with_bounded_integers(t.function.parameters or NO_PARAMETERS)))
+            for t in req.tools]
+        return pb.GrammarSpec(tool_calls=pb.GrammarSpec.ToolCalls(
+            tools=declared, mode=_TOOL_MODES[tools.mode], name=tools.name or "",
+            parallel=tools.parallel, filler=tools.filler))
     if not structured:
         return None
     assert fmt is not None
     if fmt.type == "json_schema" and fmt.json_schema and fmt.json_schema.json_schema is not None:
         schema = with_bounded_integers(fmt.json_schema.json_schema)
-        return {"type": "json_schema", "schema": schema, "strict": bool(fmt.json_schema.strict)}
-    return {"type": "json_object"}
+        return pb.GrammarSpec(json_schema=pb.GrammarSpec.JsonSchema(
+            schema_json=_json(schema), strict=bool(fmt.json_schema.strict)))
+    return pb.GrammarSpec(json_object=pb.GrammarSpec.JsonObject())
 
 
-def encode(spec: dict[str, Any] | None) -> str | None:
-    return None if spec is None else orjson.dumps(spec).decode()
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()

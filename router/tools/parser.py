@@ -27,7 +27,9 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
-OPEN, CLOSE = "<tool_call>", "</tool_call>"
+from core.protocol import TOOL_CALL_CLOSE as CLOSE
+from core.protocol import TOOL_CALL_OPEN as OPEN
+
 _ID_ALPHABET = string.ascii_letters + string.digits
 
 

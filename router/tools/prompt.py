@@ -22,10 +22,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from core.protocol import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from router.openai.schemas import ChatCompletionRequest
 from router.tools.grammar_spec import ToolUse
 
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
 _SYSTEM_ROLES = ("system", "developer")
 FILLER_REQUEST = ("Before the first call, say one short sentence to the user (for example "
@@ -67,8 +67,8 @@ def tools_section(req: ChatCompletionRequest, tools: ToolUse) -> str:
     lines = [
         "You can call these tools (one JSON object per tool):",
         f"<tools>\n{listed}\n</tools>",
-        "To call a tool, write a <tool_call></tool_call> block holding a JSON object with the "
-        "tool's name and its arguments:",
+        f"To call a tool, write a {TOOL_CALL_OPEN}{TOOL_CALL_CLOSE} block holding a JSON object "
+        "with the tool's name and its arguments:",
         TOOL_CALL_OPEN + '{"name": "<tool name>", "arguments": {<arguments>}}' + TOOL_CALL_CLOSE,
     ]
     if tools.mode == "auto":

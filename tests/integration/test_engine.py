@@ -150,7 +150,7 @@ async def test_bad_input_is_refused_and_engine_keeps_serving(engine, make, error
 
 
 @pytest.mark.parametrize("kwargs", [{"temperature": -1}, {"temperature": float("nan")},
-                                    {"top_p": 0}, {"max_tokens": 0}, {"presence_penalty": 3}])
+                                    {"top_p": 1.5}, {"max_tokens": 0}, {"presence_penalty": 3}])
 def test_bad_sampling_parameters_are_typed_errors(kwargs):
     with pytest.raises(InvalidRequest) as info:
         SamplingParams(**kwargs)

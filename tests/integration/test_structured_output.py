@@ -14,8 +14,16 @@ import torch
 
 from core.config import EngineConfig
 from core.errors import InvalidRequest
+from core.pb.electron.v1 import worker_pb2 as pb
 from core.tokenizer import Tokenizer
-from tests.support.schemas import SCHEMAS, TOOLS, grammar_tools, prompt_for
+from tests.support.schemas import (
+    SCHEMAS,
+    TOOLS,
+    json_object_spec,
+    prompt_for,
+    schema_spec,
+    tool_spec,
+)
 from tests.support.smollm_engine import (
     assert_no_leaked_blocks,
     chat_ids,
@@ -45,15 +53,6 @@ async def generate(engine, request_id, ids, params) -> dict[int, tuple[str, list
     async for o in engine.generate(request_id, ids, params):
         outs.setdefault(o.index, []).append(o)
     return {i: ("".join(o.text for o in seq), seq) for i, seq in outs.items()}
-
-
-def schema_spec(schema) -> str:
-    return json.dumps({"type": "json_schema", "schema": schema, "strict": True})
-
-
-def tool_spec(mode="required", name=None, parallel=False, filler=False) -> str:
-    return json.dumps({"type": "tool_calls", "tools": grammar_tools(TOOLS), "mode": mode,
-                       "name": name, "parallel": parallel, "filler": filler})
 
 
 def parse_calls(text: str) -> tuple[str, list[dict]]:
@@ -86,7 +85,7 @@ async def results(engine):
             temperature=0, max_tokens=160, grammar=schema_spec(schema)))
     jobs["object"] = (chat_ids(engine, "Give a JSON object with the name and age of a cat."),
                       SamplingParams(temperature=0, max_tokens=120,
-                                     grammar=json.dumps({"type": "json_object"})))
+                                     grammar=json_object_spec()))
     for rid, (mode, name, question) in TOOL_CASES.items():
         jobs[rid] = (chat_ids(engine, question), SamplingParams(
             temperature=0, max_tokens=100, grammar=tool_spec(mode, name)))
@@ -178,9 +177,10 @@ async def test_aborting_a_constrained_request_frees_its_blocks(engine):
 
 
 @pytest.mark.parametrize("grammar, param", [
-    (json.dumps({"type": "json_schema", "schema": {"type": "frobnicate"}}), "response_format"),
-    (json.dumps({"type": "tool_calls", "tools": [], "mode": "required"}), "tools"),
-    ("{not json", "response_format"),
+    (schema_spec({"type": "frobnicate"}), "response_format"),
+    (tool_spec(tools=[]), "tools"),
+    (schema_spec("{not json"), "response_format"),
+    (pb.GrammarSpec(), "response_format"),
 ])
 async def test_uncompilable_grammar_is_refused_and_nothing_leaks(engine, grammar, param):
     with pytest.raises(InvalidRequest) as err:

@@ -17,9 +17,11 @@ from core.config import EngineConfig
 from core.hashing import block_hashes, extra_key
 from core.pb.electron.v1 import worker_pb2 as pb
 from core.pb.electron.v1 import worker_pb2_grpc as pb_grpc
+from core.protocol import ERROR_METADATA_KEY, WORKER_SERVICE
+from tests.support.schemas import schema_spec, tool_spec
 from tests.support.tiny_model import make_tiny_llama_dir
 from workers.engine.async_engine import AsyncEngine
-from workers.grpc_service import ERROR_METADATA_KEY, SERVICE_NAME, serve_worker
+from workers.grpc_service import serve_worker
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -110,6 +112,8 @@ async def test_identical_request_reports_cached_prompt_tokens(engine, stub):
     ("temperature out of range", "temperature", None),
     ("another model", "model", "model_not_found"),
     ("uncompilable grammar", "response_format", None),
+    ("grammar of no kind", "response_format", None),
+    ("grammar naming an undeclared tool", "tool_choice", None),
 ])
 async def test_bad_request_is_invalid_argument_naming_the_field(engine, stub, case, param, code):
     req = request(prompt(engine, 8))
@@ -122,7 +126,11 @@ async def test_bad_request_is_invalid_argument_naming_the_field(engine, stub, ca
     elif case == "temperature out of range":
         req.sampling.temperature = 2.5
     elif case == "uncompilable grammar":
-        req.sampling.grammar = json.dumps({"type": "json_schema", "schema": {"type": "nope"}})
+        req.sampling.grammar.CopyFrom(schema_spec({"type": "nope"}))
+    elif case == "grammar of no kind":
+        req.sampling.grammar.SetInParent()
+    elif case == "grammar naming an undeclared tool":
+        req.sampling.grammar.CopyFrom(tool_spec("named", "launch_rocket"))
     else:
         req.model = "some-other-model"
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -142,7 +150,7 @@ async def test_a_grammar_makes_even_random_weights_write_valid_json(engine, stub
               "required": ["ok", "n"], "additionalProperties": False}
     req = request(prompt(engine, 12), max_tokens=40)
     req.sampling.ignore_eos = False
-    req.sampling.grammar = json.dumps({"type": "json_schema", "schema": schema, "strict": True})
+    req.sampling.grammar.CopyFrom(schema_spec(schema))
     messages = [m async for m in stub.Generate(req)]
     assert messages[-1].finish_reason == "stop"
     value = json.loads("".join(m.text for m in messages))
@@ -213,7 +221,7 @@ async def test_watch_state_sends_a_snapshot_then_the_blocks_a_request_stored(eng
 
 async def test_health_reports_serving_and_info_describes_the_worker(engine, channel, stub):
     health = health_pb2_grpc.HealthStub(channel)
-    for service in ("", SERVICE_NAME):
+    for service in ("", WORKER_SERVICE):
         reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     info = await stub.GetInfo(pb.InfoRequest())

@@ -3,11 +3,15 @@
 ``SCHEMAS``: (name, prompt, schema) triples, at least 40, covering nested objects, arrays,
 enums, numbers with bounds, required and optional fields, nullable fields and ``anyOf``.
 ``TOOLS``: OpenAI-style function tools with parameter schemas.
+``schema_spec``, ``json_object_spec``, ``tool_spec``: the worker's ``GrammarSpec`` messages.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+from core.pb.electron.v1 import worker_pb2 as pb
 
 Schema = dict[str, Any]
 
@@ -107,7 +111,27 @@ TOOLS: list[dict[str, Any]] = [
 ]
 
 
-def grammar_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """OpenAI tools as the grammar spec lists them."""
-    return [{"name": t["function"]["name"], "parameters": t["function"].get("parameters")}
-            for t in tools]
+def schema_spec(schema: Any, *, strict: bool = True) -> pb.GrammarSpec:
+    """A json_schema spec; ``schema`` is a JSON value, or text sent as it is."""
+    text = schema if isinstance(schema, str) else json.dumps(schema)
+    return pb.GrammarSpec(json_schema=pb.GrammarSpec.JsonSchema(schema_json=text, strict=strict))
+
+
+def json_object_spec() -> pb.GrammarSpec:
+    return pb.GrammarSpec(json_object=pb.GrammarSpec.JsonObject())
+
+
+def grammar_tool(name: str, parameters: Any = None) -> pb.GrammarSpec.Tool:
+    """A tool as the spec lists it (``parameters`` None: sent as none)."""
+    return pb.GrammarSpec.Tool(name=name, parameters_json="" if parameters is None
+                               else json.dumps(parameters))
+
+
+def tool_spec(mode: str = "required", name: str | None = None, parallel: bool = False,
+              filler: bool = False, tools: list[dict[str, Any]] = TOOLS) -> pb.GrammarSpec:
+    """A tool_calls spec of OpenAI-style ``tools``; ``mode`` auto, required or named."""
+    return pb.GrammarSpec(tool_calls=pb.GrammarSpec.ToolCalls(
+        tools=[grammar_tool(t["function"]["name"], t["function"].get("parameters"))
+               for t in tools],
+        mode=pb.GrammarSpec.ToolMode.Value(f"TOOL_MODE_{mode.upper()}"), name=name or "",
+        parallel=parallel, filler=filler))

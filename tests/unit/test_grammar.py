@@ -11,9 +11,19 @@ import torch
 
 from core.errors import InvalidRequest
 from core.model_files import resolve_model_path
+from core.pb.electron.v1 import worker_pb2 as pb
 from core.tokenizer import Tokenizer
-from tests.support.schemas import SCHEMAS, TOOLS, grammar_tools
-from workers.engine.grammar import GrammarCompiler
+from router.openai.schemas import parse_chat_request
+from router.tools.grammar_spec import grammar_spec, tool_use
+from tests.support.schemas import (
+    SCHEMAS,
+    TOOLS,
+    grammar_tool,
+    json_object_spec,
+    schema_spec,
+    tool_spec,
+)
+from workers.engine.grammar import GrammarCompiler, cache_key
 from workers.engine.grammar_spec import MAX_PARALLEL_CALLS, build_grammar, close_objects
 from workers.engine.request import Request
 from workers.engine.sampler import Sampler
@@ -32,19 +42,14 @@ def compiler(tok):
     comp.close()
 
 
-def admits(compiler, tok, spec: dict, text: str) -> bool:
+def admits(compiler, tok, spec: pb.GrammarSpec, text: str) -> bool:
     """Whether the grammar takes ``text`` (as SmolLM2 tokenizes it) and then allows EOS."""
-    m = compiler.matcher(json.dumps(spec))
+    m = compiler.matcher(spec)
     for token in tok.encode(text):
         if not bool(m.allowed()[token]):
             return False
         m.accept(token)
     return bool(m.allowed()[tok.eos_token_ids[0]])
-
-
-def tool_spec(mode="required", name=None, parallel=False, filler=False) -> dict:
-    return {"type": "tool_calls", "tools": grammar_tools(TOOLS), "mode": mode, "name": name,
-            "parallel": parallel, "filler": filler}
 
 
 WEATHER = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}</tool_call>'
@@ -54,7 +59,7 @@ TIME = '<tool_call>{"name": "get_time", "arguments": {"timezone": "UTC"}}</tool_
 def test_json_schema_admits_a_valid_document_and_rejects_wrong_types(compiler, tok):
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
                                                      "maximum": 9}}, "required": ["n"]}
-    spec = {"type": "json_schema", "schema": schema, "strict": True}
+    spec = schema_spec(schema)
     assert admits(compiler, tok, spec, '{"n": 7}')
     assert not admits(compiler, tok, spec, '{"n": 12}')
     assert not admits(compiler, tok, spec, '{"n": "7"}')
@@ -63,7 +68,7 @@ def test_json_schema_admits_a_valid_document_and_rejects_wrong_types(compiler, t
 
 
 def test_json_whitespace_is_fixed_so_a_model_cannot_loop_on_it(compiler, tok):
-    spec = {"type": "json_object"}
+    spec = json_object_spec()
     assert admits(compiler, tok, spec, '{"a": [1, 2]}')
     assert not admits(compiler, tok, spec, '{"a":  [1, 2]}')
     assert not admits(compiler, tok, spec, '{\n"a": 1}')
@@ -71,7 +76,7 @@ def test_json_whitespace_is_fixed_so_a_model_cannot_loop_on_it(compiler, tok):
 
 
 def test_a_complete_document_allows_only_eos(compiler, tok):
-    m = compiler.matcher(json.dumps({"type": "json_object"}))
+    m = compiler.matcher(json_object_spec())
     for token in tok.encode('{"a": 1}'):
         m.accept(token)
     assert m.is_stopped
@@ -82,7 +87,7 @@ def test_every_test_schema_compiles_and_is_itself_a_valid_schema(compiler):
     assert len(SCHEMAS) >= 40
     for _name, _what, schema in SCHEMAS:
         jsonschema.Draft202012Validator.check_schema(schema)
-        compiler.matcher(json.dumps({"type": "json_schema", "schema": schema, "strict": True}))
+        compiler.matcher(schema_spec(schema))
 
 
 def test_required_tool_call_admits_calls_only(compiler, tok):
@@ -126,38 +131,45 @@ def test_auto_mode_is_free_text_until_a_call_opens(compiler, tok):
 
 def test_compiled_grammars_are_cached_per_spec_least_recently_used_out(tok):
     comp = GrammarCompiler(tok, tok.vocab_size, tok.eos_token_ids, cache_size=2, overlap=False)
-    specs = [json.dumps({"type": "json_schema", "schema": {"enum": [f"v{i}"]}}) for i in range(3)]
+    specs = [schema_spec({"enum": [f"v{i}"]}, strict=False) for i in range(3)]
     a, b = comp.matcher(specs[0]), comp.matcher(specs[0])
     a.accept(a.allowed().nonzero()[0].item())  # each matcher has its own state
     assert not torch.equal(a.allowed(), b.allowed())
     comp.matcher(specs[1])
     comp.matcher(specs[0])          # a hit: now the most recently used
     comp.matcher(specs[2])          # evicts specs[1]
-    assert list(comp._cache) == [specs[0], specs[2]]
+    assert list(comp._cache) == [cache_key(specs[0]), cache_key(specs[2])]
+    # Equal specs share an entry, whichever message object carries them.
+    comp.matcher(schema_spec({"enum": ["v0"]}, strict=False))
+    assert len(comp._cache) == 2 and list(comp._cache)[-1] == cache_key(specs[0])
+
+
+def tools_spec(*tools: pb.GrammarSpec.Tool, mode=pb.GrammarSpec.TOOL_MODE_REQUIRED,
+               name="") -> pb.GrammarSpec:
+    return pb.GrammarSpec(tool_calls=pb.GrammarSpec.ToolCalls(tools=tools, mode=mode, name=name))
 
 
 @pytest.mark.parametrize("spec, param", [
-    ("not json", "response_format"),
-    ({"type": "xml"}, "response_format"),
-    ({"type": "json_schema", "schema": {"type": "frobnicate"}}, "response_format"),
-    ({"type": "json_schema", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nope"}}}},
-     "response_format"),
-    ({"type": "json_schema", "schema": {"type": "string", "pattern": "(unclosed"}},
-     "response_format"),
-    ({"type": "json_schema", "schema": {"type": "integer", "minimum": 5, "maximum": 1}},
-     "response_format"),
-    ({"type": "json_schema"}, "response_format"),
-    ({"type": "tool_calls", "tools": [], "mode": "required"}, "tools"),
-    ({"type": "tool_calls", "tools": [{"name": "a"}, {"name": "a"}], "mode": "required"}, "tools"),
-    ({"type": "tool_calls", "tools": [{"name": "a"}], "mode": "named", "name": "b"},
-     "tool_choice"),
-    ({"type": "tool_calls", "tools": [{"name": "a", "parameters": {"type": "nope"}}],
-      "mode": "required"}, "tools"),
+    (schema_spec("not json"), "response_format"),
+    (schema_spec("[1, 2]"), "response_format"),
+    (pb.GrammarSpec(), "response_format"),  # no kind set
+    (schema_spec({"type": "frobnicate"}), "response_format"),
+    (schema_spec({"type": "object", "properties": {"a": {"$ref": "#/nope"}}}), "response_format"),
+    (schema_spec({"type": "string", "pattern": "(unclosed"}), "response_format"),
+    (schema_spec({"type": "integer", "minimum": 5, "maximum": 1}), "response_format"),
+    (pb.GrammarSpec(json_schema=pb.GrammarSpec.JsonSchema()), "response_format"),  # no schema
+    (tools_spec(), "tools"),
+    (tools_spec(grammar_tool("a"), grammar_tool("a")), "tools"),
+    (tools_spec(grammar_tool("")), "tools"),
+    (tools_spec(pb.GrammarSpec.Tool(name="a", parameters_json="{not json")), "tools"),
+    (tools_spec(grammar_tool("a", [1])), "tools"),
+    (tools_spec(grammar_tool("a"), mode=pb.GrammarSpec.TOOL_MODE_NAMED, name="b"), "tool_choice"),
+    (tools_spec(grammar_tool("a"), mode=7), "tool_choice"),
+    (tools_spec(grammar_tool("a", {"type": "nope"})), "tools"),
 ])
 def test_bad_specs_are_invalid_requests_naming_the_field(compiler, spec, param):
-    text = spec if isinstance(spec, str) else json.dumps(spec)
     with pytest.raises(InvalidRequest) as err:
-        compiler.matcher(text)
+        compiler.matcher(spec)
     assert err.value.param == param
 
 
@@ -169,14 +181,13 @@ def test_close_objects_keeps_what_the_schema_admits_a_subset():
     assert closed["properties"]["a"]["additionalProperties"] is False
     assert "additionalProperties" not in closed["allOf"][0]
     assert "additionalProperties" not in closed["not"]
-    assert build_grammar(json.dumps({"type": "json_schema", "schema": schema})).param == \
-        "response_format"
+    assert build_grammar(schema_spec(schema, strict=False)).param == "response_format"
 
 
 def test_sampler_masks_constrained_rows_only_and_grammar_beats_min_tokens(compiler, tok):
     vocab = tok.vocab_size
     sampler = Sampler(vocab, tuple(sorted(tok.eos_token_ids)))
-    spec = json.dumps({"type": "json_schema", "schema": {"enum": ["yes"]}})
+    spec = schema_spec({"enum": ["yes"]}, strict=False)
     free = Request("free", "free", [5, 6], SamplingParams(temperature=0))
     # min_tokens keeps EOS out; once "yes" is written, the grammar allows nothing but EOS.
     done = Request("done", "done", [5, 6], SamplingParams(temperature=0, min_tokens=50))
@@ -193,8 +204,8 @@ def test_sampler_masks_constrained_rows_only_and_grammar_beats_min_tokens(compil
 def test_mask_fill_overlaps_on_a_helper_thread(tok):
     comp = GrammarCompiler(tok, tok.vocab_size, tok.eos_token_ids, overlap=True)
     try:
-        spec = json.dumps({"type": "json_schema", "schema": {"type": "object", "properties": {
-            "v": {"type": "integer"}}, "required": ["v"]}})
+        spec = schema_spec({"type": "object", "properties": {"v": {"type": "integer"}},
+                            "required": ["v"]}, strict=False)
         m = comp.matcher(spec)
         text = ""
         for token in tok.encode('{"v": 42}'):
@@ -207,10 +218,26 @@ def test_mask_fill_overlaps_on_a_helper_thread(tok):
         comp.close()
 
 
-@pytest.mark.parametrize("parameters", [None, {}])
+@pytest.mark.parametrize("parameters", [None, {}])  # sent as "" and "{}"
 def test_a_tool_without_parameters_takes_an_empty_object(compiler, tok, parameters):
-    spec = {"type": "tool_calls", "tools": [{"name": "ping", "parameters": parameters}],
-            "mode": "required"}
+    spec = tools_spec(grammar_tool("ping", parameters))
     assert admits(compiler, tok, spec, '<tool_call>{"name": "ping", "arguments": {}}</tool_call>')
     assert not admits(compiler, tok, spec,
                       '<tool_call>{"name": "ping", "arguments": 3}</tool_call>')
+
+
+def test_the_routers_specs_compile_to_what_they_ask_for(compiler, tok):
+    """The two ends of the spec: what router/tools/grammar_spec.py builds, the worker reads."""
+    base = {"model": "electron", "messages": [{"role": "user", "content": "Hi"}]}
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    req = parse_chat_request({**base, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "n", "schema": schema, "strict": True}}}, max_messages=10)
+    spec = grammar_spec(req, tool_use(req))
+    assert admits(compiler, tok, spec, '{"n": 7}')
+    assert not admits(compiler, tok, spec, '{"n": 7, "m": 1}')
+    assert not admits(compiler, tok, spec, '{"n": ' + "9" * 20 + "}")  # bounded by the router
+    req = parse_chat_request({**base, "tools": TOOLS, "tool_choice": {
+        "type": "function", "function": {"name": "get_time"}}}, max_messages=10)
+    spec = grammar_spec(req, tool_use(req))
+    assert admits(compiler, tok, spec, TIME)
+    assert not admits(compiler, tok, spec, WEATHER)

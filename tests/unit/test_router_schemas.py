@@ -296,7 +296,7 @@ def test_wire_request_maps_edge_values():
                 cache_salt="tenant"),
         request_id="r", prompt_token_ids=[1], max_tokens=4, model="electron")
     s = msg.sampling
-    assert s.temperature == 0 and 0 < s.top_p < 1e-6  # only the likeliest token
+    assert s.temperature == 0 and s.HasField("top_p") and s.top_p == 0  # the likeliest token
     assert s.top_k == 0 and s.seed == 2**64 - 1 and msg.priority == -5
     assert s.n == 3 and dict(s.logit_bias) == {42: -100.0} and list(s.stop) == ["END"]
     assert s.logprobs and s.top_logprobs == 4 and msg.cache_salt == "tenant"

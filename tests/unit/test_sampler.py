@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
 import pytest
 import torch
 
+from router.chat.wire import to_generate_request
+from router.openai.schemas import parse_chat_request
+from workers import wire
 from workers.engine.request import Request
 from workers.engine.sampler import Sampler
 from workers.engine.sampling_params import SamplingParams
@@ -267,6 +271,33 @@ def test_small_top_p_keeps_only_the_top_token():
     top_prob = logits.softmax(-1).max().item()
     tokens = draws(sampler, logits, 50, temperature=1.0, top_p=top_prob / 2)
     assert set(tokens) == {int(logits.argmax())}
+
+
+@pytest.mark.parametrize("top_k", [0, 50])
+def test_top_p_zero_keeps_only_the_likeliest_token(top_k):
+    sampler = Sampler(VOCAB, (EOS,))
+    logits = random_logits(1, seed=11, scale=0.1)[0]  # nearly flat: any nucleus would spread
+    tokens = draws(sampler, logits, 50, temperature=1.5, top_p=0.0, top_k=top_k)
+    assert set(tokens) == {int(logits.argmax())}
+
+
+def test_top_p_zero_sent_by_the_router_keeps_only_the_likeliest_token_on_the_worker():
+    """OpenAI's ``top_p: 0`` end to end: the router's wire request, the worker's reading of
+    it, the sampler. (Unset on the wire, top_p reads as 1.0.)"""
+    body = {"model": "electron", "messages": [{"role": "user", "content": "Hi"}],
+            "temperature": 1.5, "top_p": 0}
+    msg = to_generate_request(parse_chat_request(body, max_messages=10), request_id="r",
+                              prompt_token_ids=[5, 6, 7], max_tokens=4, model="electron")
+    params = wire.sampling_params(msg.sampling)
+    assert params.top_p == 0.0 and not params.greedy
+    sampler = Sampler(VOCAB, (EOS,))
+    logits = random_logits(1, seed=12, scale=0.1)[0]
+    requests = [Request(request_id=f"z{s}", parent_id=f"z{s}", prompt_token_ids=[5, 6, 7],
+                        sampling=dataclasses.replace(params, seed=s)) for s in range(50)]
+    tokens = sampler(logits.expand(50, -1).clone(), requests).token_ids
+    assert set(tokens) == {int(logits.argmax())}
+    msg.sampling.ClearField("top_p")
+    assert wire.sampling_params(msg.sampling).top_p == 1.0
 
 
 def test_top_p_keeps_the_smallest_prefix_reaching_top_p():

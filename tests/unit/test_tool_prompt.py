@@ -9,13 +9,13 @@ import pytest
 
 from core.chat_template import ChatTemplate
 from core.model_files import resolve_model_path
+from core.pb.electron.v1 import worker_pb2 as pb
 from core.tokenizer import Tokenizer
 from router.chat.service import to_generate_request
 from router.openai.schemas import ChatCompletionRequest, parse_chat_request
 from router.tools.grammar_spec import (
     NO_PARAMETERS,
     asks_for_filler,
-    encode,
     grammar_spec,
     tool_use,
 )
@@ -158,29 +158,31 @@ def test_other_prompts_leave_the_filler_off(messages):
 def test_tool_spec_carries_mode_parallel_and_filler():
     req = request(messages=[VOICE, USER], tools=[WEATHER, CLOCK], parallel_tool_calls=False,
                   tool_choice={"type": "function", "function": {"name": "get_weather"}})
-    assert grammar_spec(req, tool_use(req)) == {
-        "type": "tool_calls",
-        "tools": [{"name": "get_weather", "parameters": WEATHER["function"]["parameters"]},
-                  {"name": "get_time", "parameters": NO_PARAMETERS}],
-        "mode": "named", "name": "get_weather", "parallel": False, "filler": True}
+    calls = grammar_spec(req, tool_use(req)).tool_calls
+    assert [(t.name, json.loads(t.parameters_json)) for t in calls.tools] == [
+        ("get_weather", WEATHER["function"]["parameters"]), ("get_time", NO_PARAMETERS)]
+    assert (calls.mode, calls.name, calls.parallel, calls.filler) == \
+        (pb.GrammarSpec.TOOL_MODE_NAMED, "get_weather", False, True)
 
 
-@pytest.mark.parametrize(("choice", "mode"), [(None, "auto"), ("auto", "auto"),
-                                              ("required", "required")])
+@pytest.mark.parametrize(("choice", "mode"), [(None, pb.GrammarSpec.TOOL_MODE_AUTO),
+                                              ("auto", pb.GrammarSpec.TOOL_MODE_AUTO),
+                                              ("required", pb.GrammarSpec.TOOL_MODE_REQUIRED)])
 def test_tool_modes(choice, mode):
     req = request(tools=[CLOCK], **({"tool_choice": choice} if choice else {}))
-    spec = grammar_spec(req, tool_use(req))
-    assert (spec["mode"], spec["name"], spec["parallel"], spec["filler"]) == \
-        (mode, None, True, False)
+    calls = grammar_spec(req, tool_use(req)).tool_calls
+    assert (calls.mode, calls.name, calls.parallel, calls.filler) == (mode, "", True, False)
 
 
 def test_response_formats_map_to_their_specs():
     schema = {"type": "object", "properties": {"n": {"type": "string"}}}
     assert grammar_spec(request(response_format={"type": "json_object"}), None) == \
-        {"type": "json_object"}
+        pb.GrammarSpec(json_object=pb.GrammarSpec.JsonObject())
     req = request(response_format={"type": "json_schema", "json_schema": {
         "name": "n", "schema": schema, "strict": True}})
-    assert grammar_spec(req, None) == {"type": "json_schema", "schema": schema, "strict": True}
+    spec = grammar_spec(req, None)
+    assert spec.WhichOneof("kind") == "json_schema" and spec.json_schema.strict
+    assert json.loads(spec.json_schema.schema_json) == schema
     assert grammar_spec(request(response_format={"type": "text"}), None) is None
     assert grammar_spec(request(tools=[CLOCK], tool_choice="none"), None) is None
 
@@ -193,7 +195,7 @@ def test_unbounded_integers_are_bounded_to_safe_integers_in_the_spec():
         "d": {"type": "number"}}}
     req = request(response_format={"type": "json_schema", "json_schema": {
         "name": "n", "schema": schema}})
-    sent = grammar_spec(req, None)["schema"]
+    sent = json.loads(grammar_spec(req, None).json_schema.schema_json)
     safe = 2**53 - 1
     assert sent["properties"]["a"] == {"type": "integer", "minimum": -safe, "maximum": safe}
     assert sent["properties"]["b"] == {"type": "integer", "minimum": 0, "maximum": safe}
@@ -205,15 +207,15 @@ def test_unbounded_integers_are_bounded_to_safe_integers_in_the_spec():
     tool = {"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"n": {"type": "integer"}}}}}
     req = request(tools=[tool])
-    assert grammar_spec(req, tool_use(req))["tools"][0]["parameters"]["properties"]["n"][
-        "maximum"] == safe
+    parameters = grammar_spec(req, tool_use(req)).tool_calls.tools[0].parameters_json
+    assert json.loads(parameters)["properties"]["n"]["maximum"] == safe
 
 
 def test_the_spec_travels_in_sampling_params_grammar():
     req = request(response_format={"type": "json_object"})
     msg = to_generate_request(req, request_id="r", prompt_token_ids=[1], max_tokens=5,
-                              model="electron", grammar=encode(grammar_spec(req, None)))
-    assert json.loads(msg.sampling.grammar) == {"type": "json_object"}
+                              model="electron", grammar=grammar_spec(req, None))
+    assert msg.sampling.grammar == pb.GrammarSpec(json_object=pb.GrammarSpec.JsonObject())
     plain = to_generate_request(request(), request_id="r", prompt_token_ids=[1], max_tokens=5,
                                 model="electron")
     assert not plain.sampling.HasField("grammar")

@@ -1,8 +1,9 @@
 """Grammar-constrained decoding with llguidance: compiled grammars and per-request matchers.
 
 ``GrammarCompiler`` (one per engine) turns a request's grammar spec (``grammar_spec.py``) into
-a ``GrammarMatcher``, the sampler's ``LogitsMask``. Compiled grammars are cached per spec text
-(LRU): a hit costs one ``deep_copy`` of a pristine matcher (~10 µs) instead of a compile.
+a ``GrammarMatcher``, the sampler's ``LogitsMask``. Compiled grammars are cached per spec (LRU,
+keyed by the message's deterministic serialization): a hit costs one ``deep_copy`` of a
+pristine matcher (~10 µs) instead of a compile.
 
 Per request, the matcher's state is the output tokens it has accepted. Preemption does not
 touch it: a preempted request keeps its tokens and only recomputes their KV, so the matcher
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from core.errors import InvalidRequest
+from core.pb.electron.v1 import worker_pb2 as pb
 from core.tokenizer import Tokenizer
 
 from .grammar_spec import build_grammar
@@ -67,34 +69,40 @@ class GrammarCompiler:
         self._tokenizer = llguidance.LLTokenizer(
             llguidance.TokenizerWrapper(_TokenizerView(tokenizer, vocab_size, eos)),
             n_vocab=vocab_size, eos_token=eos)
-        self._cache: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        self._cache: OrderedDict[bytes, llguidance.LLMatcher] = OrderedDict()
         self._cache_size = cache_size
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask") if overlap else None
 
-    def matcher(self, spec_text: str) -> GrammarMatcher:
-        """A fresh matcher for ``spec_text``; raises InvalidRequest if it cannot compile."""
-        pristine = self._cache.get(spec_text)
+    def matcher(self, spec: pb.GrammarSpec) -> GrammarMatcher:
+        """A fresh matcher for ``spec``; raises InvalidRequest if it cannot compile."""
+        key = cache_key(spec)
+        pristine = self._cache.get(key)
         if pristine is None:
-            pristine = self._compile(spec_text)
-            self._cache[spec_text] = pristine
+            pristine = self._compile(spec)
+            self._cache[key] = pristine
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         else:
-            self._cache.move_to_end(spec_text)
+            self._cache.move_to_end(key)
         return GrammarMatcher(pristine.deep_copy(), self.vocab_size, self.eos_token_ids,
                               self._pool)
 
-    def _compile(self, spec_text: str) -> llguidance.LLMatcher:
-        spec = build_grammar(spec_text)
-        matcher = llguidance.LLMatcher(self._tokenizer, spec.grammar, log_level=0)
+    def _compile(self, spec: pb.GrammarSpec) -> llguidance.LLMatcher:
+        compiled = build_grammar(spec)
+        matcher = llguidance.LLMatcher(self._tokenizer, compiled.grammar, log_level=0)
         if matcher.is_error():
             raise InvalidRequest(f"the grammar cannot be compiled: {_first_line(matcher)}",
-                                 param=spec.param)
+                                 param=compiled.param)
         return matcher
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def cache_key(spec: pb.GrammarSpec) -> bytes:
+    """What compiled grammars are cached under: equal specs give equal keys (in one process)."""
+    return spec.SerializeToString(deterministic=True)
 
 
 class GrammarMatcher:

@@ -1,12 +1,9 @@
 """The grammar spec a request carries (``SamplingParams.grammar``) -> an llguidance grammar.
 
-The router builds the spec (JSON text) from ``response_format`` or ``tools``/``tool_choice``:
-
-    {"type": "json_object"}
-    {"type": "json_schema", "schema": {...}, "strict": true}
-    {"type": "tool_calls", "tools": [{"name": str, "parameters": {json schema}}],
-     "mode": "auto" | "required" | "named", "name": str | null, "parallel": bool,
-     "filler": bool}
+The router builds the spec, a ``GrammarSpec`` message (proto/electron/v1/worker.proto), from
+``response_format`` or ``tools``/``tool_choice``: a JSON object, a JSON schema (as JSON text,
+``strict`` or not), or tool calls (the tools with their parameter schemas as JSON text, the
+mode ``auto`` / ``required`` / ``named``, the named tool, ``parallel``, ``filler``).
 
 Tool calls are written as ``<tool_call>{"name": "...", "arguments": {...}}</tool_call>``
 (SmolLM2's template has no tools section; this is our documented format). In ``required`` and
@@ -32,17 +29,17 @@ from llguidance import LLMatcher
 
 from core.errors import InvalidRequest
 from core.json_schema_subset import map_subschemas
+from core.pb.electron.v1 import worker_pb2 as pb
+from core.protocol import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 # JSON layout inside every grammar: no free whitespace (see the module docstring).
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-TOOL_CALL_OPEN = "<tool_call>"
-TOOL_CALL_CLOSE = "</tool_call>"
 # Parallel calls in one turn: a bound, so a looping model still ends.
 MAX_PARALLEL_CALLS = 4
 # The filler sentence: at most this many tokens and characters, and no '<' (calls start there).
 FILLER_MAX_TOKENS = 30
 FILLER_MAX_CHARS = 200
-TOOL_MODES = ("auto", "required", "named")
+_TOOL_MODES = frozenset(pb.GrammarSpec.ToolMode.values())
 
 
 @dataclass(frozen=True)
@@ -54,29 +51,32 @@ class CompiledSpec:
     param: str
 
 
-def build_grammar(spec_text: str) -> CompiledSpec:
-    """Parses and checks a grammar spec; raises InvalidRequest naming the request field."""
-    try:
-        spec = json.loads(spec_text)
-    except ValueError as exc:
-        raise InvalidRequest(f"the grammar spec is not JSON: {exc}",
-                             param="response_format") from None
-    if not isinstance(spec, dict):
-        raise InvalidRequest("the grammar spec must be a JSON object", param="response_format")
-    kind = spec.get("type")
+def build_grammar(spec: pb.GrammarSpec) -> CompiledSpec:
+    """Checks a grammar spec and builds its grammar; raises InvalidRequest naming the request
+    field the spec came from."""
+    kind = spec.WhichOneof("kind")
     if kind == "json_object":
         return CompiledSpec(_json_grammar({"type": "object"}), "response_format")
     if kind == "json_schema":
-        schema = spec.get("schema")
+        text = spec.json_schema.schema_json
+        schema = _from_json(text, "'response_format.json_schema.schema'", "response_format")
         if not isinstance(schema, dict):
             raise InvalidRequest("'response_format.json_schema.schema' must be a JSON object",
                                  param="response_format")
-        if spec.get("strict"):
+        if spec.json_schema.strict:
             schema = close_objects(schema)
         return CompiledSpec(_json_grammar(schema), "response_format")
     if kind == "tool_calls":
-        return CompiledSpec(_tool_grammar(spec), "tools")
-    raise InvalidRequest(f"unknown grammar type {kind!r}", param="response_format")
+        return CompiledSpec(_tool_grammar(spec.tool_calls), "tools")
+    raise InvalidRequest("the grammar spec sets none of json_object, json_schema and tool_calls",
+                         param="response_format")
+
+
+def _from_json(text: str, what: str, param: str) -> Any:
+    try:
+        return json.loads(text) if text else None
+    except ValueError as exc:
+        raise InvalidRequest(f"{what} is not JSON: {exc}", param=param) from None
 
 
 def _json_grammar(schema: dict[str, Any]) -> str:
@@ -86,46 +86,46 @@ def _json_grammar(schema: dict[str, Any]) -> str:
         raise InvalidRequest(f"invalid JSON schema: {exc}", param="response_format") from None
 
 
-def _tool_grammar(spec: dict[str, Any]) -> str:
-    tools = spec.get("tools")
-    if not isinstance(tools, list) or not tools:
+def _tool_grammar(spec: pb.GrammarSpec.ToolCalls) -> str:
+    if not spec.tools:
         raise InvalidRequest("'tools' must be a non-empty list", param="tools")
     params: dict[str, dict[str, Any]] = {}
-    for tool in tools:
-        name = tool.get("name") if isinstance(tool, dict) else None
-        if not isinstance(name, str) or not name:
+    for tool in spec.tools:
+        name = tool.name
+        if not name:
             raise InvalidRequest("every tool needs a name", param="tools")
         if name in params:
             raise InvalidRequest(f"tool name {name!r} is repeated", param="tools")
-        schema = tool.get("parameters")
-        if not schema:  # None or {}: the function takes no arguments (OpenAI's reading)
+        schema = _from_json(tool.parameters_json, f"the parameters of tool {name!r}", "tools")
+        if not schema:  # none, null or {}: the function takes no arguments (OpenAI's reading)
             schema = {"type": "object", "properties": {}}
         if not isinstance(schema, dict):
             raise InvalidRequest(f"the parameters of tool {name!r} must be a JSON schema",
                                  param="tools")
         params[name] = close_objects(schema)
-    mode = spec.get("mode", "auto")
-    if mode not in TOOL_MODES:
-        raise InvalidRequest(f"unknown tool mode {mode!r}", param="tool_choice")
-    if mode == "named":
-        chosen = spec.get("name")
+    mode = spec.mode
+    if mode not in _TOOL_MODES:
+        raise InvalidRequest(f"unknown tool mode {mode}", param="tool_choice")
+    if mode == pb.GrammarSpec.TOOL_MODE_NAMED:
+        chosen = spec.name
         if chosen not in params:
             raise InvalidRequest(f"tool_choice names {chosen!r}, which is not in 'tools'",
                                  param="tool_choice")
         params = {chosen: params[chosen]}
     body = " | ".join(f"%json {json.dumps(_call_schema(name, schema))}"
                       for name, schema in params.items())
-    more = f'("\\n"? call){{0,{MAX_PARALLEL_CALLS - 1}}}' if spec.get("parallel") else ""
+    more = f'("\\n"? call){{0,{MAX_PARALLEL_CALLS - 1}}}' if spec.parallel else ""
     call = f'call: "{TOOL_CALL_OPEN}" body "{TOOL_CALL_CLOSE}"\nbody: {body}\n'
-    if mode == "auto":
-        # Free text that never holds "<tool_call>", or text up to the first "<tool_call>"
-        # (lazy: it ends there) followed by the rest of a call.
+    if mode == pb.GrammarSpec.TOOL_MODE_AUTO:
+        # Free text that never holds TOOL_CALL_OPEN, or text up to the first TOOL_CALL_OPEN
+        # (lazy: it ends there) followed by the rest of a call. (The tag holds no character
+        # that a regex or a lark literal would read specially.)
         lark = (f"start: TEXT | text_open body \"{TOOL_CALL_CLOSE}\" {more}\n"
-                "TEXT: /(.|\\n)+/ & ~/(.|\\n)*<tool_call>(.|\\n)*/\n"
-                "text_open[lazy]: /(.|\\n)*<tool_call>/\n" + call)
+                f"TEXT: /(.|\\n)+/ & ~/(.|\\n)*{TOOL_CALL_OPEN}(.|\\n)*/\n"
+                f"text_open[lazy]: /(.|\\n)*{TOOL_CALL_OPEN}/\n" + call)
     else:
         filler = ""
-        if spec.get("filler"):
+        if spec.filler:
             filler = "filler? "
             call += (f"filler[max_tokens={FILLER_MAX_TOKENS}]: "
                      f"/[^<\\x00-\\x1f]{{1,{FILLER_MAX_CHARS}}}\\n?/\n")

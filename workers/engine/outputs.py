@@ -6,15 +6,19 @@ import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from core.protocol import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP
+
 if TYPE_CHECKING:
     from .stats import Timeline
 
 
 class FinishReason(str, enum.Enum):
-    STOP = "stop"          # EOS, a stop token or a stop string
-    LENGTH = "length"      # max_tokens or the context window
-    ABORT = "abort"        # the caller aborted (client gone)
-    ERROR = "error"        # the engine could not serve it
+    """Its values are what ``GenerateResponse.finish_reason`` carries (core/protocol.py)."""
+
+    STOP = FINISH_STOP      # EOS, a stop token or a stop string
+    LENGTH = FINISH_LENGTH  # max_tokens or the context window
+    ABORT = FINISH_ABORT    # the caller aborted (client gone)
+    ERROR = FINISH_ERROR    # the engine could not serve it
 
 
 @dataclass(frozen=True)

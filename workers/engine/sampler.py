@@ -15,7 +15,8 @@ the whole batch when no row needs it, and works only on the rows that need it:
    distribution after bias, penalties and masks, BEFORE temperature, top-k, top-p and min-p.
 7. Greedy rows (``temperature == 0``): argmax, the lowest id on ties. No random draw.
 8. Sampled rows: divide by the temperature; top-k; top-p over the top-k survivors
-   (renormalised, as HF and vLLM do); min-p relative to the most likely token; then one draw.
+   (renormalised, as HF and vLLM do; the most likely token always stays, so top-p 0 keeps
+   only it); min-p relative to the most likely token; then one draw.
 
 The logits tensor is modified in place.
 
@@ -344,8 +345,9 @@ def _draw_candidates(logp: Tensor, ids: Tensor, top_p: Tensor, log_min_p: Tensor
     cum = probs.cumsum(-1)
     covered = cum[:, -1] >= top_p
     # Keep a token while the mass before it is below top_p: the smallest prefix reaching
-    # top_p. The first token always stays (mass 0 before it; top_p > 0).
+    # top_p. The first token always stays, also for top_p 0 (only the likeliest token).
     keep = ((cum - probs) < top_p.unsqueeze(1)) | (top_p >= 1.0).unsqueeze(1)
+    keep[:, 0] = True
     keep &= logp >= logp[:, :1] + log_min_p.unsqueeze(1)
     drawn = _inverse_cdf(probs * keep, u)
     return ids.gather(1, drawn.unsqueeze(1)).squeeze(1), covered

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from core.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from core.pb.electron.v1.worker_pb2 import GrammarSpec
 
 
 @dataclass(frozen=True)
@@ -18,7 +22,7 @@ class SamplingParams:
 
     n: int = 1
     temperature: float = 1.0
-    top_p: float = 1.0
+    top_p: float = 1.0  # 1: no nucleus filtering; 0: only the likeliest token
     top_k: int = 0  # 0: disabled
     min_p: float = 0.0
     seed: int | None = None
@@ -33,8 +37,8 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: bool = False
     top_logprobs: int = 0
-    # Opaque grammar spec for constrained decoding (JSON text); None: unconstrained.
-    grammar: str | None = None
+    # Constrained decoding (workers/engine/grammar_spec.py reads it); None: unconstrained.
+    grammar: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         def bad(param: str, why: str) -> InvalidRequest:
@@ -49,8 +53,8 @@ class SamplingParams:
             raise bad("n", "must be between 1 and 16")
         if not 0.0 <= self.temperature <= 2.0:
             raise bad("temperature", "must be between 0 and 2")
-        if not 0.0 < self.top_p <= 1.0:
-            raise bad("top_p", "must be in (0, 1]")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise bad("top_p", "must be between 0 and 1")
         if self.top_k < 0:
             raise bad("top_k", "must be >= 0 (0 disables it)")
         if not 0.0 <= self.min_p <= 1.0:

@@ -59,11 +59,6 @@ class ScheduledRequest:
     def context_len(self) -> int:
         return self.num_computed_tokens + self.num_new_tokens
 
-    @property
-    def samples_token(self) -> bool:
-        """The step catches the request up: its last position's logits are sampled."""
-        return self.context_len == self.request.num_tokens
-
 
 @dataclass(frozen=True)
 class SchedulerOutput:

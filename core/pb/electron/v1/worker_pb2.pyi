@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -50,8 +51,56 @@ class SamplingParams(_message.Message):
     min_tokens: int
     logprobs: bool
     top_logprobs: int
-    grammar: str
-    def __init__(self, n: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., min_tokens: _Optional[int] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., grammar: _Optional[str] = ...) -> None: ...
+    grammar: GrammarSpec
+    def __init__(self, n: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., min_tokens: _Optional[int] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., grammar: _Optional[_Union[GrammarSpec, _Mapping]] = ...) -> None: ...
+
+class GrammarSpec(_message.Message):
+    __slots__ = ("json_object", "json_schema", "tool_calls")
+    class ToolMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        TOOL_MODE_AUTO: _ClassVar[GrammarSpec.ToolMode]
+        TOOL_MODE_REQUIRED: _ClassVar[GrammarSpec.ToolMode]
+        TOOL_MODE_NAMED: _ClassVar[GrammarSpec.ToolMode]
+    TOOL_MODE_AUTO: GrammarSpec.ToolMode
+    TOOL_MODE_REQUIRED: GrammarSpec.ToolMode
+    TOOL_MODE_NAMED: GrammarSpec.ToolMode
+    class JsonObject(_message.Message):
+        __slots__ = ()
+        def __init__(self) -> None: ...
+    class JsonSchema(_message.Message):
+        __slots__ = ("schema_json", "strict")
+        SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
+        STRICT_FIELD_NUMBER: _ClassVar[int]
+        schema_json: str
+        strict: bool
+        def __init__(self, schema_json: _Optional[str] = ..., strict: _Optional[bool] = ...) -> None: ...
+    class Tool(_message.Message):
+        __slots__ = ("name", "parameters_json")
+        NAME_FIELD_NUMBER: _ClassVar[int]
+        PARAMETERS_JSON_FIELD_NUMBER: _ClassVar[int]
+        name: str
+        parameters_json: str
+        def __init__(self, name: _Optional[str] = ..., parameters_json: _Optional[str] = ...) -> None: ...
+    class ToolCalls(_message.Message):
+        __slots__ = ("tools", "mode", "name", "parallel", "filler")
+        TOOLS_FIELD_NUMBER: _ClassVar[int]
+        MODE_FIELD_NUMBER: _ClassVar[int]
+        NAME_FIELD_NUMBER: _ClassVar[int]
+        PARALLEL_FIELD_NUMBER: _ClassVar[int]
+        FILLER_FIELD_NUMBER: _ClassVar[int]
+        tools: _containers.RepeatedCompositeFieldContainer[GrammarSpec.Tool]
+        mode: GrammarSpec.ToolMode
+        name: str
+        parallel: bool
+        filler: bool
+        def __init__(self, tools: _Optional[_Iterable[_Union[GrammarSpec.Tool, _Mapping]]] = ..., mode: _Optional[_Union[GrammarSpec.ToolMode, str]] = ..., name: _Optional[str] = ..., parallel: _Optional[bool] = ..., filler: _Optional[bool] = ...) -> None: ...
+    JSON_OBJECT_FIELD_NUMBER: _ClassVar[int]
+    JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    json_object: GrammarSpec.JsonObject
+    json_schema: GrammarSpec.JsonSchema
+    tool_calls: GrammarSpec.ToolCalls
+    def __init__(self, json_object: _Optional[_Union[GrammarSpec.JsonObject, _Mapping]] = ..., json_schema: _Optional[_Union[GrammarSpec.JsonSchema, _Mapping]] = ..., tool_calls: _Optional[_Union[GrammarSpec.ToolCalls, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "token_ids", "sampling", "cache_salt", "priority", "model")

@@ -66,7 +66,9 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Abort(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The router never calls Abort: it cancels the Generate call, which aborts the request.
+        Kept for other clients of the wire (tools, tests) that hold only a request id.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
