@@ -67,7 +67,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
 
 from core.pb.electron.v1 import worker_pb2 as pb  # noqa: E402
 from core.pb.electron.v1 import worker_pb2_grpc as pb_grpc  # noqa: E402
-from router.chat.service import to_generate_request  # noqa: E402
+from router.chat.wire import to_generate_request  # noqa: E402
 from router.fleet.client import CHANNEL_OPTIONS  # noqa: E402
 from router.openai.schemas import parse_chat_request  # noqa: E402
 

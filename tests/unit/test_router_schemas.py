@@ -18,7 +18,7 @@ from core.errors import ContextLengthExceeded, InvalidRequest
 from core.model_files import resolve_model_path
 from core.tokenizer import Tokenizer
 from router.api.app import create_app
-from router.chat.service import completion_budget, to_generate_request
+from router.chat.wire import completion_budget, to_generate_request
 from router.openai.schemas import ChatCompletionRequest, parse_chat_request
 from tests.support.openai_schema import validate
 from tests.support.tenancy import local_tenancy

@@ -11,7 +11,7 @@ from core.chat_template import ChatTemplate
 from core.model_files import resolve_model_path
 from core.pb.electron.v1 import worker_pb2 as pb
 from core.tokenizer import Tokenizer
-from router.chat.service import to_generate_request
+from router.chat.wire import to_generate_request
 from router.openai.schemas import ChatCompletionRequest, parse_chat_request
 from router.tools.grammar_spec import (
     NO_PARAMETERS,
