@@ -58,9 +58,9 @@ def to_generate_request(req: ChatCompletionRequest, *, request_id: str,
     return pb.GenerateRequest(
         request_id=request_id, token_ids=prompt_token_ids, sampling=sampling,
         cache_salt=effective_cache_salt(req, terms),
-        # A tenant's requests carry its plan's priority (a client cannot raise its own);
-        # without tenancy the request's priority is vLLM's (lower first), the wire's is
-        # higher first.
+        # Requests carry their tenant's plan's priority (a client cannot raise its own; with
+        # auth off every request has the default terms, priority 0). Only a caller without
+        # terms sends the request's own, vLLM's lower-first turned into the wire's higher-first.
         priority=terms.priority if terms is not None else -(req.priority or 0),
         model=model)
 
