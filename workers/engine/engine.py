@@ -109,8 +109,19 @@ class Engine:
                     param="max_tokens")
         key = extra_key(cache_salt, self.model_name)
         # Compiled (or found in the cache) before anything is queued: a bad grammar fails here.
-        masks = ([self.grammars.matcher(sampling.grammar) for _ in range(sampling.n)]
-                 if sampling.grammar is not None else None)
+        masks = None
+        if sampling.grammar is not None:
+            budget = max_total - num_prompt
+            minimum = self.grammars.minimum_tokens(sampling.grammar)
+            if minimum is not None and budget < minimum:
+                what = ("tool call" if sampling.grammar.WhichOneof("kind") == "tool_calls"
+                        else "JSON value")
+                raise InvalidRequest(
+                    f"max_tokens ({budget}) is below the {minimum} tokens of the shortest "
+                    f"{what} this request's {_grammar_source(sampling)} allows; set "
+                    f"max_tokens to at least {minimum}", param="max_tokens")
+            masks = [self.grammars.matcher(sampling.grammar, budget)
+                     for _ in range(sampling.n)]
         requests: list[Request] = []
         for index in range(sampling.n):
             req = Request(
@@ -197,7 +208,10 @@ class Engine:
             # The sampler keeps these tokens out until min_tokens have been generated.
             reason, req.stop_reason = FinishReason.STOP, token
         if reason is None and req.num_tokens >= req.max_total_tokens:
-            reason = FinishReason.LENGTH
+            # A constrained output that is complete at its last token stopped, not cut.
+            mask = req.logits_mask
+            reason = (FinishReason.STOP if mask is not None and getattr(mask, "is_accepting", False)
+                      else FinishReason.LENGTH)
         if reason is None:
             return RequestOutput(req.parent_id, req.index, (token,), text, logprobs)
         if matched_stop is None:
@@ -212,11 +226,15 @@ class Engine:
         timeline = req.timeline
         timeline.finished_ns = time.time_ns()
         timeline.num_preemptions = req.num_preemptions
+        forced = (req.finish_reason is FinishReason.STOP and req.logits_mask is not None
+                  and getattr(req.logits_mask, "forced_close", False))
+        if forced:
+            self.stats.structured_forced_closes += 1
         return RequestOutput(
             req.parent_id, req.index, token_ids, text, logprobs,
             finish_reason=req.finish_reason, stop_reason=req.stop_reason,
             usage=Usage(req.num_prompt_tokens, req.num_cached_tokens or 0, req.num_output_tokens),
-            timeline=timeline)
+            timeline=timeline, forced_close=forced)
 
     def _fail(self, req: Request) -> RequestOutput:
         if not req.is_finished:
@@ -233,3 +251,8 @@ class Engine:
             chosen=TokenLogprob(tok.token_text(token), raw.chosen_logprob, tok.token_bytes(token)),
             top=tuple(TokenLogprob(tok.token_text(i), lp, tok.token_bytes(i))
                       for i, lp in zip(raw.top_ids, raw.top_logprobs)))
+
+
+def _grammar_source(sampling: SamplingParams) -> str:
+    assert sampling.grammar is not None
+    return "tools" if sampling.grammar.WhichOneof("kind") == "tool_calls" else "response_format"

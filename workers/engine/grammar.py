@@ -18,10 +18,13 @@ turned into an additive bias (0 or -inf) through a 256-entry byte table.
 
 from __future__ import annotations
 
+import codecs
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 import llguidance
 import numpy as np
@@ -32,6 +35,7 @@ from core.pb.electron.v1 import worker_pb2 as pb
 from core.tokenizer import Tokenizer
 
 from .grammar_spec import build_grammar
+from .json_close import Closer, CloseState, Unwritable
 
 log = logging.getLogger(__name__)
 
@@ -66,38 +70,209 @@ class GrammarCompiler:
         eos = list(eos_token_ids)
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos)
-        self._tokenizer = llguidance.LLTokenizer(
-            llguidance.TokenizerWrapper(_TokenizerView(tokenizer, vocab_size, eos)),
-            n_vocab=vocab_size, eos_token=eos)
-        self._cache: OrderedDict[bytes, llguidance.LLMatcher] = OrderedDict()
+        view = _TokenizerView(tokenizer, vocab_size, eos)
+        self._tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(view),
+                                                 n_vocab=vocab_size, eos_token=eos)
+        self._text = _TokenText(tokenizer, view.tokens, eos[0])
+        self._cache: OrderedDict[bytes, _Compiled] = OrderedDict()
         self._cache_size = cache_size
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask") if overlap else None
 
-    def matcher(self, spec: pb.GrammarSpec) -> GrammarMatcher:
-        """A fresh matcher for ``spec``; raises InvalidRequest if it cannot compile."""
+    def matcher(self, spec: pb.GrammarSpec, max_tokens: int | None = None) -> GrammarMatcher:
+        """A fresh matcher for ``spec``; raises InvalidRequest if it cannot compile.
+        ``max_tokens``: the sequence's budget, which the matcher closes the output within
+        (None: no budget-aware closing)."""
+        compiled = self.compiled(spec)
+        budget = None
+        if max_tokens is not None and compiled.closer is not None:
+            budget = _Budget(compiled.closer.state(), max_tokens, compiled.closer.jump,
+                             len(compiled.closer.minimum_output().encode()), self._text,
+                             compiled.closer.kind == "tools" and compiled.closer.mode == "auto")
+        return GrammarMatcher(compiled.pristine.deep_copy(), self.vocab_size,
+                              self.eos_token_ids, self._pool, budget)
+
+    def minimum_tokens(self, spec: pb.GrammarSpec) -> int | None:
+        """Tokens of the shortest output ``spec`` admits (the shortest valid value of a schema,
+        the shortest call of a required or named tool; 0 in auto mode), or None when unknown."""
+        return self.compiled(spec).minimum_tokens
+
+    def compiled(self, spec: pb.GrammarSpec) -> _Compiled:
         key = cache_key(spec)
-        pristine = self._cache.get(key)
-        if pristine is None:
-            pristine = self._compile(spec)
-            self._cache[key] = pristine
+        compiled = self._cache.get(key)
+        if compiled is None:
+            compiled = self._compile(spec)
+            self._cache[key] = compiled
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         else:
             self._cache.move_to_end(key)
-        return GrammarMatcher(pristine.deep_copy(), self.vocab_size, self.eos_token_ids,
-                              self._pool)
+        return compiled
 
-    def _compile(self, spec: pb.GrammarSpec) -> llguidance.LLMatcher:
+    def _compile(self, spec: pb.GrammarSpec) -> _Compiled:
         compiled = build_grammar(spec)
         matcher = llguidance.LLMatcher(self._tokenizer, compiled.grammar, log_level=0)
         if matcher.is_error():
             raise InvalidRequest(f"the grammar cannot be compiled: {_first_line(matcher)}",
                                  param=compiled.param)
-        return matcher
+        closer, minimum = compiled.closer, None
+        if closer is not None:
+            shortest = closer.minimum_output()
+            ids = self._text.encode(shortest) if shortest else []
+            probe = matcher.deep_copy()
+            if probe.validate_tokens(ids) == len(ids) and probe.consume_tokens(ids) is not False \
+                    and (probe.is_accepting() or not ids):
+                minimum = len(ids)
+            else:  # the grammar refuses what this module thinks shortest: do not rely on it
+                log.warning("budget-aware closing disabled for a grammar whose shortest output "
+                            "it does not accept: %r", shortest[:200])
+                closer = None
+        return _Compiled(matcher, closer, minimum)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    pristine: llguidance.LLMatcher
+    closer: Closer | None     # what outputs need to end (None: no budget-aware closing)
+    minimum_tokens: int | None
+
+
+class _TokenText:
+    """Token ids <-> text for the closing rule: each token's bytes, single-byte tokens, and
+    encoding a completion."""
+
+    def __init__(self, tokenizer: Tokenizer, tokens: list[bytes], eos: int):
+        self.tokens = tokens
+        self.eos = eos
+        self.single = {t[0]: i for i, t in reversed(list(enumerate(tokens))) if len(t) == 1}
+        self._tokenizer = tokenizer
+        self._angle: torch.Tensor | None = None
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text)
+
+    def angle_ids(self) -> torch.Tensor:
+        """Tokens holding '<' or '>': banned in auto mode near the budget, so no call starts
+        that could not end."""
+        if self._angle is None:
+            self._angle = torch.tensor([i for i, t in enumerate(self.tokens)
+                                        if b"<" in t or b">" in t], dtype=torch.long)
+        return self._angle
+
+
+# Slack of the closing rule beyond the completion and the jump (tokenization differences).
+CLOSE_MARGIN = 2
+
+
+class _Budget:
+    """Budget-aware closing for one sequence (docs/structured-output.md, "Closing within
+    max_tokens"). ``left`` is the tokens the sequence may still produce, the one being sampled
+    included. The rule: force the tokens of the shortest completion once
+    ``left <= needed + jump + CLOSE_MARGIN`` (``needed``: the completion's tokens; ``jump``:
+    the most one free token can add to it, from the grammar). Checks are spaced so that, with
+    at most ``jump`` more to write per token, none is missed; far from the end they are rare
+    (the scan of the text it has not read yet is the only per-token work)."""
+
+    def __init__(self, state: CloseState, max_tokens: int, jump: int, shortest_bytes: int,
+                 text: _TokenText, auto: bool):
+        self.state = state
+        self.left = max_tokens
+        self.jump = jump
+        self.text = text
+        self.auto = auto
+        self.unread: list[int] = []
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.queue: deque[int] = deque()
+        self.forced = False       # a token was forced while others were allowed
+        self.gave_up = False
+        # First check: when even the shortest whole output could come within reach.
+        self.check_at = self._next_check(shortest_bytes)
+
+    def _next_check(self, needed_bytes: int) -> int:
+        """The ``left`` at which to check next: the k steps skipped may add ``jump`` each."""
+        room = self.left - needed_bytes - self.jump - CLOSE_MARGIN
+        return self.left - max(0, room // (self.jump + 1))
+
+    def accept(self, token_id: int) -> None:
+        self.left -= 1
+        self.unread.append(token_id)
+        if self.queue:
+            if self.queue[0] == token_id:
+                self.queue.popleft()
+            else:
+                self.queue.clear()
+
+    def _read(self) -> None:
+        tokens = self.text.tokens
+        for t in self.unread:
+            if t < len(tokens):
+                self.state.feed(self.decoder.decode(tokens[t]))
+        self.unread.clear()
+
+    def _partial_char(self) -> list[int]:
+        """Single-byte tokens that finish a UTF-8 character the text ends inside of."""
+        pending = self.decoder.getstate()[0]
+        if not pending:
+            return []
+        lead = pending[0]
+        size = 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4
+        out = []
+        for i in range(len(pending), size):
+            byte = 0x80
+            if i == 1 and lead == 0xE0:
+                byte = 0xA0
+            elif i == 1 and lead == 0xF0:
+                byte = 0x90
+            out.append(self.text.single.get(byte, -1))
+        return out if -1 not in out else []
+
+    def forced_token(self, matcher: llguidance.LLMatcher, allowed: Any) -> int | None:
+        """The token the closing rule forces now, or None (sample freely). ``allowed(t)``
+        says whether the grammar's mask allows t."""
+        if self.left > self.check_at or self.gave_up:
+            return None
+        self._read()
+        if self.queue:
+            if allowed(self.queue[0]):
+                return self.queue[0]
+            self.queue.clear()
+        if matcher.is_stopped():
+            return None
+        try:
+            completion = self.state.completion()
+        except Unwritable:
+            self.gave_up = True
+            log.debug("budget-aware closing: no completion found; the mask alone decides")
+            return None
+        head = self._partial_char()
+        needed_bytes = len(completion.encode()) + len(head)
+        if self.left > needed_bytes + self.jump + CLOSE_MARGIN:
+            self.check_at = self._next_check(needed_bytes)
+            return None
+        ids = head + (self.text.encode(completion) if completion else [])
+        if self.left > len(ids) + self.jump + CLOSE_MARGIN:
+            self.check_at = self.left - 1
+            return None
+        self.check_at = self.left  # check every step from here
+        if not ids:
+            if self.auto and not self.state.in_call:
+                return None  # free text: the mask keeps calls out instead (see ``ban``)
+            ids = [self.text.eos]
+        self.queue = deque(ids)
+        if allowed(self.queue[0]):
+            return self.queue[0]
+        self.queue.clear()
+        return None
+
+    def ban(self) -> torch.Tensor | None:
+        """Tokens to keep out now although the grammar allows them: in auto mode near the
+        budget, outside a call, those that could begin one."""
+        if self.auto and self.left <= self.check_at and not self.state.in_call:
+            return self.text.angle_ids()
+        return None
 
 
 def cache_key(spec: pb.GrammarSpec) -> bytes:
@@ -109,8 +284,10 @@ class GrammarMatcher:
     """One sequence's grammar state: the ``LogitsMask`` the sampler applies."""
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int,
-                 eos_token_ids: tuple[int, ...], pool: ThreadPoolExecutor | None):
+                 eos_token_ids: tuple[int, ...], pool: ThreadPoolExecutor | None,
+                 budget: _Budget | None = None):
         self._matcher = matcher
+        self._budget = budget
         self._vocab_size = vocab_size
         self._eos_ids = eos_token_ids
         self._eos = torch.tensor(eos_token_ids, dtype=torch.long)
@@ -132,13 +309,48 @@ class GrammarMatcher:
         if self._pool is not None:
             self._pending = self._pool.submit(self._fill)
 
-    def _bias(self) -> torch.Tensor:
-        """Float [vocab]: 0 for the tokens the grammar allows next, -inf for the others."""
+    @property
+    def is_accepting(self) -> bool:
+        """The output so far is complete (EOS would be allowed)."""
+        if self._pending is not None:  # the helper thread may be filling the next mask
+            self._pending.result()
+        return self._matcher.is_accepting()
+
+    @property
+    def forced_close(self) -> bool:
+        """The budget forced the output's close (a token forced while others were allowed)."""
+        return self._budget is not None and self._budget.forced
+
+    def _wait(self) -> None:
         if self._pending is not None:
             self._pending.result()
             self._pending = None
         else:
             self._fill()
+
+    def _allows(self, token_id: int) -> bool:
+        return 0 <= token_id < self._vocab_size and bool(
+            (int(self._bits[token_id >> 5]) >> (token_id & 31)) & 1)
+
+    def _forced(self) -> int | None:
+        """After ``_wait``: the token the budget forces, if any."""
+        budget = self._budget
+        if budget is None or budget.left > budget.check_at:
+            return None
+        if self._matcher.is_error():
+            return None
+        token = budget.forced_token(self._matcher, self._allows)
+        if token is not None and not budget.forced:
+            # Forcing counts as a close only while the grammar allowed something else.
+            budget.forced = int(np.unpackbits(self._bytes).sum()) > 1
+        return token
+
+    def _bias(self) -> torch.Tensor:
+        """Float [vocab]: 0 for the tokens the grammar allows next, -inf for the others."""
+        self._wait()
+        return self._bias_now()
+
+    def _bias_now(self) -> torch.Tensor:
         if self._matcher.is_error():
             # Cannot happen for tokens the mask allowed; if it does, end the text cleanly.
             log.error("grammar matcher failed: %s", _first_line(self._matcher))
@@ -153,7 +365,21 @@ class GrammarMatcher:
         return self._bias() == 0
 
     def apply(self, logits: torch.Tensor) -> None:
-        bias = self._bias()
+        self._wait()
+        forced = self._forced()
+        if forced is not None:
+            # Closing within the budget: only the completion's next token.
+            logits.fill_(float("-inf"))
+            logits[forced] = 0.0
+            return
+        bias = self._bias_now()
+        if self._budget is not None:
+            banned = self._budget.ban()
+            if banned is not None:
+                kept = bias.clone()
+                kept[banned] = float("-inf")
+                if bool(kept.amax() == 0):
+                    bias = kept
         logits.add_(bias)
         if bool(logits.amax() == float("-inf")):
             # Everything the grammar allows was banned by another stage (min_tokens keeps EOS
@@ -161,6 +387,8 @@ class GrammarMatcher:
             logits.copy_(bias)
 
     def accept(self, token_id: int) -> None:
+        if self._budget is not None:
+            self._budget.accept(token_id)
         if not self._matcher.consume_token(token_id):
             log.error("grammar rejected token %d: %s", token_id, _first_line(self._matcher))
         if token_id not in self._eos_ids:

@@ -32,6 +32,8 @@ from core.json_schema_subset import map_subschemas
 from core.pb.electron.v1 import worker_pb2 as pb
 from core.protocol import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
+from .json_close import Closer, Unwritable, tool_call_schema
+
 # JSON layout inside every grammar: no free whitespace (see the module docstring).
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 # Parallel calls in one turn: a bound, so a looping model still ends.
@@ -44,11 +46,14 @@ _TOOL_MODES = frozenset(pb.GrammarSpec.ToolMode.values())
 
 @dataclass(frozen=True)
 class CompiledSpec:
-    """An llguidance grammar (its serialised top-level form) and the request field that
-    declared it, which errors name."""
+    """An llguidance grammar (its serialised top-level form), the request field that
+    declared it, which errors name, and what its outputs need to end (``json_close.py``;
+    None when that module cannot tell, e.g. a schema it does not understand: such a request
+    is decoded without budget-aware closing)."""
 
     grammar: str
     param: str
+    closer: Closer | None = None
 
 
 def build_grammar(spec: pb.GrammarSpec) -> CompiledSpec:
@@ -56,7 +61,9 @@ def build_grammar(spec: pb.GrammarSpec) -> CompiledSpec:
     field the spec came from."""
     kind = spec.WhichOneof("kind")
     if kind == "json_object":
-        return CompiledSpec(_json_grammar({"type": "object"}), "response_format")
+        schema = {"type": "object"}
+        return CompiledSpec(_json_grammar(schema), "response_format",
+                            _closer(lambda: Closer("json", schema)))
     if kind == "json_schema":
         text = spec.json_schema.schema_json
         schema = _from_json(text, "'response_format.json_schema.schema'", "response_format")
@@ -65,11 +72,23 @@ def build_grammar(spec: pb.GrammarSpec) -> CompiledSpec:
                                  param="response_format")
         if spec.json_schema.strict:
             schema = close_objects(schema)
-        return CompiledSpec(_json_grammar(schema), "response_format")
+        return CompiledSpec(_json_grammar(schema), "response_format",
+                            _closer(lambda: Closer("json", schema)))
     if kind == "tool_calls":
-        return CompiledSpec(_tool_grammar(spec.tool_calls), "tools")
+        grammar, params = _tool_grammar(spec.tool_calls)
+        mode = {pb.GrammarSpec.TOOL_MODE_AUTO: "auto", pb.GrammarSpec.TOOL_MODE_REQUIRED:
+                "required", pb.GrammarSpec.TOOL_MODE_NAMED: "named"}[spec.tool_calls.mode]
+        return CompiledSpec(grammar, "tools", _closer(lambda: Closer(
+            "tools", tool_call_schema(params), mode=mode, parallel=spec.tool_calls.parallel)))
     raise InvalidRequest("the grammar spec sets none of json_object, json_schema and tool_calls",
                          param="response_format")
+
+
+def _closer(build: Any) -> Closer | None:
+    try:
+        return build()
+    except (Unwritable, RecursionError, TypeError, ValueError, KeyError, AttributeError):
+        return None
 
 
 def _from_json(text: str, what: str, param: str) -> Any:
@@ -86,7 +105,8 @@ def _json_grammar(schema: dict[str, Any]) -> str:
         raise InvalidRequest(f"invalid JSON schema: {exc}", param="response_format") from None
 
 
-def _tool_grammar(spec: pb.GrammarSpec.ToolCalls) -> str:
+def _tool_grammar(spec: pb.GrammarSpec.ToolCalls) -> tuple[str, dict[str, dict[str, Any]]]:
+    """The tool-call grammar, and the (closed) parameter schemas of the tools it admits."""
     if not spec.tools:
         raise InvalidRequest("'tools' must be a non-empty list", param="tools")
     params: dict[str, dict[str, Any]] = {}
@@ -130,7 +150,7 @@ def _tool_grammar(spec: pb.GrammarSpec.ToolCalls) -> str:
             call += (f"filler[max_tokens={FILLER_MAX_TOKENS}]: "
                      f"/[^<\\x00-\\x1f]{{1,{FILLER_MAX_CHARS}}}\\n?/\n")
         lark = f"start: {filler}call {more}\n" + call
-    return LLMatcher.grammar_from_lark(lark)
+    return LLMatcher.grammar_from_lark(lark), params
 
 
 def _call_schema(name: str, parameters: dict[str, Any]) -> dict[str, Any]:

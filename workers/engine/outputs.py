@@ -62,6 +62,9 @@ class RequestOutput:
     usage: Usage | None = None
     error: str | None = None
     timeline: Timeline | None = None  # on the final output: the sequence's milestones
+    # On the final output: the max_tokens budget forced the constrained output's close (it is
+    # complete and valid; docs/structured-output.md, "Closing within max_tokens").
+    forced_close: bool = False
 
     @property
     def finished(self) -> bool:

@@ -21,6 +21,8 @@ class EngineStats:
     cached_prompt_tokens: int = 0   # the part of those found in the prefix cache
     generation_tokens: int = 0      # sampled tokens
     preemptions: int = 0
+    # Constrained sequences whose close the max_tokens budget forced (complete, "stop").
+    structured_forced_closes: int = 0
 
 
 @dataclass(eq=False)
