@@ -14,6 +14,8 @@ step, the per-request histograms by the gRPC handler once per finished sequence.
   hits / queries since start (``rate()`` of the two gives the recent ratio)
 - ``electron:prompt_tokens_total`` / ``electron:generation_tokens_total`` (``rate()``: tok/s)
 - ``electron:num_preemptions_total``
+- ``electron:structured_forced_close_total``: constrained sequences (JSON, tool calls) whose
+  close the ``max_tokens`` budget forced (docs/structured-output.md)
 - ``electron:engine_step_duration_seconds``: one forward pass with scheduling and sampling
 - ``electron:request_queue_time_seconds``, ``electron:request_prefill_time_seconds``,
   ``electron:request_decode_time_seconds``: a sequence's time waiting, prefilling (first step
@@ -95,6 +97,9 @@ class EngineCollector:
         yield counter("electron:generation_tokens", "Generated tokens", stats.generation_tokens)
         yield counter("electron:num_preemptions", "Sequences preempted (blocks freed, "
                       "recomputed later)", stats.preemptions)
+        yield counter("electron:structured_forced_close", "Constrained sequences whose close "
+                      "the max_tokens budget forced (complete, finish_reason stop)",
+                      stats.structured_forced_closes)
 
 
 class WorkerMetrics:

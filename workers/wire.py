@@ -94,6 +94,7 @@ def generate_response(output: RequestOutput) -> pb.GenerateResponse:
         text=output.text,
         logprobs=[_position_logprobs(p) for p in output.logprobs],
         finish_reason=output.finish_reason.value if output.finish_reason is not None else "",
+        forced_close=output.forced_close,
     )
     if output.usage is not None:
         msg.usage.prompt_tokens = output.usage.prompt_tokens

@@ -25,6 +25,7 @@ from starlette.responses import Response
 from starlette.types import Receive
 
 from router.api import sse
+from router.chat.response import FORCED_CLOSE_HEADER
 from router.chat.service import ChatService, Generation, Prepared
 from router.chat.usage import Usage
 from router.openai.schemas import ChatCompletionRequest
@@ -60,6 +61,8 @@ class ChatRequest:
                     return self._client_left()
                 self.finish()
                 response = as_json(body)
+                if self.usage.forced_closes:
+                    response.headers[FORCED_CLOSE_HEADER] = str(self.usage.forced_closes)
         except BaseException:
             self.finish("error")
             raise

@@ -48,15 +48,24 @@ def logprob_entries(positions: Sequence[pb.PositionLogprobs], top: int) -> list[
     } for p in positions]
 
 
+# Response header of a non-streamed reply: how many choices the max_tokens budget closed
+# early (docs/structured-output.md, "Closing within max_tokens"); absent when none was.
+FORCED_CLOSE_HEADER = "X-Electron-Structured-Forced-Close"
+
+
 def usage_body(usage: Usage) -> dict[str, Any]:
-    """OpenAI's ``usage`` object of a request's counted usage."""
-    return {
+    """OpenAI's ``usage`` object of a request's counted usage, with our extension
+    ``structured_forced_close`` (choices closed early by the budget) when there were any."""
+    body: dict[str, Any] = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
         "completion_tokens_details": {"reasoning_tokens": 0},
     }
+    if usage.forced_closes:
+        body["structured_forced_close"] = usage.forced_closes
+    return body
 
 
 def assistant_message(tools: ToolUse | None, text: str, finish: str | None) -> dict[str, Any]:

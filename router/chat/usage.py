@@ -23,15 +23,18 @@ class Usage:
     completion_tokens: int = 0
     started: bool = False    # a worker's first delta arrived: the prompt was computed
     choices_left: int = 0
+    # Choices whose constrained output the max_tokens budget closed early (complete, "stop").
+    forced_closes: int = 0
 
     def start(self, prompt_tokens: int, n: int) -> None:
         self.prompt_tokens, self.cached_tokens, self.completion_tokens = prompt_tokens, 0, 0
-        self.started, self.choices_left = True, n
+        self.started, self.choices_left, self.forced_closes = True, n, 0
 
     def observe(self, message: pb.GenerateResponse) -> None:
         self.completion_tokens += len(message.token_ids)
         if message.finish_reason and message.finish_reason not in WORKER_GAVE_UP:
             self.choices_left -= 1
+            self.forced_closes += message.forced_close
             self.cached_tokens = min(self.prompt_tokens,
                                      max(self.cached_tokens, message.usage.cached_tokens))
 
