@@ -1,7 +1,19 @@
-"""Structured-output benchmark: decode tokens/s with a JSON-schema mask against without.
+"""Structured-output benchmark: decode tokens/s with a JSON-schema mask against without;
+with ``--complete``, whether sampled constrained replies are complete within max_tokens.
 
     python bench/structured_bench.py --out bench/results/structured.json [--rounds 8]
         [--chunk 8] [--batches 1,16] [--threads N]
+    python bench/structured_bench.py --complete [--model smollm2|tiny] [--requests 240]
+        [--out bench/results/structured_complete.json] [--threads N]
+
+``--complete`` (docs/structured-output.md, "Closing within max_tokens"): sampled requests
+(temperature 1, seeded) over the test schemas (tests/support/schemas.py) plus schemas with
+patterns, formats, ``minItems`` and ``anyOf``, and over tool sets in required, named,
+parallel and auto modes, with ``max_tokens`` drawn per budget band from the grammar's minimum
+(tight: +0-4, short: +5-20, medium: +21-60, generous: +61-150). Every reply must parse and
+validate against its schema (tool calls: every ``<tool_call>`` closed, its arguments valid);
+reported per band with the forced-close rate. The replies that ended on their own are then
+generated again without budget-aware closing, and must be the same, byte for byte.
 
 One process, SmolLM2-135M (float32, the synchronous ``Engine``), greedy. For each batch size B,
 three configurations on the same prompts, each with its own engine and live batch; they take
@@ -29,10 +41,13 @@ import datetime as dt
 import json
 import os
 import shlex
+import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,6 +56,8 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
 from core.config import EngineConfig  # noqa: E402
+from core.errors import InvalidRequest  # noqa: E402
+from core.protocol import TOOL_CALL_CLOSE, TOOL_CALL_OPEN  # noqa: E402
 from core.pb.electron.v1 import worker_pb2 as pb  # noqa: E402
 from core.tokenizer import Tokenizer  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
@@ -56,6 +73,9 @@ SCHEMA = {"type": "array", "minItems": 100, "items": {
 GRAMMAR = pb.GrammarSpec(json_schema=pb.GrammarSpec.JsonSchema(schema_json=json.dumps(SCHEMA),
                                                                strict=True))
 CONFIGS = ("plain", "masked", "masked_no_overlap")
+# Masked turns: a budget far above the schema's shortest document (100 items, ~1,500 tokens),
+# so budget-aware closing stays out of the way, as it does for any request far from its end.
+MASKED_MAX_TOKENS = 1900
 
 
 def make_engine(runner: ModelRunner, tokenizer: Tokenizer, config: str, batch: int) -> Engine:
@@ -76,7 +96,7 @@ def start(engine: Engine, ids: list[list[int]], config: str, max_tokens: int) ->
     if config == "plain":
         params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=max_tokens)
     else:
-        params = SamplingParams(temperature=0, max_tokens=max_tokens, grammar=GRAMMAR)
+        params = SamplingParams(temperature=0, max_tokens=MASKED_MAX_TOKENS, grammar=GRAMMAR)
     requests = [r for i, p in enumerate(ids)
                 for r in engine.make_requests(f"{config}-{i}", p, params)]
     engine.add(requests)
@@ -134,9 +154,238 @@ def mask_ms_per_step(requests: list, vocab: int, repeats: int = 50) -> float:
     return best * 1e3
 
 
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+EXTRA_SCHEMAS: list[tuple[str, dict]] = [
+    ("pattern_code", {"type": "object", "properties": {
+        "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"},
+        "note": {"type": "string"}}, "required": ["code", "note"]}),
+    ("formats", {"type": "object", "properties": {
+        "day": {"type": "string", "format": "date"}, "mail": {"type": "string", "format": "email"},
+        "id": {"type": "string", "format": "uuid"}}, "required": ["day", "mail", "id"]}),
+    ("min_items_enum", {"type": "object", "properties": {
+        "colors": {"type": "array", "minItems": 3, "items": {"enum": ["red", "green", "blue"]}},
+        "score": {"type": "number", "exclusiveMinimum": 0.5, "maximum": 0.75}},
+        "required": ["colors", "score"]}),
+    ("deep_nested", {"type": "object", "properties": {"a": {"type": "object", "properties": {
+        "b": {"type": "object", "properties": {"c": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "properties": {"d": {"type": "string", "minLength": 3}},
+            "required": ["d"]}}}, "required": ["c"]}}, "required": ["b"]},
+        "extra": {"type": "string"}}, "required": ["a"]}),
+    ("any_of_objects", {"type": "object", "properties": {"shape": {"anyOf": [
+        {"type": "object", "properties": {"r": {"type": "number", "minimum": 1}},
+         "required": ["r"]},
+        {"type": "object", "properties": {"w": {"type": "integer", "minimum": 100},
+                                          "h": {"type": "integer", "minimum": 100}},
+         "required": ["w", "h"]}]}}, "required": ["shape"]}),
+    ("free_strings", {"type": "object", "properties": {"essay": {"type": "string"},
+                                                       "words": {"type": "array",
+                                                                 "items": {"type": "string"}}},
+                      "required": ["essay", "words"]}),
+    ("refs", {"$defs": {"item": {"type": "object", "properties": {
+        "sku": {"type": "string", "pattern": "^[a-z]{2}[0-9]{2}$"},
+        "qty": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["sku", "qty"]}},
+        "type": "object", "properties": {"items": {"type": "array", "minItems": 2,
+                                                   "items": {"$ref": "#/$defs/item"}}},
+        "required": ["items"]}),
+    ("top_level_array", {"type": "array", "minItems": 2, "items": {"type": "string",
+                                                                   "minLength": 2}}),
+]
+BANDS = (("tight", 0, 4), ("short", 5, 20), ("medium", 21, 60), ("generous", 61, 150))
+
+
+def complete_cases() -> list[tuple[str, pb.GrammarSpec, Any]]:
+    """(name, spec, what validates it): a JSON schema, or the tool list (name -> parameters)
+    with the mode."""
+    from tests.support.schemas import SCHEMAS, TOOLS, json_object_spec, schema_spec, tool_spec
+
+    cases: list[tuple[str, pb.GrammarSpec, Any]] = []
+    for name, _, schema in SCHEMAS[::2]:  # the 21 base schemas
+        cases.append((name, schema_spec(schema), schema))
+    for name, schema in EXTRA_SCHEMAS:
+        cases.append((name, schema_spec(schema), schema))
+    cases.append(("json_object", json_object_spec(), {"type": "object"}))
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    cases += [
+        ("tools_required", tool_spec("required"), ("required", params)),
+        ("tools_named", tool_spec("named", name="book_table"), ("named", params)),
+        ("tools_parallel", tool_spec("required", parallel=True), ("required", params)),
+        ("tools_filler", tool_spec("required", filler=True), ("required", params)),
+        ("tools_auto", tool_spec("auto"), ("auto", params)),
+    ]
+    return cases
+
+
+def check_reply(text: str, expect: Any) -> tuple[bool, int, str]:
+    """(valid, cut tool calls, why not valid)."""
+    import jsonschema
+
+    if isinstance(expect, dict):
+        try:
+            jsonschema.validate(json.loads(text), expect)
+        except (ValueError, jsonschema.ValidationError) as exc:
+            return False, 0, str(exc)[:200]
+        return True, 0, ""
+    mode, params = expect
+    opened = text.count(TOOL_CALL_OPEN)
+    bodies = re.findall(re.escape(TOOL_CALL_OPEN) + "(.*?)" + re.escape(TOOL_CALL_CLOSE),
+                        text, re.S)
+    cut = opened - len(bodies)
+    if cut:
+        return False, cut, "a tool call is cut"
+    if mode != "auto" and not bodies:
+        return False, 0, "no tool call"
+    for body in bodies:
+        try:
+            call = json.loads(body)
+            jsonschema.validate(call["arguments"], params[call["name"]])
+        except (ValueError, KeyError, TypeError, jsonschema.ValidationError) as exc:
+            return False, 0, f"bad call: {str(exc)[:200]}"
+    return True, 0, ""
+
+
+def run_batch(engine: Engine, jobs: list[dict]) -> dict[str, dict]:
+    """Runs every job (request id -> prompt, params) to its end; text and final output."""
+    for job in jobs:
+        engine.add(engine.make_requests(job["id"], job["prompt"], job["params"]))
+    texts: dict[str, list[str]] = {}
+    finals: dict[str, Any] = {}
+    with torch.inference_mode():
+        while engine.has_unfinished:
+            for out in engine.step():
+                texts.setdefault(out.request_id, []).append(out.text)
+                if out.finished:
+                    finals[out.request_id] = out
+    return {rid: {"text": "".join(texts.get(rid, [])), "final": out}
+            for rid, out in finals.items()}
+
+
+def complete_main(args: argparse.Namespace) -> None:
+    import random
+    import tempfile
+
+    rng = random.Random(args.seed)
+    if args.model == "tiny":
+        from tests.support.tiny_model import make_tiny_llama_dir
+
+        model = str(make_tiny_llama_dir(Path(tempfile.mkdtemp()) / "tiny"))
+        model_name = "tiny random-weight Llama (tests/support/tiny_model.py), float32"
+    else:
+        model = None
+        model_name = "smollm2-135m-instruct, float32"
+    config = EngineConfig(dtype="float32", kv_cache_bytes=256 * 2**20, max_model_len=1024,
+                          max_num_seqs=args.batch, max_num_batched_tokens=2048,
+                          **({"model": model} if model else {}))
+    runner = ModelRunner(config)
+    tokenizer = Tokenizer.from_model_path(runner.model_path)
+    engine = Engine(runner, tokenizer, config, model_name="bench")
+    cases = complete_cases()
+    jobs: list[dict] = []
+    for i in range(args.requests):
+        name, spec, expect = cases[i % len(cases)]
+        band, lo, hi = BANDS[(i // len(cases)) % len(BANDS)]
+        minimum = engine.grammars.minimum_tokens(spec) or 1
+        max_tokens = minimum + rng.randint(lo, hi)
+        prompt = tokenizer.encode_chat([{"role": "user", "content":
+                                         f"Reply with JSON ({name}, request {i})."}])
+        jobs.append({"id": f"c{i}", "case": name, "band": band, "minimum": minimum,
+                     "max_tokens": max_tokens, "expect": expect, "prompt": prompt,
+                     "params": SamplingParams(temperature=1.0, seed=1000 + i,
+                                              max_tokens=max_tokens, grammar=spec)})
+    # A budget below the minimum is refused (400 naming max_tokens).
+    refused = 0
+    for name, spec, _ in cases:
+        minimum = engine.grammars.minimum_tokens(spec) or 0
+        if minimum > 1:
+            try:
+                engine.make_requests("refuse", [1, 2, 3], SamplingParams(
+                    max_tokens=minimum - 1, grammar=spec))
+            except InvalidRequest as exc:
+                refused += exc.param == "max_tokens"
+    begin = time.perf_counter()
+    results = run_batch(engine, jobs)
+    elapsed = time.perf_counter() - begin
+    bands: dict[str, dict] = {b: {"requests": 0, "valid": 0, "forced_close": 0, "cut_calls": 0,
+                                  "finish": {}, "output_tokens": 0}
+                              for b, _, _ in BANDS}
+    failures = []
+    for job in jobs:
+        res = results[job["id"]]
+        final, text = res["final"], res["text"]
+        ok, cut, why = check_reply(text, job["expect"])
+        ok = ok and final.finish_reason.value == "stop"
+        row = bands[job["band"]]
+        row["requests"] += 1
+        row["valid"] += ok
+        row["forced_close"] += final.forced_close
+        row["cut_calls"] += cut
+        row["output_tokens"] += final.usage.completion_tokens
+        reason = final.finish_reason.value
+        row["finish"][reason] = row["finish"].get(reason, 0) + 1
+        job["forced"] = final.forced_close
+        job["text"] = text
+        if not ok:
+            failures.append({"id": job["id"], "case": job["case"], "max_tokens": job["max_tokens"],
+                             "finish": reason, "why": why or "finish " + reason,
+                             "text": text[-300:]})
+    for row in bands.values():
+        n = row["requests"] or 1
+        row["valid_rate"] = round(row["valid"] / n, 4)
+        row["forced_close_rate"] = round(row["forced_close"] / n, 4)
+    # Replies that ended on their own, generated again with no budget-aware closing.
+    natural = [j for j in jobs if not j["forced"]]
+    real_matcher = engine.grammars.matcher
+    engine.grammars.matcher = lambda spec, max_tokens=None: real_matcher(spec, None)
+    again = run_batch(engine, [{**j, "id": "ref-" + j["id"]} for j in natural])
+    engine.grammars.matcher = real_matcher
+    same = sum(again["ref-" + j["id"]]["text"] == j["text"] for j in natural)
+    total = sum(r["requests"] for r in bands.values())
+    out = {
+        "command": "python " + shlex.join(sys.argv),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu_model": cpu_model(), "cpus": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(),
+                    "load_average_after": [round(x, 2) for x in os.getloadavg()]},
+        "model": model_name, "temperature": 1.0,
+        "schemas": sum(1 for c in cases if isinstance(c[2], dict)),
+        "tool_sets": sum(1 for c in cases if not isinstance(c[2], dict)),
+        "requests": total, "seconds": round(elapsed, 1),
+        "bands": {b: {"extra_tokens_over_minimum": [lo, hi], **bands[b]} for b, lo, hi in BANDS},
+        "valid_rate": round(sum(r["valid"] for r in bands.values()) / total, 4),
+        "cut_tool_calls": sum(r["cut_calls"] for r in bands.values()),
+        "forced_close_rate": round(sum(r["forced_close"] for r in bands.values()) / total, 4),
+        "below_minimum_refused": f"{refused} of {sum(1 for c in cases if (engine.grammars.minimum_tokens(c[1]) or 0) > 1)}",
+        "unforced_replies_same_without_closing": f"{same} of {len(natural)}",
+        "failures": failures[:20],
+        "target": {"valid_rate": 1.0, "cut_tool_calls": 0,
+                   "met": not failures and same == len(natural)},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in out.items() if k != "failures"}, indent=1))
+    print(f"failures: {len(failures)}; wrote {args.out}")
+    if engine._grammars is not None:
+        engine._grammars.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/structured.json")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--complete", action="store_true",
+                    help="replies complete within max_tokens (see the module docstring)")
+    ap.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
+    ap.add_argument("--requests", type=int, default=240)
+    ap.add_argument("--batch", type=int, default=48, help="--complete: sequences per step")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--chunk", type=int, default=8, help="decode steps per turn")
     ap.add_argument("--batches", default="1,16")
@@ -144,6 +393,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.complete:
+        args.out = args.out or ROOT / ("bench/results/structured_complete"
+                                       f"{'_tiny' if args.model == 'tiny' else ''}.json")
+        complete_main(args)
+        return
+    args.out = args.out or ROOT / "bench/results/structured.json"
     load_before = os.getloadavg()
     # One runner (weights and KV cache) per configuration: their batches stay live side by
     # side, so the configurations can take turns every few steps.

@@ -85,9 +85,8 @@ class GrammarCompiler:
         compiled = self.compiled(spec)
         budget = None
         if max_tokens is not None and compiled.closer is not None:
-            budget = _Budget(compiled.closer.state(), max_tokens, compiled.closer.jump,
-                             len(compiled.closer.minimum_output().encode()), self._text,
-                             compiled.closer.kind == "tools" and compiled.closer.mode == "auto")
+            budget = _Budget(compiled.closer, max_tokens, compiled.minimum_tokens or 0,
+                             compiled.call_tokens, self._text)
         return GrammarMatcher(compiled.pristine.deep_copy(), self.vocab_size,
                               self.eos_token_ids, self._pool, budget)
 
@@ -114,8 +113,10 @@ class GrammarCompiler:
         if matcher.is_error():
             raise InvalidRequest(f"the grammar cannot be compiled: {_first_line(matcher)}",
                                  param=compiled.param)
-        closer, minimum = compiled.closer, None
+        closer, minimum, call_tokens = compiled.closer, None, 0
         if closer is not None:
+            if closer.kind == "tools":
+                call_tokens = len(self._text.encode(closer.shortest))
             shortest = closer.minimum_output()
             ids = self._text.encode(shortest) if shortest else []
             probe = matcher.deep_copy()
@@ -126,7 +127,7 @@ class GrammarCompiler:
                 log.warning("budget-aware closing disabled for a grammar whose shortest output "
                             "it does not accept: %r", shortest[:200])
                 closer = None
-        return _Compiled(matcher, closer, minimum)
+        return _Compiled(matcher, closer, minimum, call_tokens)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -138,6 +139,7 @@ class _Compiled:
     pristine: llguidance.LLMatcher
     closer: Closer | None     # what outputs need to end (None: no budget-aware closing)
     minimum_tokens: int | None
+    call_tokens: int = 0      # tools: the shortest call's tokens
 
 
 class _TokenText:
@@ -172,29 +174,34 @@ class _Budget:
     max_tokens"). ``left`` is the tokens the sequence may still produce, the one being sampled
     included. The rule: force the tokens of the shortest completion once
     ``left <= needed + jump + CLOSE_MARGIN`` (``needed``: the completion's tokens; ``jump``:
-    the most one free token can add to it, from the grammar). Checks are spaced so that, with
-    at most ``jump`` more to write per token, none is missed; far from the end they are rare
-    (the scan of the text it has not read yet is the only per-token work)."""
+    the most one free token can add to it, from the grammar). Tool calls, where none is open
+    and none is needed: tokens that could open a call ('<', '>') are kept out once
+    ``left <= shortest call + CLOSE_MARGIN + 1``, so no call starts that cannot end. Checks
+    are spaced so that none is missed even if every token skipped added the most it can; far
+    from the end they are rare (the scan of the text not read yet is the only other work)."""
 
-    def __init__(self, state: CloseState, max_tokens: int, jump: int, shortest_bytes: int,
-                 text: _TokenText, auto: bool):
-        self.state = state
+    def __init__(self, closer: Closer, max_tokens: int, shortest_tokens: int, call_tokens: int,
+                 text: _TokenText):
+        self.state: CloseState = closer.state()
+        self.tools = closer.kind == "tools"
         self.left = max_tokens
-        self.jump = jump
+        self.jump = closer.jump
+        self.spacing = closer.jump + closer.call_jump  # the most a skipped token may add
+        self.call_zone = call_tokens + CLOSE_MARGIN + 1 if self.tools else 0
         self.text = text
-        self.auto = auto
         self.unread: list[int] = []
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.queue: deque[int] = deque()
-        self.forced = False       # a token was forced while others were allowed
+        self.forced = False       # the rule changed what the grammar alone would allow
         self.gave_up = False
-        # First check: when even the shortest whole output could come within reach.
-        self.check_at = self._next_check(shortest_bytes)
+        self.banning = False
+        self.check_at = self._next_check(shortest_tokens)
 
-    def _next_check(self, needed_bytes: int) -> int:
-        """The ``left`` at which to check next: the k steps skipped may add ``jump`` each."""
-        room = self.left - needed_bytes - self.jump - CLOSE_MARGIN
-        return self.left - max(0, room // (self.jump + 1))
+    def _next_check(self, needed: int) -> int:
+        """The ``left`` at which to check next, given ``needed`` (an upper bound of the tokens
+        the completion takes now): each of the k steps skipped may add up to ``spacing``."""
+        room = self.left - needed - self.jump - CLOSE_MARGIN
+        return max(self.left - max(0, room // (self.spacing + 1)), self.call_zone)
 
     def accept(self, token_id: int) -> None:
         self.left -= 1
@@ -230,8 +237,9 @@ class _Budget:
         return out if -1 not in out else []
 
     def forced_token(self, matcher: llguidance.LLMatcher, allowed: Any) -> int | None:
-        """The token the closing rule forces now, or None (sample freely). ``allowed(t)``
-        says whether the grammar's mask allows t."""
+        """The token the closing rule forces now, or None (sample freely, after ``ban``).
+        ``allowed(t)`` says whether the grammar's mask allows t."""
+        self.banning = False
         if self.left > self.check_at or self.gave_up:
             return None
         self._read()
@@ -247,6 +255,16 @@ class _Budget:
             self.gave_up = True
             log.debug("budget-aware closing: no completion found; the mask alone decides")
             return None
+        if not completion and self.tools and not self.state.in_call:
+            # Complete as it stands, but calls may still start: near the end, keep them out
+            # (auto: free text goes on; required and named: the output ends).
+            self.check_at = self._next_check(0)
+            if self.left > self.call_zone:
+                return None
+            if self.state.closer.mode == "auto":
+                self.banning = True
+                return None
+            return self.text.eos if allowed(self.text.eos) else None
         head = self._partial_char()
         needed_bytes = len(completion.encode()) + len(head)
         if self.left > needed_bytes + self.jump + CLOSE_MARGIN:
@@ -254,25 +272,18 @@ class _Budget:
             return None
         ids = head + (self.text.encode(completion) if completion else [])
         if self.left > len(ids) + self.jump + CLOSE_MARGIN:
-            self.check_at = self.left - 1
+            self.check_at = min(self.left - 1, self._next_check(len(ids)))
             return None
         self.check_at = self.left  # check every step from here
-        if not ids:
-            if self.auto and not self.state.in_call:
-                return None  # free text: the mask keeps calls out instead (see ``ban``)
-            ids = [self.text.eos]
-        self.queue = deque(ids)
+        self.queue = deque(ids or [self.text.eos])
         if allowed(self.queue[0]):
             return self.queue[0]
         self.queue.clear()
         return None
 
     def ban(self) -> torch.Tensor | None:
-        """Tokens to keep out now although the grammar allows them: in auto mode near the
-        budget, outside a call, those that could begin one."""
-        if self.auto and self.left <= self.check_at and not self.state.in_call:
-            return self.text.angle_ids()
-        return None
+        """Tokens to keep out now although the grammar allows them (see the class)."""
+        return self.text.angle_ids() if self.banning else None
 
 
 def cache_key(spec: pb.GrammarSpec) -> bytes:
@@ -375,11 +386,12 @@ class GrammarMatcher:
         bias = self._bias_now()
         if self._budget is not None:
             banned = self._budget.ban()
-            if banned is not None:
+            if banned is not None and bool((bias[banned] == 0).any()):
                 kept = bias.clone()
                 kept[banned] = float("-inf")
                 if bool(kept.amax() == 0):
                     bias = kept
+                    self._budget.forced = True
         logits.add_(bias)
         if bool(logits.amax() == float("-inf")):
             # Everything the grammar allows was banned by another stage (min_tokens keeps EOS

@@ -290,6 +290,8 @@ def _kind_of_value(v: Any) -> str:
 def _in_bounds(text: str, s: Schema, integer: bool) -> bool:
     if not (_INTEGER if integer else _NUMBER).fullmatch(text):
         return False
+    if not any(k in s for k in _KEYWORDS_NUMBER):
+        return True  # no bounds: any number (even one past float's range) will do
     try:
         x = float(text) if not integer else int(text)
     except (ValueError, OverflowError):
@@ -926,21 +928,24 @@ class Closer:
         self.shortest = self.schemas.shortest(self.root)
         if kind == "tools":
             self.shortest = TOOL_CALL_OPEN + self.shortest + TOOL_CALL_CLOSE
-        # The most one token can add to what is left to write: the longest shortest value of
-        # any subschema (a value the model may open at will: an optional property, an array
-        # item past minItems, a longer alternative), with its key and separators; for tools,
-        # a whole call (another parallel call, or one opened from free text).
+        # The most one free token can add to what is left to write: the longest shortest value
+        # of any subschema (a value the model may open at will: an optional property, an array
+        # item past minItems, a longer alternative) with a key and separators. The root (and
+        # for tools each call object) is written once and cannot be opened again.
+        skip = {id(self.root)} | {id(b) for b in self.root.get("anyOf", ())}
         longest = 0
+        keys = 0
         for s in self.schemas.all_subschemas():
+            keys = max([keys, *(len(k) for k in (s.get("properties") or {}))])
+            if id(s) in skip:
+                continue
             try:
                 longest = max(longest, len(self.schemas.shortest(s)))
             except Unwritable:
                 continue
-        longest += max((len(k) for s in self.schemas.all_subschemas()
-                        for k in (s.get("properties") or {})), default=0) + 6
-        if kind == "tools":
-            longest = max(longest, len(self.shortest))
-        self.jump = longest
+        self.jump = longest + keys + 6
+        # Tools: a whole call may be opened wherever calls may start.
+        self.call_jump = len(self.shortest) if kind == "tools" else 0
 
     def state(self) -> CloseState:
         return CloseState(self)
@@ -984,6 +989,7 @@ class CloseState:
             if self.tag == len(TOOL_CALL_CLOSE):
                 self.scanner, self.closing, self.tag = None, False, 0
                 self.calls += 1
+                self.text_chars = 0
             return
         self.text_chars += 1
         if TOOL_CALL_OPEN[self.tag] == ch:
@@ -1012,8 +1018,9 @@ class CloseState:
                 return TOOL_CALL_CLOSE[self.tag:]
             sc = self.scanner.copy()
             return sc.completion() + TOOL_CALL_CLOSE
-        if closer.mode == "auto" or self.calls:
-            return ""
+        if closer.mode == "auto" or (self.calls and not self.text_chars):
+            return ""  # free text (auto), or calls made and nothing after them (a newline
+            # or a tag begun commits to another call)
         return TOOL_CALL_OPEN[self.tag:] + closer.schemas.shortest(closer.root) + TOOL_CALL_CLOSE
 
 
