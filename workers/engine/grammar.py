@@ -193,7 +193,6 @@ class _Budget:
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.queue: deque[int] = deque()
         self.forced = False       # the rule changed what the grammar alone would allow
-        self.gave_up = False
         self.banning = False
         self.check_at = self._next_check(shortest_tokens)
 
@@ -240,7 +239,7 @@ class _Budget:
         """The token the closing rule forces now, or None (sample freely, after ``ban``).
         ``allowed(t)`` says whether the grammar's mask allows t."""
         self.banning = False
-        if self.left > self.check_at or self.gave_up:
+        if self.left > self.check_at:
             return None
         self._read()
         if self.queue:
@@ -252,8 +251,9 @@ class _Budget:
         try:
             completion = self.state.completion()
         except Unwritable:
-            self.gave_up = True
-            log.debug("budget-aware closing: no completion found; the mask alone decides")
+            # Not known here (e.g. a pattern this module cannot finish): the mask alone
+            # decides this step; the next one tries again.
+            log.debug("budget-aware closing: no completion found")
             return None
         if not completion and self.tools and not self.state.in_call:
             # Complete as it stands, but calls may still start: near the end, keep them out

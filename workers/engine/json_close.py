@@ -53,7 +53,7 @@ FORMAT_PATTERNS = {
     "date-time": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
                  r"(Z|[+-][0-9]{2}:[0-9]{2})$",
     "duration": r"^P([0-9]+[YMWD])*(T([0-9]+[HMS])+)?$",
-    "email": r"^[a-zA-Z0-9._%+-]+@[a-zA-Z0-9-]+(\.[a-zA-Z0-9-]+)*\.[a-zA-Z]{2,}$",
+    "email": r"^[^@\s]+@[a-zA-Z0-9-]+(\.[a-zA-Z0-9-]+)*\.[a-zA-Z]{2,}$",
     "hostname": r"^[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?(\.[a-zA-Z0-9-]+)*$",
     "ipv4": r"^[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$",
     "uuid": r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
@@ -869,20 +869,19 @@ class JsonScanner:
         return best or []
 
     def _finish_key(self) -> str:
+        """The rest of the key being written: a required key it can still become, else any
+        key the object admits here (declared after the last one written, or any when other
+        keys are allowed)."""
         f = self.stack[-1]
         prefix = "".join(self.buf)
-        rest = self._remaining_keys(f)
-        options: list[str] = [k for k in rest if k.startswith(prefix)]
-        if not options and rest == []:
+        options = [k for k in self._remaining_keys(f) if k.startswith(prefix)]
+        if not options:
             for c in f.cands:
                 order = list((c.get("properties") or {}).keys())
                 last = max((order.index(k) for k in f.keys if k in order), default=-1)
                 options.extend(k for k in order[last + 1:] if k.startswith(prefix))
                 if c.get("additionalProperties", True) is not False:
                     options.append(prefix)
-        if not options and any(c.get("additionalProperties", True) is not False
-                               for c in f.cands):
-            options.append(prefix)
         key = self._best(options)
         return _escape(key[len(prefix):]) + '"'
 
