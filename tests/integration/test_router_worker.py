@@ -441,3 +441,39 @@ async def test_a_burst_spreads_over_idle_workers_before_any_load_report(engine, 
     finally:
         await stop_router(router)
         await other_server.stop(None)
+
+
+# -- structured output within max_tokens ---------------------------------------------------------
+
+ESSAY = {"type": "json_schema", "json_schema": {"name": "essay", "strict": True, "schema": {
+    "type": "object", "properties": {"title": {"type": "string"}, "body": {"type": "string"}},
+    "required": ["title", "body"], "additionalProperties": False}}}
+
+
+async def test_max_tokens_below_the_schemas_shortest_output_is_400(http):
+    response = await http.post("/v1/chat/completions", json=chat(
+        "Write an essay.", max_tokens=3, response_format=ESSAY))
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", "max_tokens")
+    assert "at least" in error["message"]
+
+
+async def test_a_reply_closed_by_the_budget_is_complete_and_says_so(http):
+    body = chat("Write a long essay about the sea, with a long title.", max_tokens=14,
+                temperature=1, seed=7, response_format=ESSAY)
+    response = await http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    reply = response.json()
+    validate(reply, "CreateChatCompletionResponse")
+    choice = reply["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    assert set(json.loads(choice["message"]["content"])) == {"title", "body"}
+    assert reply["usage"]["structured_forced_close"] == 1
+    assert response.headers["x-electron-structured-forced-close"] == "1"
+    streamed = await http.post("/v1/chat/completions", json={
+        **body, "stream": True, "stream_options": {"include_usage": True}})
+    chunks = stream_chunks(streamed.text)
+    assert chunks[-1]["usage"]["structured_forced_close"] == 1
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == choice["message"]["content"]  # same seed, same reply
