@@ -151,10 +151,24 @@ class _TokenText:
         self.eos = eos
         self.single = {t[0]: i for i, t in reversed(list(enumerate(tokens))) if len(t) == 1}
         self._tokenizer = tokenizer
+        self._counts: dict[str, int] = {}
         self._angle: torch.Tensor | None = None
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text)
+
+    def count(self, pieces: list[str]) -> int:
+        """About the tokens of ``"".join(pieces)`` (each piece tokenized alone, cached)."""
+        total = 0
+        cache = self._counts
+        for piece in pieces:
+            n = cache.get(piece)
+            if n is None:
+                if len(cache) > 4096:
+                    cache.clear()
+                n = cache[piece] = len(self._tokenizer.encode(piece)) if piece else 0
+            total += n
+        return total
 
     def angle_ids(self) -> torch.Tensor:
         """Tokens holding '<' or '>': banned in auto mode near the budget, so no call starts
@@ -249,13 +263,13 @@ class _Budget:
         if matcher.is_stopped():
             return None
         try:
-            completion = self.state.completion()
+            pieces = self.state.completion_chunks()
         except Unwritable:
             # Not known here (e.g. a pattern this module cannot finish): the mask alone
             # decides this step; the next one tries again.
             log.debug("budget-aware closing: no completion found")
             return None
-        if not completion and self.tools and not self.state.in_call:
+        if not pieces and self.tools and not self.state.in_call:
             # Complete as it stands, but calls may still start: near the end, keep them out
             # (auto: free text goes on; required and named: the output ends).
             self.check_at = self._next_check(0)
@@ -266,10 +280,15 @@ class _Budget:
                 return None
             return self.text.eos if allowed(self.text.eos) else None
         head = self._partial_char()
-        needed_bytes = len(completion.encode()) + len(head)
-        if self.left > needed_bytes + self.jump + CLOSE_MARGIN:
-            self.check_at = self._next_check(needed_bytes)
+        needed = sum(len(p.encode()) for p in pieces) + len(head)  # bytes bound tokens
+        if self.left > needed + self.jump + CLOSE_MARGIN:
+            self.check_at = self._next_check(needed)
             return None
+        needed = self.text.count(pieces) + len(head)  # cheaper than the whole text's tokens
+        if self.left > needed + self.jump + CLOSE_MARGIN + 1:
+            self.check_at = min(self.left - 1, self._next_check(needed + 1))
+            return None
+        completion = "".join(pieces)
         ids = head + (self.text.encode(completion) if completion else [])
         if self.left > len(ids) + self.jump + CLOSE_MARGIN:
             self.check_at = min(self.left - 1, self._next_check(len(ids)))

@@ -758,17 +758,70 @@ class JsonScanner:
     # -- the shortest completion ---------------------------------------------------------------
 
     def completion(self) -> str:
+        return "".join(self.completion_chunks())
+
+    def completion_chunks(self) -> list[str]:
+        """The shortest completion, in pieces (whole values apart, so that their token counts
+        can be cached)."""
         sim = self.copy()
         out: list[str] = []
-        for _ in range(10_000):
+        for _ in range(100_000):
             if sim.done:
-                return "".join(out)
+                return out
+            bulk = sim._bulk()
+            if bulk is not None:
+                out.extend(bulk)
+                continue
             chunk = sim._next_chunk()
             out.append(chunk)
             sim.feed(chunk)
             if sim.lex == "num" and not sim.stack:
                 sim.end_of_text()
         raise Unwritable("the completion does not end")
+
+    def _shortest_of(self, cands: list[Schema]) -> str:
+        return self._best(_try(self.schemas.shortest, cands))
+
+    def _bulk(self) -> list[str] | None:
+        """Whole values the completion writes next (the required keys left with their values,
+        the items minItems still needs, the value expected), with the state moved past them
+        without scanning them; None where the next piece is not a whole value."""
+        if self.lex is not None:
+            return None
+        if not self.stack:
+            value = self._shortest_of(self.root_cands)
+            self.done = True
+            return [value]
+        f = self.stack[-1]
+        if f.phase in ("value", "item"):
+            value = self._shortest_of(self._expected())
+            self._value_done(json.loads(value) if value.startswith('"') else None)
+            return [value]
+        if f.phase not in ("open", "after"):
+            return None
+        out: list[str] = []
+        first = f.phase == "open"
+        if f.kind == "obj":
+            rest, cand = self._remaining(f)
+            if not rest or cand is None:
+                return None
+            for key in rest:
+                out.append(("" if first else ", ") + dumps(key) + ": ")
+                out.append(self._shortest_of(self.schemas.branches(self.schemas.prop(cand, key))))
+                first = False
+            f.keys.extend(rest)
+        else:
+            need = self._min_items(f)
+            if f.count >= need:
+                return None
+            for index in range(f.count, need):
+                out.append("" if first else ", ")
+                f.key, f.count = "", index
+                out.append(self._shortest_of(self._expected()))
+                first = False
+            f.count = need
+        f.phase = "after"
+        return out
 
     def _number_complete(self) -> bool:
         text = "".join(self.buf)
@@ -857,16 +910,20 @@ class JsonScanner:
         return min((int(c.get("minItems", 0)) for c in f.cands), default=0)
 
     def _remaining_keys(self, f: _Frame) -> list[str]:
-        """Required keys still to write (for the branch needing the fewest)."""
+        return self._remaining(f)[0]
+
+    def _remaining(self, f: _Frame) -> tuple[list[str], Schema | None]:
+        """Required keys still to write, for the branch needing the fewest (and that branch)."""
         best: list[str] | None = None
+        chosen: Schema | None = None
         for c in f.cands:
             order = list((c.get("properties") or {}).keys())
             last = max((order.index(k) for k in f.keys if k in order), default=-1)
             rest = [k for k in required_order(c) if k not in f.keys
                     and (k not in order or order.index(k) > last)]
             if best is None or len(rest) < len(best):
-                best = rest
-        return best or []
+                best, chosen = rest, c
+        return best or [], chosen
 
     def _finish_key(self) -> str:
         """The rest of the key being written: a required key it can still become, else any
@@ -1006,21 +1063,23 @@ class CloseState:
     def completion(self) -> str:
         """The shortest text that ends the output here (raises ``Unwritable`` when this module
         cannot tell)."""
+        return "".join(self.completion_chunks())
+
+    def completion_chunks(self) -> list[str]:
         closer = self.closer
         if closer.kind == "json":
             assert self.scanner is not None
             sc = self.scanner.copy()
             sc.end_of_text()
-            return "" if sc.done else sc.completion()
+            return [] if sc.done else sc.completion_chunks()
         if self.scanner is not None:
             if self.closing:
-                return TOOL_CALL_CLOSE[self.tag:]
-            sc = self.scanner.copy()
-            return sc.completion() + TOOL_CALL_CLOSE
+                return [TOOL_CALL_CLOSE[self.tag:]]
+            return [*self.scanner.completion_chunks(), TOOL_CALL_CLOSE]
         if closer.mode == "auto" or (self.calls and not self.text_chars):
-            return ""  # free text (auto), or calls made and nothing after them (a newline
+            return []  # free text (auto), or calls made and nothing after them (a newline
             # or a tag begun commits to another call)
-        return TOOL_CALL_OPEN[self.tag:] + closer.schemas.shortest(closer.root) + TOOL_CALL_CLOSE
+        return [TOOL_CALL_OPEN[self.tag:], closer.schemas.shortest(closer.root), TOOL_CALL_CLOSE]
 
 
 def tool_call_schema(tools: dict[str, Any]) -> Schema:
