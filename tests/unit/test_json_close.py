@@ -14,10 +14,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.model_files import resolve_model_path
-from core.tokenizer import Tokenizer
 from tests.support.schemas import SCHEMAS, TOOLS, json_object_spec, schema_spec, tool_spec
-from workers.engine.grammar import CLOSE_MARGIN, GrammarCompiler
+from tests.unit.test_grammar import compiler, tok  # noqa: F401 - the shared fixtures
+from workers.engine.grammar import CLOSE_MARGIN
 from workers.engine.grammar_spec import close_objects
 from workers.engine.json_close import (
     Closer,
@@ -27,18 +26,6 @@ from workers.engine.json_close import (
 )
 
 CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer.from_model_path(resolve_model_path("smollm2-135m-instruct"))
-
-
-@pytest.fixture(scope="module")
-def compiler(tok):
-    comp = GrammarCompiler(tok, tok.vocab_size, tok.eos_token_ids, overlap=False)
-    yield comp
-    comp.close()
 
 
 def completion(schema, text: str) -> str:

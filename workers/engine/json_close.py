@@ -701,34 +701,23 @@ class JsonScanner:
             return
         f = self.stack[-1]
         p = f.phase
-        if f.kind == "obj":
-            if p == "open" and ch == "}":
-                self._pop()
-            elif p in ("open", "key") and ch == '"':
-                self.lex, self.buf = "key", []
-            elif p == "colon" and ch == ":":
-                f.phase = "colon_sp"
-            elif p == "colon_sp" and ch == " ":
-                f.phase = "value"
-            elif p == "value":
+        if p in ("open", "after") and ch == ("}" if f.kind == "obj" else "]"):
+            self._pop()
+        elif p == "after" and ch == ",":
+            f.phase = "comma_sp"
+        elif p == "comma_sp" and ch == " ":
+            f.phase = "key" if f.kind == "obj" else "item"
+        elif f.kind == "arr":
+            if p in ("open", "item"):
                 self._start_value(ch)
-            elif p == "after" and ch == ",":
-                f.phase = "comma_sp"
-            elif p == "after" and ch == "}":
-                self._pop()
-            elif p == "comma_sp" and ch == " ":
-                f.phase = "key"
-        else:
-            if p == "open" and ch == "]":
-                self._pop()
-            elif p in ("open", "item"):
-                self._start_value(ch)
-            elif p == "after" and ch == ",":
-                f.phase = "comma_sp"
-            elif p == "after" and ch == "]":
-                self._pop()
-            elif p == "comma_sp" and ch == " ":
-                f.phase = "item"
+        elif p in ("open", "key") and ch == '"':
+            self.lex, self.buf = "key", []
+        elif p == "colon" and ch == ":":
+            f.phase = "colon_sp"
+        elif p == "colon_sp" and ch == " ":
+            f.phase = "value"
+        elif p == "value":
+            self._start_value(ch)
 
     def _pop(self) -> None:
         self.stack.pop()
