@@ -90,7 +90,7 @@ SCHEMA = st.recursive(
     "type": "object", "properties": {"v": s}, "required": ["v"]})
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.data_too_large])
 @given(schema=SCHEMA, extra=st.integers(0, 60), seed=st.integers(0, 2**31), n=st.integers(1, 2))
 def test_generated_schemas_and_budgets_always_give_valid_json(engine, schema, extra, seed, n):

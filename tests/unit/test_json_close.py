@@ -137,7 +137,7 @@ TOOL_CASES = [("required", tool_spec("required")), ("named", tool_spec("named", 
               ("filler", tool_spec("required", filler=True)), ("auto", tool_spec("auto"))]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=st.sampled_from(CASES), extra=st.integers(0, 40), seed=st.integers(0, 2**31))
 def test_any_schema_and_budget_gives_valid_complete_json(compiler, tok, case, extra, seed):
     _, spec, schema = case
