@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 from prometheus_client import generate_latest
 
-from core.pb.electron.v1 import worker_pb2 as pb
 from router.chat.response import FORCED_CLOSE_HEADER, usage_body
 from router.chat.usage import Usage
 from workers.engine.outputs import FinishReason, RequestOutput

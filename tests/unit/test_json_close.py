@@ -143,7 +143,7 @@ def test_any_schema_and_budget_gives_valid_complete_json(compiler, tok, case, ex
     _, spec, schema = case
     minimum = compiler.minimum_tokens(spec)
     assert minimum is not None
-    text, complete, m = sample(compiler, tok, spec, minimum + extra, seed)
+    text, complete, _ = sample(compiler, tok, spec, minimum + extra, seed)
     assert complete, text
     jsonschema.validate(json.loads(text), schema)
 
