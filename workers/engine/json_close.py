@@ -120,15 +120,27 @@ class Schemas:
             node = node[part]
         return node
 
-    def branches(self, schema: Any, depth: int = 0) -> list[Schema]:
-        """The alternatives of ``schema``: every anyOf/oneOf member (with the siblings merged
-        in) and every type of a type list, each with at most one type; refs resolved."""
+    def _memoised(self, table: dict[int, Any], schema: Any, depth: int, what: str,
+                  compute: Any) -> Any:
+        """``compute()`` once per subschema (by identity; the subschema is kept alive)."""
         key = id(schema)
-        cached = self._branches.get(key)
+        cached = table.get(key)
         if cached is not None:
             return cached
         if depth > _MAX_DEPTH:
-            raise Unwritable("alternatives nest too deep")
+            raise Unwritable(what)
+        value = compute()
+        self._keep.append(schema)
+        table[key] = value
+        return value
+
+    def branches(self, schema: Any, depth: int = 0) -> list[Schema]:
+        """The alternatives of ``schema``: every anyOf/oneOf member (with the siblings merged
+        in) and every type of a type list, each with at most one type; refs resolved."""
+        return self._memoised(self._branches, schema, depth, "alternatives nest too deep",
+                              lambda: self._branches_of(schema, depth))
+
+    def _branches_of(self, schema: Any, depth: int) -> list[Schema]:
         resolved = self.resolve(schema)
         out: list[Schema] = []
         alts = resolved.get("anyOf") or resolved.get("oneOf")
@@ -145,18 +157,14 @@ class Schemas:
                 out.extend({**resolved, "type": t} for t in types)
             else:
                 out.append(resolved)
-        self._keep.append(schema)
-        self._branches[key] = out
         return out
 
     def shortest(self, schema: Any, depth: int = 0) -> str:
         """The shortest JSON text valid against ``schema`` (in the grammar's layout)."""
-        key = id(schema)
-        cached = self._shortest.get(key)
-        if cached is not None:
-            return cached
-        if depth > _MAX_DEPTH:
-            raise Unwritable("the schema recurses without end")
+        return self._memoised(self._shortest, schema, depth, "the schema recurses without end",
+                              lambda: self._shortest_of(schema, depth))
+
+    def _shortest_of(self, schema: Any, depth: int) -> str:
         best: str | None = None
         for branch in self.branches(schema):
             try:
@@ -167,8 +175,6 @@ class Schemas:
                 best = text
         if best is None:
             raise Unwritable("no alternative can be written")
-        self._keep.append(schema)
-        self._shortest[key] = best
         return best
 
     def _shortest_branch(self, s: Schema, depth: int) -> str:
