@@ -197,3 +197,25 @@ def test_close_to_the_end_only_the_completion_is_allowed(compiler, tok):
     allowed = (logits == 0).nonzero().flatten().tolist()
     assert allowed == tok.encode('"}')[:1]
     assert m.forced_close
+
+
+def test_a_failing_closer_leaves_the_plain_mask(compiler, tok, monkeypatch):
+    """A bug in the closer must not fail the engine's step: that sequence goes on with the
+    grammar's mask alone."""
+    from workers.engine.json_close import CloseState
+
+    def broken(self):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(CloseState, "completion_chunks", broken)
+    spec = schema_spec({"type": "object", "properties": {"s": {"type": "string"}},
+                        "required": ["s"]})
+    m, plain = compiler.matcher(spec, 3), compiler.matcher(spec, None)
+    for token in tok.encode('{"s": "a'):
+        a, b = torch.zeros(tok.vocab_size), torch.zeros(tok.vocab_size)
+        m.apply(a)
+        plain.apply(b)
+        assert torch.equal(a, b)
+        m.accept(token)
+        plain.accept(token)
+    assert m._budget is None

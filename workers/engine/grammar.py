@@ -115,19 +115,27 @@ class GrammarCompiler:
                                  param=compiled.param)
         closer, minimum, call_tokens = compiled.closer, None, 0
         if closer is not None:
-            if closer.kind == "tools":
-                call_tokens = len(self._text.encode(closer.shortest))
-            shortest = closer.minimum_output()
-            ids = self._text.encode(shortest) if shortest else []
-            probe = matcher.deep_copy()
-            if probe.validate_tokens(ids) == len(ids) and probe.consume_tokens(ids) is not False \
-                    and (probe.is_accepting() or not ids):
-                minimum = len(ids)
-            else:  # the grammar refuses what this module thinks shortest: do not rely on it
-                log.warning("budget-aware closing disabled for a grammar whose shortest output "
-                            "it does not accept: %r", shortest[:200])
+            try:
+                minimum, call_tokens = self._minimum(matcher, closer)
+            except Exception:  # noqa: BLE001 - never fail a request for this
+                log.exception("budget-aware closing disabled for a grammar")
+            if minimum is None:
                 closer = None
         return _Compiled(matcher, closer, minimum, call_tokens)
+
+    def _minimum(self, matcher: llguidance.LLMatcher, closer: Closer) -> tuple[int | None, int]:
+        """Tokens of the shortest output (None when the grammar refuses what the closer thinks
+        shortest: then the closer is not relied on), and of the shortest call (tools)."""
+        call_tokens = len(self._text.encode(closer.shortest)) if closer.kind == "tools" else 0
+        shortest = closer.minimum_output()
+        ids = self._text.encode(shortest) if shortest else []
+        probe = matcher.deep_copy()
+        if probe.validate_tokens(ids) == len(ids) and probe.consume_tokens(ids) is not False \
+                and (probe.is_accepting() or not ids):
+            return len(ids), call_tokens
+        log.warning("budget-aware closing disabled for a grammar whose shortest output it does "
+                    "not accept: %r", shortest[:200])
+        return None, call_tokens
 
     def close(self) -> None:
         if self._pool is not None:
@@ -369,7 +377,12 @@ class GrammarMatcher:
             return None
         if self._matcher.is_error():
             return None
-        token = budget.forced_token(self._matcher, self._allows)
+        try:
+            token = budget.forced_token(self._matcher, self._allows)
+        except Exception:  # noqa: BLE001 - a bug here must not fail the batch's step
+            log.exception("budget-aware closing failed; this sequence goes on without it")
+            self._budget = None
+            return None
         if token is not None and not budget.forced:
             # Forcing counts as a close only while the grammar allowed something else.
             budget.forced = int(np.unpackbits(self._bytes).sum()) > 1
