@@ -61,7 +61,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     db = Database(tenancy.database_url, tenancy.sqlite_path)
     try:
         db.migrate()
-        store = TenantStore(db, tenancy.plan_names())
+        store = TenantStore.for_config(db, config)
         try:
             return _verb(args, config, store)
         except TenantError as exc:

@@ -9,6 +9,8 @@ nowhere else.
 from __future__ import annotations
 
 import os
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -249,14 +251,36 @@ def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]
     return out
 
 
+def _is_text(annotation: Any) -> bool:
+    """A setting whose value is one string (``str``, ``str | None``, a ``Literal`` of strings)."""
+    if annotation is str:
+        return True
+    if typing.get_origin(annotation) is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(annotation))
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return bool(args) and all(_is_text(a) for a in args)
+    return False
+
+
+def _env_value(section: str, field: str, value: str) -> Any:
+    """An environment variable's value for ``section.field``. A text setting takes the text as
+    it is (YAML would read ``sk-x #y`` as ``sk-x`` and ``~`` as none); others are read as
+    YAML, so "8", "true" and "[a, b]" become typed values that pydantic then validates."""
+    model = Config.model_fields.get(section)
+    target = model.annotation.model_fields.get(field) if model is not None else None
+    if not value or (target is not None and _is_text(target.annotation)):
+        return value
+    return yaml.safe_load(value)
+
+
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         section, _, field = name[len(ENV_PREFIX):].lower().partition("__")
-        # YAML parsing turns "8", "true", "[a, b]" into typed values; pydantic validates them.
-        out.setdefault(section, {})[field] = yaml.safe_load(value) if value else value
+        out.setdefault(section, {})[field] = _env_value(section, field, value)
     return out
 
 

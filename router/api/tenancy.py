@@ -103,7 +103,7 @@ def _tenant_dict(tenant, keys) -> dict[str, Any]:
 
 
 def _tenant_error(exc: TenantError) -> InvalidRequest:
-    return InvalidRequest(str(exc))
+    return InvalidRequest(str(exc), param=exc.param)
 
 
 async def add_tenant(request: Request) -> Response:

@@ -30,12 +30,19 @@ from router.routing.load import requests_at
 from router.tenancy.ledger import Ledger, Prices, UsageRow
 from router.tenancy.limits import Limiter, Slot, make_limiter
 from router.tenancy.sqldb import Database
-from router.tenancy.store import Plan, Principal, Tenant, TenantStore, hash_key
+from router.tenancy.store import (
+    ADMIN_TENANT,
+    ANONYMOUS_TENANT,
+    Plan,
+    Principal,
+    Tenant,
+    TenantStore,
+    hash_key,
+)
 from router.tenancy.terms import TenantTerms
 
 log = logging.getLogger(__name__)
 
-ANONYMOUS = "anonymous"  # the ledger's tenant while auth is off
 SHED_RETRY_AFTER_S = 2.0
 
 
@@ -86,7 +93,7 @@ class Admission:
         principal = self.principal
         self._tenancy.ledger.record(UsageRow(
             request_id=self.request_id,
-            tenant_id=principal.tenant_id if principal else ANONYMOUS,
+            tenant_id=principal.tenant_id if principal else ANONYMOUS_TENANT,
             key_id=principal.key_id if principal else None, model=self.model,
             prompt_tokens=prompt_tokens, cached_tokens=cached_tokens,
             completion_tokens=completion_tokens,
@@ -101,7 +108,7 @@ class Tenancy:
         self.enabled = config.auth.enabled
         tenancy = config.tenancy
         self.db = Database(tenancy.database_url, tenancy.sqlite_path)
-        self.store = TenantStore(self.db, tenancy.plan_names())
+        self.store = TenantStore.for_config(self.db, config)
         self.limiter: Limiter = make_limiter(tenancy.redis_url, prefix=tenancy.redis_prefix,
                                              slot_lease_s=tenancy.slot_lease_s)
         self.ledger = Ledger(self.db, tenancy.spool_path, flush_s=tenancy.ledger_flush_s,
@@ -154,7 +161,7 @@ class Tenancy:
         key = bearer_key(header)
         admin = self.config.auth.admin_key
         if admin and _matches_any(key, (admin,)):
-            return Principal("admin", "admin", self.plan(self.config.auth.static_plan), "",
+            return Principal(ADMIN_TENANT, "admin", self.plan(self.config.auth.static_plan), "",
                              None, is_admin=True)
         if self._static is not None and _matches_any(key, self.config.auth.static_keys):
             return self._static
