@@ -247,7 +247,8 @@ class ChatCompletionRequest(_EdgeModel):
     # vLLM extras.
     top_k: int | None = Field(None, ge=-1, le=INT32_MAX)  # -1 and 0 disable it
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0, le=2)
+    # Below 0.1 a logit divided by the penalty could overflow (the worker's bound too).
+    repetition_penalty: float | None = Field(None, ge=0.1, le=2)
     min_tokens: int | None = Field(None, ge=0, le=INT64_MAX)
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)

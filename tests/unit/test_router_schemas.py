@@ -167,7 +167,8 @@ async def test_unknown_model_is_404_model_not_found(app):
         "$ref": "https://example.com/schema.json"}}}},
      "response_format.json_schema.schema", "only local references"),
     ({"min_tokens": 5, "max_tokens": 2}, "min_tokens", "must not exceed"),
-    ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "greater than or equal to 0.1"),
+    ({"repetition_penalty": 1e-40}, "repetition_penalty", "greater than or equal to 0.1"),
     ({"model": 3}, "model", "valid string"),
     # Unbounded fields (issue 13, finding 5): each a 400 naming the field, never a 500.
     ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias", "at most 300"),
@@ -228,6 +229,7 @@ async def test_body_that_is_not_an_object_is_400(app):
 
 @pytest.mark.parametrize("fields", [
     {"temperature": 0, "top_p": 0, "n": 16, "stop": "\n", "seed": -5},
+    {"temperature": 1e-40, "repetition_penalty": 0.1},  # greedy; the lowest penalty
     {"logit_bias": {str(i): -1 for i in range(300)}, "stop": ["x" * 256] * 4,
      "stop_token_ids": list(range(64)), "top_k": 2**31 - 1},
     {"messages": [USER, {"role": "assistant", "content": None, "tool_calls": [{

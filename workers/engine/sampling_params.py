@@ -8,13 +8,22 @@ from typing import TYPE_CHECKING
 
 from core.errors import InvalidRequest
 
+# A temperature below this samples as greedy: dividing logits by it would overflow float32
+# (1e-40 turned every logit into inf or NaN) and the distribution is a point mass anyway.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+# repetition_penalty divides (or multiplies) logits by the penalty: below this floor a logit
+# could overflow, and no use needs a stronger pull towards repetition.
+MIN_REPETITION_PENALTY = 0.1
+MAX_REPETITION_PENALTY = 2.0
+
 if TYPE_CHECKING:
     from core.pb.electron.v1.worker_pb2 import GrammarSpec
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """What to generate and how. ``temperature == 0`` means greedy.
+    """What to generate and how. ``temperature`` 0 (or below ``GREEDY_BELOW_TEMPERATURE``)
+    means greedy.
 
     ``max_tokens`` None means "up to the context window". ``stop_token_ids`` are extra stop
     tokens beside the model's EOS ids (which ``ignore_eos`` disables).
@@ -62,8 +71,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise bad(name, "must be between -2 and 2")
-        if not 0.0 < self.repetition_penalty <= 2.0:
-            raise bad("repetition_penalty", "must be in (0, 2]")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise bad("repetition_penalty", f"must be between {MIN_REPETITION_PENALTY:g} and "
+                      f"{MAX_REPETITION_PENALTY:g}")
         for token, bias in self.logit_bias.items():
             if not isinstance(token, int) or token < 0:
                 raise bad("logit_bias", "keys must be token ids >= 0")
@@ -86,4 +96,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
