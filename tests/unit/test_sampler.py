@@ -254,6 +254,17 @@ def test_a_temperature_below_the_epsilon_is_greedy_not_inf(temperature):
     assert not SamplingParams(temperature=1e-5).greedy
 
 
+@pytest.mark.parametrize("kwargs, param", [
+    ({"logit_bias": {i: 1.0 for i in range(301)}}, "logit_bias"),
+    ({"stop": ("x" * 257,)}, "stop"),
+    ({"stop_token_ids": tuple(range(65))}, "stop_token_ids"),
+])
+def test_the_router_s_field_bounds_hold_for_any_sender_of_the_wire(kwargs, param):
+    with pytest.raises(InvalidRequest) as info:
+        SamplingParams(**kwargs)
+    assert info.value.param == param
+
+
 @pytest.mark.parametrize("penalty", [1e-40, 0.05, 2.5])
 def test_repetition_penalty_outside_its_bounds_is_refused(penalty):
     with pytest.raises(InvalidRequest) as info:
