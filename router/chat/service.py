@@ -15,7 +15,10 @@ replaced once by another worker, the policy's next best; the pool's circuit brea
 the failure and keeps a worker that keeps failing out of routing for a while. For streams
 that means before the first delta arrives (the HTTP response starts only then, so every error
 before it still gets its own status); a non-streaming response reaches the client only when
-complete, so it is retried after a failure at any point.
+complete, so it is retried after a failure at any point. An error the request itself
+caused (the worker's ``INVALID_ARGUMENT``: bad input, or a request the worker could not
+sample, which fails alone without its batch) is never retried and never counted against the
+worker: it is not ``WorkerUnavailable``, and the lease is released with no verdict.
 """
 
 from __future__ import annotations

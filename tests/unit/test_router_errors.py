@@ -19,6 +19,7 @@ from core.tokenizer import Tokenizer
 from router.api.app import create_app
 from router.openai.errors import GENERIC_500
 from tests.support.openai_schema import validate
+from tests.support.serving import serve_router, stop_router
 from tests.support.tenancy import local_tenancy
 
 KEY = "sk-test-key"
@@ -195,6 +196,28 @@ async def test_unexpected_exception_is_generic_500_without_traceback(tokenizer):
     assert error["message"] == GENERIC_500
     assert "secret" not in response.text and "Traceback" not in response.text
     assert response.headers["x-request-id"] == "trace-me-500"
+
+
+async def test_a_500_tells_a_keep_alive_client_to_close_and_the_next_request_is_served(
+        tokenizer):
+    # Starlette re-raises after the 500 is sent and uvicorn then drops the connection: without
+    # "Connection: close" a client reuses it and its next request is reset (issue 13).
+    app = make_app(tokenizer)
+
+    async def broken(request: Request) -> None:
+        raise RuntimeError("boom")
+
+    app.add_api_route("/v1/broken", broken, methods=["GET"])
+    router = await serve_router(app)
+    try:
+        async with httpx.AsyncClient(base_url=router.base) as c:
+            for _ in range(3):
+                response = await c.get("/v1/broken")
+                assert response.status_code == 500
+                assert response.headers["connection"] == "close"
+                assert (await c.get("/health")).status_code == 200
+    finally:
+        await stop_router(router)
 
 
 # -- X-Request-Id -----------------------------------------------------------------------------------
