@@ -129,6 +129,9 @@ class TenancyConfig(_Frozen):
     # Tenants, keys and the usage ledger: PostgreSQL when set, else the SQLite file.
     database_url: str | None = None
     sqlite_path: str = "~/.local/share/electron-serve/electron.db"
+    # Routers apply the schema migrations at start (the embedded default); a deployment that
+    # runs `electron-serve migrate` once per release (the Helm chart's hook Job) turns it off.
+    migrate_on_start: bool = True
     # Ledger rows wait here while the database is down (one JSON line each).
     spool_path: str = "~/.local/share/electron-serve/ledger-spool.jsonl"
     ledger_flush_s: float = Field(0.5, gt=0)
