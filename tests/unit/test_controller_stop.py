@@ -52,3 +52,19 @@ async def test_stop_drains_every_serving_worker_before_stopping_them():
     await asyncio.wait_for(scaler.stop(), 10)
     assert sorted(log[:2]) == ["drain default-a", "drain default-b"]
     assert log[2:] == ["stop all (busy: [])"]
+
+
+async def test_the_controller_gives_up_clearly_when_no_worker_starts_in_time():
+    from cluster.fleet import StartupFailed
+    from cluster.launcher import _first_worker
+
+    class Never:
+        async def wait_ready(self, minimum):
+            await asyncio.sleep(3600)
+
+    try:
+        await _first_worker(Never(), 0.05)
+    except StartupFailed as exc:
+        assert "cluster.start_timeout_s" in str(exc) and "Pending" in str(exc)
+    else:
+        raise AssertionError("no StartupFailed")
