@@ -154,10 +154,10 @@ def case(request) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
 
 # -- lint and schemas -------------------------------------------------------------------------------
 
-def test_ci_values_files_cover_the_four_setups():
+def test_ci_values_files_cover_the_six_setups():
     assert {p.name for p in CI_VALUES} == {
         "default-values.yaml", "enterprise-values.yaml", "external-datastores-values.yaml",
-        "tracing-values.yaml"}
+        "tracing-values.yaml", "gpu-cluster-values.yaml", "upgrade-values.yaml"}
 
 
 @pytest.mark.parametrize("values_file", CI_VALUES, ids=lambda p: p.name)
@@ -175,7 +175,9 @@ def test_every_object_is_valid_kubernetes(case):
             kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
         except kubernetes_validate.SchemaNotFoundError:
             custom.append(doc["kind"])  # custom resources: checked below
-    assert set(custom) <= {"RayCluster", "ServiceMonitor", "PodMonitor"}
+    # Gateway API objects: kubernetes-validate has no schemas for them; test_chart_edge.py
+    # checks their shape.
+    assert set(custom) <= {"RayCluster", "ServiceMonitor", "PodMonitor", "HTTPRoute", "Gateway"}
     assert custom.count("RayCluster") == 1
 
 
@@ -223,20 +225,32 @@ def test_one_gpu_worker_group_per_pool_with_ray_autoscaling(case):
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     pools = values.get("pools") or values_of(CHART / "values.yaml")["pools"]
     groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
-    assert set(groups) == {f"pool-{p['name']}-{GEN}" for p in pools}
-    config_pools = {p["name"]: p for p in service_config(docs)["autoscaler"]["pools"]}
-    for pool in pools:
-        group = groups[f"pool-{pool['name']}-{GEN}"]
-        assert (group["minReplicas"], group["maxReplicas"], group["replicas"]) \
-            == (pool["minWorkers"], pool["maxWorkers"], pool["minWorkers"])
-        container = group["template"]["spec"]["containers"][0]
-        assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
-        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-        assert group["rayStartParams"]["num-gpus"] == "1"
-        # The group offers exactly the custom resource the pool's actors ask for.
-        offered = yaml.safe_load(yaml.safe_load(group["rayStartParams"]["resources"]))
-        assert offered == config_pools[pool["name"]]["resources"] == {
-            f"electron_pool_{pool['name']}_{GEN}": 1}
+    generations = generations_of(values)
+    assert set(groups) == {f"pool-{p['name']}-{g}" for p in pools for g in generations}
+    gpu = values.get("workers", {}).get("gpuResourceName", "nvidia.com/gpu")
+    for generation in generations:
+        config_pools = {p["name"]: p for p in service_config(docs, generation)["autoscaler"][
+            "pools"]}
+        for pool in pools:
+            group = groups[f"pool-{pool['name']}-{generation}"]
+            assert (group["minReplicas"], group["maxReplicas"], group["replicas"]) \
+                == (pool["minWorkers"], pool["maxWorkers"], pool["minWorkers"])
+            container = group["template"]["spec"]["containers"][0]
+            name = pool.get("gpuResourceName", gpu)
+            assert container["resources"]["requests"][name] == 1
+            assert container["resources"]["limits"][name] == 1
+            assert group["rayStartParams"]["num-gpus"] == "1"
+            # The group offers exactly the custom resource the pool's actors ask for.
+            offered = yaml.safe_load(yaml.safe_load(group["rayStartParams"]["resources"]))
+            assert offered == config_pools[pool["name"]]["resources"] == {
+                f"electron_pool_{pool['name']}_{generation}": 1}
+
+
+def generations_of(values: dict[str, Any]) -> list[str]:
+    """The worker generations a values file renders, oldest first."""
+    workers = values.get("workers", {})
+    previous = workers.get("previous", {}).get("generation")
+    return [g for g in (previous, workers.get("generation", GEN)) if g]
 
 
 def test_the_service_config_loads_and_autoscales_every_pool(case):
