@@ -580,3 +580,27 @@ def test_images_by_digest():
     for name, spec in pod_specs(docs):
         if "RayCluster" in name or "-controller-" in name:
             assert spec["containers"][0]["image"] == f"{worker['repository']}@{worker['digest']}"
+
+
+def test_the_previous_generation_runs_what_it_was_given_not_the_new_settings():
+    # g2 adds an engine setting and a digest; g1, described by its tag and its old engine
+    # settings, keeps exactly what it ran (not the new digest, not the new setting).
+    g1 = merged(TRIAL, {"engine": {"dtype": "bfloat16"}, "image": {"worker": {"tag": "0.1.0"}}})
+    g2 = merged(g1, {"engine": {"max_model_len": 4096},
+                     "image": {"worker": {"tag": "0.2.0", "digest": "sha256:" + "3" * 64}},
+                     "workers": {"generation": "g2", "previous": {
+                         "generation": "g1", "image": {"tag": "0.1.0"},
+                         "engine": {"dtype": "bfloat16"}}}})
+    before, after = render(g1), render(g2)
+    name = f"{FULLNAME}-controller-g1"
+    assert one(after, "Deployment", name) == one(before, "Deployment", name)
+    assert service_config(after, "g1") == service_config(before, "g1")
+    assert "max_model_len" not in service_config(after, "g1")["engine"]
+    assert service_config(after, "g2")["engine"]["max_model_len"] == 4096
+    assert service_config(after, "g1")["engine"]["kv_cache_bytes"] is None
+
+
+def test_the_engine_defaults_a_previous_generation_starts_from_are_values_yamls():
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    block = helpers.split('define "electron-serve.engineDefaults" -}}', 1)[1].split("{{-", 1)[0]
+    assert yaml.safe_load(block) == values_of(CHART / "values.yaml")["engine"]

@@ -81,15 +81,32 @@ draining) its controller. */}}
 {{- if eq $prev.generation $w.generation }}
 {{- fail "workers.previous.generation must differ from workers.generation: a new image or worker-side setting is a new generation" }}
 {{- end }}
-{{- $gens = append $gens (dict "name" $prev.generation
-  "image" (mergeOverwrite (deepCopy .Values.image.worker) ($prev.image | default dict))
-  "modelPath" ($prev.modelPath | default .Values.model.path)
-  "engine" ($prev.engine | default .Values.engine)
+{{- /* What the previous generation ran, as given: its image (the repository and pull policy
+default to the current one's, never its tag or digest) and engine settings over the chart's
+defaults (not over the current generation's, which would change what it runs). */}}
+{{- $image := mergeOverwrite (dict "repository" .Values.image.worker.repository "tag" "" "digest" ""
+  "pullPolicy" .Values.image.worker.pullPolicy) (deepCopy ($prev.image | default dict)) }}
+{{- $given := $prev.engine | default dict }}
+{{- $engine := mergeOverwrite (include "electron-serve.engineDefaults" . | fromYaml) (deepCopy $given) }}
+{{- if hasKey $given "kv_cache_bytes" }}
+{{- $_ := set $engine "kv_cache_bytes" $given.kv_cache_bytes }}
+{{- end }}
+{{- $gens = append $gens (dict "name" $prev.generation "image" $image
+  "modelPath" ($prev.modelPath | default .Values.model.path) "engine" $engine
   "draining" ($prev.draining | default false) "current" false) }}
 {{- end }}
 {{- $gens = append $gens (dict "name" $w.generation "image" .Values.image.worker
   "modelPath" .Values.model.path "engine" .Values.engine "draining" false "current" true) }}
 {{- toYaml (dict "generations" $gens) }}
+{{- end }}
+
+{{/* values.yaml's `engine` (templates cannot read values.yaml itself): what a previous
+generation's engine settings are given over. A chart test keeps the two equal. */}}
+{{- define "electron-serve.engineDefaults" -}}
+dtype: auto
+device: auto
+gpu_memory_fraction: 0.85
+kv_cache_bytes: null
 {{- end }}
 
 {{/* Pod settings shared by every component: takes the component's values. */}}
@@ -201,10 +218,16 @@ checksum restarts that generation's controller only. */}}
 {{- $c := include "electron-serve.config" $root | fromYaml }}
 {{- $c = omit $c "tenancy" "auth" }}
 {{- $_ := set $c "router" (pick $c.router "model_id" "registry_poll_s") }}
-{{- $engine := mergeOverwrite (deepCopy $c.engine) (deepCopy $gen.engine) }}
-{{- $_ = set $engine "model" $gen.modelPath }}
-{{- if hasKey $gen.engine "kv_cache_bytes" }}
-{{- $_ = set $engine "kv_cache_bytes" $gen.engine.kv_cache_bytes }}
+{{- /* The generation's engine settings and model; `config.engine` overrides every generation. */}}
+{{- $overrides := $root.Values.config.engine | default dict }}
+{{- $engine := mergeOverwrite (merge (dict "model" $gen.modelPath) (deepCopy $gen.engine)) (deepCopy $overrides) }}
+{{- $_ = set $engine "model" ($overrides.model | default $gen.modelPath) }}
+{{- /* null is meaningful (on GPU: a fraction of free memory) but Helm drops null values and
+merges skip them: absent means null here, as in values.yaml. */}}
+{{- if hasKey $overrides "kv_cache_bytes" }}
+{{- $_ = set $engine "kv_cache_bytes" $overrides.kv_cache_bytes }}
+{{- else }}
+{{- $_ = set $engine "kv_cache_bytes" (index $gen.engine "kv_cache_bytes") }}
 {{- end }}
 {{- $_ = set $c "engine" $engine }}
 {{- $_ = set $c.cluster "start_timeout_s" (int $root.Values.workers.startTimeoutSeconds) }}
