@@ -342,7 +342,7 @@ def served(args: argparse.Namespace):
             if proc.poll() is not None:
                 raise RuntimeError(f"electron-serve up exited; see {tmp}/up.log")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(base.rsplit("/v1", 1)[0] + "/ready", timeout=2).status_code == 200:
+                if httpx.get(base.rsplit("/v1", 1)[0] + "/ready?workers=1", timeout=2).status_code == 200:
                     break
             if time.monotonic() > deadline:
                 raise TimeoutError("electron-serve up did not get ready")

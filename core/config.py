@@ -129,6 +129,9 @@ class TenancyConfig(_Frozen):
     # Tenants, keys and the usage ledger: PostgreSQL when set, else the SQLite file.
     database_url: str | None = None
     sqlite_path: str = "~/.local/share/electron-serve/electron.db"
+    # Routers apply the schema migrations at start (the embedded default); a deployment that
+    # runs `electron-serve migrate` once per release (the Helm chart's hook Job) turns it off.
+    migrate_on_start: bool = True
     # Ledger rows wait here while the database is down (one JSON line each).
     spool_path: str = "~/.local/share/electron-serve/ledger-spool.jsonl"
     ledger_flush_s: float = Field(0.5, gt=0)
@@ -158,6 +161,12 @@ class ClusterConfig(_Frozen):
     # Extra Ray resources each worker actor asks for (e.g. {"electron_pool_acme": 1}, which
     # only that pool's KubeRay worker group offers); the autoscaler sets it per pool.
     worker_resources: dict[str, float] = Field(default_factory=dict)
+    # `electron-serve worker` gives up (exit 1, StartupFailed) when no worker serves this long
+    # after it starts (0: waits for ever): image pulls, GPU nodes and the model load included.
+    start_timeout_s: float = Field(0, ge=0)
+    # Written by `electron-serve worker` once its first worker serves: a probe's signal (the
+    # Helm chart's controller startup/readiness probe), removed when it stops.
+    ready_file: str | None = None
 
 
 class PoolConfig(_Frozen):

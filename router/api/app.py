@@ -1,8 +1,8 @@
 """The router's FastAPI app: routes, auth and the app's lifespan (docs/api.md).
 
 Handlers are thin: authenticate, validate, call one service function, return. Both base URLs
-(``/v1`` and ``/waves/v1``) serve the same routes. ``/health`` (liveness) and ``/ready`` (at
-least one worker connected) need no key.
+(``/v1`` and ``/waves/v1``) serve the same routes. ``/health`` (liveness) and ``/ready`` (started:
+the tenancy store is open; ``/ready?workers=N``: at least N workers connected) need no key.
 """
 
 from __future__ import annotations
@@ -105,11 +105,22 @@ async def health() -> Response:
 
 
 async def ready(request: Request) -> Response:
+    """Readiness for a load balancer: the app has started (its lifespan opened the tenancy
+    store), whether or not a worker is connected yet. With no worker the API itself answers
+    503 ``no_workers`` with ``Retry-After``, which clients retry; taking every replica out of
+    a Service instead would turn that into connection errors. ``?workers=N`` asks for at
+    least N connected workers (503 ``no_workers`` until then): what scripts and tests wait
+    on."""
     pool: WorkerPool = request.app.state.pool
-    if not pool.ready:
-        return error_response(NoWorkers("no worker is connected yet",
+    workers = len(pool.workers())
+    try:
+        wanted = int(request.query_params.get("workers", "0"))
+    except ValueError:
+        wanted = 1
+    if wanted > 0 and (not pool.ready or workers < wanted):
+        return error_response(NoWorkers(f"{workers} of {wanted} worker(s) connected",
                                         retry_after=READY_RETRY_AFTER_S))
-    return _json({"status": "ready", "workers": len(pool.workers())})
+    return _json({"status": "ready", "workers": workers})
 
 
 # -- the app ----------------------------------------------------------------------------------------

@@ -127,7 +127,8 @@ class Tenancy:
     # -- lifecycle
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.db.migrate)
+        if self.config.tenancy.migrate_on_start:
+            await asyncio.to_thread(self.db.migrate)
         await self.limiter.start()
         await self.ledger.start()
 

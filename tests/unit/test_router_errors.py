@@ -166,12 +166,16 @@ async def test_known_key_passes_and_health_needs_none(auth_app):
         models = await c.get("/v1/models", headers={"Authorization": "Bearer sk-other"})
         health = await c.get("/health")
         ready = await c.get("/ready")
+        ready_workers = await c.get("/ready?workers=1")
     error_of(served, 503, "server_error", "no_workers")
     assert models.status_code == 200
     validate(models.json(), "ListModelsResponse")
     assert [m["id"] for m in models.json()["data"]] == ["electron"]
     assert health.status_code == 200
-    error_of(ready, 503, "server_error", "no_workers")
+    # Ready for the Service with no worker (the API answers 503 itself); ?workers=1 is not.
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "workers": 0}
+    error_of(ready_workers, 503, "server_error", "no_workers")
+    assert int(ready_workers.headers["retry-after"]) >= 1
 
 
 # -- 503 / 500 -------------------------------------------------------------------------------------
