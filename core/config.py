@@ -79,6 +79,9 @@ class RouterConfig(_Frozen):
     breaker_open_s: float = Field(10.0, gt=0)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     max_messages: int = Field(200, ge=1)
+    # A non-streamed response is built whole in the router: its n x max_tokens x
+    # (1 + top_logprobs) token entries may not exceed this (a stream sends each as it comes).
+    max_buffered_tokens: int = Field(1 << 18, ge=1)
     # Seconds to wait for a worker's first message before failing over.
     first_token_timeout_s: float = Field(30.0, gt=0)
     registry_poll_s: float = Field(0.5, gt=0)

@@ -142,8 +142,7 @@ def create_app(config: Config, worker_source: WorkerSource,
                       tracing=tracing, shared_pool=config.cluster.pool,
                       fallback_pools=[p.name for p in config.autoscaler.pools
                                       if p.fallback_to_shared])
-    chat = ChatService(pool=pool, tokenizer=tokenizer, model_id=settings.model_id,
-                       first_token_timeout_s=settings.first_token_timeout_s,
+    chat = ChatService(pool=pool, tokenizer=tokenizer, settings=settings,
                        fingerprint=system_fingerprint(config.engine.model))
 
     tenancy = Tenancy(config, pool)

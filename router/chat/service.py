@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.config import RouterConfig
 from core.errors import InternalError, ModelNotFound, WorkerUnavailable
 from core.pb.electron.v1 import worker_pb2 as pb
 from core.protocol import WORKER_GAVE_UP
@@ -42,6 +43,7 @@ from router.chat.response import (
 )
 from router.chat.usage import Usage
 from router.chat.wire import (
+    check_buffered_size,
     check_token_ids,
     completion_budget,
     effective_cache_salt,
@@ -125,13 +127,15 @@ class _Attempts:
 
 
 class ChatService:
-    def __init__(self, *, pool: WorkerPool, tokenizer: Any, model_id: str,
-                 first_token_timeout_s: float, fingerprint: str):
-        """``tokenizer`` is a ``core.tokenizer.Tokenizer`` (encode_chat, supports_tools)."""
+    def __init__(self, *, pool: WorkerPool, tokenizer: Any, settings: RouterConfig,
+                 fingerprint: str):
+        """``tokenizer`` is a ``core.tokenizer.Tokenizer`` (encode_chat, supports_tools);
+        ``settings`` the router's (model id, first-token timeout, buffered-response bound)."""
         self._pool = pool
         self._tokenizer = tokenizer
-        self.model_id = model_id
-        self._first_token_timeout_s = first_token_timeout_s
+        self.model_id = settings.model_id
+        self._first_token_timeout_s = settings.first_token_timeout_s
+        self._max_buffered_tokens = settings.max_buffered_tokens
         self.fingerprint = fingerprint
 
     async def prepare(self, req: ChatCompletionRequest, request_id: str,
@@ -158,6 +162,8 @@ class ChatService:
         if terms is not None and terms.max_context is not None:
             max_model_len = min(max_model_len, terms.max_context)
         budget = completion_budget(req, len(ids), max_model_len)
+        if not req.stream:
+            check_buffered_size(req, budget, self._max_buffered_tokens)
         completion_id = "chatcmpl-" + uuid.uuid4().hex
         wire = to_generate_request(req, request_id=completion_id, prompt_token_ids=ids,
                                    max_tokens=budget, model=self.model_id, grammar=grammar,

@@ -12,13 +12,13 @@ from typing import Any
 import httpx
 import pytest
 
-from core.config import load_config
+from core.config import RouterConfig, load_config
 from core.endpoints import StaticWorkerSource
 from core.errors import ContextLengthExceeded, InvalidRequest
 from core.model_files import resolve_model_path
 from core.tokenizer import Tokenizer
 from router.api.app import create_app
-from router.chat.wire import completion_budget, to_generate_request
+from router.chat.wire import check_buffered_size, completion_budget, to_generate_request
 from router.openai.schemas import ChatCompletionRequest, parse_chat_request
 from tests.support.openai_schema import validate
 from tests.support.tenancy import local_tenancy
@@ -375,3 +375,21 @@ def test_min_tokens_beyond_the_clamped_budget_is_rejected():
     with pytest.raises(InvalidRequest) as info:
         completion_budget(request(min_tokens=50), 100, 128)
     assert info.value.param == "min_tokens"
+
+
+def test_a_response_built_whole_is_bounded_before_any_work():
+    limit = RouterConfig().max_buffered_tokens
+    # n=16 x 20 top logprobs x a whole 8k context: ~2.8 M entries, refused naming the field.
+    req = request(n=16, logprobs=True, top_logprobs=20, max_tokens=8000)
+    with pytest.raises(InvalidRequest) as info:
+        check_buffered_size(req, 8000, limit)
+    assert info.value.param == "max_tokens" and "at most" in info.value.message
+    # Unset max_tokens (the budget is the room left): n is what to lower.
+    with pytest.raises(InvalidRequest) as info:
+        check_buffered_size(request(n=16, logprobs=True, top_logprobs=20), 8000, limit)
+    assert info.value.param == "n"
+    # An ordinary request, and the same one asking for what fits, pass.
+    check_buffered_size(request(max_tokens=8000), 8000, limit)
+    most = limit // (16 * 21)
+    check_buffered_size(request(n=16, logprobs=True, top_logprobs=20, max_tokens=most), most,
+                        limit)
