@@ -1,7 +1,9 @@
 """Routes of tenancy: ``GET /v1/usage`` and the admin API (``/v1/admin/...``, admin key only).
 
-    GET  /v1/usage?start=&end=[&tenant_id=]   a tenant's own totals and rows; the admin key
-                                              sees every tenant (or the one it names)
+    GET  /v1/usage?start=&end=[&tenant_id=][&limit=][&cursor=]
+                                              a tenant's own totals and a page of its rows;
+                                              the admin key sees every tenant (or the one
+                                              it names)
     POST /v1/admin/tenants                    {"tenant_id", "plan", "cache_salt"?,
                                                "allowed_models"?, "pool"?} -> tenant + key
     GET  /v1/admin/tenants                    every tenant with its keys (never the keys)
@@ -29,6 +31,7 @@ from core.errors import InvalidRequest, PermissionDenied
 from router.openai.errors import from_validation_errors
 from router.openai.schemas import decode_json
 from router.tenancy.admission import Tenancy, bearer_key
+from router.tenancy.ledger import MAX_USAGE_ROWS
 from router.tenancy.store import TenantError
 
 DEFAULT_USAGE_WINDOW_S = 30 * 86400
@@ -77,7 +80,16 @@ async def usage(request: Request) -> Response:
             raise PermissionDenied("a key can read its own tenant's usage only",
                                    param="tenant_id")
         tenant_id = principal.tenant_id
-    return _json(await tenancy.ledger.usage(tenant_id, start, end))
+    raw_limit = request.query_params.get("limit") or str(MAX_USAGE_ROWS)
+    try:
+        limit = int(raw_limit)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_USAGE_ROWS:
+        raise InvalidRequest(f"'limit' must be an integer from 1 to {MAX_USAGE_ROWS}",
+                             param="limit")
+    return _json(await tenancy.ledger.usage(tenant_id, start, end, limit=limit,
+                                            cursor=request.query_params.get("cursor") or None))
 
 
 # -- admin ------------------------------------------------------------------------------------------

@@ -109,3 +109,30 @@ async def test_tokens_per_minute_refuse_once_the_minutes_tokens_are_spent():
     assert over.value.code == "rate_limit_exceeded" and "TPM" in over.value.message
     assert over.value.headers["x-ratelimit-limit-tokens"] == "1000"
     assert 0 < over.value.retry_after <= 60
+
+
+async def test_in_process_tokens_per_minute_are_reserved_then_settled():
+    limiter = InProcessLimiter()
+    plan = Plan("metered", rpm=100, concurrency=5, tpm=1000, priority=0, max_context=None,
+                shed_queue_per_worker=8)
+    who = Principal("acme", "key_1", plan, "tenant:acme", None)
+    first = await limiter.admit(who)
+    await first.reserve(800)  # a request's budget, before its work starts
+    second = await limiter.admit(who)  # under the limit: admitted ...
+    with pytest.raises(RateLimited) as over:
+        await second.reserve(300)  # ... but its budget does not fit what is left
+    assert "TPM" in over.value.message
+    assert over.value.headers["x-ratelimit-limit-tokens"] == "1000"
+    second.release(0)
+    first.release(tokens=120)  # settled: the 680 tokens it did not use come back
+    third = await limiter.admit(who)
+    await third.reserve(880)  # 120 + 880: the minute is full
+    with pytest.raises(RateLimited):
+        await limiter.admit(who)
+    third.release(tokens=0)  # it used nothing (e.g. refused by the worker)
+    # A budget over a minute's tokens needs the whole minute (120 are used already).
+    huge = await limiter.admit(who)
+    with pytest.raises(RateLimited):
+        await huge.reserve(5000)
+    huge.release()
+    assert limiter.in_flight("acme") == 0
