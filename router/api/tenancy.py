@@ -17,6 +17,7 @@ A key is shown once, in the answer that made it.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import asdict
 from datetime import datetime
@@ -32,7 +33,7 @@ from router.openai.errors import from_validation_errors
 from router.openai.schemas import decode_json
 from router.tenancy.admission import Tenancy, bearer_key
 from router.tenancy.ledger import MAX_USAGE_ROWS
-from router.tenancy.store import TenantError
+from router.tenancy.store import TENANT_ID, TenantError
 
 DEFAULT_USAGE_WINDOW_S = 30 * 86400
 
@@ -55,14 +56,16 @@ def _time_param(request: Request, name: str, default: float) -> float:
     if raw is None or raw == "":
         return default
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
-    except ValueError:
+        try:
+            value = datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
+        except (ValueError, OverflowError):
+            value = math.nan
+    if not math.isfinite(value):
         raise InvalidRequest(f"'{name}' must be unix seconds or an ISO 8601 time",
-                             param=name) from None
+                             param=name)
+    return value
 
 
 async def usage(request: Request) -> Response:
@@ -73,6 +76,8 @@ async def usage(request: Request) -> Response:
     if start >= end:
         raise InvalidRequest("'start' must be before 'end'", param="start")
     asked = request.query_params.get("tenant_id")
+    if asked is not None and not TENANT_ID.fullmatch(asked):
+        raise InvalidRequest("'tenant_id' is not a tenant id", param="tenant_id")
     if principal is None or principal.is_admin:
         tenant_id = asked  # every tenant, or the one named
     else:

@@ -28,7 +28,9 @@ import base64
 import binascii
 import json
 import logging
+import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +45,7 @@ from router.tenancy.sqldb import Database, DatabaseUnavailable
 log = logging.getLogger(__name__)
 
 _MILLION = Decimal(1_000_000)
+_PRINTABLE_ID = re.compile(r"[\x21-\x7e]{1,256}")  # every request id, ours or a client's
 _COLUMNS = ("request_id", "client_request_id", "tenant_id", "key_id", "model",
             "prompt_tokens", "cached_tokens", "completion_tokens", "cost", "status",
             "started_at", "finished_at")
@@ -117,12 +120,21 @@ class UsageCursor:
             raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
             finished_at, request_id = json.loads(raw)
             if (isinstance(finished_at, bool) or not isinstance(finished_at, (int, float))
-                    or not isinstance(request_id, str)):
+                    or not math.isfinite(finished_at) or not isinstance(request_id, str)
+                    or not _PRINTABLE_ID.fullmatch(request_id)):
                 raise ValueError(cursor)
             return float(finished_at), request_id
         except (ValueError, TypeError, binascii.Error):
             raise InvalidRequest("'cursor' is not a cursor this API returned",
                                  param="cursor") from None
+
+
+class _Unwritten(Exception):
+    """The database became unavailable; ``rows`` were neither written nor quarantined."""
+
+    def __init__(self, rows: list[UsageRow], cause: DatabaseUnavailable):
+        super().__init__(str(cause))
+        self.rows, self.cause = rows, cause
 
 
 class Ledger:
@@ -198,32 +210,32 @@ class Ledger:
                 try:
                     self._insert(rows)
                     return
-                except DatabaseUnavailable as exc:
-                    log.warning("ledger database unavailable (%s): spooling %d rows", exc,
-                                len(rows))
+                except _Unwritten as exc:
+                    log.warning("ledger database unavailable (%s): spooling %d rows",
+                                exc.cause, len(exc.rows))
+                    rows = exc.rows
             self._spool(rows)
 
     def _insert(self, rows: list[UsageRow]) -> None:
         """Writes ``rows`` in one transaction; when the database refuses it for a row's sake,
-        row by row, quarantining each refused row alone. ``DatabaseUnavailable``: nothing
-        of what is left was written (the caller keeps it)."""
+        row by row, quarantining each refused row alone. ``_Unwritten``: the database became
+        unavailable; its ``rows`` are those neither written nor quarantined (the caller
+        keeps them)."""
         if not rows:
             return
         try:
             self.db.transaction([(_INSERT, [r.params() for r in rows])])
             return
-        except DatabaseUnavailable:
-            raise
+        except DatabaseUnavailable as exc:
+            raise _Unwritten(rows, exc) from exc
         except Exception as exc:
             log.warning("ledger: the database refused a batch of %d rows (%s: %s); writing "
                         "them one by one", len(rows), type(exc).__name__, exc)
-        for row in rows:
+        for i, row in enumerate(rows):
             try:
                 self.db.transaction([(_INSERT, [row.params()])])
             except DatabaseUnavailable as exc:
-                # The rows before were written; the rest wait (ON CONFLICT keeps a replay
-                # of the written ones harmless).
-                raise DatabaseUnavailable(str(exc)) from exc
+                raise _Unwritten(rows[i:], exc) from exc
             except Exception as exc:
                 self._quarantine(row, f"{type(exc).__name__}: {exc}")
 
@@ -272,7 +284,13 @@ class Ledger:
                 self._quarantine(None, f"unreadable spool line: {exc}", raw=line[:4096])
         try:
             self._insert(rows)
-        except DatabaseUnavailable:
+        except _Unwritten as exc:
+            if len(exc.rows) < len(rows):  # keep only what is left (atomically)
+                partial = self.spool_path.with_name(self.spool_path.name + ".tmp")
+                partial.unlink(missing_ok=True)
+                self._append(partial, [json.dumps(r.as_dict()).encode() + b"\n"
+                                       for r in exc.rows])
+                os.replace(partial, self.spool_path)
             return False
         self.spool_path.unlink()
         log.info("ledger: %d spooled rows written", len(rows))

@@ -26,6 +26,7 @@ from router.tenancy.sqldb import Database
 
 KEY_PREFIX = "es-"
 _TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # to fullmatch a tenant id
 # cache_salt policies: "tenant" (the default) keeps a tenant's cached prefixes its own;
 # "shared" lets tenants that share it reuse each other's public prefixes.
 SHARED_SALT = "shared"

@@ -8,6 +8,7 @@ Each run uses its own Redis key prefix and PostgreSQL schema and removes them af
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from collections.abc import AsyncIterator
@@ -666,8 +667,10 @@ async def test_usage_pages_over_http(clients):
     assert len(rest["data"]) == 1 and not rest["has_more"] and rest["next_cursor"] is None
     assert {r["request_id"] for r in first["data"] + rest["data"]} == {
         r["request_id"] for r in (await usage_rows(ca, key, 3))}
+    nul_cursor = base64.urlsafe_b64encode(b'[1.0, "req_\\u0000"]').decode()
     for params in ({"limit": "0"}, {"limit": "many"}, {"limit": "5000"},
-                   {"cursor": "%%%"}, {"cursor": "W10"}):
+                   {"cursor": "%%%"}, {"cursor": "W10"}, {"cursor": nul_cursor},
+                   {"start": "nan"}, {"end": "inf"}, {"tenant_id": "a\x00b"}):
         bad = await ca.get("/v1/usage", headers=auth(key), params=params)
         assert bad.status_code == 400, (params, bad.text)
         assert bad.json()["error"]["param"] == next(iter(params))
