@@ -3,6 +3,7 @@ SQLite, the ledger's batching on SQLite."""
 
 from __future__ import annotations
 
+import json
 import time
 from decimal import Decimal
 
@@ -136,3 +137,43 @@ async def test_in_process_tokens_per_minute_are_reserved_then_settled():
         await huge.reserve(5000)
     huge.release()
     assert limiter.in_flight("acme") == 0
+
+
+class _RefusingDb:
+    """Refuses any batch of several rows and the row ``req_bad``; unavailable for
+    ``req_down`` while ``down``."""
+
+    def __init__(self) -> None:
+        self.written: list[str] = []
+        self.down = True
+
+    def transaction(self, work) -> None:
+        from router.tenancy.sqldb import DatabaseUnavailable
+
+        rows = work[0][1]
+        if len(rows) > 1:
+            raise ValueError("a row of this batch cannot be stored")
+        request_id = rows[0][0]
+        if request_id == "req_bad":
+            raise ValueError("this row cannot be stored")
+        if request_id == "req_down" and self.down:
+            raise DatabaseUnavailable("gone")
+        self.written.append(request_id)
+
+
+async def test_a_replay_cut_by_an_outage_keeps_only_the_rows_left(tmp_path):
+    spool = tmp_path / "spool.jsonl"
+    now = time.time()
+    rows = [UsageRow(i, "acme", "key_1", "electron", 1, 0, 1, PRICES.cost(1, 0, 1), "ok",
+                     now, now) for i in ("req_1", "req_bad", "req_down", "req_3")]
+    spool.write_text("".join(json.dumps(r.as_dict()) + "\n" for r in rows))
+    db = _RefusingDb()
+    ledger = Ledger(db, spool, flush_s=60, batch=1000)  # type: ignore[arg-type]
+    await ledger.start()
+    assert db.written == ["req_1"] and ledger.quarantined == 1
+    assert [json.loads(line)["request_id"] for line in spool.read_text().splitlines()] == [
+        "req_down", "req_3"]
+    db.down = False
+    await ledger.stop()  # the last flush replays what is left
+    assert db.written == ["req_1", "req_down", "req_3"] and ledger.quarantined == 1
+    assert not spool.exists()
