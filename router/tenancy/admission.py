@@ -39,7 +39,14 @@ from router.routing.load import requests_at
 from router.tenancy.ledger import Ledger, Prices, UsageRow
 from router.tenancy.limits import Limiter, Slot, make_limiter
 from router.tenancy.sqldb import DatabaseUnavailable, database_of
-from router.tenancy.store import KEY_PREFIX, Plan, Principal, Tenant, TenantStore, hash_key
+from router.tenancy.store import (
+    KEY_PREFIX,
+    Plan,
+    Principal,
+    Tenant,
+    TenantStore,
+    hash_key,
+)
 from router.tenancy.terms import TenantTerms
 
 log = logging.getLogger(__name__)

@@ -228,7 +228,7 @@ class Ledger:
             return
         except DatabaseUnavailable as exc:
             raise _Unwritten(rows, exc) from exc
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any refusal of the driver's: row by row
             log.warning("ledger: the database refused a batch of %d rows (%s: %s); writing "
                         "them one by one", len(rows), type(exc).__name__, exc)
         for i, row in enumerate(rows):
@@ -236,7 +236,7 @@ class Ledger:
                 self.db.transaction([(_INSERT, [row.params()])])
             except DatabaseUnavailable as exc:
                 raise _Unwritten(rows[i:], exc) from exc
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - this row refused: set aside alone
                 self._quarantine(row, f"{type(exc).__name__}: {exc}")
 
     def _quarantine(self, row: UsageRow | None, reason: str, raw: bytes | None = None) -> None:

@@ -133,7 +133,8 @@ class Database:
     def _postgres_pool(self) -> Any:
         with self._lock:
             if self._pool is None:
-                from psycopg_pool import ConnectionPool  # only PostgreSQL deployments load it
+                # Only PostgreSQL deployments load it.
+                from psycopg_pool import ConnectionPool
 
                 statement_ms = max(1, int(self.statement_timeout_s * 1000))
 
