@@ -232,7 +232,11 @@ class ChatService:
                 attempts.last_error = exc
                 log.warning("request %s: %s; retrying on another worker",
                             prepared.request_id, exc.message)
-            except BaseException:
+            except BaseException as exc:
+                if not isinstance(exc, asyncio.CancelledError):
+                    # The worker refused it (or the router failed): no prefill to bill. A
+                    # cancellation is the client leaving: the prompt sent is billed.
+                    usage.withdraw()
                 self._abandon(stream, lease)
                 raise
 

@@ -4,8 +4,8 @@ usage chunk, the ledger row, the concurrency slot's token count and the cached-t
 
 When the prompt is billed: from the moment it is sent to a worker (``dispatch``), which
 starts computing it at once; a client that leaves before the first token still used that
-prefill. A worker that fails before its first delta (``withdraw``: our failure, retried
-elsewhere) bills nothing. Before the first delta the worker has not said how much of the
+prefill. A worker that fails or refuses before its first delta (``withdraw``: retried
+elsewhere, or an error response) bills nothing. Before the first delta the worker has not said how much of the
 prompt was cached, so such a prompt is billed whole at the input price.
 """
 
@@ -37,7 +37,7 @@ class Usage:
             self.prompt_tokens, self.dispatched = prompt_tokens, True
 
     def withdraw(self) -> None:
-        """The worker failed before its first delta: its prefill is not billed."""
+        """The worker failed or refused before its first delta: nothing is billed."""
         if not self.started:
             self.dispatched = False
 
