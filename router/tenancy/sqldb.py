@@ -210,12 +210,12 @@ class Database:
         if time.monotonic() < self._down_until:
             raise DatabaseUnavailable(self._down_reason)
 
-    def _run(self, work, *, write: bool) -> Any:
+    def _run(self, work, *, write: bool, timed: bool = True) -> Any:
         try:
             if self.url:
                 return self._run_postgres(work)
             with self._lock:
-                return self._run_sqlite(work, write)
+                return self._run_sqlite(work, write, timed)
         except _StatementTimeout as exc:
             # The database answers; this statement took too long (it is not marked down).
             raise DatabaseUnavailable(str(exc)) from exc
@@ -237,9 +237,9 @@ class Database:
             except (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable) as exc:
                 raise _StatementTimeout(f"statement timed out: {exc}") from exc
 
-    def _run_sqlite(self, work, write: bool) -> Any:
+    def _run_sqlite(self, work, write: bool, timed: bool) -> Any:
         conn = self._sqlite()
-        deadline = time.monotonic() + self.statement_timeout_s
+        deadline = time.monotonic() + self.statement_timeout_s if timed else float("inf")
         # Interrupts a statement past the timeout (checked every 10,000 VM steps).
         conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
         cur = conn.cursor()
@@ -283,7 +283,7 @@ class Database:
                 cur.execute(self._sql("INSERT INTO schema_migrations VALUES (%s, "
                                       "CAST(%s AS DOUBLE PRECISION))"), (version, time.time()))
 
-        self._run(apply, write=True)
+        self._run(apply, write=True, timed=False)  # a migration may rewrite a large table
         return len(MIGRATIONS)
 
     def close(self) -> None:

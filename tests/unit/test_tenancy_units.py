@@ -177,3 +177,18 @@ async def test_a_replay_cut_by_an_outage_keeps_only_the_rows_left(tmp_path):
     await ledger.stop()  # the last flush replays what is left
     assert db.written == ["req_1", "req_down", "req_3"] and ledger.quarantined == 1
     assert not spool.exists()
+
+
+def test_a_sqlite_statement_past_the_timeout_is_interrupted_and_the_database_stays_usable(
+        tmp_path):
+    from router.tenancy.sqldb import DatabaseUnavailable
+
+    db = Database(None, tmp_path / "slow.db", statement_timeout_s=0.2)
+    db.migrate()
+    started = time.monotonic()
+    with pytest.raises(DatabaseUnavailable):  # a 503, never a hang
+        db.query("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
+                 "SELECT count(*) FROM c")
+    assert time.monotonic() - started < 2
+    assert db.query("SELECT 1") == [(1,)]
+    db.close()
