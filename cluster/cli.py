@@ -72,9 +72,9 @@ def _parser() -> argparse.ArgumentParser:
 def run_migrate(config: Config) -> int:
     """``electron-serve migrate``: the schema migrations of ``tenancy.database_url`` (else the
     SQLite file), once, before routers with ``tenancy.migrate_on_start: false`` start."""
-    from router.tenancy.sqldb import Database, DatabaseUnavailable
+    from router.tenancy.sqldb import DatabaseUnavailable, database_of
 
-    db = Database(config.tenancy.database_url, config.tenancy.sqlite_path)
+    db = database_of(config.tenancy)
     try:
         version = db.migrate()
     except DatabaseUnavailable as exc:

@@ -135,6 +135,11 @@ class TenancyConfig(_Frozen):
     # Routers apply the schema migrations at start (the embedded default); a deployment that
     # runs `electron-serve migrate` once per release (the Helm chart's hook Job) turns it off.
     migrate_on_start: bool = True
+    # PostgreSQL connections per router (a pool shared by auth, usage reads and the ledger),
+    # the wait for one (and for a new connection), and the longest one statement may run.
+    database_pool_size: int = Field(8, ge=1, le=100)
+    database_connect_timeout_s: float = Field(3.0, gt=0)
+    database_statement_timeout_s: float = Field(5.0, gt=0)
     # Ledger rows wait here while the database is down (one JSON line each).
     spool_path: str = "~/.local/share/electron-serve/ledger-spool.jsonl"
     ledger_flush_s: float = Field(0.5, gt=0)

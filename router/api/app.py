@@ -71,16 +71,25 @@ async def chat_completions(request: Request) -> Response:
                              max_messages=state.config.router.max_messages)
     observe.set_model(req.model, state.config.router.model_id)
     chat: ChatService = state.chat
+    # Before anything is admitted or billed: an unknown model is a 404 and writes no row;
+    # the ledger stores the served id, never the client's text.
+    model = chat.served_model(req.model)
     request_id = request.state.request_id
     with observe.span("limits"):
         try:
-            admission: Admission = await state.tenancy.admit(request.state.principal,
-                                                             req.model, request_id)
+            admission: Admission = await state.tenancy.admit(
+                request.state.principal, model, request.state.server_request_id,
+                request.state.client_request_id)
         except RateLimited as exc:
             record_rate_limit_rejection(
                 request, "concurrency" if exc.code == "concurrency_limit_exceeded" else "requests")
             raise
-    return await ChatRequest(chat, admission, req, request_id).respond(request.receive, _json)
+    try:
+        return await ChatRequest(chat, admission, req, request_id).respond(request.receive,
+                                                                           _json)
+    except RateLimited:  # its token budget does not fit the plan's tokens per minute
+        record_rate_limit_rejection(request, "tokens")
+        raise
 
 
 async def list_models(request: Request) -> Response:
@@ -166,6 +175,7 @@ def create_app(config: Config, worker_source: WorkerSource,
     app.state.chat = chat
     app.state.metrics = RouterMetrics()
     app.state.tenancy = tenancy
+    tenancy.ledger.on_quarantine = app.state.metrics.ledger_quarantined.inc
     app.state.model_card = {"id": settings.model_id, "object": "model",
                             "created": int(time.time()), "owned_by": OWNED_BY}
     install_error_handlers(app)

@@ -83,6 +83,11 @@ class Prepared:
     def n(self) -> int:
         return self.request.n or 1
 
+    @property
+    def token_budget(self) -> int:
+        """The most tokens it can use: its prompt and n completions of max tokens."""
+        return len(self.prompt_token_ids) + self.n * self.wire.sampling.max_tokens
+
 
 @dataclass(eq=False)
 class Generation:
@@ -138,11 +143,18 @@ class ChatService:
         self._max_buffered_tokens = settings.max_buffered_tokens
         self.fingerprint = fingerprint
 
+    def served_model(self, model: str) -> str:
+        """The served model id a request names, or ``ModelNotFound`` (404); the handler asks
+        before admission, so an unknown model is never admitted nor billed."""
+        if model != self.model_id:
+            shown = model if len(model) <= 256 else model[:256] + "…"
+            raise ModelNotFound(f"The model {shown!r} does not exist or you do not have "
+                                "access to it.", param="model")
+        return self.model_id
+
     async def prepare(self, req: ChatCompletionRequest, request_id: str,
                       terms: TenantTerms | None = None) -> Prepared:
-        if req.model != self.model_id:
-            raise ModelNotFound(f"The model '{req.model}' does not exist or you do not have "
-                                "access to it.", param="model")
+        self.served_model(req.model)
         tools = tool_use(req)
         grammar = grammar_spec(req, tools)
         messages, template_tools = template_inputs(
@@ -213,6 +225,7 @@ class ChatService:
             try:
                 log.debug("request %s -> worker %s (%s)", prepared.request_id,
                           lease.worker.worker_id, lease.reason)
+                usage.dispatch(len(prepared.prompt_token_ids))
                 stream = await lease.worker.generate(prepared.wire)
                 first = await self._first_delta(stream, lease.worker.worker_id)
                 lease.started()
@@ -220,6 +233,7 @@ class ChatService:
                 usage.observe(first)
                 return Generation(prepared, lease, stream, first, usage)
             except WorkerUnavailable as exc:
+                usage.withdraw()
                 lease.failed()
                 self._abandon(stream, lease)
                 if not attempts.left:
@@ -227,7 +241,11 @@ class ChatService:
                 attempts.last_error = exc
                 log.warning("request %s: %s; retrying on another worker",
                             prepared.request_id, exc.message)
-            except BaseException:
+            except BaseException as exc:
+                if not isinstance(exc, asyncio.CancelledError):
+                    # The worker refused it (or the router failed): no prefill to bill. A
+                    # cancellation is the client leaving: the prompt sent is billed.
+                    usage.withdraw()
                 self._abandon(stream, lease)
                 raise
 

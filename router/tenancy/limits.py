@@ -1,5 +1,5 @@
-"""Per-tenant request limits: requests per minute and requests in flight (docs/api.md, "Plans and limits"),
-shared by every router replica.
+"""Per-tenant request limits: requests per minute, requests in flight and tokens per minute
+(docs/api.md, "Plans and limits"), shared by every router replica.
 
 ``RedisLimiter`` makes each check one round trip: a Lua script (EVALSHA) that, atomically on
 the Redis server and with the server's clock,
@@ -10,6 +10,13 @@ the Redis server and with the server's clock,
 A concurrency slot is a member of the tenant's lease set scored by its expiry; the replica
 holding it renews its leases every third of ``slot_lease_s``, so the slots of a replica that
 died expire on their own within one lease. ``InProcessLimiter`` is the same, for one replica.
+
+Tokens per minute are counted per calendar minute, reserved before the work starts and
+settled when it ends: ``Slot.reserve`` adds the request's whole budget (prompt + n x max
+tokens, at most the plan's TPM) to the minute's count, atomically refusing when it would
+pass the limit (``_RESERVE_LUA`` in Redis); ``release`` replaces the reservation by the
+tokens used, in the minute it was made. So requests in flight can never together overshoot
+the limit by more than what one request at an empty minute may use.
 
 A ``Slot`` is released exactly once (``release`` is idempotent), by whoever ends the
 request; the router calls it from one place (``router.tenancy.admission``).
@@ -71,6 +78,19 @@ if used == 0 then reset = window end
 return {0, used + 1, reset}
 """
 
+# KEYS: this minute's token count; ARGV: tokens to reserve, tpm limit.
+# Returns {1 reserved | 0 refused, the minute's count}.
+_RESERVE_LUA = """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local want = tonumber(ARGV[1])
+if used + want > tonumber(ARGV[2]) then
+  return {0, used}
+end
+redis.call('INCRBY', KEYS[1], want)
+redis.call('EXPIRE', KEYS[1], 120)
+return {1, used + want}
+"""
+
 # KEYS: concurrency leases; ARGV: new expiry offset (ms), slot ids. Extends leases still held.
 _RENEW_LUA = """
 local t = redis.call('TIME')
@@ -114,14 +134,36 @@ class Slot:
     slot_id: str
     verdict: Verdict
     _limiter: Limiter = field(repr=False)
+    principal: Principal | None = field(default=None, repr=False)
+    reserved: int = 0                 # tokens reserved against the plan's TPM
+    minute: int | None = None         # the calendar minute they were reserved in
     _released: bool = field(default=False, repr=False)
 
+    async def reserve(self, tokens: int) -> None:
+        """Reserves ``tokens`` (at most the plan's TPM) in this minute's token count, or
+        ``RateLimited`` when they do not fit; nothing on plans without TPM."""
+        plan = self.principal.plan if self.principal is not None else None
+        if plan is None or plan.tpm is None or self._released or tokens <= 0:
+            return
+        tokens = min(tokens, plan.tpm)
+        minute = int(time.time() // 60)
+        if self.minute is not None and self.minute != minute:
+            minute = self.minute  # one slot's tokens stay in one minute
+        await self._limiter._reserve(self, tokens, minute)
+        self.reserved += tokens
+        self.minute = minute
+
     def release(self, tokens: int = 0) -> None:
-        """Gives the slot back; ``tokens`` (prompt + completion) count against the plan's
-        tokens per minute."""
+        """Gives the slot back; ``tokens`` (prompt + completion used) replace the
+        reservation in the plan's tokens per minute."""
         if not self._released:
             self._released = True
             self._limiter._release(self, tokens)
+
+
+def tpm_refusal(principal: Principal, rpm_used: int) -> Exception:
+    return refusal(Verdict(False, "tpm", principal.plan.rpm, rpm_used, 60 - time.time() % 60),
+                   principal)
 
 
 def refusal(verdict: Verdict, principal: Principal) -> Exception:
@@ -165,6 +207,9 @@ class Limiter:
     async def is_revoked(self, key_id: str) -> bool:
         raise NotImplementedError
 
+    async def _reserve(self, slot: Slot, tokens: int, minute: int) -> None:
+        raise NotImplementedError
+
     def _release(self, slot: Slot, tokens: int) -> None:
         raise NotImplementedError
 
@@ -203,17 +248,30 @@ class InProcessLimiter(Limiter):
         entries.append(now)
         slot_id = uuid.uuid4().hex
         self._held[tenant].add(slot_id)
-        return Slot(tenant, slot_id, Verdict(True, None, plan.rpm, used + 1, reset), self)
+        return Slot(tenant, slot_id, Verdict(True, None, plan.rpm, used + 1, reset), self,
+                    principal)
+
+    async def _reserve(self, slot: Slot, tokens: int, minute: int) -> None:
+        assert slot.principal is not None and slot.principal.plan.tpm is not None
+        used = self._tokens_in(slot.tenant_id, minute)
+        if used + tokens > slot.principal.plan.tpm:
+            raise tpm_refusal(slot.principal, slot.verdict.rpm_used)
+        self._tokens[slot.tenant_id] = (minute, used + tokens)
 
     def _release(self, slot: Slot, tokens: int) -> None:
         self._held[slot.tenant_id].discard(slot.slot_id)
-        if tokens:
-            self._tokens[slot.tenant_id] = (int(time.time() // 60),
-                                            self._tokens_this_minute(slot.tenant_id) + tokens)
+        minute = slot.minute if slot.minute is not None else int(time.time() // 60)
+        delta = tokens - slot.reserved
+        if delta and minute == int(time.time() // 60):  # a past minute no longer counts
+            used = self._tokens_in(slot.tenant_id, minute)
+            self._tokens[slot.tenant_id] = (minute, max(0, used + delta))
+
+    def _tokens_in(self, tenant_id: str, minute: int) -> int:
+        counted, used = self._tokens.get(tenant_id, (0, 0))
+        return used if counted == minute else 0
 
     def _tokens_this_minute(self, tenant_id: str) -> int:
-        minute, used = self._tokens.get(tenant_id, (0, 0))
-        return used if minute == int(time.time() // 60) else 0
+        return self._tokens_in(tenant_id, int(time.time() // 60))
 
     async def revoke(self, key_id: str) -> None:
         self._revoked.add(key_id)
@@ -232,6 +290,7 @@ class RedisLimiter(Limiter):
         self._lease_ms = max(1, int(slot_lease_s * 1000))
         self._admit = self._redis.register_script(_ADMIT_LUA)
         self._renew = self._redis.register_script(_RENEW_LUA)
+        self._reserve_script = self._redis.register_script(_RESERVE_LUA)
         self._held: dict[str, set[str]] = collections.defaultdict(set)
         self._releases: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
@@ -286,10 +345,26 @@ class RedisLimiter(Limiter):
         if reason is not None:
             raise refusal(verdict, principal)
         self._held[principal.tenant_id].add(slot_id)
-        return Slot(principal.tenant_id, slot_id, verdict, self)
+        return Slot(principal.tenant_id, slot_id, verdict, self, principal)
 
     def _tpm_key(self, tenant_id: str, now: float) -> str:
-        return f"{self._prefix}{{{tenant_id}}}:tpm:{int(now // 60)}"
+        return self._tpm_minute_key(tenant_id, int(now // 60))
+
+    def _tpm_minute_key(self, tenant_id: str, minute: int) -> str:
+        return f"{self._prefix}{{{tenant_id}}}:tpm:{minute}"
+
+    async def _reserve(self, slot: Slot, tokens: int, minute: int) -> None:
+        assert slot.principal is not None and slot.principal.plan.tpm is not None
+        try:
+            reserved, _ = await self._reserve_script(
+                keys=[self._tpm_minute_key(slot.tenant_id, minute)],
+                args=[tokens, slot.principal.plan.tpm])
+        except RedisError as exc:
+            log.warning("the limit store is unavailable: %s", exc)
+            raise Overloaded("The rate limit store is unavailable; retry shortly.",
+                             retry_after=1.0) from None
+        if not int(reserved):
+            raise tpm_refusal(slot.principal, slot.verdict.rpm_used)
 
     def _release(self, slot: Slot, tokens: int) -> None:
         self._held[slot.tenant_id].discard(slot.slot_id)
@@ -301,9 +376,11 @@ class RedisLimiter(Limiter):
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.zrem(self._keys(slot.tenant_id)[1], slot.slot_id)
-                if tokens:
-                    key = self._tpm_key(slot.tenant_id, time.time())
-                    pipe.incrby(key, tokens)
+                delta = tokens - slot.reserved  # the reservation settled to the tokens used
+                if delta:
+                    minute = slot.minute if slot.minute is not None else int(time.time() // 60)
+                    key = self._tpm_minute_key(slot.tenant_id, minute)
+                    pipe.incrby(key, delta)
                     pipe.expire(key, 120)
                 await pipe.execute()
         except Exception as exc:  # the lease expires on its own

@@ -26,7 +26,7 @@ from core.config import Config, PlanConfig
 from router.tenancy.sqldb import Database
 
 KEY_PREFIX = "es-"
-_TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # fullmatch: no trailing newline
+TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # fullmatch: no trailing newline
 # cache_salt policies: "tenant" (the default) keeps a tenant's cached prefixes its own;
 # "shared" lets tenants that share it reuse each other's public prefixes.
 SHARED_SALT = "shared"
@@ -151,7 +151,7 @@ class TenantStore:
                    allowed_models: list[str] | None = None,
                    pool: str | None = None) -> tuple[Tenant, NewKey]:
         """A new tenant and its first key."""
-        if not _TENANT_ID.fullmatch(tenant_id):
+        if not TENANT_ID.fullmatch(tenant_id):
             raise TenantError(f"tenant id {tenant_id!r} must be 1-63 letters, digits, '_', "
                               "'.' or '-'", param="tenant_id")
         if tenant_id in self._reserved:
