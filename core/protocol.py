@@ -104,10 +104,14 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, worker_id: str) -> ElectronError:
 
 
 def _all_error_classes() -> list[type[ElectronError]]:
+    """The wire's taxonomy: the classes of core/errors.py. A subclass one side defines for
+    itself (the router's DatabaseUnavailable is an Overloaded) never stands for a worker's
+    error, whichever modules happen to be imported."""
     found, todo = [], [ElectronError]
     while todo:
         cls = todo.pop()
-        found.append(cls)
+        if cls.__module__ == ElectronError.__module__:
+            found.append(cls)
         todo.extend(cls.__subclasses__())
     return found
 
