@@ -79,7 +79,7 @@ async def chat_completions(request: Request) -> Response:
         try:
             admission: Admission = await state.tenancy.admit(
                 request.state.principal, model, request.state.server_request_id,
-                request.state.client_request_id)
+                request.state.client_request_id, sequences=req.n or 1)
         except RateLimited as exc:
             record_rate_limit_rejection(
                 request, "concurrency" if exc.code == "concurrency_limit_exceeded" else "requests")
