@@ -34,7 +34,12 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from core.config import Config
-from core.errors import AuthenticationFailed, InvalidRequest, Overloaded, PermissionDenied
+from core.errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    Overloaded,
+    PermissionDenied,
+)
 from router.routing.load import requests_at
 from router.tenancy.ledger import Ledger, Prices, UsageRow
 from router.tenancy.limits import Limiter, Slot, make_limiter
