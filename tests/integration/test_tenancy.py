@@ -696,3 +696,21 @@ async def test_usage_pages_over_http(clients):
         bad = await ca.get("/v1/usage", headers=auth(key), params=params)
         assert bad.status_code == 400, (params, bad.text)
         assert bad.json()["error"]["param"] == next(iter(params))
+
+
+async def test_the_limits_come_before_the_expensive_checks(clients):
+    """A tenant over its limits costs the router a JSON decode and two fields: its request
+    is refused by the limits, not validated (a schema the metaschema refuses is never read)."""
+    ca, _ = clients
+    _, key, _ = await new_tenant(ca, "standard")
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "no-such-type"}}}}}
+    first = await ca.post("/v1/chat/completions", headers=auth(key),
+                          json=chat(response_format=bad_schema))
+    assert first.status_code == 400
+    assert first.json()["error"]["param"] == "response_format.json_schema.schema"
+    for _ in range(9):  # the standard plan's 10 requests per minute, 400s included
+        await ca.post("/v1/chat/completions", headers=auth(key), json={"model": MODEL})
+    over = await ca.post("/v1/chat/completions", headers=auth(key),
+                         json=chat(response_format=bad_schema))
+    assert_429(over, "rate_limit_exceeded", 10)
