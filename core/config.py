@@ -82,6 +82,8 @@ class RouterConfig(_Frozen):
     # A non-streamed response is built whole in the router: its n x max_tokens x
     # (1 + top_logprobs) token entries may not exceed this (a stream sends each as it comes).
     max_buffered_tokens: int = Field(1 << 18, ge=1)
+    # The longest a large request's validation (its JSON schemas) may take, on a thread.
+    validation_timeout_s: float = Field(2.0, gt=0)
     # Seconds to wait for a worker's first message before failing over.
     first_token_timeout_s: float = Field(30.0, gt=0)
     registry_poll_s: float = Field(0.5, gt=0)

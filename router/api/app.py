@@ -7,6 +7,7 @@ the tenancy store is open; ``/ready?workers=N``: at least N workers connected) n
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,9 +17,9 @@ import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.responses import Response
 
-from core.config import Config
+from core.config import Config, RouterConfig
 from core.endpoints import WorkerSource
-from core.errors import ModelNotFound, NoWorkers, RateLimited
+from core.errors import InvalidRequest, ModelNotFound, NoWorkers, RateLimited
 from core.model_files import resolve_model_path
 from core.telemetry import DISABLED, Tracing
 from core.tokenizer import Tokenizer
@@ -30,7 +31,12 @@ from router.chat.service import ChatService
 from router.fleet.breaker import CircuitBreaker
 from router.fleet.pool import WorkerPool
 from router.openai.errors import error_response, install_error_handlers
-from router.openai.schemas import decode_json, parse_chat_request
+from router.openai.schemas import (
+    ChatCompletionRequest,
+    admission_fields,
+    decode_json,
+    parse_chat_request,
+)
 from router.routing.factory import make_policy
 from router.routing.prefix_index import PrefixIndex
 from router.telemetry import observe
@@ -40,6 +46,8 @@ from router.tenancy.admission import Admission, Tenancy
 BASE_PATHS = ("/v1", "/waves/v1")
 OWNED_BY = "electron"
 READY_RETRY_AFTER_S = 1.0
+# Bodies larger than this are validated on a thread (their schemas may take milliseconds).
+OFFLOAD_VALIDATION_BYTES = 16 * 1024
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -66,30 +74,55 @@ async def authenticate_chat(request: Request) -> None:
 # -- routes -----------------------------------------------------------------------------------------
 
 async def chat_completions(request: Request) -> Response:
+    """Cheap checks, then the limits, then the rest: a tenant over its limits (or a body
+    built to be expensive to validate) costs the router a JSON decode and two fields."""
     state = request.app.state
-    req = parse_chat_request(decode_json(await request.body()),
-                             max_messages=state.config.router.max_messages)
-    observe.set_model(req.model, state.config.router.model_id)
+    settings = state.config.router
+    raw = await request.body()  # at most router.max_body_bytes
+    body = decode_json(raw)
+    asked, sequences = admission_fields(body)
+    observe.set_model(asked, settings.model_id)
     chat: ChatService = state.chat
     # Before anything is admitted or billed: an unknown model is a 404 and writes no row;
     # the ledger stores the served id, never the client's text.
-    model = chat.served_model(req.model)
+    model = chat.served_model(asked)
     request_id = request.state.request_id
     with observe.span("limits"):
         try:
             admission: Admission = await state.tenancy.admit(
                 request.state.principal, model, request.state.server_request_id,
-                request.state.client_request_id)
+                request.state.client_request_id, sequences=sequences)
         except RateLimited as exc:
             record_rate_limit_rejection(
                 request, "concurrency" if exc.code == "concurrency_limit_exceeded" else "requests")
             raise
+    try:
+        req = await _validated(body, len(raw), settings)
+    except BaseException:
+        admission.finish("error", 0, 0, 0)  # billed nothing, counted as a request
+        raise
     try:
         return await ChatRequest(chat, admission, req, request_id).respond(request.receive,
                                                                            _json)
     except RateLimited:  # its token budget does not fit the plan's tokens per minute
         record_rate_limit_rejection(request, "tokens")
         raise
+
+
+async def _validated(body: Any, size: int, settings: RouterConfig) -> ChatCompletionRequest:
+    """The whole request validated: on the event loop when it is small, else on a thread with
+    a time budget (its JSON schemas are checked against the metaschema), so one large request
+    never stalls the other streams."""
+    if size <= OFFLOAD_VALIDATION_BYTES:
+        return parse_chat_request(body, max_messages=settings.max_messages)
+    try:
+        async with asyncio.timeout(settings.validation_timeout_s):
+            return await asyncio.to_thread(parse_chat_request, body,
+                                           max_messages=settings.max_messages)
+    except TimeoutError:
+        raise InvalidRequest(f"validating this request took more than "
+                             f"{settings.validation_timeout_s:g} s; send smaller schemas or "
+                             "fewer tools") from None
 
 
 async def list_models(request: Request) -> Response:

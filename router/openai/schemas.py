@@ -402,6 +402,24 @@ def decode_json(raw: bytes) -> Any:
         raise invalid_json(str(exc)) from None
 
 
+def admission_fields(data: Any) -> tuple[str, int]:
+    """What admission needs, read before anything else is validated: the model id (a string)
+    and the sequences the request asks for (``n``; 1 when it is not a valid n: the full
+    validation, after the limits, names it). The rest waits until the tenant is admitted, so
+    a tenant over its limits costs the router no more than this."""
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    model = data.get("model")
+    if model is None:
+        raise InvalidRequest("Missing required parameter: 'model'.", param="model")
+    if not isinstance(model, str):
+        raise InvalidRequest("Invalid value for 'model': Input should be a valid string.",
+                             param="model")
+    n = data.get("n")
+    valid_n = isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_N
+    return model, n if valid_n else 1
+
+
 def parse_chat_request(data: Any, *, max_messages: int) -> ChatCompletionRequest:
     """Validate a decoded JSON body; any violation is an InvalidRequest naming the field."""
     if not isinstance(data, dict):

@@ -34,7 +34,12 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from core.config import Config
-from core.errors import AuthenticationFailed, Overloaded, PermissionDenied
+from core.errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    Overloaded,
+    PermissionDenied,
+)
 from router.routing.load import requests_at
 from router.tenancy.ledger import Ledger, Prices, UsageRow
 from router.tenancy.limits import Limiter, Slot, make_limiter
@@ -277,9 +282,10 @@ class Tenancy:
     # -- admission
 
     async def admit(self, principal: Principal | None, model: str, request_id: str,
-                    client_request_id: str | None = None) -> Admission:
+                    client_request_id: str | None = None, sequences: int = 1) -> Admission:
         """``model`` is the served model id (the request's, validated before); ``request_id``
-        the server's id for the request."""
+        the server's id for the request; ``sequences`` its n, each a slot of the plan's
+        concurrency."""
         if principal is None:
             return Admission(None, TenantTerms(), model, request_id, client_request_id, None,
                              self)
@@ -288,8 +294,12 @@ class Tenancy:
         if not principal.may_use(model):
             raise PermissionDenied(f"your plan does not include the model '{model}'",
                                    param="model")
+        if sequences > principal.plan.concurrency:
+            raise InvalidRequest(
+                f"n ({sequences}) exceeds the {principal.plan.concurrency} sequences your "
+                f"plan may have in flight at once", param="n")
         self._shed(principal.plan)
-        slot = await self.limiter.admit(principal)
+        slot = await self.limiter.admit(principal, sequences)
         plan = principal.plan
         terms = TenantTerms(priority=plan.priority, cache_salt=principal.cache_salt,
                             max_context=plan.max_context, pool=principal.pool)

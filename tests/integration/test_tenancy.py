@@ -310,6 +310,28 @@ async def test_tokens_per_minute_hold_across_replicas(redis_prefix):
         await b.stop()
 
 
+async def test_n_takes_one_slot_per_sequence_over_replicas(redis_prefix):
+    plan = Plan("standard", rpm=100, concurrency=3, tpm=None, priority=0, max_context=None,
+                shed_queue_per_worker=8)
+    who = Principal("n-test", "k1", plan, "s", None)
+    lease_s = TenancyConfig().slot_lease_s
+    a = RedisLimiter(REDIS_URL, prefix=redis_prefix, slot_lease_s=lease_s)
+    b = RedisLimiter(REDIS_URL, prefix=redis_prefix, slot_lease_s=lease_s)
+    try:
+        pair = await a.admit(who, sequences=2)
+        assert await a.slots_in_use("n-test") == 2
+        with pytest.raises(RateLimited) as busy:
+            await b.admit(who, sequences=2)
+        assert busy.value.code == "concurrency_limit_exceeded"
+        single = await b.admit(who)
+        pair.release()
+        await a.stop()  # waits for the release to land: both of its entries go
+        assert await b.slots_in_use("n-test") == 1
+        single.release()
+    finally:
+        await b.stop()
+
+
 async def test_revoked_key_gets_401_at_once_on_every_replica(clients):
     ca, cb = clients
     _, key, key_id = await new_tenant(ca, "standard")
@@ -674,3 +696,21 @@ async def test_usage_pages_over_http(clients):
         bad = await ca.get("/v1/usage", headers=auth(key), params=params)
         assert bad.status_code == 400, (params, bad.text)
         assert bad.json()["error"]["param"] == next(iter(params))
+
+
+async def test_the_limits_come_before_the_expensive_checks(clients):
+    """A tenant over its limits costs the router a JSON decode and two fields: its request
+    is refused by the limits, not validated (a schema the metaschema refuses is never read)."""
+    ca, _ = clients
+    _, key, _ = await new_tenant(ca, "standard")
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "no-such-type"}}}}}
+    first = await ca.post("/v1/chat/completions", headers=auth(key),
+                          json=chat(response_format=bad_schema))
+    assert first.status_code == 400
+    assert first.json()["error"]["param"] == "response_format.json_schema.schema"
+    for _ in range(9):  # the standard plan's 10 requests per minute, 400s included
+        await ca.post("/v1/chat/completions", headers=auth(key), json={"model": MODEL})
+    over = await ca.post("/v1/chat/completions", headers=auth(key),
+                         json=chat(response_format=bad_schema))
+    assert_429(over, "rate_limit_exceeded", 10)

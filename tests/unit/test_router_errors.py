@@ -251,3 +251,20 @@ async def test_request_id_is_made_when_absent_or_unusable(app):
 def test_validation_error_handler_is_registered_for_fastapi_errors(app):
     # Without it FastAPI would answer 422 for a RequestValidationError.
     assert RequestValidationError in app.exception_handlers
+
+
+async def test_a_large_body_is_validated_within_its_time_budget(tokenizer):
+    """Bodies past 16 KiB are validated on a thread under router.validation_timeout_s: one
+    that cannot finish in time is a 400, and the event loop never waited for it."""
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "string", "description":
+                                                          "x" * 40} for i in range(400)}}
+    body = {**BODY, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "big", "schema": schema}}}
+    slow = make_app(tokenizer, router={"validation_timeout_s": 1e-6})
+    async with client(slow) as c:
+        response = await c.post("/v1/chat/completions", json=body)
+    error_of(response, 400, "invalid_request_error", None)
+    assert "took more than" in response.json()["error"]["message"]
+    async with client(make_app(tokenizer)) as c:  # in time: valid, then no worker (503)
+        error_of(await c.post("/v1/chat/completions", json=body), 503, "server_error",
+                 "no_workers")

@@ -393,3 +393,15 @@ def test_a_response_built_whole_is_bounded_before_any_work():
     most = limit // (16 * 21)
     check_buffered_size(request(n=16, logprobs=True, top_logprobs=20, max_tokens=most), most,
                         limit)
+
+
+def test_a_schema_with_too_many_values_is_refused_before_the_metaschema_check():
+    huge_enum = {"type": "json_schema", "json_schema": {"name": "e", "schema": {
+        "enum": list(range(5000))}}}
+    with pytest.raises(InvalidRequest) as refused:
+        request(response_format=huge_enum)
+    assert refused.value.param == "response_format.json_schema.schema"
+    assert "values" in refused.value.message
+    fits = {"type": "json_schema", "json_schema": {"name": "e", "schema": {
+        "enum": list(range(1000))}}}
+    request(response_format=fits)

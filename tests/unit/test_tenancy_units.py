@@ -9,8 +9,9 @@ from decimal import Decimal
 
 import pytest
 
-from core.config import TenancyConfig
-from core.errors import AuthenticationFailed, RateLimited
+from core.config import TenancyConfig, load_config
+from core.errors import AuthenticationFailed, InvalidRequest, RateLimited
+from router.tenancy.admission import Tenancy
 from router.tenancy.ledger import Ledger, Prices, UsageRow, money
 from router.tenancy.limits import InProcessLimiter, duration
 from router.tenancy.sqldb import Database
@@ -31,6 +32,33 @@ def test_cached_prompt_tokens_cost_a_quarter_in_exact_decimals():
 
 def test_reset_durations_use_openais_format():
     assert [duration(s) for s in (0.02, 6, 90, 59.5)] == ["20ms", "6s", "1m30s", "59.5s"]
+
+
+async def test_each_sequence_of_n_takes_a_slot_of_the_plans_concurrency():
+    limiter = InProcessLimiter()
+    who = Principal("acme", "key_1", STANDARD, "tenant:acme", None)
+    pair = await limiter.admit(who, sequences=2)
+    assert limiter.in_flight("acme") == 2
+    with pytest.raises(RateLimited) as busy:
+        await limiter.admit(who, sequences=2)  # 2 + 2 > 3
+    assert busy.value.code == "concurrency_limit_exceeded"
+    single = await limiter.admit(who)
+    pair.release()
+    assert limiter.in_flight("acme") == 1
+    (await limiter.admit(who, sequences=2)).release()
+    single.release()
+    assert limiter.in_flight("acme") == 0
+
+
+async def test_an_n_beyond_the_plans_concurrency_is_400_naming_n(tmp_path):
+    config = load_config(env={}, overrides={"tenancy": {
+        "sqlite_path": str(tmp_path / "t.db"), "spool_path": str(tmp_path / "spool")}})
+    tenancy = Tenancy(config, pool=None)
+    who = Principal("acme", "key_1", STANDARD, "tenant:acme", None)
+    with pytest.raises(InvalidRequest) as refused:
+        await tenancy.admit(who, "electron", "req_1", sequences=4)
+    assert refused.value.param == "n"
+    assert tenancy.limiter.in_flight("acme") == 0
 
 
 async def test_in_process_limiter_refuses_the_11th_request_and_the_4th_concurrent():
