@@ -183,9 +183,14 @@ class PoolScaler:
                         exc)
 
     async def stop(self) -> None:
-        for task in list(self.retiring.values()):
-            task.cancel()
-        await asyncio.gather(*self.retiring.values(), return_exceptions=True)
+        """Drains every serving worker (routers stop picking it; its running requests finish,
+        for at most ``drain_timeout_s``) and lets the retiring ones finish, then stops them
+        all. This is what the controller does on SIGTERM: a controller pod that goes (a
+        worker-side config change, an eviction) fails no request in flight; the pool is
+        empty until its next controller starts workers, unless another worker generation
+        serves it (docs/deploy-kubernetes.md, "Upgrades")."""
+        await asyncio.gather(*(self._drain(w) for w in self.serving),
+                             *self.retiring.values(), return_exceptions=True)
         await self.workers.stop()
 
 

@@ -4,6 +4,7 @@
     electron-serve router --ray-address ADDR [--port 8000]                 a router on a cluster
     electron-serve worker --ray-address ADDR [--workers N] [--model ...]  workers on a cluster
     electron-serve tenants add|add-key|list|revoke-key|plans ...          tenants and keys
+    electron-serve migrate                                                 the database schema
 
 Flags override environment variables, which override the YAML file (``--config``); the
 merged result is validated once by ``core.config.load_config``.
@@ -63,7 +64,26 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("worker", parents=[common, joining, scale, engine],
                         help="worker actors joining an existing Ray cluster")
     tenants_cli.add_parser(commands, [common])
+    commands.add_parser("migrate", parents=[common],
+                        help="apply the tenancy database's schema migrations, then exit")
     return parser
+
+
+def run_migrate(config: Config) -> int:
+    """``electron-serve migrate``: the schema migrations of ``tenancy.database_url`` (else the
+    SQLite file), once, before routers with ``tenancy.migrate_on_start: false`` start."""
+    from router.tenancy.sqldb import DatabaseUnavailable, database_of
+
+    db = database_of(config.tenancy)
+    try:
+        version = db.migrate()
+    except DatabaseUnavailable as exc:
+        print(f"electron-serve migrate: the database is unavailable: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        db.close()
+    print(f"{db.dialect} schema at version {version}", flush=True)
+    return 0
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "tenants":
         return tenants_cli.run(args, config)
+    if args.command == "migrate":
+        return run_migrate(config)
     # Imported here: Ray and uvicorn take a second to import, and --help should not wait.
     from cluster import launcher
 

@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 from collections.abc import Awaitable, Iterator
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -265,16 +266,33 @@ async def run_worker(config: Config) -> None:
     """``electron-serve worker``: ``cluster.workers`` workers on an existing Ray cluster."""
     connect_ray(config)
     workers = make_fleet(config)
+    ready_file = config.cluster.ready_file
     try:
         stop = _stop_event()
         registry_actor(config.cluster, detached=True)
         workers.start()
-        if not await _until(stop, workers.wait_ready(1)):
+        if not await _until(stop, _first_worker(workers, config.cluster.start_timeout_s)):
             return
         for worker_id, address in sorted(workers.addresses.items()):
             print(f"worker {worker_id} serving at {address}", flush=True)
+        if ready_file:
+            Path(ready_file).write_text("ready\n")
         print("Ctrl-C stops these workers.", flush=True)
         await stop.wait()
     finally:
+        if ready_file:
+            Path(ready_file).unlink(missing_ok=True)
+        # Drains every serving worker first (cluster/autoscaler.py PoolScaler.stop).
         await workers.stop()
         ray.shutdown()
+
+
+async def _first_worker(workers: Fleet, timeout_s: float) -> None:
+    """Until one worker serves; StartupFailed after ``timeout_s`` (0: no limit)."""
+    try:
+        await asyncio.wait_for(workers.wait_ready(1), timeout_s or None)
+    except TimeoutError:
+        raise StartupFailed(
+            f"no worker was serving {timeout_s:.0f} s after start (cluster.start_timeout_s): "
+            "look for Pending GPU pods (no node fits), image pulls, and the worker pods' logs "
+            "for the model load") from None

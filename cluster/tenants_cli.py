@@ -19,7 +19,7 @@ import argparse
 import datetime as dt
 
 from core.config import Config
-from router.tenancy.sqldb import Database
+from router.tenancy.sqldb import database_of
 from router.tenancy.store import TenantError, TenantStore, revoked_keys_set
 
 
@@ -58,10 +58,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
                   f"TPM {plan.tpm or '-'}, priority {plan.priority}, "
                   f"max context {plan.max_context or '-'}")
         return 0
-    db = Database(tenancy.database_url, tenancy.sqlite_path)
+    db = database_of(tenancy)
     try:
         db.migrate()
-        store = TenantStore(db, tenancy.plan_names())
+        store = TenantStore.for_config(db, config)
         try:
             return _verb(args, config, store)
         except TenantError as exc:

@@ -23,6 +23,7 @@ import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from core.errors import InvalidRequest
+from core.json_schema_subset import MAX_NESTING, nesting
 
 # Exceptions a template raises on input it cannot render: Jinja's own (undefined names, sandbox
 # violations) and the Python errors of the expressions it evaluates ('a' + None, x[5], 1/0).
@@ -119,6 +120,26 @@ def _text_of_parts(parts: list) -> str:
     return "\n".join(texts)
 
 
+def tool_arguments(text: str) -> Any:
+    """A tool call's ``arguments`` string (OpenAI sends JSON text) as the JSON value it holds,
+    or the string itself when it is not JSON. JSON nested more than ``MAX_NESTING`` levels is
+    refused (``InvalidRequest``): rendering it (the template's ``tojson``, our copies) recurses,
+    and a client could make the router's stack overflow with one message."""
+    try:
+        value = json.loads(text)
+    except RecursionError:  # the decoder's own recursion: deeper than anything we render
+        value = None
+        depth = MAX_NESTING + 1
+    except ValueError:
+        return text
+    else:
+        depth = nesting(value)
+    if depth > MAX_NESTING:
+        raise InvalidRequest(f"tool call arguments may nest JSON at most {MAX_NESTING} levels "
+                             "deep", param="messages")
+    return value
+
+
 def _message_for_template(message: Any) -> dict:
     if not isinstance(message, Mapping):
         raise InvalidRequest("each message must be an object", param="messages")
@@ -130,10 +151,8 @@ def _message_for_template(message: Any) -> dict:
         # OpenAI sends arguments as a JSON string; templates (Qwen, Llama 3.1, Hermes) expect the
         # object and apply `tojson` themselves, so a string would be encoded twice.
         if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-            try:
-                arguments = json.loads(function["arguments"])
-            except json.JSONDecodeError:
-                continue  # not JSON: the template gets the string the client sent
+            # Not JSON: the template gets the string the client sent.
+            arguments = tool_arguments(function["arguments"])
             if isinstance(arguments, dict):
                 function["arguments"] = arguments
     return message

@@ -9,6 +9,8 @@ nowhere else.
 from __future__ import annotations
 
 import os
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -77,6 +79,11 @@ class RouterConfig(_Frozen):
     breaker_open_s: float = Field(10.0, gt=0)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     max_messages: int = Field(200, ge=1)
+    # A non-streamed response is built whole in the router: its n x max_tokens x
+    # (1 + top_logprobs) token entries may not exceed this (a stream sends each as it comes).
+    max_buffered_tokens: int = Field(1 << 18, ge=1)
+    # The longest a large request's validation (its JSON schemas) may take, on a thread.
+    validation_timeout_s: float = Field(2.0, gt=0)
     # Seconds to wait for a worker's first message before failing over.
     first_token_timeout_s: float = Field(30.0, gt=0)
     registry_poll_s: float = Field(0.5, gt=0)
@@ -127,6 +134,14 @@ class TenancyConfig(_Frozen):
     # Tenants, keys and the usage ledger: PostgreSQL when set, else the SQLite file.
     database_url: str | None = None
     sqlite_path: str = "~/.local/share/electron-serve/electron.db"
+    # Routers apply the schema migrations at start (the embedded default); a deployment that
+    # runs `electron-serve migrate` once per release (the Helm chart's hook Job) turns it off.
+    migrate_on_start: bool = True
+    # PostgreSQL connections per router (a pool shared by auth, usage reads and the ledger),
+    # the wait for one (and for a new connection), and the longest one statement may run.
+    database_pool_size: int = Field(8, ge=1, le=100)
+    database_connect_timeout_s: float = Field(3.0, gt=0)
+    database_statement_timeout_s: float = Field(5.0, gt=0)
     # Ledger rows wait here while the database is down (one JSON line each).
     spool_path: str = "~/.local/share/electron-serve/ledger-spool.jsonl"
     ledger_flush_s: float = Field(0.5, gt=0)
@@ -156,6 +171,12 @@ class ClusterConfig(_Frozen):
     # Extra Ray resources each worker actor asks for (e.g. {"electron_pool_acme": 1}, which
     # only that pool's KubeRay worker group offers); the autoscaler sets it per pool.
     worker_resources: dict[str, float] = Field(default_factory=dict)
+    # `electron-serve worker` gives up (exit 1, StartupFailed) when no worker serves this long
+    # after it starts (0: waits for ever): image pulls, GPU nodes and the model load included.
+    start_timeout_s: float = Field(0, ge=0)
+    # Written by `electron-serve worker` once its first worker serves: a probe's signal (the
+    # Helm chart's controller startup/readiness probe), removed when it stops.
+    ready_file: str | None = None
 
 
 class PoolConfig(_Frozen):
@@ -249,14 +270,36 @@ def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]
     return out
 
 
+def _is_text(annotation: Any) -> bool:
+    """A setting whose value is one string (``str``, ``str | None``, a ``Literal`` of strings)."""
+    if annotation is str:
+        return True
+    if typing.get_origin(annotation) is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(annotation))
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return bool(args) and all(_is_text(a) for a in args)
+    return False
+
+
+def _env_value(section: str, field: str, value: str) -> Any:
+    """An environment variable's value for ``section.field``. A text setting takes the text as
+    it is (YAML would read ``sk-x #y`` as ``sk-x`` and ``~`` as none); others are read as
+    YAML, so "8", "true" and "[a, b]" become typed values that pydantic then validates."""
+    model = Config.model_fields.get(section)
+    target = model.annotation.model_fields.get(field) if model is not None else None
+    if not value or (target is not None and _is_text(target.annotation)):
+        return value
+    return yaml.safe_load(value)
+
+
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         section, _, field = name[len(ENV_PREFIX):].lower().partition("__")
-        # YAML parsing turns "8", "true", "[a, b]" into typed values; pydantic validates them.
-        out.setdefault(section, {})[field] = yaml.safe_load(value) if value else value
+        out.setdefault(section, {})[field] = _env_value(section, field, value)
     return out
 
 

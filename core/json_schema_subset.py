@@ -44,6 +44,9 @@ SUPPORTED_FORMATS = frozenset({"date-time", "date", "time", "duration", "email",
 # JSON objects and arrays within each other (a subschema takes one to three levels): real
 # schemas stay far below; jsonschema's checks recurse and overflow Python's stack near 200.
 MAX_NESTING = 64
+# Values in one schema (every object, array, string, number...): a 100k-entry enum took 1.6 s
+# to check against the metaschema; this bounds every schema's check to milliseconds.
+MAX_SCHEMA_VALUES = 4096
 CHECK_CACHE_SIZE = 1024
 # Regex features a grammar (a finite automaton) cannot express.
 _NON_REGULAR = re.compile(r"\(\?<?[=!]|\\[1-9]|\\k<")
@@ -59,9 +62,11 @@ def check_schema(schema: Any, *, require_object: bool = False) -> None:
     must describe an object (tool parameters)."""
     if not isinstance(schema, Mapping):
         raise UnsupportedSchema("the schema must be a JSON object")
-    if _nesting(schema) > MAX_NESTING:
+    if nesting(schema) > MAX_NESTING:
         # Before anything recursive (the metaschema check, json.dumps) can overflow the stack.
         raise UnsupportedSchema(f"the schema is nested more than {MAX_NESTING} levels deep")
+    if values_in(schema, MAX_SCHEMA_VALUES) > MAX_SCHEMA_VALUES:
+        raise UnsupportedSchema(f"the schema holds more than {MAX_SCHEMA_VALUES} values")
     error = _check_text(json.dumps(schema, sort_keys=True), require_object)
     if error is not None:
         raise UnsupportedSchema(error)
@@ -79,15 +84,31 @@ def _check_text(text: str, require_object: bool) -> str | None:
         return f"not a valid JSON schema at '#/{where}': {exc.message}"
     if require_object and schema.get("type") != "object":
         return "the root must be a schema of \"type\": \"object\""
+    refs: list[tuple[Mapping[str, Any], str]] = []
     try:
-        _walk(schema, schema, "#")
+        _walk(schema, schema, "#", refs)
+        _check_ref_loops(schema, refs)
     except UnsupportedSchema as exc:
         return str(exc)
     return None
 
 
-def _nesting(value: Any) -> int:
-    """How deeply JSON objects and arrays nest in ``value`` (without recursion)."""
+def values_in(value: Any, limit: int) -> int:
+    """How many JSON values ``value`` holds, itself included (counting stops past ``limit``)."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, Mapping):
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+    return count
+
+
+def nesting(value: Any) -> int:
+    """How deeply JSON objects and arrays nest in ``value`` (without recursion; counting
+    stops a level past ``MAX_NESTING``)."""
     deepest, stack = 0, [(value, 1)]
     while stack:
         node, depth = stack.pop()
@@ -103,7 +124,9 @@ def _nesting(value: Any) -> int:
     return deepest
 
 
-def _walk(node: Any, root: Mapping[str, Any], where: str) -> None:
+def _walk(node: Any, root: Mapping[str, Any], where: str,
+          refs: list[tuple[Mapping[str, Any], str]]) -> None:
+    """Checks every subschema; collects those holding a ``$ref`` (with their place)."""
     if node is True:
         return
     if node is False or not isinstance(node, Mapping):
@@ -115,16 +138,16 @@ def _walk(node: Any, root: Mapping[str, Any], where: str) -> None:
                                     "decoding (see the supported subset in docs/tools.md)")
         if key in _SCHEMA_MAPS:
             for name, sub in value.items():
-                _walk(sub, root, f"{at}/{name}")
+                _walk(sub, root, f"{at}/{name}", refs)
         elif key == "additionalProperties" and isinstance(value, bool):
             continue
         elif key in _SCHEMA_ONE:
-            _walk(value, root, at)
+            _walk(value, root, at, refs)
         elif key in _SCHEMA_LISTS:
             if key == "allOf" and len(value) != 1:
                 raise UnsupportedSchema(f"{at}: 'allOf' is supported with one subschema only")
             for i, sub in enumerate(value):
-                _walk(sub, root, f"{at}/{i}")
+                _walk(sub, root, f"{at}/{i}", refs)
         elif key == "format" and value not in SUPPORTED_FORMATS:
             raise UnsupportedSchema(f"{at}: the format '{value}' is not supported (supported: "
                                     f"{', '.join(sorted(SUPPORTED_FORMATS))})")
@@ -132,6 +155,7 @@ def _walk(node: Any, root: Mapping[str, Any], where: str) -> None:
             _check_pattern(value, at)
         elif key == "$ref":
             _check_ref(value, root, at)
+            refs.append((node, at))
 
 
 def _check_pattern(pattern: str, at: str) -> None:
@@ -144,10 +168,11 @@ def _check_pattern(pattern: str, at: str) -> None:
                                 "patterns")
 
 
-def _check_ref(ref: str, root: Mapping[str, Any], at: str) -> None:
-    """Only references inside the schema itself (``#``, ``#/$defs/...``) can be compiled."""
+def _check_ref(ref: str, root: Mapping[str, Any], at: str) -> Any:
+    """Only references inside the schema itself (``#``, ``#/$defs/...``) can be compiled.
+    Returns the subschema ``ref`` points at."""
     if ref == "#":
-        return
+        return root
     if not ref.startswith("#/"):
         raise UnsupportedSchema(f"{at}: only local references ('#/$defs/...') are supported, "
                                 f"not '{ref}'")
@@ -157,6 +182,50 @@ def _check_ref(ref: str, root: Mapping[str, Any], at: str) -> None:
         if not isinstance(node, Mapping) or part not in node:
             raise UnsupportedSchema(f"{at}: the reference '{ref}' points at nothing")
         node = node[part]
+    return node
+
+
+# Keywords whose subschemas describe the same place of the value as their parent: a path of
+# these and ``$ref``s consumes no input. properties, items etc. step into the value.
+_SAME_PLACE = ("anyOf", "oneOf", "allOf")
+
+
+def _check_ref_loops(root: Mapping[str, Any],
+                     refs: list[tuple[Mapping[str, Any], str]]) -> None:
+    """Refuses a ``$ref`` that leads back to where it is without stepping into the value
+    (``{"$ref": "#"}`` at the root, ``a -> b -> a`` in ``$defs``, ``anyOf: [{"$ref": "#"}]``):
+    a grammar built from it admits no JSON at all (the reply would be empty, not JSON).
+    Recursion through ``properties`` or ``items`` (a tree of nodes) is fine."""
+
+    def successors(node: Any) -> list[Any]:
+        if not isinstance(node, Mapping):
+            return []
+        out = [_check_ref(node["$ref"], root, "#")] if isinstance(node.get("$ref"), str) else []
+        for key in _SAME_PLACE:
+            if isinstance(node.get(key), list):
+                out.extend(node[key])
+        return out
+
+    done: set[int] = set()  # id() of nodes whose every same-place path was followed
+    for start, at in refs:
+        if id(start) in done:
+            continue
+        on_path = {id(start)}
+        stack = [(start, iter(successors(start)))]
+        while stack:
+            node, pending = stack[-1]
+            nxt = next(pending, None)
+            if nxt is None:
+                stack.pop()
+                on_path.discard(id(node))
+                done.add(id(node))
+            elif id(nxt) in on_path:
+                raise UnsupportedSchema(
+                    f"{at}: the reference '{start['$ref']}' leads back to itself without going "
+                    "through 'properties' or 'items': constrained decoding cannot serve a loop")
+            elif id(nxt) not in done:
+                on_path.add(id(nxt))
+                stack.append((nxt, iter(successors(nxt))))
 
 
 # The integers every JSON parser reads exactly (JavaScript's safe integers).

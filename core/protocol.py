@@ -6,7 +6,9 @@ Errors: a worker ends a failed RPC with the status ``status_code_for`` gives and
 metadata ``error_metadata`` gives (``electron-error``: JSON ``{"type", "code", "param",
 "message"}``, and ``retry_after`` when the error carries one); the router rebuilds the same
 ``core.errors`` class from them (``error_from_rpc``). A worker that failed, vanished or timed
-out is ``WorkerUnavailable``, which the router may retry elsewhere.
+out is ``WorkerUnavailable``, which the router may retry elsewhere; an error the request
+caused (``INVALID_ARGUMENT``, also mid-stream when the worker could not sample it) comes back
+as its ``InvalidRequest`` and is neither retried nor counted against the worker.
 
 The router and the workers import it.
 """
@@ -102,10 +104,14 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, worker_id: str) -> ElectronError:
 
 
 def _all_error_classes() -> list[type[ElectronError]]:
+    """The wire's taxonomy: the classes of core/errors.py. A subclass one side defines for
+    itself (the router's DatabaseUnavailable is an Overloaded) never stands for a worker's
+    error, whichever modules happen to be imported."""
     found, todo = [], [ElectronError]
     while todo:
         cls = todo.pop()
-        found.append(cls)
+        if cls.__module__ == ElectronError.__module__:
+            found.append(cls)
         todo.extend(cls.__subclasses__())
     return found
 

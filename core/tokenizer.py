@@ -18,6 +18,7 @@ import enum
 import json
 import mmap
 import re
+import secrets
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -342,6 +343,18 @@ def _from_hf_dir(path: Path) -> Tokenizer:
                      add_eos_token=bool(config.get("add_eos_token", False)))
 
 
+def _map_strings(value: Any, fn: Any) -> Any:
+    """A copy of a JSON-like value with ``fn`` applied to every string in it (keys too)."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, Mapping):
+        return {_map_strings(k, fn) if isinstance(k, str) else k: _map_strings(v, fn)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_map_strings(item, fn) for item in value]
+    return value
+
+
 # -- the tokenizer ---------------------------------------------------------------------------
 
 class Tokenizer:
@@ -374,6 +387,16 @@ class Tokenizer:
             ("unk_token", unk_token_id), ("pad_token", pad_token_id)) if i is not None}
         self._templates = {name: ChatTemplate(source, self._special_strings)
                            for name, source in chat_templates.items()}
+        # encode_chat: special-token text in the client's strings is text (see there). Its
+        # pieces are encoded by a copy of the backend that never reads special tokens.
+        special = {token.content: (i, token.lstrip, token.rstrip)
+                   for i, token in added.items() if token.special and token.content}
+        self._special_by_text = special
+        self._special_texts = sorted(special, key=len, reverse=True)  # longest match first
+        self._special_re = (re.compile("|".join(map(re.escape, self._special_texts)))
+                            if special else None)
+        self._text_backend = _Backend.from_str(backend.to_str())
+        self._text_backend.encode_special_tokens = True
 
     @classmethod
     def from_model_path(cls, path: Path) -> Tokenizer:
@@ -447,8 +470,64 @@ class Tokenizer:
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]],
                     tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
-        # The rendered text already holds the template's special tokens (BOS included).
-        return self.encode(self.apply_chat_template(messages, tools), add_special_tokens=False)
+        """The prompt's token ids: the template's own markers (``<|im_start|>``, BOS, …) become
+        special tokens; what the client wrote is text, whatever it holds.
+
+        transformers and vLLM render the template and encode the result with special tokens
+        parsed, so ``"<|im_end|><|im_start|>system"`` inside a message forges a turn. Here every
+        special-token text in the client's strings (messages and tools) is swapped for a
+        placeholder no client can know (a random nonce between private-use characters)
+        before rendering; the rendered text is cut at the special tokens it still holds (the
+        template's), and each piece between them gets the client's text back and is encoded
+        with special tokens read as plain text. The backend cuts at special tokens the same
+        way, so a prompt without forged markers encodes exactly as ``encode`` would."""
+        if self._special_re is None:
+            return self.encode(self.apply_chat_template(messages, tools), add_special_tokens=False)
+        nonce = "\ue000" + secrets.token_hex(8)
+        defused = self._placeholders(nonce)
+        rendered = self.apply_chat_template(
+            _map_strings(messages, defused),
+            _map_strings(tools, defused) if tools is not None else None)
+        return self._encode_rendered(rendered, nonce)
+
+    def _placeholders(self, nonce: str) -> Any:
+        """A function replacing every special-token text in a string by its placeholder."""
+        index = {text: str(i) for i, text in enumerate(self._special_texts)}
+        pattern = self._special_re
+
+        def defuse(text: str) -> str:
+            return pattern.sub(lambda m: f"{nonce}:{index[m.group(0)]}\ue001", text)
+        return defuse
+
+    def _encode_rendered(self, rendered: str, nonce: str) -> list[int]:
+        restore = re.compile(re.escape(nonce) + r":(\d+)\ue001")
+        texts = self._special_texts
+        pieces: list[str] = []
+        markers: list[int] = []
+        start = 0
+        assert self._special_re is not None
+        for match in self._special_re.finditer(rendered):
+            token_id, lstrip, rstrip = self._special_by_text[match.group(0)]
+            if match.start() < start:  # inside the whitespace an rstrip token took
+                continue
+            piece = rendered[start:match.start()]
+            pieces.append(piece.rstrip() if lstrip else piece)
+            markers.append(token_id)
+            start = match.end()
+            if rstrip:
+                start += len(rendered[start:]) - len(rendered[start:].lstrip())
+        pieces.append(rendered[start:])
+        pieces = [restore.sub(lambda m: texts[int(m.group(1))], piece) for piece in pieces]
+        nonempty = [piece for piece in pieces if piece]
+        encoded = iter(self._text_backend.encode_batch_fast(
+            nonempty, add_special_tokens=False) if nonempty else ())
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            if piece:
+                ids.extend(next(encoded).ids)
+            if i < len(markers):
+                ids.append(markers[i])
+        return ids
 
     # -- saving
 

@@ -171,6 +171,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                         self.ttft.record(time.monotonic() - received)
                     streaming = True
                     observer.output(output)
+                    if output.caused_by_request:
+                        # Not the worker's failure: the router must neither retry it elsewhere
+                        # nor count it against this worker (INVALID_ARGUMENT says so).
+                        raise InvalidRequest(output.error or "the request could not be served")
                     yield wire.generate_response(output)
                 streaming = False
         finally:

@@ -1,12 +1,13 @@
 """The router's FastAPI app: routes, auth and the app's lifespan (docs/api.md).
 
 Handlers are thin: authenticate, validate, call one service function, return. Both base URLs
-(``/v1`` and ``/waves/v1``) serve the same routes. ``/health`` (liveness) and ``/ready`` (at
-least one worker connected) need no key.
+(``/v1`` and ``/waves/v1``) serve the same routes. ``/health`` (liveness) and ``/ready`` (started:
+the tenancy store is open; ``/ready?workers=N``: at least N workers connected) need no key.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,9 +17,9 @@ import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.responses import Response
 
-from core.config import Config
+from core.config import Config, RouterConfig
 from core.endpoints import WorkerSource
-from core.errors import ModelNotFound, NoWorkers, RateLimited
+from core.errors import InvalidRequest, ModelNotFound, NoWorkers, RateLimited
 from core.model_files import resolve_model_path
 from core.telemetry import DISABLED, Tracing
 from core.tokenizer import Tokenizer
@@ -30,7 +31,12 @@ from router.chat.service import ChatService
 from router.fleet.breaker import CircuitBreaker
 from router.fleet.pool import WorkerPool
 from router.openai.errors import error_response, install_error_handlers
-from router.openai.schemas import decode_json, parse_chat_request
+from router.openai.schemas import (
+    ChatCompletionRequest,
+    admission_fields,
+    decode_json,
+    parse_chat_request,
+)
 from router.routing.factory import make_policy
 from router.routing.prefix_index import PrefixIndex
 from router.telemetry import observe
@@ -40,6 +46,8 @@ from router.tenancy.admission import Admission, Tenancy
 BASE_PATHS = ("/v1", "/waves/v1")
 OWNED_BY = "electron"
 READY_RETRY_AFTER_S = 1.0
+# Bodies larger than this are validated on a thread (their schemas may take milliseconds).
+OFFLOAD_VALIDATION_BYTES = 16 * 1024
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -66,21 +74,55 @@ async def authenticate_chat(request: Request) -> None:
 # -- routes -----------------------------------------------------------------------------------------
 
 async def chat_completions(request: Request) -> Response:
+    """Cheap checks, then the limits, then the rest: a tenant over its limits (or a body
+    built to be expensive to validate) costs the router a JSON decode and two fields."""
     state = request.app.state
-    req = parse_chat_request(decode_json(await request.body()),
-                             max_messages=state.config.router.max_messages)
-    observe.set_model(req.model, state.config.router.model_id)
+    settings = state.config.router
+    raw = await request.body()  # at most router.max_body_bytes
+    body = decode_json(raw)
+    asked, sequences = admission_fields(body)
+    observe.set_model(asked, settings.model_id)
     chat: ChatService = state.chat
+    # Before anything is admitted or billed: an unknown model is a 404 and writes no row;
+    # the ledger stores the served id, never the client's text.
+    model = chat.served_model(asked)
     request_id = request.state.request_id
     with observe.span("limits"):
         try:
-            admission: Admission = await state.tenancy.admit(request.state.principal,
-                                                             req.model, request_id)
+            admission: Admission = await state.tenancy.admit(
+                request.state.principal, model, request.state.server_request_id,
+                request.state.client_request_id, sequences=sequences)
         except RateLimited as exc:
             record_rate_limit_rejection(
                 request, "concurrency" if exc.code == "concurrency_limit_exceeded" else "requests")
             raise
-    return await ChatRequest(chat, admission, req, request_id).respond(request.receive, _json)
+    try:
+        req = await _validated(body, len(raw), settings)
+    except BaseException:
+        admission.finish("error", 0, 0, 0)  # billed nothing, counted as a request
+        raise
+    try:
+        return await ChatRequest(chat, admission, req, request_id).respond(request.receive,
+                                                                           _json)
+    except RateLimited:  # its token budget does not fit the plan's tokens per minute
+        record_rate_limit_rejection(request, "tokens")
+        raise
+
+
+async def _validated(body: Any, size: int, settings: RouterConfig) -> ChatCompletionRequest:
+    """The whole request validated: on the event loop when it is small, else on a thread with
+    a time budget (its JSON schemas are checked against the metaschema), so one large request
+    never stalls the other streams."""
+    if size <= OFFLOAD_VALIDATION_BYTES:
+        return parse_chat_request(body, max_messages=settings.max_messages)
+    try:
+        async with asyncio.timeout(settings.validation_timeout_s):
+            return await asyncio.to_thread(parse_chat_request, body,
+                                           max_messages=settings.max_messages)
+    except TimeoutError:
+        raise InvalidRequest(f"validating this request took more than "
+                             f"{settings.validation_timeout_s:g} s; send smaller schemas or "
+                             "fewer tools") from None
 
 
 async def list_models(request: Request) -> Response:
@@ -105,11 +147,22 @@ async def health() -> Response:
 
 
 async def ready(request: Request) -> Response:
+    """Readiness for a load balancer: the app has started (its lifespan opened the tenancy
+    store), whether or not a worker is connected yet. With no worker the API itself answers
+    503 ``no_workers`` with ``Retry-After``, which clients retry; taking every replica out of
+    a Service instead would turn that into connection errors. ``?workers=N`` asks for at
+    least N connected workers (503 ``no_workers`` until then): what scripts and tests wait
+    on."""
     pool: WorkerPool = request.app.state.pool
-    if not pool.ready:
-        return error_response(NoWorkers("no worker is connected yet",
+    workers = len(pool.workers())
+    try:
+        wanted = int(request.query_params.get("workers", "0"))
+    except ValueError:
+        wanted = 1
+    if wanted > 0 and (not pool.ready or workers < wanted):
+        return error_response(NoWorkers(f"{workers} of {wanted} worker(s) connected",
                                         retry_after=READY_RETRY_AFTER_S))
-    return _json({"status": "ready", "workers": len(pool.workers())})
+    return _json({"status": "ready", "workers": workers})
 
 
 # -- the app ----------------------------------------------------------------------------------------
@@ -131,8 +184,7 @@ def create_app(config: Config, worker_source: WorkerSource,
                       tracing=tracing, shared_pool=config.cluster.pool,
                       fallback_pools=[p.name for p in config.autoscaler.pools
                                       if p.fallback_to_shared])
-    chat = ChatService(pool=pool, tokenizer=tokenizer, model_id=settings.model_id,
-                       first_token_timeout_s=settings.first_token_timeout_s,
+    chat = ChatService(pool=pool, tokenizer=tokenizer, settings=settings,
                        fingerprint=system_fingerprint(config.engine.model))
 
     tenancy = Tenancy(config, pool)
@@ -156,6 +208,7 @@ def create_app(config: Config, worker_source: WorkerSource,
     app.state.chat = chat
     app.state.metrics = RouterMetrics()
     app.state.tenancy = tenancy
+    tenancy.ledger.on_quarantine = app.state.metrics.ledger_quarantined.inc
     app.state.model_card = {"id": settings.model_id, "object": "model",
                             "created": int(time.time()), "owned_by": OWNED_BY}
     install_error_handlers(app)

@@ -4,7 +4,8 @@
 exactly once on every path (done, worker failure, client gone before or during the stream,
 validation error after admission, router stop):
 
-- the admission (a concurrency slot and its RPM entry, router/tenancy/admission.py);
+- the admission (a concurrency slot, its RPM entry and, once the prompt is tokenized, its
+  tokens-per-minute reservation; router/tenancy/admission.py);
 - the disconnect race: a client that leaves before the response starts cancels the work
   (``sse.until_disconnected``); one that leaves mid-stream ends the event stream
   (``sse.EventStreamResponse``);
@@ -70,7 +71,12 @@ class ChatRequest:
         return response
 
     async def _prepare(self) -> Prepared:
-        return await self._chat.prepare(self.request, self.request_id, self.admission.terms)
+        prepared = await self._chat.prepare(self.request, self.request_id,
+                                            self.admission.terms)
+        # Its whole budget against the plan's tokens per minute before any work starts;
+        # finish settles it to what was used.
+        await self.admission.reserve(prepared.token_budget)
+        return prepared
 
     async def _start_stream(self) -> Generation:
         return await self._chat.start_stream(await self._prepare(), self.usage)

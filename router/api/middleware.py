@@ -36,7 +36,11 @@ def _too_large(limit: int) -> PayloadTooLarge:
 
 class RequestContextMiddleware:
     """Gives every HTTP request an id (``request.state.request_id``, echoed in
-    ``X-Request-Id`` on every response) and enforces the body size limit.
+    ``X-Request-Id`` on every response and carried by its logs and traces: the client's own
+    when it sent a usable one, else the server's) and enforces the body size limit. The
+    server always makes its own id too (``request.state.server_request_id``): a client may
+    send the same ``X-Request-Id`` on every request, so only the server's identifies one
+    (the ledger row's key); ``request.state.client_request_id`` is the client's, or None.
 
     The limit is checked twice: a declared ``Content-Length`` over it is refused before the
     app runs; a body sent without one (chunked) is counted as it is read, and the read that
@@ -53,10 +57,14 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        request_id = _client_request_id(headers.get(_REQUEST_ID_HEADER_BYTES)) \
-            or new_request_id()
+        client_id = _client_request_id(headers.get(_REQUEST_ID_HEADER_BYTES))
+        server_id = new_request_id()
+        request_id = client_id or server_id
         # The same dict Starlette's outer error middleware sees: its 500 handler reads it.
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["client_request_id"] = client_id
+        state["server_request_id"] = server_id
         id_header = (_REQUEST_ID_HEADER_BYTES, request_id.encode())
 
         async def send_with_id(message: Message) -> None:

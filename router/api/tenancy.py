@@ -1,7 +1,9 @@
 """Routes of tenancy: ``GET /v1/usage`` and the admin API (``/v1/admin/...``, admin key only).
 
-    GET  /v1/usage?start=&end=[&tenant_id=]   a tenant's own totals and rows; the admin key
-                                              sees every tenant (or the one it names)
+    GET  /v1/usage?start=&end=[&tenant_id=][&limit=][&cursor=]
+                                              a tenant's own totals and a page of its rows;
+                                              the admin key sees every tenant (or the one
+                                              it names)
     POST /v1/admin/tenants                    {"tenant_id", "plan", "cache_salt"?,
                                                "allowed_models"?, "pool"?} -> tenant + key
     GET  /v1/admin/tenants                    every tenant with its keys (never the keys)
@@ -15,6 +17,7 @@ A key is shown once, in the answer that made it.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import asdict
 from datetime import datetime
@@ -29,7 +32,8 @@ from core.errors import InvalidRequest, PermissionDenied
 from router.openai.errors import from_validation_errors
 from router.openai.schemas import decode_json
 from router.tenancy.admission import Tenancy, bearer_key
-from router.tenancy.store import TenantError
+from router.tenancy.ledger import MAX_USAGE_ROWS
+from router.tenancy.store import TENANT_ID, TenantError
 
 DEFAULT_USAGE_WINDOW_S = 30 * 86400
 
@@ -52,14 +56,16 @@ def _time_param(request: Request, name: str, default: float) -> float:
     if raw is None or raw == "":
         return default
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
-    except ValueError:
+        try:
+            value = datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
+        except (ValueError, OverflowError):
+            value = math.nan
+    if not math.isfinite(value):
         raise InvalidRequest(f"'{name}' must be unix seconds or an ISO 8601 time",
-                             param=name) from None
+                             param=name)
+    return value
 
 
 async def usage(request: Request) -> Response:
@@ -70,6 +76,8 @@ async def usage(request: Request) -> Response:
     if start >= end:
         raise InvalidRequest("'start' must be before 'end'", param="start")
     asked = request.query_params.get("tenant_id")
+    if asked is not None and not TENANT_ID.fullmatch(asked):
+        raise InvalidRequest("'tenant_id' is not a tenant id", param="tenant_id")
     if principal is None or principal.is_admin:
         tenant_id = asked  # every tenant, or the one named
     else:
@@ -77,7 +85,16 @@ async def usage(request: Request) -> Response:
             raise PermissionDenied("a key can read its own tenant's usage only",
                                    param="tenant_id")
         tenant_id = principal.tenant_id
-    return _json(await tenancy.ledger.usage(tenant_id, start, end))
+    raw_limit = request.query_params.get("limit") or str(MAX_USAGE_ROWS)
+    try:
+        limit = int(raw_limit)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_USAGE_ROWS:
+        raise InvalidRequest(f"'limit' must be an integer from 1 to {MAX_USAGE_ROWS}",
+                             param="limit")
+    return _json(await tenancy.ledger.usage(tenant_id, start, end, limit=limit,
+                                            cursor=request.query_params.get("cursor") or None))
 
 
 # -- admin ------------------------------------------------------------------------------------------
@@ -103,7 +120,7 @@ def _tenant_dict(tenant, keys) -> dict[str, Any]:
 
 
 def _tenant_error(exc: TenantError) -> InvalidRequest:
-    return InvalidRequest(str(exc))
+    return InvalidRequest(str(exc), param=exc.param)
 
 
 async def add_tenant(request: Request) -> Response:

@@ -15,7 +15,10 @@ replaced once by another worker, the policy's next best; the pool's circuit brea
 the failure and keeps a worker that keeps failing out of routing for a while. For streams
 that means before the first delta arrives (the HTTP response starts only then, so every error
 before it still gets its own status); a non-streaming response reaches the client only when
-complete, so it is retried after a failure at any point.
+complete, so it is retried after a failure at any point. An error the request itself
+caused (the worker's ``INVALID_ARGUMENT``: bad input, or a request the worker could not
+sample, which fails alone without its batch) is never retried and never counted against the
+worker: it is not ``WorkerUnavailable``, and the lease is released with no verdict.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.config import RouterConfig
 from core.errors import InternalError, ModelNotFound, WorkerUnavailable
 from core.pb.electron.v1 import worker_pb2 as pb
 from core.protocol import WORKER_GAVE_UP
@@ -39,6 +43,7 @@ from router.chat.response import (
 )
 from router.chat.usage import Usage
 from router.chat.wire import (
+    check_buffered_size,
     check_token_ids,
     completion_budget,
     effective_cache_salt,
@@ -77,6 +82,11 @@ class Prepared:
     @property
     def n(self) -> int:
         return self.request.n or 1
+
+    @property
+    def token_budget(self) -> int:
+        """The most tokens it can use: its prompt and n completions of max tokens."""
+        return len(self.prompt_token_ids) + self.n * self.wire.sampling.max_tokens
 
 
 @dataclass(eq=False)
@@ -122,20 +132,29 @@ class _Attempts:
 
 
 class ChatService:
-    def __init__(self, *, pool: WorkerPool, tokenizer: Any, model_id: str,
-                 first_token_timeout_s: float, fingerprint: str):
-        """``tokenizer`` is a ``core.tokenizer.Tokenizer`` (encode_chat, supports_tools)."""
+    def __init__(self, *, pool: WorkerPool, tokenizer: Any, settings: RouterConfig,
+                 fingerprint: str):
+        """``tokenizer`` is a ``core.tokenizer.Tokenizer`` (encode_chat, supports_tools);
+        ``settings`` the router's (model id, first-token timeout, buffered-response bound)."""
         self._pool = pool
         self._tokenizer = tokenizer
-        self.model_id = model_id
-        self._first_token_timeout_s = first_token_timeout_s
+        self.model_id = settings.model_id
+        self._first_token_timeout_s = settings.first_token_timeout_s
+        self._max_buffered_tokens = settings.max_buffered_tokens
         self.fingerprint = fingerprint
+
+    def served_model(self, model: str) -> str:
+        """The served model id a request names, or ``ModelNotFound`` (404); the handler asks
+        before admission, so an unknown model is never admitted nor billed."""
+        if model != self.model_id:
+            shown = model if len(model) <= 256 else model[:256] + "…"
+            raise ModelNotFound(f"The model {shown!r} does not exist or you do not have "
+                                "access to it.", param="model")
+        return self.model_id
 
     async def prepare(self, req: ChatCompletionRequest, request_id: str,
                       terms: TenantTerms | None = None) -> Prepared:
-        if req.model != self.model_id:
-            raise ModelNotFound(f"The model '{req.model}' does not exist or you do not have "
-                                "access to it.", param="model")
+        self.served_model(req.model)
         tools = tool_use(req)
         grammar = grammar_spec(req, tools)
         messages, template_tools = template_inputs(
@@ -155,6 +174,8 @@ class ChatService:
         if terms is not None and terms.max_context is not None:
             max_model_len = min(max_model_len, terms.max_context)
         budget = completion_budget(req, len(ids), max_model_len)
+        if not req.stream:
+            check_buffered_size(req, budget, self._max_buffered_tokens)
         completion_id = "chatcmpl-" + uuid.uuid4().hex
         wire = to_generate_request(req, request_id=completion_id, prompt_token_ids=ids,
                                    max_tokens=budget, model=self.model_id, grammar=grammar,
@@ -204,6 +225,7 @@ class ChatService:
             try:
                 log.debug("request %s -> worker %s (%s)", prepared.request_id,
                           lease.worker.worker_id, lease.reason)
+                usage.dispatch(len(prepared.prompt_token_ids))
                 stream = await lease.worker.generate(prepared.wire)
                 first = await self._first_delta(stream, lease.worker.worker_id)
                 lease.started()
@@ -211,6 +233,7 @@ class ChatService:
                 usage.observe(first)
                 return Generation(prepared, lease, stream, first, usage)
             except WorkerUnavailable as exc:
+                usage.withdraw()
                 lease.failed()
                 self._abandon(stream, lease)
                 if not attempts.left:
@@ -218,7 +241,11 @@ class ChatService:
                 attempts.last_error = exc
                 log.warning("request %s: %s; retrying on another worker",
                             prepared.request_id, exc.message)
-            except BaseException:
+            except BaseException as exc:
+                if not isinstance(exc, asyncio.CancelledError):
+                    # The worker refused it (or the router failed): no prefill to bill. A
+                    # cancellation is the client leaving: the prompt sent is billed.
+                    usage.withdraw()
                 self._abandon(stream, lease)
                 raise
 

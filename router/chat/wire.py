@@ -98,3 +98,21 @@ def check_token_ids(req: ChatCompletionRequest, vocab_size: int) -> None:
         if bad:
             raise InvalidRequest(f"{param} holds token id {bad[0]}, outside this model's "
                                  f"vocabulary of {vocab_size} tokens", param=param)
+
+
+def check_buffered_size(req: ChatCompletionRequest, budget: int, limit: int) -> None:
+    """A response built whole holds up to n x ``budget`` tokens, each with 1 + top_logprobs
+    entries: refuse one that could pass ``limit`` (``router.max_buffered_tokens``) before any
+    work is done, rather than build it (n=16 x 20 top logprobs x a whole context is ~1 GB of
+    Python objects). A streamed response sends each token as it comes: no bound."""
+    n = req.n or 1
+    per_token = 1 + ((req.top_logprobs or 0) if req.logprobs else 0)
+    if n * budget * per_token > limit:
+        most = max(1, limit // (n * per_token))
+        limit_set, field = req.completion_limit
+        param = field if limit_set is not None else "n"
+        raise InvalidRequest(
+            f"this response would hold up to {n} x {budget} tokens x {per_token} logprob "
+            f"entries, more than the {limit} a response that is not streamed may hold; set "
+            f"max_tokens to at most {most}, lower n or top_logprobs, or stream it",
+            param=param)

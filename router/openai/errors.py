@@ -129,9 +129,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     # Runs in Starlette's outermost middleware, outside router.api.middleware: the request id
     # header is added here. The traceback goes to the log, never to the client.
+    # Starlette re-raises the exception once this response is sent, and the server then closes
+    # the connection: ``Connection: close`` tells the client so, instead of letting it send
+    # its next request on a kept-alive connection that is being reset.
     log.error("request %s: unhandled %s", getattr(request.state, "request_id", None),
               type(exc).__name__, exc_info=exc)
-    return error_response(InternalError(GENERIC_500), headers=_request_id_headers(request))
+    return error_response(InternalError(GENERIC_500),
+                          headers={**_request_id_headers(request), "Connection": "close"})
 
 
 def install_error_handlers(app: FastAPI) -> None:

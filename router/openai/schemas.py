@@ -27,6 +27,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from core.chat_template import tool_arguments
 from core.errors import InvalidRequest
 from core.json_schema_subset import UnsupportedSchema, check_schema
 from router.openai.errors import from_validation_errors, invalid_json
@@ -35,6 +36,9 @@ from router.openai.errors import from_validation_errors, invalid_json
 # worker's batch (the engine's SamplingParams enforces the same bound).
 MAX_N = 16
 MAX_STOP = 4
+MAX_STOP_CHARS = 256  # the detokenizer holds back up to a stop string's length - 1 characters
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 300  # OpenAI's limit
 MAX_TOOLS = 64
 MAX_TOP_LOGPROBS = 20
 DEFAULT_MAX_MESSAGES = 200
@@ -42,6 +46,8 @@ DEFAULT_MAX_MESSAGES = 200
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+# Token ids and top_k travel as uint32: anything larger is refused here, never overflows there.
+MAX_TOKEN_ID = INT32_MAX
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 # Roles whose messages must carry content (assistant may carry tool_calls instead).
@@ -66,6 +72,15 @@ class _EdgeModel(BaseModel):
 class FunctionCall(_EdgeModel):
     name: str
     arguments: str
+
+    @field_validator("arguments")
+    @classmethod
+    def _arguments_nesting(cls, value: str) -> str:
+        try:
+            tool_arguments(value)  # rendering parses them: deep JSON is refused up front
+        except InvalidRequest as exc:
+            raise _bad("arguments", exc.message) from None
+        return value
 
 
 class ToolCall(_EdgeModel):
@@ -215,8 +230,8 @@ class ChatCompletionRequest(_EdgeModel):
     n: int | None = Field(None, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     stop: tuple[str, ...] | None = None
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     logit_bias: dict[int, float] | None = None
@@ -230,12 +245,13 @@ class ChatCompletionRequest(_EdgeModel):
     parallel_tool_calls: bool | None = None
     user: str | None = None
     # vLLM extras.
-    top_k: int | None = Field(None, ge=-1)  # -1 and 0 disable it
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)  # -1 and 0 disable it
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0, le=2)
-    min_tokens: int | None = Field(None, ge=0)
+    # Below 0.1 a logit divided by the penalty could overflow (the worker's bound too).
+    repetition_penalty: float | None = Field(None, ge=0.1, le=2)
+    min_tokens: int | None = Field(None, ge=0, le=INT64_MAX)
     ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     cache_salt: str | None = None
     # vLLM's meaning: LOWER values are served first (the converter flips it for the wire).
     priority: int | None = Field(None, ge=INT32_MIN + 1, le=INT32_MAX)
@@ -272,6 +288,8 @@ class ChatCompletionRequest(_EdgeModel):
             raise _bad("stop", f"stop may hold at most {MAX_STOP} strings")
         if any(not s for s in stops):
             raise _bad("stop", "stop strings must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise _bad("stop", f"stop strings may be at most {MAX_STOP_CHARS} characters long")
         return tuple(stops)
 
     @field_validator("logit_bias", mode="before")
@@ -281,10 +299,15 @@ class ChatCompletionRequest(_EdgeModel):
             return None
         if not isinstance(value, dict):
             raise _bad("logit_bias", "logit_bias must map token ids to numbers")
+        if len(value) > MAX_LOGIT_BIAS:
+            raise _bad("logit_bias", f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, "
+                       f"got {len(value)}")
         out: dict[int, float] = {}
         for key, bias in value.items():
-            if not isinstance(key, str) or not key.isdigit():
-                raise _bad("logit_bias", f"logit_bias key {key!r} is not a token id")
+            # ASCII digits only: str.isdigit() also accepts '²', which int() refuses.
+            if not isinstance(key, str) or not (key.isascii() and key.isdigit()) \
+                    or int(key) > MAX_TOKEN_ID:
+                raise _bad("logit_bias", f"logit_bias key {str(key)[:20]!r} is not a token id")
             if isinstance(bias, bool) or not isinstance(bias, (int, float)) \
                     or not -100 <= bias <= 100:
                 raise _bad("logit_bias", f"logit_bias of token {key} must be a number "
@@ -354,7 +377,7 @@ class ChatCompletionRequest(_EdgeModel):
     @field_validator("stop_token_ids")
     @classmethod
     def _token_ids(cls, value: list[int] | None) -> list[int] | None:
-        if value and any(t < 0 for t in value):
+        if value and any(not 0 <= t <= MAX_TOKEN_ID for t in value):
             raise _bad("stop_token_ids", "stop_token_ids must be token ids >= 0")
         return value
 
@@ -377,6 +400,24 @@ def decode_json(raw: bytes) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise invalid_json(str(exc)) from None
+
+
+def admission_fields(data: Any) -> tuple[str, int]:
+    """What admission needs, read before anything else is validated: the model id (a string)
+    and the sequences the request asks for (``n``; 1 when it is not a valid n: the full
+    validation, after the limits, names it). The rest waits until the tenant is admitted, so
+    a tenant over its limits costs the router no more than this."""
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    model = data.get("model")
+    if model is None:
+        raise InvalidRequest("Missing required parameter: 'model'.", param="model")
+    if not isinstance(model, str):
+        raise InvalidRequest("Invalid value for 'model': Input should be a valid string.",
+                             param="model")
+    n = data.get("n")
+    valid_n = isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_N
+    return model, n if valid_n else 1
 
 
 def parse_chat_request(data: Any, *, max_messages: int) -> ChatCompletionRequest:

@@ -17,7 +17,9 @@ Seen from the router (the client's view, network and queueing included):
   ``electron:routing_cached_tokens_total{policy}``: the prefix the policy expected the chosen
   worker to hold, and what the worker then reported (a finished request's ``cached_tokens``);
 - ``electron:rate_limit_rejections_total{plan,limit}``: 429s from the limits
-  (``record_rate_limit_rejection``).
+  (``record_rate_limit_rejection``);
+- ``electron:ledger_quarantined_rows_total``: usage rows the database refused, written to the
+  ledger's dead-letter file instead (router/tenancy/ledger.py); anything above 0 needs a look.
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ class RouterMetrics:
         self.rate_limited = Counter("electron:rate_limit_rejections",
                                     "Requests refused by a rate or concurrency limit (429)",
                                     ["plan", "limit"], registry=r)
+        self.ledger_quarantined = Counter(
+            "electron:ledger_quarantined_rows",
+            "Usage rows the database refused, kept in the ledger's dead-letter file",
+            registry=r)
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its content type."""

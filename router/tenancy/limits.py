@@ -1,5 +1,5 @@
-"""Per-tenant request limits: requests per minute and requests in flight (docs/api.md, "Plans and limits"),
-shared by every router replica.
+"""Per-tenant request limits: requests per minute, requests in flight and tokens per minute
+(docs/api.md, "Plans and limits"), shared by every router replica.
 
 ``RedisLimiter`` makes each check one round trip: a Lua script (EVALSHA) that, atomically on
 the Redis server and with the server's clock,
@@ -9,7 +9,16 @@ the Redis server and with the server's clock,
   3. refuses if the window is full or every slot is taken, else records both.
 A concurrency slot is a member of the tenant's lease set scored by its expiry; the replica
 holding it renews its leases every third of ``slot_lease_s``, so the slots of a replica that
-died expire on their own within one lease. ``InProcessLimiter`` is the same, for one replica.
+died expire on their own within one lease. A request takes one slot per sequence it asks
+for (``n``): three n=16 requests hold 48 of the plan's concurrency, as they hold 48 batch
+slots of the workers. ``InProcessLimiter`` is the same, for one replica.
+
+Tokens per minute are counted per calendar minute, reserved before the work starts and
+settled when it ends: ``Slot.reserve`` adds the request's whole budget (prompt + n x max
+tokens, at most the plan's TPM) to the minute's count, atomically refusing when it would
+pass the limit (``_RESERVE_LUA`` in Redis); ``release`` replaces the reservation by the
+tokens used, in the minute it was made. So requests in flight can never together overshoot
+the limit by more than what one request at an empty minute may use.
 
 A ``Slot`` is released exactly once (``release`` is idempotent), by whoever ends the
 request; the router calls it from one place (``router.tenancy.admission``).
@@ -36,7 +45,7 @@ WINDOW_S = 60.0
 
 # KEYS: rpm log, concurrency leases, revoked key ids, this minute's token count.
 # ARGV: rpm limit, concurrency limit, slot id, lease ms, key id, tpm limit (0: none), ms left
-# in this minute.
+# in this minute, sequences (lease members "<slot id>:<i>", i < sequences).
 # Returns {verdict, rpm used, ms until the limit resets}; verdict 0 admitted, 1 over the RPM
 # limit, 2 over the concurrency limit, 3 revoked key, 4 over the tokens-per-minute limit.
 _ADMIT_LUA = """
@@ -56,7 +65,8 @@ end
 if used >= tonumber(ARGV[1]) then
   return {1, used, reset}
 end
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then
+local width = tonumber(ARGV[8])
+if redis.call('ZCARD', KEYS[2]) + width > tonumber(ARGV[2]) then
   return {2, used, reset}
 end
 if tonumber(ARGV[6]) > 0 and tonumber(redis.call('GET', KEYS[4]) or '0') >= tonumber(ARGV[6]) then
@@ -65,10 +75,25 @@ end
 local lease = tonumber(ARGV[4])
 redis.call('ZADD', KEYS[1], now, ARGV[3])
 redis.call('PEXPIRE', KEYS[1], window)
-redis.call('ZADD', KEYS[2], now + lease, ARGV[3])
+for i = 0, width - 1 do
+  redis.call('ZADD', KEYS[2], now + lease, ARGV[3] .. ':' .. i)
+end
 redis.call('PEXPIRE', KEYS[2], lease)
 if used == 0 then reset = window end
 return {0, used + 1, reset}
+"""
+
+# KEYS: this minute's token count; ARGV: tokens to reserve, tpm limit.
+# Returns {1 reserved | 0 refused, the minute's count}.
+_RESERVE_LUA = """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local want = tonumber(ARGV[1])
+if used + want > tonumber(ARGV[2]) then
+  return {0, used}
+end
+redis.call('INCRBY', KEYS[1], want)
+redis.call('EXPIRE', KEYS[1], 120)
+return {1, used + want}
 """
 
 # KEYS: concurrency leases; ARGV: new expiry offset (ms), slot ids. Extends leases still held.
@@ -114,14 +139,42 @@ class Slot:
     slot_id: str
     verdict: Verdict
     _limiter: Limiter = field(repr=False)
+    principal: Principal | None = field(default=None, repr=False)
+    sequences: int = 1                # concurrency it takes: one per sequence (n)
+    reserved: int = 0                 # tokens reserved against the plan's TPM
+    minute: int | None = None         # the calendar minute they were reserved in
     _released: bool = field(default=False, repr=False)
 
+    @property
+    def members(self) -> list[str]:
+        """Its entries in the tenant's lease set, one per sequence."""
+        return [f"{self.slot_id}:{i}" for i in range(self.sequences)]
+
+    async def reserve(self, tokens: int) -> None:
+        """Reserves ``tokens`` (at most the plan's TPM) in this minute's token count, or
+        ``RateLimited`` when they do not fit; nothing on plans without TPM."""
+        plan = self.principal.plan if self.principal is not None else None
+        if plan is None or plan.tpm is None or self._released or tokens <= 0:
+            return
+        tokens = min(tokens, plan.tpm)
+        minute = int(time.time() // 60)
+        if self.minute is not None and self.minute != minute:
+            minute = self.minute  # one slot's tokens stay in one minute
+        await self._limiter._reserve(self, tokens, minute)
+        self.reserved += tokens
+        self.minute = minute
+
     def release(self, tokens: int = 0) -> None:
-        """Gives the slot back; ``tokens`` (prompt + completion) count against the plan's
-        tokens per minute."""
+        """Gives the slot back; ``tokens`` (prompt + completion used) replace the
+        reservation in the plan's tokens per minute."""
         if not self._released:
             self._released = True
             self._limiter._release(self, tokens)
+
+
+def tpm_refusal(principal: Principal, rpm_used: int) -> Exception:
+    return refusal(Verdict(False, "tpm", principal.plan.rpm, rpm_used, 60 - time.time() % 60),
+                   principal)
 
 
 def refusal(verdict: Verdict, principal: Principal) -> Exception:
@@ -142,7 +195,8 @@ def refusal(verdict: Verdict, principal: Principal) -> Exception:
             code="rate_limit_exceeded", headers=verdict.headers())
     return RateLimited(
         f"Concurrency limit reached for tenant {principal.tenant_id}: {plan.concurrency} "
-        "requests in flight. Please retry when one of them finishes.", retry_after=1.0,
+        "sequences in flight (n counts each). Please retry when one of them finishes.",
+        retry_after=1.0,
         code="concurrency_limit_exceeded", headers=verdict.headers())
 
 
@@ -154,8 +208,9 @@ class Limiter:
     async def stop(self) -> None:
         """Releases every slot this replica still holds."""
 
-    async def admit(self, principal: Principal) -> Slot:
-        """A slot, or ``RateLimited`` / ``AuthenticationFailed`` (a revoked key)."""
+    async def admit(self, principal: Principal, sequences: int = 1) -> Slot:
+        """A slot of ``sequences`` (the request's n, at most the plan's concurrency), or
+        ``RateLimited`` / ``AuthenticationFailed`` (a revoked key)."""
         raise NotImplementedError
 
     async def revoke(self, key_id: str) -> None:
@@ -165,11 +220,14 @@ class Limiter:
     async def is_revoked(self, key_id: str) -> bool:
         raise NotImplementedError
 
+    async def _reserve(self, slot: Slot, tokens: int, minute: int) -> None:
+        raise NotImplementedError
+
     def _release(self, slot: Slot, tokens: int) -> None:
         raise NotImplementedError
 
     def in_flight(self, tenant_id: str) -> int:
-        """This replica's slots of the tenant (tests, metrics)."""
+        """This replica's slots of the tenant, a sequence each (tests, metrics)."""
         raise NotImplementedError
 
 
@@ -181,7 +239,7 @@ class InProcessLimiter(Limiter):
         self._tokens: dict[str, tuple[int, int]] = {}  # tenant -> (minute, tokens used)
         self._revoked: set[str] = set()
 
-    async def admit(self, principal: Principal) -> Slot:
+    async def admit(self, principal: Principal, sequences: int = 1) -> Slot:
         if principal.key_id is not None and principal.key_id in self._revoked:
             raise refusal(Verdict(False, "revoked", 0, 0, 0), principal)
         now = time.monotonic()
@@ -194,26 +252,39 @@ class InProcessLimiter(Limiter):
         reason = None
         if used >= plan.rpm:
             reason = "rpm"
-        elif len(self._held[tenant]) >= plan.concurrency:
+        elif len(self._held[tenant]) + sequences > plan.concurrency:
             reason = "concurrency"
         elif plan.tpm is not None and self._tokens_this_minute(tenant) >= plan.tpm:
             reason, reset = "tpm", 60 - time.time() % 60
         if reason is not None:
             raise refusal(Verdict(False, reason, plan.rpm, used, reset), principal)
         entries.append(now)
-        slot_id = uuid.uuid4().hex
-        self._held[tenant].add(slot_id)
-        return Slot(tenant, slot_id, Verdict(True, None, plan.rpm, used + 1, reset), self)
+        slot = Slot(tenant, uuid.uuid4().hex, Verdict(True, None, plan.rpm, used + 1, reset),
+                    self, principal, sequences)
+        self._held[tenant].update(slot.members)
+        return slot
+
+    async def _reserve(self, slot: Slot, tokens: int, minute: int) -> None:
+        assert slot.principal is not None and slot.principal.plan.tpm is not None
+        used = self._tokens_in(slot.tenant_id, minute)
+        if used + tokens > slot.principal.plan.tpm:
+            raise tpm_refusal(slot.principal, slot.verdict.rpm_used)
+        self._tokens[slot.tenant_id] = (minute, used + tokens)
 
     def _release(self, slot: Slot, tokens: int) -> None:
-        self._held[slot.tenant_id].discard(slot.slot_id)
-        if tokens:
-            self._tokens[slot.tenant_id] = (int(time.time() // 60),
-                                            self._tokens_this_minute(slot.tenant_id) + tokens)
+        self._held[slot.tenant_id].difference_update(slot.members)
+        minute = slot.minute if slot.minute is not None else int(time.time() // 60)
+        delta = tokens - slot.reserved
+        if delta and minute == int(time.time() // 60):  # a past minute no longer counts
+            used = self._tokens_in(slot.tenant_id, minute)
+            self._tokens[slot.tenant_id] = (minute, max(0, used + delta))
+
+    def _tokens_in(self, tenant_id: str, minute: int) -> int:
+        counted, used = self._tokens.get(tenant_id, (0, 0))
+        return used if counted == minute else 0
 
     def _tokens_this_minute(self, tenant_id: str) -> int:
-        minute, used = self._tokens.get(tenant_id, (0, 0))
-        return used if minute == int(time.time() // 60) else 0
+        return self._tokens_in(tenant_id, int(time.time() // 60))
 
     async def revoke(self, key_id: str) -> None:
         self._revoked.add(key_id)
@@ -232,6 +303,7 @@ class RedisLimiter(Limiter):
         self._lease_ms = max(1, int(slot_lease_s * 1000))
         self._admit = self._redis.register_script(_ADMIT_LUA)
         self._renew = self._redis.register_script(_RENEW_LUA)
+        self._reserve_script = self._redis.register_script(_RESERVE_LUA)
         self._held: dict[str, set[str]] = collections.defaultdict(set)
         self._releases: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
@@ -264,7 +336,7 @@ class RedisLimiter(Limiter):
             await asyncio.gather(*self._releases, return_exceptions=True)
         await self._redis.aclose()
 
-    async def admit(self, principal: Principal) -> Slot:
+    async def admit(self, principal: Principal, sequences: int = 1) -> Slot:
         plan = principal.plan
         slot_id = uuid.uuid4().hex
         rpm_key, slots_key = self._keys(principal.tenant_id)
@@ -274,7 +346,8 @@ class RedisLimiter(Limiter):
                 keys=[rpm_key, slots_key, self._revoked_key,
                       self._tpm_key(principal.tenant_id, now)],
                 args=[plan.rpm, plan.concurrency, slot_id, self._lease_ms,
-                      principal.key_id or "", plan.tpm or 0, int((60 - now % 60) * 1000)])
+                      principal.key_id or "", plan.tpm or 0, int((60 - now % 60) * 1000),
+                      sequences])
         except RedisError as exc:
             # Limits cannot be checked: refuse (a 503 the client retries), never serve
             # unmetered.
@@ -285,14 +358,31 @@ class RedisLimiter(Limiter):
         verdict = Verdict(reason is None, reason, plan.rpm, int(used), int(reset_ms) / 1000)
         if reason is not None:
             raise refusal(verdict, principal)
-        self._held[principal.tenant_id].add(slot_id)
-        return Slot(principal.tenant_id, slot_id, verdict, self)
+        slot = Slot(principal.tenant_id, slot_id, verdict, self, principal, sequences)
+        self._held[principal.tenant_id].update(slot.members)
+        return slot
 
     def _tpm_key(self, tenant_id: str, now: float) -> str:
-        return f"{self._prefix}{{{tenant_id}}}:tpm:{int(now // 60)}"
+        return self._tpm_minute_key(tenant_id, int(now // 60))
+
+    def _tpm_minute_key(self, tenant_id: str, minute: int) -> str:
+        return f"{self._prefix}{{{tenant_id}}}:tpm:{minute}"
+
+    async def _reserve(self, slot: Slot, tokens: int, minute: int) -> None:
+        assert slot.principal is not None and slot.principal.plan.tpm is not None
+        try:
+            reserved, _ = await self._reserve_script(
+                keys=[self._tpm_minute_key(slot.tenant_id, minute)],
+                args=[tokens, slot.principal.plan.tpm])
+        except RedisError as exc:
+            log.warning("the limit store is unavailable: %s", exc)
+            raise Overloaded("The rate limit store is unavailable; retry shortly.",
+                             retry_after=1.0) from None
+        if not int(reserved):
+            raise tpm_refusal(slot.principal, slot.verdict.rpm_used)
 
     def _release(self, slot: Slot, tokens: int) -> None:
-        self._held[slot.tenant_id].discard(slot.slot_id)
+        self._held[slot.tenant_id].difference_update(slot.members)
         task = asyncio.get_running_loop().create_task(self._give_back(slot, tokens))
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
@@ -300,10 +390,12 @@ class RedisLimiter(Limiter):
     async def _give_back(self, slot: Slot, tokens: int) -> None:
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.zrem(self._keys(slot.tenant_id)[1], slot.slot_id)
-                if tokens:
-                    key = self._tpm_key(slot.tenant_id, time.time())
-                    pipe.incrby(key, tokens)
+                pipe.zrem(self._keys(slot.tenant_id)[1], *slot.members)
+                delta = tokens - slot.reserved  # the reservation settled to the tokens used
+                if delta:
+                    minute = slot.minute if slot.minute is not None else int(time.time() // 60)
+                    key = self._tpm_minute_key(slot.tenant_id, minute)
+                    pipe.incrby(key, delta)
                     pipe.expire(key, 120)
                 await pipe.execute()
         except Exception as exc:  # the lease expires on its own

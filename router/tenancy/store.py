@@ -19,16 +19,27 @@ import json
 import re
 import secrets
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
-from core.config import PlanConfig
+from core.config import Config, PlanConfig
 from router.tenancy.sqldb import Database
 
 KEY_PREFIX = "es-"
-_TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # fullmatch: no trailing newline
 # cache_salt policies: "tenant" (the default) keeps a tenant's cached prefixes its own;
 # "shared" lets tenants that share it reuse each other's public prefixes.
 SHARED_SALT = "shared"
+# A tenant's own salt is this prefix + its id; a salt set by an admin may not take that form
+# (it would read another tenant's cache) nor hold '|' (the router joins the tenant's salt and
+# the request's own with it).
+OWN_SALT_PREFIX = "tenant:"
+_SALT = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+# Tenant ids the router itself uses: the static keys' tenant, the admin and, with auth off,
+# the ledger's anonymous tenant. A database tenant of the same name would share its rows.
+ADMIN_TENANT = "admin"          # the admin key's principal
+ANONYMOUS_TENANT = "anonymous"  # the ledger's tenant while auth is off
+BUILT_IN_TENANTS = (ADMIN_TENANT, ANONYMOUS_TENANT)
 
 
 @dataclass(frozen=True)
@@ -74,7 +85,7 @@ class Tenant:
 
     @property
     def effective_salt(self) -> str:
-        return "tenant:" + self.tenant_id if self.cache_salt is None else self.cache_salt
+        return OWN_SALT_PREFIX + self.tenant_id if self.cache_salt is None else self.cache_salt
 
 
 @dataclass(frozen=True)
@@ -111,22 +122,50 @@ def new_key() -> NewKey:
 
 
 class TenantError(ValueError):
-    """A tenant or key operation that cannot be done (unknown tenant, bad name, ...)."""
+    """A tenant or key operation that cannot be done (unknown tenant, bad name, ...);
+    ``param`` names the field at fault."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class TenantStore:
-    def __init__(self, db: Database, plan_names: list[str]):
+    def __init__(self, db: Database, plan_names: list[str], *,
+                 pools: Collection[str] | None = None, reserved_ids: Collection[str] = ()):
+        """``pools``: the worker pools a tenant may be pinned to (None: any name);
+        ``reserved_ids``: tenant ids the deployment uses itself."""
         self.db = db
         self._plans = plan_names
+        self._pools = None if pools is None else sorted(pools)
+        self._reserved = frozenset(reserved_ids)
+
+    @classmethod
+    def for_config(cls, db: Database, config: Config) -> TenantStore:
+        """The store with the deployment's plans, pools and reserved tenant ids."""
+        pools = {config.cluster.pool, *(p.name for p in config.autoscaler.pools)}
+        return cls(db, config.tenancy.plan_names(), pools=pools,
+                   reserved_ids=(config.auth.static_tenant, *BUILT_IN_TENANTS))
 
     def add_tenant(self, tenant_id: str, plan: str, *, cache_salt: str | None = None,
                    allowed_models: list[str] | None = None,
                    pool: str | None = None) -> tuple[Tenant, NewKey]:
         """A new tenant and its first key."""
-        if not _TENANT_ID.match(tenant_id):
+        if not TENANT_ID.fullmatch(tenant_id):
             raise TenantError(f"tenant id {tenant_id!r} must be 1-63 letters, digits, '_', "
-                              "'.' or '-'")
+                              "'.' or '-'", param="tenant_id")
+        if tenant_id in self._reserved:
+            raise TenantError(f"tenant id {tenant_id!r} is reserved on this deployment",
+                              param="tenant_id")
         self._check_plan(plan)
+        if cache_salt is not None and (not _SALT.fullmatch(cache_salt)
+                                       or cache_salt.startswith(OWN_SALT_PREFIX)):
+            raise TenantError(f"cache_salt must be 1-64 letters, digits, '_', '.', ':' or '-' "
+                              f"and not start with {OWN_SALT_PREFIX!r} (a tenant's own salt)",
+                              param="cache_salt")
+        if pool is not None and self._pools is not None and pool not in self._pools:
+            raise TenantError(f"unknown pool {pool!r}; pools: {', '.join(self._pools)}",
+                              param="pool")
         if self.get_tenant(tenant_id) is not None:
             raise TenantError(f"tenant {tenant_id!r} exists already")
         now = time.time()
@@ -193,7 +232,8 @@ class TenantStore:
 
     def _check_plan(self, plan: str) -> None:
         if plan not in self._plans:
-            raise TenantError(f"unknown plan {plan!r}; plans: {', '.join(self._plans)}")
+            raise TenantError(f"unknown plan {plan!r}; plans: {', '.join(self._plans)}",
+                              param="plan")
 
 
 _TENANT_COLUMNS = ("SELECT tenant_id, plan, cache_salt, allowed_models, pool, created_at "

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from core.chat_template import tool_arguments
 from core.protocol import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from router.openai.schemas import ChatCompletionRequest
 from router.tools.grammar_spec import ToolUse
@@ -98,10 +99,7 @@ def _format_hint(req: ChatCompletionRequest) -> str | None:
 def call_text(name: str, arguments: Any) -> str:
     """One call in the fallback format; ``arguments`` an object or the client's JSON string."""
     if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError:
-            pass  # rendered as the string the client sent
+        arguments = tool_arguments(arguments)  # not JSON: the string the client sent
     return TOOL_CALL_OPEN + json.dumps({"name": name, "arguments": arguments},
                                        ensure_ascii=False) + TOOL_CALL_CLOSE
 

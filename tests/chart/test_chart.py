@@ -35,10 +35,16 @@ CI_VALUES = sorted(CHART.glob("ci/*-values.yaml"))
 KUBE_VERSION = "1.33.0"
 RELEASE, NAMESPACE = "es", "serving"
 FULLNAME = f"{RELEASE}-electron-serve"
+GEN = "g1"  # the default worker generation (workers.generation)
+ROUTER_CONFIG = f"{FULLNAME}-router-config"
 
 
 def values_of(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) or {}
+
+
+# The least a release needs: the datastores chosen (here the in-chart trial ones).
+TRIAL = values_of(CHART / "ci" / "default-values.yaml")
 
 
 def render_text(values: dict[str, Any], chart: Path = CHART) -> str:
@@ -67,7 +73,7 @@ def pod_specs(docs) -> list[tuple[str, dict[str, Any]]]:
     specs = []
     for d in docs:
         name = f"{d['kind']}/{d['metadata']['name']}"
-        if d["kind"] in ("Deployment", "StatefulSet"):
+        if d["kind"] in ("Deployment", "StatefulSet", "Job"):
             specs.append((name, d["spec"]["template"]["spec"]))
         elif d["kind"] == "RayCluster":
             specs.append((name + "/head", d["spec"]["headGroupSpec"]["template"]["spec"]))
@@ -80,8 +86,14 @@ def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {e["name"]: e for e in container.get("env", [])}
 
 
-def service_config(docs) -> dict[str, Any]:
-    return yaml.safe_load(one(docs, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
+def service_config(docs, generation: str = GEN) -> dict[str, Any]:
+    """A worker generation's service config (its controller's and worker actors')."""
+    return yaml.safe_load(one(docs, "ConfigMap", f"{FULLNAME}-worker-config-{generation}")[
+        "data"]["config.yaml"])
+
+
+def routers_config(docs) -> dict[str, Any]:
+    return yaml.safe_load(one(docs, "ConfigMap", ROUTER_CONFIG)["data"]["config.yaml"])
 
 
 def defaults() -> dict[str, Any]:
@@ -127,7 +139,7 @@ def resolved_env(container: dict[str, Any], docs) -> dict[str, str]:
 def router_config(docs, tmp_path: Path) -> tuple[Config, dict[str, str]]:
     """The config the router process builds: the ConfigMap's file plus its environment."""
     path = tmp_path / "config.yaml"
-    path.write_text(one(docs, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
+    path.write_text(one(docs, "ConfigMap", ROUTER_CONFIG)["data"]["config.yaml"])
     env = resolved_env(router_container(docs), docs)
     assert env["ELECTRON_CONFIG"] == "/etc/electron-serve/config.yaml"
     return load_config(env={**env, "ELECTRON_CONFIG": str(path)}), env
@@ -142,10 +154,10 @@ def case(request) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
 
 # -- lint and schemas -------------------------------------------------------------------------------
 
-def test_ci_values_files_cover_the_four_setups():
+def test_ci_values_files_cover_the_six_setups():
     assert {p.name for p in CI_VALUES} == {
         "default-values.yaml", "enterprise-values.yaml", "external-datastores-values.yaml",
-        "tracing-values.yaml"}
+        "tracing-values.yaml", "gpu-cluster-values.yaml", "upgrade-values.yaml"}
 
 
 @pytest.mark.parametrize("values_file", CI_VALUES, ids=lambda p: p.name)
@@ -163,7 +175,9 @@ def test_every_object_is_valid_kubernetes(case):
             kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
         except kubernetes_validate.SchemaNotFoundError:
             custom.append(doc["kind"])  # custom resources: checked below
-    assert set(custom) <= {"RayCluster", "ServiceMonitor", "PodMonitor"}
+    # Gateway API objects: kubernetes-validate has no schemas for them; test_chart_edge.py
+    # checks their shape.
+    assert set(custom) <= {"RayCluster", "ServiceMonitor", "PodMonitor", "HTTPRoute", "Gateway"}
     assert custom.count("RayCluster") == 1
 
 
@@ -211,20 +225,32 @@ def test_one_gpu_worker_group_per_pool_with_ray_autoscaling(case):
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     pools = values.get("pools") or values_of(CHART / "values.yaml")["pools"]
     groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
-    assert set(groups) == {f"pool-{p['name']}" for p in pools}
-    config_pools = {p["name"]: p for p in service_config(docs)["autoscaler"]["pools"]}
-    for pool in pools:
-        group = groups[f"pool-{pool['name']}"]
-        assert (group["minReplicas"], group["maxReplicas"], group["replicas"]) \
-            == (pool["minWorkers"], pool["maxWorkers"], pool["minWorkers"])
-        container = group["template"]["spec"]["containers"][0]
-        assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
-        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-        assert group["rayStartParams"]["num-gpus"] == "1"
-        # The group offers exactly the custom resource the pool's actors ask for.
-        offered = yaml.safe_load(yaml.safe_load(group["rayStartParams"]["resources"]))
-        assert offered == config_pools[pool["name"]]["resources"] == {
-            f"electron_pool_{pool['name']}": 1}
+    generations = generations_of(values)
+    assert set(groups) == {f"pool-{p['name']}-{g}" for p in pools for g in generations}
+    gpu = values.get("workers", {}).get("gpuResourceName", "nvidia.com/gpu")
+    for generation in generations:
+        config_pools = {p["name"]: p for p in service_config(docs, generation)["autoscaler"][
+            "pools"]}
+        for pool in pools:
+            group = groups[f"pool-{pool['name']}-{generation}"]
+            assert (group["minReplicas"], group["maxReplicas"], group["replicas"]) \
+                == (pool["minWorkers"], pool["maxWorkers"], pool["minWorkers"])
+            container = group["template"]["spec"]["containers"][0]
+            name = pool.get("gpuResourceName", gpu)
+            assert container["resources"]["requests"][name] == 1
+            assert container["resources"]["limits"][name] == 1
+            assert group["rayStartParams"]["num-gpus"] == "1"
+            # The group offers exactly the custom resource the pool's actors ask for.
+            offered = yaml.safe_load(yaml.safe_load(group["rayStartParams"]["resources"]))
+            assert offered == config_pools[pool["name"]]["resources"] == {
+                f"electron_pool_{pool['name']}_{generation}": 1}
+
+
+def generations_of(values: dict[str, Any]) -> list[str]:
+    """The worker generations a values file renders, oldest first."""
+    workers = values.get("workers", {})
+    previous = workers.get("previous", {}).get("generation")
+    return [g for g in (previous, workers.get("generation", GEN)) if g]
 
 
 def test_the_service_config_loads_and_autoscales_every_pool(case):
@@ -232,7 +258,7 @@ def test_the_service_config_loads_and_autoscales_every_pool(case):
     config = load_config(env={}, overrides=service_config(docs))
     assert config.autoscaler.enabled and config.autoscaler.provider == "ray"
     assert config.cluster.num_gpus_per_worker == 1 and config.cluster.pool == "default"
-    assert config.router.host == "0.0.0.0"
+    assert load_config(env={}, overrides=routers_config(docs)).router.host == "0.0.0.0"
     pools = values.get("pools") or values_of(CHART / "values.yaml")["pools"]
     assert [(p.name, p.min_workers, p.max_workers) for p in config.autoscaler.pools] \
         == [(p["name"], p["minWorkers"], p["maxWorkers"]) for p in pools]
@@ -257,7 +283,7 @@ def test_router_and_controller_run_the_real_cli(case):
     parsed = _parser().parse_args(args)
     assert parsed.command == "router" and parsed.ray_address == "auto"
     assert parsed.port == values.get("router", {}).get("port", 8000)
-    controller = one(docs, "Deployment", f"{FULLNAME}-controller")
+    controller = one(docs, "Deployment", f"{FULLNAME}-controller-{GEN}")
     assert controller["spec"]["replicas"] == 1
     assert controller["spec"]["strategy"]["type"] == "Recreate"
     parsed = _parser().parse_args(_cli_args(controller["spec"]["template"]["spec"]
@@ -332,9 +358,11 @@ def test_secrets_are_never_inlined(case):
     assert settings and set(settings) <= {ADMIN_KEY, REDIS_URL, DATABASE_URL}
     for name in settings:
         assert set(env[name]) == {"name", "valueFrom"}, name
-    # The other processes get none of them.
+    # The other processes get none of them (the migration Job: the database's only).
     for name, spec in pod_specs(docs):
-        if not name.endswith("-router"):
+        if name.endswith("-migrate"):
+            assert set(env_of(spec["containers"][0])) & {ADMIN_KEY, REDIS_URL} == set()
+        elif not name.endswith("-router"):
             assert not set(env_of(spec["containers"][0])) & {ADMIN_KEY, REDIS_URL,
                                                              DATABASE_URL}, name
 
@@ -398,6 +426,10 @@ def test_datastores_external_or_in_chart(case, tmp_path):
         password = base64.b64decode(secret["postgres-password"]).decode()
         assert config.tenancy.database_url \
             == f"postgresql://electron:{password}@{FULLNAME}-postgresql:5432/electron"
+    elif postgres.get("existingSecret"):
+        assert env[DATABASE_URL]["valueFrom"]["secretKeyRef"] \
+            == {"name": postgres["existingSecret"], "key": postgres["existingSecretKey"]}
+        assert config.tenancy.database_url == EXTERNAL[DATABASE_URL]
     elif postgres.get("url"):
         assert config.tenancy.database_url == postgres["url"]
     else:
@@ -408,7 +440,7 @@ def test_otlp_settings_reach_every_process(case):
     values, _, docs = case
     otel = values.get("otel", {})
     for name, spec in pod_specs(docs):
-        if "redis" in name or "postgresql" in name:
+        if "redis" in name or "postgresql" in name or name.endswith("-migrate"):
             continue
         env = env_of(spec["containers"][0])
         if otel.get("enabled"):
@@ -424,8 +456,9 @@ def test_otlp_settings_reach_every_process(case):
 def test_model_volume_is_mounted_read_only_where_the_model_is_read(case):
     values, _, docs = case
     volume = values.get("model", {}).get("volume", {"type": "none"})
+    fetch = values.get("model", {}).get("fetch", {}).get("enabled", False)
     for name, spec in pod_specs(docs):
-        if "redis" in name or "postgresql" in name:
+        if "redis" in name or "postgresql" in name or name.endswith("-migrate"):
             continue
         mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
         if volume["type"] == "none":
@@ -434,10 +467,18 @@ def test_model_volume_is_mounted_read_only_where_the_model_is_read(case):
         assert mounts["model"]["readOnly"] is True and mounts["model"]["mountPath"] == "/models"
         source = {v["name"]: v for v in spec["volumes"]}["model"]
         if volume["type"] == "pvc":
-            assert source["persistentVolumeClaim"] == {"claimName": volume["claimName"],
-                                                      "readOnly": True}
-        else:
+            claim = volume.get("claimName") or f"{FULLNAME}-models"
+            assert source["persistentVolumeClaim"] == (
+                {"claimName": claim} if fetch else {"claimName": claim, "readOnly": True})
+        elif volume["type"] == "hostPath":
             assert source["hostPath"]["path"] == volume["hostPath"]
+        else:
+            assert "emptyDir" in source
+        # Only the model-fetch init container writes to it.
+        for init in spec.get("initContainers", []):
+            if init["name"] == "model-fetch":
+                assert {m["name"]: m for m in init["volumeMounts"]}["model"].get(
+                    "readOnly") is not True
 
 
 def test_optional_objects_follow_their_switches(case):
@@ -509,7 +550,7 @@ def test_the_grafana_dashboard_is_the_charts_one_file_rendered_in_a_config_map()
     assert (ROOT / "dashboards" / "electron-serve.json").resolve() == DASHBOARD.resolve()
     assert DASHBOARD.resolve() == DASHBOARD  # the chart holds the file itself
     board = DASHBOARD.read_text()
-    boards = [d for d in render({}) if "dashboard" in d["metadata"]["name"]]
+    boards = [d for d in render(TRIAL) if "dashboard" in d["metadata"]["name"]]
     assert len(boards) == 1
     assert boards[0]["metadata"]["name"] == f"{FULLNAME}-dashboard-electron-serve"
     assert boards[0]["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -517,7 +558,7 @@ def test_the_grafana_dashboard_is_the_charts_one_file_rendered_in_a_config_map()
     assert boards[0]["data"]["electron-serve.json"] == board.rstrip("\n")
     assert json.loads(boards[0]["data"]["electron-serve.json"])["title"] == "Electron Serve"
     assert len(yaml.safe_dump(boards[0])) < 1 << 20  # a ConfigMap's limit
-    assert not [d for d in render({"dashboards": {"enabled": False}})
+    assert not [d for d in render({**TRIAL, "dashboards": {"enabled": False}})
                 if "dashboard" in d["metadata"]["name"]]
 
 
@@ -527,7 +568,7 @@ def test_notes_tell_how_to_reach_the_api_and_make_the_first_key():
             return loaded.render(values, name=RELEASE, namespace=NAMESPACE)[
                 "electron-serve/templates/NOTES.txt"]
 
-    text = notes({})
+    text = notes(values_of(CHART / "ci" / "default-values.yaml"))
     assert f"port-forward svc/{FULLNAME}-router" in text
     assert f"get secret {FULLNAME}-admin" in text and "chat/completions" in text
     assert "$BASE_URL/admin/tenants" in text
@@ -537,9 +578,9 @@ def test_notes_tell_how_to_reach_the_api_and_make_the_first_key():
     assert command[0] == "electron-serve"
     parsed = _parser().parse_args(command[1:])
     assert (parsed.command, parsed.verb, parsed.plan) == ("tenants", "add", "standard")
-    # The defaults deploy PostgreSQL and Redis in the chart: tenants work across replicas.
-    assert "no PostgreSQL" not in text and "no Redis" not in text
-    bare = notes({"postgresql": {"deploy": False}, "redis": {"deploy": False}})
+    # In-chart PostgreSQL and Redis: tenants work across replicas; the database is not HA.
+    assert "no PostgreSQL" not in text and "no Redis" not in text and "not HA" in text
+    bare = notes({"postgresql": {"enabled": False}, "redis": {"enabled": False}})
     assert "no PostgreSQL is configured" in bare and "no Redis is configured" in bare
     external = notes(values_of(CHART / "ci" / "external-datastores-values.yaml"))
     assert "no PostgreSQL" not in external and "no Redis" not in external

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tests.chart.raycluster_validator import check_manifests, check_raycluster, main
-from tests.chart.test_chart import render_text
+from tests.chart.test_chart import TRIAL, render_text
 
 GOOD = yaml.safe_load("""
 apiVersion: ray.io/v1
@@ -90,10 +90,11 @@ def test_a_null_the_api_server_prunes_is_a_warning_not_an_error():
 
 def test_the_chart_with_a_typo_its_values_schema_lets_through_fails():
     # securityContext is passed through to every container, the RayCluster's included.
-    ((where, verdict),) = check_manifests(render_text({"securityContext": {"runAsNonRot": True}}))
+    typo = {**TRIAL, "securityContext": {"runAsNonRot": True}}
+    ((where, verdict),) = check_manifests(render_text(typo))
     assert where.endswith("RayCluster/es-electron-serve")
     assert any("'runAsNonRot' was unexpected" in e for e in verdict.errors), verdict.errors
-    ((_, verdict),) = check_manifests(render_text({}))
+    ((_, verdict),) = check_manifests(render_text(TRIAL))
     assert verdict.errors == []
 
 

@@ -52,7 +52,7 @@ def service():
             if proc.poll() is not None:
                 raise RuntimeError(f"electron-serve up exited: {log_path.read_text()[-3000:]}")
             try:
-                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+                if httpx.get(f"{base}/ready?workers=1", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass

@@ -98,7 +98,7 @@ async def router(worker, config) -> AsyncIterator[Router]:
     served = await serve_router(app)
     r = Router(app, served.server, served.task, served.base, tracing)
     async with httpx.AsyncClient(base_url=r.base, timeout=60) as http:
-        while not (await http.get("/ready")).is_success:
+        while not (await http.get("/ready?workers=1")).is_success:
             await asyncio.sleep(0.05)
     yield r
     await stop_router(served)

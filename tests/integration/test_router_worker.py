@@ -374,6 +374,62 @@ async def test_worker_failing_before_the_first_token_is_retried_on_another(
         await bad_server.stop(None)
 
 
+async def test_a_request_that_cannot_be_sampled_fails_alone_unretried_and_uncounted(
+        engine, worker, caplog):
+    # Issue 13, finding 3: one tenant's row that cannot be sampled (NaN logits here, as
+    # temperature 1e-40 made them) fails that request alone, as a 400; the request beside it
+    # in the batch goes on; the router neither retries it elsewhere nor counts it against
+    # the worker's circuit breaker.
+    poison = 131_313
+    real = engine.engine.sampler
+
+    def poisoned(logits, requests):
+        for i, r in enumerate(requests):
+            if r.sampling.seed == poison:
+                logits[i, 42] = float("nan")
+        return real(logits, requests)
+
+    other_server, other = await start_worker(engine, "w1")
+    router = await start_router([worker, other], policy="round_robin")
+    breaker_failures: list[str] = []
+    router.pool.breaker.failed = breaker_failures.append
+    engine.engine.sampler = poisoned
+    try:
+        async with httpx.AsyncClient(base_url=router.base, timeout=60) as client:
+            with caplog.at_level(logging.WARNING, logger="router.chat.service"):
+                bad, good, tiny_t, greedy = await asyncio.gather(
+                    client.post("/v1/chat/completions",
+                                json=chat("Hi", seed=poison, temperature=0.7)),
+                    client.post("/v1/chat/completions",
+                                json=chat("Count to ten.", max_tokens=24, stream=True)),
+                    client.post("/v1/chat/completions",
+                                json=chat("Name a colour.", temperature=1e-40)),
+                    client.post("/v1/chat/completions",
+                                json=chat("Name a colour.", temperature=0)))
+                streamed_bad = await client.post(
+                    "/v1/chat/completions", json=chat("Hi", seed=poison, temperature=0.7,
+                                                      stream=True))
+        for response in (bad, streamed_bad):
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["type"] == "invalid_request_error"
+            assert "could not be sampled" in error["message"]
+        assert good.status_code == 200
+        chunks = stream_chunks(good.text)
+        assert not any("error" in c for c in chunks)
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert tiny_t.status_code == greedy.status_code == 200
+        assert (tiny_t.json()["choices"][0]["message"]["content"]
+                == greedy.json()["choices"][0]["message"]["content"])
+        assert not any("retrying on another worker" in m for m in caplog.messages)
+        assert breaker_failures == []
+    finally:
+        engine.engine.sampler = real
+        await stop_router(router)
+        await other_server.stop(None)
+    await wait_until(lambda: engine_idle(engine), 10)
+
+
 async def test_only_worker_failing_is_503_worker_unavailable(engine):
     failing = FailGenerate()
     bad_server, bad = await start_worker(engine, "w-bad", interceptors=[failing])

@@ -8,6 +8,7 @@ Each run uses its own Redis key prefix and PostgreSQL schema and removes them af
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from collections.abc import AsyncIterator
@@ -28,7 +29,7 @@ from router.api.app import create_app
 from router.tenancy.ledger import Prices
 from router.tenancy.limits import RedisLimiter
 from router.tenancy.store import Plan, Principal
-from tests.support.faults import GateGenerate
+from tests.support.faults import GateGenerate, HangGenerate
 from tests.support.serving import Router, serve_router, stop_router
 from tests.support.tenancy import (
     REDIS_URL,
@@ -49,6 +50,9 @@ ADMIN = "sk-admin-test"
 PRICES = Prices(Decimal("0.40"), Decimal("0.10"), Decimal("1.60"))
 # A low-priority plan with room for a flood from one tenant.
 BULK = {"rpm": 10_000, "concurrency": 100, "priority": 0, "shed_queue_per_worker": 1000}
+# Tokens per minute that fit one request of 150 tokens in flight, not two.
+METERED = {"rpm": 100, "concurrency": 10, "tpm": 300, "priority": 0,
+           "shed_queue_per_worker": 1000}
 
 
 # -- fixtures ---------------------------------------------------------------------------------------
@@ -109,7 +113,7 @@ def tenancy_config(tiny_dir, database_url: str | None, redis_prefix: str, **tena
         "auth": {"admin_key": ADMIN, "key_cache_ttl_s": 60},
         "tenancy": local_tenancy(redis_url=REDIS_URL, redis_prefix=redis_prefix,
                                  database_url=database_url, ledger_flush_s=0.1,
-                                 plans={"bulk": BULK}, **tenancy)})
+                                 plans={"bulk": BULK, "metered": METERED}, **tenancy)})
 
 
 async def start(tiny_dir, endpoints, database_url, redis_prefix, **tenancy) -> Router:
@@ -306,6 +310,28 @@ async def test_tokens_per_minute_hold_across_replicas(redis_prefix):
         await b.stop()
 
 
+async def test_n_takes_one_slot_per_sequence_over_replicas(redis_prefix):
+    plan = Plan("standard", rpm=100, concurrency=3, tpm=None, priority=0, max_context=None,
+                shed_queue_per_worker=8)
+    who = Principal("n-test", "k1", plan, "s", None)
+    lease_s = TenancyConfig().slot_lease_s
+    a = RedisLimiter(REDIS_URL, prefix=redis_prefix, slot_lease_s=lease_s)
+    b = RedisLimiter(REDIS_URL, prefix=redis_prefix, slot_lease_s=lease_s)
+    try:
+        pair = await a.admit(who, sequences=2)
+        assert await a.slots_in_use("n-test") == 2
+        with pytest.raises(RateLimited) as busy:
+            await b.admit(who, sequences=2)
+        assert busy.value.code == "concurrency_limit_exceeded"
+        single = await b.admit(who)
+        pair.release()
+        await a.stop()  # waits for the release to land: both of its entries go
+        assert await b.slots_in_use("n-test") == 1
+        single.release()
+    finally:
+        await b.stop()
+
+
 async def test_revoked_key_gets_401_at_once_on_every_replica(clients):
     ca, cb = clients
     _, key, key_id = await new_tenant(ca, "standard")
@@ -495,10 +521,14 @@ async def test_ledger_totals_equal_the_usage_clients_saw(clients, gate):
     # One tenant can never read another's; the admin key reads every tenant.
     refused = await ca.get("/v1/usage", headers=auth(key), params={"tenant_id": other_id})
     assert refused.status_code == 403
+    # The other tenant's row reaches the database within a flush interval of its request.
+    async def other_billed() -> bool:
+        theirs = (await ca.get("/v1/usage", headers=auth(other_key))).json()
+        return theirs["totals"]["requests"] == 1
+
+    await wait_until(other_billed)
     everyone = (await ca.get("/v1/usage", headers=auth(ADMIN))).json()
     assert {tenant_id, other_id} <= {r["tenant_id"] for r in everyone["data"]}
-    theirs = (await ca.get("/v1/usage", headers=auth(other_key))).json()
-    assert theirs["totals"]["requests"] == 1
 
 
 async def test_stopping_postgresql_during_a_load_run_loses_no_row(tiny_dir, worker,
@@ -533,3 +563,154 @@ async def test_stopping_postgresql_during_a_load_run_loses_no_row(tiny_dir, work
     billed = {r for (r,) in rows}
     assert len(ids) == 24 and len(billed) == 24
     assert not (tmp_path / "spool.jsonl").exists()
+
+
+# -- billing identity, poisoning and gaps (issue 13) ------------------------------------------------
+
+async def usage_rows(client: httpx.AsyncClient, key: str, count: int) -> list[dict[str, Any]]:
+    """The tenant's rows, once ``count`` of them reached the database."""
+    async def arrived() -> bool:
+        usage = (await client.get("/v1/usage", headers=auth(key))).json()
+        return usage["totals"]["requests"] >= count
+
+    await wait_until(arrived)
+    return (await client.get("/v1/usage", headers=auth(key))).json()["data"]
+
+
+async def test_requests_repeating_one_x_request_id_are_each_billed(clients):
+    ca, cb = clients
+    _, key, _ = await new_tenant(ca, "enterprise")
+    headers = {**auth(key), "X-Request-Id": "my-fixed-id"}
+    for client in (ca, cb, ca):
+        response = await client.post("/v1/chat/completions", headers=headers,
+                                     json=chat(max_tokens=2))
+        assert response.status_code == 200, response.text
+        assert response.headers["x-request-id"] == "my-fixed-id"  # echoed as before
+    rows = await usage_rows(ca, key, 3)
+    assert len(rows) == 3 and len({r["request_id"] for r in rows}) == 3
+    assert {r["client_request_id"] for r in rows} == {"my-fixed-id"}
+    assert all(r["request_id"].startswith("req_") for r in rows)
+
+
+async def test_an_unknown_model_is_refused_before_admission_and_bills_nothing(clients):
+    ca, _ = clients
+    _, key, _ = await new_tenant(ca, "standard")
+    for model, stream in (("electron\u0000", False), ("x" * 200_000, True), ("gpt-4o", False)):
+        response = await ca.post("/v1/chat/completions", headers=auth(key),
+                                 json={**chat(stream=stream), "model": model})
+        assert response.status_code == 404, response.text
+        error = response.json()["error"]
+        assert (error["code"], error["param"], error["type"]) == (
+            "model_not_found", "model", "invalid_request_error")
+        assert len(error["message"]) < 1000
+        assert "x-ratelimit-remaining-requests" not in response.headers  # never admitted
+    ok = await ca.post("/v1/chat/completions", headers=auth(key), json=chat(max_tokens=1))
+    assert ok.status_code == 200, ok.text
+    # Today the refused requests were admitted and billed as errors with the client's model
+    # text; the NUL byte made PostgreSQL refuse the whole batch, this row with it.
+    rows = await usage_rows(ca, key, 1)
+    assert [(r["model"], r["status"]) for r in rows] == [(MODEL, "ok")]
+    assert ok.headers["x-ratelimit-remaining-requests"] == "9"  # the 404s took no RPM entry
+
+
+async def test_a_token_budget_is_reserved_at_admission_and_settled_at_the_end(clients, replicas,
+                                                                               gate):
+    ca, cb = clients
+    tenant_id, key, _ = await new_tenant(ca, "metered")
+    if time.time() % 60 > 50:  # the two requests must fall in one calendar minute
+        await asyncio.sleep(61 - time.time() % 60)
+    gate.gate.clear()
+    try:
+        response, lines, _ = await open_stream(ca, key, max_tokens=150)
+        # The first stream has reserved its prompt + 150 of the minute's 300 tokens.
+        refused = await cb.post("/v1/chat/completions", headers=auth(key),
+                                json=chat(max_tokens=150))
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert "TPM" in refused.json()["error"]["message"]
+        assert refused.headers["x-ratelimit-limit-tokens"] == "300"
+    finally:
+        gate.gate.set()
+    await drain(lines)
+    await response.aclose()
+    await wait_until(lambda: slots_free(replicas[0], tenant_id))
+    # Settled to the tokens used: what is left of the minute fits a smaller request.
+    rows = await usage_rows(ca, key, 2)
+    streamed = next(r for r in rows if r["status"] == "ok")
+    used = streamed["prompt_tokens"] + streamed["completion_tokens"]
+    redis = limiter(replicas[0])._redis
+    counted = int(await redis.get(limiter(replicas[0])._tpm_key(tenant_id, time.time())) or 0)
+    assert counted == used
+    room = 300 - used - streamed["prompt_tokens"]  # the same prompt, and what is left
+    if room > 0:
+        fits = await cb.post("/v1/chat/completions", headers=auth(key),
+                             json=chat(max_tokens=room))
+        assert fits.status_code == 200, fits.text
+
+
+async def test_a_client_gone_before_the_first_token_pays_for_the_prompt_sent(
+        tiny_dir, engine, database_url, redis_prefix):
+    hang = HangGenerate()  # the worker takes the prompt and never answers
+    server, endpoint = await serve(engine, "hanging", hang)
+    router = await start(tiny_dir, [endpoint], database_url, redis_prefix)
+    try:
+        async with httpx.AsyncClient(base_url=router.base, timeout=60) as client:
+            _, key, _ = await new_tenant(client, "enterprise")
+            prompt = "A long prompt the worker has to prefill. " * 20
+            sent = asyncio.create_task(client.post(
+                "/v1/chat/completions", headers=auth(key), json=chat(prompt, stream=True)))
+
+            async def dispatched() -> bool:
+                return hang.calls == 1
+
+            await wait_until(dispatched)
+            sent.cancel()  # the client leaves before the first token
+            await asyncio.gather(sent, return_exceptions=True)
+            rows = await usage_rows(client, key, 1)
+    finally:
+        await stop_router(router)
+        await server.stop(None)
+    assert len(rows) == 1 and rows[0]["status"] == "disconnected"
+    assert rows[0]["prompt_tokens"] > 100 and rows[0]["completion_tokens"] == 0
+    assert Decimal(rows[0]["cost"]) == PRICES.cost(rows[0]["prompt_tokens"], 0, 0)
+
+
+async def test_usage_pages_over_http(clients):
+    ca, _ = clients
+    _, key, _ = await new_tenant(ca, "enterprise")
+    for _ in range(3):
+        assert (await ca.post("/v1/chat/completions", headers=auth(key),
+                              json=chat(max_tokens=1))).status_code == 200
+    await usage_rows(ca, key, 3)
+    first = (await ca.get("/v1/usage", headers=auth(key), params={"limit": 2})).json()
+    assert len(first["data"]) == 2 and first["has_more"] and first["totals"]["requests"] == 3
+    rest = (await ca.get("/v1/usage", headers=auth(key),
+                         params={"limit": 2, "cursor": first["next_cursor"]})).json()
+    assert len(rest["data"]) == 1 and not rest["has_more"] and rest["next_cursor"] is None
+    assert {r["request_id"] for r in first["data"] + rest["data"]} == {
+        r["request_id"] for r in (await usage_rows(ca, key, 3))}
+    nul_cursor = base64.urlsafe_b64encode(b'[1.0, "req_\\u0000"]').decode()
+    for params in ({"limit": "0"}, {"limit": "many"}, {"limit": "5000"},
+                   {"cursor": "%%%"}, {"cursor": "W10"}, {"cursor": nul_cursor},
+                   {"start": "nan"}, {"end": "inf"}, {"tenant_id": "a\x00b"}):
+        bad = await ca.get("/v1/usage", headers=auth(key), params=params)
+        assert bad.status_code == 400, (params, bad.text)
+        assert bad.json()["error"]["param"] == next(iter(params))
+
+
+async def test_the_limits_come_before_the_expensive_checks(clients):
+    """A tenant over its limits costs the router a JSON decode and two fields: its request
+    is refused by the limits, not validated (a schema the metaschema refuses is never read)."""
+    ca, _ = clients
+    _, key, _ = await new_tenant(ca, "standard")
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "no-such-type"}}}}}
+    first = await ca.post("/v1/chat/completions", headers=auth(key),
+                          json=chat(response_format=bad_schema))
+    assert first.status_code == 400
+    assert first.json()["error"]["param"] == "response_format.json_schema.schema"
+    for _ in range(9):  # the standard plan's 10 requests per minute, 400s included
+        await ca.post("/v1/chat/completions", headers=auth(key), json={"model": MODEL})
+    over = await ca.post("/v1/chat/completions", headers=auth(key),
+                         json=chat(response_format=bad_schema))
+    assert_429(over, "rate_limit_exceeded", 10)

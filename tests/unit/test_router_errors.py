@@ -19,6 +19,7 @@ from core.tokenizer import Tokenizer
 from router.api.app import create_app
 from router.openai.errors import GENERIC_500
 from tests.support.openai_schema import validate
+from tests.support.serving import serve_router, stop_router
 from tests.support.tenancy import local_tenancy
 
 KEY = "sk-test-key"
@@ -165,12 +166,16 @@ async def test_known_key_passes_and_health_needs_none(auth_app):
         models = await c.get("/v1/models", headers={"Authorization": "Bearer sk-other"})
         health = await c.get("/health")
         ready = await c.get("/ready")
+        ready_workers = await c.get("/ready?workers=1")
     error_of(served, 503, "server_error", "no_workers")
     assert models.status_code == 200
     validate(models.json(), "ListModelsResponse")
     assert [m["id"] for m in models.json()["data"]] == ["electron"]
     assert health.status_code == 200
-    error_of(ready, 503, "server_error", "no_workers")
+    # Ready for the Service with no worker (the API answers 503 itself); ?workers=1 is not.
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "workers": 0}
+    error_of(ready_workers, 503, "server_error", "no_workers")
+    assert int(ready_workers.headers["retry-after"]) >= 1
 
 
 # -- 503 / 500 -------------------------------------------------------------------------------------
@@ -195,6 +200,28 @@ async def test_unexpected_exception_is_generic_500_without_traceback(tokenizer):
     assert error["message"] == GENERIC_500
     assert "secret" not in response.text and "Traceback" not in response.text
     assert response.headers["x-request-id"] == "trace-me-500"
+
+
+async def test_a_500_tells_a_keep_alive_client_to_close_and_the_next_request_is_served(
+        tokenizer):
+    # Starlette re-raises after the 500 is sent and uvicorn then drops the connection: without
+    # "Connection: close" a client reuses it and its next request is reset (issue 13).
+    app = make_app(tokenizer)
+
+    async def broken(request: Request) -> None:
+        raise RuntimeError("boom")
+
+    app.add_api_route("/v1/broken", broken, methods=["GET"])
+    router = await serve_router(app)
+    try:
+        async with httpx.AsyncClient(base_url=router.base) as c:
+            for _ in range(3):
+                response = await c.get("/v1/broken")
+                assert response.status_code == 500
+                assert response.headers["connection"] == "close"
+                assert (await c.get("/health")).status_code == 200
+    finally:
+        await stop_router(router)
 
 
 # -- X-Request-Id -----------------------------------------------------------------------------------
@@ -224,3 +251,20 @@ async def test_request_id_is_made_when_absent_or_unusable(app):
 def test_validation_error_handler_is_registered_for_fastapi_errors(app):
     # Without it FastAPI would answer 422 for a RequestValidationError.
     assert RequestValidationError in app.exception_handlers
+
+
+async def test_a_large_body_is_validated_within_its_time_budget(tokenizer):
+    """Bodies past 16 KiB are validated on a thread under router.validation_timeout_s: one
+    that cannot finish in time is a 400, and the event loop never waited for it."""
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "string", "description":
+                                                          "x" * 40} for i in range(400)}}
+    body = {**BODY, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "big", "schema": schema}}}
+    slow = make_app(tokenizer, router={"validation_timeout_s": 1e-6})
+    async with client(slow) as c:
+        response = await c.post("/v1/chat/completions", json=body)
+    error_of(response, 400, "invalid_request_error", None)
+    assert "took more than" in response.json()["error"]["message"]
+    async with client(make_app(tokenizer)) as c:  # in time: valid, then no worker (503)
+        error_of(await c.post("/v1/chat/completions", json=body), 503, "server_error",
+                 "no_workers")

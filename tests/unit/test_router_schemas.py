@@ -12,13 +12,13 @@ from typing import Any
 import httpx
 import pytest
 
-from core.config import load_config
+from core.config import RouterConfig, load_config
 from core.endpoints import StaticWorkerSource
 from core.errors import ContextLengthExceeded, InvalidRequest
 from core.model_files import resolve_model_path
 from core.tokenizer import Tokenizer
 from router.api.app import create_app
-from router.chat.wire import completion_budget, to_generate_request
+from router.chat.wire import check_buffered_size, completion_budget, to_generate_request
 from router.openai.schemas import ChatCompletionRequest, parse_chat_request
 from tests.support.openai_schema import validate
 from tests.support.tenancy import local_tenancy
@@ -167,8 +167,38 @@ async def test_unknown_model_is_404_model_not_found(app):
         "$ref": "https://example.com/schema.json"}}}},
      "response_format.json_schema.schema", "only local references"),
     ({"min_tokens": 5, "max_tokens": 2}, "min_tokens", "must not exceed"),
-    ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "greater than or equal to 0.1"),
+    ({"repetition_penalty": 1e-40}, "repetition_penalty", "greater than or equal to 0.1"),
     ({"model": 3}, "model", "valid string"),
+    # Unbounded fields (issue 13, finding 5): each a 400 naming the field, never a 500.
+    ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias", "at most 300"),
+    ({"logit_bias": {"\u00b2": 1}}, "logit_bias", "not a token id"),
+    ({"logit_bias": {str(2**40): 1}}, "logit_bias", "not a token id"),
+    ({"stop": ["x" * 257]}, "stop", "at most 256 characters"),
+    ({"stop_token_ids": list(range(65))}, "stop_token_ids", "at most 64"),
+    ({"stop_token_ids": [2**40]}, "stop_token_ids", "token ids"),
+    ({"top_k": 2**32}, "top_k", "less than or equal to 2147483647"),
+    ({"seed": 2**70}, "seed", ""),
+    ({"max_tokens": 2**63}, "max_tokens", ""),
+    ({"max_completion_tokens": 1e30}, "max_completion_tokens", ""),
+    ({"min_tokens": 2**63}, "min_tokens", ""),
+    ({"messages": [USER, {"role": "assistant", "content": None, "tool_calls": [{
+        "id": "c", "type": "function",
+        "function": {"name": "f", "arguments": "[" * 5000 + "]" * 5000}}]}]},
+     "messages[1].tool_calls[0].function.arguments", "at most 64 levels"),
+    ({"messages": [USER, {"role": "assistant", "content": None, "tool_calls": [{
+        "id": "c", "type": "function",
+        "function": {"name": "f", "arguments": '{"a": ' * 100 + "1" + "}" * 100}}]}]},
+     "messages[1].tool_calls[0].function.arguments", "at most 64 levels"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+        "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}},
+        "$ref": "#/$defs/a"}}}},
+     "response_format.json_schema.schema", "leads back to itself"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+        "$ref": "#"}}}}, "response_format.json_schema.schema", "leads back to itself"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "anyOf": [{"$ref": "#"}]}}}]},
+     "tools[0].function.parameters", "leads back to itself"),
 ])
 async def test_field_out_of_range_is_400_naming_the_field(app, fields, param, says):
     assert_invalid(await post(app, chat(**fields)), param, says=says)
@@ -199,6 +229,18 @@ async def test_body_that_is_not_an_object_is_400(app):
 
 @pytest.mark.parametrize("fields", [
     {"temperature": 0, "top_p": 0, "n": 16, "stop": "\n", "seed": -5},
+    {"temperature": 1e-40, "repetition_penalty": 0.1},  # greedy; the lowest penalty
+    {"logit_bias": {str(i): -1 for i in range(300)}, "stop": ["x" * 256] * 4,
+     "stop_token_ids": list(range(64)), "top_k": 2**31 - 1},
+    {"messages": [USER, {"role": "assistant", "content": None, "tool_calls": [{
+        "id": "c", "type": "function", "function": {
+            "name": "f", "arguments": '{"a": ' * 63 + "1" + "}" * 63}}]}]},
+    {"messages": [USER, {"role": "assistant", "content": None, "tool_calls": [{
+        "id": "c", "type": "function", "function": {"name": "f", "arguments": "[[[ not JSON"}}]}]},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "tree", "schema": {
+        "$defs": {"node": {"type": "object", "properties": {
+            "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}},
+        "$ref": "#/$defs/node"}}}},
     {"logprobs": True, "top_logprobs": 0, "logit_bias": {"42": -100, "7": 100}},
     {"max_tokens": 5, "max_completion_tokens": 7, "presence_penalty": -2,
      "frequency_penalty": 2},
@@ -302,6 +344,15 @@ def test_wire_request_maps_edge_values():
     assert s.logprobs and s.top_logprobs == 4 and msg.cache_salt == "tenant"
 
 
+def test_the_largest_accepted_values_fit_the_wire():
+    # The proto's uint32 top_k and token ids, uint64 seed: nothing accepted overflows them.
+    msg = to_generate_request(
+        request(top_k=2**31 - 1, seed=2**63 - 1, stop_token_ids=[2**31 - 1],
+                logit_bias={str(2**31 - 1): 100}),
+        request_id="r", prompt_token_ids=[1], max_tokens=4, model="electron")
+    assert msg.sampling.top_k == 2**31 - 1 and msg.sampling.seed == 2**63 - 1
+
+
 def test_unset_max_tokens_is_clamped_to_the_room_left():
     assert completion_budget(request(), 100, 128) == 28
 
@@ -324,3 +375,33 @@ def test_min_tokens_beyond_the_clamped_budget_is_rejected():
     with pytest.raises(InvalidRequest) as info:
         completion_budget(request(min_tokens=50), 100, 128)
     assert info.value.param == "min_tokens"
+
+
+def test_a_response_built_whole_is_bounded_before_any_work():
+    limit = RouterConfig().max_buffered_tokens
+    # n=16 x 20 top logprobs x a whole 8k context: ~2.8 M entries, refused naming the field.
+    req = request(n=16, logprobs=True, top_logprobs=20, max_tokens=8000)
+    with pytest.raises(InvalidRequest) as info:
+        check_buffered_size(req, 8000, limit)
+    assert info.value.param == "max_tokens" and "at most" in info.value.message
+    # Unset max_tokens (the budget is the room left): n is what to lower.
+    with pytest.raises(InvalidRequest) as info:
+        check_buffered_size(request(n=16, logprobs=True, top_logprobs=20), 8000, limit)
+    assert info.value.param == "n"
+    # An ordinary request, and the same one asking for what fits, pass.
+    check_buffered_size(request(max_tokens=8000), 8000, limit)
+    most = limit // (16 * 21)
+    check_buffered_size(request(n=16, logprobs=True, top_logprobs=20, max_tokens=most), most,
+                        limit)
+
+
+def test_a_schema_with_too_many_values_is_refused_before_the_metaschema_check():
+    huge_enum = {"type": "json_schema", "json_schema": {"name": "e", "schema": {
+        "enum": list(range(5000))}}}
+    with pytest.raises(InvalidRequest) as refused:
+        request(response_format=huge_enum)
+    assert refused.value.param == "response_format.json_schema.schema"
+    assert "values" in refused.value.message
+    fits = {"type": "json_schema", "json_schema": {"name": "e", "schema": {
+        "enum": list(range(1000))}}}
+    request(response_format=fits)

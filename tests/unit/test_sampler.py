@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from core.errors import InvalidRequest
 from router.chat.wire import to_generate_request
 from router.openai.schemas import parse_chat_request
 from workers import wire
@@ -180,12 +181,97 @@ def test_logits_mask_that_allows_one_token_forces_it_and_is_not_accepted_by_the_
     assert all(m.accepted == [] for m in masks)  # the engine accepts, after the step
 
 
-def test_a_mask_that_allows_nothing_is_an_error_naming_the_request():
+class Broken:
+    """A grammar whose mask raises."""
+
+    def apply(self, logits: torch.Tensor) -> None:
+        raise RuntimeError("matcher exploded")
+
+
+@pytest.mark.parametrize("mask, why", [(AllowOnly(None), "allows no token"),
+                                       (Broken(), "matcher exploded")])
+def test_a_mask_that_fails_fails_only_its_own_row(mask, why):
     sampler = Sampler(VOCAB, (EOS,))
-    req = make_request(temperature=1.0)
-    req.logits_mask = AllowOnly(None)
-    with pytest.raises(ValueError, match=req.request_id):
-        sampler(random_logits(1), [req])
+    reqs = [make_request(temperature=0.0), make_request(temperature=1.0, seed=4),
+            make_request(temperature=1.0, seed=5)]
+    reqs[1].logits_mask = mask
+    logits = random_logits(3)
+    alone = [sample_one(Sampler(VOCAB, (EOS,)), logits[i], reqs[i]) for i in (0, 2)]
+    reqs[2].generator = None  # the same draw again
+    out = sampler(logits.clone(), reqs)
+    assert set(out.failed) == {1} and why in out.failed[1]
+    assert [out.token_ids[0], out.token_ids[2]] == alone
+
+
+# -- one row cannot fail the batch (issue 13, finding 3) ----------------------------------------
+
+BAD_ROWS = {"nan": float("nan"), "+inf": float("inf"), "-inf everywhere": float("-inf")}
+
+
+@pytest.mark.parametrize("bad", list(BAD_ROWS))
+@pytest.mark.parametrize("logprobs", [False, True])
+def test_a_row_that_cannot_be_sampled_fails_alone_and_the_others_sample_as_alone(bad, logprobs):
+    configs = [dict(temperature=0.0), dict(temperature=0.8, seed=1),
+               dict(temperature=0.8, seed=2, top_p=0.9), dict(temperature=0.8, seed=3, top_k=20),
+               dict(temperature=0.0, logit_bias={7: 5.0})]
+    logits = random_logits(len(configs) + 1)
+    if bad == "-inf everywhere":
+        logits[2].fill_(float("-inf"))
+    else:
+        logits[2, 100] = BAD_ROWS[bad]
+    good = [0, 1, 3, 4, 5]
+    extra = dict(logprobs=True, top_logprobs=2) if logprobs else {}
+    alone = [sample_one(Sampler(VOCAB, (EOS,)), logits[i], make_request(**configs[j], **extra))
+             for j, i in enumerate(good)]
+    reqs = [make_request(**c, **extra) for c in configs]
+    reqs.insert(2, make_request(temperature=0.8, seed=9, **extra))
+    out = Sampler(VOCAB, (EOS,))(logits.clone(), reqs)
+    assert list(out.failed) == [2] and "not finite" in out.failed[2]
+    assert [out.token_ids[i] for i in good] == alone
+    if logprobs:
+        assert out.logprobs[2] is None
+        assert all(math.isfinite(out.logprobs[i].chosen_logprob) for i in good)
+
+
+def test_a_non_finite_row_in_a_plain_greedy_batch_fails_alone():
+    logits = random_logits(3)
+    logits[1, 5] = float("nan")
+    reqs = [make_request(temperature=0.0) for _ in range(3)]
+    out = Sampler(VOCAB, (EOS,))(logits.clone(), reqs)
+    assert list(out.failed) == [1]
+    assert [out.token_ids[0], out.token_ids[2]] == [int(logits[0].argmax()),
+                                                    int(logits[2].argmax())]
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 5e-6])
+def test_a_temperature_below_the_epsilon_is_greedy_not_inf(temperature):
+    params = SamplingParams(temperature=temperature, seed=1)
+    assert params.greedy
+    logits = random_logits(2)
+    reqs = [make_request(temperature=temperature), make_request(temperature=0.8, seed=3)]
+    out = Sampler(VOCAB, (EOS,))(logits.clone(), reqs)
+    assert not out.failed and out.token_ids[0] == int(logits[0].argmax())
+    assert not SamplingParams(temperature=1e-5).greedy
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"logit_bias": {i: 1.0 for i in range(301)}}, "logit_bias"),
+    ({"stop": ("x" * 257,)}, "stop"),
+    ({"stop_token_ids": tuple(range(65))}, "stop_token_ids"),
+])
+def test_the_router_s_field_bounds_hold_for_any_sender_of_the_wire(kwargs, param):
+    with pytest.raises(InvalidRequest) as info:
+        SamplingParams(**kwargs)
+    assert info.value.param == param
+
+
+@pytest.mark.parametrize("penalty", [1e-40, 0.05, 2.5])
+def test_repetition_penalty_outside_its_bounds_is_refused(penalty):
+    with pytest.raises(InvalidRequest) as info:
+        SamplingParams(repetition_penalty=penalty)
+    assert info.value.param == "repetition_penalty"
+    SamplingParams(repetition_penalty=0.1)
+    SamplingParams(repetition_penalty=2.0)
 
 
 # -- min_tokens ------------------------------------------------------------------------------

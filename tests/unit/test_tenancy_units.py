@@ -3,13 +3,15 @@ SQLite, the ledger's batching on SQLite."""
 
 from __future__ import annotations
 
+import json
 import time
 from decimal import Decimal
 
 import pytest
 
-from core.config import TenancyConfig
-from core.errors import AuthenticationFailed, RateLimited
+from core.config import TenancyConfig, load_config
+from core.errors import AuthenticationFailed, InvalidRequest, RateLimited
+from router.tenancy.admission import Tenancy
 from router.tenancy.ledger import Ledger, Prices, UsageRow, money
 from router.tenancy.limits import InProcessLimiter, duration
 from router.tenancy.sqldb import Database
@@ -30,6 +32,33 @@ def test_cached_prompt_tokens_cost_a_quarter_in_exact_decimals():
 
 def test_reset_durations_use_openais_format():
     assert [duration(s) for s in (0.02, 6, 90, 59.5)] == ["20ms", "6s", "1m30s", "59.5s"]
+
+
+async def test_each_sequence_of_n_takes_a_slot_of_the_plans_concurrency():
+    limiter = InProcessLimiter()
+    who = Principal("acme", "key_1", STANDARD, "tenant:acme", None)
+    pair = await limiter.admit(who, sequences=2)
+    assert limiter.in_flight("acme") == 2
+    with pytest.raises(RateLimited) as busy:
+        await limiter.admit(who, sequences=2)  # 2 + 2 > 3
+    assert busy.value.code == "concurrency_limit_exceeded"
+    single = await limiter.admit(who)
+    pair.release()
+    assert limiter.in_flight("acme") == 1
+    (await limiter.admit(who, sequences=2)).release()
+    single.release()
+    assert limiter.in_flight("acme") == 0
+
+
+async def test_an_n_beyond_the_plans_concurrency_is_400_naming_n(tmp_path):
+    config = load_config(env={}, overrides={"tenancy": {
+        "sqlite_path": str(tmp_path / "t.db"), "spool_path": str(tmp_path / "spool")}})
+    tenancy = Tenancy(config, pool=None)
+    who = Principal("acme", "key_1", STANDARD, "tenant:acme", None)
+    with pytest.raises(InvalidRequest) as refused:
+        await tenancy.admit(who, "electron", "req_1", sequences=4)
+    assert refused.value.param == "n"
+    assert tenancy.limiter.in_flight("acme") == 0
 
 
 async def test_in_process_limiter_refuses_the_11th_request_and_the_4th_concurrent():
@@ -109,3 +138,85 @@ async def test_tokens_per_minute_refuse_once_the_minutes_tokens_are_spent():
     assert over.value.code == "rate_limit_exceeded" and "TPM" in over.value.message
     assert over.value.headers["x-ratelimit-limit-tokens"] == "1000"
     assert 0 < over.value.retry_after <= 60
+
+
+async def test_in_process_tokens_per_minute_are_reserved_then_settled():
+    limiter = InProcessLimiter()
+    plan = Plan("metered", rpm=100, concurrency=5, tpm=1000, priority=0, max_context=None,
+                shed_queue_per_worker=8)
+    who = Principal("acme", "key_1", plan, "tenant:acme", None)
+    first = await limiter.admit(who)
+    await first.reserve(800)  # a request's budget, before its work starts
+    second = await limiter.admit(who)  # under the limit: admitted ...
+    with pytest.raises(RateLimited) as over:
+        await second.reserve(300)  # ... but its budget does not fit what is left
+    assert "TPM" in over.value.message
+    assert over.value.headers["x-ratelimit-limit-tokens"] == "1000"
+    second.release(0)
+    first.release(tokens=120)  # settled: the 680 tokens it did not use come back
+    third = await limiter.admit(who)
+    await third.reserve(880)  # 120 + 880: the minute is full
+    with pytest.raises(RateLimited):
+        await limiter.admit(who)
+    third.release(tokens=0)  # it used nothing (e.g. refused by the worker)
+    # A budget over a minute's tokens needs the whole minute (120 are used already).
+    huge = await limiter.admit(who)
+    with pytest.raises(RateLimited):
+        await huge.reserve(5000)
+    huge.release()
+    assert limiter.in_flight("acme") == 0
+
+
+class _RefusingDb:
+    """Refuses any batch of several rows and the row ``req_bad``; unavailable for
+    ``req_down`` while ``down``."""
+
+    def __init__(self) -> None:
+        self.written: list[str] = []
+        self.down = True
+
+    def transaction(self, work) -> None:
+        from router.tenancy.sqldb import DatabaseUnavailable
+
+        rows = work[0][1]
+        if len(rows) > 1:
+            raise ValueError("a row of this batch cannot be stored")
+        request_id = rows[0][0]
+        if request_id == "req_bad":
+            raise ValueError("this row cannot be stored")
+        if request_id == "req_down" and self.down:
+            raise DatabaseUnavailable("gone")
+        self.written.append(request_id)
+
+
+async def test_a_replay_cut_by_an_outage_keeps_only_the_rows_left(tmp_path):
+    spool = tmp_path / "spool.jsonl"
+    now = time.time()
+    rows = [UsageRow(i, "acme", "key_1", "electron", 1, 0, 1, PRICES.cost(1, 0, 1), "ok",
+                     now, now) for i in ("req_1", "req_bad", "req_down", "req_3")]
+    spool.write_text("".join(json.dumps(r.as_dict()) + "\n" for r in rows))
+    db = _RefusingDb()
+    ledger = Ledger(db, spool, flush_s=60, batch=1000)  # type: ignore[arg-type]
+    await ledger.start()
+    assert db.written == ["req_1"] and ledger.quarantined == 1
+    assert [json.loads(line)["request_id"] for line in spool.read_text().splitlines()] == [
+        "req_down", "req_3"]
+    db.down = False
+    await ledger.stop()  # the last flush replays what is left
+    assert db.written == ["req_1", "req_down", "req_3"] and ledger.quarantined == 1
+    assert not spool.exists()
+
+
+def test_a_sqlite_statement_past_the_timeout_is_interrupted_and_the_database_stays_usable(
+        tmp_path):
+    from router.tenancy.sqldb import DatabaseUnavailable
+
+    db = Database(None, tmp_path / "slow.db", statement_timeout_s=0.2)
+    db.migrate()
+    started = time.monotonic()
+    with pytest.raises(DatabaseUnavailable):  # a 503, never a hang
+        db.query("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
+                 "SELECT count(*) FROM c")
+    assert time.monotonic() - started < 2
+    assert db.query("SELECT 1") == [(1,)]
+    db.close()

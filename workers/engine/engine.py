@@ -184,8 +184,16 @@ class Engine:
                 s.request.timeline.prefill(start_ns, end_ns, s.num_new_tokens)
         outputs: list[RequestOutput] = []
         if sampled is not None:
-            for req, token, raw in zip(sample, sampled.token_ids, sampled.logprobs):
-                outputs.append(self._advance(req, token, raw))
+            for i, (req, token, raw) in enumerate(zip(sample, sampled.token_ids,
+                                                      sampled.logprobs)):
+                why = sampled.failed.get(i)
+                if why is None:
+                    outputs.append(self._advance(req, token, raw))
+                else:  # this row alone: the rest of the step goes on
+                    log.warning("request %s cannot be sampled: %s", req.request_id, why)
+                    outputs.append(self._fail(req, f"the request could not be sampled after "
+                                              f"{req.num_output_tokens} tokens: {why}",
+                                              caused_by_request=True))
         return outputs
 
     def _advance(self, req: Request, token: int, raw: RawLogprobs | None) -> RequestOutput:
@@ -236,14 +244,15 @@ class Engine:
             usage=Usage(req.num_prompt_tokens, req.num_cached_tokens or 0, req.num_output_tokens),
             timeline=timeline, forced_close=forced)
 
-    def _fail(self, req: Request) -> RequestOutput:
+    def _fail(self, req: Request, error: str = "the engine failed to run this request", *,
+              caused_by_request: bool = False) -> RequestOutput:
         if not req.is_finished:
             self.scheduler.finish_request(req, FinishReason.ERROR)
         req.finish_reason = FinishReason.ERROR
         out = self._final(req, "", ())
         return RequestOutput(out.request_id, out.index, (), "", (), FinishReason.ERROR,
-                             None, out.usage, error="the engine failed to run this request",
-                             timeline=out.timeline)
+                             None, out.usage, error=error, timeline=out.timeline,
+                             caused_by_request=caused_by_request)
 
     def _logprobs(self, token: int, raw: RawLogprobs) -> PositionLogprobs:
         tok = self.tokenizer

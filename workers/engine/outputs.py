@@ -62,6 +62,9 @@ class RequestOutput:
     usage: Usage | None = None
     error: str | None = None
     timeline: Timeline | None = None  # on the final output: the sequence's milestones
+    # With ``error``: the request itself could not be served (its sampling failed on its own
+    # row), not the engine; the worker answers it as an invalid request, never retried.
+    caused_by_request: bool = False
     # On the final output: the max_tokens budget forced the constrained output's close (it is
     # complete and valid; docs/structured-output.md, "Closing within max_tokens").
     forced_close: bool = False

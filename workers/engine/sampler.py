@@ -13,12 +13,19 @@ the whole batch when no row needs it, and works only on the rows that need it:
 5. The grammar mask: ``request.logits_mask.apply(row)``; the engine calls ``accept`` later.
 6. Logprobs: ``log_softmax`` of the logits as they are now. They describe the model's
    distribution after bias, penalties and masks, BEFORE temperature, top-k, top-p and min-p.
-7. Greedy rows (``temperature == 0``): argmax, the lowest id on ties. No random draw.
+7. Greedy rows (``temperature`` below ``GREEDY_BELOW_TEMPERATURE``): argmax, the lowest id on
+   ties. No random draw.
 8. Sampled rows: divide by the temperature; top-k; top-p over the top-k survivors
    (renormalised, as HF and vLLM do; the most likely token always stays, so top-p 0 keeps
    only it); min-p relative to the most likely token; then one draw.
 
 The logits tensor is modified in place.
+
+One row cannot fail the batch: a row that cannot be sampled (its grammar mask fails or allows
+no token; its logits hold NaN or +inf, or nothing finite, before or after the temperature)
+is set aside in ``SamplerOutput.failed`` with the reason, its values replaced by zeros so the
+batched kernels stay well defined, and the other rows are sampled as if it were not there
+(every kernel works on each row alone, see below).
 
 Reproducibility: a seeded request gives the same tokens whatever else is in the batch and
 whatever its row. Each request draws from its own ``torch.Generator`` (seed + index, so the n
@@ -35,7 +42,8 @@ from __future__ import annotations
 
 import secrets
 from array import array
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -61,6 +69,8 @@ class RawLogprobs:
 class SamplerOutput:
     token_ids: list[int]                 # one per request, in row order
     logprobs: list[RawLogprobs | None]   # None for requests that did not ask for logprobs
+    # Rows that could not be sampled -> why (their token id and logprobs mean nothing).
+    failed: dict[int, str] = field(default_factory=dict)
 
 
 class Sampler:
@@ -77,10 +87,17 @@ class Sampler:
             raise TypeError(f"logits must be float32, not {logits.dtype}")
         logits = logits.contiguous()
         params = [r.sampling for r in requests]
-        processed = self._process(logits, requests)
+        failed: dict[int, str] = {}
+        processed = self._process(logits, requests, failed)
         if not processed and all(p.greedy for p in params) and not any(p.logprobs for p in params):
-            # The common decode batch: nothing to do but one argmax.
-            return SamplerOutput(_argmax(logits).tolist(), [None] * num_rows)
+            # The common decode batch: nothing to do but one argmax (whose chosen logit shows
+            # whether its row was finite: argmax takes NaN and +inf as the largest).
+            chosen = _argmax(logits)
+            best = logits.gather(1, chosen.unsqueeze(1)).squeeze(1)
+            _mark_non_finite(best, range(num_rows), failed, "the model's logits are not finite")
+            return SamplerOutput(chosen.tolist(), [None] * num_rows, failed)
+        _set_aside(logits, range(num_rows), failed, "the logits after bias, penalties and "
+                   "masks are not finite")
 
         lp_rows = [i for i, p in enumerate(params) if p.logprobs]
         logprobs = _select(logits, lp_rows).log_softmax(-1) if lp_rows else None
@@ -91,7 +108,7 @@ class Sampler:
         if greedy:
             tokens[greedy] = _argmax(_select(logits, greedy))
         if sampled:
-            tokens[sampled] = self._sample(logits, requests, sampled)
+            tokens[sampled] = self._sample(logits, requests, sampled, failed)
         token_ids = tokens.tolist()
 
         raw: list[RawLogprobs | None] = [None] * num_rows
@@ -99,19 +116,19 @@ class Sampler:
             raw_rows = _raw_logprobs(logprobs, [token_ids[i] for i in lp_rows],
                                      [params[i].top_logprobs for i in lp_rows])
             for i, entry in zip(lp_rows, raw_rows):
-                raw[i] = entry
-        return SamplerOutput(token_ids, raw)
+                raw[i] = entry if i not in failed else None
+        return SamplerOutput(token_ids, raw, failed)
 
     # -- stages 1-5: in-place changes to the logits --------------------------------------------
 
-    def _process(self, logits: Tensor, requests: list[Request]) -> bool:
+    def _process(self, logits: Tensor, requests: list[Request], failed: dict[int, str]) -> bool:
         """Applies bias, min_tokens, penalties and grammar masks; False when none applied."""
         flat = logits.view(-1)
         changed = self._apply_logit_bias(flat, requests)
         changed |= self._apply_min_tokens(flat, requests)
         changed |= self._apply_repetition_penalty(flat, requests)
         changed |= self._apply_presence_frequency(flat, requests)
-        changed |= _apply_masks(logits, requests)
+        changed |= _apply_masks(logits, requests, failed)
         return changed
 
     def _apply_logit_bias(self, flat: Tensor, requests: list[Request]) -> bool:
@@ -187,8 +204,10 @@ class Sampler:
 
     # -- stage 8: sampled rows -------------------------------------------------------------
 
-    def _sample(self, logits: Tensor, requests: list[Request], rows: list[int]) -> Tensor:
-        """Token ids for ``rows`` (temperature > 0), in that order."""
+    def _sample(self, logits: Tensor, requests: list[Request], rows: list[int],
+                failed: dict[int, str]) -> Tensor:
+        """Token ids for ``rows`` (not greedy), in that order; a row whose logits overflow
+        when divided by its temperature goes to ``failed``."""
         params = [requests[i].sampling for i in rows]
         vocab = self.vocab_size
         # One uniform in (0, 1] per row, from the row's own generator.
@@ -211,9 +230,13 @@ class Sampler:
         def scaled(group: list[int]) -> Tensor:
             temperature = torch.tensor([params[j].temperature for j in group]).unsqueeze(1)
             if len(group) == logits.shape[0]:
-                return logits / temperature
-            return logits.index_select(0, torch.tensor([rows[j] for j in group])).div_(
-                temperature)
+                out = logits / temperature
+            else:
+                out = logits.index_select(0, torch.tensor([rows[j] for j in group])).div_(
+                    temperature)
+            _set_aside(out, [rows[j] for j in group], failed,
+                       "the logits divided by the temperature are not finite")
+            return out
 
         tokens = torch.empty(len(rows), dtype=torch.long)
         if full:
@@ -291,17 +314,45 @@ def _generator(request: Request) -> torch.Generator:
     return gen
 
 
-def _apply_masks(logits: Tensor, requests: list[Request]) -> bool:
+def _apply_masks(logits: Tensor, requests: list[Request], failed: dict[int, str]) -> bool:
     rows = [i for i, r in enumerate(requests) if r.logits_mask is not None]
     for i in rows:
-        requests[i].logits_mask.apply(logits[i])
+        try:
+            requests[i].logits_mask.apply(logits[i])
+        except Exception as exc:  # this request's grammar: the other rows go on
+            failed[i] = f"its grammar failed: {type(exc).__name__}: {exc}"
     if not rows:
         return False
     dead = _select(logits, rows).amax(-1) == float("-inf")
-    if bool(dead.any()):
-        ids = [requests[rows[j]].request_id for j in dead.nonzero().flatten().tolist()]
-        raise ValueError(f"the grammar of request(s) {ids} allows no token")
+    for j in dead.nonzero().flatten().tolist():
+        failed.setdefault(rows[j], "its grammar allows no token")
     return True
+
+
+def _mark_non_finite(values: Tensor, rows: Iterable[int], failed: dict[int, str],
+                     why: str) -> Tensor:
+    """Puts the rows (``values[j]`` is row ``rows[j]``'s) whose value is not finite into
+    ``failed``; returns the mask of those positions."""
+    bad = ~torch.isfinite(values)
+    if bool(bad.any()):
+        rows = list(rows)
+        for j in bad.nonzero().flatten().tolist():
+            failed.setdefault(rows[j], why)
+    return bad
+
+
+def _set_aside(x: Tensor, rows: Iterable[int], failed: dict[int, str], why: str) -> None:
+    """Rows of ``x`` (``x[j]`` is row ``rows[j]``) whose largest value is not finite (NaN,
+    +inf, or all -inf), and rows already failed, are marked failed and zeroed in place: the
+    batched kernels then stay well defined and the other rows are unaffected."""
+    rows = list(rows)
+    bad = _mark_non_finite(x.amax(-1), rows, failed, why)
+    if failed:
+        for j, row in enumerate(rows):
+            if row in failed:
+                bad[j] = True
+    if bool(bad.any()):
+        x[bad] = 0.0
 
 
 def _inverse_cdf(weights: Tensor, u: Tensor) -> Tensor:

@@ -8,13 +8,26 @@ from typing import TYPE_CHECKING
 
 from core.errors import InvalidRequest
 
+# A temperature below this samples as greedy: dividing logits by it would overflow float32
+# (1e-40 turned every logit into inf or NaN) and the distribution is a point mass anyway.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+# repetition_penalty divides (or multiplies) logits by the penalty: below this floor a logit
+# could overflow, and no use needs a stronger pull towards repetition.
+MIN_REPETITION_PENALTY = 0.1
+MAX_REPETITION_PENALTY = 2.0
+# The router's limits (router/openai/schemas.py), kept here for any other sender of the wire.
+MAX_LOGIT_BIAS = 300
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+
 if TYPE_CHECKING:
     from core.pb.electron.v1.worker_pb2 import GrammarSpec
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """What to generate and how. ``temperature == 0`` means greedy.
+    """What to generate and how. ``temperature`` 0 (or below ``GREEDY_BELOW_TEMPERATURE``)
+    means greedy.
 
     ``max_tokens`` None means "up to the context window". ``stop_token_ids`` are extra stop
     tokens beside the model's EOS ids (which ``ignore_eos`` disables).
@@ -62,8 +75,11 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise bad(name, "must be between -2 and 2")
-        if not 0.0 < self.repetition_penalty <= 2.0:
-            raise bad("repetition_penalty", "must be in (0, 2]")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise bad("repetition_penalty", f"must be between {MIN_REPETITION_PENALTY:g} and "
+                      f"{MAX_REPETITION_PENALTY:g}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise bad("logit_bias", f"may hold at most {MAX_LOGIT_BIAS} tokens")
         for token, bias in self.logit_bias.items():
             if not isinstance(token, int) or token < 0:
                 raise bad("logit_bias", "keys must be token ids >= 0")
@@ -73,6 +89,10 @@ class SamplingParams:
             raise bad("stop", "may hold at most 4 strings")
         if any(not s for s in self.stop):
             raise bad("stop", "strings must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise bad("stop", f"strings may be at most {MAX_STOP_CHARS} characters long")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise bad("stop_token_ids", f"may hold at most {MAX_STOP_TOKEN_IDS} token ids")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise bad("max_tokens", "must be >= 1")
         if self.min_tokens < 0:
@@ -86,4 +106,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE

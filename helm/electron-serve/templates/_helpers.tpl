@@ -38,13 +38,137 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: electron-serve
 {{- end }}
 
-{{/* Images */}}
-{{- define "electron-serve.routerImage" -}}
-{{- printf "%s:%s" .Values.image.router.repository (default .Chart.AppVersion .Values.image.router.tag) }}
+{{/* Images: repository:tag, repository@digest or repository:tag@digest. Takes
+(dict "image" IMAGE "default" DEFAULT_TAG). */}}
+{{- define "electron-serve.imageRef" -}}
+{{- $i := .image }}
+{{- if and $i.digest $i.tag }}
+{{- printf "%s:%s@%s" $i.repository $i.tag $i.digest }}
+{{- else if $i.digest }}
+{{- printf "%s@%s" $i.repository $i.digest }}
+{{- else }}
+{{- printf "%s:%s" $i.repository (default .default $i.tag) }}
+{{- end }}
 {{- end }}
 
+{{- define "electron-serve.routerImage" -}}
+{{- include "electron-serve.imageRef" (dict "image" .Values.image.router "default" .Chart.AppVersion) }}
+{{- end }}
+
+{{/* The Ray head's image: the serving generation's worker image. With upgradeStrategy None a
+running head keeps the image it started with; every generation runs the same Ray (checked). */}}
 {{- define "electron-serve.workerImage" -}}
-{{- printf "%s:%s" .Values.image.worker.repository (default .Chart.AppVersion .Values.image.worker.tag) }}
+{{- include "electron-serve.imageRef" (dict "image" .Values.image.worker "default" .Chart.AppVersion) }}
+{{- end }}
+
+{{/* The images pin one Ray (pyproject.toml, the Chart's electron-serve/ray-version); the
+RayCluster's rayVersion must say the same, or KubeRay's autoscaler runs another Ray. */}}
+{{- define "electron-serve.checkVersions" -}}
+{{- $pinned := index .Chart.Annotations "electron-serve/ray-version" }}
+{{- if ne (toString .Values.ray.version) $pinned }}
+{{- fail (printf "ray.version %s differs from the Ray the images pin (%s, pyproject.toml): the RayCluster's rayVersion must be the images' Ray" (toString .Values.ray.version) $pinned) }}
+{{- end }}
+{{- end }}
+
+{{/* The worker generations, oldest first: workers.previous (while it is replaced) and the
+serving one (workers.generation). Each has its worker groups, worker ConfigMap and (unless
+draining) its controller. */}}
+{{- define "electron-serve.generations" -}}
+{{- $w := .Values.workers }}
+{{- $gens := list }}
+{{- $prev := $w.previous | default dict }}
+{{- if $prev.generation }}
+{{- if eq $prev.generation $w.generation }}
+{{- fail "workers.previous.generation must differ from workers.generation: a new image or worker-side setting is a new generation" }}
+{{- end }}
+{{- /* What the previous generation ran, as given: its image (the repository and pull policy
+default to the current one's, never its tag or digest) and engine settings over the chart's
+defaults (not over the current generation's, which would change what it runs). */}}
+{{- $image := mergeOverwrite (dict "repository" .Values.image.worker.repository "tag" "" "digest" ""
+  "pullPolicy" .Values.image.worker.pullPolicy) (deepCopy ($prev.image | default dict)) }}
+{{- $given := $prev.engine | default dict }}
+{{- $engine := mergeOverwrite (include "electron-serve.engineDefaults" . | fromYaml) (deepCopy $given) }}
+{{- if hasKey $given "kv_cache_bytes" }}
+{{- $_ := set $engine "kv_cache_bytes" $given.kv_cache_bytes }}
+{{- end }}
+{{- $gens = append $gens (dict "name" $prev.generation "image" $image
+  "modelPath" ($prev.modelPath | default .Values.model.path) "engine" $engine
+  "draining" ($prev.draining | default false) "current" false) }}
+{{- end }}
+{{- $gens = append $gens (dict "name" $w.generation "image" .Values.image.worker
+  "modelPath" .Values.model.path "engine" .Values.engine "draining" false "current" true) }}
+{{- toYaml (dict "generations" $gens) }}
+{{- end }}
+
+{{/* values.yaml's `engine` (templates cannot read values.yaml itself): what a previous
+generation's engine settings are given over. A chart test keeps the two equal. */}}
+{{- define "electron-serve.engineDefaults" -}}
+dtype: auto
+device: auto
+gpu_memory_fraction: 0.85
+kv_cache_bytes: null
+{{- end }}
+
+{{/* Pod settings shared by every component: takes the component's values. */}}
+{{- define "electron-serve.podSettings" -}}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .runtimeClassName }}
+runtimeClassName: {{ . }}
+{{- end }}
+{{- end }}
+
+{{/* The init container that copies the model onto its volume (model.fetch), in the pods
+that read it: routers (the tokenizer) and GPU workers. */}}
+{{- define "electron-serve.modelFetch" -}}
+{{- $f := .Values.model.fetch }}
+{{- if $f.enabled }}
+{{- if eq .Values.model.volume.type "none" }}
+{{- fail "model.fetch needs a model volume to copy into (model.volume.type pvc, emptyDir or hostPath)" }}
+{{- end }}
+- name: model-fetch
+  image: {{ required "model.fetch.image is required when model.fetch.enabled" $f.image }}
+  {{- with $f.command }}
+  command:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $f.args }}
+  args:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  env:
+    - {name: HOME, value: /tmp}
+    - {name: MODEL_DIR, value: {{ .Values.model.volume.mountPath | quote }}}
+    {{- with $f.env }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with $f.resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- toYaml .Values.securityContext | nindent 4 }}
+  volumeMounts:
+    - {name: tmp, mountPath: /tmp}
+    - {name: model, mountPath: {{ .Values.model.volume.mountPath }}}
+{{- end }}
 {{- end }}
 
 {{/* Where the Ray head's GCS listens (KubeRay's head Service). */}}
@@ -52,12 +176,72 @@ app.kubernetes.io/part-of: electron-serve
 {{- printf "%s-head-svc.%s.svc:6379" (include "electron-serve.fullname" .) .Release.Namespace }}
 {{- end }}
 
-{{/* Ray custom resource that only a pool's worker group offers. */}}
+{{/* Ray custom resource that only one generation's worker group of a pool offers:
+(dict "pool" NAME "generation" NAME). */}}
 {{- define "electron-serve.poolResource" -}}
-{{- printf "electron_pool_%s" . }}
+{{- printf "electron_pool_%s_%s" .pool .generation }}
 {{- end }}
 
-{{/* The service config (core/config.py), as YAML. */}}
+{{/* Where the controller says its first worker serves (cluster.ready_file; its probes). */}}
+{{- define "electron-serve.readyFile" -}}
+/tmp/electron-serve-workers-ready
+{{- end }}
+
+{{/* Whether the chart runs the schema migrations in a hook Job (a database is configured). */}}
+{{- define "electron-serve.migrationJob" -}}
+{{- if and .Values.migrations.enabled .Values.postgresql.enabled }}true{{ end }}
+{{- end }}
+
+{{/* The routers' config: what routers read (router, auth, tenancy with plans and prices,
+observability, the model path for the tokenizer, pool names and fallbacks). Its checksum
+rolls the routers only. */}}
+{{- define "electron-serve.routerConfig" -}}
+{{- $c := include "electron-serve.config" . | fromYaml }}
+{{- $pools := list }}
+{{- range $c.autoscaler.pools }}
+{{- $pools = append $pools (dict "name" .name "fallback_to_shared" .fallback_to_shared) }}
+{{- end }}
+{{- $_ := set $c "autoscaler" (dict "pools" $pools) }}
+{{- $_ = set $c "engine" (dict "model" $c.engine.model) }}
+{{- $_ = set $c "cluster" (omit $c.cluster "num_gpus_per_worker" "num_cpus_per_worker" "workers") }}
+{{- $_ = set $c.tenancy "migrate_on_start" (not (include "electron-serve.migrationJob" .)) }}
+{{- toYaml $c }}
+{{- end }}
+
+{{/* A worker generation's config, for its controller and the worker actors it starts:
+engine, cluster, autoscaler, observability, and of the router section the model id and
+registry poll only (no tenancy, no auth). Takes (dict "root" $ "gen" GENERATION). Its
+checksum restarts that generation's controller only. */}}
+{{- define "electron-serve.workerConfig" -}}
+{{- $root := .root }}
+{{- $gen := .gen }}
+{{- $c := include "electron-serve.config" $root | fromYaml }}
+{{- $c = omit $c "tenancy" "auth" }}
+{{- $_ := set $c "router" (pick $c.router "model_id" "registry_poll_s") }}
+{{- /* The generation's engine settings and model; `config.engine` overrides every generation. */}}
+{{- $overrides := $root.Values.config.engine | default dict }}
+{{- $engine := mergeOverwrite (merge (dict "model" $gen.modelPath) (deepCopy $gen.engine)) (deepCopy $overrides) }}
+{{- $_ = set $engine "model" ($overrides.model | default $gen.modelPath) }}
+{{- /* null is meaningful (on GPU: a fraction of free memory) but Helm drops null values and
+merges skip them: absent means null here, as in values.yaml. */}}
+{{- if hasKey $overrides "kv_cache_bytes" }}
+{{- $_ = set $engine "kv_cache_bytes" $overrides.kv_cache_bytes }}
+{{- else }}
+{{- $_ = set $engine "kv_cache_bytes" (index $gen.engine "kv_cache_bytes") }}
+{{- end }}
+{{- $_ = set $c "engine" $engine }}
+{{- $_ = set $c.cluster "start_timeout_s" (int $root.Values.workers.startTimeoutSeconds) }}
+{{- $_ = set $c.cluster "ready_file" (include "electron-serve.readyFile" $root) }}
+{{- $pools := list }}
+{{- range $c.autoscaler.pools }}
+{{- $pools = append $pools (merge (dict "resources" (dict (include "electron-serve.poolResource" (dict "pool" .name "generation" $gen.name)) 1)) (omit . "resources")) }}
+{{- end }}
+{{- $_ = set $c.autoscaler "pools" $pools }}
+{{- toYaml $c }}
+{{- end }}
+
+{{/* The whole service config (core/config.py), as YAML: split into the routers' and each
+worker generation's above. */}}
 {{- define "electron-serve.config" -}}
 {{- $pools := list }}
 {{- $hasShared := false }}
@@ -72,8 +256,7 @@ app.kubernetes.io/part-of: electron-serve
   "target_ttft_s" ($t.ttftSeconds | default 1.0)
   "target_waiting_prefill_tokens" (int ($t.waitingPrefillTokens | default 2048))
   "target_kv_usage" ($t.kvUsage | default 0.85)
-  "target_requests_per_worker" (int ($t.requestsPerWorker | default 16))
-  "resources" (dict (include "electron-serve.poolResource" .name) 1)) }}
+  "target_requests_per_worker" (int ($t.requestsPerWorker | default 16))) }}
 {{- end }}
 {{- if not $hasShared }}
 {{- fail "pools must include the shared pool, named \"default\"" }}
@@ -154,20 +337,57 @@ auth.admin_key come from Secrets through secretKeyRef, never inlined. */}}
       name: {{ include "electron-serve.adminSecretName" . }}
       key: {{ ternary .Values.auth.existingSecretKey "admin-key" (ne .Values.auth.existingSecret "") }}
 {{- end }}
-{{- if or .Values.redis.deploy .Values.redis.url .Values.redis.existingSecret }}
+{{- if and .Values.redis.enabled (or .Values.redis.deploy .Values.redis.url .Values.redis.existingSecret) }}
 - name: ELECTRON_TENANCY__REDIS_URL
   valueFrom:
     secretKeyRef:
       name: {{ default (include "electron-serve.datastoreSecretName" .) .Values.redis.existingSecret }}
       key: {{ ternary .Values.redis.existingSecretKey "redis-url" (ne .Values.redis.existingSecret "") }}
 {{- end }}
-{{- if or .Values.postgresql.deploy .Values.postgresql.url .Values.postgresql.existingSecret }}
+{{- include "electron-serve.databaseEnv" . }}
+{{- end }}
+
+{{/* tenancy.database_url for the routers and the migration Job. An in-chart PostgreSQL
+whose password is in an existing Secret: the URL is composed by the kubelet from that
+Secret ($(ELECTRON_POSTGRES_PASSWORD)), so the password is never in the chart's output. */}}
+{{- define "electron-serve.databaseEnv" -}}
+{{- $pg := .Values.postgresql }}
+{{- if and $pg.enabled $pg.deploy $pg.existingPasswordSecret }}
+- name: ELECTRON_POSTGRES_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $pg.existingPasswordSecret }}
+      key: {{ $pg.existingPasswordSecretKey }}
+- name: ELECTRON_TENANCY__DATABASE_URL
+  value: {{ printf "postgresql://%s:$(ELECTRON_POSTGRES_PASSWORD)@%s-postgresql:5432/%s" $pg.username (include "electron-serve.fullname" .) $pg.database | quote }}
+{{- else if and $pg.enabled (or $pg.deploy $pg.url $pg.existingSecret) }}
 - name: ELECTRON_TENANCY__DATABASE_URL
   valueFrom:
     secretKeyRef:
-      name: {{ default (include "electron-serve.datastoreSecretName" .) .Values.postgresql.existingSecret }}
-      key: {{ ternary .Values.postgresql.existingSecretKey "database-url" (ne .Values.postgresql.existingSecret "") }}
+      name: {{ default (include "electron-serve.datastoreSecretName" .) $pg.existingSecret }}
+      key: {{ ternary $pg.existingSecretKey "database-url" (ne $pg.existingSecret "") }}
 {{- end }}
+{{- end }}
+
+{{/* Refuses to render a datastore nobody chose: production uses external ones; the in-chart
+single instances (not HA) and running without are explicit switches. */}}
+{{- define "electron-serve.checkDatastores" -}}
+{{- $r := .Values.redis }}
+{{- if and $r.enabled (not (or $r.deploy $r.url $r.existingSecret)) }}
+{{- fail "redis: set redis.url or redis.existingSecret (an external Redis: production), or redis.deploy=true (a single in-chart Redis, not HA: trials), or redis.enabled=false (no Redis: each router replica limits on its own)" }}
+{{- end }}
+{{- $pg := .Values.postgresql }}
+{{- if and $pg.enabled (not (or $pg.deploy $pg.url $pg.existingSecret)) }}
+{{- fail "postgresql: set postgresql.url or postgresql.existingSecret (an external database: production), or postgresql.deploy=true (a single in-chart PostgreSQL, not HA: trials), or postgresql.enabled=false (no database: each router pod its own SQLite, one replica only)" }}
+{{- end }}
+{{- end }}
+
+{{/* A secret the chart generates: refused when secrets.generate is false (GitOps). */}}
+{{- define "electron-serve.generated" -}}
+{{- if not .root.Values.secrets.generate }}
+{{- fail (printf "%s: secrets.generate is false (GitOps renders cannot read a generated secret back): give it or name an existing Secret" .what) }}
+{{- end }}
+{{- .value }}
 {{- end }}
 
 {{/* The router's writable state (read-only root file system): the SQLite database when no
@@ -181,21 +401,37 @@ PostgreSQL is configured, and the ledger's spool while the database is down. */}
 {{- define "electron-serve.volumes" -}}
 - name: tmp
   emptyDir: {}
-- name: config
-  configMap:
-    name: {{ include "electron-serve.fullname" . }}-config
+{{- $fetch := .Values.model.fetch.enabled }}
 {{- with .Values.model.volume }}
 {{- if eq .type "pvc" }}
 - name: model
   persistentVolumeClaim:
-    claimName: {{ required "model.volume.claimName is required for type pvc" .claimName }}
+    claimName: {{ include "electron-serve.modelClaim" $ }}
+    {{- if not $fetch }}
     readOnly: true
+    {{- end }}
 {{- else if eq .type "hostPath" }}
 - name: model
   hostPath:
     path: {{ required "model.volume.hostPath is required for type hostPath" .hostPath }}
-    type: Directory
+    type: {{ ternary "DirectoryOrCreate" "Directory" $fetch }}
+{{- else if eq .type "emptyDir" }}
+- name: model
+  emptyDir:
+    {{- with .sizeLimit }}
+    sizeLimit: {{ . }}
+    {{- else }}
+    {}
+    {{- end }}
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "electron-serve.modelClaim" -}}
+{{- if .Values.model.volume.create.enabled }}
+{{- printf "%s-models" (include "electron-serve.fullname" .) }}
+{{- else }}
+{{- required "model.volume.claimName is required for type pvc (or model.volume.create.enabled)" .Values.model.volume.claimName }}
 {{- end }}
 {{- end }}
 
@@ -228,7 +464,7 @@ Generated passwords are stable within one render (cached on the root context). *
 {{- index $existing.data "postgres-password" | b64dec }}
 {{- else }}
 {{- if not (hasKey .Release "electronPostgresPassword") }}
-{{- $_ := set .Release "electronPostgresPassword" (randAlphaNum 32) }}
+{{- $_ := set .Release "electronPostgresPassword" (include "electron-serve.generated" (dict "root" . "what" "postgresql.password" "value" (randAlphaNum 32))) }}
 {{- end }}
 {{- .Release.electronPostgresPassword }}
 {{- end }}
