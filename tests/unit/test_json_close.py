@@ -167,19 +167,24 @@ def test_the_minimum_is_the_shortest_output_in_tokens(compiler, tok):
     assert compiler.minimum_tokens(tool_spec("auto")) == 0
 
 
+def assert_same_masks(tok, m1, m2, text: str) -> None:
+    """Both matchers mask every step of ``text`` alike."""
+    for token in tok.encode(text):
+        a, b = torch.zeros(tok.vocab_size), torch.zeros(tok.vocab_size)
+        m1.apply(a)
+        m2.apply(b)
+        assert torch.equal(a, b)
+        m1.accept(token)
+        m2.accept(token)
+
+
 def test_far_from_the_end_the_rule_does_nothing(compiler, tok):
     """With room to spare the masked logits are exactly the grammar's (no forced token) and
     the rule does not even look at the text (the first check is far ahead)."""
     spec = schema_spec({"type": "object", "properties": {"s": {"type": "string"}},
                         "required": ["s"]})
-    with_budget, without = compiler.matcher(spec, 4000), compiler.matcher(spec, None)
-    for token in tok.encode('{"s": "hello'):
-        a, b = torch.zeros(tok.vocab_size), torch.zeros(tok.vocab_size)
-        with_budget.apply(a)
-        without.apply(b)
-        assert torch.equal(a, b)
-        with_budget.accept(token)
-        without.accept(token)
+    with_budget = compiler.matcher(spec, 4000)
+    assert_same_masks(tok, with_budget, compiler.matcher(spec, None), '{"s": "hello')
     budget = with_budget._budget
     assert budget.check_at < 4000 - 100 and budget.unread  # nothing scanned yet
 
@@ -210,12 +215,6 @@ def test_a_failing_closer_leaves_the_plain_mask(compiler, tok, monkeypatch):
     monkeypatch.setattr(CloseState, "completion_chunks", broken)
     spec = schema_spec({"type": "object", "properties": {"s": {"type": "string"}},
                         "required": ["s"]})
-    m, plain = compiler.matcher(spec, 3), compiler.matcher(spec, None)
-    for token in tok.encode('{"s": "a'):
-        a, b = torch.zeros(tok.vocab_size), torch.zeros(tok.vocab_size)
-        m.apply(a)
-        plain.apply(b)
-        assert torch.equal(a, b)
-        m.accept(token)
-        plain.accept(token)
+    m = compiler.matcher(spec, 3)
+    assert_same_masks(tok, m, compiler.matcher(spec, None), '{"s": "a')
     assert m._budget is None

@@ -26,6 +26,8 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from core.json_schema_subset import UnsupportedSchema
+from core.json_schema_subset import _check_ref as check_ref  # the one $ref resolver
 from core.protocol import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 try:  # Python 3.11+
@@ -108,17 +110,10 @@ class Schemas:
         return schema
 
     def _lookup(self, ref: str) -> Any:
-        if ref == "#":
-            return self.root
-        if not ref.startswith("#/"):
-            raise Unwritable(f"unsupported $ref {ref}")
-        node: Any = self.root
-        for part in ref[2:].split("/"):
-            part = part.replace("~1", "/").replace("~0", "~")
-            if not isinstance(node, dict) or part not in node:
-                raise Unwritable(f"unknown $ref {ref}")
-            node = node[part]
-        return node
+        try:
+            return check_ref(ref, self.root, "$ref")
+        except UnsupportedSchema as exc:
+            raise Unwritable(str(exc)) from None
 
     def _memoised(self, table: dict[int, Any], schema: Any, depth: int, what: str,
                   compute: Any) -> Any:
