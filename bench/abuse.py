@@ -15,6 +15,8 @@ and one for the canary, then at the same time:
   and random mutations of a valid request (wrong types, out-of-range and huge values, invalid
   UTF-8, lone surrogates, deep nesting, pathological schemas, 1 MiB fields, bodies that are not
   JSON), streamed or not, ``--concurrency`` at a time, spread over the attacker's tenants;
+  its clients abandon a response still running after ``--give-up-s`` (a hostile
+  ``max_tokens`` may ask for minutes of decoding), as real ones do: status 0;
 - **the canary**: another tenant streams one ordinary request after another and records the
   longest gap between its chunks and whether each finished normally;
 - **the probe**: ``GET /health`` every 20 ms; its slowest answer bounds the router's longest
@@ -170,22 +172,27 @@ class Run:
         return r.json()["key"]
 
     async def send(self, key: str, body: dict[str, Any] | bytes,
-                   headers: dict[str, str] | None = None) -> tuple[int, float, str]:
-        """Status, seconds to the status line, and the first 300 characters of a 5xx body."""
+                   headers: dict[str, str] | None = None,
+                   give_up_s: float = 20.0) -> tuple[int, float, str]:
+        """Status (0: abandoned, -1: no answer), seconds to the status line, and the first 300
+        characters of a 5xx body or of a stream's error event."""
         data = _encode(body)
         stream = isinstance(body, dict) and body.get("stream") is True
         hdrs = {"Authorization": f"Bearer {key}", "Content-Type": "application/json",
                 **(headers or {})}
         start = time.perf_counter()
+        status, took, text = 0, 0.0, ""
         try:
-            async with self.http.stream("POST", f"{self.base}/chat/completions", content=data,
-                                        headers=hdrs) as r:
-                took = time.perf_counter() - start
-                text = ""
-                async for chunk in r.aiter_text():
-                    if r.status_code >= 500 or (stream and "error" in chunk):
-                        text += chunk
-                return r.status_code, took, text[:300]
+            async with asyncio.timeout(give_up_s):
+                async with self.http.stream("POST", f"{self.base}/chat/completions",
+                                            content=data, headers=hdrs) as r:
+                    status, took = r.status_code, time.perf_counter() - start
+                    async for chunk in r.aiter_text():
+                        if r.status_code >= 500 or (stream and 'data: {"error"' in chunk):
+                            text += chunk
+            return status, took, text[:300]
+        except TimeoutError:
+            return 0, took, ""
         except httpx.HTTPError as exc:
             return -1, time.perf_counter() - start, f"{type(exc).__name__}: {exc}"[:300]
 
@@ -262,14 +269,15 @@ async def bench(args: argparse.Namespace, base: str, admin_key: str) -> dict[str
         # One client id on every request: billing must not collapse them.
         headers = {"X-Request-Id": "same-id-every-time"} if i % 2 else None
         async with sem:
-            status, took, text = await run.send(keys[tenant], body, headers)
+            status, took, text = await run.send(keys[tenant], body, headers,
+                                                args.give_up_s)
         statuses[str(status)] += 1
         sent_per_tenant[tenant] += 1
         if status == 200:
             ok_per_tenant[tenant] += 1
         elif 400 <= status < 500:
             refusals.append((took, name, status))
-        if status >= 500 or status < 0:
+        if status >= 500 or status < 0 or (status == 200 and text):  # text: an error event
             shown = body[:200].decode("latin-1") if isinstance(body, bytes) else \
                 json.dumps(body)[:300]
             errors.append({"case": name, "status": status, "body": text, "request": shown})
@@ -387,6 +395,8 @@ def main() -> None:
     p.add_argument("--fuzz-tenants", type=int, default=8, help="enterprise: 200 RPM each")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--settle-s", type=float, default=2.0)
+    p.add_argument("--give-up-s", type=float, default=20.0,
+                   help="the client abandons a response still running after this")
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/abuse.json")
     args = p.parse_args()
     if args.base_url and not args.admin_key:
