@@ -292,13 +292,19 @@ async def test_slots_of_a_dead_replica_expire_on_their_own(redis_prefix):
     await dead._redis.aclose()
 
 
-async def test_tokens_per_minute_hold_across_replicas(redis_prefix):
-    plan = Plan("metered", rpm=100, concurrency=5, tpm=500, priority=0, max_context=None,
+def two_replicas(redis_prefix: str, tenant_id: str, *, concurrency: int, tpm: int | None
+                 ) -> tuple[Principal, RedisLimiter, RedisLimiter]:
+    """A tenant on its own plan, and two replicas' limiters sharing Redis."""
+    plan = Plan("p", rpm=100, concurrency=concurrency, tpm=tpm, priority=0, max_context=None,
                 shed_queue_per_worker=8)
-    who = Principal("tpm-test", "k1", plan, "s", None)
     lease_s = TenancyConfig().slot_lease_s
-    a = RedisLimiter(REDIS_URL, prefix=redis_prefix, slot_lease_s=lease_s)
-    b = RedisLimiter(REDIS_URL, prefix=redis_prefix, slot_lease_s=lease_s)
+    return (Principal(tenant_id, "k1", plan, "s", None),
+            RedisLimiter(REDIS_URL, prefix=redis_prefix, slot_lease_s=lease_s),
+            RedisLimiter(REDIS_URL, prefix=redis_prefix, slot_lease_s=lease_s))
+
+
+async def test_tokens_per_minute_hold_across_replicas(redis_prefix):
+    who, a, b = two_replicas(redis_prefix, "tpm-test", concurrency=5, tpm=500)
     try:
         (await a.admit(who)).release(tokens=300)
         (await b.admit(who)).release(tokens=200)
@@ -311,12 +317,7 @@ async def test_tokens_per_minute_hold_across_replicas(redis_prefix):
 
 
 async def test_n_takes_one_slot_per_sequence_over_replicas(redis_prefix):
-    plan = Plan("standard", rpm=100, concurrency=3, tpm=None, priority=0, max_context=None,
-                shed_queue_per_worker=8)
-    who = Principal("n-test", "k1", plan, "s", None)
-    lease_s = TenancyConfig().slot_lease_s
-    a = RedisLimiter(REDIS_URL, prefix=redis_prefix, slot_lease_s=lease_s)
-    b = RedisLimiter(REDIS_URL, prefix=redis_prefix, slot_lease_s=lease_s)
+    who, a, b = two_replicas(redis_prefix, "n-test", concurrency=3, tpm=None)
     try:
         pair = await a.admit(who, sequences=2)
         assert await a.slots_in_use("n-test") == 2
