@@ -586,6 +586,60 @@ def machine() -> dict[str, Any]:
             "loadavg_at_start": os.getloadavg(), "versions": versions, "git_commit": commit}
 
 
+# -- the profile ----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def profiled(pid: int, prefix: Path | None):  # type: ignore[no-untyped-def]
+    """py-spy samples process ``pid`` while the block runs (nothing when ``prefix`` is None);
+    then the folded stacks and a top-25 table (self and inclusive samples per function) are
+    written beside ``prefix``. Warm-up bursts and the direct path are inside the window too:
+    the table is read as shares of the router's samples, which idle while the direct path
+    runs (py-spy drops idle samples)."""
+    if prefix is None:
+        yield
+        return
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    folded = prefix.with_suffix(".collapsed")
+    spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
+                            str(pid), "--rate", "250", "--format", "raw", "--output",
+                            str(folded), "--nonblocking"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE)
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        _, err = spy.communicate(timeout=60)
+    if not folded.exists():
+        raise RuntimeError(f"py-spy wrote no profile: {err.decode(errors='replace')[-2000:]}")
+    prefix.with_suffix(".top.txt").write_text(top_table(folded.read_text()))
+
+
+def top_table(folded: str, rows: int = 25) -> str:
+    """Self and inclusive sample shares per function from py-spy's folded stacks."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in folded.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        total += n
+        frames = [f.split(" (")[0] + " (" + f.rsplit("/", 1)[-1] if " (" in f else f
+                  for f in stack.split(";")]
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + n
+    lines = [f"{total} samples (the router process, non-idle)", "",
+             f"{'self %':>7}  function (file:line)"]
+    lines += [f"{100 * n / total:7.1f}  {f}" for f, n in
+              sorted(own.items(), key=lambda kv: -kv[1])[:rows]]
+    lines += ["", f"{'incl %':>7}  function (file:line)"]
+    lines += [f"{100 * n / total:7.1f}  {f}" for f, n in
+              sorted(inclusive.items(), key=lambda kv: -kv[1])[:rows]]
+    return "\n".join(lines) + "\n"
+
+
 # -- main -----------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -607,6 +661,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the router process's event loop (electron-serve runs uvloop)")
     p.add_argument("--routers", type=int, default=1, help="router processes sharing the port "
                    "(what more of them buys; production runs one)")
+    p.add_argument("--profile", type=Path, metavar="PREFIX",
+                   help="sample the first router process with py-spy during the measured "
+                   "bursts; writes PREFIX.collapsed (folded stacks) and PREFIX.top.txt")
     args = p.parse_args(argv)
     args.samples = args.samples or (40 if args.quick else 400)
     args.rounds = args.rounds or (2 if args.quick else 8)
@@ -643,8 +700,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"worker :{worker['port']} (model {args.model}), {args.routers} router "
                   f"process(es) :{port} ({router['http_protocol']}, {router['event_loop']}); "
                   f"prompt {len(ids)} tokens, max_tokens {args.max_tokens}", flush=True)
-            measured = asyncio.run(measure(
-                args, {"worker": worker["port"], "router": port}, ids, children))
+            with profiled(children["router0"].proc.pid, args.profile):
+                measured = asyncio.run(measure(
+                    args, {"worker": worker["port"], "router": port}, ids, children))
         finally:  # the routers first: they hold channels to the worker
             for name in sorted(children, key=lambda name: name == "worker"):
                 children[name].stop()
