@@ -85,22 +85,52 @@ def error_metadata(error: ElectronError) -> tuple[tuple[str, str], ...]:
 
 def error_from_rpc(exc: grpc.aio.AioRpcError, worker_id: str) -> ElectronError:
     """The error a worker's failed RPC stands for (see the module docstring)."""
-    code = exc.code()
+    return error_from_status(exc.code(), exc.details() or "", exc.trailing_metadata(),
+                             worker_id)
+
+
+def error_from_status(code: grpc.StatusCode, details: str,
+                      metadata: Iterable[tuple[str, str | bytes]] | None,
+                      worker_id: str) -> ElectronError:
+    """The error a worker's failure status stands for: a failed RPC's, or a Session
+    request's end (``SessionEnd``)."""
     if code in _WORKER_FAILURES:
-        return WorkerUnavailable(f"worker {worker_id} failed: {code.name}: {exc.details()}")
-    body = _error_body(exc.trailing_metadata())
+        return WorkerUnavailable(f"worker {worker_id} failed: {code.name}: {details}")
+    body = _error_body(metadata)
     if body is None:
         if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return InvalidRequest(exc.details() or "invalid request")
+            return InvalidRequest(details or "invalid request")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return Overloaded(exc.details() or "the worker is overloaded")
-        return WorkerUnavailable(f"worker {worker_id} failed: {code.name}: {exc.details()}")
+            return Overloaded(details or "the worker is overloaded")
+        return WorkerUnavailable(f"worker {worker_id} failed: {code.name}: {details}")
     cls = _error_class(body.get("type"), body.get("code"))
-    message = str(body.get("message") or exc.details() or "")
+    message = str(body.get("message") or details or "")
     code_field = body.get("code")
     if issubclass(cls, (RateLimited, Overloaded)):
         return cls(message, retry_after=float(body.get("retry_after") or 1.0), code=code_field)
     return cls(message, param=body.get("param"), code=code_field)
+
+
+def error_from_session_end(end: pb.SessionEnd, worker_id: str) -> ElectronError:
+    """The error a failed ``SessionEnd`` (status not OK) stands for."""
+    try:
+        code = _STATUS_BY_VALUE[end.status]
+    except KeyError:
+        code = grpc.StatusCode.UNKNOWN
+    metadata = ((ERROR_METADATA_KEY, end.error),) if end.error else ()
+    return error_from_status(code, end.details, metadata, worker_id)
+
+
+def session_end(request_id: str, error: ElectronError | None = None) -> pb.SessionEnd:
+    """A Session request's end: OK, or ``error`` as ``status_code_for`` and
+    ``error_metadata`` carry it in a Generate call."""
+    if error is None:
+        return pb.SessionEnd(request_id=request_id)
+    return pb.SessionEnd(request_id=request_id, status=status_code_for(error).value[0],
+                         details=error.message, error=error_metadata(error)[0][1])
+
+
+_STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def _all_error_classes() -> list[type[ElectronError]]:

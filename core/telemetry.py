@@ -17,16 +17,18 @@ are OpenTelemetry's own standard, and the SDK reads most of them anyway.
 Each process builds one ``Tracing`` before it opens gRPC channels or servers
 (docs/operations-notes.md#opentelemetry-set-up-tracing-before-any-grpc-channel-or-server) and
 hands it down explicitly; the provider is not installed globally, so several apps in one
-process (tests, benchmarks) do not share one. Context crosses to the workers in gRPC metadata
-(W3C ``traceparent``): Ray carries none. ``shutdown()`` flushes: call it from an explicit stop
+process (tests, benchmarks) do not share one. Context crosses to the workers as W3C
+``traceparent`` (Ray carries none): in a Generate call's metadata, or in the request's
+``trace_context`` when it travels in a Session (the router's path). ``shutdown()`` flushes: call it from an explicit stop
 (``ray.kill`` is SIGKILL; atexit never runs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -40,6 +42,9 @@ log = logging.getLogger(__name__)
 TRACER_NAME = "electron-serve"
 GENERATE_METHOD = "Generate"
 GENERATE_SPAN = "electron.v1.Worker/Generate"
+# The worker's span of one request: the name gRPC's instrumentation gives a Generate call's
+# server span, also for a request that came in a Session (request_span).
+GENERATE_SERVER_SPAN = "/electron.v1.Worker/Generate"
 PROTOCOLS = ("grpc", "http/protobuf")
 
 
@@ -84,6 +89,20 @@ class Tracing:
 
         return (aio_server_interceptor(tracer_provider=self.provider,
                                        filter_=filters.method_name(GENERATE_METHOD)),)
+
+    @contextlib.contextmanager
+    def request_span(self, carrier: Mapping[str, str]) -> Iterator[Span | None]:
+        """The server span of one request that came in a Session, continuing the trace its
+        ``trace_context`` carries, current while the block runs (None when disabled)."""
+        if not self.enabled:
+            yield None
+            return
+        with self.tracer.start_as_current_span(
+                GENERATE_SERVER_SPAN, context=propagate.extract(dict(carrier)),
+                kind=SpanKind.SERVER, attributes={
+                    "rpc.system": "grpc", "rpc.service": "electron.v1.Worker",
+                    "rpc.method": GENERATE_METHOD, "electron.transport": "session"}) as span:
+            yield span
 
     def shutdown(self) -> None:
         """Exports what is buffered and stops the exporter."""

@@ -1,4 +1,5 @@
-"""The worker's gRPC service: Generate, Abort, WatchState, GetInfo, and grpc.health.v1.
+"""The worker's gRPC service: Generate, Session, Abort, WatchState, GetInfo, and
+grpc.health.v1.
 
 Errors cross this boundary in one place, ``ErrorInterceptor``: an ``ElectronError`` becomes a
 gRPC status plus trailing metadata (``core.protocol``'s codec) from which the router rebuilds
@@ -18,12 +19,13 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+from opentelemetry.trace import StatusCode
 
 from core.errors import ElectronError, InvalidRequest, ModelNotFound
 from core.logs import request_id_var
 from core.pb.electron.v1 import worker_pb2 as pb
 from core.pb.electron.v1 import worker_pb2_grpc as pb_grpc
-from core.protocol import WORKER_SERVICE, error_metadata, status_code_for
+from core.protocol import WORKER_SERVICE, error_metadata, session_end, status_code_for
 from core.telemetry import DISABLED, Tracing
 from workers import wire
 from workers.engine.kv_events import SubscriberFellBehind
@@ -38,6 +40,11 @@ log = logging.getLogger(__name__)
 
 # WatchState sends the worker's load this often (and whenever it sends nothing else).
 LOAD_INTERVAL_S = 0.1
+# Most deltas in one Session message (each is a token or a few, with its logprobs if asked).
+MAX_SESSION_DELTAS = 512
+
+# Largest message a worker takes: above the router's MAX_REQUEST_BYTES, one request.
+MAX_RECEIVE_BYTES = 16 * 1024 * 1024
 
 SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
     # gRPC sets SO_REUSEPORT by default: a second server on a taken port would bind silently.
@@ -51,6 +58,8 @@ SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
     # more often is answered with GOAWAY ("too_many_pings") after two strikes.
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),
     ("grpc.http2.max_pings_without_data", 0),
+    # A router's Session message batches requests (router/fleet/client.py's limits).
+    ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
 )
 
 
@@ -94,21 +103,26 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await _abort_with(context, exc, method)
 
             return handler._replace(unary_unary=unary)
-        if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
-
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                try:
-                    async with contextlib.aclosing(inner_stream(request, context)) as responses:
-                        async for response in responses:
-                            yield response
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:
-                    await _abort_with(context, exc, method)
-
-            return handler._replace(unary_stream=stream)
+        for kind in ("unary_stream", "stream_stream"):
+            inner_stream = getattr(handler, kind)
+            if inner_stream is not None:
+                return handler._replace(**{kind: _mapped_stream(inner_stream, method)})
         return handler  # no client-streaming methods in this service
+
+
+def _mapped_stream(inner: Callable[..., AsyncIterator[Any]], method: str
+                   ) -> Callable[..., AsyncIterator[Any]]:
+    """A response-streaming handler whose exceptions end the RPC as ``_abort_with`` says."""
+    async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async with contextlib.aclosing(inner(request, context)) as responses:
+                async for response in responses:
+                    yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort_with(context, exc, method)
+    return stream
 
 
 # -- the service --------------------------------------------------------------------------------
@@ -139,46 +153,72 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        args = wire.generate_args(request)
-        request_id_var.set(args.request_id)  # this call's task: its log lines carry the id
-        if args.model and args.model != self._model_id:
-            raise ModelNotFound(f"this worker serves {self._model_id!r}, not {args.model!r}",
-                                param="model")
-        outputs = self._engine.generate(args.request_id, list(args.prompt_token_ids),
-                                        args.sampling, args.priority, args.cache_salt)
-        # True from the first output to the last: only then is the request the engine's
-        # to abort. (Before, the engine raised or is cancelled inside its own iterator,
-        # which aborts; and a rejected duplicate id must not abort the original.)
-        streaming = False
+        run = _Run(self, request)
+        # A client that cancels may leave this generator suspended at a ``yield`` that is
+        # only closed when collected; abort now so the request's blocks are freed at once.
+        context.add_done_callback(lambda _: run.abort())
+        async for response in run.responses():
+            yield response
 
-        def on_rpc_done(_: object) -> None:
-            # A client that cancels may leave this generator suspended at a ``yield`` that is
-            # only closed when collected; abort now so the request's blocks are freed at once.
-            if streaming:
-                task = asyncio.get_running_loop().create_task(
-                    self._engine.abort(args.request_id))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+    async def Session(self, requests: AsyncIterator[pb.SessionRequest],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SessionResponse]:
+        """One router's requests on one stream: each request runs in a task of its own, as
+        a Generate call would; the deltas ready together leave in one message. Ends when the
+        router half-closes and its last request ended; cancelling it (the router closed its
+        channel, or vanished) aborts every request still running."""
+        outbox = _Outbox()
+        runs: dict[str, asyncio.Task[None]] = {}
 
-        context.add_done_callback(on_rpc_done)
-        observer = GenerationObserver(self._tracing, self._metrics, args, self._model_id,
-                                      self._engine.worker_id)
-        received = time.monotonic()
+        async def serve(request: pb.GenerateRequest) -> None:
+            request_id = request.request_id
+            try:
+                with self._tracing.request_span(request.trace_context) as span:
+                    try:
+                        async for response in _Run(self, request).responses():
+                            outbox.delta(request_id, response)
+                        outbox.end(session_end(request_id))
+                    except ElectronError as exc:
+                        _span_error(span, exc)
+                        outbox.end(session_end(request_id, exc))
+                    except Exception as exc:
+                        log.exception("unexpected error in a Session request", exc_info=exc)
+                        _span_error(span, exc)
+                        outbox.end(session_end(request_id, ElectronError(_INTERNAL_MESSAGE)))
+            finally:
+                runs.pop(request_id, None)
+                outbox.wake()
+
+        async def read() -> None:
+            async for message in requests:
+                for request_id in message.cancel:
+                    task = runs.get(request_id)
+                    if task is not None:
+                        task.cancel()  # the engine's iterator aborts the request
+                for request in message.generate:
+                    request_id = request.request_id
+                    if request_id in runs:  # a second request under a live id: a broken peer
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                            f"request id {request_id!r} is already running "
+                                            "in this session")
+                    runs[request_id] = asyncio.create_task(serve(request),
+                                                           name=f"session-{request_id}")
+
+        reader = asyncio.create_task(read(), name="session-reader")
+        reader.add_done_callback(lambda _: outbox.wake())
         try:
-            async with contextlib.aclosing(outputs):
-                async for output in outputs:
-                    if not streaming:  # the first output: its time to first token (autoscaler)
-                        self.ttft.record(time.monotonic() - received)
-                    streaming = True
-                    observer.output(output)
-                    if output.caused_by_request:
-                        # Not the worker's failure: the router must neither retry it elsewhere
-                        # nor count it against this worker (INVALID_ARGUMENT says so).
-                        raise InvalidRequest(output.error or "the request could not be served")
-                    yield wire.generate_response(output)
-                streaming = False
+            while True:
+                if not outbox.pending:
+                    if reader.done() and (not runs or reader.exception() is not None):
+                        reader.result()  # a failed read ends the call with its error
+                        return
+                    await outbox.wait()
+                    continue
+                yield outbox.take()
         finally:
-            observer.close()
+            reader.cancel()
+            for task in list(runs.values()):
+                task.cancel()
+            await asyncio.gather(reader, *runs.values(), return_exceptions=True)
 
     async def Abort(self, request: pb.AbortRequest,
                     context: grpc.aio.ServicerContext) -> pb.AbortResponse:
@@ -235,6 +275,99 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         return pb.WorkerInfo(worker_id=engine.worker_id, model=self._model_id,
                              block_size=engine.block_size, max_model_len=engine.max_model_len,
                              vocab_size=engine.vocab_size, pool=self._pool)
+
+
+class _Run:
+    """One request on the engine, as a Generate call or a Session serves it: validation,
+    the engine's stream, its observation and its time to first token."""
+
+    def __init__(self, servicer: WorkerServicer, request: pb.GenerateRequest):
+        self._servicer = servicer
+        self._request = request
+        self._args: wire.GenerateArgs | None = None
+        # True from the first output to the last: only then is the request the engine's
+        # to abort. (Before, the engine raised or is cancelled inside its own iterator,
+        # which aborts; and a rejected duplicate id must not abort the original.)
+        self._streaming = False
+
+    async def responses(self) -> AsyncIterator[pb.GenerateResponse]:
+        servicer = self._servicer
+        args = self._args = wire.generate_args(self._request)
+        request_id_var.set(args.request_id)  # this task's log lines carry the id
+        if args.model and args.model != servicer._model_id:
+            raise ModelNotFound(f"this worker serves {servicer._model_id!r}, not "
+                                f"{args.model!r}", param="model")
+        engine = servicer._engine
+        outputs = engine.generate(args.request_id, list(args.prompt_token_ids), args.sampling,
+                                  args.priority, args.cache_salt)
+        observer = GenerationObserver(servicer._tracing, servicer._metrics, args,
+                                      servicer._model_id, engine.worker_id)
+        received = time.monotonic()
+        try:
+            async with contextlib.aclosing(outputs):
+                async for output in outputs:
+                    if not self._streaming:  # the first output: time to first token
+                        servicer.ttft.record(time.monotonic() - received)
+                    self._streaming = True
+                    observer.output(output)
+                    if output.caused_by_request:
+                        # Not the worker's failure: the router must neither retry it elsewhere
+                        # nor count it against this worker (INVALID_ARGUMENT says so).
+                        raise InvalidRequest(output.error or "the request could not be served")
+                    yield wire.generate_response(output)
+                self._streaming = False
+        finally:
+            observer.close()
+
+    def abort(self) -> None:
+        """Aborts the request on the engine if it is still running there."""
+        if self._streaming and self._args is not None:
+            servicer = self._servicer
+            task = asyncio.get_running_loop().create_task(
+                servicer._engine.abort(self._args.request_id))
+            servicer._background.add(task)
+            task.add_done_callback(servicer._background.discard)
+
+
+class _Outbox:
+    """A Session's deltas and ends waiting to be sent; ``take`` empties it into one message
+    (at most MAX_SESSION_DELTAS deltas: one message stays far below gRPC's size limits)."""
+
+    def __init__(self) -> None:
+        self._deltas: list[pb.SessionDelta] = []
+        self._ends: list[pb.SessionEnd] = []
+        self._ready = asyncio.Event()
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._deltas or self._ends)
+
+    def delta(self, request_id: str, response: pb.GenerateResponse) -> None:
+        self._deltas.append(pb.SessionDelta(request_id=request_id, response=response))
+        self._ready.set()
+
+    def end(self, end: pb.SessionEnd) -> None:
+        self._ends.append(end)
+        self._ready.set()
+
+    def wake(self) -> None:
+        self._ready.set()
+
+    async def wait(self) -> None:
+        await self._ready.wait()
+        self._ready.clear()
+
+    def take(self) -> pb.SessionResponse:
+        deltas, self._deltas = (self._deltas[:MAX_SESSION_DELTAS],
+                                self._deltas[MAX_SESSION_DELTAS:])
+        # A request's end never overtakes its deltas: ends leave with the last of them.
+        ends, self._ends = (self._ends, []) if not self._deltas else ([], self._ends)
+        return pb.SessionResponse(deltas=deltas, ends=ends)
+
+
+def _span_error(span: Any, exc: Exception) -> None:
+    if span is not None:
+        span.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> None:

@@ -39,6 +39,11 @@ class WorkerStub:
                 request_serializer=core_dot_pb_dot_electron_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=core_dot_pb_dot_electron_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/electron.v1.Worker/Session',
+                request_serializer=core_dot_pb_dot_electron_dot_v1_dot_worker__pb2.SessionRequest.SerializeToString,
+                response_deserializer=core_dot_pb_dot_electron_dot_v1_dot_worker__pb2.SessionResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/electron.v1.Worker/Abort',
                 request_serializer=core_dot_pb_dot_electron_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
@@ -61,6 +66,15 @@ class WorkerServicer:
 
     def Generate(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Session(self, request_iterator, context):
+        """The router's path: all of its requests to this worker on one long-lived stream, so a
+        request costs no call of its own and one message carries many requests' deltas.
+        A request's deltas, errors and abort mean exactly what they mean in Generate.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -92,6 +106,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=core_dot_pb_dot_electron_dot_v1_dot_worker__pb2.GenerateRequest.FromString,
                     response_serializer=core_dot_pb_dot_electron_dot_v1_dot_worker__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=core_dot_pb_dot_electron_dot_v1_dot_worker__pb2.SessionRequest.FromString,
+                    response_serializer=core_dot_pb_dot_electron_dot_v1_dot_worker__pb2.SessionResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -136,6 +155,33 @@ class Worker:
             '/electron.v1.Worker/Generate',
             core_dot_pb_dot_electron_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
             core_dot_pb_dot_electron_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/electron.v1.Worker/Session',
+            core_dot_pb_dot_electron_dot_v1_dot_worker__pb2.SessionRequest.SerializeToString,
+            core_dot_pb_dot_electron_dot_v1_dot_worker__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
