@@ -173,13 +173,21 @@ class AsyncEngine:
             stream = self._streams.get(out.request_id)
             if stream is not None:
                 by_stream.setdefault(id(stream), (stream, []))[1].append(out)
+        # One hand-over per event loop per step: every stream of the step wakes in the same
+        # loop iteration, so a Session sends all their deltas in one message (a loop woken
+        # per stream would send the first one alone while this thread still posts).
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[RequestOutput],
+                                                            list[RequestOutput]]]] = {}
         for stream, outs in by_stream.values():
-            stream.loop.call_soon_threadsafe(_put_all, stream.queue, outs)
+            by_loop.setdefault(stream.loop, []).append((stream.queue, outs))
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, batch)
 
 
-def _put_all(queue: asyncio.Queue[RequestOutput], outs: list[RequestOutput]) -> None:
-    for out in outs:
-        queue.put_nowait(out)
+def _put_all(batch: list[tuple[asyncio.Queue[RequestOutput], list[RequestOutput]]]) -> None:
+    for queue, outs in batch:
+        for out in outs:
+            queue.put_nowait(out)
 
 
 __all__ = ["AsyncEngine", "LoadInfo", "Request"]
