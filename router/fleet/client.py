@@ -8,17 +8,21 @@ sequence numbers re-opens the stream, whose first message is a fresh snapshot). 
 stream ends or fails, the worker is gone (or going: a stopping worker ends it first) and
 ``on_broken`` tells the pool at once. Closing the client purges the worker from the index.
 
-``generate`` opens a server-streaming ``Generate`` call; cancelling the returned stream
-cancels the call, and the worker aborts the request and frees its blocks.
+``generate`` sends a request on the worker's ``Session``: one long-lived bidirectional stream
+carries all of this router's requests to the worker, so a request costs no gRPC call of its
+own, and the deltas the worker has ready together (every request's of one engine step)
+arrive in one message (docs/architecture.md, "The Session"). Cancelling the returned stream
+tells the worker, which aborts the request and frees its blocks.
 
-gRPC errors come back as the ``core.errors`` taxonomy (``core.protocol.error_from_rpc``): a
-worker's own error is rebuilt as the same class; a worker that failed, vanished or timed out is
-``WorkerUnavailable``, which the router may retry elsewhere.
+Errors come back as the ``core.errors`` taxonomy (``core.protocol``): a worker's own error
+for a request is rebuilt as the same class; a worker that failed, vanished or timed out, or
+a Session that broke, is ``WorkerUnavailable``, which the router may retry elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Callable
@@ -29,10 +33,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.trace import Span, StatusCode
 
-from core.errors import InternalError, WorkerUnavailable
+from core.errors import ElectronError, InternalError, InvalidRequest, WorkerUnavailable
 from core.pb.electron.v1 import worker_pb2 as pb
 from core.pb.electron.v1 import worker_pb2_grpc as pb_grpc
-from core.protocol import WORKER_SERVICE, error_from_rpc
+from core.protocol import WORKER_SERVICE, error_from_rpc, error_from_session_end
 from core.telemetry import DISABLED, Tracing
 from router.routing.load import CountsLocalLoad, LocalLoad, WorkerLoad
 from router.routing.prefix_index import PrefixIndex
@@ -53,9 +57,11 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     # Snapshots of a large cache: ~10 bytes per block hash.
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 )
-# Thousands of concurrent calls on one aio channel start failing with CANCELLED (docs/operations-notes.md#grpc-bound-concurrent-calls-per-channel);
-# 500 were fine: bound each channel's concurrent Generate calls below that.
-MAX_CONCURRENT_CALLS = 400
+# A Session message holds queued requests up to this size (at least one request), and one
+# request may be at most MAX_REQUEST_BYTES encoded: the worker accepts messages up to
+# workers/grpc_service.py's MAX_RECEIVE_BYTES.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
 CONNECT_TIMEOUT_S = 2.0
 
 
@@ -86,52 +92,216 @@ def _load_of(msg: pb.Load) -> WorkerLoad:
                       running_decode_tokens=msg.running_decode_tokens)
 
 
-# -- one Generate call ------------------------------------------------------------------------------
+# -- the Session: every request of this router to one worker --------------------------------------
 
 class GenerateStream:
-    """The responses of one Generate call. ``cancel()`` (idempotent, any time) ends the call
-    and makes the worker abort the request; reaching the end releases it too. Each delta is
-    reported to the request's ``observe.Observation``; the call's client span (if traced)
-    ends with the call."""
+    """The responses of one request (a Session's, see ``Session``). ``cancel()``
+    (idempotent, any time) gives the request up: the worker aborts it and frees its blocks;
+    reaching the end releases it too. Each delta is reported to the request's
+    ``observe.Observation``; the request's client span (if traced) ends with it."""
 
-    def __init__(self, call: grpc.aio.UnaryStreamCall, worker_id: str,
-                 release: Callable[[], None], observation: observe.Observation | None = None,
-                 span: Span | None = None):
-        self._call = call
-        self._worker_id = worker_id
-        self._release: Callable[[], None] | None = release
+    __slots__ = ("_session", "request_id", "_done", "_observation", "_span", "_deltas",
+                 "_end", "_waiter")
+
+    def __init__(self, session: Session, request_id: str,
+                 observation: observe.Observation | None, span: Span | None):
+        self._session = session
+        self.request_id = request_id
+        self._done = False
         self._observation = observation
         self._span = span
+        self._deltas: collections.deque[pb.GenerateResponse] = collections.deque()
+        self._end: pb.SessionEnd | ElectronError | None = None
+        self._waiter: asyncio.Future[None] | None = None
 
     def __aiter__(self) -> GenerateStream:
         return self
 
     async def __anext__(self) -> pb.GenerateResponse:
-        try:
-            message = await self._call.read()
-        except grpc.aio.AioRpcError as exc:
-            if self._span is not None:
-                self._span.set_status(StatusCode.ERROR, f"{exc.code().name}: {exc.details()}")
-                self._span.set_attribute("rpc.grpc.status_code", exc.code().value[0])
-            self.cancel()
-            raise error_from_rpc(exc, self._worker_id) from None
-        except asyncio.CancelledError:
-            self.cancel()
-            raise
-        if message is grpc.aio.EOF:
-            self.cancel()
-            raise StopAsyncIteration
+        while not self._deltas:
+            end = self._end
+            if end is not None:
+                raise self._ended(end)
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            except asyncio.CancelledError:
+                self.cancel()
+                raise
+            finally:
+                self._waiter = None
         if self._observation is not None:
             self._observation.delta()
-        return message
+        return self._deltas.popleft()
+
+    def _ended(self, end: pb.SessionEnd | ElectronError) -> BaseException:
+        """What reading past the end raises: StopAsyncIteration, or the request's error."""
+        error = end if isinstance(end, ElectronError) else (
+            error_from_session_end(end, self._session.worker_id) if end.status else None)
+        if error is not None and self._span is not None:
+            self._span.set_status(StatusCode.ERROR, error.message)
+        self.cancel()
+        return StopAsyncIteration() if error is None else error
+
+    # The Session's reader calls these.
+    def _deliver(self, response: pb.GenerateResponse) -> None:
+        self._deltas.append(response)
+        self._wake()
+
+    def _finish(self, end: pb.SessionEnd | ElectronError) -> None:
+        if self._end is None:
+            self._end = end
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def cancel(self) -> None:
-        self._call.cancel()  # no-op once the call has ended
-        if self._release is not None:
-            release, self._release = self._release, None
-            release()
+        if self._end is None:
+            self._end = WorkerUnavailable("the request was cancelled")
+            self._session.cancel(self.request_id)
+        if not self._done:
+            self._done = True
             if self._span is not None:
                 self._span.end()
+
+
+class Session:
+    """This router's requests to one worker on one ``Session`` stream (opened on first use,
+    and again after it breaks). ``open`` queues a request; a writer task sends whatever was
+    queued together in one message, and a reader task hands each delta to its request's
+    ``GenerateStream``. When the stream breaks (the worker failed, vanished or stopped),
+    every request on it ends with ``WorkerUnavailable``, as its own call would have."""
+
+    def __init__(self, stub: pb_grpc.WorkerStub, worker_id: str):
+        self._stub = stub
+        self.worker_id = worker_id
+        self._streams: dict[str, GenerateStream] = {}
+        self._starts: list[pb.GenerateRequest] = []
+        self._cancels: list[str] = []
+        self._wake = asyncio.Event()
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+
+    @property
+    def open_requests(self) -> int:
+        return len(self._streams)
+
+    def open(self, request: pb.GenerateRequest, observation: observe.Observation | None = None,
+             span: Span | None = None) -> GenerateStream:
+        """Sends ``request``; its responses come on the returned stream."""
+        if self._closing:
+            raise WorkerUnavailable(f"worker {self.worker_id} is leaving routing")
+        size = request.ByteSize()
+        if size > MAX_REQUEST_BYTES:
+            raise InvalidRequest(f"the request is too large to send to a worker ({size} bytes "
+                                 f"encoded; at most {MAX_REQUEST_BYTES})")
+        request_id = request.request_id
+        if request_id in self._streams:
+            raise InternalError(f"request id {request_id!r} is already open on this worker")
+        if self._call is None:
+            self._connect()
+        stream = GenerateStream(self, request_id, observation, span)
+        self._streams[request_id] = stream
+        self._starts.append(request)
+        self._wake.set()
+        return stream
+
+    def cancel(self, request_id: str) -> None:
+        if self._streams.pop(request_id, None) is not None and self._call is not None:
+            self._cancels.append(request_id)
+            self._wake.set()
+        elif self._closing:
+            self._wake.set()  # the writer half-closes once nothing is open
+
+    def _connect(self) -> None:
+        # wait_for_ready=False: a worker that cannot be reached fails at once, and the
+        # router tries another instead of queueing behind a dead connection.
+        call = self._stub.Session(wait_for_ready=False)
+        self._call = call
+        self._tasks = [asyncio.create_task(self._write(call), name=f"session-w-{self.worker_id}"),
+                       asyncio.create_task(self._read(call), name=f"session-r-{self.worker_id}")]
+
+    async def _write(self, call: grpc.aio.StreamStreamCall) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._starts or self._cancels:
+                    await call.write(self._next_message())
+                if self._closing and not self._streams:
+                    await call.done_writing()
+                    return
+        except Exception as exc:  # the call ended under the write (grpc raises several kinds)
+            log.debug("worker %s: session write failed: %r", self.worker_id, exc)
+            call.cancel()  # the reader sees the call end and fails what is open on it
+
+    def _next_message(self) -> pb.SessionRequest:
+        """The queued cancels, and queued requests up to MAX_MESSAGE_BYTES (at least one)."""
+        message = pb.SessionRequest(cancel=self._cancels)
+        self._cancels = []
+        size, taken = 0, 0
+        for request in self._starts:
+            size += request.ByteSize()
+            if taken and size > MAX_MESSAGE_BYTES:
+                break
+            taken += 1
+        message.generate.extend(self._starts[:taken])
+        del self._starts[:taken]
+        return message
+
+    async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
+        error: ElectronError = WorkerUnavailable(
+            f"worker {self.worker_id} ended the session")
+        try:
+            streams = self._streams
+            async for message in call:
+                for delta in message.deltas:
+                    stream = streams.get(delta.request_id)
+                    if stream is not None:
+                        stream._deliver(delta.response)
+                for end in message.ends:
+                    stream = streams.pop(end.request_id, None)
+                    if stream is not None:
+                        stream._finish(end)
+                if self._closing and not streams:
+                    self._wake.set()  # the writer half-closes
+        except grpc.aio.AioRpcError as exc:
+            error = error_from_rpc(exc, self.worker_id)
+        except asyncio.CancelledError:
+            error = WorkerUnavailable(f"the connection to worker {self.worker_id} was closed")
+            raise
+        finally:
+            self._broken(call, error)
+
+    def _broken(self, call: grpc.aio.StreamStreamCall, error: ElectronError) -> None:
+        """The stream ended: every request on it ends with ``error``; the next ``open``
+        starts a new stream."""
+        if self._call is call:
+            self._call = None
+            current = asyncio.current_task()
+            for task in self._tasks:
+                if task is not current:
+                    task.cancel()
+        streams, self._streams = self._streams, {}
+        self._starts, self._cancels = [], []
+        for stream in streams.values():
+            stream._finish(error if isinstance(error, WorkerUnavailable)
+                           else WorkerUnavailable(f"worker {self.worker_id}: {error.message}"))
+
+    def close_when_idle(self) -> None:
+        """Takes no more requests; the stream half-closes (and the worker ends it) as soon
+        as the requests on it are over."""
+        self._closing = True
+        self._wake.set()
+
+    async def close(self) -> None:
+        call = self._call
+        if call is not None:
+            call.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 # -- the client ---------------------------------------------------------------------------------------
@@ -162,7 +332,7 @@ class WorkerClient(CountsLocalLoad):
         self._channel = grpc.aio.insecure_channel(endpoint.address, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.WorkerStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._slots = asyncio.Semaphore(MAX_CONCURRENT_CALLS)
+        self._session = Session(self._stub, self.worker_id)
         self._watch_task: asyncio.Task[None] | None = None
 
 
@@ -188,23 +358,20 @@ class WorkerClient(CountsLocalLoad):
         return self.info
 
     async def generate(self, request: pb.GenerateRequest) -> GenerateStream:
-        """Starts a Generate call (waiting for a free slot on this channel)."""
-        await self._slots.acquire()
+        """Sends ``request`` on this worker's Session; its responses come on the stream."""
         observation = observe.current()
         if observation is not None:
             observation.dispatched()
-        span, metadata = self._tracing.start_generate_span(self.worker_id, self.address)
+        span, carrier = self._tracing.start_generate_span(self.worker_id, self.address)
+        if span is not None:
+            request.trace_context.clear()  # a retry's request carries the new span's
+            request.trace_context.update(carrier)
         try:
-            # wait_for_ready=False: a worker that cannot be reached fails at once, and the
-            # router tries another instead of queueing behind a dead connection.
-            call = self._stub.Generate(request, wait_for_ready=False,
-                                       metadata=metadata or None)
+            return self._session.open(request, observation=observation, span=span)
         except BaseException:
-            self._slots.release()
             if span is not None:
                 span.end()
             raise
-        return GenerateStream(call, self.worker_id, self._slots.release, observation, span)
 
     async def close(self, grace: float | None = None) -> None:
         """Stops watching and closes the channel; calls still running after ``grace``
@@ -214,7 +381,9 @@ class WorkerClient(CountsLocalLoad):
         if self._watch_task is not None:
             self._watch_task.cancel()
             await asyncio.gather(self._watch_task, return_exceptions=True)
+        self._session.close_when_idle()
         await self._channel.close(grace)
+        await self._session.close()
 
     # -- WatchState
 

@@ -64,9 +64,9 @@ def engine_b(tiny_dir):
     engine.shutdown()
 
 
-async def serve(engine: AsyncEngine, worker_id: str, interceptors=()):
-    server, port = await serve_worker(engine, "127.0.0.1", 0, model_id=MODEL,
-                                      interceptors=interceptors)
+async def serve(engine: AsyncEngine, worker_id: str, fault=None):
+    server, port = await serve_worker(fault.wrap(engine) if fault else engine, "127.0.0.1", 0,
+                                      model_id=MODEL)
     return server, WorkerEndpoint(worker_id, f"127.0.0.1:{port}", MODEL, "default")
 
 
@@ -249,7 +249,7 @@ async def test_worker_timing_out_before_the_first_token_is_left_for_the_next_bes
     prompt = long_prompt("tides")
     await plant(engine_a, prompt)
     hang = HangGenerate()
-    stuck_server, stuck = await serve(engine_a, "stuck", interceptors=[hang])
+    stuck_server, stuck = await serve(engine_a, "stuck", fault=hang)
     good_server, good = await serve(engine_b, "good")
     caplog.set_level(logging.INFO, logger="router.routing")
     try:
@@ -272,7 +272,7 @@ async def test_worker_timing_out_before_the_first_token_is_left_for_the_next_bes
 
 async def test_failing_worker_circuit_opens_and_keeps_it_out(engine_a, engine_b, caplog):
     failing = FailGenerate()
-    bad_server, bad = await serve(engine_a, "bad", interceptors=[failing])
+    bad_server, bad = await serve(engine_a, "bad", fault=failing)
     good_server, good = await serve(engine_b, "good")
     caplog.set_level(logging.INFO, logger="router.routing")
     try:

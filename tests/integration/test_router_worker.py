@@ -48,9 +48,9 @@ def engine():
     eng.shutdown()
 
 
-async def start_worker(engine, worker_id: str, interceptors=()) -> tuple[Any, WorkerEndpoint]:
-    server, port = await serve_worker(engine, "127.0.0.1", 0, model_id=MODEL,
-                                      interceptors=interceptors)
+async def start_worker(engine, worker_id: str, fault=None) -> tuple[Any, WorkerEndpoint]:
+    server, port = await serve_worker(fault.wrap(engine) if fault else engine, "127.0.0.1", 0,
+                                      model_id=MODEL)
     return server, WorkerEndpoint(worker_id, f"127.0.0.1:{port}", MODEL, "default")
 
 
@@ -353,7 +353,7 @@ async def test_openai_sdk_works_on_both_base_urls(router):
 async def test_worker_failing_before_the_first_token_is_retried_on_another(
         engine, worker, caplog):
     failing = FailGenerate()
-    bad_server, bad = await start_worker(engine, "w-bad", interceptors=[failing])
+    bad_server, bad = await start_worker(engine, "w-bad", fault=failing)
     router = await start_router([worker, bad], policy="round_robin")
     try:
         assert sorted(router.worker_ids()) == ["w-bad", "w0"]
@@ -432,7 +432,7 @@ async def test_a_request_that_cannot_be_sampled_fails_alone_unretried_and_uncoun
 
 async def test_only_worker_failing_is_503_worker_unavailable(engine):
     failing = FailGenerate()
-    bad_server, bad = await start_worker(engine, "w-bad", interceptors=[failing])
+    bad_server, bad = await start_worker(engine, "w-bad", fault=failing)
     router = await start_router([bad])
     try:
         async with httpx.AsyncClient(base_url=router.base, timeout=60) as client:

@@ -74,8 +74,7 @@ def engine(tiny_dir):
 
 
 async def serve(engine, worker_id: str, gate: GateGenerate):
-    server, port = await serve_worker(engine, "127.0.0.1", 0, model_id=MODEL,
-                                      interceptors=[gate])
+    server, port = await serve_worker(gate.wrap(engine), "127.0.0.1", 0, model_id=MODEL)
     return server, WorkerEndpoint(worker_id, f"127.0.0.1:{port}", MODEL, "default")
 
 

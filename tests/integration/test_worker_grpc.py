@@ -247,3 +247,106 @@ async def test_a_second_server_cannot_bind_a_taken_port(engine, address):
     port = int(address.rsplit(":", 1)[1])
     with pytest.raises(OSError, match="cannot listen"):
         await serve_worker(engine, "127.0.0.1", port)
+
+
+# -- Session: one router's requests on one stream -------------------------------------------------
+
+async def session_results(call, request_ids, messages=None) -> dict[str, dict]:
+    """Reads a Session until every id in ``request_ids`` ended: per id, its deltas' texts,
+    its finish reasons and its end."""
+    results = {rid: {"text": "", "finish": [], "end": None} for rid in request_ids}
+    while any(r["end"] is None for r in results.values()):
+        message = await asyncio.wait_for(call.read(), 30)
+        assert message is not grpc.aio.EOF, "the session ended early"
+        if messages is not None:
+            messages.append(message)
+        for delta in message.deltas:
+            results[delta.request_id]["text"] += delta.response.text
+            if delta.response.finish_reason:
+                results[delta.request_id]["finish"].append(delta.response.finish_reason)
+        for end in message.ends:
+            assert results[end.request_id]["end"] is None, "a request ended twice"
+            results[end.request_id]["end"] = end
+    return results
+
+
+async def test_session_serves_many_requests_and_sends_what_is_ready_together(engine, stub):
+    """Eight requests in one message: each gets the same text a Generate call gets, its
+    deltas come before its end, and the engine's steps (all eight in each) leave in far
+    fewer messages than deltas."""
+    ids = prompt(engine, 12)
+    expected = "".join(m.text for m in [m async for m in stub.Generate(request(ids))])
+    requests = [request(ids) for _ in range(8)]
+    call = stub.Session()
+    await call.write(pb.SessionRequest(generate=requests))
+    messages: list[pb.SessionResponse] = []
+    results = await session_results(call, [r.request_id for r in requests], messages)
+    for r in results.values():
+        assert r["text"] == expected and r["finish"] == ["length"] and r["end"].status == 0
+    deltas = sum(len(m.deltas) for m in messages)
+    assert deltas >= 8 * 4 and len(messages) <= deltas / 2
+    await call.done_writing()
+    assert await call.read() is grpc.aio.EOF  # half-closed with nothing running: it ends
+    assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_session_cancel_aborts_one_request_and_the_others_go_on(engine, stub):
+    baseline = engine.load()
+    long, short = (request(prompt(engine, 40), max_tokens=MAX_MODEL_LEN - 41),
+                   request(prompt(engine, 10), max_tokens=8))
+    call = stub.Session()
+    await call.write(pb.SessionRequest(generate=[long]))
+    message = await call.read()
+    assert message.deltas[0].request_id == long.request_id
+    assert engine.load().running == 1
+    await call.write(pb.SessionRequest(generate=[short], cancel=[long.request_id]))
+    results = await session_results(call, [short.request_id])
+    assert results[short.request_id]["finish"] == ["length"]
+    await until(lambda: engine.load().running == 0
+                and engine.load().kv_blocks_used == baseline.kv_blocks_used)
+    call.cancel()
+
+
+async def test_session_request_errors_end_that_request_only(engine, stub):
+    """A request the worker refuses ends with the status and error a Generate call would
+    have ended with; the request beside it is served."""
+    good = request(prompt(engine, 10))
+    bad = request(prompt(engine, 10))
+    bad.model = "other-model"
+    call = stub.Session()
+    await call.write(pb.SessionRequest(generate=[bad, good]))
+    results = await session_results(call, [bad.request_id, good.request_id])
+    end = results[bad.request_id]["end"]
+    assert end.status != 0 and results[bad.request_id]["text"] == ""
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        [m async for m in stub.Generate(bad)]
+    assert end.status == refused.value.code().value[0]
+    assert json.loads(end.error) == electron_error(refused.value)
+    assert results[good.request_id]["end"].status == 0
+    assert results[good.request_id]["finish"] == ["length"]
+    call.cancel()
+
+
+async def test_closing_a_session_aborts_every_request_on_it(engine, stub):
+    baseline = engine.load()
+    requests = [request(prompt(engine, 30), max_tokens=MAX_MODEL_LEN - 31) for _ in range(3)]
+    call = stub.Session()
+    await call.write(pb.SessionRequest(generate=requests))
+    await call.read()
+    await until(lambda: engine.load().running == 3)
+    call.cancel()  # the router closed its channel, or vanished
+    await until(lambda: engine.load().running == 0
+                and engine.load().kv_blocks_used == baseline.kv_blocks_used)
+
+
+async def test_session_refuses_a_second_request_under_a_live_id(engine, stub):
+    req = request(prompt(engine, 10), max_tokens=MAX_MODEL_LEN - 11)
+    call = stub.Session()
+    await call.write(pb.SessionRequest(generate=[req]))
+    await call.read()
+    await call.write(pb.SessionRequest(generate=[req]))
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        while await call.read() is not grpc.aio.EOF:
+            pass
+    assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    await until(lambda: engine.load().running == 0)

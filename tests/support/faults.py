@@ -1,65 +1,73 @@
-"""gRPC server interceptors that make a worker's Generate misbehave while the rest of its
-service (state stream, info, health) keeps working, so the router keeps choosing it."""
+"""Workers whose requests misbehave while the rest of their service (state stream, info,
+health) keeps working, so the router keeps choosing them. A fault wraps the worker's engine
+(``serve_worker(fault.wrap(engine), ...)``), so a request misbehaves the same whether it came
+in a Session (the router's path) or a Generate call."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
 
-import grpc
+from core.errors import WorkerUnavailable
 
 
-class _GenerateFault(grpc.aio.ServerInterceptor):
+class _Fault:
     def __init__(self) -> None:
-        self.calls = 0
+        self.calls = 0  # requests the worker was given
 
-    async def fault(self, context: grpc.aio.ServicerContext) -> None:
+    def wrap(self, engine: Any) -> Any:
+        """``engine`` (an AsyncEngine) with this fault on every request."""
+        return _FaultyEngine(engine, self)
+
+    def outputs(self, inner: AsyncIterator[Any]) -> AsyncIterator[Any]:
         raise NotImplementedError
 
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if not details.method.endswith("/Generate"):
-            return handler
 
-        async def generate(request, context):
-            self.calls += 1
-            await self.fault(context)
-            yield  # unreachable; makes this a server-streaming handler
+class _FaultyEngine:
+    def __init__(self, engine: Any, fault: _Fault):
+        self._engine = engine
+        self._fault = fault
 
-        return handler._replace(unary_stream=generate)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
 
-
-class FailGenerate(_GenerateFault):
-    """Generate fails with UNAVAILABLE before any output."""
-
-    async def fault(self, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "injected failure")
+    def generate(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        self._fault.calls += 1
+        return self._fault.outputs(self._engine.generate(*args, **kwargs))
 
 
-class HangGenerate(_GenerateFault):
-    """Generate never answers."""
+class FailGenerate(_Fault):
+    """Every request fails as a worker failure, before any output."""
 
-    async def fault(self, context: grpc.aio.ServicerContext) -> None:
+    async def outputs(self, inner: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        raise WorkerUnavailable("injected failure")
+        yield  # unreachable; makes this an async generator
+
+
+class HangGenerate(_Fault):
+    """No request is ever answered."""
+
+    async def outputs(self, inner: AsyncIterator[Any]) -> AsyncIterator[Any]:
         await asyncio.Event().wait()
+        yield  # unreachable
 
 
-class GateGenerate(grpc.aio.ServerInterceptor):
-    """Generate sends its first message, then holds the rest until ``gate`` is set: streams
+class GateGenerate(_Fault):
+    """Each request sends its first output, then holds the rest until ``gate`` is set: streams
     stay open (and their requests in flight) for as long as a test needs."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.gate = asyncio.Event()
-        self.held = 0  # streams waiting at the gate now
+        self.held = 0  # requests waiting at the gate now
 
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if not details.method.endswith("/Generate"):
-            return handler
-        inner = handler.unary_stream
-
-        async def generate(request, context):
-            first = True
-            async for message in inner(request, context):
-                yield message
+    async def outputs(self, inner: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        first = True
+        async with contextlib.aclosing(inner):
+            async for output in inner:
+                yield output
                 if first:
                     first = False
                     self.held += 1
@@ -67,5 +75,3 @@ class GateGenerate(grpc.aio.ServerInterceptor):
                         await self.gate.wait()
                     finally:
                         self.held -= 1
-
-        return handler._replace(unary_stream=generate)
