@@ -8,6 +8,7 @@ the tenancy store is open; ``/ready?workers=N``: at least N workers connected) n
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.responses import Response
+from starlette.routing import Route
 
 from core.config import Config, RouterConfig
 from core.endpoints import WorkerSource
@@ -64,19 +66,21 @@ async def authenticate(request: Request) -> None:
             request.headers.get("authorization"))
 
 
-async def authenticate_chat(request: Request) -> None:
-    """As ``authenticate``; the revocation check comes with the limits' round trip."""
-    with observe.span("auth"):
-        request.state.principal = await request.app.state.tenancy.authenticate(
-            request.headers.get("authorization"), check_revoked=False)
-
-
 # -- routes -----------------------------------------------------------------------------------------
 
 async def chat_completions(request: Request) -> Response:
-    """Cheap checks, then the limits, then the rest: a tenant over its limits (or a body
-    built to be expensive to validate) costs the router a JSON decode and two fields."""
+    """Auth, cheap checks, then the limits, then the rest: a tenant over its limits (or a
+    body built to be expensive to validate) costs the router a JSON decode and two fields.
+
+    A plain Starlette route, not a FastAPI one: it is the hot path, and FastAPI's
+    dependency solving and response handling cost more CPU than the rest of the route
+    together (docs/operations-notes.md#fastapi-the-hot-route-is-a-plain-starlette-route).
+    Errors raised here reach the same exception handlers."""
     state = request.app.state
+    with observe.span("auth"):
+        # The revocation check comes with the limits' round trip.
+        request.state.principal = await state.tenancy.authenticate(
+            request.headers.get("authorization"), check_revoked=False)
     settings = state.config.router
     raw = await request.body()  # at most router.max_body_bytes
     body = decode_json(raw)
@@ -165,6 +169,25 @@ async def ready(request: Request) -> Response:
     return _json({"status": "ready", "workers": workers})
 
 
+# -- the heap -------------------------------------------------------------------------------------
+
+# Python's collector runs a young collection every 700 net allocations of containers by
+# default: a streamed request makes thousands (coroutines, dicts, protobuf wrappers), and
+# every tenth-squared one is a full collection walking the whole heap (modules, the app,
+# the tokenizer's tables): ~100 ms with nothing else running on the event loop.
+GC_THRESHOLDS = (20_000, 20, 20)
+
+
+def settle_heap() -> None:
+    """Once started: collects, then moves every object alive now out of the collector's
+    view (``gc.freeze``: they live as long as the process), and collects less often. Full
+    collections then walk only what requests allocated since
+    (docs/operations-notes.md#gc-freeze-the-routers-heap-once-started)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 # -- the app ----------------------------------------------------------------------------------------
 
 def create_app(config: Config, worker_source: WorkerSource,
@@ -195,6 +218,7 @@ def create_app(config: Config, worker_source: WorkerSource,
         try:
             await pool.start()
             try:
+                settle_heap()
                 yield
             finally:
                 await pool.stop()  # ends open streams: their admissions finish
@@ -217,14 +241,13 @@ def create_app(config: Config, worker_source: WorkerSource,
                        tracing=tracing)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
 
-    chat_api = APIRouter(dependencies=[Depends(authenticate_chat)])
-    chat_api.add_api_route("/chat/completions", chat_completions, methods=["POST"])
     api = APIRouter(dependencies=[Depends(authenticate)])
     api.add_api_route("/models", list_models, methods=["GET"])
     api.add_api_route("/models/{model_id:path}", get_model, methods=["GET"])
     api.add_api_route("/usage", tenancy_routes.usage, methods=["GET"])
     for base in BASE_PATHS:
-        app.include_router(chat_api, prefix=base)
+        app.router.routes.append(Route(f"{base}/chat/completions", chat_completions,
+                                       methods=["POST"]))
         app.include_router(api, prefix=base)
     app.include_router(tenancy_routes.admin_routes(), prefix="/v1/admin")
     app.add_api_route("/health", health, methods=["GET"])
