@@ -225,8 +225,11 @@ def create_app(config: Config, worker_source: WorkerSource,
         finally:
             await tenancy.stop()
 
+    # FastAPI's own OpenTelemetry bridge is off: the router opens its HTTP spans itself
+    # (router/telemetry/observe.py), and the bridge's per-request checks cost CPU.
     app = FastAPI(title="Electron Serve", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  openapi_url=None, telemetry={"tracing": False, "metrics": False,
+                                               "logs": False})
     app.state.config = config
     app.state.pool = pool
     app.state.chat = chat

@@ -46,19 +46,23 @@ async def chat_chunks(generation: Generation, fingerprint: str) -> AsyncIterator
     """The SSE events of one streamed chat completion."""
     prepared = generation.prepared
     chunks = ChunkStream(prepared, generation.usage, fingerprint)
+    out = b""
     try:
         async for message in generation.responses():
-            out = b"".join(event(chunk) for chunk in chunks.add(message))
-            if out:
+            out += b"".join(event(chunk) for chunk in chunks.add(message))
+            # One write for what is ready together: the deltas already here, and the last
+            # choice's finish with the usage chunk and [DONE] (its end came with it).
+            if out and not generation.ready and not chunks.finished:
                 yield out
-        tail = b"".join(event(chunk) for chunk in chunks.end())
+                out = b""
+        tail = out + b"".join(event(chunk) for chunk in chunks.end())
     except ElectronError as exc:
         log.warning("request %s failed while streaming: %s", prepared.request_id, exc.message)
-        tail = event(body_of(exc))
+        tail = out + event(body_of(exc))
     except Exception as exc:
         log.error("request %s: unhandled %s while streaming", prepared.request_id,
                   type(exc).__name__, exc_info=exc)
-        tail = event(body_of(InternalError(GENERIC_500)))
+        tail = out + event(body_of(InternalError(GENERIC_500)))
     # The usage (or error) event, [DONE] and the end of the body leave in one write.
     yield tail + DONE
 

@@ -86,6 +86,11 @@ class ChunkStream:
             self._finished += 1
         return chunks
 
+    @property
+    def finished(self) -> bool:
+        """Every choice has had its finish chunk."""
+        return self._finished >= self._n
+
     def end(self) -> list[dict[str, Any]]:
         """After the worker's last delta: the usage chunk, when asked for."""
         if self._finished < self._n:

@@ -108,6 +108,11 @@ class Generation:
             self.usage.observe(message)  # the first delta was counted when it arrived
             yield _checked(message, self.lease.worker.worker_id)
 
+    @property
+    def ready(self) -> bool:
+        """More deltas have arrived: reading the next one will not wait."""
+        return self.stream.ready
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

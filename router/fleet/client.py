@@ -134,6 +134,11 @@ class GenerateStream:
             self._observation.delta()
         return self._deltas.popleft()
 
+    @property
+    def ready(self) -> bool:
+        """A delta or the end is here: the next read will not wait."""
+        return bool(self._deltas) or self._end is not None
+
     def _ended(self, end: pb.SessionEnd | ElectronError) -> BaseException:
         """What reading past the end raises: StopAsyncIteration, or the request's error."""
         error = end if isinstance(end, ElectronError) else (
