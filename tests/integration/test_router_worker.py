@@ -13,6 +13,7 @@ import json
 import logging
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,8 +24,11 @@ import pytest_asyncio
 
 from core.config import EngineConfig, load_config
 from core.endpoints import StaticWorkerSource, WorkerEndpoint
+from core.errors import InvalidRequest, WorkerUnavailable
 from core.hashing import block_hashes, extra_key
+from core.pb.electron.v1 import worker_pb2 as pb
 from router.api.app import create_app
+from router.fleet.client import MAX_REQUEST_BYTES, WorkerClient
 from tests.support.faults import FailGenerate
 from tests.support.openai_schema import validate
 from tests.support.serving import Router, serve_router, stop_router
@@ -533,3 +537,57 @@ async def test_a_reply_closed_by_the_budget_is_complete_and_says_so(http):
     assert chunks[-1]["usage"]["structured_forced_close"] == 1
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text == choice["message"]["content"]  # same seed, same reply
+
+
+# -- the Session under the router's requests ---------------------------------------------------------
+
+def wire_request(token_ids: list[int], max_tokens: int) -> pb.GenerateRequest:
+    return pb.GenerateRequest(request_id=f"s-{uuid.uuid4().hex}", token_ids=token_ids,
+                              model=MODEL, sampling=pb.SamplingParams(
+                                  temperature=0, max_tokens=max_tokens, ignore_eos=True))
+
+
+async def test_a_broken_session_ends_every_request_on_it_and_the_next_one_reconnects(engine):
+    server, endpoint = await start_worker(engine, "w-session")
+    client = WorkerClient(endpoint)
+    try:
+        await client.connect()
+        long = [await client.generate(wire_request([5, 6, 7, 8 + i], MAX_MODEL_LEN - 8))
+                for i in range(2)]
+        for stream in long:
+            assert (await anext(stream)).text is not None
+        port = int(endpoint.address.rpartition(":")[2])
+        await server.server.stop(None)  # killed: its Session breaks under both requests
+        for stream in long:
+            with pytest.raises(WorkerUnavailable):
+                async with asyncio.timeout(5):
+                    async for _ in stream:
+                        pass
+        await wait_until(lambda: engine_idle(engine), timeout=5.0)
+        # A worker back on the same address: the next request opens a new Session.
+        server, _ = await serve_worker(engine, "127.0.0.1", port, model_id=MODEL)
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    stream = await client.generate(wire_request([9, 10, 11], 3))
+                    messages = [m async for m in stream]
+                    break
+                except WorkerUnavailable:
+                    await asyncio.sleep(0.1)  # the channel is still reconnecting
+        assert messages[-1].finish_reason == "length"
+    finally:
+        await client.close()
+        await server.stop(None)
+
+
+async def test_a_request_too_large_for_the_wire_is_refused_alone(engine, worker):
+    client = WorkerClient(worker)
+    try:
+        await client.connect()
+        huge = wire_request([2**31] * (MAX_REQUEST_BYTES // 5 + 1), 4)
+        with pytest.raises(InvalidRequest, match="too large"):
+            await client.generate(huge)
+        messages = [m async for m in await client.generate(wire_request([5, 6, 7], 2))]
+        assert messages[-1].finish_reason == "length"
+    finally:
+        await client.close()
