@@ -30,6 +30,7 @@ import uvicorn
 from cluster.autoscaler import Autoscaler
 from cluster.fleet import Fleet, StartupFailed, StaticFleet
 from cluster.registry import RayWorkerSource, registry_actor
+from core.cluster_token import new_cluster_token
 from core.config import Config, ConfigError
 from core.telemetry import DISABLED, Tracing, tracing_from_env
 from router.api.server import listen_socket
@@ -198,6 +199,25 @@ def with_ready_made_key(config: Config) -> Config:
     return config.model_copy(update={"auth": auth})
 
 
+def with_cluster_token(config: Config) -> Config:
+    """``up`` owns its workers and its router: with no ``cluster.token`` configured, it makes
+    one for this run and hands it to both in their config, so nothing has to be set and a
+    caller without it (another user of the machine) is refused by the workers' ports."""
+    if config.cluster.token is not None:
+        return config
+    cluster = config.cluster.model_copy(update={"token": new_cluster_token()})
+    return config.model_copy(update={"cluster": cluster})
+
+
+def require_cluster_token(config: Config, command: str) -> None:
+    """Workers and routers joining a cluster must share a token set beforehand."""
+    if config.cluster.token is None:
+        raise ConfigError(
+            f"`{command}` joins a cluster whose workers ask every caller for the cluster "
+            "token: set cluster.token (ELECTRON_CLUSTER__TOKEN, at least 16 characters; the "
+            "same on every worker and router)")
+
+
 async def run_up(config: Config, log_level: str = "info") -> None:
     """``electron-serve up``: local Ray, ``cluster.workers`` workers and the router."""
     if config.cluster.ray_address:
@@ -205,7 +225,7 @@ async def run_up(config: Config, log_level: str = "info") -> None:
                           "use `electron-serve worker` and `router` to join a cluster")
     if config.cluster.workers < 1:
         raise ConfigError("`up` needs at least one worker")
-    config = with_ready_made_key(config)
+    config = with_cluster_token(with_ready_made_key(config))
     sock = listen_socket(config.router.host, config.router.port)
     workers = make_fleet(config)
     registry = None
@@ -242,6 +262,7 @@ async def run_up(config: Config, log_level: str = "info") -> None:
 
 async def run_router(config: Config, log_level: str = "info") -> None:
     """``electron-serve router``: a router on an existing Ray cluster (no workers)."""
+    require_cluster_token(config, "router")
     sock = listen_socket(config.router.host, config.router.port)
     tracing = tracing_from_env(ROUTER_SERVICE_NAME)
     try:
@@ -264,6 +285,7 @@ async def run_router(config: Config, log_level: str = "info") -> None:
 
 async def run_worker(config: Config) -> None:
     """``electron-serve worker``: ``cluster.workers`` workers on an existing Ray cluster."""
+    require_cluster_token(config, "worker")
     connect_ray(config)
     workers = make_fleet(config)
     ready_file = config.cluster.ready_file

@@ -162,6 +162,12 @@ class TenancyConfig(_Frozen):
 class ClusterConfig(_Frozen):
     ray_address: str | None = None  # None: start a local Ray
     namespace: str = "electron"
+    # The token every call to a worker's gRPC port must carry (core/cluster_token.py), the
+    # same on a cluster's workers and routers (ELECTRON_CLUSTER__TOKEN; the Helm chart's
+    # Secret). `up` makes one per run when it is unset; `worker` and `router` joining a
+    # cluster refuse to start without one. Printable ASCII without spaces (gRPC metadata).
+    token: str | None = Field(None, min_length=16, max_length=512,
+                              pattern=r"^[\x21-\x7e]+$", repr=False)
     workers: int = Field(1, ge=0)
     pool: str = "default"
     num_gpus_per_worker: float = Field(0, ge=0)

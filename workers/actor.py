@@ -72,6 +72,9 @@ class WorkerActor:
             raise RuntimeError(f"no registry actor in Ray namespace {cluster.namespace!r}: "
                                "the launcher creates it before starting workers")
         self._registry = registry
+        if cluster.token is None:  # checked first too: the port must never serve without it
+            raise RuntimeError("cluster.token is not set: a worker's gRPC port serves only "
+                               "callers that present the cluster token")
         # Ray sets OMP_NUM_THREADS from num_cpus; an explicit setting wins over it.
         torch.set_num_threads(
             config.engine.torch_threads or max(1, round(cluster.num_cpus_per_worker)))
@@ -84,7 +87,7 @@ class WorkerActor:
         self._server: WorkerServer
         self._server, port = await serve_worker(
             self._engine, host, 0, model_id=config.router.model_id, pool=cluster.pool,
-            tracing=self._tracing, metrics=self._metrics)
+            tracing=self._tracing, metrics=self._metrics, token=cluster.token)
         self._endpoint = WorkerEndpoint(worker_id=worker_id, address=f"{host}:{port}",
                                         model=config.router.model_id, pool=cluster.pool,
                                         metrics_address=f"{host}:{metrics_port}")
@@ -166,7 +169,8 @@ def _listen_host(config: Config) -> str:
     """Where the gRPC server listens, which is also the address routers dial.
 
     Without a Ray address everything runs on this machine (``electron-serve up``, tests):
-    listen on loopback so the unauthenticated worker port is not exposed to the network.
+    listen on loopback, so the worker port (which asks for the cluster token all the same:
+    other users of the machine reach loopback) is not exposed to the network.
     In a cluster, routers on other nodes dial the node's own address.
     """
     if config.cluster.ray_address is None:

@@ -1,6 +1,9 @@
 """The worker's gRPC service: Generate, Session, Abort, WatchState, GetInfo, and
 grpc.health.v1.
 
+Every call to it must carry the cluster token (``core.cluster_token``): without it, or with
+another, it ends UNAUTHENTICATED before any handler runs.
+
 Errors cross this boundary in one place, ``ErrorInterceptor``: an ``ElectronError`` becomes a
 gRPC status plus trailing metadata (``core.protocol``'s codec) from which the router rebuilds
 the same error; anything else becomes INTERNAL with a generic message (the traceback is
@@ -21,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from opentelemetry.trace import StatusCode
 
+from core.cluster_token import TokenServerInterceptor
 from core.errors import ElectronError, InvalidRequest, ModelNotFound
 from core.logs import request_id_var
 from core.pb.electron.v1 import worker_pb2 as pb
@@ -427,16 +431,20 @@ async def serve_worker(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     tracing: Tracing = DISABLED,
     metrics: WorkerMetrics | None = None,
+    token: str | None = None,
 ) -> tuple[WorkerServer, int]:
     """Starts the worker's gRPC server on ``host:port`` (0: any free port).
 
     Returns the server and the port it bound. ``model_id`` defaults to the engine's model
     name. ``interceptors`` run before the error mapping; ``tracing`` adds the Generate server
     span (outside the error mapping, so the span sees the status); ``metrics`` gets each
-    finished sequence.
+    finished sequence. ``token`` is the cluster token every call must carry, checked first
+    (None: no check, for in-process tests and benchmarks; a worker actor always has one).
     """
+    auth = [TokenServerInterceptor(token)] if token is not None else []
     server = grpc.aio.server(
-        interceptors=[*interceptors, *tracing.server_interceptors(), ErrorInterceptor()],
+        interceptors=[*auth, *interceptors, *tracing.server_interceptors(),
+                      ErrorInterceptor()],
         options=SERVER_OPTIONS)
     servicer = WorkerServicer(engine, model_id=model_id or engine.model_name, pool=pool,
                               tracing=tracing, metrics=metrics)

@@ -206,7 +206,8 @@ def create_app(config: Config, worker_source: WorkerSource,
                       breaker=CircuitBreaker(settings.breaker_failures, settings.breaker_open_s),
                       tracing=tracing, shared_pool=config.cluster.pool,
                       fallback_pools=[p.name for p in config.autoscaler.pools
-                                      if p.fallback_to_shared])
+                                      if p.fallback_to_shared],
+                      token=config.cluster.token)
     chat = ChatService(pool=pool, tokenizer=tokenizer, settings=settings,
                        fingerprint=system_fingerprint(config.engine.model))
 

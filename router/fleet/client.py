@@ -33,6 +33,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.trace import Span, StatusCode
 
+from core.cluster_token import token_client_interceptors, token_metadata
 from core.errors import ElectronError, InternalError, InvalidRequest, WorkerUnavailable
 from core.pb.electron.v1 import worker_pb2 as pb
 from core.pb.electron.v1 import worker_pb2_grpc as pb_grpc
@@ -179,9 +180,13 @@ class Session:
     ``GenerateStream``. When the stream breaks (the worker failed, vanished or stopped),
     every request on it ends with ``WorkerUnavailable``, as its own call would have."""
 
-    def __init__(self, stub: pb_grpc.WorkerStub, worker_id: str):
+    def __init__(self, stub: pb_grpc.WorkerStub, worker_id: str,
+                 metadata: tuple[tuple[str, str], ...] | None = None):
         self._stub = stub
         self.worker_id = worker_id
+        # The cluster token, sent with the call itself: a stream-stream interceptor would
+        # put a queue and a generator between this hot stream and every write and read.
+        self._metadata = metadata
         self._streams: dict[str, GenerateStream] = {}
         self._starts: list[pb.GenerateRequest] = []
         self._cancels: list[str] = []
@@ -224,7 +229,7 @@ class Session:
     def _connect(self) -> None:
         # wait_for_ready=False: a worker that cannot be reached fails at once, and the
         # router tries another instead of queueing behind a dead connection.
-        call = self._stub.Session(wait_for_ready=False)
+        call = self._stub.Session(wait_for_ready=False, metadata=self._metadata)
         self._call = call
         self._tasks = [asyncio.create_task(self._write(call), name=f"session-w-{self.worker_id}"),
                        asyncio.create_task(self._read(call), name=f"session-r-{self.worker_id}")]
@@ -317,9 +322,9 @@ class WorkerClient(CountsLocalLoad):
 
     def __init__(self, endpoint: Endpoint, *, index: PrefixIndex | None = None,
                  on_broken: Callable[[WorkerClient], None] | None = None,
-                 tracing: Tracing = DISABLED):
+                 tracing: Tracing = DISABLED, token: str | None = None):
         """``index`` is the router's prefix index (None: one of its own); ``tracing``
-        traces the Generate calls."""
+        traces the Generate calls; ``token`` is the cluster token every call carries."""
         self.endpoint = endpoint
         self.worker_id = endpoint.worker_id
         self.address = endpoint.address
@@ -334,10 +339,12 @@ class WorkerClient(CountsLocalLoad):
         self._on_broken = on_broken
         self._tracing = tracing
         self._closing = False
-        self._channel = grpc.aio.insecure_channel(endpoint.address, options=CHANNEL_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(
+            endpoint.address, options=CHANNEL_OPTIONS,
+            interceptors=token_client_interceptors(token))
         self._stub = pb_grpc.WorkerStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._session = Session(self._stub, self.worker_id)
+        self._session = Session(self._stub, self.worker_id, token_metadata(token))
         self._watch_task: asyncio.Task[None] | None = None
 
 

@@ -110,12 +110,13 @@ class WorkerPool:
     def __init__(self, source, *, model_id: str, poll_s: float, policy: RoutingPolicy,
                  index: PrefixIndex | None = None, breaker: CircuitBreaker | None = None,
                  tracing: Tracing = DISABLED, shared_pool: str = "default",
-                 fallback_pools: Collection[str] = ()):
+                 fallback_pools: Collection[str] = (), token: str | None = None):
         """``source`` is a ``cluster.registry.WorkerSource``; only workers serving
         ``model_id`` are used. ``index`` is the prefix index the policy reads (None: a new
         one); ``breaker`` defaults to one with the router's default settings; ``tracing`` traces the Generate
         calls. ``shared_pool`` serves requests that name no pool; pools in
-        ``fallback_pools`` fall back to it."""
+        ``fallback_pools`` fall back to it. ``token`` is the cluster token the workers ask of
+        every call (``core.cluster_token``)."""
         self._source = source
         self.shared_pool = shared_pool
         self._fallback_pools = frozenset(fallback_pools)
@@ -128,6 +129,7 @@ class WorkerPool:
             breaker = CircuitBreaker(defaults.breaker_failures, defaults.breaker_open_s)
         self.breaker = breaker
         self._tracing = tracing
+        self._token = token
         # The workers' KV block size (from GetInfo; one per deployment): None until one is
         # connected.
         self.block_size: int | None = None
@@ -275,7 +277,7 @@ class WorkerPool:
 
     async def _connect(self, endpoint) -> None:
         client = WorkerClient(endpoint, index=self.index, on_broken=self._on_broken,
-                              tracing=self._tracing)
+                              tracing=self._tracing, token=self._token)
         try:
             info = await client.connect()
         except WorkerUnavailable as exc:

@@ -15,6 +15,7 @@ import ray
 
 from cluster.launcher import start_local_ray
 from cluster.registry import RayWorkerSource, registry_actor
+from core.cluster_token import TOKEN_METADATA_KEY
 from core.config import Config
 from core.pb.electron.v1 import worker_pb2 as pb
 from core.pb.electron.v1 import worker_pb2_grpc as pb_grpc
@@ -93,13 +94,23 @@ async def until_listed(source: RayWorkerSource, predicate, within: float) -> flo
     return time.monotonic() - started
 
 
-async def generate_once(address: str) -> pb.GenerateResponse:
+async def generate_once(address: str, token: str | None) -> pb.GenerateResponse:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.WorkerStub(channel)
         req = pb.GenerateRequest(
             request_id=f"r-{uuid.uuid4().hex}", token_ids=[5, 6, 7, 8, 9],
             sampling=pb.SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
-        return [m async for m in stub.Generate(req)][-1]
+        metadata = None if token is None else ((TOKEN_METADATA_KEY, token),)
+        return [m async for m in stub.Generate(req, metadata=metadata)][-1]
+
+
+async def test_a_worker_actor_refuses_calls_without_the_cluster_token(config, workers):
+    address = await workers["worker-b"].ready.remote()
+    for token in (None, config.cluster.token[:-1] + "x"):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await generate_once(address, token)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert (await generate_once(address, config.cluster.token)).usage.completion_tokens == 3
 
 
 async def test_started_workers_appear_then_a_killed_one_disappears(config, workers):
@@ -115,7 +126,7 @@ async def test_started_workers_appear_then_a_killed_one_disappears(config, worke
     took = await until_listed(source, lambda ids: ids == {"worker-b"}, VISIBLE_WITHIN_S)
     assert took < VISIBLE_WITHIN_S
 
-    final = await generate_once(addresses["worker-b"])
+    final = await generate_once(addresses["worker-b"], config.cluster.token)
     assert final.finish_reason == "length"
     assert final.usage.completion_tokens == 3
 
@@ -129,5 +140,5 @@ async def test_a_stopped_worker_leaves_the_registry_at_once(config, workers):
     # Deregistered by stop() itself, not by the TTL running out.
     assert "worker-b" not in await listed_ids(source)
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await generate_once(address)
+        await generate_once(address, config.cluster.token)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE

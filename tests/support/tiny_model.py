@@ -114,6 +114,6 @@ def tiny_cluster_config(model_dir: Path, *, workers: int, max_model_len: int = 2
                             kv_cache_bytes=4 * 2**20, max_model_len=max_model_len,
                             torch_threads=1),
         cluster=ClusterConfig(namespace=f"test-{uuid.uuid4().hex[:8]}", workers=workers,
-                              num_cpus_per_worker=1),
+                              num_cpus_per_worker=1, token=f"test-{uuid.uuid4().hex}"),
         # Tenancy has tests of its own: these send no key, and keep no files outside tmp.
         auth=AuthConfig(enabled=False), tenancy=TenancyConfig(**local_tenancy()))
