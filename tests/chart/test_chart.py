@@ -109,9 +109,11 @@ def env_name(section: str, field: str) -> str:
 ADMIN_KEY, REDIS_URL, DATABASE_URL = (env_name("auth", "admin_key"),
                                       env_name("tenancy", "redis_url"),
                                       env_name("tenancy", "database_url"))
+CLUSTER_TOKEN = env_name("cluster", "token")
 # What a Secret the chart does not create (existingSecret) holds, for load_config.
 EXTERNAL = {ADMIN_KEY: "sk-admin-external-0123456789", REDIS_URL: "redis://ext-redis:6379/0",
-            DATABASE_URL: "postgresql://u:p@ext-db:5432/electron"}
+            DATABASE_URL: "postgresql://u:p@ext-db:5432/electron",
+            CLUSTER_TOKEN: "external-cluster-token-0123456789"}
 
 
 def router_container(docs) -> dict[str, Any]:
@@ -202,6 +204,9 @@ def test_the_values_schema_rejects_bad_values():
                         "/plans/pro/concurrency"),
                        ({"logs": {"format": "xml"}}, "/logs/format"),
                        ({"metrics": {"workerPort": 0}}, "/metrics/workerPort"),
+                       ({"clusterToken": {"value": "too-short"}}, "/clusterToken/value"),
+                       ({"clusterToken": {"value": "a token with spaces"}},
+                        "/clusterToken/value"),
                        ({"typo": True}, "typo")]:
         with pytest.raises(helm_python.HelmValuesError, match=where):
             render(bad)
@@ -355,9 +360,37 @@ def test_secrets_are_never_inlined(case):
         assert one(docs, "Secret", f"{FULLNAME}-admin")["data"]["admin-key"]
     # Every setting the router reads from its environment comes from a Secret.
     settings = [name for name in env if name.startswith(ENV_PREFIX) and "__" in name]
-    assert settings and set(settings) <= {ADMIN_KEY, REDIS_URL, DATABASE_URL}
+    assert settings and set(settings) <= {ADMIN_KEY, REDIS_URL, DATABASE_URL, CLUSTER_TOKEN}
     for name in settings:
         assert set(env[name]) == {"name", "valueFrom"}, name
+
+
+def _controllers(docs) -> list[dict[str, Any]]:
+    return [d for d in find(docs, "Deployment")
+            if d["metadata"]["name"].startswith(f"{FULLNAME}-controller-")]
+
+
+def test_routers_and_controllers_share_the_cluster_token_from_a_secret(case, tmp_path):
+    values, _, docs = case
+    token = values.get("clusterToken", {})
+    if token.get("existingSecret"):
+        expected = {"name": token["existingSecret"], "key": token["existingSecretKey"]}
+        assert not find(docs, "Secret", f"{FULLNAME}-cluster-token")
+    else:
+        expected = {"name": f"{FULLNAME}-cluster-token", "key": "cluster-token"}
+        secret = one(docs, "Secret", f"{FULLNAME}-cluster-token")
+        assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    containers = [router_container(docs)] + [
+        c["spec"]["template"]["spec"]["containers"][0] for c in _controllers(docs)]
+    assert len(containers) >= 2
+    for container in containers:
+        entry = env_of(container)[CLUSTER_TOKEN]
+        assert entry == {"name": CLUSTER_TOKEN, "valueFrom": {"secretKeyRef": expected}}
+    # It loads: a valid token, the one every controller's worker actors get.
+    config, env = router_config(docs, tmp_path)
+    assert config.cluster.token == env[CLUSTER_TOKEN]
+    for container in containers[1:]:
+        assert resolved_env(container, docs)[CLUSTER_TOKEN] == config.cluster.token
     # The other processes get none of them (the migration Job: the database's only).
     for name, spec in pod_specs(docs):
         if name.endswith("-migrate"):

@@ -461,9 +461,12 @@ def test_under_gitops_every_password_comes_from_an_existing_secret():
     assert not find(docs, "Secret")
     with pytest.raises(helm_python.HelmError, match="auth.adminKey: secrets.generate is false"):
         render(merged(GPU_CLUSTER, {"auth": {"existingSecret": ""}}))
+    with pytest.raises(helm_python.HelmError, match="clusterToken.value: secrets.generate"):
+        render(merged(GPU_CLUSTER, {"clusterToken": {"existingSecret": ""}}))
     with pytest.raises(helm_python.HelmError, match="postgresql.password"):
         render(merged(TRIAL, {"secrets": {"generate": False},
-                              "auth": {"existingSecret": "a"}}))
+                              "auth": {"existingSecret": "a"},
+                              "clusterToken": {"existingSecret": "t"}}))
 
 
 def test_the_in_chart_postgresql_password_from_an_existing_secret(tmp_path):

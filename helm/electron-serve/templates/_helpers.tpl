@@ -326,10 +326,25 @@ worker generation's above. */}}
 {{- printf "%s-datastores" (include "electron-serve.fullname" .) }}
 {{- end }}
 
+{{- define "electron-serve.clusterTokenSecretName" -}}
+{{- default (printf "%s-cluster-token" (include "electron-serve.fullname" .)) .Values.clusterToken.existingSecret }}
+{{- end }}
+
+{{/* cluster.token for the routers and the controllers (which hand it to their worker
+actors): from a Secret, never inlined. */}}
+{{- define "electron-serve.clusterTokenEnv" -}}
+- name: ELECTRON_CLUSTER__TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "electron-serve.clusterTokenSecretName" . }}
+      key: {{ ternary .Values.clusterToken.existingSecretKey "cluster-token" (ne .Values.clusterToken.existingSecret "") }}
+{{- end }}
+
 {{/* The router's secrets, as the config's own environment variables
 (ELECTRON_<SECTION>__<FIELD>, core/config.py): tenancy.redis_url, tenancy.database_url and
-auth.admin_key come from Secrets through secretKeyRef, never inlined. */}}
+auth.admin_key come from Secrets through secretKeyRef, never inlined; so does cluster.token. */}}
 {{- define "electron-serve.secretEnv" -}}
+{{ include "electron-serve.clusterTokenEnv" . }}
 {{- if .Values.auth.enabled }}
 - name: ELECTRON_AUTH__ADMIN_KEY
   valueFrom:
