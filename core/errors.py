@@ -14,6 +14,10 @@ class ElectronError(Exception):
     status = 500
     type = "server_error"
     code: str | None = None
+    # What a client is told instead of ``message`` (None: the message itself). A class whose
+    # messages are for the log (they may name a worker, a peer address or a database host)
+    # sets a fixed text here; router/openai/errors.py builds every body from it.
+    public_text: str | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -21,6 +25,10 @@ class ElectronError(Exception):
         self.param = param
         if code is not None:
             self.code = code
+
+    @property
+    def public_message(self) -> str:
+        return self.public_text or self.message
 
 
 class InvalidRequest(ElectronError):
@@ -86,9 +94,14 @@ class WorkerUnavailable(ElectronError):
     status = 503
     type = "server_error"
     code = "worker_unavailable"
+    public_text = ("The model worker serving this request failed or became unavailable; "
+                   "retry the request.")
 
 
 class InternalError(ElectronError):
     status = 500
     type = "server_error"
     code = None
+    public_text = ("The server had an error while processing your request. Sorry about that! "
+                   "Retry the request, or contact support with the X-Request-Id of this "
+                   "response.")

@@ -101,7 +101,9 @@ def error_from_status(code: grpc.StatusCode, details: str,
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             return InvalidRequest(details or "invalid request")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return Overloaded(details or "the worker is overloaded")
+            # gRPC's own (message sizes, limits): the log's, not the client's.
+            log.warning("worker %s: RESOURCE_EXHAUSTED: %s", worker_id, details)
+            return Overloaded("the worker is overloaded")
         return WorkerUnavailable(f"worker {worker_id} failed: {code.name}: {details}")
     cls = _error_class(body.get("type"), body.get("code"))
     message = str(body.get("message") or details or "")

@@ -1,7 +1,10 @@
 """The HTTP boundary of the error taxonomy: the one place that builds OpenAI's error body.
 
 Every error a client sees is ``{"error": {"message", "type", "param", "code"}}`` (all four
-keys, ``param``/``code`` may be null) with the status of the ``core.errors`` class.
+keys, ``param``/``code`` may be null) with the status of the ``core.errors`` class. The
+message is the error's ``public_message``: a worker failure or an internal error says what
+happened in fixed words, never which worker, which address or what the peer said (that goes
+to the log, with the request id).
 Validation failures are 400 here, never FastAPI's 422; 429 and 503 carry ``Retry-After``;
 an unexpected exception is logged with its traceback and answered with a generic 500.
 """
@@ -30,8 +33,7 @@ from core.errors import (
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
-GENERIC_500 = ("The server had an error while processing your request. Sorry about that! "
-               "Retry the request, or contact support with the X-Request-Id of this response.")
+GENERIC_500 = InternalError.public_text or ""
 
 
 def error_body(message: str, type: str, param: str | None = None,
@@ -40,7 +42,7 @@ def error_body(message: str, type: str, param: str | None = None,
 
 
 def body_of(exc: ElectronError) -> dict[str, Any]:
-    return error_body(exc.message, exc.type, exc.param, exc.code)
+    return error_body(exc.public_message, exc.type, exc.param, exc.code)
 
 
 def headers_of(exc: ElectronError) -> dict[str, str]:

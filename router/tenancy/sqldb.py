@@ -82,7 +82,10 @@ MIGRATIONS: tuple[str, ...] = (
 
 class DatabaseUnavailable(Overloaded):
     """The database cannot be reached (or lost the connection, or timed out) right now: a
-    503 ``overloaded`` when it reaches a client."""
+    503 ``overloaded`` when it reaches a client, which is not told the driver's reason (it
+    names the database's host and port); the log is."""
+
+    public_text = "The tenant database is unavailable; retry shortly."
 
     def __init__(self, message: str, *, retry_after: float = 1.0):
         super().__init__(f"The tenant database is unavailable; retry shortly. ({message})",

@@ -29,7 +29,7 @@ from core.hashing import block_hashes, extra_key
 from core.pb.electron.v1 import worker_pb2 as pb
 from router.api.app import create_app
 from router.fleet.client import MAX_REQUEST_BYTES, WorkerClient
-from tests.support.faults import FailGenerate
+from tests.support.faults import FailAfterFirst, FailGenerate
 from tests.support.openai_schema import validate
 from tests.support.serving import Router, serve_router, stop_router
 from tests.support.tenancy import local_tenancy
@@ -445,9 +445,31 @@ async def test_only_worker_failing_is_503_worker_unavailable(engine):
         body = response.json()
         validate(body, "ErrorResponse")
         assert body["error"]["code"] == "worker_unavailable" and failing.calls == 1
+        # Which worker failed, where, and what gRPC said are the log's, not the client's.
+        for secret in ("w-bad", bad.address, "injected failure", "UNAVAILABLE", "INTERNAL"):
+            assert secret not in response.text
     finally:
         await stop_router(router)
         await bad_server.stop(None)
+
+
+async def test_a_stream_error_event_names_no_worker_address_or_peer(engine):
+    leak = "ipv4:10.42.3.17:40521: Connection reset by peer (stream 7)"
+    server, endpoint = await start_worker(engine, "w-secret-7", fault=FailAfterFirst(leak))
+    router = await start_router([endpoint])
+    try:
+        async with httpx.AsyncClient(base_url=router.base, timeout=60) as client:
+            response = await client.post("/v1/chat/completions",
+                                         json=chat("Count to ten.", max_tokens=24, stream=True))
+        assert response.status_code == 200  # the first chunk had left: the error is an event
+        chunks = stream_chunks(response.text)
+        assert "error" not in chunks[0] and chunks[-1]["error"]["code"] == "worker_unavailable"
+        for secret in ("w-secret-7", endpoint.address, "10.42.3.17", "ipv4",
+                       "Connection reset", "UNAVAILABLE", "INTERNAL"):
+            assert secret not in response.text
+    finally:
+        await stop_router(router)
+        await server.stop(None)
 
 
 async def test_stopped_worker_leaves_routing_within_2s_and_requests_keep_succeeding(

@@ -75,3 +75,19 @@ class GateGenerate(_Fault):
                         await self.gate.wait()
                     finally:
                         self.held -= 1
+
+
+class FailAfterFirst(_Fault):
+    """Each request sends its first output, then fails as a worker failure whose message
+    says what a broken worker's would (``detail``: peers, addresses)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__()
+        self.detail = detail
+
+    async def outputs(self, inner: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async with contextlib.aclosing(inner):
+            async for output in inner:
+                yield output
+                break
+        raise WorkerUnavailable(self.detail)

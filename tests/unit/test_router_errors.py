@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 from fastapi import Request
@@ -14,10 +15,13 @@ from fastapi.exceptions import RequestValidationError
 
 from core.config import load_config
 from core.endpoints import StaticWorkerSource
+from core.errors import ElectronError, InternalError, InvalidRequest, WorkerUnavailable
 from core.model_files import resolve_model_path
+from core.protocol import error_from_rpc
 from core.tokenizer import Tokenizer
 from router.api.app import create_app
-from router.openai.errors import GENERIC_500
+from router.openai.errors import GENERIC_500, body_of
+from router.tenancy.sqldb import DatabaseUnavailable
 from tests.support.openai_schema import validate
 from tests.support.serving import serve_router, stop_router
 from tests.support.tenancy import local_tenancy
@@ -268,3 +272,55 @@ async def test_a_large_body_is_validated_within_its_time_budget(tokenizer):
     async with client(make_app(tokenizer)) as c:  # in time: valid, then no worker (503)
         error_of(await c.post("/v1/chat/completions", json=body), 503, "server_error",
                  "no_workers")
+
+
+# -- what error bodies tell ----------------------------------------------------------------------
+
+WORKER_ID, PEER = "worker-7f3a", "10.42.3.17:40521"
+# What the router's errors carry for its log: the worker, its address, what gRPC said.
+LEAKY_RPC = grpc.aio.AioRpcError(
+    grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+    details=f"failed to connect to all addresses; last error: ipv4:{PEER}: Connection refused")
+
+
+def _leaky_errors() -> list[tuple[ElectronError, int, str | None]]:
+    return [
+        (error_from_rpc(LEAKY_RPC, WORKER_ID), 503, "worker_unavailable"),
+        (error_from_rpc(grpc.aio.AioRpcError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+            details=f"Received message larger than max from ipv4:{PEER}"), WORKER_ID),
+         503, "overloaded"),
+        (WorkerUnavailable(f"worker {WORKER_ID} sent nothing within 30 s"), 503,
+         "worker_unavailable"),
+        (InternalError(f"worker {WORKER_ID} sent a KV event of unknown kind at {PEER}"), 500,
+         None),
+        (DatabaseUnavailable(f'connection to server at "{PEER}", port 5432 failed'), 503,
+         "overloaded"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(5))
+async def test_error_bodies_name_no_worker_address_or_peer_detail(tokenizer, index):
+    exc, status, code = _leaky_errors()[index]
+    app = make_app(tokenizer)
+
+    async def failing(request: Request) -> None:
+        raise exc
+
+    app.add_api_route("/v1/failing", failing, methods=["GET"])
+    async with client(app) as c:
+        response = await c.get("/v1/failing")
+    error = error_of(response, status, "server_error", code)
+    for leak in (WORKER_ID, PEER, "10.42.3.17", "ipv4", "UNAVAILABLE", "port 5432"):
+        assert leak not in response.text
+    assert error["message"] == exc.public_message
+
+
+def test_a_stream_error_event_is_built_from_the_public_message():
+    exc = error_from_rpc(LEAKY_RPC, WORKER_ID)
+    body = body_of(exc)
+    assert body["error"]["code"] == "worker_unavailable"
+    assert WORKER_ID not in str(body) and PEER not in str(body)
+    # A request's own error keeps its message: it tells the client what to fix.
+    invalid = InvalidRequest("'max_tokens' must be at least 1", param="max_tokens")
+    assert body_of(invalid)["error"]["message"] == invalid.message
