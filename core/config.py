@@ -50,6 +50,9 @@ class EngineConfig(_Frozen):
 class RouterConfig(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    # Prometheus /metrics on a port of its own (on `host`; 0: any free port), so the API port
+    # serves only the API; None: /metrics on the API port. The Helm chart sets one.
+    metrics_port: int | None = Field(None, ge=0, le=65535)
     # Public model id(s) served; requests naming another get 404.
     model_id: str = "electron"
     # Routing (router/routing/policy.py): kv_aware uses the workers' KV events and a cost profile;

@@ -215,16 +215,22 @@ def create_app(config: Config, worker_source: WorkerSource,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await tenancy.start()
+        if settings.metrics_port is not None:
+            app.state.metrics_port = app.state.metrics.serve(settings.host,
+                                                             settings.metrics_port)
         try:
-            await pool.start()
+            await tenancy.start()
             try:
-                settle_heap()
-                yield
+                await pool.start()
+                try:
+                    settle_heap()
+                    yield
+                finally:
+                    await pool.stop()  # ends open streams: their admissions finish
             finally:
-                await pool.stop()  # ends open streams: their admissions finish
+                await tenancy.stop()
         finally:
-            await tenancy.stop()
+            app.state.metrics.stop()
 
     # FastAPI's own OpenTelemetry bridge is off: the router opens its HTTP spans itself
     # (router/telemetry/observe.py), and the bridge's per-request checks cost CPU.
@@ -256,5 +262,6 @@ def create_app(config: Config, worker_source: WorkerSource,
     app.include_router(tenancy_routes.admin_routes(), prefix="/v1/admin")
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/ready", ready, methods=["GET"])
-    app.add_api_route("/metrics", metrics, methods=["GET"])
+    if settings.metrics_port is None:  # else on its own port (the lifespan starts it)
+        app.add_api_route("/metrics", metrics, methods=["GET"])
     return app

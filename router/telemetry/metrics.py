@@ -1,4 +1,6 @@
-"""The router's Prometheus metrics, served at ``GET /metrics``.
+"""The router's Prometheus metrics, served at ``GET /metrics``: on the API port, or with
+``router.metrics_port`` on a port of their own (``RouterMetrics.serve``), the API port then
+serving none.
 
 Names follow vLLM's where the meaning is the same (``vllm:time_to_first_token_seconds`` ->
 ``electron:time_to_first_token_seconds``, ...). Each app owns its ``CollectorRegistry``, so two
@@ -25,8 +27,15 @@ Seen from the router (the client's view, network and queueing included):
 from __future__ import annotations
 
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 NO_PLAN = "none"
@@ -45,6 +54,7 @@ QUEUE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 class RouterMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._server: WSGIServer | None = None  # with router.metrics_port
         r = self.registry
         self.requests = Counter("electron:requests", "Chat-completion requests by HTTP status",
                                 ["status", "model", "plan"], registry=r)
@@ -75,6 +85,18 @@ class RouterMetrics:
             "electron:ledger_quarantined_rows",
             "Usage rows the database refused, kept in the ledger's dead-letter file",
             registry=r)
+
+    def serve(self, host: str, port: int) -> int:
+        """Serves ``/metrics`` on ``host:port`` (a daemon thread: counters and histograms are
+        thread-safe); returns the port bound. OSError when it cannot bind."""
+        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its content type."""

@@ -517,8 +517,7 @@ def test_model_volume_is_mounted_read_only_where_the_model_is_read(case):
 def test_optional_objects_follow_their_switches(case):
     values, _, docs = case
     monitor = values.get("metrics", {}).get("serviceMonitor", {}).get("enabled", False)
-    assert bool(find(docs, "ServiceMonitor")) == monitor
-    assert bool(find(docs, "PodMonitor")) == monitor
+    assert len(find(docs, "PodMonitor")) == (2 if monitor else 0)  # routers, workers
     policies = find(docs, "NetworkPolicy")
     assert len(policies) == 3
     router_policy = one(docs, "NetworkPolicy", f"{FULLNAME}-router")
@@ -539,15 +538,22 @@ def test_monitors_scrape_the_routers_and_every_worker(case, tmp_path):
         docs = render(values)
     config, _ = router_config(docs, tmp_path)
     labels = metrics["serviceMonitor"].get("labels", {})
-    # Routers: /metrics on the Service's HTTP port.
-    router_monitor = one(docs, "ServiceMonitor")
-    service = one(docs, "Service", f"{FULLNAME}-router")
-    assert _selects(router_monitor["spec"]["selector"], service["metadata"]["labels"])
-    assert router_monitor["spec"]["endpoints"] == [
-        {"port": "http", "path": "/metrics",
+    # Routers: /metrics on each router pod's metrics port, the one the config serves it on;
+    # the API port and the router Service do not serve it.
+    assert config.router.metrics_port and config.router.metrics_port != config.router.port
+    assert not find(docs, "ServiceMonitor")
+    router_monitor = one(docs, "PodMonitor", f"{FULLNAME}-router")
+    router_pod = one(docs, "Deployment", f"{FULLNAME}-router")["spec"]["template"]
+    assert _selects(router_monitor["spec"]["selector"], router_pod["metadata"]["labels"])
+    assert router_monitor["spec"]["podMetricsEndpoints"] == [
+        {"port": "metrics", "path": "/metrics",
          "interval": metrics["serviceMonitor"].get("interval", "30s")}]
+    router_ports = {p["name"]: p["containerPort"] for p in router_container(docs)["ports"]}
+    assert router_ports == {"http": config.router.port, "metrics": config.router.metrics_port}
+    service = one(docs, "Service", f"{FULLNAME}-router")
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
     # Workers: /metrics on the port the config gives every worker actor, on each pool's pods.
-    pod_monitor = one(docs, "PodMonitor")
+    pod_monitor = one(docs, "PodMonitor", f"{FULLNAME}-workers")
     (endpoint,) = pod_monitor["spec"]["podMetricsEndpoints"]
     assert endpoint["path"] == "/metrics"
     groups = one(docs, "RayCluster")["spec"]["workerGroupSpecs"]
@@ -570,12 +576,12 @@ def test_monitors_scrape_the_routers_and_every_worker(case, tmp_path):
          **({"from": scrapers} if scrapers else {})}]
     assert _selects(policy["spec"]["podSelector"], groups[0]["template"]["metadata"]["labels"])
     router_rules = one(docs, "NetworkPolicy", f"{FULLNAME}-router")["spec"]["ingress"]
-    if values.get("networkPolicy", {}).get("routerIngressFrom"):
-        assert scrapers, "a values file that narrows the routers' port must let scrapers in"
-        assert any(r.get("from") == scrapers and r["ports"][0]["port"] == config.router.port
-                   for r in router_rules)
-    else:
-        assert "from" not in router_rules[0]
+    api_from = values.get("networkPolicy", {}).get("routerIngressFrom")
+    assert router_rules == [
+        {"ports": [{"port": config.router.port, "protocol": "TCP"}],
+         **({"from": api_from} if api_from else {})},
+        {"ports": [{"port": config.router.metrics_port, "protocol": "TCP"}],
+         **({"from": scrapers} if scrapers else {})}]
 
 
 def test_the_grafana_dashboard_is_the_charts_one_file_rendered_in_a_config_map():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import socket
 
 import httpx
 import pytest
@@ -145,6 +146,31 @@ async def test_router_metrics_route_serves_prometheus_text():
         "electron:time_to_first_token_seconds", "electron:inter_token_latency_seconds",
         "electron:e2e_request_latency_seconds", "electron:router_queue_time_seconds",
         "electron:routing_decisions_total", "electron:rate_limit_rejections_total")}
+
+
+async def test_with_a_metrics_port_the_api_port_serves_no_metrics():
+    config = load_config(env={}, overrides={"auth": {"enabled": False},
+                                            "tenancy": local_tenancy(),
+                                            "router": {"metrics_port": 0}})
+    app = create_app(config, StaticWorkerSource([]))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://router") as http:
+            bad = await http.post("/v1/chat/completions", content=b"{not json")
+            assert bad.status_code == 400
+            public = await http.get("/metrics")
+        port = app.state.metrics_port
+        async with httpx.AsyncClient() as http:
+            private = await http.get(f"http://127.0.0.1:{port}/metrics")
+    assert public.status_code == 404 and "electron:" not in public.text
+    assert private.status_code == 200
+    assert 'electron:requests_total{model="other",plan="none",status="400"} 1.0' in private.text
+    # Stopped with the app: nothing listens there any more (SO_REUSEADDR: the closed
+    # connection's TIME_WAIT does not count, a listener would).
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", port))
+        probe.listen()
 
 
 def test_two_router_metric_sets_count_separately():
