@@ -171,6 +171,10 @@ class ClusterConfig(_Frozen):
     # cluster refuse to start without one. Printable ASCII without spaces (gRPC metadata).
     token: str | None = Field(None, min_length=16, max_length=512,
                               pattern=r"^[\x21-\x7e]+$", repr=False)
+    # The port each worker's gRPC server listens on (0: any free port, advertised in the
+    # registry). A fixed one (one worker per node, as the Helm chart runs them) lets a
+    # NetworkPolicy open it to the routers alone.
+    worker_port: int = Field(0, ge=0, le=65535)
     workers: int = Field(1, ge=0)
     pool: str = "default"
     num_gpus_per_worker: float = Field(0, ge=0)

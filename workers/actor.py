@@ -86,8 +86,9 @@ class WorkerActor:
         metrics_port = self._metrics.serve(host, config.observability.worker_metrics_port)
         self._server: WorkerServer
         self._server, port = await serve_worker(
-            self._engine, host, 0, model_id=config.router.model_id, pool=cluster.pool,
-            tracing=self._tracing, metrics=self._metrics, token=cluster.token)
+            self._engine, host, cluster.worker_port, model_id=config.router.model_id,
+            pool=cluster.pool, tracing=self._tracing, metrics=self._metrics,
+            token=cluster.token)
         self._endpoint = WorkerEndpoint(worker_id=worker_id, address=f"{host}:{port}",
                                         model=config.router.model_id, pool=cluster.pool,
                                         metrics_address=f"{host}:{metrics_port}")

@@ -113,7 +113,8 @@ CLUSTER_TOKEN = env_name("cluster", "token")
 # What a Secret the chart does not create (existingSecret) holds, for load_config.
 EXTERNAL = {ADMIN_KEY: "sk-admin-external-0123456789", REDIS_URL: "redis://ext-redis:6379/0",
             DATABASE_URL: "postgresql://u:p@ext-db:5432/electron",
-            CLUSTER_TOKEN: "external-cluster-token-0123456789"}
+            CLUSTER_TOKEN: "external-cluster-token-0123456789",
+            "RAY_AUTH_TOKEN": "external-ray-auth-token-0123456789"}
 
 
 def router_container(docs) -> dict[str, Any]:
@@ -273,12 +274,41 @@ def test_the_service_config_loads_and_autoscales_every_pool(case):
         assert config.engine.kv_cache_bytes is None  # on GPU: a fraction of free memory
 
 
+def _ray_start(container: dict[str, Any]) -> tuple[set[str], list[str]]:
+    """The variables `env -u` keeps from `ray start` (and so from the raylet), and the rest
+    of that command."""
+    script = " ".join(container["args"])
+    words = shlex.split(script.split("&&")[0])
+    unset: set[str] = set()
+    if words[0] == "env":
+        words = words[1:]
+        while words[0] == "-u":
+            unset.add(words[1])
+            words = words[2:]
+    assert words[:2] == ["ray", "start"] and "--num-cpus=0" in words
+    return unset, words
+
+
 def _cli_args(container: dict[str, Any]) -> list[str]:
+    _ray_start(container)
     script = " ".join(container["args"])
     commands = [shlex.split(part) for part in script.split("&&")]
-    assert commands[0][:2] == ["ray", "start"] and "--num-cpus=0" in commands[0]
     assert commands[1][:2] == ["exec", "electron-serve"]
     return commands[1][2:]
+
+
+def test_the_raylets_of_routers_and_controllers_inherit_no_secret(case):
+    _, _, docs = case
+    containers = [router_container(docs)] + [
+        d["spec"]["template"]["spec"]["containers"][0] for d in find(docs, "Deployment")
+        if d["metadata"]["name"].startswith(f"{FULLNAME}-controller-")]
+    for container in containers:
+        unset, _ = _ray_start(container)
+        secret = {name for name, entry in env_of(container).items()
+                  if "secretKeyRef" in entry.get("valueFrom", {})
+                  or name == "ELECTRON_TENANCY__DATABASE_URL"}  # may embed $(password)
+        # Ray's own token is the raylet's to hold; every other secret stays with the router.
+        assert secret - {"RAY_AUTH_TOKEN"} <= unset, container["name"]
 
 
 def test_router_and_controller_run_the_real_cli(case):
@@ -518,8 +548,12 @@ def test_optional_objects_follow_their_switches(case):
     values, _, docs = case
     monitor = values.get("metrics", {}).get("serviceMonitor", {}).get("enabled", False)
     assert len(find(docs, "PodMonitor")) == (2 if monitor else 0)  # routers, workers
-    policies = find(docs, "NetworkPolicy")
-    assert len(policies) == 3
+    policies = {p["metadata"]["name"].removeprefix(f"{FULLNAME}-")
+                for p in find(docs, "NetworkPolicy")}
+    datastores = {name for name in ("redis", "postgresql")
+                  if values.get(name, {}).get("deploy")}
+    assert policies == {"default-deny", "ray-nodes", "ray-head", "router", "worker-metrics",
+                        "worker-grpc", *datastores}
     router_policy = one(docs, "NetworkPolicy", f"{FULLNAME}-router")
     assert router_policy["spec"]["ingress"][0]["ports"][0]["port"] == 8000
 

@@ -463,10 +463,13 @@ def test_under_gitops_every_password_comes_from_an_existing_secret():
         render(merged(GPU_CLUSTER, {"auth": {"existingSecret": ""}}))
     with pytest.raises(helm_python.HelmError, match="clusterToken.value: secrets.generate"):
         render(merged(GPU_CLUSTER, {"clusterToken": {"existingSecret": ""}}))
+    with pytest.raises(helm_python.HelmError, match="ray.auth: secrets.generate"):
+        render(merged(GPU_CLUSTER, {"ray": {"auth": {"existingSecret": ""}}}))
     with pytest.raises(helm_python.HelmError, match="postgresql.password"):
         render(merged(TRIAL, {"secrets": {"generate": False},
                               "auth": {"existingSecret": "a"},
-                              "clusterToken": {"existingSecret": "t"}}))
+                              "clusterToken": {"existingSecret": "t"},
+                              "ray": {"auth": {"existingSecret": "r"}}}))
 
 
 def test_the_in_chart_postgresql_password_from_an_existing_secret(tmp_path):

@@ -203,7 +203,7 @@ rolls the routers only. */}}
 {{- end }}
 {{- $_ := set $c "autoscaler" (dict "pools" $pools) }}
 {{- $_ = set $c "engine" (dict "model" $c.engine.model) }}
-{{- $_ = set $c "cluster" (omit $c.cluster "num_gpus_per_worker" "num_cpus_per_worker" "workers") }}
+{{- $_ = set $c "cluster" (omit $c.cluster "num_gpus_per_worker" "num_cpus_per_worker" "workers" "worker_port") }}
 {{- $_ = set $c.tenancy "migrate_on_start" (not (include "electron-serve.migrationJob" .)) }}
 {{- toYaml $c }}
 {{- end }}
@@ -275,6 +275,7 @@ worker generation's above. */}}
   "observability" (dict "log_format" .Values.logs.format
                      "worker_metrics_port" (int .Values.metrics.workerPort))
   "cluster" (dict "namespace" "electron" "pool" "default" "workers" 0
+              "worker_port" (int .Values.workers.grpcPort)
               "num_gpus_per_worker" .Values.workers.gpusPerWorker
               "num_cpus_per_worker" .Values.workers.cpusPerWorker)
   "autoscaler" (dict "enabled" true "provider" "ray"
@@ -464,8 +465,62 @@ PostgreSQL is configured, and the ledger's spool while the database is down. */}
 {{- end }}
 
 {{/* Join the Ray cluster as a node that takes no work, then run an electron-serve command. */}}
+{{/* Joins this pod to the Ray cluster as a node that offers no CPU or GPU (routers,
+controllers). `ray start` runs without the pod's secrets in its environment (env -u): the
+raylet it leaves behind, and every process that raylet spawns, inherit that environment,
+while the router process (exec'd after it) keeps them. */}}
 {{- define "electron-serve.joinRay" -}}
-ray start --address={{ include "electron-serve.rayHead" . }} --num-cpus=0 --num-gpus=0 --disable-usage-stats
+env -u ELECTRON_AUTH__ADMIN_KEY -u ELECTRON_TENANCY__DATABASE_URL -u ELECTRON_TENANCY__REDIS_URL -u ELECTRON_POSTGRES_PASSWORD -u ELECTRON_CLUSTER__TOKEN ray start --address={{ include "electron-serve.rayHead" . }} --num-cpus=0 --num-gpus=0 --disable-usage-stats
+{{- range $flag, $port := include "electron-serve.rayPorts" . | fromYaml }} --{{ $flag }}={{ $port }}{{ end }}
+{{- end }}
+
+{{/* The ports of every Ray node (head, worker pods, routers, controllers), pinned (as
+`ray start` flags and rayStartParams) so the NetworkPolicies can name them; Ray's worker
+processes take one port each of min-worker-port..max-worker-port. */}}
+{{- define "electron-serve.rayPorts" -}}
+node-manager-port: 6380
+object-manager-port: 6381
+runtime-env-agent-port: 6382
+dashboard-agent-grpc-port: 6383
+dashboard-agent-listen-port: 52365
+metrics-export-port: 8080
+min-worker-port: 10002
+max-worker-port: 19999
+{{- end }}
+
+{{/* The pods that are Ray nodes: the head, the worker pods, routers and controllers. */}}
+{{- define "electron-serve.rayNodeSelector" -}}
+matchLabels:
+  {{- include "electron-serve.selectorLabels" . | nindent 2 }}
+matchExpressions:
+  - key: app.kubernetes.io/component
+    operator: In
+    values: [ray-head, ray-worker, router, controller]
+{{- end }}
+
+{{/* The same ports as rayStartParams (strings). */}}
+{{- define "electron-serve.rayStartPorts" -}}
+{{- range $flag, $port := include "electron-serve.rayPorts" . | fromYaml }}
+{{ $flag }}: {{ $port | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "electron-serve.rayAuthSecretName" -}}
+{{- default (printf "%s-ray-auth" (include "electron-serve.fullname" .)) .Values.ray.auth.existingSecret }}
+{{- end }}
+
+{{/* Ray's token auth for every Ray process (ray.auth): RAY_AUTH_MODE and the token from a
+Secret, never inlined. */}}
+{{- define "electron-serve.rayAuthEnv" -}}
+{{- if .Values.ray.auth.enabled }}
+- name: RAY_AUTH_MODE
+  value: token
+- name: RAY_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "electron-serve.rayAuthSecretName" . }}
+      key: {{ ternary .Values.ray.auth.existingSecretKey "auth_token" (ne .Values.ray.auth.existingSecret "") }}
+{{- end }}
 {{- end }}
 
 {{/* The in-chart PostgreSQL password: the value, else the one already deployed, else new.
