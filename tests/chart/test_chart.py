@@ -477,7 +477,17 @@ def test_datastores_external_or_in_chart(case, tmp_path):
         == bool(postgres.get("deploy"))
     env = env_of(router_container(docs))
     if redis.get("deploy"):
-        assert config.tenancy.redis_url == f"redis://{FULLNAME}-redis:6379/0"
+        # The in-chart Redis asks for its password (requirepass), which the URL carries.
+        secret = one(docs, "Secret", f"{FULLNAME}-datastores")["data"]
+        password = base64.b64decode(secret["redis-password"]).decode()
+        assert len(password) >= 32
+        assert config.tenancy.redis_url == f"redis://:{password}@{FULLNAME}-redis:6379/0"
+        server = one(docs, "Deployment", f"{FULLNAME}-redis")["spec"]["template"]["spec"][
+            "containers"][0]
+        command = " ".join(server["args"])
+        assert "--protected-mode yes" in command and '--requirepass "$REDISCLI_AUTH"' in command
+        assert env_of(server)["REDISCLI_AUTH"]["valueFrom"]["secretKeyRef"] \
+            == {"name": f"{FULLNAME}-datastores", "key": "redis-password"}
     elif redis.get("existingSecret"):
         assert env[REDIS_URL]["valueFrom"]["secretKeyRef"] \
             == {"name": redis["existingSecret"], "key": redis["existingSecretKey"]}

@@ -465,8 +465,14 @@ def test_under_gitops_every_password_comes_from_an_existing_secret():
         render(merged(GPU_CLUSTER, {"clusterToken": {"existingSecret": ""}}))
     with pytest.raises(helm_python.HelmError, match="ray.auth: secrets.generate"):
         render(merged(GPU_CLUSTER, {"ray": {"auth": {"existingSecret": ""}}}))
+    with pytest.raises(helm_python.HelmError, match="redis.password: secrets.generate"):
+        render(merged(TRIAL, {"secrets": {"generate": False},
+                              "auth": {"existingSecret": "a"},
+                              "clusterToken": {"existingSecret": "t"},
+                              "ray": {"auth": {"existingSecret": "r"}}}))
     with pytest.raises(helm_python.HelmError, match="postgresql.password"):
         render(merged(TRIAL, {"secrets": {"generate": False},
+                              "redis": {"password": "a-redis-password-0123456789"},
                               "auth": {"existingSecret": "a"},
                               "clusterToken": {"existingSecret": "t"},
                               "ray": {"auth": {"existingSecret": "r"}}}))

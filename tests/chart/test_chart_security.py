@@ -4,10 +4,17 @@ token on every Ray process, and Ray's ports pinned where the policies name them.
 
 from __future__ import annotations
 
+import base64
+import os
 import shlex
+import shutil
+import socket
+import subprocess
+import time
 from typing import Any
 
 import pytest
+import redis
 
 from tests.chart.test_chart import (
     FULLNAME,
@@ -218,3 +225,52 @@ def test_every_ray_process_runs_with_rays_token_auth(trial):
     off = render(merged(TRIAL, {"ray": {"auth": {"enabled": False}}}))
     assert not find(off, "Secret", secret["name"])
     assert "RAY_AUTH_TOKEN" not in env_of(router_container(off))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_the_in_chart_redis_refuses_a_client_without_its_password(trial):
+    """The chart's own Redis command, run for real: a client without the password is
+    refused, the routers' URL (from the chart's Secret) and the readiness probe get in."""
+    server = one(trial, "Deployment", f"{FULLNAME}-redis")["spec"]["template"]["spec"][
+        "containers"][0]
+    secret = one(trial, "Secret", f"{FULLNAME}-datastores")["data"]
+    password = base64.b64decode(secret["redis-password"]).decode()
+    url = base64.b64decode(secret["redis-url"]).decode()
+    port = _free_port()
+    script = " ".join(server["args"]) + f" --port {port} --bind 127.0.0.1"
+    proc = subprocess.Popen([*server["command"], script], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                            env={**os.environ, "REDISCLI_AUTH": password})
+    try:
+        anonymous = redis.Redis(port=port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                anonymous.ping()
+                pytest.fail("Redis answered a client without its password")
+            except redis.AuthenticationError:
+                break  # NOAUTH: refused
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        wrong = redis.Redis(port=port, password="not-the-password")
+        with pytest.raises(redis.AuthenticationError):
+            wrong.ping()
+        routers = redis.Redis.from_url(url.replace(f"@{FULLNAME}-redis:6379",
+                                                   f"@127.0.0.1:{port}"))
+        assert routers.ping() is True
+        cli, *words = server["readinessProbe"]["exec"]["command"]
+        probe = subprocess.run([cli, "-p", str(port), *words],
+                               env={**os.environ, "REDISCLI_AUTH": password},
+                               capture_output=True, text=True, timeout=10)
+        assert probe.stdout.strip() == "PONG"
+        assert routers.config_get("protected-mode") == {"protected-mode": "yes"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

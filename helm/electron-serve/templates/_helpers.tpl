@@ -523,6 +523,24 @@ Secret, never inlined. */}}
 {{- end }}
 {{- end }}
 
+{{/* The in-chart Redis password (requirepass): the value, else the one already deployed,
+else new (stable within one render, cached on the root context). */}}
+{{- define "electron-serve.redisPassword" -}}
+{{- if .Values.redis.password }}
+{{- .Values.redis.password }}
+{{- else }}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "electron-serve.datastoreSecretName" .) }}
+{{- if and $existing (hasKey $existing.data "redis-password") }}
+{{- index $existing.data "redis-password" | b64dec }}
+{{- else }}
+{{- if not (hasKey .Release "electronRedisPassword") }}
+{{- $_ := set .Release "electronRedisPassword" (include "electron-serve.generated" (dict "root" . "what" "redis.password" "value" (randAlphaNum 32))) }}
+{{- end }}
+{{- .Release.electronRedisPassword }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* The in-chart PostgreSQL password: the value, else the one already deployed, else new.
 Generated passwords are stable within one render (cached on the root context). */}}
 {{- define "electron-serve.postgresPassword" -}}
