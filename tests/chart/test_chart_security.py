@@ -10,7 +10,9 @@ import shlex
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -274,3 +276,77 @@ def test_the_in_chart_redis_refuses_a_client_without_its_password(trial):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def _as_postgres(*command: str, **kwargs: Any) -> subprocess.CompletedProcess:
+    """Runs a PostgreSQL server binary (which refuses root) as the postgres user."""
+    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    return subprocess.run([*prefix, *command], check=True, capture_output=True, text=True,
+                          timeout=60, **kwargs)
+
+
+@pytest.mark.skipif(shutil.which("initdb") is None or shutil.which("psql") is None
+                    or (os.geteuid() == 0 and shutil.which("runuser") is None),
+                    reason="needs PostgreSQL's server binaries")
+def test_the_in_chart_postgresql_role_is_no_superuser_and_migrates(trial):
+    """The chart's init script, run as the image's entrypoint runs it on a fresh data
+    directory (local connections trusted, the database made first): the service's role
+    logs in with its password, is no superuser, and the schema migrations succeed; the
+    bootstrap superuser cannot log in over TCP."""
+    from core.config import TenancyConfig
+    from router.tenancy.sqldb import database_of
+
+    script = one(trial, "ConfigMap", f"{FULLNAME}-postgresql-init")["data"][
+        "10-electron-role.sh"]
+    server = one(trial, "StatefulSet", f"{FULLNAME}-postgresql")["spec"]["template"]["spec"][
+        "containers"][0]
+    env = {e["name"]: e.get("value") for e in server["env"]}
+    assert env["POSTGRES_USER"] == "postgres" and env["ELECTRON_DB_USER"] == "electron"
+    mounts = {m["mountPath"]: m for m in server["volumeMounts"]}
+    assert mounts["/docker-entrypoint-initdb.d"]["readOnly"] is True
+    password = base64.b64decode(one(trial, "Secret", f"{FULLNAME}-datastores")["data"][
+        "postgres-password"]).decode()
+
+    # Not under tmp_path: the postgres user must reach it (pytest's base is root's alone).
+    root = Path(tempfile.mkdtemp(prefix="electron-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+    root.chmod(0o755)
+    data, port = root / "data", _free_port()
+    pwfile = root / "pw"
+    pwfile.write_text(password)
+    if os.geteuid() == 0:
+        shutil.chown(pwfile, "postgres")
+    _as_postgres("initdb", "-D", str(data), "-U", "postgres", "--auth-local=trust",
+                 "--auth-host=scram-sha-256", f"--pwfile={pwfile}")
+    _as_postgres("pg_ctl", "-D", str(data), "-w", "-l", str(root / "log"), "-o",
+                 f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start")
+    try:
+        local = {**os.environ, "PGHOST": str(root), "PGPORT": str(port)}
+        subprocess.run(["psql", "-U", "postgres", "-d", "postgres", "-v", "ON_ERROR_STOP=1",
+                        "-c", f'CREATE DATABASE "{env["POSTGRES_DB"]}"'], env=local,
+                       check=True, capture_output=True, timeout=30)
+        subprocess.run(["sh", "-c", script], check=True, capture_output=True, timeout=30,
+                       env={**local, **{k: v for k, v in env.items() if v is not None},
+                            "POSTGRES_PASSWORD": password})
+
+        url = f"postgresql://electron:{password}@127.0.0.1:{port}/{env['POSTGRES_DB']}"
+        db = database_of(TenancyConfig(database_url=url))
+        try:
+            assert db.migrate() >= 1  # the service's role can make its schema
+        finally:
+            db.close()
+        tcp = {**os.environ, "PGPASSWORD": password}
+        superuser = subprocess.run(
+            ["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "electron", "-d",
+             env["POSTGRES_DB"], "-tAc", "SELECT rolsuper FROM pg_roles "
+             "WHERE rolname = current_user"], env=tcp, capture_output=True, text=True,
+            timeout=30)
+        assert superuser.stdout.strip() == "f", superuser.stderr
+        bootstrap = subprocess.run(
+            ["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", "postgres",
+             "-c", "SELECT 1"], env=tcp, capture_output=True, text=True, timeout=30)
+        assert bootstrap.returncode != 0 and "password authentication failed" in bootstrap.stderr
+    finally:
+        _as_postgres("pg_ctl", "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)

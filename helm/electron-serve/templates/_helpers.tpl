@@ -393,6 +393,9 @@ single instances (not HA) and running without are explicit switches. */}}
 {{- fail "redis: set redis.url or redis.existingSecret (an external Redis: production), or redis.deploy=true (a single in-chart Redis, not HA: trials), or redis.enabled=false (no Redis: each router replica limits on its own)" }}
 {{- end }}
 {{- $pg := .Values.postgresql }}
+{{- if and $pg.enabled $pg.deploy (eq $pg.username "postgres") }}
+{{- fail "postgresql.username: \"postgres\" is the in-chart PostgreSQL's bootstrap superuser; the service's role must be another (it is made without superuser rights)" }}
+{{- end }}
 {{- if and $pg.enabled (not (or $pg.deploy $pg.url $pg.existingSecret)) }}
 {{- fail "postgresql: set postgresql.url or postgresql.existingSecret (an external database: production), or postgresql.deploy=true (a single in-chart PostgreSQL, not HA: trials), or postgresql.enabled=false (no database: each router pod its own SQLite, one replica only)" }}
 {{- end }}
