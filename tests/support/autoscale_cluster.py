@@ -59,7 +59,7 @@ def autoscale_config(model_dir: Path, **autoscaler: Any) -> Config:
                    "kv_cache_bytes": 4 * 2**20, "max_model_len": 256, "torch_threads": 1},
         "router": {"registry_poll_s": 0.2, "host": "127.0.0.1", "port": 0},
         "cluster": {"namespace": f"autoscale-{uuid.uuid4().hex[:8]}", "workers": 1,
-                    "num_cpus_per_worker": 0.5},
+                    "num_cpus_per_worker": 0.5, "token": f"test-{uuid.uuid4().hex}"},
         "autoscaler": settings,
         "auth": {"enabled": True, "admin_key": ADMIN_KEY},
         "tenancy": local_tenancy(plans={"load": LOAD_PLAN}),
