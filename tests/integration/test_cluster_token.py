@@ -1,5 +1,5 @@
 """The cluster token on a real worker gRPC server (a tiny random-weight Llama behind it):
-every RPC, the health service's included, is refused UNAUTHENTICATED without the token or with
+every RPC (the Session stream and the health service's included), is refused UNAUTHENTICATED without the token or with
 a wrong one, and served with the right one; the router's WorkerClient sends it."""
 
 from __future__ import annotations
@@ -69,6 +69,14 @@ async def _call_every_rpc(channel: grpc.aio.Channel, metadata) -> list[object]:
         answers.append(await watch.read())
     finally:
         watch.cancel()
+    session = stub.Session(metadata=metadata)
+    request = _generate_request()
+    await session.write(pb.SessionRequest(generate=[request]))
+    ends: list[pb.SessionEnd] = []
+    while not ends:
+        ends = [e for e in (await session.read()).ends if e.request_id == request.request_id]
+    await session.done_writing()
+    answers.append(ends[0])
     return answers
 
 
@@ -94,8 +102,11 @@ async def test_every_rpc_is_refused_without_the_right_token(address, metadata):
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await call()
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        session = stub.Session(metadata=metadata)
+        await session.write(pb.SessionRequest(generate=[_generate_request()]))
         for streaming in (stub.Generate(_generate_request(), metadata=metadata),
-                          stub.WatchState(pb.WatchStateRequest(), metadata=metadata)):
+                          stub.WatchState(pb.WatchStateRequest(), metadata=metadata),
+                          session):
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await streaming.read()
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -112,6 +123,7 @@ async def test_every_rpc_is_served_with_the_token(address):
     assert answers[3].found is False
     assert answers[4][-1].usage.completion_tokens == 2
     assert answers[5].WhichOneof("update") == "snapshot"
+    assert answers[6].status == 0  # the Session request finished (OK)
 
 
 async def test_the_router_client_sends_the_token(address):
