@@ -9,6 +9,7 @@ logged here and never sent).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import time
@@ -27,6 +28,7 @@ from core.protocol import WORKER_SERVICE, error_metadata, status_code_for
 from core.telemetry import DISABLED, Tracing
 from workers import wire
 from workers.engine.kv_events import SubscriberFellBehind
+from workers.engine.outputs import Progress
 from workers.latency import RecentLatencies
 from workers.observe import GenerationObserver
 
@@ -144,8 +146,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         if args.model and args.model != self._model_id:
             raise ModelNotFound(f"this worker serves {self._model_id!r}, not {args.model!r}",
                                 param="model")
-        outputs = self._engine.generate(args.request_id, list(args.prompt_token_ids),
-                                        args.sampling, args.priority, args.cache_salt)
+        outputs = self._engine.generate(
+            args.request_id, list(args.prompt_token_ids), args.sampling, args.priority,
+            args.cache_salt, progress_every_s=self._engine.config.progress_interval_s)
         # True from the first output to the last: only then is the request the engine's
         # to abort. (Before, the engine raised or is cancelled inside its own iterator,
         # which aborts; and a rejected duplicate id must not abort the original.)
@@ -167,6 +170,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         try:
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
+                    if isinstance(output, Progress):  # queued or computing: alive, no delta
+                        yield wire.progress_response(output)
+                        continue
                     if not streaming:  # the first output: its time to first token (autoscaler)
                         self.ttft.record(time.monotonic() - received)
                     streaming = True
@@ -268,6 +274,20 @@ class WorkerServer:
         self.server = server
         self._servicer = servicer
         self._health = health
+        self._loop = asyncio.get_running_loop()
+        self._failing: concurrent.futures.Future[None] | None = None
+
+    def on_engine_failure(self, reason: str) -> None:
+        """The engine failed for good (any thread): report NOT_SERVING (routers stop
+        connecting to it) and end the WatchState streams (routers drop it at once). Its
+        Generate streams were ended by the engine."""
+        async def not_serving() -> None:
+            for service in ("", WORKER_SERVICE):
+                await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+            self._servicer.close()
+
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+            self._failing = asyncio.run_coroutine_threadsafe(not_serving(), self._loop)
 
     def ttft_p90_s(self) -> float | None:
         """The p90 time to first token of the last few seconds' requests (None: none)."""
@@ -319,7 +339,9 @@ async def serve_worker(
     for service in ("", WORKER_SERVICE):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("worker %s serving gRPC on %s:%d", engine.worker_id, host, bound)
-    return WorkerServer(server, servicer, health), bound
+    worker = WorkerServer(server, servicer, health)
+    engine.add_failure_listener(worker.on_engine_failure)
+    return worker, bound
 
 
 def _host_port(host: str, port: int) -> str:
