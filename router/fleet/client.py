@@ -121,8 +121,8 @@ class GenerateStream:
         if message is grpc.aio.EOF:
             self.cancel()
             raise StopAsyncIteration
-        if self._observation is not None:
-            self._observation.delta()
+        if self._observation is not None and not message.HasField("progress"):
+            self._observation.delta()  # a progress message is no delta
         return message
 
     def cancel(self) -> None:
