@@ -108,11 +108,14 @@ class PoolScaler:
               for w in ids), return_exceptions=True)
         demand = []
         for worker_id, info in zip(ids, infos):
-            if isinstance(info, RayActorError):
-                # It died: drop it, so the pool replaces it below its target.
-                log.warning("pool %s: worker %s died: %s", self.pool.name, worker_id, info)
+            if isinstance(info, RayActorError) or (
+                    isinstance(info, dict) and info.get("engine_failure")):
+                # It died (or its engine failed): drop it, so the pool replaces it below its
+                # target.
+                why = info["engine_failure"] if isinstance(info, dict) else info
+                log.warning("pool %s: worker %s died: %s", self.pool.name, worker_id, why)
                 self.events.append((time.monotonic(), "died", worker_id))
-                await self.workers.stop_one(worker_id)
+                self.workers.kill(worker_id)
             elif isinstance(info, BaseException):
                 log.warning("pool %s: worker %s did not report: %r", self.pool.name,
                             worker_id, info)
