@@ -32,7 +32,13 @@ from typing import Any
 from ray.exceptions import RayActorError, RayError
 
 from cluster.demand import Decision, ScaleDecider, WorkerDemand
-from cluster.fleet import WORKER_STOP_GRACE_S, Fleet, StartupFailed, WorkerSet
+from cluster.fleet import (
+    WORKER_STOP_GRACE_S,
+    Fleet,
+    StartupFailed,
+    WorkerSet,
+    run_every,
+)
 from core.config import Config, PoolConfig
 
 log = logging.getLogger(__name__)
@@ -256,15 +262,7 @@ class Autoscaler(Fleet):
             log.info("asked Ray's autoscaler for %d worker bundles", len(bundles))
 
     async def _loop(self) -> None:
-        interval = self._config.autoscaler.interval_s
-        while True:
-            try:
-                await self.step()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # keep scaling: the next step may succeed
-                log.exception("autoscaler step failed")
-            await asyncio.sleep(interval)
+        await run_every(self._config.autoscaler.interval_s, self.step, "autoscaler step")
 
     def status(self) -> dict[str, dict[str, Any]]:
         return {name: {"serving": len(p.serving), "starting": len(p.active) - len(p.serving),

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 
 import ray
 from ray.exceptions import RayActorError
@@ -181,6 +182,19 @@ async def _stop_actor(worker_id: str, handle: ray.actor.ActorHandle, grace_s: fl
     ray.kill(handle)
 
 
+async def run_every(interval_s: float, step: Callable[[], Awaitable[None]], what: str) -> None:
+    """Runs ``step`` every ``interval_s`` seconds until cancelled; a step that fails is logged
+    and the next one runs (it may succeed)."""
+    while True:
+        try:
+            await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - keep going
+            log.exception("%s failed", what)
+        await asyncio.sleep(interval_s)
+
+
 class StaticFleet(Fleet):
     """``cluster.workers`` workers of the shared pool, kept at that number (lost ones are
     replaced, with backoff: see the module docstring)."""
@@ -219,14 +233,9 @@ class StaticFleet(Fleet):
                 self._supervise(), name="fleet-supervisor")
 
     async def _supervise(self) -> None:
-        while True:
-            await asyncio.sleep(self._config.cluster.supervise_interval_s)
-            try:
-                await self.step()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # keep supervising: the next check may succeed
-                log.exception("fleet supervision failed")
+        interval = self._config.cluster.supervise_interval_s
+        await asyncio.sleep(interval)
+        await run_every(interval, self.step, "fleet supervision")
 
     async def step(self) -> None:
         """One check: kills the lost workers, starts replacements when the backoff allows."""

@@ -11,6 +11,7 @@ import itertools
 from cluster.autoscaler import PoolScaler
 from cluster.fleet import StaticFleet
 from core.config import PoolConfig, load_config
+from tests.unit.test_controller_stop import _Remote
 
 
 class _FakeWorkers:
@@ -78,14 +79,6 @@ async def test_static_fleet_replaces_at_once_then_backs_off_while_replacements_f
     await fleet.step()
     assert fake.started[-1] == "w5"
     assert [e for _, e, w in fleet.events if e == "lost"] == ["lost"] * 4
-
-
-class _Remote:
-    def __init__(self, fn):
-        self._fn = fn
-
-    def remote(self, *args):
-        return self._fn(*args)
 
 
 class _InfoWorker:
