@@ -149,10 +149,12 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         outputs = self._engine.generate(
             args.request_id, list(args.prompt_token_ids), args.sampling, args.priority,
             args.cache_salt, progress_every_s=self._engine.config.progress_interval_s)
-        # True from the first output to the last: only then is the request the engine's
-        # to abort. (Before, the engine raised or is cancelled inside its own iterator,
-        # which aborts; and a rejected duplicate id must not abort the original.)
+        # True from the first output (or progress message: the engine accepted it) to the
+        # last: only then is the request the engine's to abort. (Before, the engine raised
+        # or is cancelled inside its own iterator, which aborts; and a rejected duplicate id
+        # must not abort the original.)
         streaming = False
+        first = True  # no output yet: the first one records the time to first token
 
         def on_rpc_done(_: object) -> None:
             # A client that cancels may leave this generator suspended at a ``yield`` that is
@@ -170,12 +172,13 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         try:
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
+                    streaming = True
                     if isinstance(output, Progress):  # queued or computing: alive, no delta
                         yield wire.progress_response(output)
                         continue
-                    if not streaming:  # the first output: its time to first token (autoscaler)
+                    if first:  # its time to first token (the autoscaler reads them)
+                        first = False
                         self.ttft.record(time.monotonic() - received)
-                    streaming = True
                     observer.output(output)
                     if output.caused_by_request:
                         # Not the worker's failure: the router must neither retry it elsewhere

@@ -248,3 +248,32 @@ async def test_a_grammar_over_its_compile_budget_is_refused(make_engine):
     # The worker goes on serving.
     outputs = await drain(engine.generate("small", PROMPT, params(3)))
     assert outputs[-1].usage.completion_tokens == 3
+
+
+async def test_a_queued_request_sends_progress_over_grpc_and_a_cancel_dequeues_it(make_engine):
+    engine = make_engine(max_num_seqs=1, progress_interval_s=0.05)
+    slow_steps(engine, 0.02)
+    server, port = await serve_worker(engine, "127.0.0.1", 0, model_id="electron")
+
+    def request(rid: str, max_tokens: int) -> pb.GenerateRequest:
+        return pb.GenerateRequest(request_id=rid, token_ids=PROMPT, sampling=pb.SamplingParams(
+            temperature=0, max_tokens=max_tokens, ignore_eos=True))
+
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.WorkerStub(channel)
+            running = stub.Generate(request("running", 150))  # ~3 s
+            await running.read()
+            queued = stub.Generate(request("queued", 3))
+            message = await queued.read()
+            assert message.HasField("progress") and not message.token_ids
+            assert message.progress.queued and message.progress.queue_position == 0
+            assert engine.load().waiting == 1
+            queued.cancel()
+            started = time.monotonic()
+            while engine.load().waiting:  # aborted at once, not when it would have run
+                assert time.monotonic() - started < 1.0, "the cancelled request still waits"
+                await asyncio.sleep(0.01)
+            running.cancel()
+    finally:
+        await server.stop(None)
