@@ -341,15 +341,17 @@ class AsyncEngine:
             self._wake.notify()
         log.critical("worker %s: engine failed: %s; ending %d streams", self.worker_id, reason,
                      len(streams))
-        failed = _Failed(reason)
-        for stream in streams:
-            with contextlib.suppress(RuntimeError):  # its event loop is closed
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, failed)
+        # The listeners first (the worker turns NOT_SERVING): a caller whose stream ends with
+        # the failure finds the worker already reporting it.
         for listener in listeners:
             try:
                 listener(reason)
             except Exception:  # noqa: BLE001 - the others must still hear it
                 log.exception("an engine failure listener failed")
+        failed = _Failed(reason)
+        for stream in streams:
+            with contextlib.suppress(RuntimeError):  # its event loop is closed
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, failed)
 
 
 def _put_all(queue: asyncio.Queue[RequestOutput | _Failed], outs: list[RequestOutput]) -> None:
