@@ -182,6 +182,22 @@ async def test_a_sibling_id_collision_is_refused_at_the_door(make_engine):
     assert_no_leaked_blocks(engine)
 
 
+async def test_an_id_stays_taken_until_its_stream_is_closed(make_engine):
+    """Its sequences may have finished while its consumer has not closed the stream yet: a
+    new request with the same id is refused then (when the old stream closed it would take
+    the new one's place and leave the new request without its outputs)."""
+    engine = make_engine()
+    old = engine.generate("B", PROMPT, params(2))
+    while not (await anext(old)).finished:
+        pass
+    with pytest.raises(InvalidRequest, match="already running"):
+        await anext(engine.generate("B", PROMPT, params(2)))
+    with pytest.raises(StopAsyncIteration):
+        await anext(old)
+    outputs = await drain(engine.generate("B", PROMPT, params(2)))
+    assert outputs[-1].usage.completion_tokens == 2
+
+
 # -- queued is not silent ---------------------------------------------------------------------
 
 async def test_a_queued_request_reports_its_place_until_it_runs(make_engine):

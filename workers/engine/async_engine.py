@@ -158,7 +158,8 @@ class AsyncEngine:
                     remaining -= 1
                 yield out
         finally:
-            self._streams.pop(request_id, None)
+            if self._streams.get(request_id) is stream:
+                del self._streams[request_id]
             if remaining:
                 self._submit("abort", stream.request_ids)
 
@@ -173,7 +174,9 @@ class AsyncEngine:
         that a live sequence holds)."""
         with self._wake:
             self._check_serving()
-            clash = next((i for i in ids if i in self._live), None)
+            # A stream whose consumer has not closed it yet still holds its id.
+            clash = ids[0] if ids[0] in self._streams else next(
+                (i for i in ids if i in self._live), None)
             if clash is not None:
                 which = "is already running" if clash in self._streams else \
                     f"collides with a running request's sequence {clash!r}"
