@@ -1,16 +1,19 @@
 """How the fleet replaces lost workers, without Ray (fake worker sets): StaticFleet starts a
 replacement at once, then backs off while replacements keep failing, and resets once every
 worker serves; the autoscaler's pools drop a worker whose engine failed, as they drop a dead
-one. (tests/integration/test_fleet_replacement.py does it on a real Ray.)"""
+one. (tests/integration/test_fleet_replacement.py does it on a real Ray.) And the config
+keeps the router's silence limits above the workers' progress interval."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 
+import pytest
+
 from cluster.autoscaler import PoolScaler
 from cluster.fleet import StaticFleet
-from core.config import PoolConfig, load_config
+from core.config import ConfigError, PoolConfig, load_config
 from tests.unit.test_controller_stop import _Remote
 
 
@@ -111,3 +114,17 @@ async def test_an_autoscaled_pool_drops_a_worker_whose_engine_failed():
     assert [d.worker_id for d in demand] == ["a"]
     assert fake.killed == ["b"]
     assert [(e, w) for _, e, w in scaler.events] == [("died", "b")]
+
+
+def test_router_timeouts_must_exceed_the_progress_interval():
+    """A queued request's progress messages must come more often than the router's silence
+    limits, or queueing would read as silence again."""
+    with pytest.raises(ConfigError, match="first_token_timeout_s"):
+        load_config(env={}, overrides={"engine": {"progress_interval_s": 2},
+                                       "router": {"first_token_timeout_s": 2}})
+    with pytest.raises(ConfigError, match="stream_stall_timeout_s"):
+        load_config(env={"ELECTRON_ROUTER__STREAM_STALL_TIMEOUT_S": "0.5"})
+    config = load_config(env={}, overrides={"engine": {"progress_interval_s": 0.1},
+                                            "router": {"first_token_timeout_s": 0.5,
+                                                       "stream_stall_timeout_s": 0.5}})
+    assert config.router.stream_stall_timeout_s == 0.5
