@@ -32,7 +32,13 @@ from typing import Any
 from ray.exceptions import RayActorError, RayError
 
 from cluster.demand import Decision, ScaleDecider, WorkerDemand
-from cluster.fleet import WORKER_STOP_GRACE_S, Fleet, StartupFailed, WorkerSet
+from cluster.fleet import (
+    WORKER_STOP_GRACE_S,
+    Fleet,
+    StartupFailed,
+    WorkerSet,
+    run_every,
+)
 from core.config import Config, PoolConfig
 
 log = logging.getLogger(__name__)
@@ -108,11 +114,14 @@ class PoolScaler:
               for w in ids), return_exceptions=True)
         demand = []
         for worker_id, info in zip(ids, infos):
-            if isinstance(info, RayActorError):
-                # It died: drop it, so the pool replaces it below its target.
-                log.warning("pool %s: worker %s died: %s", self.pool.name, worker_id, info)
+            if isinstance(info, RayActorError) or (
+                    isinstance(info, dict) and info.get("engine_failure")):
+                # It died (or its engine failed): drop it, so the pool replaces it below its
+                # target.
+                why = info["engine_failure"] if isinstance(info, dict) else info
+                log.warning("pool %s: worker %s died: %s", self.pool.name, worker_id, why)
                 self.events.append((time.monotonic(), "died", worker_id))
-                await self.workers.stop_one(worker_id)
+                self.workers.kill(worker_id)
             elif isinstance(info, BaseException):
                 log.warning("pool %s: worker %s did not report: %r", self.pool.name,
                             worker_id, info)
@@ -253,15 +262,7 @@ class Autoscaler(Fleet):
             log.info("asked Ray's autoscaler for %d worker bundles", len(bundles))
 
     async def _loop(self) -> None:
-        interval = self._config.autoscaler.interval_s
-        while True:
-            try:
-                await self.step()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # keep scaling: the next step may succeed
-                log.exception("autoscaler step failed")
-            await asyncio.sleep(interval)
+        await run_every(self._config.autoscaler.interval_s, self.step, "autoscaler step")
 
     def status(self) -> dict[str, dict[str, Any]]:
         return {name: {"serving": len(p.serving), "starting": len(p.active) - len(p.serving),

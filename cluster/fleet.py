@@ -4,6 +4,13 @@
 detached). ``Fleet`` is what the launcher asks of the workers it runs, whatever keeps their
 number: ``StaticFleet`` holds ``cluster.workers`` of them; the autoscaler
 (cluster/autoscaler.py) sizes each pool to its demand.
+
+Either replaces a lost worker: one whose process died (SIGKILL, OOM: Ray reports the actor
+dead; actors are never restarted by Ray, ``max_restarts=0``) or whose engine failed (its
+``health()``: the engine thread died or a step stalled). ``StaticFleet`` checks every
+``cluster.supervise_interval_s`` once its first worker serves, kills the lost ones and starts
+new ones: the first at once, then, while they keep failing, after ``restart_backoff_s``
+doubling up to ``restart_backoff_max_s``.
 """
 
 from __future__ import annotations
@@ -11,7 +18,9 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 
 import ray
 from ray.exceptions import RayActorError
@@ -23,6 +32,8 @@ log = logging.getLogger(__name__)
 
 # Seconds a stopping worker gives in-flight generations before cancelling them.
 WORKER_STOP_GRACE_S = 5.0
+# A worker's health() must answer within this long (a slow answer is not a verdict).
+HEALTH_TIMEOUT_S = 5.0
 
 
 class StartupFailed(RuntimeError):
@@ -119,15 +130,45 @@ class WorkerSet:
 
     async def stop_one(self, worker_id: str, grace_s: float = WORKER_STOP_GRACE_S) -> None:
         """Stops one worker (gracefully when it serves) and forgets it."""
+        handle, serving = self._forget(worker_id)
+        if not serving:
+            ray.kill(handle)
+            return
+        await _stop_actor(worker_id, handle, grace_s)
+
+    def kill(self, worker_id: str) -> None:
+        """Kills one worker at once (it is lost: nothing to drain) and forgets it."""
+        handle, _ = self._forget(worker_id)
+        ray.kill(handle)
+
+    def _forget(self, worker_id: str) -> tuple[ray.actor.ActorHandle, bool]:
+        """Removes a worker from the set: its handle, and whether it was serving."""
         handle = self.actors.pop(worker_id)
         task = self._ready.pop(worker_id, None)
         if task is not None:
             task.cancel()
         self.failures.pop(worker_id, None)
-        if self.addresses.pop(worker_id, None) is None:
-            ray.kill(handle)
-            return
-        await _stop_actor(worker_id, handle, grace_s)
+        return handle, self.addresses.pop(worker_id, None) is not None
+
+    async def reap(self, timeout_s: float = HEALTH_TIMEOUT_S) -> dict[str, str]:
+        """Kills and forgets the serving workers that are lost (process gone, or engine
+        failed) and the ones that failed to start; returns why each went, by id."""
+        ids = list(self.addresses)
+        answers = await asyncio.gather(
+            *(asyncio.wait_for(self.actors[w].health.remote(), timeout_s) for w in ids),
+            return_exceptions=True)
+        lost = {w: f"it failed to start: {exc}" for w, exc in self.failures.items()}
+        for worker_id, answer in zip(ids, answers):
+            if isinstance(answer, RayActorError):
+                lost[worker_id] = f"its process is gone: {answer}"
+            elif isinstance(answer, str):
+                lost[worker_id] = f"its engine failed: {answer}"
+            elif isinstance(answer, BaseException):  # slow or a Ray hiccup: no verdict
+                log.warning("worker %s did not report its health: %r", worker_id, answer)
+        for worker_id, why in lost.items():
+            log.error("worker %s is lost (%s); killing it", worker_id, why)
+            self.kill(worker_id)
+        return lost
 
 
 async def _stop_actor(worker_id: str, handle: ray.actor.ActorHandle, grace_s: float) -> None:
@@ -141,12 +182,32 @@ async def _stop_actor(worker_id: str, handle: ray.actor.ActorHandle, grace_s: fl
     ray.kill(handle)
 
 
+async def run_every(interval_s: float, step: Callable[[], Awaitable[None]], what: str) -> None:
+    """Runs ``step`` every ``interval_s`` seconds until cancelled; a step that fails is logged
+    and the next one runs (it may succeed)."""
+    while True:
+        try:
+            await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - keep going
+            log.exception("%s failed", what)
+        await asyncio.sleep(interval_s)
+
+
 class StaticFleet(Fleet):
-    """``cluster.workers`` workers of the shared pool, started once."""
+    """``cluster.workers`` workers of the shared pool, kept at that number (lost ones are
+    replaced, with backoff: see the module docstring)."""
 
     def __init__(self, config: Config):
         self._config = config
         self.workers = WorkerSet(config)
+        self._supervisor: asyncio.Task[None] | None = None
+        # Replacement rounds since every worker last served, and the earliest next one.
+        self._restarts = 0
+        self._next_start = 0.0
+        # What the fleet has done: (monotonic time, "lost" or "start", worker id).
+        self.events: list[tuple[float, str, str]] = []
 
     @property
     def actors(self) -> dict[str, ray.actor.ActorHandle]:
@@ -157,10 +218,46 @@ class StaticFleet(Fleet):
         return self.workers.addresses
 
     def start(self) -> None:
-        self.workers.start(self._config.cluster.workers)
+        self._start(self._config.cluster.workers)
+
+    def _start(self, count: int) -> None:
+        for worker_id in self.workers.start(count):
+            self.events.append((time.monotonic(), "start", worker_id))
 
     async def wait_ready(self, minimum: int = 1) -> None:
         await self.workers.wait_ready(minimum)
+        # From now on lost workers are replaced (a fleet that never served fails startup
+        # instead of retrying for ever).
+        if self._supervisor is None:
+            self._supervisor = asyncio.get_running_loop().create_task(
+                self._supervise(), name="fleet-supervisor")
+
+    async def _supervise(self) -> None:
+        interval = self._config.cluster.supervise_interval_s
+        await asyncio.sleep(interval)
+        await run_every(interval, self.step, "fleet supervision")
+
+    async def step(self) -> None:
+        """One check: kills the lost workers, starts replacements when the backoff allows."""
+        cluster = self._config.cluster
+        for worker_id in await self.workers.reap():
+            self.events.append((time.monotonic(), "lost", worker_id))
+        if len(self.workers.addresses) >= cluster.workers:
+            self._restarts = 0
+        missing = cluster.workers - len(self.workers.actors)
+        now = time.monotonic()
+        if missing <= 0 or now < self._next_start:
+            return
+        delay = min(cluster.restart_backoff_max_s,
+                    cluster.restart_backoff_s * 2 ** self._restarts)
+        self._restarts += 1
+        self._next_start = now + delay
+        log.warning("starting %d worker(s) to replace lost ones (next attempt no sooner than "
+                    "%.0f s)", missing, delay)
+        self._start(missing)
 
     async def stop(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
         await self.workers.stop()

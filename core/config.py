@@ -45,6 +45,19 @@ class EngineConfig(_Frozen):
     # and whether the next step's token mask is filled on a helper thread beside the forward.
     grammar_cache_size: int = Field(64, ge=1)
     grammar_overlap: bool = True
+    # A request's grammar is compiled on a helper thread (never on the worker's event loop,
+    # which serves gRPC and heartbeats); one that takes longer than this is refused (400).
+    grammar_compile_timeout_s: float = Field(10.0, gt=0)
+    # The longest a step waits for a sequence's next grammar mask; past it that sequence
+    # alone fails (the rest of the batch goes on).
+    grammar_mask_timeout_s: float = Field(5.0, gt=0)
+    # Liveness (docs/engine.md, "Liveness"): a step (or the commands before it) running
+    # longer than this, or the engine thread dying, fails the worker: it reports NOT_SERVING,
+    # ends every stream with an error and the fleet replaces it.
+    stall_timeout_s: float = Field(60.0, gt=0)
+    # A request that produced nothing for this long gets a progress message on its stream
+    # (queued, and how many requests are ahead of it): routers tell queued from silent.
+    progress_interval_s: float = Field(1.0, gt=0)
 
 
 class RouterConfig(_Frozen):
@@ -87,8 +100,13 @@ class RouterConfig(_Frozen):
     max_buffered_tokens: int = Field(1 << 18, ge=1)
     # The longest a large request's validation (its JSON schemas) may take, on a thread.
     validation_timeout_s: float = Field(2.0, gt=0)
-    # Seconds to wait for a worker's first message before failing over.
+    # Seconds of silence from a worker before the first delta (no delta and no progress
+    # message: a request queued there is not silent) after which the router fails over.
     first_token_timeout_s: float = Field(30.0, gt=0)
+    # A stream that received nothing (no delta, no progress message) for this long after
+    # its first delta ends with an error event; the worker's call is cancelled (the worker
+    # aborts the request) and the request's slot released.
+    stream_stall_timeout_s: float = Field(60.0, gt=0)
     registry_poll_s: float = Field(0.5, gt=0)
 
 
@@ -187,6 +205,12 @@ class ClusterConfig(_Frozen):
     # `electron-serve worker` gives up (exit 1, StartupFailed) when no worker serves this long
     # after it starts (0: waits for ever): image pulls, GPU nodes and the model load included.
     start_timeout_s: float = Field(0, ge=0)
+    # The fleet checks its workers this often and replaces the dead and the failed ones
+    # (engine thread died or stalled), whether or not the autoscaler runs; consecutive
+    # failed starts wait restart_backoff_s, doubling up to restart_backoff_max_s.
+    supervise_interval_s: float = Field(1.0, gt=0)
+    restart_backoff_s: float = Field(1.0, gt=0)
+    restart_backoff_max_s: float = Field(60.0, gt=0)
     # Written by `electron-serve worker` once its first worker serves: a probe's signal (the
     # Helm chart's controller startup/readiness probe), removed when it stops.
     ready_file: str | None = None
@@ -267,6 +291,17 @@ class Config(_Frozen):
     cluster: ClusterConfig = ClusterConfig()
     observability: ObservabilityConfig = ObservabilityConfig()
     autoscaler: AutoscalerConfig = AutoscalerConfig()
+
+    @model_validator(mode="after")
+    def _progress_within_timeouts(self) -> Config:
+        # A queued request's progress messages must come more often than the router's
+        # timeouts, or queueing would read as silence.
+        every = self.engine.progress_interval_s
+        for name in ("first_token_timeout_s", "stream_stall_timeout_s"):
+            if getattr(self.router, name) <= every:
+                raise ValueError(f"router.{name} ({getattr(self.router, name)}) must exceed "
+                                 f"engine.progress_interval_s ({every})")
+        return self
 
 
 class ConfigError(ValueError):

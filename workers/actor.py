@@ -6,6 +6,8 @@ which must not load torch: the engine and torch are imported inside the actor on
 Lifecycle: ``__init__`` loads the engine, starts the gRPC server and registers the endpoint,
 so a worker is in the registry before ``ready()`` can answer. ``stop()`` undoes it in the
 reverse order. ``ray.kill`` (SIGKILL) skips ``stop()``; the registry's TTL then drops it.
+An engine that fails (its thread died or a step stalled) makes the worker leave the registry
+and stop heartbeating; ``health()`` says why, and the fleet (cluster/fleet.py) replaces it.
 """
 
 from __future__ import annotations
@@ -94,8 +96,30 @@ class WorkerActor:
                                         metrics_address=f"{host}:{metrics_port}")
         await self._registry.register.remote(self._endpoint)
         self._stopped = False
-        self._heartbeats = asyncio.get_running_loop().create_task(self._heartbeat_loop())
+        loop = asyncio.get_running_loop()
+        self._heartbeats = loop.create_task(self._heartbeat_loop())
+        self._leaving: asyncio.Task[None] | None = None
+        self._engine.add_failure_listener(
+            lambda reason: loop.call_soon_threadsafe(self._on_engine_failure))
         log.info("worker %s ready at %s", worker_id, self._endpoint.address)
+
+    async def health(self) -> str | None:
+        """None while the worker serves; else why its engine failed (the fleet replaces it)."""
+        return self._engine.failure
+
+    def _on_engine_failure(self) -> None:
+        """Leaves the registry (routers stop picking it at their next poll; its gRPC health
+        already says NOT_SERVING) and stops heartbeating, so it cannot come back."""
+        if self._stopped or self._leaving is not None:
+            return
+        self._heartbeats.cancel()
+        self._leaving = asyncio.get_running_loop().create_task(self._leave_registry())
+
+    async def _leave_registry(self) -> None:
+        try:
+            await self._registry.deregister.remote(self._worker_id)
+        except RayError as exc:  # its TTL drops it anyway
+            log.warning("worker %s: could not leave the registry: %s", self._worker_id, exc)
 
     async def ready(self) -> str:
         """The gRPC address (host:port); answers once the worker serves and is registered."""
@@ -115,6 +139,7 @@ class WorkerActor:
             "waiting_prefill_tokens": load.waiting_prefill_tokens,
             "kv_blocks_used": load.kv_blocks_used, "kv_blocks_total": load.kv_blocks_total,
             "ttft_p90_s": self._server.ttft_p90_s(), "draining": self._endpoint.draining,
+            "engine_failure": engine.failure,
         }
 
     async def drain(self) -> None:

@@ -13,6 +13,7 @@ logged here and never sent).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import time
@@ -33,6 +34,7 @@ from core.protocol import WORKER_SERVICE, error_metadata, session_end, status_co
 from core.telemetry import DISABLED, Tracing
 from workers import wire
 from workers.engine.kv_events import SubscriberFellBehind
+from workers.engine.outputs import Progress
 from workers.latency import RecentLatencies
 from workers.observe import GenerationObserver
 
@@ -289,9 +291,10 @@ class _Run:
         self._servicer = servicer
         self._request = request
         self._args: wire.GenerateArgs | None = None
-        # True from the first output to the last: only then is the request the engine's
-        # to abort. (Before, the engine raised or is cancelled inside its own iterator,
-        # which aborts; and a rejected duplicate id must not abort the original.)
+        # True from the first output (or progress message: the engine accepted it) to the
+        # last: only then is the request the engine's to abort. (Before, the engine raised
+        # or is cancelled inside its own iterator, which aborts; and a rejected duplicate id
+        # must not abort the original.)
         self._streaming = False
 
     async def responses(self) -> AsyncIterator[pb.GenerateResponse]:
@@ -303,16 +306,22 @@ class _Run:
                                 f"{args.model!r}", param="model")
         engine = servicer._engine
         outputs = engine.generate(args.request_id, list(args.prompt_token_ids), args.sampling,
-                                  args.priority, args.cache_salt)
+                                  args.priority, args.cache_salt,
+                                  progress_every_s=engine.config.progress_interval_s)
         observer = GenerationObserver(servicer._tracing, servicer._metrics, args,
                                       servicer._model_id, engine.worker_id)
         received = time.monotonic()
+        first = True  # no output yet: the first one records the time to first token
         try:
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
-                    if not self._streaming:  # the first output: time to first token
-                        servicer.ttft.record(time.monotonic() - received)
                     self._streaming = True
+                    if isinstance(output, Progress):  # queued or computing: alive, no delta
+                        yield wire.progress_response(output)
+                        continue
+                    if first:  # its time to first token (the autoscaler reads them)
+                        first = False
+                        servicer.ttft.record(time.monotonic() - received)
                     observer.output(output)
                     if output.caused_by_request:
                         # Not the worker's failure: the router must neither retry it elsewhere
@@ -405,6 +414,20 @@ class WorkerServer:
         self.server = server
         self._servicer = servicer
         self._health = health
+        self._loop = asyncio.get_running_loop()
+        self._failing: concurrent.futures.Future[None] | None = None
+
+    def on_engine_failure(self, reason: str) -> None:
+        """The engine failed for good (any thread): report NOT_SERVING (routers stop
+        connecting to it) and end the WatchState streams (routers drop it at once). Its
+        Generate streams were ended by the engine."""
+        async def not_serving() -> None:
+            for service in ("", WORKER_SERVICE):
+                await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+            self._servicer.close()
+
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+            self._failing = asyncio.run_coroutine_threadsafe(not_serving(), self._loop)
 
     def ttft_p90_s(self) -> float | None:
         """The p90 time to first token of the last few seconds' requests (None: none)."""
@@ -460,7 +483,9 @@ async def serve_worker(
     for service in ("", WORKER_SERVICE):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("worker %s serving gRPC on %s:%d", engine.worker_id, host, bound)
-    return WorkerServer(server, servicer, health), bound
+    worker = WorkerServer(server, servicer, health)
+    engine.add_failure_listener(worker.on_engine_failure)
+    return worker, bound
 
 
 def _host_port(host: str, port: int) -> str:

@@ -22,7 +22,12 @@ from typing import TYPE_CHECKING
 from core.errors import InvalidRequest
 from core.pb.electron.v1 import worker_pb2 as pb
 from workers.engine.kv_events import AllCleared, BlocksRemoved, BlocksStored, KVEvent
-from workers.engine.outputs import PositionLogprobs, RequestOutput, TokenLogprob
+from workers.engine.outputs import (
+    PositionLogprobs,
+    Progress,
+    RequestOutput,
+    TokenLogprob,
+)
 from workers.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # the engine module loads torch; the conversion needs only field names
@@ -101,6 +106,12 @@ def generate_response(output: RequestOutput) -> pb.GenerateResponse:
         msg.usage.cached_tokens = output.usage.cached_tokens
         msg.usage.completion_tokens = output.usage.completion_tokens
     return msg
+
+
+def progress_response(progress: Progress) -> pb.GenerateResponse:
+    """A sign of life of a request that produced nothing for a while (no delta)."""
+    return pb.GenerateResponse(progress=pb.Progress(queued=progress.queued,
+                                                    queue_position=progress.queue_position))
 
 
 def _token_logprob(t: TokenLogprob) -> pb.TokenLogprob:

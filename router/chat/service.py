@@ -9,8 +9,16 @@ request, built once (``to_generate_request``). Then (``_open``): choose a worker
 Generate -> wait for the first delta. Tool calls are parsed out of the text on the way back
 (response.py, chunks.py).
 
+Liveness: a worker that has nothing to send yet sends progress messages (queued, its place
+in the queue; or computing a long prompt), which carry no output and are never passed on.
+Only silence counts against a worker: nothing at all, not even progress, for
+``first_token_timeout_s`` before the first delta (then it is a failure, retried below), or for
+``stream_stall_timeout_s`` between deltas (then the stream ends with an error event, the call
+is cancelled, so the worker aborts the request, and the lease and the slot are released). A
+request merely queued behind others is neither retried nor counted against its worker.
+
 Retry: a worker that fails before anything reached the client (``WorkerUnavailable``: it
-died, timed out before its first delta, or ended the request with "abort"/"error") is
+died, was silent before its first delta, or ended the request with "abort"/"error") is
 replaced once by another worker, the policy's next best; the pool's circuit breaker counts
 the failure and keeps a worker that keeps failing out of routing for a while. For streams
 that means before the first delta arrives (the HTTP response starts only then, so every error
@@ -99,14 +107,22 @@ class Generation:
     stream: GenerateStream
     first: pb.GenerateResponse
     usage: Usage  # every delta is counted here as it passes
+    stall_timeout_s: float  # the most silence between deltas (progress messages count)
     _closed: bool = field(default=False, repr=False)
 
     async def responses(self) -> AsyncIterator[pb.GenerateResponse]:
-        """Every delta; WorkerUnavailable when the worker gives the request up."""
-        yield _checked(self.first, self.lease.worker.worker_id)
-        async for message in self.stream:
+        """Every delta; WorkerUnavailable when the worker gives the request up or falls
+        silent for ``stall_timeout_s``."""
+        worker_id = self.lease.worker.worker_id
+        yield _checked(self.first, worker_id)
+        while True:
+            try:
+                message = await next_delta(self.stream, self.stall_timeout_s,
+                                           f"worker {worker_id} stalled")
+            except StopAsyncIteration:
+                return
             self.usage.observe(message)  # the first delta was counted when it arrived
-            yield _checked(message, self.lease.worker.worker_id)
+            yield _checked(message, worker_id)
 
     @property
     def ready(self) -> bool:
@@ -118,6 +134,21 @@ class Generation:
             self._closed = True
             self.stream.cancel()
             self.lease.release()
+
+
+async def next_delta(stream: GenerateStream, silence_s: float,
+                     what: str) -> pb.GenerateResponse:
+    """The stream's next delta, skipping progress messages; WorkerUnavailable ("<what>: sent
+    nothing for N s") when nothing at all, not even progress, comes for ``silence_s``.
+    StopAsyncIteration at the end of the stream."""
+    while True:
+        try:
+            async with asyncio.timeout(silence_s):
+                message = await anext(stream)
+        except TimeoutError:
+            raise WorkerUnavailable(f"{what}: it sent nothing for {silence_s:g} s") from None
+        if not message.HasField("progress"):
+            return message
 
 
 def _checked(message: pb.GenerateResponse, worker_id: str) -> pb.GenerateResponse:
@@ -145,6 +176,7 @@ class ChatService:
         self._tokenizer = tokenizer
         self.model_id = settings.model_id
         self._first_token_timeout_s = settings.first_token_timeout_s
+        self._stream_stall_timeout_s = settings.stream_stall_timeout_s
         self._max_buffered_tokens = settings.max_buffered_tokens
         self.fingerprint = fingerprint
 
@@ -236,7 +268,8 @@ class ChatService:
                 lease.started()
                 usage.start(len(prepared.prompt_token_ids), prepared.n)
                 usage.observe(first)
-                return Generation(prepared, lease, stream, first, usage)
+                return Generation(prepared, lease, stream, first, usage,
+                                  self._stream_stall_timeout_s)
             except WorkerUnavailable as exc:
                 usage.withdraw()
                 lease.failed()
@@ -262,11 +295,8 @@ class ChatService:
 
     async def _first_delta(self, stream: GenerateStream, worker_id: str) -> pb.GenerateResponse:
         try:
-            async with asyncio.timeout(self._first_token_timeout_s):
-                first = await anext(stream)
-        except TimeoutError:
-            raise WorkerUnavailable(f"worker {worker_id} sent nothing within "
-                                    f"{self._first_token_timeout_s:g} s") from None
+            first = await next_delta(stream, self._first_token_timeout_s,
+                                     f"worker {worker_id} is silent")
         except StopAsyncIteration:
             raise WorkerUnavailable(f"worker {worker_id} ended the call without output") \
                 from None

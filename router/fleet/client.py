@@ -131,14 +131,18 @@ class GenerateStream:
                 raise
             finally:
                 self._waiter = None
-        if self._observation is not None:
-            self._observation.delta()
-        return self._deltas.popleft()
+        message = self._deltas.popleft()
+        if self._observation is not None and not message.HasField("progress"):
+            self._observation.delta()  # a progress message is no delta
+        return message
 
     @property
     def ready(self) -> bool:
-        """A delta or the end is here: the next read will not wait."""
-        return bool(self._deltas) or self._end is not None
+        """A delta (not a progress message) or the end is here: the next read of output
+        will not wait."""
+        if self._deltas:
+            return not self._deltas[0].HasField("progress")
+        return self._end is not None
 
     def _ended(self, end: pb.SessionEnd | ElectronError) -> BaseException:
         """What reading past the end raises: StopAsyncIteration, or the request's error."""

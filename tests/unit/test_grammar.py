@@ -4,6 +4,8 @@ grammar admits and rejects, how it ends, how bad specs fail, and the mask on the
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import Future
 
 import jsonschema
 import pytest
@@ -241,3 +243,22 @@ def test_the_routers_specs_compile_to_what_they_ask_for(compiler, tok):
     spec = grammar_spec(req, tool_use(req))
     assert admits(compiler, tok, spec, TIME)
     assert not admits(compiler, tok, spec, WEATHER)
+
+
+def test_a_mask_that_never_comes_fails_its_sequence_within_the_bound(tok):
+    """The step waits for the helper thread's mask at most ``mask_timeout_s``: a fill that
+    hangs fails that sequence (TimeoutError, which the sampler turns into a failed row)
+    instead of holding the engine thread for ever."""
+    comp = GrammarCompiler(tok, tok.vocab_size, tok.eos_token_ids, mask_timeout_s=0.2)
+    try:
+        m = comp.matcher(json_object_spec())
+        m._pending = Future()  # the helper thread is stuck filling this mask
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="not ready within 0.2 s"):
+            m.apply(torch.zeros(tok.vocab_size))
+        assert time.monotonic() - started < 2
+        m._pending = Future()
+        with pytest.raises(TimeoutError):
+            _ = m.is_accepting
+    finally:
+        comp.close()

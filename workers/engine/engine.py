@@ -61,7 +61,8 @@ class Engine:
         # True when the last step found nothing to run (queued work waits for a sibling).
         self.idle = False
         self._grammar_options = {"cache_size": config.grammar_cache_size,
-                                 "overlap": config.grammar_overlap}
+                                 "overlap": config.grammar_overlap,
+                                 "mask_timeout_s": config.grammar_mask_timeout_s}
         self._grammars: GrammarCompiler | None = None
         self.stats = EngineStats()
 
@@ -118,14 +119,14 @@ class Engine:
                         else "JSON value")
                 raise InvalidRequest(
                     f"max_tokens ({budget}) is below the {minimum} tokens of the shortest "
-                    f"{what} this request's {_grammar_source(sampling)} allows; set "
+                    f"{what} this request's {grammar_source(sampling)} allows; set "
                     f"max_tokens to at least {minimum}", param="max_tokens")
             masks = [self.grammars.matcher(sampling.grammar, budget)
                      for _ in range(sampling.n)]
         requests: list[Request] = []
-        for index in range(sampling.n):
+        for index, sequence_id in enumerate(sequence_ids(request_id, sampling.n)):
             req = Request(
-                request_id=request_id if index == 0 else f"{request_id}#{index}",
+                request_id=sequence_id,
                 parent_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling=sampling,
                 cache_key=key, block_size=self.block_size, priority=priority, index=index,
                 max_total_tokens=max_total)
@@ -262,6 +263,11 @@ class Engine:
                       for i, lp in zip(raw.top_ids, raw.top_logprobs)))
 
 
-def _grammar_source(sampling: SamplingParams) -> str:
+def sequence_ids(request_id: str, n: int) -> list[str]:
+    """The engine's ids of a request's n sequences: ``A``, ``A#1``, ``A#2``, ..."""
+    return [request_id if index == 0 else f"{request_id}#{index}" for index in range(n)]
+
+
+def grammar_source(sampling: SamplingParams) -> str:
     assert sampling.grammar is not None
     return "tools" if sampling.grammar.WhichOneof("kind") == "tool_calls" else "response_format"

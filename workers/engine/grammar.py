@@ -66,7 +66,7 @@ class GrammarCompiler:
     """Compiles grammar specs into matchers for one tokenizer; caches compiled grammars."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: Sequence[int], *,
-                 cache_size: int = 64, overlap: bool = True):
+                 cache_size: int = 64, overlap: bool = True, mask_timeout_s: float = 5.0):
         eos = list(eos_token_ids)
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos)
@@ -77,6 +77,7 @@ class GrammarCompiler:
         self._cache: OrderedDict[bytes, _Compiled] = OrderedDict()
         self._cache_size = cache_size
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask") if overlap else None
+        self._mask_timeout_s = mask_timeout_s
 
     def matcher(self, spec: pb.GrammarSpec, max_tokens: int | None = None) -> GrammarMatcher:
         """A fresh matcher for ``spec``; raises InvalidRequest if it cannot compile.
@@ -88,7 +89,8 @@ class GrammarCompiler:
             budget = _Budget(compiled.closer, max_tokens, compiled.minimum_tokens or 0,
                              compiled.call_tokens, self._text)
         return GrammarMatcher(compiled.pristine.deep_copy(), self.vocab_size,
-                              self.eos_token_ids, self._pool, budget)
+                              self.eos_token_ids, self._pool, budget,
+                              mask_timeout_s=self._mask_timeout_s)
 
     def minimum_tokens(self, spec: pb.GrammarSpec) -> int | None:
         """Tokens of the shortest output ``spec`` admits (the shortest valid value of a schema,
@@ -323,8 +325,11 @@ class GrammarMatcher:
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int,
                  eos_token_ids: tuple[int, ...], pool: ThreadPoolExecutor | None,
-                 budget: _Budget | None = None):
+                 budget: _Budget | None = None, *, mask_timeout_s: float = 5.0):
+        """``mask_timeout_s``: the longest a step waits for the helper thread's mask; past
+        it the step fails this sequence alone (``TimeoutError`` from ``apply``)."""
         self._matcher = matcher
+        self._mask_timeout_s = mask_timeout_s
         self._budget = budget
         self._vocab_size = vocab_size
         self._eos_ids = eos_token_ids
@@ -351,7 +356,7 @@ class GrammarMatcher:
     def is_accepting(self) -> bool:
         """The output so far is complete (EOS would be allowed)."""
         if self._pending is not None:  # the helper thread may be filling the next mask
-            self._pending.result()
+            self._result(self._pending)
         return self._matcher.is_accepting()
 
     @property
@@ -361,10 +366,17 @@ class GrammarMatcher:
 
     def _wait(self) -> None:
         if self._pending is not None:
-            self._pending.result()
+            self._result(self._pending)
             self._pending = None
         else:
             self._fill()
+
+    def _result(self, pending: Future[None]) -> None:
+        try:
+            pending.result(timeout=self._mask_timeout_s)
+        except TimeoutError:
+            raise TimeoutError(f"its next token mask was not ready within "
+                               f"{self._mask_timeout_s:g} s") from None
 
     def _allows(self, token_id: int) -> bool:
         return 0 <= token_id < self._vocab_size and bool(

@@ -72,3 +72,13 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Yielded by ``AsyncEngine.generate`` in place of an output when its request produced
+    nothing for a while: it is alive, queued (``queue_position`` waiting requests ahead of it)
+    or running (a long prompt)."""
+
+    queued: bool
+    queue_position: int = 0

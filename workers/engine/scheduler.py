@@ -146,6 +146,15 @@ class Scheduler:
     def get_request(self, request_id: str) -> Request | None:
         return self._requests.get(request_id)
 
+    def queue_position(self, request_id: str) -> int | None:
+        """How many waiting requests are ahead of this one; None when it is not waiting
+        (running, finished, or not added yet)."""
+        request = self._requests.get(request_id)
+        key = self._keys.get(request_id)
+        if request is None or key is None or request.status is not RequestStatus.WAITING:
+            return None
+        return bisect.bisect_left(self._waiting, (key,))
+
     # -- one step ----------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:

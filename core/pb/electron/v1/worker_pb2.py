@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n core/pb/electron/v1/worker.proto\x12\x0b\x65lectron.v1\"\x9a\x04\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\t \x01(\x02\x12>\n\nlogit_bias\x18\n \x03(\x0b\x32*.electron.v1.SamplingParams.LogitBiasEntry\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\r\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x17\n\nmax_tokens\x18\x0e \x01(\rH\x02\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0f \x01(\r\x12\x10\n\x08logprobs\x18\x10 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x11 \x01(\r\x12)\n\x07grammar\x18\x13 \x01(\x0b\x32\x18.electron.v1.GrammarSpec\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06_top_pB\x07\n\x05_seedB\r\n\x0b_max_tokensJ\x04\x08\x12\x10\x13\"\xa1\x04\n\x0bGrammarSpec\x12:\n\x0bjson_object\x18\x01 \x01(\x0b\x32#.electron.v1.GrammarSpec.JsonObjectH\x00\x12:\n\x0bjson_schema\x18\x02 \x01(\x0b\x32#.electron.v1.GrammarSpec.JsonSchemaH\x00\x12\x38\n\ntool_calls\x18\x03 \x01(\x0b\x32\".electron.v1.GrammarSpec.ToolCallsH\x00\x1a\x0c\n\nJsonObject\x1a\x31\n\nJsonSchema\x12\x13\n\x0bschema_json\x18\x01 \x01(\t\x12\x0e\n\x06strict\x18\x02 \x01(\x08\x1a-\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fparameters_json\x18\x02 \x01(\t\x1a\x9a\x01\n\tToolCalls\x12,\n\x05tools\x18\x01 \x03(\x0b\x32\x1d.electron.v1.GrammarSpec.Tool\x12/\n\x04mode\x18\x02 \x01(\x0e\x32!.electron.v1.GrammarSpec.ToolMode\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x10\n\x08parallel\x18\x04 \x01(\x08\x12\x0e\n\x06\x66iller\x18\x05 \x01(\x08\"K\n\x08ToolMode\x12\x12\n\x0eTOOL_MODE_AUTO\x10\x00\x12\x16\n\x12TOOL_MODE_REQUIRED\x10\x01\x12\x13\n\x0fTOOL_MODE_NAMED\x10\x02\x42\x06\n\x04kind\"\x98\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.electron.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\r\n\x05model\x18\x06 \x01(\t\x12\x45\n\rtrace_context\x18\x07 \x03(\x0b\x32..electron.v1.GenerateRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\"e\n\x10PositionLogprobs\x12)\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x19.electron.v1.TokenLogprob\x12&\n\x03top\x18\x02 \x03(\x0b\x32\x19.electron.v1.TokenLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"\xc3\x01\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1d.electron.v1.PositionLogprobs\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.electron.v1.Usage\x12\x14\n\x0c\x66orced_close\x18\x07 \x01(\x08\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"P\n\x0eSessionRequest\x12.\n\x08generate\x18\x01 \x03(\x0b\x32\x1c.electron.v1.GenerateRequest\x12\x0e\n\x06\x63\x61ncel\x18\x02 \x03(\t\"S\n\x0cSessionDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x08response\x18\x02 \x01(\x0b\x32\x1d.electron.v1.GenerateResponse\"P\n\nSessionEnd\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\r\x12\x0f\n\x07\x64\x65tails\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"c\n\x0fSessionResponse\x12)\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\x19.electron.v1.SessionDelta\x12%\n\x04\x65nds\x18\x02 \x03(\x0b\x32\x17.electron.v1.SessionEnd\"\x13\n\x11WatchStateRequest\"F\n\x08Snapshot\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x04\x12\x12\n\nblock_size\x18\x03 \x01(\r\"$\n\x0c\x42locksStored\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\"%\n\rBlocksRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\"\x0c\n\nAllCleared\"\xab\x01\n\x07KVEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12+\n\x06stored\x18\x02 \x01(\x0b\x32\x19.electron.v1.BlocksStoredH\x00\x12-\n\x07removed\x18\x03 \x01(\x0b\x32\x1a.electron.v1.BlocksRemovedH\x00\x12*\n\x07\x63leared\x18\x04 \x01(\x0b\x32\x17.electron.v1.AllClearedH\x00\x42\x06\n\x04kind\"\x98\x01\n\x04Load\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x1e\n\x16waiting_prefill_tokens\x18\x03 \x01(\x04\x12\x16\n\x0ekv_blocks_used\x18\x04 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x1d\n\x15running_decode_tokens\x18\x06 \x01(\x04\"\x8c\x01\n\x0bStateUpdate\x12)\n\x08snapshot\x18\x01 \x01(\x0b\x32\x15.electron.v1.SnapshotH\x00\x12%\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x14.electron.v1.KVEventH\x00\x12!\n\x04load\x18\x03 \x01(\x0b\x32\x11.electron.v1.LoadH\x00\x42\x08\n\x06update\"\r\n\x0bInfoRequest\"{\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x0c\n\x04pool\x18\x06 \x01(\t2\xe5\x02\n\x06Worker\x12I\n\x08Generate\x12\x1c.electron.v1.GenerateRequest\x1a\x1d.electron.v1.GenerateResponse0\x01\x12H\n\x07Session\x12\x1b.electron.v1.SessionRequest\x1a\x1c.electron.v1.SessionResponse(\x01\x30\x01\x12>\n\x05\x41\x62ort\x12\x19.electron.v1.AbortRequest\x1a\x1a.electron.v1.AbortResponse\x12H\n\nWatchState\x12\x1e.electron.v1.WatchStateRequest\x1a\x18.electron.v1.StateUpdate0\x01\x12<\n\x07GetInfo\x12\x18.electron.v1.InfoRequest\x1a\x17.electron.v1.WorkerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n core/pb/electron/v1/worker.proto\x12\x0b\x65lectron.v1\"\x9a\x04\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\t \x01(\x02\x12>\n\nlogit_bias\x18\n \x03(\x0b\x32*.electron.v1.SamplingParams.LogitBiasEntry\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\r\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x17\n\nmax_tokens\x18\x0e \x01(\rH\x02\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0f \x01(\r\x12\x10\n\x08logprobs\x18\x10 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x11 \x01(\r\x12)\n\x07grammar\x18\x13 \x01(\x0b\x32\x18.electron.v1.GrammarSpec\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06_top_pB\x07\n\x05_seedB\r\n\x0b_max_tokensJ\x04\x08\x12\x10\x13\"\xa1\x04\n\x0bGrammarSpec\x12:\n\x0bjson_object\x18\x01 \x01(\x0b\x32#.electron.v1.GrammarSpec.JsonObjectH\x00\x12:\n\x0bjson_schema\x18\x02 \x01(\x0b\x32#.electron.v1.GrammarSpec.JsonSchemaH\x00\x12\x38\n\ntool_calls\x18\x03 \x01(\x0b\x32\".electron.v1.GrammarSpec.ToolCallsH\x00\x1a\x0c\n\nJsonObject\x1a\x31\n\nJsonSchema\x12\x13\n\x0bschema_json\x18\x01 \x01(\t\x12\x0e\n\x06strict\x18\x02 \x01(\x08\x1a-\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fparameters_json\x18\x02 \x01(\t\x1a\x9a\x01\n\tToolCalls\x12,\n\x05tools\x18\x01 \x03(\x0b\x32\x1d.electron.v1.GrammarSpec.Tool\x12/\n\x04mode\x18\x02 \x01(\x0e\x32!.electron.v1.GrammarSpec.ToolMode\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x10\n\x08parallel\x18\x04 \x01(\x08\x12\x0e\n\x06\x66iller\x18\x05 \x01(\x08\"K\n\x08ToolMode\x12\x12\n\x0eTOOL_MODE_AUTO\x10\x00\x12\x16\n\x12TOOL_MODE_REQUIRED\x10\x01\x12\x13\n\x0fTOOL_MODE_NAMED\x10\x02\x42\x06\n\x04kind\"\x98\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.electron.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\r\n\x05model\x18\x06 \x01(\t\x12\x45\n\rtrace_context\x18\x07 \x03(\x0b\x32..electron.v1.GenerateRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\"e\n\x10PositionLogprobs\x12)\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x19.electron.v1.TokenLogprob\x12&\n\x03top\x18\x02 \x03(\x0b\x32\x19.electron.v1.TokenLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"2\n\x08Progress\x12\x0e\n\x06queued\x18\x01 \x01(\x08\x12\x16\n\x0equeue_position\x18\x02 \x01(\r\"\xec\x01\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1d.electron.v1.PositionLogprobs\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.electron.v1.Usage\x12\x14\n\x0c\x66orced_close\x18\x07 \x01(\x08\x12\'\n\x08progress\x18\x08 \x01(\x0b\x32\x15.electron.v1.Progress\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"P\n\x0eSessionRequest\x12.\n\x08generate\x18\x01 \x03(\x0b\x32\x1c.electron.v1.GenerateRequest\x12\x0e\n\x06\x63\x61ncel\x18\x02 \x03(\t\"S\n\x0cSessionDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x08response\x18\x02 \x01(\x0b\x32\x1d.electron.v1.GenerateResponse\"P\n\nSessionEnd\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\r\x12\x0f\n\x07\x64\x65tails\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"c\n\x0fSessionResponse\x12)\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\x19.electron.v1.SessionDelta\x12%\n\x04\x65nds\x18\x02 \x03(\x0b\x32\x17.electron.v1.SessionEnd\"\x13\n\x11WatchStateRequest\"F\n\x08Snapshot\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x04\x12\x12\n\nblock_size\x18\x03 \x01(\r\"$\n\x0c\x42locksStored\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\"%\n\rBlocksRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\"\x0c\n\nAllCleared\"\xab\x01\n\x07KVEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12+\n\x06stored\x18\x02 \x01(\x0b\x32\x19.electron.v1.BlocksStoredH\x00\x12-\n\x07removed\x18\x03 \x01(\x0b\x32\x1a.electron.v1.BlocksRemovedH\x00\x12*\n\x07\x63leared\x18\x04 \x01(\x0b\x32\x17.electron.v1.AllClearedH\x00\x42\x06\n\x04kind\"\x98\x01\n\x04Load\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x1e\n\x16waiting_prefill_tokens\x18\x03 \x01(\x04\x12\x16\n\x0ekv_blocks_used\x18\x04 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x1d\n\x15running_decode_tokens\x18\x06 \x01(\x04\"\x8c\x01\n\x0bStateUpdate\x12)\n\x08snapshot\x18\x01 \x01(\x0b\x32\x15.electron.v1.SnapshotH\x00\x12%\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x14.electron.v1.KVEventH\x00\x12!\n\x04load\x18\x03 \x01(\x0b\x32\x11.electron.v1.LoadH\x00\x42\x08\n\x06update\"\r\n\x0bInfoRequest\"{\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x0c\n\x04pool\x18\x06 \x01(\t2\xe5\x02\n\x06Worker\x12I\n\x08Generate\x12\x1c.electron.v1.GenerateRequest\x1a\x1d.electron.v1.GenerateResponse0\x01\x12H\n\x07Session\x12\x1b.electron.v1.SessionRequest\x1a\x1c.electron.v1.SessionResponse(\x01\x30\x01\x12>\n\x05\x41\x62ort\x12\x19.electron.v1.AbortRequest\x1a\x1a.electron.v1.AbortResponse\x12H\n\nWatchState\x12\x1e.electron.v1.WatchStateRequest\x1a\x18.electron.v1.StateUpdate0\x01\x12<\n\x07GetInfo\x12\x18.electron.v1.InfoRequest\x1a\x17.electron.v1.WorkerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -61,40 +61,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_POSITIONLOGPROBS']._serialized_end=1585
   _globals['_USAGE']._serialized_start=1587
   _globals['_USAGE']._serialized_end=1667
-  _globals['_GENERATERESPONSE']._serialized_start=1670
-  _globals['_GENERATERESPONSE']._serialized_end=1865
-  _globals['_ABORTREQUEST']._serialized_start=1867
-  _globals['_ABORTREQUEST']._serialized_end=1901
-  _globals['_ABORTRESPONSE']._serialized_start=1903
-  _globals['_ABORTRESPONSE']._serialized_end=1933
-  _globals['_SESSIONREQUEST']._serialized_start=1935
-  _globals['_SESSIONREQUEST']._serialized_end=2015
-  _globals['_SESSIONDELTA']._serialized_start=2017
-  _globals['_SESSIONDELTA']._serialized_end=2100
-  _globals['_SESSIONEND']._serialized_start=2102
-  _globals['_SESSIONEND']._serialized_end=2182
-  _globals['_SESSIONRESPONSE']._serialized_start=2184
-  _globals['_SESSIONRESPONSE']._serialized_end=2283
-  _globals['_WATCHSTATEREQUEST']._serialized_start=2285
-  _globals['_WATCHSTATEREQUEST']._serialized_end=2304
-  _globals['_SNAPSHOT']._serialized_start=2306
-  _globals['_SNAPSHOT']._serialized_end=2376
-  _globals['_BLOCKSSTORED']._serialized_start=2378
-  _globals['_BLOCKSSTORED']._serialized_end=2414
-  _globals['_BLOCKSREMOVED']._serialized_start=2416
-  _globals['_BLOCKSREMOVED']._serialized_end=2453
-  _globals['_ALLCLEARED']._serialized_start=2455
-  _globals['_ALLCLEARED']._serialized_end=2467
-  _globals['_KVEVENT']._serialized_start=2470
-  _globals['_KVEVENT']._serialized_end=2641
-  _globals['_LOAD']._serialized_start=2644
-  _globals['_LOAD']._serialized_end=2796
-  _globals['_STATEUPDATE']._serialized_start=2799
-  _globals['_STATEUPDATE']._serialized_end=2939
-  _globals['_INFOREQUEST']._serialized_start=2941
-  _globals['_INFOREQUEST']._serialized_end=2954
-  _globals['_WORKERINFO']._serialized_start=2956
-  _globals['_WORKERINFO']._serialized_end=3079
-  _globals['_WORKER']._serialized_start=3082
-  _globals['_WORKER']._serialized_end=3439
+  _globals['_PROGRESS']._serialized_start=1669
+  _globals['_PROGRESS']._serialized_end=1719
+  _globals['_GENERATERESPONSE']._serialized_start=1722
+  _globals['_GENERATERESPONSE']._serialized_end=1958
+  _globals['_ABORTREQUEST']._serialized_start=1960
+  _globals['_ABORTREQUEST']._serialized_end=1994
+  _globals['_ABORTRESPONSE']._serialized_start=1996
+  _globals['_ABORTRESPONSE']._serialized_end=2026
+  _globals['_SESSIONREQUEST']._serialized_start=2028
+  _globals['_SESSIONREQUEST']._serialized_end=2108
+  _globals['_SESSIONDELTA']._serialized_start=2110
+  _globals['_SESSIONDELTA']._serialized_end=2193
+  _globals['_SESSIONEND']._serialized_start=2195
+  _globals['_SESSIONEND']._serialized_end=2275
+  _globals['_SESSIONRESPONSE']._serialized_start=2277
+  _globals['_SESSIONRESPONSE']._serialized_end=2376
+  _globals['_WATCHSTATEREQUEST']._serialized_start=2378
+  _globals['_WATCHSTATEREQUEST']._serialized_end=2397
+  _globals['_SNAPSHOT']._serialized_start=2399
+  _globals['_SNAPSHOT']._serialized_end=2469
+  _globals['_BLOCKSSTORED']._serialized_start=2471
+  _globals['_BLOCKSSTORED']._serialized_end=2507
+  _globals['_BLOCKSREMOVED']._serialized_start=2509
+  _globals['_BLOCKSREMOVED']._serialized_end=2546
+  _globals['_ALLCLEARED']._serialized_start=2548
+  _globals['_ALLCLEARED']._serialized_end=2560
+  _globals['_KVEVENT']._serialized_start=2563
+  _globals['_KVEVENT']._serialized_end=2734
+  _globals['_LOAD']._serialized_start=2737
+  _globals['_LOAD']._serialized_end=2889
+  _globals['_STATEUPDATE']._serialized_start=2892
+  _globals['_STATEUPDATE']._serialized_end=3032
+  _globals['_INFOREQUEST']._serialized_start=3034
+  _globals['_INFOREQUEST']._serialized_end=3047
+  _globals['_WORKERINFO']._serialized_start=3049
+  _globals['_WORKERINFO']._serialized_end=3172
+  _globals['_WORKER']._serialized_start=3175
+  _globals['_WORKER']._serialized_end=3532
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,130 @@
+"""How the fleet replaces lost workers, without Ray (fake worker sets): StaticFleet starts a
+replacement at once, then backs off while replacements keep failing, and resets once every
+worker serves; the autoscaler's pools drop a worker whose engine failed, as they drop a dead
+one. (tests/integration/test_fleet_replacement.py does it on a real Ray.) And the config
+keeps the router's silence limits above the workers' progress interval."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+
+from cluster.autoscaler import PoolScaler
+from cluster.fleet import StaticFleet
+from core.config import ConfigError, PoolConfig, load_config
+from tests.unit.test_controller_stop import _Remote
+
+
+class _FakeWorkers:
+    """A WorkerSet as StaticFleet sees it: ``lose`` makes the next reap report a worker."""
+
+    def __init__(self) -> None:
+        self.actors: dict[str, object] = {}
+        self.addresses: dict[str, str] = {}
+        self.started: list[str] = []
+        self._lost: dict[str, str] = {}
+        self._ids = itertools.count()
+
+    def start(self, count: int) -> list[str]:
+        ids = [f"w{next(self._ids)}" for _ in range(count)]
+        for worker_id in ids:
+            self.actors[worker_id] = object()
+        self.started += ids
+        return ids
+
+    def serve(self, worker_id: str) -> None:
+        self.addresses[worker_id] = "127.0.0.1:1"
+
+    def lose(self, worker_id: str, why: str) -> None:
+        self._lost[worker_id] = why
+
+    async def reap(self) -> dict[str, str]:
+        lost, self._lost = self._lost, {}
+        for worker_id in lost:
+            self.actors.pop(worker_id)
+            self.addresses.pop(worker_id, None)
+        return lost
+
+
+async def test_static_fleet_replaces_at_once_then_backs_off_while_replacements_fail():
+    config = load_config(env={}, overrides={"cluster": {
+        "workers": 2, "restart_backoff_s": 0.2, "restart_backoff_max_s": 0.4}})
+    fleet = StaticFleet(config)
+    fake = fleet.workers = _FakeWorkers()  # type: ignore[assignment]
+    fleet.start()
+    for worker_id in list(fake.actors):
+        fake.serve(worker_id)
+    await fleet.step()
+    assert fake.started == ["w0", "w1"]  # all serve: nothing to do
+
+    fake.lose("w0", "its process is gone")
+    await fleet.step()
+    assert fake.started[-1] == "w2"  # at once
+    fake.lose("w2", "it failed to start")
+    await fleet.step()
+    assert len(fake.started) == 3  # backing off: 0.2 s
+    await asyncio.sleep(0.25)
+    await fleet.step()
+    assert fake.started[-1] == "w3"
+    fake.lose("w3", "it failed to start")
+    await asyncio.sleep(0.25)
+    await fleet.step()
+    assert len(fake.started) == 4  # the backoff doubled: 0.4 s
+    await asyncio.sleep(0.2)
+    await fleet.step()
+    assert fake.started[-1] == "w4"
+    fake.serve("w4")
+    await fleet.step()  # every worker serves again: the backoff resets
+    fake.lose("w1", "its engine failed")
+    await asyncio.sleep(0.4)
+    await fleet.step()
+    assert fake.started[-1] == "w5"
+    assert [e for _, e, w in fleet.events if e == "lost"] == ["lost"] * 4
+
+
+class _InfoWorker:
+    def __init__(self, worker_id: str, failure: str | None):
+        async def info():
+            return {"worker_id": worker_id, "running": 0, "waiting": 0,
+                    "engine_failure": failure}
+
+        self.info = _Remote(info)
+
+
+class _PoolWorkers:
+    def __init__(self) -> None:
+        self.actors = {"a": _InfoWorker("a", None),
+                       "b": _InfoWorker("b", "a step has run for more than 60 s")}
+        self.addresses = {"a": "127.0.0.1:1", "b": "127.0.0.1:2"}
+        self.killed: list[str] = []
+
+    def kill(self, worker_id: str) -> None:
+        self.killed.append(worker_id)
+        self.actors.pop(worker_id)
+        self.addresses.pop(worker_id)
+
+
+async def test_an_autoscaled_pool_drops_a_worker_whose_engine_failed():
+    config = load_config(env={})
+    scaler = PoolScaler(config, PoolConfig(name="default", min_workers=2, max_workers=2))
+    fake = scaler.workers = _PoolWorkers()  # type: ignore[assignment]
+    demand = await scaler._demand()
+    assert [d.worker_id for d in demand] == ["a"]
+    assert fake.killed == ["b"]
+    assert [(e, w) for _, e, w in scaler.events] == [("died", "b")]
+
+
+def test_router_timeouts_must_exceed_the_progress_interval():
+    """A queued request's progress messages must come more often than the router's silence
+    limits, or queueing would read as silence again."""
+    with pytest.raises(ConfigError, match="first_token_timeout_s"):
+        load_config(env={}, overrides={"engine": {"progress_interval_s": 2},
+                                       "router": {"first_token_timeout_s": 2}})
+    with pytest.raises(ConfigError, match="stream_stall_timeout_s"):
+        load_config(env={"ELECTRON_ROUTER__STREAM_STALL_TIMEOUT_S": "0.5"})
+    config = load_config(env={}, overrides={"engine": {"progress_interval_s": 0.1},
+                                            "router": {"first_token_timeout_s": 0.5,
+                                                       "stream_stall_timeout_s": 0.5}})
+    assert config.router.stream_stall_timeout_s == 0.5
