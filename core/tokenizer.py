@@ -20,6 +20,8 @@ import mmap
 import re
 import secrets
 import struct
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -355,6 +357,89 @@ def _map_strings(value: Any, fn: Any) -> Any:
     return value
 
 
+def _any_string(value: Any, test: Any) -> bool:
+    """Whether ``test`` holds for some string in a JSON-like value (keys too), without copying
+    it: the strings ``_map_strings`` would visit."""
+    if isinstance(value, str):
+        return bool(test(value))
+    if isinstance(value, Mapping):
+        return any((isinstance(k, str) and test(k)) or _any_string(v, test)
+                   for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_any_string(item, test) for item in value)
+    return False
+
+
+# encode_chat's placeholder for special-token text in a client string: a private-use character,
+# the call's nonce (16 hex digits), ":", the text's index, another private-use character. One
+# pattern for every call; a match with another nonce is the client's own text and stays.
+_PLACEHOLDER = re.compile("\ue000([0-9a-f]{16}):(\\d+)\ue001")
+
+
+class PieceCache:
+    """Token ids of recently encoded text pieces, least recently used dropped first; safe to
+    share between threads.
+
+    Bounded by entry count and by the characters of the keys (the ids of a piece take about a
+    quarter of its characters in tokens); a piece longer than ``max_piece_chars`` is not kept.
+    """
+
+    def __init__(self, max_entries: int = 4096, max_chars: int = 1 << 20,
+                 max_piece_chars: int = 16384):
+        if not 0 <= max_piece_chars <= max_chars:
+            raise ValueError("max_piece_chars must be between 0 and max_chars")
+        self.max_entries = max_entries
+        self.max_chars = max_chars
+        self.max_piece_chars = max_piece_chars
+        self._entries: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._chars = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def chars(self) -> int:
+        """Characters of all pieces kept."""
+        return self._chars
+
+    def get_many(self, pieces: Sequence[str]) -> list[tuple[int, ...] | None]:
+        """The ids kept for each piece (None where there are none), each hit made most recent."""
+        found: list[tuple[int, ...] | None] = []
+        with self._lock:
+            entries = self._entries
+            for piece in pieces:
+                ids = entries.get(piece)
+                if ids is not None:
+                    entries.move_to_end(piece)
+                found.append(ids)
+            missing = found.count(None)
+            self.misses += missing
+            self.hits += len(found) - missing
+        return found
+
+    def put_many(self, items: Sequence[tuple[str, tuple[int, ...]]]) -> None:
+        with self._lock:
+            entries = self._entries
+            for piece, ids in items:
+                if len(piece) > self.max_piece_chars:
+                    continue
+                if piece in entries:
+                    entries.move_to_end(piece)
+                    continue
+                entries[piece] = ids
+                self._chars += len(piece)
+            while len(entries) > self.max_entries or self._chars > self.max_chars:
+                self._chars -= len(entries.popitem(last=False)[0])
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._chars = 0
+
+
 # -- the tokenizer ---------------------------------------------------------------------------
 
 class Tokenizer:
@@ -397,6 +482,9 @@ class Tokenizer:
                             if special else None)
         self._text_backend = _Backend.from_str(backend.to_str())
         self._text_backend.encode_special_tokens = True
+        # Ids per piece of text between special tokens: a system prompt, a tool list and the
+        # template's own text repeat from request to request.
+        self.piece_cache = PieceCache()
 
     @classmethod
     def from_model_path(cls, path: Path) -> Tokenizer:
@@ -480,10 +568,19 @@ class Tokenizer:
         before rendering; the rendered text is cut at the special tokens it still holds (the
         template's), and each piece between them gets the client's text back and is encoded
         with special tokens read as plain text. The backend cuts at special tokens the same
-        way, so a prompt without forged markers encodes exactly as ``encode`` would."""
+        way, so a prompt without forged markers encodes exactly as ``encode`` would.
+
+        When no client string holds special-token text (the common case) nothing is swapped.
+        The ids of each piece are kept in ``piece_cache`` (a bounded LRU keyed by the piece's
+        text), so a repeated system prompt, tool list or template text is encoded once."""
         if self._special_re is None:
             return self.encode(self.apply_chat_template(messages, tools), add_special_tokens=False)
-        nonce = "\ue000" + secrets.token_hex(8)
+        search = self._special_re.search
+        if not (_any_string(messages, search)
+                or (tools is not None and _any_string(tools, search))):
+            # The common case: nothing to defuse, so nothing to copy and nothing to restore.
+            return self._encode_rendered(self.apply_chat_template(messages, tools), None)
+        nonce = secrets.token_hex(8)
         defused = self._placeholders(nonce)
         rendered = self.apply_chat_template(
             _map_strings(messages, defused),
@@ -494,14 +591,16 @@ class Tokenizer:
         """A function replacing every special-token text in a string by its placeholder."""
         index = {text: str(i) for i, text in enumerate(self._special_texts)}
         pattern = self._special_re
+        assert pattern is not None
 
         def defuse(text: str) -> str:
-            return pattern.sub(lambda m: f"{nonce}:{index[m.group(0)]}\ue001", text)
+            return pattern.sub(lambda m: f"\ue000{nonce}:{index[m.group(0)]}\ue001", text)
         return defuse
 
-    def _encode_rendered(self, rendered: str, nonce: str) -> list[int]:
-        restore = re.compile(re.escape(nonce) + r":(\d+)\ue001")
-        texts = self._special_texts
+    def _encode_rendered(self, rendered: str, nonce: str | None) -> list[int]:
+        """Ids of the rendered prompt: its special-token text becomes those tokens, the pieces
+        between are encoded as text after the placeholders of ``nonce`` (if any) get the
+        client's text back."""
         pieces: list[str] = []
         markers: list[int] = []
         start = 0
@@ -517,14 +616,25 @@ class Tokenizer:
             if rstrip:
                 start += len(rendered[start:]) - len(rendered[start:].lstrip())
         pieces.append(rendered[start:])
-        pieces = [restore.sub(lambda m: texts[int(m.group(1))], piece) for piece in pieces]
+        if nonce is not None:
+            texts = self._special_texts
+
+            def restore(m: re.Match) -> str:
+                return texts[int(m.group(2))] if m.group(1) == nonce else m.group(0)
+            pieces = [_PLACEHOLDER.sub(restore, piece) if "\ue000" in piece else piece
+                      for piece in pieces]
         nonempty = [piece for piece in pieces if piece]
-        encoded = iter(self._text_backend.encode_batch_fast(
-            nonempty, add_special_tokens=False) if nonempty else ())
+        found = dict(zip(nonempty, self.piece_cache.get_many(nonempty)))
+        missing = [piece for piece, ids in found.items() if ids is None]
+        if missing:  # each piece is encoded alone, as it would be in a batch of all of them
+            encoded = [(piece, tuple(encoding.ids)) for piece, encoding in zip(
+                missing, self._text_backend.encode_batch_fast(missing, add_special_tokens=False))]
+            found.update(encoded)
+            self.piece_cache.put_many(encoded)
         ids: list[int] = []
         for i, piece in enumerate(pieces):
             if piece:
-                ids.extend(next(encoded).ids)
+                ids.extend(found[piece])  # type: ignore[arg-type]
             if i < len(markers):
                 ids.append(markers[i])
         return ids
