@@ -597,10 +597,9 @@ class Tokenizer:
             return pattern.sub(lambda m: f"\ue000{nonce}:{index[m.group(0)]}\ue001", text)
         return defuse
 
-    def _encode_rendered(self, rendered: str, nonce: str | None) -> list[int]:
-        """Ids of the rendered prompt: its special-token text becomes those tokens, the pieces
-        between are encoded as text after the placeholders of ``nonce`` (if any) get the
-        client's text back."""
+    def _cut_at_special_tokens(self, rendered: str) -> tuple[list[str], list[int]]:
+        """The text pieces around the special tokens of ``rendered`` and those tokens' ids (one
+        piece more than ids, empty where two tokens touch), cut as the backend cuts."""
         pieces: list[str] = []
         markers: list[int] = []
         start = 0
@@ -616,6 +615,13 @@ class Tokenizer:
             if rstrip:
                 start += len(rendered[start:]) - len(rendered[start:].lstrip())
         pieces.append(rendered[start:])
+        return pieces, markers
+
+    def _encode_rendered(self, rendered: str, nonce: str | None) -> list[int]:
+        """Ids of the rendered prompt: its special-token text becomes those tokens, the pieces
+        between are encoded as text after the placeholders of ``nonce`` (if any) get the
+        client's text back."""
+        pieces, markers = self._cut_at_special_tokens(rendered)
         if nonce is not None:
             texts = self._special_texts
 
