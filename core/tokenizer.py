@@ -380,19 +380,22 @@ class PieceCache:
     """Token ids of recently encoded text pieces, least recently used dropped first; safe to
     share between threads.
 
-    Bounded by entry count and by the characters of the keys (the ids of a piece take about a
-    quarter of its characters in tokens); a piece longer than ``max_piece_chars`` is not kept.
+    Bounded by entry count, by the characters of the pieces and by the ids kept for them (a
+    character may take up to four byte tokens): at the defaults at most 1 Mi characters and
+    256 Ki ids, ~15 MB. A piece longer than ``max_piece_chars`` is not kept.
     """
 
     def __init__(self, max_entries: int = 4096, max_chars: int = 1 << 20,
-                 max_piece_chars: int = 16384):
+                 max_ids: int = 1 << 18, max_piece_chars: int = 16384):
         if not 0 <= max_piece_chars <= max_chars:
             raise ValueError("max_piece_chars must be between 0 and max_chars")
         self.max_entries = max_entries
         self.max_chars = max_chars
+        self.max_ids = max_ids
         self.max_piece_chars = max_piece_chars
         self._entries: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self._chars = 0
+        self._ids = 0
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -404,6 +407,11 @@ class PieceCache:
     def chars(self) -> int:
         """Characters of all pieces kept."""
         return self._chars
+
+    @property
+    def ids(self) -> int:
+        """Ids kept, all pieces together."""
+        return self._ids
 
     def get_many(self, pieces: Sequence[str]) -> list[tuple[int, ...] | None]:
         """The ids kept for each piece (None where there are none), each hit made most recent."""
@@ -424,20 +432,24 @@ class PieceCache:
         with self._lock:
             entries = self._entries
             for piece, ids in items:
-                if len(piece) > self.max_piece_chars:
+                if len(piece) > self.max_piece_chars or len(ids) > self.max_ids:
                     continue
                 if piece in entries:
                     entries.move_to_end(piece)
                     continue
                 entries[piece] = ids
                 self._chars += len(piece)
-            while len(entries) > self.max_entries or self._chars > self.max_chars:
-                self._chars -= len(entries.popitem(last=False)[0])
+                self._ids += len(ids)
+            while (len(entries) > self.max_entries or self._chars > self.max_chars
+                   or self._ids > self.max_ids):
+                piece, ids = entries.popitem(last=False)
+                self._chars -= len(piece)
+                self._ids -= len(ids)
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
-            self._chars = 0
+            self._chars = self._ids = 0
 
 
 # -- the tokenizer ---------------------------------------------------------------------------

@@ -341,8 +341,8 @@ def test_forged_markers_stay_text_when_their_pieces_come_from_the_cache(tok):
     assert tok.encode_chat(plain) == tok.encode(tok.apply_chat_template(plain))
 
 
-def test_piece_cache_is_bounded_by_entries_and_by_characters():
-    cache = PieceCache(max_entries=3, max_chars=10, max_piece_chars=6)
+def test_piece_cache_is_bounded_by_entries_characters_and_ids():
+    cache = PieceCache(max_entries=3, max_chars=10, max_ids=8, max_piece_chars=6)
     cache.put_many([("a", (1,)), ("b", (2,)), ("c", (3,))])
     assert cache.get_many(["a"]) == [(1,)]  # "a" is now the most recent
     cache.put_many([("d", (4,))])
@@ -352,6 +352,14 @@ def test_piece_cache_is_bounded_by_entries_and_by_characters():
     cache.put_many([("xxxxxx", (6,))])  # 3 + 6 characters > 10: the oldest ones go
     assert cache.chars <= 10 and len(cache) <= 3
     assert cache.get_many(["xxxxxx", "a"]) == [(6,), None]
+    # Kept: c, d, xxxxxx (1 + 1 + 1 ids). 7 more ids: c goes for the entry count, d for the ids.
+    cache.put_many([("yy", (1, 2, 3, 4, 5, 6, 7))])
+    assert cache.ids == 8 and cache.get_many(["c", "d", "xxxxxx", "yy"]) == [
+        None, None, (6,), (1, 2, 3, 4, 5, 6, 7)]
+    cache.put_many([("z", tuple(range(9)))])  # more ids than the cache holds: never kept
+    assert cache.get_many(["z", "yy"]) == [None, (1, 2, 3, 4, 5, 6, 7)]
+    cache.clear()
+    assert (len(cache), cache.chars, cache.ids) == (0, 0, 0)
     with pytest.raises(ValueError):
         PieceCache(max_chars=10, max_piece_chars=11)
 
@@ -363,6 +371,7 @@ def test_the_tokenizer_cache_stays_within_its_bounds(tok, monkeypatch):
         messages = [{"role": "user", "content": f"message {i} " * (i % 15)}]
         assert tok.encode_chat(messages) == encode_chat_uncached(tok, messages)
         assert len(tok.piece_cache) <= 8 and tok.piece_cache.chars <= 300
+    assert len(tok.piece_cache) == 8  # it did fill up
 
 
 def test_encode_chat_from_many_threads_gives_the_same_ids(tok, monkeypatch):
