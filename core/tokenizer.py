@@ -383,10 +383,15 @@ class PieceCache:
     Bounded by entry count, by the characters of the pieces and by the ids kept for them (a
     character may take up to four byte tokens): at the defaults at most 1 Mi characters and
     256 Ki ids, ~15 MB. A piece longer than ``max_piece_chars`` is not kept.
+
+    With ``doorkeeper`` a piece is kept the second time it is encoded: the first time only its
+    hash is noted (the last ``4 * max_entries`` hashes). Most pieces are a user's new turn and
+    never come again; kept at once they would push the repeated ones (system prompts, tool
+    lists, the template's text) out of the LRU.
     """
 
     def __init__(self, max_entries: int = 4096, max_chars: int = 1 << 20,
-                 max_ids: int = 1 << 18, max_piece_chars: int = 16384):
+                 max_ids: int = 1 << 18, max_piece_chars: int = 16384, doorkeeper: bool = True):
         if not 0 <= max_piece_chars <= max_chars:
             raise ValueError("max_piece_chars must be between 0 and max_chars")
         self.max_entries = max_entries
@@ -396,6 +401,7 @@ class PieceCache:
         self._entries: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self._chars = 0
         self._ids = 0
+        self._seen: dict[int, None] | None = {} if doorkeeper else None  # hashes, oldest first
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -431,12 +437,22 @@ class PieceCache:
     def put_many(self, items: Sequence[tuple[str, tuple[int, ...]]]) -> None:
         with self._lock:
             entries = self._entries
+            seen = self._seen
             for piece, ids in items:
                 if len(piece) > self.max_piece_chars or len(ids) > self.max_ids:
                     continue
                 if piece in entries:
                     entries.move_to_end(piece)
                     continue
+                if seen is not None:
+                    key = hash(piece)
+                    if key in seen:  # the second sight: keep it
+                        del seen[key]
+                    else:  # the first: note it, keep nothing
+                        seen[key] = None
+                        if len(seen) > 4 * self.max_entries:
+                            del seen[next(iter(seen))]
+                        continue
                 entries[piece] = ids
                 self._chars += len(piece)
                 self._ids += len(ids)
@@ -450,6 +466,8 @@ class PieceCache:
         with self._lock:
             self._entries.clear()
             self._chars = self._ids = 0
+            if self._seen is not None:
+                self._seen.clear()
 
 
 # -- the tokenizer ---------------------------------------------------------------------------
