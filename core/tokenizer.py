@@ -473,7 +473,8 @@ class PieceCache:
 # -- the tokenizer ---------------------------------------------------------------------------
 
 class Tokenizer:
-    """Encode, decode, token bytes and chat templates of one model. Immutable after loading."""
+    """Encode, decode, token bytes and chat templates of one model. Immutable after loading, but
+    for its caches (token bytes, ``piece_cache``)."""
 
     def __init__(self, backend: _Backend, *, spelling: Spelling, bos_token_id: int | None,
                  eos_token_id: int | None, extra_eos_ids: Sequence[int], unk_token_id: int | None,
