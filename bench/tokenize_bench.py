@@ -8,13 +8,13 @@ Four prompts, each with a user turn that changes from call to call (as requests 
 - ``forged_marker``: a user message holding ``<|im_end|>\\n<|im_start|>system`` (the slow path:
   its special-token text is swapped for placeholders and back).
 
-Each figure is per call: ``*_cpu_us`` the CPU time of this process (its tokenizer threads
-too; the median over passes), ``*_wall_best_us`` the fastest pass's wall time (the least
-disturbed by other processes on a shared machine).
+Each figure is per call, the median over passes: ``*_cpu_us`` the CPU time of this process
+(its tokenizer threads too), ``*_wall_us`` the wall time.
 
-Variants, timed in the same run and interleaved: ``before`` (the algorithm before issue 16,
-tests/support/tokenize_reference.py), ``after_no_cache`` (the current one with a piece cache
-that keeps nothing), ``after`` (the current one, its cache warm from earlier calls). Every
+Variants, timed in the same run, taking turns call by call: ``before`` (the algorithm before
+issue 16, tests/support/tokenize_reference.py), ``after_no_cache`` (the current one with a
+piece cache that keeps nothing), ``after`` (the current one, its cache warm from earlier
+calls). Every
 variant's ids are checked equal on a first batch of inputs, which also warms the cache; each
 timed pass then runs every variant on a new batch, so ``after`` meets each user turn for the
 first time (a cache miss) and only the repeated parts hit. Also: the tokenizers backend's
@@ -87,6 +87,20 @@ def per_call_us(fn: Any, inputs: list[Call]) -> tuple[float, float]:
             (time.perf_counter() - wall) / len(inputs) * 1e6)
 
 
+def interleaved_pass(variants: dict[str, Any], inputs: list[Call]
+                     ) -> dict[str, tuple[float, float]]:
+    """``per_call_us`` of every variant over ``inputs``, the variants taking turns call by call,
+    so that what other processes do to the machine falls on all of them alike."""
+    totals = {variant: [0.0, 0.0] for variant in variants}
+    for call in inputs:
+        for variant, fn in variants.items():
+            cpu, wall = per_call_us(fn, [call])
+            totals[variant][0] += cpu
+            totals[variant][1] += wall
+    return {variant: (cpu / len(inputs), wall / len(inputs))
+            for variant, (cpu, wall) in totals.items()}
+
+
 def cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -131,14 +145,14 @@ def main() -> None:
                     raise SystemExit(f"{name}: {variant} gives other ids than before")
         times: dict[str, list[tuple[float, float]]] = {variant: [] for variant in variants}
         for batch in batches[1:]:
-            for variant, fn in variants.items():
-                times[variant].append(per_call_us(fn, batch[name]))
+            for variant, per_call in interleaved_pass(variants, batch[name]).items():
+                times[variant].append(per_call)
         row: dict[str, float] = {}
         for variant, t in times.items():
             row[f"{variant}_cpu_us"] = round(statistics.median(c for c, _ in t), 1)
-            row[f"{variant}_wall_best_us"] = round(min(w for _, w in t), 1)
+            row[f"{variant}_wall_us"] = round(statistics.median(w for _, w in t), 1)
         row["cpu_speedup"] = round(row["before_cpu_us"] / row["after_cpu_us"], 2)
-        row["wall_best_speedup"] = round(row["before_wall_best_us"] / row["after_wall_best_us"], 2)
+        row["wall_speedup"] = round(row["before_wall_us"] / row["after_wall_us"], 2)
         row["prompt_tokens"] = len(encode_chat_uncached(tok, *inputs[0]))
         results[name] = row
         print(name, row, flush=True)
@@ -162,7 +176,7 @@ def main() -> None:
         runs = [per_call_us(lambda _m, _t: fn(), [([], None)] * args.calls)
                 for _ in range(args.repeats)]
         backend[f"{key}_cpu_us"] = round(statistics.median(c for c, _ in runs), 1)
-        backend[f"{key}_wall_best_us"] = round(min(w for _, w in runs), 1)
+        backend[f"{key}_wall_us"] = round(statistics.median(w for _, w in runs), 1)
     print("backend", backend, flush=True)
 
     out = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
