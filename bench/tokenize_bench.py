@@ -11,7 +11,7 @@ Four prompts, each with a user turn that changes from call to call (as requests 
 Each figure is per call, the median over passes: ``*_cpu_us`` the CPU time of this process
 (its tokenizer threads too), ``*_wall_us`` the wall time.
 
-Variants, timed in the same run, taking turns call by call: ``before`` (the algorithm before
+Variants, timed in the same run, taking turns pass by pass: ``before`` (the algorithm before
 issue 16, tests/support/tokenize_reference.py), ``after_no_cache`` (the current one with a
 piece cache that keeps nothing), ``after`` (the current one, its cache warm from earlier
 calls). Every
@@ -87,20 +87,6 @@ def per_call_us(fn: Any, inputs: list[Call]) -> tuple[float, float]:
             (time.perf_counter() - wall) / len(inputs) * 1e6)
 
 
-def interleaved_pass(variants: dict[str, Any], inputs: list[Call]
-                     ) -> dict[str, tuple[float, float]]:
-    """``per_call_us`` of every variant over ``inputs``, the variants taking turns call by call,
-    so that what other processes do to the machine falls on all of them alike."""
-    totals = {variant: [0.0, 0.0] for variant in variants}
-    for call in inputs:
-        for variant, fn in variants.items():
-            cpu, wall = per_call_us(fn, [call])
-            totals[variant][0] += cpu
-            totals[variant][1] += wall
-    return {variant: (cpu / len(inputs), wall / len(inputs))
-            for variant, (cpu, wall) in totals.items()}
-
-
 def cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -144,9 +130,11 @@ def main() -> None:
                 if fn(messages, tools) != expected:
                     raise SystemExit(f"{name}: {variant} gives other ids than before")
         times: dict[str, list[tuple[float, float]]] = {variant: [] for variant in variants}
-        for batch in batches[1:]:
-            for variant, per_call in interleaved_pass(variants, batch[name]).items():
-                times[variant].append(per_call)
+        order = list(variants)
+        for batch in batches[1:]:  # variant by variant, each first in turn
+            for variant in order:
+                times[variant].append(per_call_us(variants[variant], batch[name]))
+            order.append(order.pop(0))
         row: dict[str, float] = {}
         for variant, t in times.items():
             row[f"{variant}_cpu_us"] = round(statistics.median(c for c, _ in t), 1)
