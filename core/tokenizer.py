@@ -20,6 +20,8 @@ import mmap
 import re
 import secrets
 import struct
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -355,10 +357,124 @@ def _map_strings(value: Any, fn: Any) -> Any:
     return value
 
 
+def _any_string(value: Any, test: Any) -> bool:
+    """Whether ``test`` holds for some string in a JSON-like value (keys too), without copying
+    it: the strings ``_map_strings`` would visit."""
+    if isinstance(value, str):
+        return bool(test(value))
+    if isinstance(value, Mapping):
+        return any((isinstance(k, str) and test(k)) or _any_string(v, test)
+                   for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_any_string(item, test) for item in value)
+    return False
+
+
+# encode_chat's placeholder for special-token text in a client string: a private-use character,
+# the call's nonce (16 hex digits), ":", the text's index, another private-use character. One
+# pattern for every call; a match with another nonce is the client's own text and stays.
+_PLACEHOLDER = re.compile("\ue000([0-9a-f]{16}):(\\d+)\ue001")
+
+
+class PieceCache:
+    """Token ids of recently encoded text pieces, least recently used dropped first; safe to
+    share between threads.
+
+    Bounded by entry count, by the characters of the pieces and by the ids kept for them (a
+    character may take up to four byte tokens): at the defaults at most 1 Mi characters and
+    256 Ki ids, ~15 MB. A piece longer than ``max_piece_chars`` is not kept.
+
+    With ``doorkeeper`` a piece is kept the second time it is encoded: the first time only its
+    hash is noted (the last ``4 * max_entries`` hashes). Most pieces are a user's new turn and
+    never come again; kept at once they would push the repeated ones (system prompts, tool
+    lists, the template's text) out of the LRU.
+    """
+
+    def __init__(self, max_entries: int = 4096, max_chars: int = 1 << 20,
+                 max_ids: int = 1 << 18, max_piece_chars: int = 16384, doorkeeper: bool = True):
+        if not 0 <= max_piece_chars <= max_chars:
+            raise ValueError("max_piece_chars must be between 0 and max_chars")
+        self.max_entries = max_entries
+        self.max_chars = max_chars
+        self.max_ids = max_ids
+        self.max_piece_chars = max_piece_chars
+        self._entries: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._chars = 0
+        self._ids = 0
+        self._seen: dict[int, None] | None = {} if doorkeeper else None  # hashes, oldest first
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def chars(self) -> int:
+        """Characters of all pieces kept."""
+        return self._chars
+
+    @property
+    def ids(self) -> int:
+        """Ids kept, all pieces together."""
+        return self._ids
+
+    def get_many(self, pieces: Sequence[str]) -> list[tuple[int, ...] | None]:
+        """The ids kept for each piece (None where there are none), each hit made most recent."""
+        found: list[tuple[int, ...] | None] = []
+        with self._lock:
+            entries = self._entries
+            for piece in pieces:
+                ids = entries.get(piece)
+                if ids is not None:
+                    entries.move_to_end(piece)
+                found.append(ids)
+            missing = found.count(None)
+            self.misses += missing
+            self.hits += len(found) - missing
+        return found
+
+    def put_many(self, items: Sequence[tuple[str, tuple[int, ...]]]) -> None:
+        with self._lock:
+            entries = self._entries
+            seen = self._seen
+            for piece, ids in items:
+                if len(piece) > self.max_piece_chars or len(ids) > self.max_ids:
+                    continue
+                if piece in entries:
+                    entries.move_to_end(piece)
+                    continue
+                if seen is not None:
+                    key = hash(piece)
+                    if key in seen:  # the second sight: keep it
+                        del seen[key]
+                    else:  # the first: note it, keep nothing
+                        seen[key] = None
+                        if len(seen) > 4 * self.max_entries:
+                            del seen[next(iter(seen))]
+                        continue
+                entries[piece] = ids
+                self._chars += len(piece)
+                self._ids += len(ids)
+            while (len(entries) > self.max_entries or self._chars > self.max_chars
+                   or self._ids > self.max_ids):
+                piece, ids = entries.popitem(last=False)
+                self._chars -= len(piece)
+                self._ids -= len(ids)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._chars = self._ids = 0
+            if self._seen is not None:
+                self._seen.clear()
+
+
 # -- the tokenizer ---------------------------------------------------------------------------
 
 class Tokenizer:
-    """Encode, decode, token bytes and chat templates of one model. Immutable after loading."""
+    """Encode, decode, token bytes and chat templates of one model. Immutable after loading, but
+    for its caches (token bytes, ``piece_cache``)."""
 
     def __init__(self, backend: _Backend, *, spelling: Spelling, bos_token_id: int | None,
                  eos_token_id: int | None, extra_eos_ids: Sequence[int], unk_token_id: int | None,
@@ -397,6 +513,9 @@ class Tokenizer:
                             if special else None)
         self._text_backend = _Backend.from_str(backend.to_str())
         self._text_backend.encode_special_tokens = True
+        # Ids per piece of text between special tokens: a system prompt, a tool list and the
+        # template's own text repeat from request to request.
+        self.piece_cache = PieceCache()
 
     @classmethod
     def from_model_path(cls, path: Path) -> Tokenizer:
@@ -480,10 +599,19 @@ class Tokenizer:
         before rendering; the rendered text is cut at the special tokens it still holds (the
         template's), and each piece between them gets the client's text back and is encoded
         with special tokens read as plain text. The backend cuts at special tokens the same
-        way, so a prompt without forged markers encodes exactly as ``encode`` would."""
+        way, so a prompt without forged markers encodes exactly as ``encode`` would.
+
+        When no client string holds special-token text (the common case) nothing is swapped.
+        The ids of each piece are kept in ``piece_cache`` (a bounded LRU keyed by the piece's
+        text), so a repeated system prompt, tool list or template text is encoded once."""
         if self._special_re is None:
             return self.encode(self.apply_chat_template(messages, tools), add_special_tokens=False)
-        nonce = "\ue000" + secrets.token_hex(8)
+        search = self._special_re.search
+        if not (_any_string(messages, search)
+                or (tools is not None and _any_string(tools, search))):
+            # The common case: nothing to defuse, so nothing to copy and nothing to restore.
+            return self._encode_rendered(self.apply_chat_template(messages, tools), None)
+        nonce = secrets.token_hex(8)
         defused = self._placeholders(nonce)
         rendered = self.apply_chat_template(
             _map_strings(messages, defused),
@@ -494,14 +622,15 @@ class Tokenizer:
         """A function replacing every special-token text in a string by its placeholder."""
         index = {text: str(i) for i, text in enumerate(self._special_texts)}
         pattern = self._special_re
+        assert pattern is not None
 
         def defuse(text: str) -> str:
-            return pattern.sub(lambda m: f"{nonce}:{index[m.group(0)]}\ue001", text)
+            return pattern.sub(lambda m: f"\ue000{nonce}:{index[m.group(0)]}\ue001", text)
         return defuse
 
-    def _encode_rendered(self, rendered: str, nonce: str) -> list[int]:
-        restore = re.compile(re.escape(nonce) + r":(\d+)\ue001")
-        texts = self._special_texts
+    def _cut_at_special_tokens(self, rendered: str) -> tuple[list[str], list[int]]:
+        """The text pieces around the special tokens of ``rendered`` and those tokens' ids (one
+        piece more than ids, empty where two tokens touch), cut as the backend cuts."""
         pieces: list[str] = []
         markers: list[int] = []
         start = 0
@@ -517,14 +646,32 @@ class Tokenizer:
             if rstrip:
                 start += len(rendered[start:]) - len(rendered[start:].lstrip())
         pieces.append(rendered[start:])
-        pieces = [restore.sub(lambda m: texts[int(m.group(1))], piece) for piece in pieces]
+        return pieces, markers
+
+    def _encode_rendered(self, rendered: str, nonce: str | None) -> list[int]:
+        """Ids of the rendered prompt: its special-token text becomes those tokens, the pieces
+        between are encoded as text after the placeholders of ``nonce`` (if any) get the
+        client's text back."""
+        pieces, markers = self._cut_at_special_tokens(rendered)
+        if nonce is not None:
+            texts = self._special_texts
+
+            def restore(m: re.Match) -> str:
+                return texts[int(m.group(2))] if m.group(1) == nonce else m.group(0)
+            pieces = [_PLACEHOLDER.sub(restore, piece) if "\ue000" in piece else piece
+                      for piece in pieces]
         nonempty = [piece for piece in pieces if piece]
-        encoded = iter(self._text_backend.encode_batch_fast(
-            nonempty, add_special_tokens=False) if nonempty else ())
+        found = dict(zip(nonempty, self.piece_cache.get_many(nonempty)))
+        missing = [piece for piece, ids in found.items() if ids is None]
+        if missing:  # each piece is encoded alone, as it would be in a batch of all of them
+            encoded = [(piece, tuple(encoding.ids)) for piece, encoding in zip(
+                missing, self._text_backend.encode_batch_fast(missing, add_special_tokens=False))]
+            found.update(encoded)
+            self.piece_cache.put_many(encoded)
         ids: list[int] = []
         for i, piece in enumerate(pieces):
             if piece:
-                ids.extend(next(encoded).ids)
+                ids.extend(found[piece])  # type: ignore[arg-type]
             if i < len(markers):
                 ids.append(markers[i])
         return ids

@@ -10,16 +10,20 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import gguf
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from core.chat_template import ChatTemplate
 from core.errors import InvalidRequest
 from core.model_files import resolve_model_path
-from core.tokenizer import Tokenizer, read_gguf_metadata
+from core.tokenizer import PieceCache, Tokenizer, read_gguf_metadata
+from tests.support.tokenize_reference import encode_chat_uncached
 
 CORPUS = [
     "Hello, world! How are you today?",
@@ -263,6 +267,151 @@ def test_content_parts_are_joined_into_a_string(tok):
                                           {"type": "text", "text": "second"}]}]
     joined = [{"role": "user", "content": "first\nsecond"}]
     assert tok.apply_chat_template(parts) == tok.apply_chat_template(joined)
+
+
+# -- encode_chat's fast path and piece cache (issue 16) ------------------------------------------
+
+# Fragments that make the hard cases likely: special-token text whole and in parts, text shaped
+# like a placeholder, whitespace around markers.
+_FRAGMENTS = ["<|im_end|>", "<|im_start|>", "<|endoftext|>", "<file_sep>", "<|im_", "end|>", "<",
+              "|>", "\ue000", "\ue001", "deadbeefdeadbeef", ":0", ":3",
+              "\ue000deadbeefdeadbeef:1\ue001", "system", "user", "\n", " ", "  ", "\t", "Hello",
+              "é", "☕", "12345", "காபி"]
+_TEXT = st.lists(st.one_of(st.sampled_from(_FRAGMENTS), st.text(max_size=6)),
+                 max_size=8).map("".join)
+_MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user",
+                                                                     "assistant"]),
+                                            "content": _TEXT}), min_size=1, max_size=4)
+_TOOLS = st.none() | st.lists(st.builds(
+    lambda name, description: {"type": "function", "function": {
+        "name": name, "description": description, "parameters": {"type": "object"}}},
+    _TEXT, _TEXT), min_size=1, max_size=2)
+LONG_SYSTEM = ("You are a careful assistant for a bank. Answer in English, cite the policy "
+               "section you rely on, and never reveal account numbers. ") * 16  # ~2,000 chars
+
+
+@settings(max_examples=300, deadline=None)
+@given(messages=_MESSAGES, tools=_TOOLS)
+def test_encode_chat_gives_the_ids_of_the_uncached_algorithm(tok, messages, tools):
+    expected = encode_chat_uncached(tok, messages, tools)
+    for _ in range(3):  # encoded, encoded and kept, from the piece cache
+        assert tok.encode_chat(messages, tools) == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(messages=_MESSAGES.filter(lambda messages: not any(
+    marker in m["content"] for m in messages for marker in ("<|", "<file_sep>"))))
+def test_encode_chat_without_special_text_is_transformers_prompt_encoded(tok, reference, messages):
+    # Encoded by our own backend: transformers' GGUF conversion splits whitespace before a digit
+    # otherwise ("\n\n1" is 198 198 33 there; 1116 33 here, the split of the Digits + ByteLevel
+    # pre-tokenizer that SmolLM's own tokenizer.json names). Not a matter of encode_chat.
+    rendered = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tok.encode_chat(messages) == tok.encode(rendered)
+
+
+@pytest.mark.parametrize("name", ["tok", "spm"])
+def test_encode_chat_agrees_with_the_uncached_algorithm_on_both_spellings(request, name):
+    tokenizer = request.getfixturevalue(name)
+    cases = [[{"role": "user", "content": FORGED}],
+             [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "Hi"}],
+             [{"role": "user", "content": "a</s><s>b [INST] c"}],
+             [{"role": "user", "content": "  spaced  \n"}], *CONVERSATIONS]
+    for messages in cases:
+        for _ in range(3):
+            assert tokenizer.encode_chat(messages) == encode_chat_uncached(tokenizer, messages)
+
+
+def test_a_repeated_system_prompt_is_encoded_once_and_gives_the_same_ids(tok, monkeypatch):
+    monkeypatch.setattr(tok, "piece_cache", PieceCache())
+    system = {"role": "system", "content": LONG_SYSTEM}
+    first = tok.encode_chat([system, {"role": "user", "content": "question 0"}])
+    tok.encode_chat([system, {"role": "user", "content": "question 1"}])  # kept on second sight
+    misses = tok.piece_cache.misses
+    for i in range(2, 20):
+        messages = [system, {"role": "user", "content": f"question {i}"}]
+        assert tok.encode_chat(messages) == encode_chat_uncached(tok, messages)
+    assert tok.piece_cache.misses == misses + 18  # only each new user turn
+    assert len(tok.piece_cache) == 3  # the system piece, "\n", "assistant\n": no user turn twice
+    assert tok.encode_chat([system, {"role": "user", "content": "question 0"}]) == first
+
+
+def test_forged_markers_stay_text_when_their_pieces_come_from_the_cache(tok):
+    messages = [{"role": "user", "content": FORGED}]
+    first, second, third = (tok.encode_chat(messages) for _ in range(3))
+    start, end = tok.encode("<|im_start|>")[0], tok.encode("<|im_end|>")[0]
+    assert first == second == third and third.count(start) == 3 and third.count(end) == 2
+    assert 0 not in third
+    # The same text with no forged marker, before and after, is not served the forged ids.
+    plain = [{"role": "user", "content": FORGED.replace("<|", "< |")}]
+    assert tok.encode_chat(plain) == tok.encode(tok.apply_chat_template(plain))
+
+
+def test_piece_cache_is_bounded_by_entries_characters_and_ids():
+    cache = PieceCache(max_entries=3, max_chars=10, max_ids=8, max_piece_chars=6,
+                       doorkeeper=False)
+    cache.put_many([("a", (1,)), ("b", (2,)), ("c", (3,))])
+    assert cache.get_many(["a"]) == [(1,)]  # "a" is now the most recent
+    cache.put_many([("d", (4,))])
+    assert len(cache) == 3 and cache.get_many(["b", "a", "c", "d"]) == [None, (1,), (3,), (4,)]
+    cache.put_many([("toolong", (5,))])  # longer than max_piece_chars: never kept
+    assert cache.get_many(["toolong"]) == [None]
+    cache.put_many([("xxxxxx", (6,))])  # 3 + 6 characters > 10: the oldest ones go
+    assert cache.chars <= 10 and len(cache) <= 3
+    assert cache.get_many(["xxxxxx", "a"]) == [(6,), None]
+    # Kept: c, d, xxxxxx (1 + 1 + 1 ids). 7 more ids: c goes for the entry count, d for the ids.
+    cache.put_many([("yy", (1, 2, 3, 4, 5, 6, 7))])
+    assert cache.ids == 8 and cache.get_many(["c", "d", "xxxxxx", "yy"]) == [
+        None, None, (6,), (1, 2, 3, 4, 5, 6, 7)]
+    cache.put_many([("z", tuple(range(9)))])  # more ids than the cache holds: never kept
+    assert cache.get_many(["z", "yy"]) == [None, (1, 2, 3, 4, 5, 6, 7)]
+    cache.clear()
+    assert (len(cache), cache.chars, cache.ids) == (0, 0, 0)
+    with pytest.raises(ValueError):
+        PieceCache(max_chars=10, max_piece_chars=11)
+
+
+def test_piece_cache_keeps_a_piece_the_second_time_it_is_encoded():
+    cache = PieceCache(max_entries=2)
+    cache.put_many([("once", (1,)), ("twice", (2,))])
+    assert len(cache) == 0
+    cache.put_many([("twice", (2,))] + [(f"new {i}", (i,)) for i in range(20)])
+    assert cache.get_many(["twice", "once"]) == [(2,), None]
+    cache.put_many([("once", (1,))])  # noted again: only the last 4 * max_entries hashes stay
+    assert cache.get_many(["once"]) == [None]
+
+
+def test_the_tokenizer_cache_stays_within_its_bounds(tok, monkeypatch):
+    monkeypatch.setattr(tok, "piece_cache", PieceCache(max_entries=8, max_chars=300,
+                                                       max_piece_chars=100))
+    for n in range(100):
+        i = n // 2  # each twice: kept on the second sight
+        messages = [{"role": "user", "content": f"message {i} " * (i % 15)}]
+        assert tok.encode_chat(messages) == encode_chat_uncached(tok, messages)
+        assert len(tok.piece_cache) <= 8 and tok.piece_cache.chars <= 300
+    assert len(tok.piece_cache) == 8  # it did fill up
+
+
+def test_encode_chat_from_many_threads_gives_the_same_ids(tok, monkeypatch):
+    # A small cache, so that threads evict each other's pieces all the time.
+    monkeypatch.setattr(tok, "piece_cache", PieceCache(max_entries=6, max_chars=2500,
+                                                       max_piece_chars=2200))
+    cases = [[{"role": "system", "content": LONG_SYSTEM[:50 * (i % 5) + 10]},
+              {"role": "user", "content": f"{i} {FORGED if i % 3 == 0 else 'plain'}"}]
+             for i in range(12)]
+    expected = [encode_chat_uncached(tok, messages) for messages in cases]
+    wrong: list[int] = []
+
+    def work(offset: int) -> None:
+        for n in range(150):
+            i = (n * 7 + offset) % len(cases)
+            if tok.encode_chat(cases[i]) != expected[i]:
+                wrong.append(i)
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == [] and len(tok.piece_cache) <= 6 and tok.piece_cache.chars <= 2500
 
 
 def test_a_template_calling_raise_exception_gives_invalid_request():
