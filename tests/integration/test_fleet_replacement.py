@@ -72,7 +72,7 @@ async def test_a_sigkilled_worker_is_replaced(fleet, config):
     assert took < REPLACED_WITHIN_S
     # The replacement serves.
     address = next(a for w, a in fleet.addresses.items() if w != victim)
-    assert (await generate_once(address)).finish_reason == "length"
+    assert (await generate_once(address, config.cluster.token)).finish_reason == "length"
 
 
 async def test_a_worker_whose_engine_failed_is_replaced(fleet, config):
@@ -87,6 +87,6 @@ async def test_a_worker_whose_engine_failed_is_replaced(fleet, config):
 
     await handle.__ray_call__.remote(break_engine_thread)
     with pytest.raises(grpc.aio.AioRpcError):  # its one request fails; the engine is dead
-        await generate_once(address)
+        await generate_once(address, config.cluster.token)
     await replaced(fleet, config, victim)
     assert (("lost", victim) in {(event, wid) for _, event, wid in fleet.events})
