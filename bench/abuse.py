@@ -20,7 +20,11 @@ and one for the canary, then at the same time:
 - **the canary**: another tenant streams one ordinary request after another and records the
   longest gap between its chunks and whether each finished normally;
 - **the probe**: ``GET /health`` every 20 ms; its slowest answer bounds the router's longest
-  event-loop stall.
+  event-loop stall as the client sees it (the client's own loop, busy with the other
+  requests on the same cores, adds to it);
+- **the router's own view**: its event-loop lag (``electron:event_loop_lag_seconds`` on
+  ``/metrics``: how late a 10 ms timer inside the router fired), read before and after the
+  fuzz: the stalls the router itself had, whatever the client saw.
 
 Then it reads each tenant's ledger (``GET /v1/usage?tenant_id=``). Written to
 ``bench/results/abuse.json`` (``--out``): status counts (target: no 5xx), the canary's
@@ -237,6 +241,40 @@ async def probe(run: Run, stop: asyncio.Event, out: dict[str, Any]) -> None:
     out.update(probes=n, worst_health_s=round(worst, 4))
 
 
+async def loop_lag(run: Run) -> dict[str, float] | None:
+    """The router's event-loop lag histogram (bucket bound -> cumulative count, "max": the
+    worst since it started), or None when ``/metrics`` does not have it."""
+    root = run.base.rsplit("/v1", 1)[0]
+    with contextlib.suppress(httpx.HTTPError):
+        r = await run.http.get(f"{root}/metrics")
+        out: dict[str, float] = {}
+        for line in r.text.splitlines():
+            if line.startswith("electron:event_loop_lag_seconds_bucket{"):
+                bound = line.split('le="', 1)[1].split('"', 1)[0]
+                out[bound] = float(line.rsplit(" ", 1)[1])
+            elif line.startswith("electron:event_loop_lag_max_seconds "):
+                out["max"] = float(line.rsplit(" ", 1)[1])
+        return out or None
+    return None
+
+
+def lag_during(before: dict[str, float] | None,
+               after: dict[str, float] | None) -> dict[str, Any] | None:
+    """What the router's lag timer saw between two reads: how many wakeups, how many late by
+    more than each bound, and the worst (exact when it is a new maximum, else the smallest
+    bucket bound above it)."""
+    if not before or not after:
+        return None
+    buckets = sorted((float(b), after[b] - before.get(b, 0.0)) for b in after
+                     if b not in ("max", "+Inf"))
+    total = after["+Inf"] - before.get("+Inf", 0.0)
+    over = {f"over_{int(b * 1000)}ms": int(total - n) for b, n in buckets if b >= 0.01}
+    worst = after["max"] if after["max"] > before.get("max", 0.0) else next(
+        (b for b, n in buckets if n == total), float("inf"))
+    return {"wakeups": int(total), **over, "worst_s": round(worst, 4),
+            "worst_is_exact": after["max"] > before.get("max", 0.0)}
+
+
 async def bench(args: argparse.Namespace, base: str, admin_key: str) -> dict[str, Any]:
     run = Run(base, admin_key)
     rng = random.Random(args.seed)
@@ -257,6 +295,7 @@ async def bench(args: argparse.Namespace, base: str, admin_key: str) -> dict[str
     side = [asyncio.create_task(canary(run, canary_key, stop, canary_out)),
             asyncio.create_task(probe(run, stop, probe_out))]
     await asyncio.sleep(1.0)  # the canary is streaming before the first attack
+    lag_before = await loop_lag(run)
     statuses: Counter[str] = Counter()
     sent_per_tenant: Counter[str] = Counter()
     ok_per_tenant: Counter[str] = Counter()
@@ -287,6 +326,7 @@ async def bench(args: argparse.Namespace, base: str, admin_key: str) -> dict[str
     fuzz_s = time.perf_counter() - started
     stop.set()
     await asyncio.gather(*side)
+    router_lag = lag_during(lag_before, await loop_lag(run))
     await asyncio.sleep(args.settle_s)  # let the ledger flush
     ledger = {}
     for tenant in fuzz_ids:
@@ -301,7 +341,8 @@ async def bench(args: argparse.Namespace, base: str, admin_key: str) -> dict[str
         "requests": len(cases), "crafted": len(crafted()), "fuzz_seconds": round(fuzz_s, 2),
         "statuses": dict(sorted(statuses.items())),
         "server_errors": errors,
-        "canary": canary_out, "probe": probe_out, "ledger": ledger,
+        "canary": canary_out, "probe": probe_out, "router_loop_lag": router_lag,
+        "ledger": ledger,
         "slowest_refusals_s": [{"seconds": round(t, 4), "case": n, "status": s}
                                for t, n, s in refusals[:5]],
         "targets": {

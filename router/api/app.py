@@ -212,15 +212,19 @@ def create_app(config: Config, worker_source: WorkerSource,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await tenancy.start()
+        lag = asyncio.create_task(app.state.metrics.watch_loop_lag(), name="loop-lag")
         try:
-            await pool.start()
+            await tenancy.start()
             try:
-                yield
+                await pool.start()
+                try:
+                    yield
+                finally:
+                    await pool.stop()  # ends open streams: their admissions finish
             finally:
-                await pool.stop()  # ends open streams: their admissions finish
+                await tenancy.stop()
         finally:
-            await tenancy.stop()
+            lag.cancel()
 
     app = FastAPI(title="Electron Serve", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)

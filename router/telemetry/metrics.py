@@ -19,14 +19,25 @@ Seen from the router (the client's view, network and queueing included):
 - ``electron:rate_limit_rejections_total{plan,limit}``: 429s from the limits
   (``record_rate_limit_rejection``);
 - ``electron:ledger_quarantined_rows_total``: usage rows the database refused, written to the
-  ledger's dead-letter file instead (router/tenancy/ledger.py); anything above 0 needs a look.
+  ledger's dead-letter file instead (router/tenancy/ledger.py); anything above 0 needs a look;
+- ``electron:event_loop_lag_seconds`` and ``electron:event_loop_lag_max_seconds``: how late a
+  timer the router sets every ``LOOP_LAG_INTERVAL_S`` fires (``watch_loop_lag``): the time
+  the event loop could not run, whether busy with one callback, waiting for the GIL or for a
+  CPU; the worst since the router started.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 NO_PLAN = "none"
@@ -38,6 +49,9 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
                0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
                40.0, 50.0, 60.0, 120.0, 240.0)
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+# The lag timer's period: often enough to see a stall of a few ms, cheap (~100 wakeups/s).
+LOOP_LAG_INTERVAL_S = 0.01
 QUEUE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                  0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -75,6 +89,26 @@ class RouterMetrics:
             "electron:ledger_quarantined_rows",
             "Usage rows the database refused, kept in the ledger's dead-letter file",
             registry=r)
+        self.loop_lag = Histogram("electron:event_loop_lag_seconds",
+                                  "How late the router's periodic event-loop timer fired",
+                                  buckets=LOOP_LAG_BUCKETS, registry=r)
+        self.loop_lag_max = Gauge("electron:event_loop_lag_max_seconds",
+                                  "The worst event-loop lag since the router started",
+                                  registry=r)
+        self._worst_lag = 0.0
+
+    async def watch_loop_lag(self, interval_s: float = LOOP_LAG_INTERVAL_S) -> None:
+        """Runs until cancelled: sleeps ``interval_s`` at a time and records how much later
+        than asked the loop woke it."""
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(interval_s)
+            lag = max(0.0, loop.time() - start - interval_s)
+            self.loop_lag.observe(lag)
+            if lag > self._worst_lag:
+                self._worst_lag = lag
+                self.loop_lag_max.set(lag)
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its content type."""
