@@ -23,12 +23,15 @@ Seen from the router (the client's view, network and queueing included):
 - ``electron:event_loop_lag_seconds`` and ``electron:event_loop_lag_max_seconds``: how late a
   timer the router sets every ``LOOP_LAG_INTERVAL_S`` fires (``watch_loop_lag``): the time
   the event loop could not run, whether busy with one callback, waiting for the GIL or for a
-  CPU; the worst since the router started.
+  CPU; the worst since the router started, and ``electron:event_loop_lag_max_cpu_seconds``
+  the CPU time the loop's thread used in that worst interval: near the interval's length, the
+  loop was busy (our code); far below it, it was waiting (the GIL, or no free core).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from prometheus_client import (
@@ -95,6 +98,9 @@ class RouterMetrics:
         self.loop_lag_max = Gauge("electron:event_loop_lag_max_seconds",
                                   "The worst event-loop lag since the router started",
                                   registry=r)
+        self.loop_lag_max_cpu = Gauge(
+            "electron:event_loop_lag_max_cpu_seconds",
+            "CPU time of the event loop's thread during its worst lag interval", registry=r)
         self._worst_lag = 0.0
 
     async def watch_loop_lag(self, interval_s: float = LOOP_LAG_INTERVAL_S) -> None:
@@ -102,13 +108,14 @@ class RouterMetrics:
         than asked the loop woke it."""
         loop = asyncio.get_running_loop()
         while True:
-            start = loop.time()
+            start, cpu = loop.time(), time.thread_time()
             await asyncio.sleep(interval_s)
             lag = max(0.0, loop.time() - start - interval_s)
             self.loop_lag.observe(lag)
             if lag > self._worst_lag:
                 self._worst_lag = lag
                 self.loop_lag_max.set(lag)
+                self.loop_lag_max_cpu.set(time.thread_time() - cpu)
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its content type."""

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -149,23 +150,36 @@ async def test_router_metrics_route_serves_prometheus_text():
         "electron:routing_decisions_total", "electron:rate_limit_rejections_total")}
 
 
-async def test_the_routers_loop_lag_metric_sees_a_blocked_event_loop():
-    """The app's lifespan runs the lag timer; a callback that holds the loop 150 ms shows up
-    as the worst lag and in the histogram's tail, as /metrics serves them."""
+async def _loop_lag_metrics(app) -> dict[str, Any]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://router") as http:
+        text = (await http.get("/metrics")).text
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+async def test_the_routers_loop_lag_metric_tells_a_waiting_loop_from_a_busy_one():
+    """The app's lifespan runs the lag timer. A callback that holds the loop without using
+    CPU (waiting) shows up as the worst lag with little CPU; a longer one that computes
+    shows up with its CPU time; both in the histogram's tail, as /metrics serves them."""
     app = create_app(no_auth_config(), StaticWorkerSource([]))
     async with app.router.lifespan_context(app):
         await asyncio.sleep(0.05)  # a few ordinary wakeups
-        time.sleep(0.15)  # the loop is blocked
+        time.sleep(0.15)  # the loop waits
         await asyncio.sleep(0.05)
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://router") as http:
-            text = (await http.get("/metrics")).text
-    families = {f.name: f for f in text_string_to_metric_families(text)}
-    worst = families["electron:event_loop_lag_max_seconds"].samples[0].value
+        waiting = await _loop_lag_metrics(app)
+        spent = time.thread_time()
+        while time.thread_time() - spent < 0.3:  # the loop computes
+            pass
+        await asyncio.sleep(0.05)
+        busy = await _loop_lag_metrics(app)
+    worst = waiting["electron:event_loop_lag_max_seconds"].samples[0].value
     assert 0.14 <= worst < 1.0
-    buckets = {s.labels["le"]: s.value for s in families["electron:event_loop_lag_seconds"]
+    assert waiting["electron:event_loop_lag_max_cpu_seconds"].samples[0].value < 0.1
+    assert busy["electron:event_loop_lag_max_seconds"].samples[0].value >= 0.3
+    assert busy["electron:event_loop_lag_max_cpu_seconds"].samples[0].value >= 0.28
+    buckets = {s.labels["le"]: s.value for s in busy["electron:event_loop_lag_seconds"]
                .samples if s.name.endswith("_bucket")}
-    assert buckets["+Inf"] >= 3 and buckets["+Inf"] - buckets["0.1"] >= 1
+    assert buckets["+Inf"] >= 3 and buckets["+Inf"] - buckets["0.1"] >= 2
 
 
 def test_two_router_metric_sets_count_separately():
