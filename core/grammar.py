@@ -29,8 +29,10 @@ against the schema as given.
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import json
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +53,8 @@ FILLER_MAX_CHARS = 200
 _TOOL_MODES = frozenset(pb.GrammarSpec.ToolMode.values())
 
 
-# Verdicts kept per spec: clients send the same tools and schemas with every turn.
+# Verdicts kept per spec (by a digest: a spec may be a 1 MiB body's worth): clients send the
+# same tools and schemas with every turn.
 CHECK_CACHE_SIZE = 1024
 _MODE_NAMES = {pb.GrammarSpec.TOOL_MODE_AUTO: "auto", pb.GrammarSpec.TOOL_MODE_REQUIRED:
                "required", pb.GrammarSpec.TOOL_MODE_NAMED: "named"}
@@ -101,18 +104,31 @@ def build_grammar(spec: pb.GrammarSpec) -> Grammar:
 
 def check_grammar(spec: pb.GrammarSpec) -> None:
     """Raises InvalidRequest (naming the request field) unless ``spec`` builds a grammar that
-    llguidance compiles. Verdicts are cached per spec (``cache_key``). Takes up to ~100 ms
-    for the largest schemas the subset admits (llguidance releases the GIL meanwhile): the
-    router calls it on a thread."""
-    error = _verdict(cache_key(spec))
+    llguidance compiles. Verdicts are cached per spec. Takes up to ~100 ms for the largest
+    schemas the subset admits (llguidance releases the GIL meanwhile): the router calls it on
+    a thread."""
+    key = hashlib.blake2b(cache_key(spec), digest_size=16).digest()
+    with _verdicts_lock:
+        known = key in _verdicts
+        if known:
+            _verdicts.move_to_end(key)
+            error = _verdicts[key]
+    if not known:
+        error = _verdict(spec)
+        with _verdicts_lock:
+            _verdicts[key] = error
+            if len(_verdicts) > CHECK_CACHE_SIZE:
+                _verdicts.popitem(last=False)
     if error is not None:
         raise InvalidRequest(error[0], param=error[1])
 
 
-@functools.lru_cache(maxsize=CHECK_CACHE_SIZE)
-def _verdict(key: bytes) -> tuple[str, str] | None:
-    """(message, param) of why the spec serialised as ``key`` cannot be served, or None."""
-    spec = pb.GrammarSpec.FromString(key)
+_verdicts: OrderedDict[bytes, tuple[str, str] | None] = OrderedDict()
+_verdicts_lock = threading.Lock()  # the router checks on several threads
+
+
+def _verdict(spec: pb.GrammarSpec) -> tuple[str, str] | None:
+    """(message, param) of why ``spec`` cannot be served, or None."""
     try:
         grammar = build_grammar(spec)
     except InvalidRequest as exc:

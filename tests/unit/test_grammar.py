@@ -278,3 +278,20 @@ def test_the_routers_specs_compile_to_what_they_ask_for(compiler, tok):
     spec = grammar_spec(req, tool_use(req))
     assert admits(compiler, tok, spec, TIME)
     assert not admits(compiler, tok, spec, WEATHER)
+
+
+def test_the_routers_check_compiles_a_spec_once_and_keys_it_by_a_digest(monkeypatch):
+    import core.grammar as grammar
+
+    compiled = []
+    real = grammar._verdict
+    monkeypatch.setattr(grammar, "_verdict", lambda spec: compiled.append(spec) or real(spec))
+    big = schema_spec({"type": "object", "properties": {"a": {
+        "type": "string", "description": "x" * 200_000}}})
+    bad = schema_spec({"type": "string", "pattern": "\\bword"})
+    for _ in range(3):
+        check_grammar(big)
+        with pytest.raises(InvalidRequest):
+            check_grammar(bad)
+    assert len(compiled) == 2
+    assert all(len(key) == 16 for key in grammar._verdicts)  # not the 200 kB spec
