@@ -25,7 +25,9 @@ Seen from the router (the client's view, network and queueing included):
   the event loop could not run, whether busy with one callback, waiting for the GIL or for a
   CPU; the worst since the router started, and ``electron:event_loop_lag_max_cpu_seconds``
   the CPU time the loop's thread used in that worst interval: near the interval's length, the
-  loop was busy (our code); far below it, it was waiting (the GIL, or no free core).
+  loop was busy (our code); far below it, it was waiting: for the GIL when the process's
+  other threads used the time (``electron:event_loop_lag_max_process_cpu_seconds``, all
+  threads), for a free core when they did not either.
 """
 
 from __future__ import annotations
@@ -101,6 +103,10 @@ class RouterMetrics:
         self.loop_lag_max_cpu = Gauge(
             "electron:event_loop_lag_max_cpu_seconds",
             "CPU time of the event loop's thread during its worst lag interval", registry=r)
+        self.loop_lag_max_process_cpu = Gauge(
+            "electron:event_loop_lag_max_process_cpu_seconds",
+            "CPU time of the whole router process during the loop's worst lag interval",
+            registry=r)
         self._worst_lag = 0.0
 
     async def watch_loop_lag(self, interval_s: float = LOOP_LAG_INTERVAL_S) -> None:
@@ -108,7 +114,7 @@ class RouterMetrics:
         than asked the loop woke it."""
         loop = asyncio.get_running_loop()
         while True:
-            start, cpu = loop.time(), time.thread_time()
+            start, cpu, process_cpu = loop.time(), time.thread_time(), time.process_time()
             await asyncio.sleep(interval_s)
             lag = max(0.0, loop.time() - start - interval_s)
             self.loop_lag.observe(lag)
@@ -116,6 +122,7 @@ class RouterMetrics:
                 self._worst_lag = lag
                 self.loop_lag_max.set(lag)
                 self.loop_lag_max_cpu.set(time.thread_time() - cpu)
+                self.loop_lag_max_process_cpu.set(time.process_time() - process_cpu)
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its content type."""

@@ -175,8 +175,10 @@ async def test_the_routers_loop_lag_metric_tells_a_waiting_loop_from_a_busy_one(
     worst = waiting["electron:event_loop_lag_max_seconds"].samples[0].value
     assert 0.14 <= worst < 1.0
     assert waiting["electron:event_loop_lag_max_cpu_seconds"].samples[0].value < 0.1
+    assert waiting["electron:event_loop_lag_max_process_cpu_seconds"].samples[0].value < 0.1
     assert busy["electron:event_loop_lag_max_seconds"].samples[0].value >= 0.3
     assert busy["electron:event_loop_lag_max_cpu_seconds"].samples[0].value >= 0.28
+    assert busy["electron:event_loop_lag_max_process_cpu_seconds"].samples[0].value >= 0.28
     buckets = {s.labels["le"]: s.value for s in busy["electron:event_loop_lag_seconds"]
                .samples if s.name.endswith("_bucket")}
     assert buckets["+Inf"] >= 3 and buckets["+Inf"] - buckets["0.1"] >= 2
