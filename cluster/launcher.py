@@ -122,7 +122,7 @@ async def _start_router(server: _RouterServer, sock: socket.socket,
 def freeze_startup_objects() -> None:
     """Moves every object alive now (modules, Ray's driver, the app) out of the collector's
     reach. A full collection otherwise walks them all, on the event loop of whichever
-    request's allocation triggers it: 90-280 ms pauses measured in the abuse benchmark
+    request's allocation triggers it: pauses up to 278 ms measured in the abuse benchmark
     (docs/operations-notes.md "Full GC pauses and gc.freeze")."""
     gc.collect()
     gc.freeze()
