@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import json
 import mmap
+import os
 import re
 import secrets
 import struct
@@ -41,6 +42,12 @@ from tokenizers import Tokenizer as _Backend
 
 from core.chat_template import ChatTemplate
 from core.errors import InvalidRequest
+
+# Every encode on its caller's thread: with parallelism on, tokenizers runs each batch on one
+# process-wide rayon pool, so a large prompt tokenized on a thread held every small prompt's
+# encode on the router's event loop until it ended (2.3 s measured; docs/operations-notes.md
+# "tokenizers' shared thread pool"). The router runs requests side by side already.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 class Spelling(enum.Enum):

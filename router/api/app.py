@@ -22,7 +22,9 @@ from starlette.routing import Route
 from core.config import Config, RouterConfig
 from core.endpoints import WorkerSource
 from core.errors import InvalidRequest, ModelNotFound, NoWorkers, RateLimited
+from core.grammar import check_grammar
 from core.model_files import resolve_model_path
+from core.pb.electron.v1 import worker_pb2 as pb
 from core.telemetry import DISABLED, Tracing
 from core.tokenizer import Tokenizer
 from router.api import tenancy as tenancy_routes
@@ -44,6 +46,7 @@ from router.routing.prefix_index import PrefixIndex
 from router.telemetry import observe
 from router.telemetry.metrics import RouterMetrics, record_rate_limit_rejection
 from router.tenancy.admission import Admission, Tenancy
+from router.tools.grammar_spec import grammar_spec, tool_use
 
 BASE_PATHS = ("/v1", "/waves/v1")
 OWNED_BY = "electron"
@@ -114,19 +117,37 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def _validated(body: Any, size: int, settings: RouterConfig) -> ChatCompletionRequest:
-    """The whole request validated: on the event loop when it is small, else on a thread with
-    a time budget (its JSON schemas are checked against the metaschema), so one large request
-    never stalls the other streams."""
-    if size <= OFFLOAD_VALIDATION_BYTES:
-        return parse_chat_request(body, max_messages=settings.max_messages)
+    """The whole request validated, within a time budget: its fields on the event loop when
+    the body is small, else on a thread (its JSON schemas are checked against the
+    metaschema); then the grammar of its tools or response format, which must compile in the
+    worker's own grammar code (``core/grammar.py``: what the router accepts is what the
+    worker enforces), always on a thread. One large request never stalls the other streams."""
+    max_messages = settings.max_messages
     try:
         async with asyncio.timeout(settings.validation_timeout_s):
-            return await asyncio.to_thread(parse_chat_request, body,
-                                           max_messages=settings.max_messages)
+            if size > OFFLOAD_VALIDATION_BYTES:
+                return await asyncio.to_thread(_validate, body, max_messages)
+            req, spec = _parse(body, max_messages)
+            if spec is not None:
+                await asyncio.to_thread(check_grammar, spec)
+            return req
     except TimeoutError:
         raise InvalidRequest(f"validating this request took more than "
                              f"{settings.validation_timeout_s:g} s; send smaller schemas or "
                              "fewer tools") from None
+
+
+def _parse(body: Any, max_messages: int) -> tuple[ChatCompletionRequest, pb.GrammarSpec | None]:
+    """The request's fields validated, and the grammar spec its output must follow."""
+    req = parse_chat_request(body, max_messages=max_messages)
+    return req, grammar_spec(req, tool_use(req))
+
+
+def _validate(body: Any, max_messages: int) -> ChatCompletionRequest:
+    req, spec = _parse(body, max_messages)
+    if spec is not None:
+        check_grammar(spec)
+    return req
 
 
 async def list_models(request: Request) -> Response:
@@ -218,6 +239,7 @@ def create_app(config: Config, worker_source: WorkerSource,
         if settings.metrics_port is not None:
             app.state.metrics_port = app.state.metrics.serve(settings.host,
                                                              settings.metrics_port)
+        lag = asyncio.create_task(app.state.metrics.watch_loop_lag(), name="loop-lag")
         try:
             await tenancy.start()
             try:
@@ -230,6 +252,7 @@ def create_app(config: Config, worker_source: WorkerSource,
             finally:
                 await tenancy.stop()
         finally:
+            lag.cancel()
             app.state.metrics.stop()
 
     # FastAPI's own OpenTelemetry bridge is off: the router opens its HTTP spans itself

@@ -21,17 +21,28 @@ Seen from the router (the client's view, network and queueing included):
 - ``electron:rate_limit_rejections_total{plan,limit}``: 429s from the limits
   (``record_rate_limit_rejection``);
 - ``electron:ledger_quarantined_rows_total``: usage rows the database refused, written to the
-  ledger's dead-letter file instead (router/tenancy/ledger.py); anything above 0 needs a look.
+  ledger's dead-letter file instead (router/tenancy/ledger.py); anything above 0 needs a look;
+- ``electron:event_loop_lag_seconds`` and ``electron:event_loop_lag_max_seconds``: how late a
+  timer the router sets every ``LOOP_LAG_INTERVAL_S`` fires (``watch_loop_lag``): the time
+  the event loop could not run, whether busy with one callback, waiting for the GIL or for a
+  CPU; the worst since the router started, and ``electron:event_loop_lag_max_cpu_seconds``
+  the CPU time the loop's thread used in that worst interval: near the interval's length, the
+  loop was busy (our code); far below it, it was waiting: for the GIL when the process's
+  other threads used the time (``electron:event_loop_lag_max_process_cpu_seconds``, all
+  threads), for a free core when they did not either.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     start_http_server,
@@ -47,6 +58,9 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
                0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
                40.0, 50.0, 60.0, 120.0, 240.0)
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+# The lag timer's period: often enough to see a stall of a few ms, cheap (~100 wakeups/s).
+LOOP_LAG_INTERVAL_S = 0.01
 QUEUE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                  0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -85,6 +99,35 @@ class RouterMetrics:
             "electron:ledger_quarantined_rows",
             "Usage rows the database refused, kept in the ledger's dead-letter file",
             registry=r)
+        self.loop_lag = Histogram("electron:event_loop_lag_seconds",
+                                  "How late the router's periodic event-loop timer fired",
+                                  buckets=LOOP_LAG_BUCKETS, registry=r)
+        self.loop_lag_max = Gauge("electron:event_loop_lag_max_seconds",
+                                  "The worst event-loop lag since the router started",
+                                  registry=r)
+        self.loop_lag_max_cpu = Gauge(
+            "electron:event_loop_lag_max_cpu_seconds",
+            "CPU time of the event loop's thread during its worst lag interval", registry=r)
+        self.loop_lag_max_process_cpu = Gauge(
+            "electron:event_loop_lag_max_process_cpu_seconds",
+            "CPU time of the whole router process during the loop's worst lag interval",
+            registry=r)
+        self._worst_lag = 0.0
+
+    async def watch_loop_lag(self, interval_s: float = LOOP_LAG_INTERVAL_S) -> None:
+        """Runs until cancelled: sleeps ``interval_s`` at a time and records how much later
+        than asked the loop woke it."""
+        loop = asyncio.get_running_loop()
+        while True:
+            start, cpu, process_cpu = loop.time(), time.thread_time(), time.process_time()
+            await asyncio.sleep(interval_s)
+            lag = max(0.0, loop.time() - start - interval_s)
+            self.loop_lag.observe(lag)
+            if lag > self._worst_lag:
+                self._worst_lag = lag
+                self.loop_lag_max.set(lag)
+                self.loop_lag_max_cpu.set(time.thread_time() - cpu)
+                self.loop_lag_max_process_cpu.set(time.process_time() - process_cpu)
 
     def serve(self, host: str, port: int) -> int:
         """Serves ``/metrics`` on ``host:port`` (a daemon thread: counters and histograms are

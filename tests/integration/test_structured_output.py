@@ -14,6 +14,7 @@ import torch
 
 from core.config import EngineConfig
 from core.errors import InvalidRequest
+from core.grammar import MAX_PARALLEL_CALLS
 from core.pb.electron.v1 import worker_pb2 as pb
 from core.tokenizer import Tokenizer
 from tests.support.schemas import (
@@ -31,7 +32,6 @@ from tests.support.smollm_engine import (
 )
 from tests.support.tiny_model import make_tiny_llama_dir
 from workers.engine.engine import Engine
-from workers.engine.grammar_spec import MAX_PARALLEL_CALLS
 from workers.engine.model_runner import ModelRunner
 from workers.engine.outputs import FinishReason
 from workers.engine.sampling_params import SamplingParams

@@ -3,6 +3,7 @@
 ``SCHEMAS``: (name, prompt, schema) triples, at least 40, covering nested objects, arrays,
 enums, numbers with bounds, required and optional fields, nullable fields and ``anyOf``.
 ``TOOLS``: OpenAI-style function tools with parameter schemas.
+``COMPILE_REFUSED``: schemas within the subset that the grammar library refuses.
 ``schema_spec``, ``json_object_spec``, ``tool_spec``: the worker's ``GrammarSpec`` messages.
 """
 
@@ -108,6 +109,21 @@ TOOLS: list[dict[str, Any]] = [
         "parameters": obj({"restaurant": STR, "people": bounded("integer", 1, 12),
                            "time": {"type": "string", "pattern": "^[0-2][0-9]:[0-5][0-9]$"}},
                           required=["restaurant", "people"])}},
+]
+
+
+# Schemas within our subset (core/json_schema_subset.py passes them) that the worker's grammar
+# library refuses to compile (core/grammar.py), with a word of llguidance's reason.
+COMPILE_REFUSED = [
+    ({"type": "string", "pattern": "^[a-z]+\\Z"}, "unrecognized escape sequence"),  # Python-only
+    ({"type": "string", "pattern": "\\bword\\b"}, "lookarounds not supported"),
+    ({"type": "string", "pattern": "a$b"}, "lookarounds not supported"),
+    ({"type": "string", "minLength": 5, "maxLength": 2}, "minLength (5) is greater"),
+    ({"type": "array", "items": {"type": "string"}, "minItems": 3, "maxItems": 1}, "minItems"),
+    ({"type": "integer", "exclusiveMinimum": 1, "exclusiveMaximum": 2}, "no integer values"),
+    ({"type": "string", "enum": [1, 2]}, "incompatible types"),
+    ({"type": "object", "properties": {"a": {"oneOf": [{"type": "string"},
+                                                       {"type": "string"}]}}}, "oneOf"),
 ]
 
 

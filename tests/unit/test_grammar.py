@@ -12,21 +12,29 @@ import pytest
 import torch
 
 from core.errors import InvalidRequest
+from core.grammar import (
+    MAX_PARALLEL_CALLS,
+    build_grammar,
+    cache_key,
+    check_grammar,
+    close_objects,
+)
 from core.model_files import resolve_model_path
 from core.pb.electron.v1 import worker_pb2 as pb
 from core.tokenizer import Tokenizer
 from router.openai.schemas import parse_chat_request
 from router.tools.grammar_spec import grammar_spec, tool_use
 from tests.support.schemas import (
+    COMPILE_REFUSED,
     SCHEMAS,
     TOOLS,
     grammar_tool,
     json_object_spec,
+    obj,
     schema_spec,
     tool_spec,
 )
-from workers.engine.grammar import GrammarCompiler, cache_key
-from workers.engine.grammar_spec import MAX_PARALLEL_CALLS, build_grammar, close_objects
+from workers.engine.grammar import GrammarCompiler
 from workers.engine.request import Request
 from workers.engine.sampler import Sampler
 from workers.engine.sampling_params import SamplingParams
@@ -173,6 +181,35 @@ def test_bad_specs_are_invalid_requests_naming_the_field(compiler, spec, param):
     with pytest.raises(InvalidRequest) as err:
         compiler.matcher(spec)
     assert err.value.param == param
+    with pytest.raises(InvalidRequest) as checked:  # the router's check says the same
+        check_grammar(spec)
+    assert (checked.value.param, checked.value.message) == (param, err.value.message)
+
+
+def _refusal(check, spec: pb.GrammarSpec) -> tuple[str, str | None] | None:
+    """(message, param) of the InvalidRequest ``check(spec)`` raises, or None."""
+    try:
+        check(spec)
+    except InvalidRequest as exc:
+        return exc.message, exc.param
+    return None
+
+
+@pytest.mark.parametrize("spec", [
+    *(schema_spec(schema, strict=strict) for _, _, schema in SCHEMAS for strict in (False, True)),
+    *(schema_spec(schema, strict=strict) for schema, _ in COMPILE_REFUSED
+      for strict in (False, True)),
+    schema_spec({"type": "object", "properties": {"a": {}}, "required": ["b"]}, strict=True),
+    *(tool_spec(mode, parallel=True, filler=True) for mode in ("auto", "required")),
+    tool_spec("named", name="get_time"),
+    *(tool_spec(tools=[{"type": "function", "function": {"name": "f", "parameters": obj(
+        {"a": schema})}}]) for schema, _ in COMPILE_REFUSED),
+    json_object_spec(),
+])
+def test_the_routers_check_and_the_worker_agree(compiler, spec):
+    """One source of truth: the router's tokenizer-free check (core/grammar.py) refuses a
+    spec exactly when the worker's compile against its tokenizer does, with the same error."""
+    assert _refusal(check_grammar, spec) == _refusal(compiler.matcher, spec)
 
 
 def test_close_objects_keeps_what_the_schema_admits_a_subset():
@@ -262,3 +299,20 @@ def test_a_mask_that_never_comes_fails_its_sequence_within_the_bound(tok):
             _ = m.is_accepting
     finally:
         comp.close()
+
+
+def test_the_routers_check_compiles_a_spec_once_and_keys_it_by_a_digest(monkeypatch):
+    import core.grammar as grammar
+
+    compiled = []
+    real = grammar._verdict
+    monkeypatch.setattr(grammar, "_verdict", lambda spec: compiled.append(spec) or real(spec))
+    big = schema_spec({"type": "object", "properties": {"a": {
+        "type": "string", "description": "x" * 200_000}}})
+    bad = schema_spec({"type": "string", "pattern": "\\bword"})
+    for _ in range(3):
+        check_grammar(big)
+        with pytest.raises(InvalidRequest):
+            check_grammar(bad)
+    assert len(compiled) == 2
+    assert all(len(key) == 16 for key in grammar._verdicts)  # not the 200 kB spec

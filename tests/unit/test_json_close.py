@@ -14,10 +14,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support.schemas import SCHEMAS, TOOLS, json_object_spec, schema_spec, tool_spec
+from core.grammar import close_objects
+from tests.support.schemas import (
+    SCHEMAS,
+    TOOLS,
+    json_object_spec,
+    schema_spec,
+    tool_spec,
+)
 from tests.unit.test_grammar import compiler, tok  # noqa: F401 - the shared fixtures
 from workers.engine.grammar import CLOSE_MARGIN
-from workers.engine.grammar_spec import close_objects
 from workers.engine.json_close import (
     Closer,
     Schemas,

@@ -3,10 +3,14 @@ the router's metrics route (no network beyond the ASGI transport, no Ray)."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import io
 import json
 import logging
 import socket
+import time
+from typing import Any
 
 import httpx
 import pytest
@@ -22,7 +26,7 @@ from core.logs import (
     request_id_var,
 )
 from core.telemetry import DISABLED, tracing_from_env
-from router.api.app import create_app
+from router.api.app import GC_THRESHOLDS, create_app
 from router.telemetry.metrics import RouterMetrics, plan_of
 from tests.support.tenancy import local_tenancy
 
@@ -173,6 +177,40 @@ async def test_with_a_metrics_port_the_api_port_serves_no_metrics():
         probe.listen()
 
 
+async def _loop_lag_metrics(app) -> dict[str, Any]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://router") as http:
+        text = (await http.get("/metrics")).text
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+async def test_the_routers_loop_lag_metric_tells_a_waiting_loop_from_a_busy_one():
+    """The app's lifespan runs the lag timer. A callback that holds the loop without using
+    CPU (waiting) shows up as the worst lag with little CPU; a longer one that computes
+    shows up with its CPU time; both in the histogram's tail, as /metrics serves them."""
+    app = create_app(no_auth_config(), StaticWorkerSource([]))
+    async with app.router.lifespan_context(app):
+        await asyncio.sleep(0.05)  # a few ordinary wakeups
+        time.sleep(0.15)  # the loop waits
+        await asyncio.sleep(0.05)
+        waiting = await _loop_lag_metrics(app)
+        spent = time.thread_time()
+        while time.thread_time() - spent < 0.3:  # the loop computes
+            pass
+        await asyncio.sleep(0.05)
+        busy = await _loop_lag_metrics(app)
+    worst = waiting["electron:event_loop_lag_max_seconds"].samples[0].value
+    assert 0.14 <= worst < 1.0
+    assert waiting["electron:event_loop_lag_max_cpu_seconds"].samples[0].value < 0.1
+    assert waiting["electron:event_loop_lag_max_process_cpu_seconds"].samples[0].value < 0.1
+    assert busy["electron:event_loop_lag_max_seconds"].samples[0].value >= 0.3
+    assert busy["electron:event_loop_lag_max_cpu_seconds"].samples[0].value >= 0.28
+    assert busy["electron:event_loop_lag_max_process_cpu_seconds"].samples[0].value >= 0.28
+    buckets = {s.labels["le"]: s.value for s in busy["electron:event_loop_lag_seconds"]
+               .samples if s.name.endswith("_bucket")}
+    assert buckets["+Inf"] >= 3 and buckets["+Inf"] - buckets["0.1"] >= 2
+
+
 def test_two_router_metric_sets_count_separately():
     a, b = RouterMetrics(), RouterMetrics()
     a.requests.labels("200", "electron", "none").inc()
@@ -210,3 +248,20 @@ async def test_router_server_span_continues_the_callers_trace():
     assert server.attributes["http.response.status_code"] == 400
     # The bad JSON never reached the limits.
     assert spans["auth"].parent.span_id == server.context.span_id
+
+
+async def test_a_started_router_has_frozen_what_startup_made():
+    """Once the app has started, the objects alive then (modules, the app, Ray's driver
+    where there is one) are out of the collector's reach and young collections are rarer
+    (``settle_heap``): a full collection on the event loop no longer walks them
+    (docs/operations-notes.md#gc-freeze-the-routers-heap-once-started)."""
+    gc.unfreeze()
+    thresholds = gc.get_threshold()
+    app = create_app(no_auth_config(), StaticWorkerSource([]))
+    try:
+        async with app.router.lifespan_context(app):
+            assert gc.get_freeze_count() > 10_000
+            assert gc.get_threshold() == GC_THRESHOLDS
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)

@@ -15,12 +15,14 @@ import pytest
 from core.config import RouterConfig, load_config
 from core.endpoints import StaticWorkerSource
 from core.errors import ContextLengthExceeded, InvalidRequest
+from core.json_schema_subset import check_schema
 from core.model_files import resolve_model_path
 from core.tokenizer import Tokenizer
 from router.api.app import create_app
 from router.chat.wire import check_buffered_size, completion_budget, to_generate_request
 from router.openai.schemas import ChatCompletionRequest, parse_chat_request
 from tests.support.openai_schema import validate
+from tests.support.schemas import COMPILE_REFUSED
 from tests.support.tenancy import local_tenancy
 
 USER = {"role": "user", "content": "Hello there"}
@@ -314,6 +316,44 @@ async def test_tools_with_a_json_response_format_are_400(app):
     tools = [{"type": "function", "function": {"name": "get_time"}}]
     assert_invalid(await post(app, chat(tools=tools, response_format={"type": "json_object"})),
                    "response_format", says="cannot be combined with tools")
+
+
+@pytest.mark.parametrize("schema, says", COMPILE_REFUSED)
+async def test_a_schema_the_grammar_library_refuses_is_400_at_the_router(app, schema, says):
+    """What the router accepts is what the worker compiles (core/grammar.py, one piece of
+    code for both): the subset check passes these, llguidance does not, and the router says
+    so; before, the request went on to a worker (here: 503, there is none)."""
+    check_schema(schema)  # within the subset: only the grammar library can tell
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    error = assert_invalid(await post(app, chat(response_format=fmt)), "response_format",
+                           says="the grammar cannot be compiled")
+    assert says.lower() in error["message"].lower()
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": schema}, "required": ["a"]}}}
+    assert_invalid(await post(app, chat(tools=[tool])), "tools",
+                   says="the grammar cannot be compiled")
+
+
+async def test_a_strict_schema_is_checked_as_the_worker_closes_it(app):
+    # Strict closes objects (additionalProperties: false), which makes a required key that
+    # no property declares unsatisfiable: the router checks the spec the worker compiles.
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]}
+    body = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    assert_accepted(await post(app, chat(response_format=body)))
+    body["json_schema"]["strict"] = True
+    assert_invalid(await post(app, chat(response_format=body)), "response_format",
+                   says="required property 'b' is unsatisfiable")
+
+
+async def test_a_large_body_is_checked_by_the_grammar_library_too(app):
+    # Past 16 KiB the whole validation runs on a thread; the grammar check is part of it.
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "string", "description":
+                                                          "x" * 40} for i in range(400)}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "big", "schema": schema}}
+    assert_accepted(await post(app, chat(response_format=fmt)))
+    schema["properties"]["p0"]["pattern"] = "\\bword"
+    assert_invalid(await post(app, chat(response_format=fmt)), "response_format",
+                   says="lookarounds not supported")
 
 
 # -- the converter to the wire and the context budget -----------------------------------------

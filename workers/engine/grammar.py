@@ -1,6 +1,7 @@
 """Grammar-constrained decoding with llguidance: compiled grammars and per-request matchers.
 
-``GrammarCompiler`` (one per engine) turns a request's grammar spec (``grammar_spec.py``) into
+``GrammarCompiler`` (one per engine) turns a request's grammar spec (``core/grammar.py`` builds
+its grammar, the same code the router checks requests with) into
 a ``GrammarMatcher``, the sampler's ``LogitsMask``. Compiled grammars are cached per spec (LRU,
 keyed by the message's deterministic serialization): a hit costs one ``deep_copy`` of a
 pristine matcher (~10 µs) instead of a compile.
@@ -31,11 +32,11 @@ import numpy as np
 import torch
 
 from core.errors import InvalidRequest
+from core.grammar import Grammar, build_grammar, cache_key, compile_error, short_error
 from core.pb.electron.v1 import worker_pb2 as pb
 from core.tokenizer import Tokenizer
 
-from .grammar_spec import build_grammar
-from .json_close import Closer, CloseState, Unwritable
+from .json_close import Closer, CloseState, Unwritable, tool_call_schema
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +111,11 @@ class GrammarCompiler:
         return compiled
 
     def _compile(self, spec: pb.GrammarSpec) -> _Compiled:
-        compiled = build_grammar(spec)
-        matcher = llguidance.LLMatcher(self._tokenizer, compiled.grammar, log_level=0)
+        grammar = build_grammar(spec)
+        matcher = llguidance.LLMatcher(self._tokenizer, grammar.grammar, log_level=0)
         if matcher.is_error():
-            raise InvalidRequest(f"the grammar cannot be compiled: {_first_line(matcher)}",
-                                 param=compiled.param)
-        closer, minimum, call_tokens = compiled.closer, None, 0
+            raise InvalidRequest(compile_error(matcher.get_error()), param=grammar.param)
+        closer, minimum, call_tokens = _closer(grammar), None, 0
         if closer is not None:
             try:
                 minimum, call_tokens = self._minimum(matcher, closer)
@@ -315,9 +315,17 @@ class _Budget:
         return self.text.angle_ids() if self.banning else None
 
 
-def cache_key(spec: pb.GrammarSpec) -> bytes:
-    """What compiled grammars are cached under: equal specs give equal keys (in one process)."""
-    return spec.SerializeToString(deterministic=True)
+def _closer(grammar: Grammar) -> Closer | None:
+    """What the grammar's outputs need to end (``json_close.py``), or None when that module
+    cannot tell (e.g. a schema it does not understand): such a request is decoded without
+    budget-aware closing."""
+    try:
+        if grammar.kind == "tools":
+            return Closer("tools", tool_call_schema(grammar.tools), mode=grammar.mode,
+                          parallel=grammar.parallel)
+        return Closer("json", grammar.schema)
+    except Exception:  # noqa: BLE001 - an odd schema only loses budget-aware closing
+        return None
 
 
 class GrammarMatcher:
@@ -408,7 +416,7 @@ class GrammarMatcher:
     def _bias_now(self) -> torch.Tensor:
         if self._matcher.is_error():
             # Cannot happen for tokens the mask allowed; if it does, end the text cleanly.
-            log.error("grammar matcher failed: %s", _first_line(self._matcher))
+            log.error("grammar matcher failed: %s", _short_error(self._matcher))
             bias = torch.full((self._vocab_size,), float("-inf"))
             bias[self._eos] = 0.0
             return bias
@@ -446,10 +454,10 @@ class GrammarMatcher:
         if self._budget is not None:
             self._budget.accept(token_id)
         if not self._matcher.consume_token(token_id):
-            log.error("grammar rejected token %d: %s", token_id, _first_line(self._matcher))
+            log.error("grammar rejected token %d: %s", token_id, _short_error(self._matcher))
         if token_id not in self._eos_ids:
             self._schedule_fill()
 
 
-def _first_line(matcher: llguidance.LLMatcher) -> str:
-    return (matcher.get_error() or "unknown error").splitlines()[0][:500]
+def _short_error(matcher: llguidance.LLMatcher) -> str:
+    return short_error(matcher.get_error())

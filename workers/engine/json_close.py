@@ -1,6 +1,6 @@
 """The shortest way to finish constrained output: what budget-aware decoding forces.
 
-For a grammar spec (``grammar_spec.py``) and the text a sequence has generated so far, this
+For a grammar spec (``core/grammar.py``) and the text a sequence has generated so far, this
 module computes the shortest text that completes it into an output the grammar accepts:
 close the open string (its enum value, ``minLength`` or ``pattern``), end the number within its
 bounds, write the shortest valid value for every required property still missing and for the

@@ -50,7 +50,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: bool = False
     top_logprobs: int = 0
-    # Constrained decoding (workers/engine/grammar_spec.py reads it); None: unconstrained.
+    # Constrained decoding (core/grammar.py builds its grammar); None: unconstrained.
     grammar: GrammarSpec | None = None
 
     def __post_init__(self) -> None:

@@ -1,4 +1,12 @@
-"""The grammar spec a request carries (``SamplingParams.grammar``) -> an llguidance grammar.
+"""The grammar spec a request carries (``SamplingParams.grammar``) -> an llguidance grammar,
+and the check that llguidance compiles it.
+
+One piece of code for both ends, so that what the router accepts is what the worker enforces:
+the router builds and checks each request's spec while it validates the request
+(``router/tools/grammar_spec.py`` ``check_grammar``); the worker builds the same grammar and
+compiles it against its tokenizer (``workers/engine/grammar.py``). The check needs no
+tokenizer: our grammars name no token, so llguidance's verdict without one is the worker's
+(``tests/unit/test_grammar.py`` compares the two on every schema the tests know).
 
 The router builds the spec, a ``GrammarSpec`` message (proto/electron/v1/worker.proto), from
 ``response_format`` or ``tools``/``tool_choice``: a JSON object, a JSON schema (as JSON text,
@@ -21,8 +29,11 @@ against the schema as given.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any
 
 from llguidance import LLMatcher
@@ -31,8 +42,6 @@ from core.errors import InvalidRequest
 from core.json_schema_subset import map_subschemas
 from core.pb.electron.v1 import worker_pb2 as pb
 from core.protocol import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
-
-from .json_close import Closer, tool_call_schema
 
 # JSON layout inside every grammar: no free whitespace (see the module docstring).
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -44,26 +53,38 @@ FILLER_MAX_CHARS = 200
 _TOOL_MODES = frozenset(pb.GrammarSpec.ToolMode.values())
 
 
+# Verdicts kept per spec (by a digest: a spec may be a 1 MiB body's worth): clients send the
+# same tools and schemas with every turn.
+CHECK_CACHE_SIZE = 1024
+_MODE_NAMES = {pb.GrammarSpec.TOOL_MODE_AUTO: "auto", pb.GrammarSpec.TOOL_MODE_REQUIRED:
+               "required", pb.GrammarSpec.TOOL_MODE_NAMED: "named"}
+
+
 @dataclass(frozen=True)
-class CompiledSpec:
-    """An llguidance grammar (its serialised top-level form), the request field that
-    declared it, which errors name, and what its outputs need to end (``json_close.py``;
-    None when that module cannot tell, e.g. a schema it does not understand: such a request
-    is decoded without budget-aware closing)."""
+class Grammar:
+    """An llguidance grammar (its serialised top-level form), the request field that declared
+    it, which errors name, and what its output is, for the worker's budget-aware closing
+    (``workers/engine/json_close.py``): ``kind`` "json" with the (closed) ``schema`` of the
+    value, or "tools" with ``tools`` (name -> its closed parameters schema), ``mode`` and
+    ``parallel``."""
 
     grammar: str
     param: str
-    closer: Closer | None = None
+    kind: str
+    schema: dict[str, Any] = field(default_factory=dict)
+    tools: dict[str, dict[str, Any]] = field(default_factory=dict)
+    mode: str = ""
+    parallel: bool = False
 
 
-def build_grammar(spec: pb.GrammarSpec) -> CompiledSpec:
+def build_grammar(spec: pb.GrammarSpec) -> Grammar:
     """Checks a grammar spec and builds its grammar; raises InvalidRequest naming the request
-    field the spec came from."""
+    field the spec came from. (Whether llguidance compiles the grammar is ``check_grammar``'s
+    question, or the worker's matcher's.)"""
     kind = spec.WhichOneof("kind")
     if kind == "json_object":
         schema = {"type": "object"}
-        return CompiledSpec(_json_grammar(schema), "response_format",
-                            _closer(lambda: Closer("json", schema)))
+        return Grammar(_json_grammar(schema), "response_format", "json", schema=schema)
     if kind == "json_schema":
         text = spec.json_schema.schema_json
         schema = _from_json(text, "'response_format.json_schema.schema'", "response_format")
@@ -72,23 +93,65 @@ def build_grammar(spec: pb.GrammarSpec) -> CompiledSpec:
                                  param="response_format")
         if spec.json_schema.strict:
             schema = close_objects(schema)
-        return CompiledSpec(_json_grammar(schema), "response_format",
-                            _closer(lambda: Closer("json", schema)))
+        return Grammar(_json_grammar(schema), "response_format", "json", schema=schema)
     if kind == "tool_calls":
         grammar, params = _tool_grammar(spec.tool_calls)
-        mode = {pb.GrammarSpec.TOOL_MODE_AUTO: "auto", pb.GrammarSpec.TOOL_MODE_REQUIRED:
-                "required", pb.GrammarSpec.TOOL_MODE_NAMED: "named"}[spec.tool_calls.mode]
-        return CompiledSpec(grammar, "tools", _closer(lambda: Closer(
-            "tools", tool_call_schema(params), mode=mode, parallel=spec.tool_calls.parallel)))
+        return Grammar(grammar, "tools", "tools", tools=params,
+                       mode=_MODE_NAMES[spec.tool_calls.mode], parallel=spec.tool_calls.parallel)
     raise InvalidRequest("the grammar spec sets none of json_object, json_schema and tool_calls",
                          param="response_format")
 
 
-def _closer(build: Any) -> Closer | None:
+def check_grammar(spec: pb.GrammarSpec) -> None:
+    """Raises InvalidRequest (naming the request field) unless ``spec`` builds a grammar that
+    llguidance compiles. Verdicts are cached per spec. Takes up to ~100 ms for the largest
+    schemas the subset admits (llguidance releases the GIL meanwhile): the router calls it on
+    a thread."""
+    key = hashlib.blake2b(cache_key(spec), digest_size=16).digest()
+    with _verdicts_lock:
+        known = key in _verdicts
+        if known:
+            _verdicts.move_to_end(key)
+            error = _verdicts[key]
+    if not known:
+        error = _verdict(spec)
+        with _verdicts_lock:
+            _verdicts[key] = error
+            if len(_verdicts) > CHECK_CACHE_SIZE:
+                _verdicts.popitem(last=False)
+    if error is not None:
+        raise InvalidRequest(error[0], param=error[1])
+
+
+_verdicts: OrderedDict[bytes, tuple[str, str] | None] = OrderedDict()
+_verdicts_lock = threading.Lock()  # the router checks on several threads
+
+
+def _verdict(spec: pb.GrammarSpec) -> tuple[str, str] | None:
+    """(message, param) of why ``spec`` cannot be served, or None."""
     try:
-        return build()
-    except Exception:  # noqa: BLE001 - an odd schema only loses budget-aware closing
-        return None
+        grammar = build_grammar(spec)
+    except InvalidRequest as exc:
+        return exc.message, exc.param or "response_format"
+    error = LLMatcher.validate_grammar(grammar.grammar)
+    return None if not error else (compile_error(error), grammar.param)
+
+
+def compile_error(error: str) -> str:
+    """The message of a 400 for a grammar llguidance refuses."""
+    return f"the grammar cannot be compiled: {short_error(error)}"
+
+
+def short_error(error: str) -> str:
+    """An llguidance error on one line, bounded (a regex error spans lines: the pattern, a
+    caret under the fault, the reason)."""
+    return " ".join((error or "unknown error").split())[:500]
+
+
+def cache_key(spec: pb.GrammarSpec) -> bytes:
+    """What compiled grammars and verdicts are cached under: equal specs give equal keys (in
+    one process)."""
+    return spec.SerializeToString(deterministic=True)
 
 
 def _from_json(text: str, what: str, param: str) -> Any:
