@@ -14,6 +14,9 @@ requests/s; N processes on one port multiply it without another Service or pod.
 - Limits, concurrency slots and key revocations must be shared by the processes, so more than
   one process needs ``tenancy.redis_url``: the command refuses to start without it
   (in-process limits would multiply each tenant's limits by N).
+- Metrics: a scrape of ``/metrics`` reaches one process, so the supervisor gives the children a
+  fresh ``PROMETHEUS_MULTIPROC_DIR`` (unless one is set) and each process answers with the sum
+  over all of them (router/telemetry/metrics.py).
 - The database schema is migrated once, by the supervisor, before the children start.
 - One ledger spool per process: process 0 keeps ``tenancy.spool_path``, process i > 0 writes
   ``<stem>.<i><suffix>`` beside it. Process 0 takes over, at its start, the spools of indices
@@ -38,8 +41,10 @@ import logging
 import multiprocessing as mp
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +54,7 @@ from cluster.fleet import StartupFailed
 from core.config import Config, ConfigError
 from core.endpoints import WorkerSource
 from router.api.server import bound_socket, listen_socket
+from router.telemetry.metrics import MULTIPROC_DIR_ENV
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +215,10 @@ async def supervise(config: Config, log_level: str = "info",
     port = holder.getsockname()[1]
     children: list[_Child] = []
     stop = launcher._stop_event()
+    metrics_dir = None
+    if not os.environ.get(MULTIPROC_DIR_ENV):  # inherited by the children at spawn
+        metrics_dir = tempfile.mkdtemp(prefix="electron-router-metrics-")
+        os.environ[MULTIPROC_DIR_ENV] = metrics_dir
     try:
         if config.tenancy.migrate_on_start:
             from router.tenancy.sqldb import database_of
@@ -267,6 +277,9 @@ async def supervise(config: Config, log_level: str = "info",
     finally:
         await _stop_children(children)
         holder.close()
+        if metrics_dir is not None:
+            del os.environ[MULTIPROC_DIR_ENV]
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 async def _stop_children(children: list[_Child]) -> None:

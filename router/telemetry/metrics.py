@@ -20,14 +20,23 @@ Seen from the router (the client's view, network and queueing included):
   (``record_rate_limit_rejection``);
 - ``electron:ledger_quarantined_rows_total``: usage rows the database refused, written to the
   ledger's dead-letter file instead (router/tenancy/ledger.py); anything above 0 needs a look.
+
+With several router processes on one port (``router --processes N``) a scrape reaches one of
+them, so they keep their samples in files under ``PROMETHEUS_MULTIPROC_DIR`` (the supervisor
+sets it: cluster/router_processes.py) and each renders the sum over all of them
+(prometheus_client's multiprocess mode; counters and histograms only, which sum).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 NO_PLAN = "none"
 OTHER_MODEL = "other"  # a model id the router does not serve (bounded label values)
@@ -77,7 +86,13 @@ class RouterMetrics:
             registry=r)
 
     def render(self) -> tuple[bytes, str]:
-        """The text exposition and its content type."""
+        """The text exposition and its content type: every router process's samples summed
+        when they share a ``PROMETHEUS_MULTIPROC_DIR``."""
+        shared = os.environ.get(MULTIPROC_DIR_ENV)
+        if shared:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, shared)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 

@@ -180,6 +180,19 @@ async def test_both_processes_serve_on_one_port_and_share_the_limits(supervisor)
     assert statuses == [200] * STANDARD_RPM + [429] * 4
     assert sum(held.values()) == len(clients)
     assert all(n > 0 for n in held.values()), held
+    # Whichever process a scrape reaches answers for both.
+    for _ in range(6):
+        async with httpx.AsyncClient(base_url=base) as client:
+            text = (await client.get("/metrics")).text
+        assert requests_counted(text) == {"200": STANDARD_RPM, "429": 4}, text
+
+
+def requests_counted(metrics: str) -> dict[str, int]:
+    counted: dict[str, int] = {}
+    for m in re.finditer(r'^electron:requests_total\{([^}]*)\} ([0-9.e+]+)$', metrics, re.M):
+        status = re.search(r'status="(\d+)"', m.group(1)).group(1)
+        counted[status] = counted.get(status, 0) + int(float(m.group(2)))
+    return counted
 
 
 @in_module_loop
