@@ -189,7 +189,7 @@ async def test_both_processes_serve_on_one_port_and_share_the_limits(supervisor)
 
 def requests_counted(metrics: str) -> dict[str, int]:
     counted: dict[str, int] = {}
-    for m in re.finditer(r'^electron:requests_total\{([^}]*)\} ([0-9.e+]+)$', metrics, re.M):
+    for m in re.finditer(r'^electron:requests_total\{([^}]*)\} ([0-9.e+]+)$', metrics, re.MULTILINE):
         status = re.search(r'status="(\d+)"', m.group(1)).group(1)
         counted[status] = counted.get(status, 0) + int(float(m.group(2)))
     return counted
