@@ -46,6 +46,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,9 +205,11 @@ class _Child:
 
 
 async def supervise(config: Config, log_level: str = "info",
-                    source: WorkerSource | None = None) -> None:
+                    source: WorkerSource | None = None,
+                    on_ready: Callable[[int, list[int]], None] | None = None) -> None:
     """Runs ``config.router.processes`` router processes on ``router.host:port`` until
-    SIGINT/SIGTERM. ``source``: the workers (picklable; default: Ray's registry)."""
+    SIGINT/SIGTERM. ``source``: the workers (picklable; default: Ray's registry);
+    ``on_ready(port, pids)`` once every process serves (bench/router_overhead.py)."""
     from cluster import launcher
 
     require_shared_limits(config)
@@ -216,7 +219,7 @@ async def supervise(config: Config, log_level: str = "info",
     children: list[_Child] = []
     stop = launcher._stop_event()
     metrics_dir = None
-    if not os.environ.get(MULTIPROC_DIR_ENV):  # inherited by the children at spawn
+    if n > 1 and not os.environ.get(MULTIPROC_DIR_ENV):  # inherited by the children at spawn
         metrics_dir = tempfile.mkdtemp(prefix="electron-router-metrics-")
         os.environ[MULTIPROC_DIR_ENV] = metrics_dir
     try:
@@ -253,6 +256,8 @@ async def supervise(config: Config, log_level: str = "info",
         print(launcher._banner(config, port, None).replace(
             "Electron Serve is up:", f"Electron Serve is up ({n} router processes):"),
             flush=True)
+        if on_ready is not None:
+            on_ready(port, [c.proc.pid for c in children])  # type: ignore[misc]
         restarts: list[float] = []
         while not stop.is_set():
             for i, c in enumerate(children):
