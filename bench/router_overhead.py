@@ -89,6 +89,7 @@ from core.pb.electron.v1 import worker_pb2_grpc as pb_grpc  # noqa: E402
 from router.chat.wire import to_generate_request  # noqa: E402
 from router.fleet.client import CHANNEL_OPTIONS  # noqa: E402
 from router.openai.schemas import parse_chat_request  # noqa: E402
+from tests.support.sockets import established  # noqa: E402
 
 MODEL_ID = "electron"
 PROMPT = [{"role": "user", "content": "Say hello."}]
@@ -388,7 +389,7 @@ class Baseline:
             self.proc.wait()
 
 
-# -- CPU and connections of any process -----------------------------------------------------------
+# -- CPU of any process -----------------------------------------------------------
 
 def cpu_s(pid: int) -> float:
     """CPU seconds of process ``pid``: its threads' run time (schedstat, in ns; a thread that
@@ -402,24 +403,6 @@ def cpu_s(pid: int) -> float:
         with contextlib.suppress(FileNotFoundError, ProcessLookupError, ValueError):
             total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
     return total / 1e9
-
-
-def established(pid: int, port: int) -> int:
-    """Established TCP connections on local ``port`` that process ``pid`` holds."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            cols = line.split()
-            if int(cols[1].rsplit(":", 1)[1], 16) == port and cols[3] == "01" \
-                    and cols[9] in inodes:
-                count += 1
-    return count
 
 
 # -- the two clients ------------------------------------------------------------------------------

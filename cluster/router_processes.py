@@ -273,8 +273,10 @@ async def supervise(config: Config, log_level: str = "info",
                     raise StartupFailed(
                         f"router process {c.index} exited (code {c.proc.exitcode}): more than "
                         f"{MAX_RESTARTS} restarts within {RESTART_WINDOW_S:.0f} s, stopping")
-                log.error("router process %d (pid %s) exited with code %s: restarting it",
-                          c.index, c.proc.pid, c.proc.exitcode)
+                last = c.poll()  # its error, when it could send one
+                log.error("router process %d (pid %s) exited with code %s%s: restarting it",
+                          c.index, c.proc.pid, c.proc.exitcode,
+                          f" ({last[1]})" if last is not None and last[0] == "error" else "")
                 c.conn.close()
                 children[i] = start(c.index)
             with contextlib.suppress(TimeoutError):

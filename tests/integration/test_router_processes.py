@@ -22,6 +22,7 @@ import pytest_asyncio
 
 from cluster.router_processes import orphan_spools, spool_path
 from core.config import EngineConfig
+from tests.support.sockets import established
 from tests.support.tenancy import REDIS_URL, drop_redis_prefix, unique_prefix
 from tests.support.tiny_model import make_tiny_llama_dir
 from workers.engine.async_engine import AsyncEngine
@@ -69,26 +70,6 @@ class Supervisor:
             if m := re.search(pattern, line):
                 return m
         raise AssertionError(f"no line matching {pattern!r}: {self.lines}")
-
-
-def established(pid: int, port: int) -> int:
-    """Established TCP connections on local ``port`` that process ``pid`` holds."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            cols = line.split()
-            local_port = int(cols[1].rsplit(":", 1)[1], 16)
-            if local_port == port and cols[3] == "01" and cols[9] in inodes:
-                count += 1
-    return count
 
 
 def alive(pid: int) -> bool:
