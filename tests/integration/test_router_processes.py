@@ -55,6 +55,7 @@ class Supervisor:
     proc: subprocess.Popen
     port: int = 0
     pids: dict[int, int] = field(default_factory=dict)  # process index -> pid
+    marker: bytes = b""  # an entry of its environment (and its children's)
     lines: list[str] = field(default_factory=list)
 
     async def read_until(self, pattern: str, timeout: float = START_TIMEOUT_S) -> re.Match:
@@ -124,7 +125,8 @@ async def supervisor(tiny_dir, worker, redis_prefix, tmp_path_factory
     proc = await asyncio.to_thread(
         subprocess.Popen, [sys.executable, "-c", SUPERVISOR, worker], env=env, cwd=ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    sup = Supervisor(proc)
+    sup = Supervisor(proc, marker=f"ELECTRON_TENANCY__SPOOL_PATH={state / 'spool.jsonl'}"
+                     .encode())
     try:
         m = await sup.read_until(r"is up \(2 router processes\): http://127\.0\.0\.1:(\d+)/v1")
         sup.port = int(m.group(1))
@@ -189,11 +191,15 @@ async def test_a_child_that_dies_is_restarted(supervisor):
 @in_module_loop
 async def test_sigterm_stops_every_process(supervisor):
     pids = list(supervisor.pids.values())
-    assert all(alive(pid) for pid in pids)
+    # The supervisor, its router processes, and multiprocessing's resource tracker.
+    running = set(with_environment(supervisor.marker))
+    assert {supervisor.proc.pid, *pids} <= running
+    assert all(b"resource_tracker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+               for pid in running - {supervisor.proc.pid, *pids})
     supervisor.proc.send_signal(signal.SIGTERM)
     rc = await asyncio.to_thread(supervisor.proc.wait, 60)
     assert rc == 0, supervisor.proc.stdout.read()
-    assert not any(alive(pid) for pid in pids)
+    assert with_environment(supervisor.marker) == []
 
 
 def test_more_than_one_process_without_redis_is_refused(tmp_path):
@@ -214,3 +220,33 @@ def test_spool_paths_differ_per_process_and_orphans_are_found(tmp_path):
         Path(spool_path(path, i)).write_text("{}\n")
     (tmp_path / "spool.x.jsonl").write_text("")
     assert orphan_spools(path, 2) == [tmp_path / "spool.2.jsonl", tmp_path / "spool.3.jsonl"]
+
+
+def test_a_process_failing_at_startup_fails_the_command(tmp_path, redis_prefix):
+    """No half-started router: the supervisor names the process and its error, and stops the
+    others."""
+    env = supervisor_env(tmp_path / "no-such-model", tmp_path,
+                         ELECTRON_TENANCY__REDIS_URL=REDIS_URL,
+                         ELECTRON_TENANCY__REDIS_PREFIX=redis_prefix)
+    proc = subprocess.run([sys.executable, "-c", SUPERVISOR, "127.0.0.1:1"], check=False,
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert re.search(r"StartupFailed: router process [01] failed to start: \w+", proc.stderr), \
+        proc.stderr[-3000:]
+    assert "serving" not in proc.stdout
+    marker = f"ELECTRON_TENANCY__SPOOL_PATH={tmp_path / 'spool.jsonl'}".encode()
+    assert with_environment(marker) == []
+
+
+def with_environment(entry: bytes) -> list[int]:
+    """Live processes whose environment holds ``entry`` (the supervisor's children inherit
+    its environment)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if entry in environ.split(b"\0") and alive(int(pid)):
+            found.append(int(pid))
+    return found
