@@ -136,6 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "up":
         run = launcher.run_up(config, args.log_level)
+    elif args.command == "router" and config.router.processes > 1:
+        from cluster.router_processes import supervise
+
+        run = supervise(config, args.log_level)
     elif args.command == "router":
         run = launcher.run_router(config, args.log_level)
     else:

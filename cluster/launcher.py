@@ -4,8 +4,9 @@ Three entry points, one per CLI command:
 - ``run_up``: a local Ray, N workers and the router in this process; Ctrl-C or SIGTERM
   stops the router, then each worker (gracefully), kills the actors and shuts Ray down,
   so no Ray process outlives the command.
-- ``run_router``: a router on an existing Ray cluster; with ``router.processes`` > 1, a
-  supervisor of that many router processes on one port (cluster/router_processes.py).
+- ``run_router``: a router on an existing Ray cluster (with ``router.processes`` > 1 the CLI
+  runs cluster/router_processes.py's supervisor instead, each of whose processes serves as
+  this does).
 - ``run_worker``: N workers on an existing Ray cluster, kept alive until Ctrl-C.
 
 This process may be the router's, which imports no torch: ``workers.actor`` keeps torch
@@ -253,11 +254,6 @@ async def run_up(config: Config, log_level: str = "info") -> None:
 
 async def run_router(config: Config, log_level: str = "info") -> None:
     """``electron-serve router``: a router on an existing Ray cluster (no workers)."""
-    if config.router.processes > 1:
-        from cluster.router_processes import supervise
-
-        await supervise(config, log_level)
-        return
     sock = listen_socket(config.router.host, config.router.port)
     tracing = tracing_from_env(ROUTER_SERVICE_NAME)
     try:

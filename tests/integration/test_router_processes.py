@@ -199,6 +199,11 @@ async def test_sigterm_stops_every_process(supervisor):
     supervisor.proc.send_signal(signal.SIGTERM)
     rc = await asyncio.to_thread(supervisor.proc.wait, 60)
     assert rc == 0, supervisor.proc.stdout.read()
+    assert not any(alive(pid) for pid in pids)
+    # The resource tracker exits once it reads EOF from its (gone) parent: give it a moment.
+    deadline = time.monotonic() + 5
+    while with_environment(supervisor.marker) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
     assert with_environment(supervisor.marker) == []
 
 
