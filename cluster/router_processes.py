@@ -111,7 +111,6 @@ def child_config(config: Config, index: int) -> Config:
 @dataclass(frozen=True)
 class ChildArgs:
     index: int
-    processes: int
     config: Config            # already the child's (child_config)
     log_level: str
     port: int
@@ -186,7 +185,6 @@ class _Child:
                                 name=f"electron-router-{args.index}")
         self.proc.start()
         child_conn.close()  # EOF on ours when the child is gone
-        self.started_at = time.monotonic()
         self.ready = False
 
     def poll(self) -> tuple[str, Any] | None:
@@ -235,7 +233,7 @@ async def supervise(config: Config, log_level: str = "info",
         def start(index: int) -> _Child:
             adopt = tuple(str(p) for p in orphan_spools(config.tenancy.spool_path, n)) \
                 if index == 0 else ()
-            return _Child(ChildArgs(index, n, child_config(config, index), log_level, port,
+            return _Child(ChildArgs(index, child_config(config, index), log_level, port,
                                     os.getpid(), source, adopt))
 
         children = [start(i) for i in range(n)]
