@@ -22,7 +22,7 @@ import pytest_asyncio
 
 from cluster.router_processes import orphan_spools, spool_path
 from core.config import EngineConfig
-from tests.support.sockets import established
+from tests.support.sockets import alive, established
 from tests.support.tenancy import REDIS_URL, drop_redis_prefix, unique_prefix
 from tests.support.tiny_model import make_tiny_llama_dir
 from workers.engine.async_engine import AsyncEngine
@@ -71,14 +71,6 @@ class Supervisor:
             if m := re.search(pattern, line):
                 return m
         raise AssertionError(f"no line matching {pattern!r}: {self.lines}")
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import ray
 
 from cluster.launcher import start_local_ray
 from cluster.registry import registry_actor
+from tests.support.sockets import alive
 from tests.support.tenancy import REDIS_URL, drop_redis_prefix, unique_prefix
 from tests.support.tiny_model import make_tiny_llama_dir, tiny_cluster_config
 from workers.actor import create_worker_actor
@@ -27,14 +28,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 180.0
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 async def test_router_processes_join_ray_serve_and_stop_on_ctrl_c(tmp_path):

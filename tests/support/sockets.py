@@ -1,5 +1,6 @@
-"""Which process holds which TCP connections, read from /proc (Linux): how the kernel spread a
-port's connections over the processes listening on it (SO_REUSEPORT)."""
+"""Processes and the TCP connections they hold, read from /proc (Linux): whether a process still
+runs, and how the kernel spread a port's connections over the processes listening on it
+(SO_REUSEPORT)."""
 
 from __future__ import annotations
 
@@ -24,3 +25,12 @@ def established(pid: int, port: int) -> int:
                     and cols[9] in inodes:
                 count += 1
     return count
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
