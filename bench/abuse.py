@@ -26,7 +26,7 @@ and one for the canary, then at the same time:
   event loop (which also writes every attack and reads every answer) ran, which every
   latency it measures includes;
 - **the router's own view**: its event-loop lag (``electron:event_loop_lag_seconds`` on
-  ``/metrics``: how late a 10 ms timer inside the router fired), read before and after the
+  ``/metrics``: how late a 25 ms timer inside the router fired), read before and after the
   fuzz: the stalls the router itself had, whatever the client saw.
 
 Then it reads each tenant's ledger (``GET /v1/usage?tenant_id=``). Written to
