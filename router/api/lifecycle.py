@@ -6,9 +6,9 @@ validation error after admission, router stop):
 
 - the admission (a concurrency slot, its RPM entry and, once the prompt is tokenized, its
   tokens-per-minute reservation; router/tenancy/admission.py);
-- the disconnect race: a client that leaves before the response starts cancels the work
-  (``sse.until_disconnected``); one that leaves mid-stream ends the event stream
-  (``sse.EventStreamResponse``);
+- the disconnect race: one ``sse.DisconnectWatch`` for the request; a client that leaves
+  before the response starts cancels the work; one that leaves mid-stream ends the event
+  stream (``sse.EventStreamResponse``);
 - the generation (the gRPC call and the worker's lease), closed in ``finish``;
 - the request's ONE usage count (router/chat/usage.py), fed by the generation as deltas pass
   and read by the response body, the stream's usage chunk, the ledger row, the slot's token
@@ -48,23 +48,28 @@ class ChatRequest:
     async def respond(self, receive: Receive, as_json: Callable[[Any], Response]) -> Response:
         """The HTTP response: an event stream, a JSON body, or 499 when the client left first.
         Every path ends in ``finish`` (the event stream's when it closes)."""
+        watch = sse.DisconnectWatch(receive)
         try:
             if self.request.stream:
-                generation = await sse.until_disconnected(receive, self._start_stream())
-                if generation is None:
-                    return self._client_left()
+                with watch.guard():
+                    generation = await self._start_stream()
                 self._generation = generation
                 response: Response = sse.EventStreamResponse(
-                    sse.chat_chunks(generation, self._chat.fingerprint), on_close=self.finish)
+                    sse.chat_chunks(generation, self._chat.fingerprint), on_close=self.finish,
+                    watch=watch)
             else:
-                body = await sse.until_disconnected(receive, self._complete())
-                if body is None:
-                    return self._client_left()
+                with watch.guard():
+                    body = await self._complete()
+                watch.close()
                 self.finish()
                 response = as_json(body)
                 if self.usage.forced_closes:
                     response.headers[FORCED_CLOSE_HEADER] = str(self.usage.forced_closes)
+        except sse.ClientGone:
+            watch.close()
+            return self._client_left()
         except BaseException:
+            watch.close()
             self.finish("error")
             raise
         response.headers.update(self.admission.headers())
