@@ -108,6 +108,11 @@ class RouterConfig(_Frozen):
     # aborts the request) and the request's slot released.
     stream_stall_timeout_s: float = Field(60.0, gt=0)
     registry_poll_s: float = Field(0.5, gt=0)
+    # A stopping router (SIGTERM, Ctrl-C) is not ready at once, refuses new chat requests
+    # (503 shutting_down) and lets the open ones finish for up to this long; then the rest end
+    # with an error event, each with its ledger row and its slot released
+    # (router/api/drain.py). The Helm chart's terminationGracePeriodSeconds covers it.
+    drain_timeout_s: float = Field(30.0, ge=0)
 
 
 class AuthConfig(_Frozen):

@@ -14,11 +14,15 @@ validation error after admission, router stop):
   and read by the response body, the stream's usage chunk, the ledger row, the slot's token
   count and the cached-tokens metric;
 - ``finish``: closes the generation, records the cached tokens, releases the slot and writes
-  the ledger row, once.
+  the ledger row, once;
+- the router's drain (router/api/drain.py): the request is listed there until ``finish``;
+  ``interrupt`` (the drain time is over) ends it with the drain's error: a stream with an
+  error event, a request not yet answered with the error response.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +30,7 @@ from starlette.responses import Response
 from starlette.types import Receive
 
 from router.api import sse
+from router.api.drain import Drain, ShuttingDown
 from router.chat.response import FORCED_CLOSE_HEADER
 from router.chat.service import ChatService, Generation, Prepared
 from router.chat.usage import Usage
@@ -36,28 +41,36 @@ from router.tenancy.admission import Admission
 
 class ChatRequest:
     def __init__(self, chat: ChatService, admission: Admission, request: ChatCompletionRequest,
-                 request_id: str):
+                 request_id: str, drain: Drain | None = None):
         self._chat = chat
+        self._drain = drain
         self.admission = admission
         self.request = request
         self.request_id = request_id
         self.usage = Usage()
         self._generation: Generation | None = None
         self._finished = False
+        # The work before the response (the first token, or the whole buffered body).
+        self._pending: asyncio.Future[Any] | None = None
+        self._interrupted: ShuttingDown | None = None
+        if drain is not None:
+            drain.add(self)
 
     async def respond(self, receive: Receive, as_json: Callable[[Any], Response]) -> Response:
         """The HTTP response: an event stream, a JSON body, or 499 when the client left first.
         Every path ends in ``finish`` (the event stream's when it closes)."""
         try:
             if self.request.stream:
-                generation = await sse.until_disconnected(receive, self._start_stream())
+                generation = await self._until_answered(receive, self._start_stream())
                 if generation is None:
                     return self._client_left()
                 self._generation = generation
+                if self._interrupted is not None:
+                    generation.interrupt(self._interrupted)
                 response: Response = sse.EventStreamResponse(
                     sse.chat_chunks(generation, self._chat.fingerprint), on_close=self.finish)
             else:
-                body = await sse.until_disconnected(receive, self._complete())
+                body = await self._until_answered(receive, self._complete())
                 if body is None:
                     return self._client_left()
                 self.finish()
@@ -69,6 +82,28 @@ class ChatRequest:
             raise
         response.headers.update(self.admission.headers())
         return response
+
+    async def _until_answered(self, receive: Receive, work: Any) -> Any:
+        """``work``'s result; None when the client left first; ShuttingDown when the drain
+        cut it."""
+        self._pending = asyncio.ensure_future(work)
+        try:
+            result = await sse.until_disconnected(receive, self._pending)
+        finally:
+            self._pending = None
+        if result is None and self._interrupted is not None:
+            raise self._interrupted
+        return result
+
+    def interrupt(self, error: ShuttingDown) -> None:
+        """The drain time is over: end now with ``error`` (``finish`` follows as usual)."""
+        if self._finished or self._interrupted is not None:
+            return
+        self._interrupted = error
+        if self._generation is not None:
+            self._generation.interrupt(error)
+        elif self._pending is not None:
+            self._pending.cancel()
 
     async def _prepare(self) -> Prepared:
         prepared = await self._chat.prepare(self.request, self.request_id,
@@ -94,6 +129,8 @@ class ChatRequest:
         if self._finished:
             return
         self._finished = True
+        if self._drain is not None:
+            self._drain.discard(self)
         if self._generation is not None:
             self._generation.close()
         usage = self.usage
