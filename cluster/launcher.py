@@ -32,6 +32,7 @@ from cluster.fleet import Fleet, StartupFailed, StaticFleet
 from cluster.registry import RayWorkerSource, registry_actor
 from core.cluster_token import new_cluster_token
 from core.config import Config, ConfigError
+from core.endpoints import HEAD_RESOURCE
 from core.telemetry import DISABLED, Tracing, tracing_from_env
 from router.api.drain import CUT_GRACE_S, Drain
 from router.api.server import listen_socket
@@ -70,8 +71,10 @@ def start_local_ray(config: Config) -> None:
     if config.autoscaler.enabled:
         workers += sum(p.max_workers for p in config.autoscaler.pools)
     num_cpus = max(os.cpu_count() or 1, math.ceil(workers * cluster.num_cpus_per_worker))
+    # This node is the head: the registry is placed (and restarted) here (cluster/registry.py).
     ray.init(address="local", namespace=cluster.namespace, num_cpus=num_cpus,
-             include_dashboard=False, logging_level=logging.WARNING)
+             resources={HEAD_RESOURCE: 1}, include_dashboard=False,
+             logging_level=logging.WARNING)
 
 
 def connect_ray(config: Config) -> None:
@@ -97,7 +100,9 @@ class _RouterServer(uvicorn.Server):
 def _router_server(config: Config, log_level: str, tracing: Tracing = DISABLED) -> _RouterServer:
     from router.api.app import create_app  # the router loads its own tokenizer
 
-    app = create_app(config, RayWorkerSource(config.cluster.namespace), tracing=tracing)
+    app = create_app(config, RayWorkerSource(config.cluster.namespace,
+                                             config.cluster.registry_timeout_s),
+                     tracing=tracing)
     return router_server(app, config, log_level)
 
 

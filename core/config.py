@@ -204,6 +204,9 @@ class ClusterConfig(_Frozen):
     num_cpus_per_worker: float = Field(1, ge=0)
     heartbeat_s: float = Field(0.5, gt=0)
     worker_ttl_s: float = Field(1.5, gt=0)
+    # Every call to the registry actor (a worker's register, heartbeat and deregister, a
+    # router's poll) gives up after this long: a registry being restarted never stalls them.
+    registry_timeout_s: float = Field(2.0, gt=0)
     # Extra Ray resources each worker actor asks for (e.g. {"electron_pool_acme": 1}, which
     # only that pool's KubeRay worker group offers); the autoscaler sets it per pool.
     worker_resources: dict[str, float] = Field(default_factory=dict)
