@@ -44,6 +44,7 @@ class Drain:
 
     def __init__(self) -> None:
         self.draining = False
+        self._cut = False
         self._open: set[Interruptible] = set()
         self._idle: asyncio.Event | None = None
 
@@ -52,7 +53,11 @@ class Drain:
         return len(self._open)
 
     def add(self, request: Interruptible) -> None:
+        """Lists a request; one added after the cut (admitted just before the drain began)
+        is interrupted at once."""
         self._open.add(request)
+        if self._cut:
+            request.interrupt(self._error())
 
     def discard(self, request: Interruptible) -> None:
         self._open.discard(request)
@@ -80,11 +85,16 @@ class Drain:
 
     def cut(self) -> int:
         """Ends every open request with ``ShuttingDown``; returns how many there were."""
+        self._cut = True
         requests = list(self._open)
         for request in requests:
-            request.interrupt(ShuttingDown(
-                "the router shut down before the request finished; retry it", retry_after=1.0))
+            request.interrupt(self._error())
         return len(requests)
+
+    @staticmethod
+    def _error() -> ShuttingDown:
+        return ShuttingDown("the router shut down before the request finished; retry it",
+                            retry_after=1.0)
 
     async def run(self, timeout_s: float) -> int:
         """``begin``, ``wait_idle``, then ``cut`` whatever is left: how many were cut."""

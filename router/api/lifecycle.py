@@ -87,6 +87,8 @@ class ChatRequest:
         """``work``'s result; None when the client left first; ShuttingDown when the drain
         cut it."""
         self._pending = asyncio.ensure_future(work)
+        if self._interrupted is not None:  # cut before it began
+            self._pending.cancel()
         try:
             result = await sse.until_disconnected(receive, self._pending)
         finally:
