@@ -1,5 +1,5 @@
-"""A router stopped with streams open (the launcher's stop path, what SIGTERM and Ctrl-C run),
-against a real worker (the tiny random-weight Llama behind the real gRPC service, in this
+"""A router stopped by SIGTERM with streams open (the launcher's signal handler and stop path,
+as `electron-serve router` and `up` run them), against a real worker (the tiny random-weight Llama behind the real gRPC service, in this
 process) and the router served by the launcher's uvicorn server on a real socket: /ready is
 503 at once and new requests are refused, a stream that ends within the drain time finishes,
 a longer one ends with an error event (a response built whole with a 503), each has its
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import sqlite3
 import time
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster.launcher import router_server, stop_router
+from cluster.launcher import _stop_event, _until, router_server, stop_router
 from core.config import EngineConfig, load_config
 from core.endpoints import StaticWorkerSource, WorkerEndpoint
 from router.api.app import create_app
@@ -96,8 +98,15 @@ async def test_a_stopping_router_drains_then_cuts_with_an_error_and_loses_nothin
                                                         json=chat(200, stream=False)))
                 await asyncio.sleep(0.2)
 
+                stop = _stop_event()  # the launcher's SIGTERM/SIGINT handler
+
+                async def run_router() -> None:  # the end of launcher.run_router
+                    await _until(stop, asyncio.shield(task))
+                    await stop_router(server, task, DRAIN_S)
+
+                stopping = asyncio.create_task(run_router())
                 started = time.monotonic()
-                stopping = asyncio.create_task(stop_router(server, task, DRAIN_S))
+                os.kill(os.getpid(), signal.SIGTERM)
                 await asyncio.sleep(0.05)
                 # A fresh connection each: the listener stays open while the router drains.
                 async with httpx.AsyncClient(base_url=base, timeout=5,
