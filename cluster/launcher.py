@@ -2,8 +2,8 @@
 
 Three entry points, one per CLI command:
 - ``run_up``: a local Ray, N workers and the router in this process; Ctrl-C or SIGTERM
-  stops the router, then each worker (gracefully), kills the actors and shuts Ray down,
-  so no Ray process outlives the command.
+  drains the router (``stop_router``), then stops each worker (gracefully), kills the actors
+  and shuts Ray down, so no Ray process outlives the command.
 - ``run_router``: a router on an existing Ray cluster (with ``router.processes`` > 1 the CLI
   runs cluster/router_processes.py's supervisor instead, each of whose processes serves as
   this does).
@@ -34,8 +34,9 @@ from cluster.fleet import Fleet, StartupFailed, StaticFleet
 from cluster.registry import RayWorkerSource, registry_actor
 from core.cluster_token import new_cluster_token
 from core.config import Config, ConfigError
-from core.endpoints import WorkerSource
+from core.endpoints import HEAD_RESOURCE, WorkerSource
 from core.telemetry import DISABLED, Tracing, tracing_from_env
+from router.api.drain import CUT_GRACE_S, Drain
 from router.api.server import listen_socket
 from workers.actor import PACKAGE_ROOT
 
@@ -72,8 +73,10 @@ def start_local_ray(config: Config) -> None:
     if config.autoscaler.enabled:
         workers += sum(p.max_workers for p in config.autoscaler.pools)
     num_cpus = max(os.cpu_count() or 1, math.ceil(workers * cluster.num_cpus_per_worker))
+    # This node is the head: the registry is placed (and restarted) here (cluster/registry.py).
     ray.init(address="local", namespace=cluster.namespace, num_cpus=num_cpus,
-             include_dashboard=False, logging_level=logging.WARNING)
+             resources={HEAD_RESOURCE: 1}, include_dashboard=False,
+             logging_level=logging.WARNING)
 
 
 def connect_ray(config: Config) -> None:
@@ -103,13 +106,38 @@ def _router_server(config: Config, log_level: str, tracing: Tracing = DISABLED,
     from router.api.app import create_app  # the router loads its own tokenizer
 
     if source is None:
-        source = RayWorkerSource(config.cluster.namespace)
+        source = RayWorkerSource(config.cluster.namespace, config.cluster.registry_timeout_s)
     app = create_app(config, source, tracing=tracing)
+    return router_server(app, config, log_level)
+
+
+def router_server(app: Any, config: Config, log_level: str = "info") -> _RouterServer:
+    """uvicorn serving the router ``app``; ``stop_router`` stops it."""
     extra: dict[str, Any] = {}
     if config.observability.log_format == "json":
         extra["log_config"] = None  # uvicorn's loggers go to the root's JSON handler
+    # uvicorn's shutdown comes after the drain (``stop_router``): by then every request was
+    # let finish or cut; this bounds the cut ones' last writes (a client that stopped
+    # reading) instead of waiting for them forever.
     return _RouterServer(uvicorn.Config(app, log_level=log_level.lower(), lifespan="on",
+                                        timeout_graceful_shutdown=math.ceil(CUT_GRACE_S),
                                         **extra))
+
+
+async def stop_router(server: _RouterServer, task: asyncio.Task[None],
+                      drain_timeout_s: float) -> None:
+    """The router's graceful stop (router/api/drain.py): not ready at once, the open requests
+    finish for up to ``drain_timeout_s``, the rest end with an error (ledger rows written,
+    slots released), then uvicorn shuts down and the app's lifespan flushes the ledger."""
+    if not task.done() and server.started:
+        drain: Drain = server.config.app.state.drain
+        log.warning("router draining: %d request(s) open, up to %.0f s",
+                    drain.open_requests, drain_timeout_s)
+        cut = await drain.run(drain_timeout_s)
+        if cut:
+            log.warning("router drain time over: %d request(s) ended with an error", cut)
+    server.should_exit = True
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def _start_router(server: _RouterServer, sock: socket.socket,
@@ -261,8 +289,7 @@ async def run_up(config: Config, log_level: str = "info") -> None:
         await _until(stop, asyncio.shield(router_task))
     finally:
         if server is not None and router_task is not None:
-            server.should_exit = True
-            await asyncio.gather(router_task, return_exceptions=True)
+            await stop_router(server, router_task, config.router.drain_timeout_s)
         tracing.shutdown()
         await workers.stop()
         if registry is not None:
@@ -287,8 +314,7 @@ async def run_router(config: Config, log_level: str = "info") -> None:
         if server.started:
             print(_banner(config, sock.getsockname()[1], None), flush=True)
         await _until(stop, asyncio.shield(router_task))
-        server.should_exit = True
-        await asyncio.gather(router_task, return_exceptions=True)
+        await stop_router(server, router_task, config.router.drain_timeout_s)
     finally:
         tracing.shutdown()
         ray.shutdown()

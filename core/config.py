@@ -112,6 +112,11 @@ class RouterConfig(_Frozen):
     # prefix index and ledger spool; more than one needs tenancy.redis_url (cluster/
     # router_processes.py, docs/architecture.md "Router processes").
     processes: int = Field(1, ge=1, le=256)
+    # A stopping router (SIGTERM, Ctrl-C) is not ready at once, refuses new chat requests
+    # (503 shutting_down) and lets the open ones finish for up to this long; then the rest end
+    # with an error event, each with its ledger row and its slot released
+    # (router/api/drain.py). The Helm chart's terminationGracePeriodSeconds covers it.
+    drain_timeout_s: float = Field(30.0, ge=0)
 
 
 class AuthConfig(_Frozen):
@@ -203,6 +208,9 @@ class ClusterConfig(_Frozen):
     num_cpus_per_worker: float = Field(1, ge=0)
     heartbeat_s: float = Field(0.5, gt=0)
     worker_ttl_s: float = Field(1.5, gt=0)
+    # Every call to the registry actor (a worker's register, heartbeat and deregister, a
+    # router's poll) gives up after this long: a registry being restarted never stalls them.
+    registry_timeout_s: float = Field(2.0, gt=0)
     # Extra Ray resources each worker actor asks for (e.g. {"electron_pool_acme": 1}, which
     # only that pool's KubeRay worker group offers); the autoscaler sets it per pool.
     worker_resources: dict[str, float] = Field(default_factory=dict)

@@ -11,6 +11,11 @@ from typing import Protocol
 
 # The registry actor's name in its Ray namespace: workers register with it, routers read it.
 REGISTRY_NAME = "electron-registry"
+# The custom Ray resource the head node declares (`electron-serve up`'s local Ray, the Helm
+# chart's head): the registry asks for a sliver of it, so it is placed on the head and
+# restarted there, never on a GPU node that may go away. A cluster without it (a Ray started
+# by hand) places the registry anywhere.
+HEAD_RESOURCE = "electron_head"
 
 
 @dataclass(frozen=True)
@@ -25,8 +30,19 @@ class WorkerEndpoint:
     draining: bool = False
 
 
+class IncompleteListing(Exception):
+    """The source cannot tell yet which workers are gone: ``workers`` are alive, others may be
+    too (a registry that restarted and is being rebuilt by the workers' heartbeats, or that
+    cannot be reached). A router keeps the workers it knows meanwhile."""
+
+    def __init__(self, why: str, workers: list[WorkerEndpoint] | None = None):
+        super().__init__(why)
+        self.workers = list(workers or ())
+
+
 class WorkerSource(Protocol):
-    """Where a router learns the current set of workers."""
+    """Where a router learns the current set of workers. ``list_workers`` raises
+    ``IncompleteListing`` when its answer may leave live workers out."""
 
     async def list_workers(self) -> list[WorkerEndpoint]:
         ...

@@ -4,8 +4,10 @@ This module is imported by the launcher in the router's process (``electron-serv
 which must not load torch: the engine and torch are imported inside the actor only.
 
 Lifecycle: ``__init__`` loads the engine, starts the gRPC server and registers the endpoint,
-so a worker is in the registry before ``ready()`` can answer. ``stop()`` undoes it in the
-reverse order. ``ray.kill`` (SIGKILL) skips ``stop()``; the registry's TTL then drops it.
+so a worker is in the registry before ``ready()`` can answer. Each heartbeat carries the whole
+endpoint, so a restarted (empty) registry has it back at the next one; every registry call is
+bounded by ``cluster.registry_timeout_s``. ``stop()`` undoes it in the reverse order.
+``ray.kill`` (SIGKILL) skips ``stop()``; the registry's TTL then drops it.
 An engine that fails (its thread died or a step stalled) makes the worker leave the registry
 and stop heartbeating; ``health()`` says why, and the fleet (cluster/fleet.py) replaces it.
 """
@@ -94,7 +96,7 @@ class WorkerActor:
         self._endpoint = WorkerEndpoint(worker_id=worker_id, address=f"{host}:{port}",
                                         model=config.router.model_id, pool=cluster.pool,
                                         metrics_address=f"{host}:{metrics_port}")
-        await self._registry.register.remote(self._endpoint)
+        await self._registry_call(self._registry.register.remote(self._endpoint))
         self._stopped = False
         loop = asyncio.get_running_loop()
         self._heartbeats = loop.create_task(self._heartbeat_loop())
@@ -107,6 +109,10 @@ class WorkerActor:
         """None while the worker serves; else why its engine failed (the fleet replaces it)."""
         return self._engine.failure
 
+    async def _registry_call(self, ref: Any) -> Any:
+        """A registry call's result; TimeoutError past ``cluster.registry_timeout_s``."""
+        return await asyncio.wait_for(ref, self._config.cluster.registry_timeout_s)
+
     def _on_engine_failure(self) -> None:
         """Leaves the registry (routers stop picking it at their next poll; its gRPC health
         already says NOT_SERVING) and stops heartbeating, so it cannot come back."""
@@ -117,8 +123,8 @@ class WorkerActor:
 
     async def _leave_registry(self) -> None:
         try:
-            await self._registry.deregister.remote(self._worker_id)
-        except RayError as exc:  # its TTL drops it anyway
+            await self._registry_call(self._registry.deregister.remote(self._worker_id))
+        except (RayError, TimeoutError) as exc:  # its TTL drops it anyway
             log.warning("worker %s: could not leave the registry: %s", self._worker_id, exc)
 
     async def ready(self) -> str:
@@ -148,7 +154,7 @@ class WorkerActor:
         the same endpoint, so the mark survives a registry restart.) ``stop()`` follows."""
         if not self._endpoint.draining:
             self._endpoint = dataclasses.replace(self._endpoint, draining=True)
-            await self._registry.register.remote(self._endpoint)
+            await self._registry_call(self._registry.register.remote(self._endpoint))
             log.info("worker %s draining", self._worker_id)
 
     async def stop(self, grace_s: float = 5.0) -> None:
@@ -160,9 +166,10 @@ class WorkerActor:
         with contextlib.suppress(asyncio.CancelledError):
             await self._heartbeats
         try:
-            await self._registry.deregister.remote(self._worker_id)
-        except RayActorError:
-            # The registry is gone (its owner is shutting down): nobody is left to tell.
+            await self._registry_call(self._registry.deregister.remote(self._worker_id))
+        except (RayActorError, TimeoutError):
+            # The registry is gone (its owner is shutting down) or restarting: its TTL drops
+            # this worker, and routers drop it when its state stream ends below.
             log.warning("worker %s: registry unreachable at stop", self._worker_id)
         await self._server.stop(grace_s)
         # The engine thread ends every open stream and joins: not on the event loop.
@@ -182,13 +189,17 @@ class WorkerActor:
         while True:
             await asyncio.sleep(cluster.heartbeat_s)
             try:
-                if not await self._registry.heartbeat.remote(self._worker_id):
-                    # Expired (the registry restarted, or this worker stalled past the TTL).
-                    await self._registry.register.remote(self._endpoint)
-            except RayError as exc:
-                # A detached registry restarts under the same handle; keep trying (the TTL
-                # drops this worker from routing meanwhile, as it should).
-                log.warning("worker %s: heartbeat failed: %s", self._worker_id, exc)
+                known = await self._registry_call(
+                    self._registry.heartbeat.remote(self._endpoint))
+                if not known:
+                    # It was unknown: the registry restarted, or this worker stalled past the
+                    # TTL. The heartbeat registered it again.
+                    log.info("worker %s registered again", self._worker_id)
+            except (RayError, TimeoutError) as exc:
+                # Ray restarts the registry under the same handle; keep trying (routers keep
+                # this worker through the gap while its state stream is alive).
+                log.warning("worker %s: heartbeat failed: %s", self._worker_id,
+                            exc or type(exc).__name__)
 
 
 def _listen_host(config: Config) -> str:

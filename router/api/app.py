@@ -2,8 +2,8 @@
 
 Handlers are thin: authenticate, validate, call one service function, return. Both base URLs
 (``/v1`` and ``/waves/v1``) serve the same routes. ``/health`` (liveness) and ``/ready`` (started:
-the tenancy store is open; ``/ready?workers=N``: at least N workers connected) need no key.
-"""
+the tenancy store is open; ``/ready?workers=N``: at least N workers connected) need no key. A
+stopping router drains (router/api/drain.py): ``/ready`` is 503 from its first moment."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from core.pb.electron.v1 import worker_pb2 as pb
 from core.telemetry import DISABLED, Tracing
 from core.tokenizer import Tokenizer
 from router.api import tenancy as tenancy_routes
+from router.api.drain import Drain
 from router.api.lifecycle import ChatRequest
 from router.api.middleware import RequestContextMiddleware
 from router.chat.response import system_fingerprint
@@ -80,6 +81,9 @@ async def chat_completions(request: Request) -> Response:
     together (docs/operations-notes.md#fastapi-the-hot-route-is-a-plain-starlette-route).
     Errors raised here reach the same exception handlers."""
     state = request.app.state
+    drain: Drain = state.drain
+    if drain.draining:  # before anything is admitted: no slot, no ledger row
+        raise drain.refusal()
     with observe.span("auth"):
         # The revocation check comes with the limits' round trip.
         request.state.principal = await state.tenancy.authenticate(
@@ -109,8 +113,8 @@ async def chat_completions(request: Request) -> Response:
         admission.finish("error", 0, 0, 0)  # billed nothing, counted as a request
         raise
     try:
-        return await ChatRequest(chat, admission, req, request_id).respond(request.receive,
-                                                                           _json)
+        return await ChatRequest(chat, admission, req, request_id, drain).respond(
+            request.receive, _json)
     except RateLimited:  # its token budget does not fit the plan's tokens per minute
         record_rate_limit_rejection(request, "tokens")
         raise
@@ -177,7 +181,10 @@ async def ready(request: Request) -> Response:
     503 ``no_workers`` with ``Retry-After``, which clients retry; taking every replica out of
     a Service instead would turn that into connection errors. ``?workers=N`` asks for at
     least N connected workers (503 ``no_workers`` until then): what scripts and tests wait
-    on."""
+    on. A stopping router (draining) is not ready: 503 ``shutting_down``."""
+    drain: Drain = request.app.state.drain
+    if drain.draining:
+        return error_response(drain.refusal())
     pool: WorkerPool = request.app.state.pool
     workers = len(pool.workers())
     try:
@@ -263,6 +270,7 @@ def create_app(config: Config, worker_source: WorkerSource,
     app.state.config = config
     app.state.pool = pool
     app.state.chat = chat
+    app.state.drain = Drain()
     app.state.metrics = RouterMetrics()
     app.state.tenancy = tenancy
     tenancy.ledger.on_quarantine = app.state.metrics.ledger_quarantined.inc

@@ -14,18 +14,23 @@ validation error after admission, router stop):
   and read by the response body, the stream's usage chunk, the ledger row, the slot's token
   count and the cached-tokens metric;
 - ``finish``: closes the generation, records the cached tokens, releases the slot and writes
-  the ledger row, once.
+  the ledger row, once;
+- the router's drain (router/api/drain.py): the request is listed there until ``finish``;
+  ``interrupt`` (the drain time is over) ends it with the drain's error: a stream with an
+  error event, a request not yet answered with the error response.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from starlette.responses import Response
 from starlette.types import Receive
 
 from router.api import sse
+from router.api.drain import Drain, ShuttingDown
 from router.chat.response import FORCED_CLOSE_HEADER
 from router.chat.service import ChatService, Generation, Prepared
 from router.chat.usage import Usage
@@ -36,14 +41,20 @@ from router.tenancy.admission import Admission
 
 class ChatRequest:
     def __init__(self, chat: ChatService, admission: Admission, request: ChatCompletionRequest,
-                 request_id: str):
+                 request_id: str, drain: Drain | None = None):
         self._chat = chat
+        self._drain = drain
         self.admission = admission
         self.request = request
         self.request_id = request_id
         self.usage = Usage()
         self._generation: Generation | None = None
         self._finished = False
+        # Watches the work before the response (the first token, or the whole body).
+        self._watch: sse.DisconnectWatch | None = None
+        self._interrupted: ShuttingDown | None = None
+        if drain is not None:
+            drain.add(self)
 
     async def respond(self, receive: Receive, as_json: Callable[[Any], Response]) -> Response:
         """The HTTP response: an event stream, a JSON body, or 499 when the client left first.
@@ -51,14 +62,16 @@ class ChatRequest:
         watch = sse.DisconnectWatch(receive)
         try:
             if self.request.stream:
-                with watch.guard():
+                with self._answering(watch):
                     generation = await self._start_stream()
                 self._generation = generation
+                if self._interrupted is not None:
+                    generation.interrupt(self._interrupted)
                 response: Response = sse.EventStreamResponse(
                     sse.chat_chunks(generation, self._chat.fingerprint), on_close=self.finish,
                     watch=watch)
             else:
-                with watch.guard():
+                with self._answering(watch):
                     body = await self._complete()
                 watch.close()
                 self.finish()
@@ -74,6 +87,30 @@ class ChatRequest:
             raise
         response.headers.update(self.admission.headers())
         return response
+
+    @contextlib.contextmanager
+    def _answering(self, watch: sse.DisconnectWatch) -> Iterator[None]:
+        """The work before the response (the first token, or the whole buffered body), which
+        the client leaving (``sse.ClientGone``) or the drain's cut (``ShuttingDown``)
+        cancels."""
+        if self._interrupted is not None:  # cut before it began
+            raise self._interrupted
+        self._watch = watch
+        try:
+            with watch.guard():
+                yield
+        finally:
+            self._watch = None
+
+    def interrupt(self, error: ShuttingDown) -> None:
+        """The drain time is over: end now with ``error`` (``finish`` follows as usual)."""
+        if self._finished or self._interrupted is not None:
+            return
+        self._interrupted = error
+        if self._generation is not None:
+            self._generation.interrupt(error)
+        elif self._watch is not None:
+            self._watch.interrupt(error)
 
     async def _prepare(self) -> Prepared:
         prepared = await self._chat.prepare(self.request, self.request_id,
@@ -99,6 +136,8 @@ class ChatRequest:
         if self._finished:
             return
         self._finished = True
+        if self._drain is not None:
+            self._drain.discard(self)
         if self._generation is not None:
             self._generation.close()
         usage = self.usage

@@ -86,7 +86,7 @@ class DisconnectWatch:
     def __init__(self, receive: Receive):
         self.gone = False
         self._guarded: asyncio.Task[Any] | None = None
-        self._cancelled = False
+        self._cancelled: BaseException | None = None  # what the guarded block will raise
         self._task = asyncio.ensure_future(_until_disconnect(receive))
         self._task.add_done_callback(self._on_done)
 
@@ -94,9 +94,13 @@ class DisconnectWatch:
         if task.cancelled() or task.exception() is not None:
             return
         self.gone = True
-        if self._guarded is not None and not self._cancelled:
+        self.interrupt(ClientGone())
+
+    def interrupt(self, error: BaseException) -> None:
+        """Cancels the guarded block, if one runs, which then raises ``error``."""
+        if self._guarded is not None and self._cancelled is None:
             # The guarded task is suspended inside its block: the cancellation lands there.
-            self._cancelled = True
+            self._cancelled = error
             self._guarded.cancel()
 
     @contextlib.contextmanager
@@ -109,11 +113,11 @@ class DisconnectWatch:
         try:
             yield
         except asyncio.CancelledError:
-            if not self._cancelled:
+            error, self._cancelled = self._cancelled, None
+            if error is None:
                 raise  # cancelled by someone else: the router is stopping
-            self._cancelled = False
             task.uncancel()
-            raise ClientGone from None
+            raise error from None
         finally:
             self._guarded = None
 

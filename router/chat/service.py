@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.config import RouterConfig
-from core.errors import InternalError, ModelNotFound, WorkerUnavailable
+from core.errors import ElectronError, InternalError, ModelNotFound, WorkerUnavailable
 from core.pb.electron.v1 import worker_pb2 as pb
 from core.protocol import WORKER_GAVE_UP
 from router.chat.response import (
@@ -128,6 +128,11 @@ class Generation:
     def ready(self) -> bool:
         """More deltas have arrived: reading the next one will not wait."""
         return self.stream.ready
+
+    def interrupt(self, error: ElectronError) -> None:
+        """Ends the stream early with ``error`` (the reader sees it after the deltas already
+        here); the worker aborts the request. ``close`` still releases the worker."""
+        self.stream.interrupt(error)
 
     def close(self) -> None:
         if not self._closed:

@@ -167,6 +167,14 @@ class GenerateStream:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    def interrupt(self, error: ElectronError) -> None:
+        """Ends the stream with ``error`` (its reader gets the deltas already here, then the
+        error) and gives the request up at the worker."""
+        if self._end is None:
+            self._end = error
+            self._session.cancel(self.request_id)
+            self._wake()
+
     def cancel(self) -> None:
         if self._end is None:
             self._end = WorkerUnavailable("the request was cancelled")

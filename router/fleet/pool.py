@@ -1,7 +1,13 @@
 """The live workers of one model, kept in step with a ``WorkerSource``.
 
 Every ``poll_s`` the pool lists the source's workers, connects the new ones (in background
-tasks: one slow worker never delays the others) and closes the ones that left. A worker
+tasks: one slow worker never delays the others) and closes the ones that left.
+
+A registry gap drops nothing: when the source cannot answer, or answers with
+``IncompleteListing`` (a restarted registry still being rebuilt by heartbeats,
+cluster/registry.py), the connected workers it does not list are marked stale
+(``stale_workers``) and keep serving; each leaves only when its own state stream breaks
+(below) or a complete listing leaves it out. A worker
 whose state stream breaks leaves routing at once (``WorkerClient.on_broken``), without
 waiting for the source to notice: a stopped or killed worker stops receiving requests as soon
 as its connection reports it, well inside 2 s. If the source still lists it, the next poll
@@ -37,6 +43,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from core.config import RouterConfig
+from core.endpoints import IncompleteListing
 from core.errors import NoWorkers, WorkerUnavailable
 from core.hashing import block_hashes, extra_key
 from core.telemetry import DISABLED, Tracing
@@ -139,6 +146,9 @@ class WorkerPool:
         self._draining: dict[WorkerClient, asyncio.Task[None]] = {}
         # Workers whose last connect failed or that serve another model: logged once.
         self._quiet: set[str] = set()
+        # Connected workers the source did not confirm at its last answer (a registry gap).
+        self._stale: set[str] = set()
+        self._gap: str | None = None  # why the source's last answer was not complete
         self._poll_task: asyncio.Task[None] | None = None
 
     # -- lifecycle
@@ -175,6 +185,10 @@ class WorkerPool:
 
     def workers(self) -> list[WorkerClient]:
         return sorted(self._workers.values(), key=lambda w: w.worker_id)
+
+    def stale_workers(self) -> list[str]:
+        """Connected workers kept through a registry gap, not confirmed since."""
+        return sorted(self._stale)
 
     def request_info(self, request_id: str, prompt_token_ids: Sequence[int], *,
                      cache_salt: str = "", text: str = "") -> RequestInfo:
@@ -241,25 +255,53 @@ class WorkerPool:
     async def _poll_loop(self) -> None:
         while True:
             await asyncio.sleep(self._poll_s)
-            try:
-                await self._refresh()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # Keep serving the workers we know; the source may answer next time.
-                log.exception("listing workers failed")
+            await self._poll()
+
+    async def _poll(self) -> None:
+        try:
+            await self._refresh()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Keep serving the workers we know; the source may answer next time.
+            self._in_gap(f"listing workers failed: {type(exc).__name__}: {exc}", {})
+            log.debug("listing workers failed", exc_info=exc)
+
+    def _in_gap(self, why: str, listed: dict[str, object]) -> None:
+        """The source's answer may leave live workers out: the unlisted ones are stale."""
+        if self._gap is None:
+            log.warning("worker registry gap (%s): keeping the %d connected worker(s)", why,
+                        len(self._workers))
+        self._gap = why
+        self._stale = {w for w in self._workers if w not in listed}
 
     async def _refresh(self) -> None:
-        listed = {e.worker_id: e for e in await self._source.list_workers()}
+        try:
+            endpoints = await self._source.list_workers()
+            complete, why = True, ""
+        except IncompleteListing as gap:
+            endpoints, complete, why = gap.workers, False, str(gap)
+        listed = {e.worker_id: e for e in endpoints}
+        if complete:
+            if self._gap is not None:
+                log.info("worker registry answers again: %d worker(s) listed", len(listed))
+            self._gap = None
         for worker in list(self._workers.values()):
             endpoint = listed.get(worker.worker_id)
-            if endpoint is None or endpoint.address != worker.address:
+            if endpoint is None:
+                if complete:
+                    self._drop(worker, "it left the registry")
+            elif endpoint.address != worker.address:
                 self._drop(worker, "it left the registry")
             elif getattr(endpoint, "draining", False):
                 self._drop(worker, "it is draining")
+        if complete:
+            self._stale.clear()
+        else:
+            self._in_gap(why, listed)
         for worker_id, task in list(self._connecting.items()):
             endpoint = listed.get(worker_id)
-            if endpoint is None or getattr(endpoint, "draining", False):
+            if (endpoint is None and complete) or getattr(endpoint, "draining", False):
                 task.cancel()
         for worker_id, endpoint in listed.items():
             if (worker_id in self._workers or worker_id in self._connecting
@@ -316,6 +358,7 @@ class WorkerPool:
 
     def _drop(self, worker: WorkerClient, why: str) -> None:
         del self._workers[worker.worker_id]
+        self._stale.discard(worker.worker_id)
         log.info("worker %s leaves routing: %s", worker.worker_id, why)
         worker.cached_blocks.leave()
         self.policy.remove_worker(worker.worker_id)

@@ -27,6 +27,7 @@ import yaml
 
 from cluster.cli import _parser
 from core.config import ENV_PREFIX, Config, PlanConfig, load_config
+from core.endpoints import HEAD_RESOURCE
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "electron-serve"
@@ -230,6 +231,9 @@ def test_one_gpu_worker_group_per_pool_with_ray_autoscaling(case):
     assert cluster["enableInTreeAutoscaling"] is True
     assert cluster["autoscalerOptions"]["idleTimeoutSeconds"] > 0
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    # The head alone offers the resource the registry asks for: it is placed there.
+    assert yaml.safe_load(yaml.safe_load(cluster["headGroupSpec"]["rayStartParams"][
+        "resources"])) == {HEAD_RESOURCE: 1}
     pools = values.get("pools") or values_of(CHART / "values.yaml")["pools"]
     groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
     generations = generations_of(values)

@@ -27,6 +27,7 @@ import yaml
 
 from cluster.cli import _parser
 from core.config import load_config
+from router.api.drain import CUT_GRACE_S
 from tests.chart.test_chart import (
     CHART,
     FULLNAME,
@@ -416,6 +417,10 @@ def test_routers_stop_gracefully_and_stay_in_the_service_without_workers():
     assert sleep > 0
     assert pod["terminationGracePeriodSeconds"] >= GPU_CLUSTER["router"]["maxStreamSeconds"] \
         + sleep
+    # The router drains for the longest stream, and its cut and exit fit in what is left.
+    drain = routers_config(docs)["router"]["drain_timeout_s"]
+    assert drain == GPU_CLUSTER["router"]["maxStreamSeconds"]
+    assert pod["terminationGracePeriodSeconds"] >= sleep + drain + CUT_GRACE_S + 5
     # /ready without ?workers: ready once started, so no worker does not empty the Service.
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
 

@@ -1,12 +1,13 @@
 """Tenant pools in the router's worker choice: a request routes only to its pool's workers,
 borrows the shared pool only when its pool is configured to fall back and has no worker, and
-a worker the registry marks draining leaves routing (and the prefix index) at the next poll."""
+a worker the registry marks draining leaves routing (and the prefix index) at the next poll;
+a registry gap (no answer, or a restarted registry's incomplete listing) drops no worker."""
 
 from __future__ import annotations
 
 import pytest
 
-from core.endpoints import WorkerEndpoint
+from core.endpoints import IncompleteListing, WorkerEndpoint
 from core.errors import NoWorkers
 from router.fleet.client import WorkerClient
 from router.fleet.pool import WorkerPool
@@ -18,8 +19,11 @@ pytestmark = pytest.mark.asyncio(loop_scope="function")
 class Source:
     def __init__(self, endpoints):
         self.endpoints = list(endpoints)
+        self.gap: Exception | None = None  # raised instead of answering
 
     async def list_workers(self):
+        if self.gap is not None:
+            raise self.gap
         return list(self.endpoints)
 
 
@@ -76,4 +80,44 @@ async def test_a_draining_worker_leaves_routing_and_the_prefix_index():
     assert {pool.acquire(pool.request_info("r", [1] * 20)).worker.worker_id
             for _ in range(5)} == {"s1"}
     assert "s2" not in pool.index.worker_ids() and pool.index.num_hashes == 0
+    await pool.stop()
+
+
+async def test_a_registry_gap_keeps_the_known_workers_as_stale_until_a_complete_listing():
+    s1, s2 = endpoint("s1", "default"), endpoint("s2", "default")
+    pool = pool_with(s1, s2)
+    source = pool._source
+    # A restarted registry, rebuilt so far by s1's heartbeat only: s2 is kept, marked stale.
+    source.gap = IncompleteListing("restarted", [s1])
+    await pool._refresh()
+    assert [w.worker_id for w in pool.workers()] == ["s1", "s2"]
+    assert pool.stale_workers() == ["s2"]
+    # The registry does not answer at all (a timeout, the actor restarting): nothing dropped.
+    source.gap = TimeoutError()
+    await pool._poll()
+    assert [w.worker_id for w in pool.workers()] == ["s1", "s2"]
+    assert pool.stale_workers() == ["s1", "s2"]
+    assert {pool.acquire(pool.request_info("r", [1] * 20)).worker.worker_id
+            for _ in range(8)} == {"s1", "s2"}
+    # Rebuilt: both heartbeated again, nothing stale.
+    source.gap = None
+    await pool._refresh()
+    assert [w.worker_id for w in pool.workers()] == ["s1", "s2"]
+    assert pool.stale_workers() == []
+    # A complete listing without s2 still drops it (it left, or its TTL ran out).
+    source.endpoints = [s1]
+    await pool._refresh()
+    assert [w.worker_id for w in pool.workers()] == ["s1"]
+    await pool.stop()
+
+
+async def test_a_stale_worker_whose_state_stream_breaks_leaves_routing():
+    s1, s2 = endpoint("s1", "default"), endpoint("s2", "default")
+    pool = pool_with(s1, s2)
+    pool._source.gap = IncompleteListing("restarted", [])
+    await pool._refresh()
+    assert pool.stale_workers() == ["s1", "s2"]
+    pool._on_broken(pool._workers["s2"])  # what its WatchState stream's end reports
+    assert [w.worker_id for w in pool.workers()] == ["s1"]
+    assert pool.stale_workers() == ["s1"]
     await pool.stop()

@@ -267,7 +267,7 @@ worker generation's above. */}}
 {{- $_ := set $engine "kv_cache_bytes" .Values.engine.kv_cache_bytes }}
 {{- $config := dict
   "engine" $engine
-  "router" (dict "host" "0.0.0.0" "port" (int .Values.router.port) "metrics_port" (int .Values.metrics.routerPort) "model_id" .Values.model.id "policy" .Values.router.policy)
+  "router" (dict "host" "0.0.0.0" "port" (int .Values.router.port) "metrics_port" (int .Values.metrics.routerPort) "model_id" .Values.model.id "policy" .Values.router.policy "drain_timeout_s" (int .Values.router.maxStreamSeconds))
   "auth" (dict "enabled" .Values.auth.enabled)
   "tenancy" (dict "plans" (.Values.plans | default dict)
                "sqlite_path" (printf "%s/electron.db" (include "electron-serve.stateDir" .))
