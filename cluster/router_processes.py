@@ -21,8 +21,10 @@ requests/s; N processes on one port multiply it without another Service or pod.
 - One ledger spool per process: process 0 keeps ``tenancy.spool_path``, process i > 0 writes
   ``<stem>.<i><suffix>`` beside it. Process 0 takes over, at its start, the spools of indices
   it no longer runs (``--processes`` lowered), so no spooled row is left behind.
-- SIGINT/SIGTERM to the supervisor: SIGTERM to every child (each stops accepting and lets its
-  streams finish, as one router does), then it waits for them; a second signal kills them.
+- SIGINT/SIGTERM to the supervisor: SIGTERM to every child (each drains as one router does:
+  not ready, open streams finish for ``router.drain_timeout_s``, the rest end with an error
+  event; cluster/launcher.py ``stop_router``), then it waits for them; a second signal kills
+  them.
   Children ignore SIGINT (Ctrl-C reaches the whole process group; the supervisor decides) and
   get SIGTERM if the supervisor dies, even by SIGKILL (PR_SET_PDEATHSIG), so no child outlives
   it.
@@ -165,8 +167,8 @@ async def _serve_child(conn: Any, args: ChildArgs) -> None:
         if server.started:
             conn.send(("ready", os.getpid()))
         await launcher._until(stop, asyncio.shield(task))
-        server.should_exit = True
-        await asyncio.gather(task, return_exceptions=True)
+        # Each process drains as a lone router does (router/api/drain.py).
+        await launcher.stop_router(server, task, config.router.drain_timeout_s)
     finally:
         tracing.shutdown()
         if source is None:
