@@ -44,6 +44,7 @@ async def test_router_processes_join_ray_serve_and_stop_on_ctrl_c(tmp_path):
         env.update({
             "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled",
             "ELECTRON_CLUSTER__NAMESPACE": config.cluster.namespace,
+            "ELECTRON_CLUSTER__TOKEN": config.cluster.token,
             "ELECTRON_ENGINE__MODEL": config.engine.model, "ELECTRON_AUTH__ENABLED": "false",
             "ELECTRON_TENANCY__REDIS_URL": REDIS_URL, "ELECTRON_TENANCY__REDIS_PREFIX": prefix,
             "ELECTRON_TENANCY__SQLITE_PATH": str(tmp_path / "electron.db"),

@@ -261,12 +261,15 @@ async def session_results(call, request_ids, messages=None) -> dict[str, dict]:
         if messages is not None:
             messages.append(message)
         for delta in message.deltas:
+            if delta.request_id not in results:
+                continue  # a request given up, whose last deltas were already on their way
             results[delta.request_id]["text"] += delta.response.text
             if delta.response.finish_reason:
                 results[delta.request_id]["finish"].append(delta.response.finish_reason)
         for end in message.ends:
-            assert results[end.request_id]["end"] is None, "a request ended twice"
-            results[end.request_id]["end"] = end
+            if end.request_id in results:
+                assert results[end.request_id]["end"] is None, "a request ended twice"
+                results[end.request_id]["end"] = end
     return results
 
 
