@@ -107,6 +107,11 @@ class RouterConfig(_Frozen):
     # its first delta ends with an error event; the worker's call is cancelled (the worker
     # aborts the request) and the request's slot released.
     stream_stall_timeout_s: float = Field(60.0, gt=0)
+    # A stream whose client has read nothing for this long (a write of it waited this long
+    # for the client's socket) is aborted: the worker's call is cancelled (the worker aborts
+    # the request), the request is billed for the tokens written (status "incomplete"), its
+    # slot released and the connection closed.
+    client_write_timeout_s: float = Field(30.0, gt=0)
     registry_poll_s: float = Field(0.5, gt=0)
 
 

@@ -7,8 +7,8 @@ validation error after admission, router stop):
 - the admission (a concurrency slot, its RPM entry and, once the prompt is tokenized, its
   tokens-per-minute reservation; router/tenancy/admission.py);
 - the disconnect race: a client that leaves before the response starts cancels the work
-  (``sse.until_disconnected``); one that leaves mid-stream ends the event stream
-  (``sse.EventStreamResponse``);
+  (``sse.until_disconnected``); one that leaves mid-stream, or stops reading it for
+  ``router.client_write_timeout_s``, ends the event stream (``sse.EventStreamResponse``);
 - the generation (the gRPC call and the worker's lease), closed in ``finish``;
 - the request's ONE usage count (router/chat/usage.py), fed by the generation as deltas pass
   and read by the response body, the stream's usage chunk, the ledger row, the slot's token
@@ -36,8 +36,10 @@ from router.tenancy.admission import Admission
 
 class ChatRequest:
     def __init__(self, chat: ChatService, admission: Admission, request: ChatCompletionRequest,
-                 request_id: str):
+                 request_id: str, *, write_timeout_s: float):
+        """``write_timeout_s``: a stream whose client reads nothing this long is aborted."""
         self._chat = chat
+        self._write_timeout_s = write_timeout_s
         self.admission = admission
         self.request = request
         self.request_id = request_id
@@ -55,7 +57,8 @@ class ChatRequest:
                     return self._client_left()
                 self._generation = generation
                 response: Response = sse.EventStreamResponse(
-                    sse.chat_chunks(generation, self._chat.fingerprint), on_close=self.finish)
+                    sse.chat_chunks(generation, self._chat.fingerprint), on_close=self.finish,
+                    write_timeout_s=self._write_timeout_s)
             else:
                 body = await sse.until_disconnected(receive, self._complete())
                 if body is None:
@@ -90,7 +93,7 @@ class ChatRequest:
 
     def finish(self, status: str | None = None) -> None:
         """Ends the request, once. ``status`` None: "ok" if every choice finished, else
-        "incomplete" (the client left mid-stream, or the worker failed)."""
+        "incomplete" (the client left mid-stream or stopped reading, or the worker failed)."""
         if self._finished:
             return
         self._finished = True
