@@ -1,7 +1,7 @@
 """``electron-serve``: the command line.
 
     electron-serve up [--workers N] [--port 8000] [--model PATH_OR_NAME]   everything, locally
-    electron-serve router --ray-address ADDR [--port 8000]                 a router on a cluster
+    electron-serve router --ray-address ADDR [--port 8000] [--processes N] a router on a cluster
     electron-serve worker --ray-address ADDR [--workers N] [--model ...]  workers on a cluster
     electron-serve tenants add|add-key|list|revoke-key|plans ...          tenants and keys
     electron-serve migrate                                                 the database schema
@@ -54,12 +54,18 @@ def _parser() -> argparse.ArgumentParser:
     router.add_argument("--port", type=int, help="router port (0: any free port)")
     router.add_argument("--policy", help="routing policy")
 
+    processes = argparse.ArgumentParser(add_help=False)
+    processes.add_argument(
+        "--processes", type=int, metavar="N",
+        help="router processes accepting on one port (SO_REUSEPORT); more than one needs "
+             "tenancy.redis_url (router.processes)")
+
     parser = argparse.ArgumentParser(
         prog="electron-serve", description="OpenAI-compatible chat serving on Ray.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("up", parents=[common, scale, engine, router],
                         help="local Ray, N workers and a router in one command")
-    commands.add_parser("router", parents=[common, joining, router, engine],
+    commands.add_parser("router", parents=[common, joining, router, processes, engine],
                         help="a router joining an existing Ray cluster")
     commands.add_parser("worker", parents=[common, joining, scale, engine],
                         help="worker actors joining an existing Ray cluster")
@@ -99,7 +105,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
             torch_threads=getattr(args, "torch_threads", None),
             block_size=getattr(args, "block_size", None)),
         "router": given(host=getattr(args, "host", None), port=getattr(args, "port", None),
-                        policy=getattr(args, "policy", None)),
+                        policy=getattr(args, "policy", None),
+                        processes=getattr(args, "processes", None)),
         "cluster": given(workers=getattr(args, "workers", None),
                          ray_address=getattr(args, "ray_address", None)),
         "observability": given(log_format=getattr(args, "log_format", None)),
@@ -129,6 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "up":
         run = launcher.run_up(config, args.log_level)
+    elif args.command == "router" and config.router.processes > 1:
+        from cluster.router_processes import supervise
+
+        run = supervise(config, args.log_level)
     elif args.command == "router":
         run = launcher.run_router(config, args.log_level)
     else:

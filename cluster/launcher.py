@@ -4,7 +4,9 @@ Three entry points, one per CLI command:
 - ``run_up``: a local Ray, N workers and the router in this process; Ctrl-C or SIGTERM
   stops the router, then each worker (gracefully), kills the actors and shuts Ray down,
   so no Ray process outlives the command.
-- ``run_router``: a router on an existing Ray cluster.
+- ``run_router``: a router on an existing Ray cluster (with ``router.processes`` > 1 the CLI
+  runs cluster/router_processes.py's supervisor instead, each of whose processes serves as
+  this does).
 - ``run_worker``: N workers on an existing Ray cluster, kept alive until Ctrl-C.
 
 This process may be the router's, which imports no torch: ``workers.actor`` keeps torch
@@ -32,6 +34,7 @@ from cluster.fleet import Fleet, StartupFailed, StaticFleet
 from cluster.registry import RayWorkerSource, registry_actor
 from core.cluster_token import new_cluster_token
 from core.config import Config, ConfigError
+from core.endpoints import WorkerSource
 from core.telemetry import DISABLED, Tracing, tracing_from_env
 from router.api.server import listen_socket
 from workers.actor import PACKAGE_ROOT
@@ -93,10 +96,15 @@ class _RouterServer(uvicorn.Server):
         yield
 
 
-def _router_server(config: Config, log_level: str, tracing: Tracing = DISABLED) -> _RouterServer:
+def _router_server(config: Config, log_level: str, tracing: Tracing = DISABLED,
+                   source: WorkerSource | None = None) -> _RouterServer:
+    """The router's uvicorn server; its workers come from Ray's registry unless ``source``
+    names them."""
     from router.api.app import create_app  # the router loads its own tokenizer
 
-    app = create_app(config, RayWorkerSource(config.cluster.namespace), tracing=tracing)
+    if source is None:
+        source = RayWorkerSource(config.cluster.namespace)
+    app = create_app(config, source, tracing=tracing)
     extra: dict[str, Any] = {}
     if config.observability.log_format == "json":
         extra["log_config"] = None  # uvicorn's loggers go to the root's JSON handler
@@ -225,6 +233,10 @@ async def run_up(config: Config, log_level: str = "info") -> None:
                           "use `electron-serve worker` and `router` to join a cluster")
     if config.cluster.workers < 1:
         raise ConfigError("`up` needs at least one worker")
+    if config.router.processes > 1:
+        raise ConfigError("`up` runs its router in its own process (router.processes is "
+                          f"{config.router.processes}): run several router processes with "
+                          "`electron-serve router --processes N` on a cluster")
     config = with_cluster_token(with_ready_made_key(config))
     sock = listen_socket(config.router.host, config.router.port)
     workers = make_fleet(config)

@@ -113,6 +113,10 @@ class RouterConfig(_Frozen):
     # slot released and the connection closed.
     client_write_timeout_s: float = Field(30.0, gt=0)
     registry_poll_s: float = Field(0.5, gt=0)
+    # Router processes accepting on one port (SO_REUSEPORT), each with its own event loop,
+    # prefix index and ledger spool; more than one needs tenancy.redis_url (cluster/
+    # router_processes.py, docs/architecture.md "Router processes").
+    processes: int = Field(1, ge=1, le=256)
 
 
 class AuthConfig(_Frozen):

@@ -30,14 +30,24 @@ Seen from the router (the client's view, network and queueing included):
   loop was busy (our code); far below it, it was waiting: for the GIL when the process's
   other threads used the time (``electron:event_loop_lag_max_process_cpu_seconds``, all
   threads), for a free core when they did not either.
+
+With several router processes on one port (``router --processes N``) a scrape reaches one of
+them, so they keep their samples in files under ``PROMETHEUS_MULTIPROC_DIR`` (the supervisor
+sets it: cluster/router_processes.py) and each renders the sum over all of them
+(prometheus_client's multiprocess mode; counters and histograms only, which sum). With
+``router.metrics_port`` every process binds that port too (SO_REUSEPORT, like the API port)
+and answers with the same sum.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import threading
 import time
 from typing import Any
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -47,7 +57,14 @@ from prometheus_client import (
     generate_latest,
     start_http_server,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import (
+    CONTENT_TYPE_LATEST,
+    ThreadingWSGIServer,
+    make_wsgi_app,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 NO_PLAN = "none"
 OTHER_MODEL = "other"  # a model id the router does not serve (bounded label values)
@@ -132,8 +149,15 @@ class RouterMetrics:
     def serve(self, host: str, port: int) -> int:
         """Serves ``/metrics`` on ``host:port`` (a daemon thread: counters and histograms are
         thread-safe); returns the port bound. OSError when it cannot bind."""
-        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
-        return int(self._server.server_address[1])
+        if not os.environ.get(MULTIPROC_DIR_ENV):
+            self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+            return int(self._server.server_address[1])
+        # Every router process of the pod serves the port, each the sum over all of them.
+        server = make_server(host, port, make_wsgi_app(self._exposed()), _ReusePortServer,
+                             handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+        self._server = server
+        return int(server.server_address[1])
 
     def stop(self) -> None:
         server, self._server = self._server, None
@@ -142,8 +166,28 @@ class RouterMetrics:
             server.server_close()
 
     def render(self) -> tuple[bytes, str]:
-        """The text exposition and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """The text exposition and its content type: every router process's samples summed
+        when they share a ``PROMETHEUS_MULTIPROC_DIR``."""
+        return generate_latest(self._exposed()), CONTENT_TYPE_LATEST
+
+    def _exposed(self) -> CollectorRegistry:
+        shared = os.environ.get(MULTIPROC_DIR_ENV)
+        if not shared:
+            return self.registry
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, shared)
+        return registry
+
+
+class _ReusePortServer(ThreadingWSGIServer):
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+        """No line per scrape on stderr."""
 
 
 def plan_of(principal: Any) -> str:

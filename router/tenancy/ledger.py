@@ -151,11 +151,15 @@ class Ledger:
         self._flusher: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
         self._spool_lock = threading.Lock()
+        # Spools this ledger takes over at start: those of router processes that no longer
+        # run (``electron-serve router --processes`` lowered; cluster/router_processes.py).
+        self.adopt_spools: list[Path] = []
 
     # -- lifecycle
 
     async def start(self) -> None:
         try:
+            await asyncio.to_thread(self._adopt_spools)
             await asyncio.to_thread(self._replay_spool)
         except Exception:  # the flusher tries again; a start never fails on the spool
             log.exception("ledger: replaying the spool at start failed; it is kept")
@@ -264,6 +268,23 @@ class Ledger:
             f.write(b"".join(lines))
             f.flush()
             os.fsync(f.fileno())
+
+    def _adopt_spools(self) -> None:
+        """Moves each adopted spool's lines to the end of this one (fsynced before the other
+        file goes), so that the replay below writes them. A crash in between leaves the rows
+        in both files; the ledger's insert skips a request id it already has."""
+        with self._spool_lock:
+            for path in self.adopt_spools:
+                try:
+                    data = Path(path).read_bytes()
+                except FileNotFoundError:
+                    continue
+                if data and not data.endswith(b"\n"):
+                    data += b"\n"  # a torn last line stays one line (quarantined on replay)
+                if data:
+                    self._append(self.spool_path, [data])
+                Path(path).unlink()
+                log.info("ledger: took over %d spooled rows from %s", data.count(b"\n"), path)
 
     def _replay_spool(self) -> bool:
         with self._spool_lock:

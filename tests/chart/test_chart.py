@@ -196,6 +196,7 @@ def test_the_raycluster_matches_kuberays_crd_strictly(case):
 def test_the_values_schema_rejects_bad_values():
     for bad, where in [({"pools": [{"name": "acme", "minWorkers": 1, "maxWorkers": 2}]}, "/pools"),
                        ({"router": {"replicas": 0}}, "/router/replicas"),
+                       ({"router": {"processes": 0}}, "/router/processes"),
                        ({"model": {"volume": {"type": "nfs"}}}, "/model/volume/type"),
                        ({"redis": {"url": "http://x"}}, "/redis/url"),
                        ({"plans": {"pro": {"rpm": 10, "concurrency": 2, "pool": "acme"}}},
@@ -318,6 +319,7 @@ def test_router_and_controller_run_the_real_cli(case):
     parsed = _parser().parse_args(args)
     assert parsed.command == "router" and parsed.ray_address == "auto"
     assert parsed.port == values.get("router", {}).get("port", 8000)
+    assert parsed.processes == values.get("router", {}).get("processes", 1)
     controller = one(docs, "Deployment", f"{FULLNAME}-controller-{GEN}")
     assert controller["spec"]["replicas"] == 1
     assert controller["spec"]["strategy"]["type"] == "Recreate"

@@ -437,6 +437,8 @@ def test_a_release_must_choose_its_datastores():
         render({})
     with pytest.raises(helm_python.HelmError, match="postgresql: set postgresql.url"):
         render({"redis": {"deploy": True}})
+    with pytest.raises(helm_python.HelmError, match=r"router.processes > 1 needs Redis"):
+        render({**EXTERNAL, "redis": {"enabled": False}, "router": {"processes": 2}})
     docs = render(EXTERNAL)  # production: external, nothing in the chart
     assert not find(docs, "StatefulSet") and not find(docs, "Deployment", f"{FULLNAME}-redis")
     docs = render({"redis": {"enabled": False}, "postgresql": {"enabled": False}})

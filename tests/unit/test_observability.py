@@ -265,3 +265,20 @@ async def test_a_started_router_has_frozen_what_startup_made():
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
+
+
+async def test_router_processes_share_the_metrics_port(monkeypatch, tmp_path):
+    """With several router processes (a shared PROMETHEUS_MULTIPROC_DIR) each binds the
+    metrics port too, as the API port (SO_REUSEPORT), and answers with the pod's sum;
+    without it a second bind of the port would fail the second process's start."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    first, second = RouterMetrics(), RouterMetrics()
+    port = first.serve("127.0.0.1", 0)
+    try:
+        assert second.serve("127.0.0.1", port) == port
+        async with httpx.AsyncClient() as http:
+            answers = [await http.get(f"http://127.0.0.1:{port}/metrics") for _ in range(4)]
+        assert {a.status_code for a in answers} == {200}
+    finally:
+        first.stop()
+        second.stop()

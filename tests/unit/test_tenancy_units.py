@@ -270,3 +270,42 @@ async def test_shedding_reads_the_tenants_own_pool_and_only_what_waits_there(tmp
     for lease in leases + queued:
         lease.release()
     await pool.stop()
+
+
+class _DownDb:
+    """Unavailable while ``down``; then writes every row."""
+
+    def __init__(self) -> None:
+        self.written: list[str] = []
+        self.down = True
+
+    def transaction(self, work) -> None:
+        from router.tenancy.sqldb import DatabaseUnavailable
+
+        if self.down:
+            raise DatabaseUnavailable("gone")
+        self.written += [row[0] for row in work[0][1]]
+
+
+async def test_a_ledger_takes_over_the_spools_it_adopts(tmp_path):
+    """A router run with fewer processes: process 0 writes the spools the others left."""
+    now = time.time()
+
+    def line(request_id: str) -> str:
+        return json.dumps(UsageRow(request_id, "acme", "key_1", "electron", 1, 0, 1,
+                                   PRICES.cost(1, 0, 1), "ok", now, now).as_dict()) + "\n"
+
+    (tmp_path / "spool.jsonl").write_text(line("req_own"))
+    (tmp_path / "spool.2.jsonl").write_text(line("req_2a") + line("req_2b"))
+    (tmp_path / "spool.3.jsonl").write_text(line("req_3")[:-1])  # no newline at its end
+    db = _DownDb()  # nothing written at start: the adopted rows wait in this ledger's spool
+    ledger = Ledger(db, tmp_path / "spool.jsonl", flush_s=60, batch=1000)  # type: ignore[arg-type]
+    ledger.adopt_spools = [tmp_path / "spool.2.jsonl", tmp_path / "spool.3.jsonl",
+                           tmp_path / "spool.4.jsonl"]  # gone already: skipped
+    await ledger.start()
+    assert not (tmp_path / "spool.2.jsonl").exists() and not (tmp_path / "spool.3.jsonl").exists()
+    assert ledger.spooled == 4
+    db.down = False
+    await ledger.stop()
+    assert db.written == ["req_own", "req_2a", "req_2b", "req_3"]
+    assert not (tmp_path / "spool.jsonl").exists()

@@ -392,6 +392,9 @@ single instances (not HA) and running without are explicit switches. */}}
 {{- if and $r.enabled (not (or $r.deploy $r.url $r.existingSecret)) }}
 {{- fail "redis: set redis.url or redis.existingSecret (an external Redis: production), or redis.deploy=true (a single in-chart Redis, not HA: trials), or redis.enabled=false (no Redis: each router replica limits on its own)" }}
 {{- end }}
+{{- if and (gt (int .Values.router.processes) 1) (not $r.enabled) }}
+{{- fail "router.processes > 1 needs Redis (redis.enabled): the router processes of a pod share the tenants' limits through it" }}
+{{- end }}
 {{- $pg := .Values.postgresql }}
 {{- if and $pg.enabled $pg.deploy (eq $pg.username "postgres") }}
 {{- fail "postgresql.username: \"postgres\" is the in-chart PostgreSQL's bootstrap superuser; the service's role must be another (it is made without superuser rights)" }}
