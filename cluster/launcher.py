@@ -36,6 +36,7 @@ from core.cluster_token import new_cluster_token
 from core.config import Config, ConfigError
 from core.endpoints import WorkerSource
 from core.telemetry import DISABLED, Tracing, tracing_from_env
+from router.api.connections import uvicorn_settings
 from router.api.server import listen_socket
 from workers.actor import PACKAGE_ROOT
 
@@ -105,7 +106,7 @@ def _router_server(config: Config, log_level: str, tracing: Tracing = DISABLED,
     if source is None:
         source = RayWorkerSource(config.cluster.namespace)
     app = create_app(config, source, tracing=tracing)
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = uvicorn_settings(config.router)  # the connection limits
     if config.observability.log_format == "json":
         extra["log_config"] = None  # uvicorn's loggers go to the root's JSON handler
     return _RouterServer(uvicorn.Config(app, log_level=log_level.lower(), lifespan="on",
