@@ -36,6 +36,7 @@ from core.cluster_token import new_cluster_token
 from core.config import Config, ConfigError
 from core.endpoints import HEAD_RESOURCE, WorkerSource
 from core.telemetry import DISABLED, Tracing, tracing_from_env
+from router.api.connections import uvicorn_settings
 from router.api.drain import CUT_GRACE_S, Drain
 from router.api.server import listen_socket
 from workers.actor import PACKAGE_ROOT
@@ -113,7 +114,7 @@ def _router_server(config: Config, log_level: str, tracing: Tracing = DISABLED,
 
 def router_server(app: Any, config: Config, log_level: str = "info") -> _RouterServer:
     """uvicorn serving the router ``app``; ``stop_router`` stops it."""
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = uvicorn_settings(config.router)  # the connection limits
     if config.observability.log_format == "json":
         extra["log_config"] = None  # uvicorn's loggers go to the root's JSON handler
     # uvicorn's shutdown comes after the drain (``stop_router``): by then every request was

@@ -107,6 +107,20 @@ class RouterConfig(_Frozen):
     # its first delta ends with an error event; the worker's call is cancelled (the worker
     # aborts the request) and the request's slot released.
     stream_stall_timeout_s: float = Field(60.0, gt=0)
+    # A stream whose client has read nothing for this long (a write of it waited this long
+    # for the client's socket) is aborted: the worker's call is cancelled (the worker aborts
+    # the request), the request is billed for the tokens written (status "incomplete"), its
+    # slot released and the connection closed.
+    client_write_timeout_s: float = Field(30.0, gt=0)
+    # Connections (router/api/connections.py): at most this many at once (past it, new
+    # requests get 503); a request's head and body must arrive within request_read_timeout_s
+    # of the connection's opening or of the request's first byte (slowloris), else the
+    # connection is closed; an idle kept-alive connection is closed after
+    # keep_alive_timeout_s; a request head (URL and headers) may be at most max_header_bytes.
+    max_connections: int = Field(4096, ge=1)
+    request_read_timeout_s: float = Field(10.0, gt=0)
+    keep_alive_timeout_s: float = Field(5.0, gt=0)
+    max_header_bytes: int = Field(16 * 1024, ge=1024)
     registry_poll_s: float = Field(0.5, gt=0)
     # Router processes accepting on one port (SO_REUSEPORT), each with its own event loop,
     # prefix index and ledger spool; more than one needs tenancy.redis_url (cluster/

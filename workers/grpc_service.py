@@ -48,6 +48,12 @@ log = logging.getLogger(__name__)
 LOAD_INTERVAL_S = 0.1
 # Most deltas in one Session message (each is a token or a few, with its logprobs if asked).
 MAX_SESSION_DELTAS = 512
+# Most deltas and ends a Session may hold unsent (a router that stops reading its Session:
+# gRPC flow control holds our writes): past it the Session ends with UNAVAILABLE and every
+# request on it is aborted, so a router that does not read cannot grow this worker's memory
+# without bound. A delta is ~100 bytes, ~1 KB with 20 top logprobs: at most tens of MB.
+# A router that reads keeps it near one engine step's deltas (one per running sequence).
+MAX_OUTBOX_ITEMS = 65_536
 
 # Largest message a worker takes: above the router's MAX_REQUEST_BYTES, one request.
 MAX_RECEIVE_BYTES = 16 * 1024 * 1024
@@ -144,7 +150,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self._tracing = tracing
         self._metrics = metrics
         # Abort tasks started from done-callbacks; held so they are not collected mid-flight.
-        self._background: set[asyncio.Task[bool]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
         # Wake-up events of the open WatchState streams, and whether they should end.
         self._watchers: set[asyncio.Event] = set()
         self._closing = False
@@ -171,9 +177,22 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         """One router's requests on one stream: each request runs in a task of its own, as
         a Generate call would; the deltas ready together leave in one message. Ends when the
         router half-closes and its last request ended; cancelling it (the router closed its
-        channel, or vanished) aborts every request still running."""
-        outbox = _Outbox()
+        channel, or vanished) aborts every request still running. A router that stops
+        reading it while the outbox fills past MAX_OUTBOX_ITEMS gets the Session ended with
+        UNAVAILABLE (after what was sent before), which aborts every request on it too: the
+        router ends them (or retries those with no output yet) as for a failed worker."""
+        handler = asyncio.current_task()
         runs: dict[str, asyncio.Task[None]] = {}
+
+        def overflowed() -> None:
+            log.warning("a Session's router has not read %d deltas: ending the Session and "
+                        "aborting its %d requests", MAX_OUTBOX_ITEMS, len(runs))
+            task = asyncio.create_task(_end_session(context, handler, "the router read too "
+                                                    "slowly: the session's outbox is full"))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+        outbox = _Outbox(MAX_OUTBOX_ITEMS, overflowed)
 
         async def serve(request: pb.GenerateRequest) -> None:
             request_id = request.request_id
@@ -344,24 +363,40 @@ class _Run:
 
 class _Outbox:
     """A Session's deltas and ends waiting to be sent; ``take`` empties it into one message
-    (at most MAX_SESSION_DELTAS deltas: one message stays far below gRPC's size limits)."""
+    (at most MAX_SESSION_DELTAS deltas: one message stays far below gRPC's size limits).
+    Past ``limit`` items it calls ``on_overflow`` once and holds nothing more."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int, on_overflow: Callable[[], None]) -> None:
         self._deltas: list[pb.SessionDelta] = []
         self._ends: list[pb.SessionEnd] = []
         self._ready = asyncio.Event()
+        self._limit = limit
+        self._on_overflow = on_overflow
+        self.overflowed = False
 
     @property
     def pending(self) -> bool:
         return bool(self._deltas or self._ends)
 
     def delta(self, request_id: str, response: pb.GenerateResponse) -> None:
-        self._deltas.append(pb.SessionDelta(request_id=request_id, response=response))
-        self._ready.set()
+        if self._room():
+            self._deltas.append(pb.SessionDelta(request_id=request_id, response=response))
+            self._ready.set()
 
     def end(self, end: pb.SessionEnd) -> None:
-        self._ends.append(end)
-        self._ready.set()
+        if self._room():
+            self._ends.append(end)
+            self._ready.set()
+
+    def _room(self) -> bool:
+        if self.overflowed:
+            return False
+        if len(self._deltas) + len(self._ends) >= self._limit:
+            self.overflowed = True
+            self._deltas, self._ends = [], []
+            self._on_overflow()
+            return False
+        return True
 
     def wake(self) -> None:
         self._ready.set()
@@ -376,6 +411,19 @@ class _Outbox:
         # A request's end never overtakes its deltas: ends leave with the last of them.
         ends, self._ends = (self._ends, []) if not self._deltas else ([], self._ends)
         return pb.SessionResponse(deltas=deltas, ends=ends)
+
+
+async def _end_session(context: grpc.aio.ServicerContext, handler: asyncio.Task[Any] | None,
+                       details: str) -> None:
+    """Ends a Session whose handler is stuck writing to a router that does not read: its
+    status is queued behind what was sent (an abort from the handler itself would wait for
+    the stuck write), then the handler is cancelled, which aborts its requests."""
+    abort = asyncio.ensure_future(context.abort(grpc.StatusCode.UNAVAILABLE, details))
+    await asyncio.sleep(0)  # the status is on its way before the handler's write is given up
+    if handler is not None:
+        handler.cancel()
+    with contextlib.suppress(grpc.aio.AbortError, asyncio.CancelledError, grpc.aio.UsageError):
+        await abort
 
 
 def _span_error(span: Any, exc: Exception) -> None:

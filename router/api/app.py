@@ -113,8 +113,9 @@ async def chat_completions(request: Request) -> Response:
         admission.finish("error", 0, 0, 0)  # billed nothing, counted as a request
         raise
     try:
-        return await ChatRequest(chat, admission, req, request_id, drain).respond(
-            request.receive, _json)
+        return await ChatRequest(chat, admission, req, request_id, drain,
+                                 write_timeout_s=settings.client_write_timeout_s
+                                 ).respond(request.receive, _json)
     except RateLimited:  # its token budget does not fit the plan's tokens per minute
         record_rate_limit_rejection(request, "tokens")
         raise

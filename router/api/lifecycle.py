@@ -7,8 +7,9 @@ validation error after admission, router stop):
 - the admission (a concurrency slot, its RPM entry and, once the prompt is tokenized, its
   tokens-per-minute reservation; router/tenancy/admission.py);
 - the disconnect race: one ``sse.DisconnectWatch`` for the request; a client that leaves
-  before the response starts cancels the work; one that leaves mid-stream ends the event
-  stream (``sse.EventStreamResponse``);
+  before the response starts cancels the work; one that leaves mid-stream, or stops reading
+  it for ``router.client_write_timeout_s``, ends the event stream
+  (``sse.EventStreamResponse``);
 - the generation (the gRPC call and the worker's lease), closed in ``finish``;
 - the request's ONE usage count (router/chat/usage.py), fed by the generation as deltas pass
   and read by the response body, the stream's usage chunk, the ledger row, the slot's token
@@ -41,9 +42,11 @@ from router.tenancy.admission import Admission
 
 class ChatRequest:
     def __init__(self, chat: ChatService, admission: Admission, request: ChatCompletionRequest,
-                 request_id: str, drain: Drain | None = None):
+                 request_id: str, drain: Drain | None = None, *, write_timeout_s: float):
+        """``write_timeout_s``: a stream whose client reads nothing this long is aborted."""
         self._chat = chat
         self._drain = drain
+        self._write_timeout_s = write_timeout_s
         self.admission = admission
         self.request = request
         self.request_id = request_id
@@ -69,7 +72,7 @@ class ChatRequest:
                     generation.interrupt(self._interrupted)
                 response: Response = sse.EventStreamResponse(
                     sse.chat_chunks(generation, self._chat.fingerprint), on_close=self.finish,
-                    watch=watch)
+                    watch=watch, write_timeout_s=self._write_timeout_s)
             else:
                 with self._answering(watch):
                     body = await self._complete()
@@ -132,7 +135,7 @@ class ChatRequest:
 
     def finish(self, status: str | None = None) -> None:
         """Ends the request, once. ``status`` None: "ok" if every choice finished, else
-        "incomplete" (the client left mid-stream, or the worker failed)."""
+        "incomplete" (the client left mid-stream or stopped reading, or the worker failed)."""
         if self._finished:
             return
         self._finished = True

@@ -11,7 +11,9 @@ Chunk payloads are built in ``router/chat/chunks.py`` (tool calls included).
 
 A client that disconnects cancels the work in progress, and the worker aborts the request:
 one ``DisconnectWatch`` per request watches for it while the response is prepared, built
-whole or streamed (``EventStreamResponse``).
+whole or streamed (``EventStreamResponse``). So does a stream's client that reads nothing for
+``router.client_write_timeout_s``: the write waiting for its socket is given up, the stream
+aborted, billed for the tokens written, and the connection closed.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 import orjson
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from core.errors import ElectronError, InternalError
 from router.chat.chunks import ChunkStream
@@ -43,28 +45,39 @@ def event(payload: dict[str, Any]) -> bytes:
 
 
 async def chat_chunks(generation: Generation, fingerprint: str) -> AsyncIterator[bytes]:
-    """The SSE events of one streamed chat completion."""
+    """The SSE events of one streamed chat completion. Closed before its end (the client
+    left or stopped reading), the completion tokens it had read but not yet seen written are
+    taken off the request's usage: it is billed for what was sent."""
     prepared = generation.prepared
-    chunks = ChunkStream(prepared, generation.usage, fingerprint)
+    usage = generation.usage
+    chunks = ChunkStream(prepared, usage, fingerprint)
     out = b""
+    sent = 0  # completion tokens in what was written (each yield returns once it was)
     try:
-        async for message in generation.responses():
-            out += b"".join(event(chunk) for chunk in chunks.add(message))
-            # One write for what is ready together: the deltas already here, and the last
-            # choice's finish with the usage chunk and [DONE] (its end came with it).
-            if out and not generation.ready and not chunks.finished:
-                yield out
-                out = b""
-        tail = out + b"".join(event(chunk) for chunk in chunks.end())
-    except ElectronError as exc:
-        log.warning("request %s failed while streaming: %s", prepared.request_id, exc.message)
-        tail = out + event(body_of(exc))
-    except Exception as exc:
-        log.error("request %s: unhandled %s while streaming", prepared.request_id,
-                  type(exc).__name__, exc_info=exc)
-        tail = out + event(body_of(InternalError(GENERIC_500)))
-    # The usage (or error) event, [DONE] and the end of the body leave in one write.
-    yield tail + DONE
+        try:
+            async for message in generation.responses():
+                out += b"".join(event(chunk) for chunk in chunks.add(message))
+                # One write for what is ready together: the deltas already here, and the last
+                # choice's finish with the usage chunk and [DONE] (its end came with it).
+                if out and not generation.ready and not chunks.finished:
+                    yield out
+                    sent = usage.completion_tokens
+                    out = b""
+            tail = out + b"".join(event(chunk) for chunk in chunks.end())
+        except ElectronError as exc:
+            log.warning("request %s failed while streaming: %s", prepared.request_id,
+                        exc.message)
+            tail = out + event(body_of(exc))
+        except Exception as exc:
+            log.error("request %s: unhandled %s while streaming", prepared.request_id,
+                      type(exc).__name__, exc_info=exc)
+            tail = out + event(body_of(InternalError(GENERIC_500)))
+        # The usage (or error) event, [DONE] and the end of the body leave in one write.
+        yield tail + DONE
+        sent = usage.completion_tokens
+    except BaseException:  # closed or cancelled at a write (or while reading the worker)
+        usage.unsent(usage.completion_tokens - sent)
+        raise
 
 
 async def _until_disconnect(receive: Receive) -> None:
@@ -74,6 +87,10 @@ async def _until_disconnect(receive: Receive) -> None:
 
 class ClientGone(Exception):
     """The client disconnected while a ``DisconnectWatch.guard`` block ran."""
+
+
+class ClientStalled(Exception):
+    """A write waited ``client_write_timeout_s`` for a client that reads nothing."""
 
 
 class DisconnectWatch:
@@ -126,19 +143,25 @@ class DisconnectWatch:
 
 
 class EventStreamResponse(StreamingResponse):
-    """An SSE response that stops producing when the client disconnects and always calls
-    ``on_close`` (which cancels the worker's generation) when it ends, however it ends."""
+    """An SSE response that stops producing when the client disconnects or reads nothing
+    for ``write_timeout_s`` (a write waits that long: the socket's buffers are full), and
+    always calls ``on_close`` (which cancels the worker's generation) when it ends, however
+    it ends: with "incomplete" when the client stopped reading, else None (the request's own
+    outcome). A stream cut for a stalled client returns without completing the response, so
+    the server closes the connection."""
 
-    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], None],
-                 watch: DisconnectWatch):
+    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[str | None], None],
+                 watch: DisconnectWatch, write_timeout_s: float):
         super().__init__(events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._events = events
         self._on_close = on_close
         self._watch = watch
+        self._write_timeout_s = write_timeout_s
         self._started = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        stalled = False
         try:
             with self._watch.guard():
                 await self._pump(send)
@@ -146,21 +169,37 @@ class EventStreamResponse(StreamingResponse):
             if not self._started:  # gone before the stream began: recorded as such
                 await send({"type": "http.response.start", "status": CLIENT_CLOSED_REQUEST,
                             "headers": []})
+        except ClientStalled:
+            stalled = True
         except OSError:  # the client went away mid-write
             pass
         finally:
             self._watch.close()
             # The generator may be parked at a ``yield`` if the cancel hit ``send``.
             await self._events.aclose()  # type: ignore[attr-defined]
-            self._on_close()
+            self._on_close("incomplete" if stalled else None)
+        if stalled:
+            log.warning("a stream's client read nothing for %g s: aborted "
+                        "(router.client_write_timeout_s)", self._write_timeout_s)
 
     async def _pump(self, send: Send) -> None:
         self._started = True
-        await send({"type": "http.response.start", "status": self.status_code,
-                    "headers": self.raw_headers})
+        await self._send(send, {"type": "http.response.start", "status": self.status_code,
+                                "headers": self.raw_headers})
+        last = False
+        # Each event is read after the previous one was written: the generator learns what
+        # reached the client (it ends after its last event).
         async for data in self._events:
             last = data.endswith(DONE)
-            await send({"type": "http.response.body", "body": data, "more_body": not last})
-            if last:
-                return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await self._send(send, {"type": "http.response.body", "body": data,
+                                    "more_body": not last})
+        if not last:
+            await self._send(send, {"type": "http.response.body", "body": b"",
+                                    "more_body": False})
+
+    async def _send(self, send: Send, message: Message) -> None:
+        try:
+            async with asyncio.timeout(self._write_timeout_s):
+                await send(message)
+        except TimeoutError:
+            raise ClientStalled() from None

@@ -55,6 +55,11 @@ class Usage:
             self.cached_tokens = min(self.prompt_tokens,
                                      max(self.cached_tokens, message.usage.cached_tokens))
 
+    def unsent(self, completion_tokens: int) -> None:
+        """Tokens counted on their way that never reached the client (the stream was cut
+        while they waited to be written): not billed."""
+        self.completion_tokens -= completion_tokens
+
     @property
     def finished(self) -> bool:
         """Every choice finished (stop or length)."""

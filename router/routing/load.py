@@ -46,24 +46,32 @@ class WorkerView(Protocol):
         token yet)."""
         ...
 
+    @property
+    def not_started(self) -> int:
+        """This router's requests at the worker that have no first token yet."""
+        ...
+
 
 class LocalLoad:
     """This router's own requests at one worker, counted from the moment they are sent.
 
     ``assign`` counts a request at once, before the worker can report it; its ``Assignment``
-    takes its prefill tokens off when it starts (first token) and the request off when it
-    finishes.
+    takes it off ``not_started`` and its prefill tokens off when it starts (first token) and
+    the request off ``in_flight`` when it finishes (a stream still being delivered to a slow
+    client stays in ``in_flight`` after the worker is done with it).
     """
 
-    __slots__ = ("in_flight", "in_flight_tokens")
+    __slots__ = ("in_flight", "in_flight_tokens", "not_started")
 
     def __init__(self) -> None:
         self.in_flight = 0
         self.in_flight_tokens = 0
+        self.not_started = 0
 
     def assign(self, prefill_tokens: int) -> Assignment:
         self.in_flight += 1
         self.in_flight_tokens += prefill_tokens
+        self.not_started += 1
         return Assignment(self, prefill_tokens)
 
 
@@ -81,6 +89,10 @@ class CountsLocalLoad:
     @property
     def in_flight_tokens(self) -> int:
         return self.local.in_flight_tokens
+
+    @property
+    def not_started(self) -> int:
+        return self.local.not_started
 
 
 class Assignment:
@@ -100,6 +112,7 @@ class Assignment:
             return
         self._started = True
         self._local.in_flight_tokens -= self._tokens
+        self._local.not_started -= 1
 
     def finish(self) -> None:
         if self._finished:
@@ -114,6 +127,13 @@ def queued_prefill_tokens(worker: WorkerView) -> int:
     lower bounds: the report lags and omits the rest of a prefill already running; this
     router's count omits other routers' requests.)"""
     return max(worker.load.waiting_prefill_tokens, worker.in_flight_tokens)
+
+
+def queued_requests(worker: WorkerView) -> int:
+    """Requests waiting in the worker's queue: what it reported waiting, or this router's
+    requests there that have no first token yet when that is more (sent since the report).
+    Requests running or finished there and still being delivered are not queued."""
+    return max(worker.load.waiting, worker.not_started)
 
 
 def requests_at(worker: WorkerView) -> int:

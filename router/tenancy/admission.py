@@ -12,8 +12,9 @@ lookup is bounded by the connect timeout, and the database then fails at once fo
 the revoked set (in Redis, shared by every replica; or in process), and every request
 checks it, in the same round trip as its limits for chat requests.
 
-``Tenancy.admit`` sheds a request when the workers' queues are longer than its plan
-tolerates (lower-priority plans tolerate less, so they are shed first), then takes an RPM
+``Tenancy.admit`` sheds a request when the queues of its pool's workers (as they report
+them, plus this router's requests there not yet started) are longer than its plan tolerates
+(lower-priority plans tolerate less, so they are shed first), then takes an RPM
 entry and a concurrency slot. Once the request is tokenized, ``Admission.reserve`` reserves
 its whole budget (prompt + n x max tokens) against the plan's tokens per minute; ``finish``
 settles the reservation to the tokens used. The ``Admission`` is finished exactly once, by the
@@ -40,7 +41,7 @@ from core.errors import (
     Overloaded,
     PermissionDenied,
 )
-from router.routing.load import requests_at
+from router.routing.load import queued_requests
 from router.tenancy.ledger import Ledger, Prices, UsageRow
 from router.tenancy.limits import Limiter, Slot, make_limiter
 from router.tenancy.sqldb import DatabaseUnavailable, database_of
@@ -298,20 +299,23 @@ class Tenancy:
             raise InvalidRequest(
                 f"n ({sequences}) exceeds the {principal.plan.concurrency} sequences your "
                 f"plan may have in flight at once", param="n")
-        self._shed(principal.plan)
+        self._shed(principal.plan, principal.pool)
         slot = await self.limiter.admit(principal, sequences)
         plan = principal.plan
         terms = TenantTerms(priority=plan.priority, cache_salt=principal.cache_salt,
                             max_context=plan.max_context, pool=principal.pool)
         return Admission(principal, terms, model, request_id, client_request_id, slot, self)
 
-    def _shed(self, plan: Plan) -> None:
-        """503 when the workers' queues are past what ``plan`` tolerates: lower-priority
-        plans tolerate shorter queues, so they are shed first and queues stay bounded."""
-        workers = self._pool.workers()
+    def _shed(self, plan: Plan, pool: str | None) -> None:
+        """503 when the queues of the workers that would serve the request (its tenant's
+        pool, or the shared pool it falls back to) are past what ``plan`` tolerates:
+        lower-priority plans tolerate shorter queues, so they are shed first and queues stay
+        bounded. A queue is what waits there (``queued_requests``): another pool's load,
+        and streams the worker finished that are still being delivered, do not count."""
+        workers = self._pool.pool_workers(pool)
         if not workers:
             return
-        waiting = sum(max(0, requests_at(w) - w.load.running) for w in workers)
+        waiting = sum(queued_requests(w) for w in workers)
         if waiting >= plan.shed_queue_per_worker * len(workers):
             raise Overloaded(f"The service is at capacity for the {plan.name} plan; retry "
                              "shortly.", retry_after=SHED_RETRY_AFTER_S)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -52,8 +53,8 @@ def engine(model_dir):
     eng.shutdown()
 
 
-async def start_stack(model_dir, engine, fault=None, **router: Any
-                      ) -> tuple[Any, Router]:
+async def start_stack(model_dir, engine, fault=None, send_buffer: int | None = None,
+                      **router: Any) -> tuple[Any, Router]:
     server, port = await serve_worker(fault.wrap(engine) if fault else engine, "127.0.0.1", 0,
                                       model_id=MODEL)
     endpoint = WorkerEndpoint("w0", f"127.0.0.1:{port}", MODEL, "default")
@@ -62,7 +63,8 @@ async def start_stack(model_dir, engine, fault=None, **router: Any
         "router": {"registry_poll_s": 0.2, "model_id": MODEL, **router},
         "auth": {"enabled": True, "static_keys": [KEY]},
         "tenancy": local_tenancy()})
-    return server, await serve_router(create_app(config, StaticWorkerSource([endpoint])))
+    return server, await serve_router(create_app(config, StaticWorkerSource([endpoint])),
+                                      send_buffer=send_buffer)
 
 
 @pytest_asyncio.fixture(loop_scope="module")
@@ -142,5 +144,49 @@ async def test_a_stream_silent_after_its_first_delta_ends_and_gives_everything_b
         limiter = router.app.state.tenancy.limiter
         await wait_until(lambda: limiter.in_flight("local") == 0, 2.0)
     finally:
+        await stop_router(router)
+        await server.stop(None)
+
+
+async def test_a_stream_whose_client_stops_reading_is_aborted_billed_and_released(
+        model_dir, engine):
+    slow_steps(engine, 0.02)  # left alone the request would run ~5 s
+    server, router = await start_stack(model_dir, engine, client_write_timeout_s=0.5,
+                                       send_buffer=4096)
+    ledger = router.app.state.tenancy.ledger
+    rows: list[Any] = []
+    record = ledger.record
+    ledger.record = lambda row: (rows.append(row), record(row))  # type: ignore[method-assign]
+    # A real client that sends a streaming request and never reads: small socket buffers on
+    # both ends, so the router's writes soon wait (each chunk carries 20 top logprobs:
+    # ~1 KB; past the buffers' ~80 KB, with the transport's 64 KB).
+    host, port = router.base.removeprefix("http://").split(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+        body = json.dumps(chat(200, stream=True, ignore_eos=True, logprobs=True,
+                               top_logprobs=20)).encode()
+        head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+                f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        await asyncio.get_running_loop().sock_sendall(sock, head + body)
+        await wait_until(lambda: engine.load().running == 1, 5.0)
+        started = time.monotonic()
+        # The worker stops the request and the slot comes back within the write timeout
+        # (plus the time to fill the buffers), long before the ~5 s it would have run.
+        await wait_until(lambda: engine.load().running + engine.load().waiting == 0, 3.0)
+        limiter = router.app.state.tenancy.limiter
+        await wait_until(lambda: limiter.in_flight("local") == 0, 1.0)
+        assert time.monotonic() - started < 3.0
+        [worker] = router.pool.workers()
+        assert worker.local.in_flight == 0
+        [row] = rows
+        assert row.status == "incomplete"
+        # Billed for what was written, not for the 200 tokens asked.
+        assert 0 < row.completion_tokens < 200
+    finally:
+        sock.close()
         await stop_router(router)
         await server.stop(None)

@@ -20,6 +20,7 @@ from core.pb.electron.v1 import worker_pb2_grpc as pb_grpc
 from core.protocol import ERROR_METADATA_KEY, WORKER_SERVICE
 from tests.support.schemas import schema_spec, tool_spec
 from tests.support.tiny_model import make_tiny_llama_dir
+from workers import grpc_service
 from workers.engine.async_engine import AsyncEngine
 from workers.grpc_service import serve_worker
 
@@ -353,3 +354,30 @@ async def test_session_refuses_a_second_request_under_a_live_id(engine, stub):
             pass
     assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     await until(lambda: engine.load().running == 0)
+
+
+async def test_a_session_whose_router_stops_reading_ends_and_aborts_its_requests(
+        engine, address, monkeypatch):
+    """A router that stops reading (its flow-control window full: no BDP probing keeps it at
+    64 KB) cannot grow the worker's outbox past MAX_OUTBOX_ITEMS: the Session ends with
+    UNAVAILABLE after what was sent and every request on it is aborted."""
+    monkeypatch.setattr(grpc_service, "MAX_OUTBOX_ITEMS", 256)
+    baseline = engine.load()
+    # Each delta carries 20 top logprobs (~300 bytes): the window fills within ~200 deltas.
+    requests = [request(prompt(engine, 30), max_tokens=MAX_MODEL_LEN - 31, logprobs=True,
+                        top_logprobs=20) for _ in range(3)]
+    async with grpc.aio.insecure_channel(address,
+                                         options=[("grpc.http2.bdp_probe", 0)]) as channel:
+        call = pb_grpc.WorkerStub(channel).Session()
+        await call.write(pb.SessionRequest(generate=requests))
+        await until(lambda: engine.load().running == 3)
+        # Left alone they would run ~2,000 steps each; unread, they are aborted at once.
+        await until(lambda: engine.load().running == 0
+                    and engine.load().kv_blocks_used == baseline.kv_blocks_used, 5.0)
+        received = 0
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            while (message := await call.read()) is not grpc.aio.EOF:
+                received += len(message.deltas)
+                assert not message.ends  # no request finished
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert received < 3 * (MAX_MODEL_LEN - 31)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +31,15 @@ class Router:
         return [w.worker_id for w in self.pool.workers()]
 
 
-async def serve_router(app) -> Router:
+async def serve_router(app, *, send_buffer: int | None = None, **settings: Any) -> Router:
+    """``send_buffer``: the SO_SNDBUF of every connection (None: the system's, which grows
+    to megabytes), so a client that stops reading holds the router's writes soon;
+    ``settings``: more ``uvicorn.Config`` arguments (``router.api.connections``' limits)."""
     sock = listen_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning"))
+    if send_buffer is not None:  # accepted connections inherit the listener's
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning",
+                                           **settings))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:  # uvicorn offers no awaitable for "started"
         assert not task.done(), "uvicorn exited during startup"

@@ -10,7 +10,12 @@ from decimal import Decimal
 import pytest
 
 from core.config import TenancyConfig, load_config
-from core.errors import AuthenticationFailed, InvalidRequest, RateLimited
+from core.endpoints import StaticWorkerSource, WorkerEndpoint
+from core.errors import AuthenticationFailed, InvalidRequest, Overloaded, RateLimited
+from router.fleet.client import WorkerClient
+from router.fleet.pool import WorkerPool
+from router.routing.factory import make_policy
+from router.routing.load import WorkerLoad
 from router.tenancy.admission import Tenancy
 from router.tenancy.ledger import Ledger, Prices, UsageRow, money
 from router.tenancy.limits import InProcessLimiter, duration
@@ -220,6 +225,51 @@ def test_a_sqlite_statement_past_the_timeout_is_interrupted_and_the_database_sta
     assert time.monotonic() - started < 2
     assert db.query("SELECT 1") == [(1,)]
     db.close()
+
+
+def _pool_of(**workers: tuple[str, WorkerLoad]) -> WorkerPool:
+    """A pool of connected workers (no process behind them: their reports set by hand)."""
+    endpoints = [WorkerEndpoint(w, f"127.0.0.1:{1000 + i}", "electron", pool)
+                 for i, (w, (pool, _)) in enumerate(workers.items())]
+    pool = WorkerPool(StaticWorkerSource(endpoints), model_id="electron", poll_s=1.0,
+                      policy=make_policy("least_load"), shared_pool="default")
+    for e in endpoints:
+        client = WorkerClient(e, index=pool.index)
+        client.load = workers[e.worker_id][1]
+        pool._workers[e.worker_id] = client
+    return pool
+
+
+async def test_shedding_reads_the_tenants_own_pool_and_only_what_waits_there(tmp_path):
+    config = load_config(env={}, overrides={"tenancy": {
+        "sqlite_path": str(tmp_path / "t.db"), "spool_path": str(tmp_path / "spool")}})
+    # The shared pool is saturated (20 waiting per worker, past STANDARD's 8); pool B idle.
+    pool = _pool_of(s1=("default", WorkerLoad(running=2, waiting=20)),
+                    s2=("default", WorkerLoad(running=2, waiting=20)),
+                    b1=("b", WorkerLoad()))
+    tenancy = Tenancy(config, pool=pool)
+    shared = Principal("acme", "key_1", STANDARD, "tenant:acme", None)
+    pinned = Principal("globex", "key_2", STANDARD, "tenant:globex", None, pool="b")
+    with pytest.raises(Overloaded):
+        await tenancy.admit(shared, "electron", "req_1")
+    admitted = await tenancy.admit(pinned, "electron", "req_2")
+    assert admitted.terms.pool == "b"
+    admitted.finish("ok", 0, 0, 0)
+    # 20 of this router's streams in pool B finished generating (the worker reports it idle)
+    # but are still being delivered to slow clients: nothing waits there.
+    b1 = pool.workers()[0]
+    leases = [pool.acquire(pool.request_info(f"r{i}", [1] * 8), pool="b") for i in range(20)]
+    for lease in leases:
+        lease.started()
+    assert b1.in_flight == 20
+    (await tenancy.admit(pinned, "electron", "req_3")).finish("ok", 0, 0, 0)
+    # Requests sent there with no first token yet wait, whatever the last report says.
+    queued = [pool.acquire(pool.request_info(f"q{i}", [1] * 8), pool="b") for i in range(8)]
+    with pytest.raises(Overloaded):
+        await tenancy.admit(pinned, "electron", "req_4")
+    for lease in leases + queued:
+        lease.release()
+    await pool.stop()
 
 
 class _DownDb:
