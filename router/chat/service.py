@@ -107,18 +107,16 @@ class Generation:
     stream: GenerateStream
     first: pb.GenerateResponse
     usage: Usage  # every delta is counted here as it passes
-    stall_timeout_s: float  # the most silence between deltas (progress messages count)
     _closed: bool = field(default=False, repr=False)
 
     async def responses(self) -> AsyncIterator[pb.GenerateResponse]:
         """Every delta; WorkerUnavailable when the worker gives the request up or falls
-        silent for ``stall_timeout_s``."""
+        silent for the stall limit (``GenerateStream.watch_silence``)."""
         worker_id = self.lease.worker.worker_id
         yield _checked(self.first, worker_id)
         while True:
             try:
-                message = await next_delta(self.stream, self.stall_timeout_s,
-                                           f"worker {worker_id} stalled")
+                message = await next_delta(self.stream)
             except StopAsyncIteration:
                 return
             self.usage.observe(message)  # the first delta was counted when it arrived
@@ -141,17 +139,11 @@ class Generation:
             self.lease.release()
 
 
-async def next_delta(stream: GenerateStream, silence_s: float,
-                     what: str) -> pb.GenerateResponse:
-    """The stream's next delta, skipping progress messages; WorkerUnavailable ("<what>: sent
-    nothing for N s") when nothing at all, not even progress, comes for ``silence_s``.
-    StopAsyncIteration at the end of the stream."""
+async def next_delta(stream: GenerateStream) -> pb.GenerateResponse:
+    """The stream's next delta, skipping progress messages (silence is the stream's own
+    watch: ``GenerateStream.watch_silence``). StopAsyncIteration at the end of the stream."""
     while True:
-        try:
-            async with asyncio.timeout(silence_s):
-                message = await anext(stream)
-        except TimeoutError:
-            raise WorkerUnavailable(f"{what}: it sent nothing for {silence_s:g} s") from None
+        message = await anext(stream)
         if not message.HasField("progress"):
             return message
 
@@ -269,12 +261,14 @@ class ChatService:
                           lease.worker.worker_id, lease.reason)
                 usage.dispatch(len(prepared.prompt_token_ids))
                 stream = await lease.worker.generate(prepared.wire)
-                first = await self._first_delta(stream, lease.worker.worker_id)
+                worker_id = lease.worker.worker_id
+                stream.watch_silence(self._first_token_timeout_s, f"worker {worker_id} is silent")
+                first = await self._first_delta(stream, worker_id)
+                stream.watch_silence(self._stream_stall_timeout_s, f"worker {worker_id} stalled")
                 lease.started()
                 usage.start(len(prepared.prompt_token_ids), prepared.n)
                 usage.observe(first)
-                return Generation(prepared, lease, stream, first, usage,
-                                  self._stream_stall_timeout_s)
+                return Generation(prepared, lease, stream, first, usage)
             except WorkerUnavailable as exc:
                 usage.withdraw()
                 lease.failed()
@@ -300,8 +294,7 @@ class ChatService:
 
     async def _first_delta(self, stream: GenerateStream, worker_id: str) -> pb.GenerateResponse:
         try:
-            first = await next_delta(stream, self._first_token_timeout_s,
-                                     f"worker {worker_id} is silent")
+            first = await next_delta(stream)
         except StopAsyncIteration:
             raise WorkerUnavailable(f"worker {worker_id} ended the call without output") \
                 from None

@@ -102,7 +102,7 @@ class GenerateStream:
     ``observe.Observation``; the request's client span (if traced) ends with it."""
 
     __slots__ = ("_session", "request_id", "_done", "_observation", "_span", "_deltas",
-                 "_end", "_waiter")
+                 "_end", "_waiter", "heard", "_silence", "_silence_timer")
 
     def __init__(self, session: Session, request_id: str,
                  observation: observe.Observation | None, span: Span | None):
@@ -114,6 +114,9 @@ class GenerateStream:
         self._deltas: collections.deque[pb.GenerateResponse] = collections.deque()
         self._end: pb.SessionEnd | ElectronError | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self.heard = 0.0  # loop time of the last message from the worker (the reader sets it)
+        self._silence: tuple[float, str] = (0.0, "")
+        self._silence_timer: asyncio.TimerHandle | None = None
 
     def __aiter__(self) -> GenerateStream:
         return self
@@ -167,6 +170,31 @@ class GenerateStream:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    def watch_silence(self, limit_s: float, what: str) -> None:
+        """From now on, ``limit_s`` seconds with nothing from the worker (no delta, no
+        progress message) end the stream with ``WorkerUnavailable`` ("<what>: it sent nothing
+        for N s") and give the request up at the worker. One timer per limit, re-armed from
+        the last message's time when it fires: a delta only notes its time (an
+        ``asyncio.timeout`` around every read cost ~4 us a delta)."""
+        loop = asyncio.get_running_loop()
+        self.heard = loop.time()
+        self._silence = (limit_s, what)
+        if self._silence_timer is not None:
+            self._silence_timer.cancel()
+        self._silence_timer = loop.call_at(self.heard + limit_s, self._check_silence)
+
+    def _check_silence(self) -> None:
+        self._silence_timer = None
+        if self._end is not None or self._done:
+            return
+        limit_s, what = self._silence
+        due = self.heard + limit_s
+        loop = asyncio.get_running_loop()
+        if loop.time() >= due:
+            self.interrupt(WorkerUnavailable(f"{what}: it sent nothing for {limit_s:g} s"))
+        else:
+            self._silence_timer = loop.call_at(due, self._check_silence)
+
     def interrupt(self, error: ElectronError) -> None:
         """Ends the stream with ``error`` (its reader gets the deltas already here, then the
         error) and gives the request up at the worker."""
@@ -181,6 +209,9 @@ class GenerateStream:
             self._session.cancel(self.request_id)
         if not self._done:
             self._done = True
+            if self._silence_timer is not None:
+                self._silence_timer.cancel()
+                self._silence_timer = None
             if self._span is not None:
                 self._span.end()
 
@@ -279,10 +310,13 @@ class Session:
             f"worker {self.worker_id} ended the session")
         try:
             streams = self._streams
+            loop = asyncio.get_running_loop()
             async for message in call:
+                now = loop.time()
                 for delta in message.deltas:
                     stream = streams.get(delta.request_id)
                     if stream is not None:
+                        stream.heard = now
                         stream._deliver(delta.response)
                 for end in message.ends:
                     stream = streams.pop(end.request_id, None)
