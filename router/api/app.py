@@ -8,7 +8,6 @@ stopping router drains (router/api/drain.py): ``/ready`` is 503 from its first m
 from __future__ import annotations
 
 import asyncio
-import gc
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,6 +22,7 @@ from core.config import Config, RouterConfig
 from core.endpoints import WorkerSource
 from core.errors import InvalidRequest, ModelNotFound, NoWorkers, RateLimited
 from core.grammar import check_grammar
+from core.heap import settle_heap
 from core.model_files import resolve_model_path
 from core.pb.electron.v1 import worker_pb2 as pb
 from core.telemetry import DISABLED, Tracing
@@ -196,25 +196,6 @@ async def ready(request: Request) -> Response:
         return error_response(NoWorkers(f"{workers} of {wanted} worker(s) connected",
                                         retry_after=READY_RETRY_AFTER_S))
     return _json({"status": "ready", "workers": workers})
-
-
-# -- the heap -------------------------------------------------------------------------------------
-
-# Python's collector runs a young collection every 700 net allocations of containers by
-# default: a streamed request makes thousands (coroutines, dicts, protobuf wrappers), and
-# every tenth-squared one is a full collection walking the whole heap (modules, the app,
-# the tokenizer's tables): ~100 ms with nothing else running on the event loop.
-GC_THRESHOLDS = (20_000, 20, 20)
-
-
-def settle_heap() -> None:
-    """Once started: collects, then moves every object alive now out of the collector's
-    view (``gc.freeze``: they live as long as the process), and collects less often. Full
-    collections then walk only what requests allocated since
-    (docs/operations-notes.md#gc-freeze-the-routers-heap-once-started)."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 # -- the app ----------------------------------------------------------------------------------------

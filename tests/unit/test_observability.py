@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from core.config import ConfigError, load_config
 from core.endpoints import StaticWorkerSource
+from core.heap import GC_THRESHOLDS
 from core.logs import (
     JsonFormatter,
     RequestContextFilter,
@@ -26,7 +27,7 @@ from core.logs import (
     request_id_var,
 )
 from core.telemetry import DISABLED, tracing_from_env
-from router.api.app import GC_THRESHOLDS, create_app
+from router.api.app import create_app
 from router.telemetry.metrics import LOOP_LAG_INTERVAL_S, RouterMetrics, plan_of
 from tests.support.tenancy import local_tenancy
 
@@ -255,7 +256,7 @@ async def test_a_started_router_has_frozen_what_startup_made():
     """Once the app has started, the objects alive then (modules, the app, Ray's driver
     where there is one) are out of the collector's reach and young collections are rarer
     (``settle_heap``): a full collection on the event loop no longer walks them
-    (docs/operations-notes.md#gc-freeze-the-routers-heap-once-started)."""
+    (docs/operations-notes.md#gc-freeze-the-heap-once-a-process-serves)."""
     gc.unfreeze()
     thresholds = gc.get_threshold()
     app = create_app(no_auth_config(), StaticWorkerSource([]))
