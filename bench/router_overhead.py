@@ -440,7 +440,8 @@ class HttpStream:
 
     async def _send(self, request: bytes) -> tuple[float, bytes]:
         """(start time, status line), on a live connection: reconnects, untimed, when the
-        server closed this one (idle, or just as the request went out)."""
+        server closed this one (idle, or just as the request went out; a connection that
+        sent nothing for ``router.request_read_timeout_s`` gets a 408 before it closes)."""
         for _ in range(2):
             if self.reader is None or self.reader.at_eof():
                 await self.close()
@@ -453,7 +454,7 @@ class HttpStream:
                 status = await self.reader.readline()
             except ConnectionError:
                 status = b""
-            if status:
+            if status and not status.startswith(b"HTTP/1.1 408"):
                 return start, status
             await self.close()
         raise RuntimeError("the router closed the connection twice without answering")
