@@ -19,15 +19,14 @@ import httpx
 import pytest
 
 from cluster.launcher import _stop_event, _until, router_server, stop_router
-from core.config import EngineConfig, load_config
+from core.config import load_config
 from core.endpoints import StaticWorkerSource, WorkerEndpoint
 from router.api.app import create_app
 from router.api.drain import CUT_GRACE_S
 from router.api.server import listen_socket
 from tests.integration.test_liveness import slow_steps
 from tests.support.tenancy import local_tenancy
-from tests.support.tiny_model import make_tiny_llama_dir
-from workers.engine.async_engine import AsyncEngine
+from tests.support.tiny_model import make_tiny_llama_dir, tiny_engine
 from workers.grpc_service import serve_worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
@@ -45,10 +44,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture
 def engine(model_dir):
-    eng = AsyncEngine(EngineConfig(model=str(model_dir), dtype="float32", device="cpu",
-                                   kv_cache_bytes=4 * 2**20, max_model_len=256,
-                                   torch_threads=1, max_num_seqs=4),
-                      worker_id="w0", model_id=MODEL)
+    eng = tiny_engine(model_dir, model_id=MODEL, max_num_seqs=4)
     slow_steps(eng, STEP_S)
     yield eng
     eng.shutdown()

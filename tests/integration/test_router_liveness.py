@@ -17,7 +17,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from core.config import EngineConfig, load_config
+from core.config import load_config
 from core.endpoints import StaticWorkerSource, WorkerEndpoint
 from router.api.app import create_app
 from router.fleet.breaker import BreakerState
@@ -25,8 +25,7 @@ from tests.integration.test_liveness import slow_steps
 from tests.support.faults import GateGenerate
 from tests.support.serving import Router, serve_router, stop_router
 from tests.support.tenancy import local_tenancy
-from tests.support.tiny_model import make_tiny_llama_dir
-from workers.engine.async_engine import AsyncEngine
+from tests.support.tiny_model import make_tiny_llama_dir, tiny_engine
 from workers.grpc_service import serve_worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
@@ -44,11 +43,8 @@ def model_dir(tmp_path_factory):
 @pytest.fixture
 def engine(model_dir):
     # One sequence at a time, so a second request queues behind the first.
-    eng = AsyncEngine(EngineConfig(model=str(model_dir), dtype="float32", device="cpu",
-                                   kv_cache_bytes=4 * 2**20, max_model_len=256,
-                                   torch_threads=1, max_num_seqs=1,
-                                   progress_interval_s=PROGRESS_S),
-                      worker_id="w0", model_id=MODEL)
+    eng = tiny_engine(model_dir, model_id=MODEL, max_num_seqs=1,
+                      progress_interval_s=PROGRESS_S)
     yield eng
     eng.shutdown()
 

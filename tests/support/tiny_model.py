@@ -117,3 +117,17 @@ def tiny_cluster_config(model_dir: Path, *, workers: int, max_model_len: int = 2
                               num_cpus_per_worker=1, token=f"test-{uuid.uuid4().hex}"),
         # Tenancy has tests of its own: these send no key, and keep no files outside tmp.
         auth=AuthConfig(enabled=False), tenancy=TenancyConfig(**local_tenancy()))
+
+
+def tiny_engine(model_dir: Path, *, model_id: str = "electron", **engine: Any) -> Any:
+    """An AsyncEngine (worker "w0") on the tiny model: float32 on the CPU, a 4 MiB KV pool,
+    a 256-token window and one torch thread, with ``engine``'s EngineConfig fields on top.
+    The caller shuts it down."""
+    from core.config import EngineConfig
+    from workers.engine.async_engine import AsyncEngine
+
+    settings: dict[str, Any] = {"dtype": "float32", "device": "cpu",
+                                "kv_cache_bytes": 4 * 2**20, "max_model_len": 256,
+                                "torch_threads": 1, **engine}
+    return AsyncEngine(EngineConfig(model=str(model_dir), **settings), worker_id="w0",
+                       model_id=model_id)
