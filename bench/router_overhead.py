@@ -195,6 +195,7 @@ def _child_main(conn: Any, spec: ChildSpec, serve: Callable[[Any, ChildSpec], An
 
 async def _serve_worker(conn: Any, spec: ChildSpec) -> None:
     from core.config import EngineConfig
+    from core.heap import settle_heap
     from workers.engine.async_engine import AsyncEngine
     from workers.grpc_service import serve_worker
 
@@ -209,6 +210,7 @@ async def _serve_worker(conn: Any, spec: ChildSpec) -> None:
                          worker_id="bench-w0", model_id=MODEL_ID)
     try:
         server, port = await serve_worker(engine, "127.0.0.1", 0, model_id=MODEL_ID)
+        settle_heap()  # as the worker actor does once it serves (workers/actor.py)
         try:
             conn.send(("ready", {"port": port, "model_path": path}))
             await _serve_control(conn)

@@ -28,6 +28,7 @@ from ray.exceptions import RayActorError, RayError
 
 from core.config import Config
 from core.endpoints import REGISTRY_NAME, WorkerEndpoint
+from core.heap import settle_heap
 from core.logs import configure_logging
 from core.telemetry import tracing_from_env
 
@@ -104,6 +105,7 @@ class WorkerActor:
         self._engine.add_failure_listener(
             lambda reason: loop.call_soon_threadsafe(self._on_engine_failure))
         log.info("worker %s ready at %s", worker_id, self._endpoint.address)
+        settle_heap()  # the engine is loaded: what is alive now lives as long as this process
 
     async def health(self) -> str | None:
         """None while the worker serves; else why its engine failed (the fleet replaces it)."""

@@ -27,7 +27,6 @@ from opentelemetry.trace import StatusCode
 
 from core.cluster_token import TokenServerInterceptor
 from core.errors import ElectronError, InvalidRequest, ModelNotFound
-from core.heap import settle_heap
 from core.logs import request_id_var
 from core.pb.electron.v1 import worker_pb2 as pb
 from core.pb.electron.v1 import worker_pb2_grpc as pb_grpc
@@ -528,7 +527,6 @@ async def serve_worker(
     except RuntimeError as exc:  # gRPC's way of saying the bind failed
         raise OSError(f"cannot listen on {host}:{port}: {exc}") from exc
     await server.start()
-    settle_heap()  # the engine is loaded: what is alive now lives as long as the worker
     # The engine is loaded (its constructor loads the model): the worker can serve now.
     for service in ("", WORKER_SERVICE):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)

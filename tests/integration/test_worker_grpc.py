@@ -4,7 +4,6 @@ random-weight Llama): streaming, error mapping, cancellation, KV events, health.
 from __future__ import annotations
 
 import asyncio
-import gc
 import itertools
 import json
 import time
@@ -16,7 +15,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from core.config import EngineConfig
 from core.hashing import block_hashes, extra_key
-from core.heap import GC_THRESHOLDS
 from core.pb.electron.v1 import worker_pb2 as pb
 from core.pb.electron.v1 import worker_pb2_grpc as pb_grpc
 from core.protocol import ERROR_METADATA_KEY, WORKER_SERVICE
@@ -384,22 +382,3 @@ async def test_a_session_whose_router_stops_reading_ends_and_aborts_its_requests
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
         assert received < 3 * (MAX_MODEL_LEN - 31)
 
-
-async def test_a_serving_worker_has_frozen_what_startup_made(engine):
-    """Once its server serves, the worker's objects (the engine, modules) are out of the
-    collector's reach and young collections are rarer: a full collection no longer walks
-    them under the GIL while the engine thread waits (docs/operations-notes.md#gc-freeze-
-    the-heap-once-a-process-serves)."""
-    gc.unfreeze()
-    thresholds = gc.get_threshold()
-    gc.set_threshold(700, 10, 10)
-    try:
-        server, _ = await serve_worker(engine, "127.0.0.1", 0, model_id="electron")
-        try:
-            assert gc.get_freeze_count() > 10_000
-            assert gc.get_threshold() == GC_THRESHOLDS
-        finally:
-            await server.stop(None)
-    finally:
-        gc.unfreeze()
-        gc.set_threshold(*thresholds)
