@@ -160,12 +160,12 @@ class EventStreamResponse(StreamingResponse):
         self._write_timeout_s = write_timeout_s
         self._started = False
         self._writing_since: float | None = None  # loop time the pending write began
-        self._timer: asyncio.TimerHandle | None = None  # the write timer, once re-armed
+        self._timer: asyncio.TimerHandle | None = None  # the write timer (_check_write)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         stalled = False
         loop = asyncio.get_running_loop()
-        timer = loop.call_at(loop.time() + self._write_timeout_s, self._check_write)
+        self._timer = loop.call_at(loop.time() + self._write_timeout_s, self._check_write)
         try:
             with self._watch.guard():
                 await self._pump(send)
@@ -178,7 +178,6 @@ class EventStreamResponse(StreamingResponse):
         except OSError:  # the client went away mid-write
             pass
         finally:
-            timer.cancel()
             if self._timer is not None:
                 self._timer.cancel()
             self._watch.close()
