@@ -76,13 +76,17 @@ async def test_a_killed_registry_restarts_is_rebuilt_and_no_router_drops_a_worke
 
         ray.kill(registry, no_restart=False)
         killed = time.monotonic()
-        # Restarted under the same handle, empty, then rebuilt by the heartbeats.
+        # Restarted under the same handle, empty, then rebuilt by the heartbeats. The kill
+        # is asynchronous: the old instance may still answer a call or two, so wait for the
+        # restart to show (a failed call, or the new instance's incomplete listing) first.
+        restarted = False
         while True:
             try:
-                workers, _ = await asyncio.wait_for(registry.list.remote(), 2.0)
+                workers, complete = await asyncio.wait_for(registry.list.remote(), 2.0)
             except (ray.exceptions.RayActorError, TimeoutError):
-                workers = []
-            if {w.worker_id for w in workers} == set(WORKERS):
+                workers, complete = [], False
+            restarted = restarted or not complete
+            if restarted and {w.worker_id for w in workers} == set(WORKERS):
                 break
             assert time.monotonic() - killed < REREGISTERED_WITHIN_S, "not re-registered"
             await asyncio.sleep(0.05)
