@@ -47,15 +47,10 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
 import random
 import secrets
 import shlex
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -64,7 +59,11 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL = "electron"
+if str(ROOT) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from bench.served import MODEL, Run, machine, redis_answers, served  # noqa: E402
+
 GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8}
 HUGE = "x" * (1 << 20)
 SCHEMA_LOOP = {"type": "json_schema", "json_schema": {"name": "loop", "strict": True, "schema": {
@@ -158,50 +157,6 @@ def mutated(rng: random.Random) -> dict[str, Any] | bytes:
         else:
             body[field] = junk(rng)
     return body
-
-
-def _encode(body: dict[str, Any] | bytes) -> bytes:
-    if isinstance(body, bytes):
-        return body
-    return json.dumps(body, allow_nan=True).encode("utf-8", "surrogatepass")
-
-
-class Run:
-    def __init__(self, base: str, admin_key: str):
-        self.base = base.rstrip("/")
-        self.admin = {"Authorization": f"Bearer {admin_key}"}
-        self.http = httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64))
-
-    async def tenant(self, name: str) -> str:
-        r = await self.http.post(f"{self.base}/admin/tenants", headers=self.admin,
-                                 json={"tenant_id": name, "plan": "enterprise"})
-        r.raise_for_status()
-        return r.json()["key"]
-
-    async def send(self, key: str, body: dict[str, Any] | bytes,
-                   headers: dict[str, str] | None = None,
-                   give_up_s: float = 20.0) -> tuple[int, float, str]:
-        """Status (0: abandoned, -1: no answer), seconds to the status line, and the first 300
-        characters of a 5xx body or of a stream's error event."""
-        data = _encode(body)
-        stream = isinstance(body, dict) and body.get("stream") is True
-        hdrs = {"Authorization": f"Bearer {key}", "Content-Type": "application/json",
-                **(headers or {})}
-        start = time.perf_counter()
-        status, took, text = 0, 0.0, ""
-        try:
-            async with asyncio.timeout(give_up_s):
-                async with self.http.stream("POST", f"{self.base}/chat/completions",
-                                            content=data, headers=hdrs) as r:
-                    status, took = r.status_code, time.perf_counter() - start
-                    async for chunk in r.aiter_text():
-                        if r.status_code >= 500 or (stream and 'data: {"error"' in chunk):
-                            text += chunk
-            return status, took, text[:300]
-        except TimeoutError:
-            return 0, took, ""
-        except httpx.HTTPError as exc:
-            return -1, time.perf_counter() - start, f"{type(exc).__name__}: {exc}"[:300]
 
 
 async def canary(run: Run, key: str, stop: asyncio.Event, out: dict[str, Any]) -> None:
@@ -393,67 +348,6 @@ async def bench(args: argparse.Namespace, base: str, admin_key: str) -> dict[str
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def served(args: argparse.Namespace):
-    """`electron-serve up` with an admin key and a temporary ledger; yields (base, admin key)."""
-    port, admin = _free_port(), "es-admin-" + secrets.token_hex(16)
-    tmp = tempfile.mkdtemp(prefix="electron-abuse-")
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1",
-               ELECTRON_AUTH__ADMIN_KEY=admin,
-               ELECTRON_TENANCY__SQLITE_PATH=f"{tmp}/ledger.db",
-               ELECTRON_TENANCY__SPOOL_PATH=f"{tmp}/spool.jsonl")
-    if args.redis_url:
-        env["ELECTRON_TENANCY__REDIS_URL"] = args.redis_url
-        env["ELECTRON_TENANCY__REDIS_PREFIX"] = "abuse-" + secrets.token_hex(4)
-    log = open(f"{tmp}/up.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "up", "--port", str(port),
-                             "--dtype", "float32"], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"electron-serve up exited; see {tmp}/up.log")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(base.rsplit("/v1", 1)[0] + "/ready?workers=1", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError("electron-serve up did not get ready")
-            time.sleep(1)
-        yield base, admin
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-
-
-def machine() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
-                .splitlines() if line.startswith("model name")), platform.processor())
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    return {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
-            "git_commit": commit, "loadavg": [round(x, 2) for x in os.getloadavg()]}
-
-
-def _redis_answers(url: str) -> bool:
-    host, _, port = url.split("//", 1)[1].split("/", 1)[0].partition(":")
-    with contextlib.suppress(OSError), socket.create_connection((host, int(port or 6379)), 1):
-        return True
-    return False
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     where = p.add_mutually_exclusive_group(required=True)
@@ -473,12 +367,12 @@ def main() -> None:
     args = p.parse_args()
     if args.base_url and not args.admin_key:
         p.error("--base-url needs --admin-key")
-    if args.serve and args.redis_url and not _redis_answers(args.redis_url):
+    if args.serve and args.redis_url and not redis_answers(args.redis_url):
         args.redis_url = ""
     started = dt.datetime.now(dt.timezone.utc)
     if args.serve:
-        with served(args) as (base, admin):
-            result = asyncio.run(bench(args, base, admin))
+        with served(redis_url=args.redis_url, prefix="electron-abuse-") as up:
+            result = asyncio.run(bench(args, up.base, up.admin_key))
     else:
         result = asyncio.run(bench(args, args.base_url, args.admin_key))
     out = {"bench": "abuse", "command": "python " + shlex.join(sys.argv),
