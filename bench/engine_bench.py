@@ -2,6 +2,7 @@
 
     python bench/engine_bench.py --out bench/results/engine.json [--quick] [--dtype float32]
         [--threads N] [--skip-hf] [--llamacpp] [--device cuda --model random:llama3-8b]
+    python bench/engine_bench.py --soak 10000 --out bench/results/engine_soak.json
 
 Writes the JSON and a Markdown table beside it (same name, ``.md``). Every number is defined
 in bench/README.md; the definitions that make two sides comparable:
@@ -75,6 +76,10 @@ RANDOM_SHAPES = {
                       num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128),
     "llama3-tiny": dict(vocab_size=128256, hidden_size=256, intermediate_size=896,
                         num_layers=2, num_heads=8, num_kv_heads=2, head_dim=32),
+    # The tests' tiny model (tests/support/tiny_model.py) with SmolLM2's vocabulary: fast
+    # enough for the 10,000-request memory soak on 2 CPU cores.
+    "tiny": dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2,
+                 num_heads=4, num_kv_heads=2, head_dim=16),
 }
 LLAMACPP_VERSION = "0.3.36"
 TARGETS = {  # key -> (comparison, bound) from the issue
@@ -106,6 +111,18 @@ QUICK = Workload(prompt_len=32, new_tokens=16, ours_batches=(1, 4, 8), hf_batche
 GPU = Workload(ours_batches=(1, 32, 128), hf_batches=(1, 32, 128), prefill_lens=(1024, 8191),
                mixed_requests=0, mixed_warmup=0, repeats=2)
 WORKLOADS = {"full": FULL, "quick": QUICK, "gpu": GPU}
+
+
+@dataclass(frozen=True)
+class Soak:
+    """``--soak N``: N short requests of the mixed shape; RSS must level off after warm-up."""
+
+    requests: int = 10_000
+    samples: int = 100                # RSS read after every requests / samples of them
+    warmup_fraction: float = 0.1      # growth is judged over the samples after this share
+    max_prompt: int = 128             # prompts 16..128 tokens (shared prefixes of 16/32/64)
+    max_tokens: int = 8
+    bound_mib: float = 10.0           # max - min of RSS after warm-up
 
 
 def seed_of(tag: str) -> int:
@@ -387,6 +404,53 @@ class OurEngine:
                 "kv_events_during_run": kv.event_log.sequence - events_before,
                 "kv_events_total": kv.event_log.sequence}
 
+    def soak(self, soak: Soak) -> dict[str, Any]:
+        """``soak.requests`` requests of the mixed shape (``mixed``) at short sizes, in
+        ``soak.samples`` equal chunks; after each chunk (the engine drained) RSS is read as the
+        process holds it: no collection and no ``malloc_trim`` by the benchmark, so whatever
+        the allocator keeps counts, as it would in a serving worker. Growth = max - min of the
+        readings taken after the first ``warmup_fraction`` of the requests."""
+        w = replace(FULL, mixed_max_prompt=soak.max_prompt, mixed_max_tokens=soak.max_tokens)
+        chunk = max(1, soak.requests // soak.samples)
+        kv, tokenizer = self.engine.kv, self.engine.tokenizer
+        trace: list[float] = []
+        done: list[int] = []
+        objects: list[int] = []
+        totals: dict[str, int] = {}
+        start = time.perf_counter()
+        rss_start = rss_mib()
+        for i, first in enumerate(range(0, soak.requests, chunk)):
+            stats = self.mixed(min(chunk, soak.requests - first), w, f"soak/{i}")
+            totals = {k: totals.get(k, 0) + v for k, v in stats.items()}
+            trace.append(rss_mib())
+            done.append(totals["requests"])
+            objects.append(len(gc.get_objects()))
+            if i % 10 == 9:
+                log(f"soak: {done[-1]} requests, {time.perf_counter() - start:.0f} s, "
+                    f"RSS {trace[-1]:.1f} MiB")
+        seconds = time.perf_counter() - start
+        warm = next(j for j, n in enumerate(done) if n > soak.warmup_fraction * soak.requests)
+        after = trace[warm:]
+        growth = max(after) - min(after)
+        return {
+            "soak": asdict(soak), "run": totals, "run_s": seconds,
+            "requests_per_s": soak.requests / seconds,
+            "rss_start_mib": rss_start, "rss_trace_mib": trace, "requests_done": done,
+            "python_objects": objects,
+            "warmup_requests": done[warm - 1] if warm else 0,
+            "rss_growth_after_warmup_mib": growth,
+            "rss_first_last_after_warmup_mib": after[-1] - after[0],
+            "passed": growth <= soak.bound_mib,
+            "rss_settled_after_mib": settled_rss_mib(),
+            "bounded_state": {
+                "kv_cached_blocks": kv.pool.num_cached_blocks,
+                "kv_blocks_total": kv.num_total_blocks,
+                "kv_events_total": kv.event_log.sequence,
+                "piece_cache_entries": len(tokenizer.piece_cache),
+                "live_requests": self.engine.scheduler.num_running
+                + self.engine.scheduler.num_waiting},
+        }
+
     def greedy_agreement(self, theirs: Callable[[list[int], int], list[int]],
                          new_tokens: int) -> dict[str, Any]:
         """Same prompt, greedy until EOS, both sides: a check that both compute with the same
@@ -647,7 +711,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=ROOT / "bench/results/engine.json")
+    p.add_argument("--out", type=Path)
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"a model name or path, or random:{{{','.join(RANDOM_SHAPES)}}}")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
@@ -665,7 +729,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="our step token budget (default: the engine's, 8192 on GPU)")
     p.add_argument("--tokenizer", type=Path,
                    help="random models: a GGUF or HF tokenizer dir (default: SmolLM2's)")
+    p.add_argument("--soak", type=int, metavar="N",
+                   help="only the memory soak: N short mixed requests, RSS must level off "
+                        "(default out: bench/results/engine_soak.json)")
     return p.parse_args(argv)
+
+
+def soak_main(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    soak = Soak(requests=args.soak)
+    out = args.out or ROOT / "bench/results/engine_soak.json"
+    result: dict[str, Any] = {"machine": machine_facts(args, device)}
+    log("loading our engine")
+    rss_before_load = rss_mib()
+    ours = OurEngine.build(args, 1)
+    result["ours"] = {"engine_config": ours.describe(), "rss_before_load_mib": rss_before_load,
+                      "rss_after_load_mib": rss_mib()}
+    result["ours"]["soak"] = ours.soak(soak)
+    result["ours"]["peak_rss_mib"] = rss_mib("VmHWM")
+    res = result["ours"]["soak"]
+    result = {"rss_growth_after_warmup_mib": res["rss_growth_after_warmup_mib"],
+              "bound_mib": soak.bound_mib, "passed": res["passed"], **result}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    log(f"soak: {soak.requests} requests in {res['run_s']:.0f} s; RSS after the first "
+        f"{res['warmup_requests']} requests grew {res['rss_growth_after_warmup_mib']:.1f} MiB "
+        f"(max - min; bound {soak.bound_mib:g}): {'pass' if res['passed'] else 'FAIL'}")
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -674,6 +763,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.soak:
+        return soak_main(args, device)
+    args.out = args.out or ROOT / "bench/results/engine.json"
     w = WORKLOADS[args.workload or ("quick" if args.quick else
                                     "gpu" if device.type == "cuda" else "full")]
     if args.repeats:

@@ -309,3 +309,21 @@ class PoolMachine(RuleBasedStateMachine):
 def test_block_pool_random_operations_keep_integrity():
     run_state_machine_as_test(
         PoolMachine, settings=settings(max_examples=100, stateful_step_count=40, deadline=None))
+
+
+def test_the_ring_drops_its_oldest_events_past_max_hashes_but_keeps_the_latest():
+    log = KVEventLog(capacity=100, max_hashes=5)
+    log.record_stored([1, 2])
+    log.record_stored([3, 4])
+    log.record_removed([1])                       # 5 hashes: all three kept
+    assert [e.sequence for e in log.events_since(0)] == [1, 2, 3]
+    log.record_cleared()                          # carries none
+    log.record_stored([5, 6])                     # 7: the first event goes
+    with pytest.raises(SubscriberFellBehind):
+        log.events_since(0)
+    assert [e.sequence for e in log.events_since(1)] == [2, 3, 4, 5]
+    log.record_stored(list(range(10, 20)))        # more than max_hashes alone: kept alone
+    assert log.events_since(5) == [BlocksStored(6, tuple(range(10, 20)))]
+    with pytest.raises(SubscriberFellBehind):
+        log.events_since(4)
+    assert log.snapshot() == (6, frozenset([5, 6, *range(10, 20)]))

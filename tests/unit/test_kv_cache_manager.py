@@ -17,6 +17,7 @@ from hypothesis.stateful import (
 )
 
 from workers.engine.kv_cache_manager import KVCacheManager
+from workers.engine.kv_events import SubscriberFellBehind
 from workers.engine.request import Request
 from workers.engine.sampling_params import SamplingParams
 
@@ -212,3 +213,29 @@ def test_integrity_check_catches_a_leaked_block():
     compute(kv, request)
     with pytest.raises(AssertionError):
         kv.check_integrity([])   # the request's blocks are referenced but nobody holds them
+
+
+def test_the_event_log_keeps_no_more_hashes_than_a_few_snapshots_hold():
+    """Requests that cycle the pool store and evict hashes for the worker's whole life: the
+    ring of recent events must level off at a size set by the pool, not grow for 65,536
+    events. A subscriber behind by more takes a snapshot (at most num_blocks hashes)."""
+    kv = KVCacheManager(4, BS)
+    log = kv.event_log
+    subscriber_at = log.sequence
+    for i in range(200):
+        request = make_request([1000 * i + t for t in range(9)])
+        compute(kv, request)
+        kv.free(request)
+    kv.check_integrity([])
+    oldest = log.sequence - 1
+    while oldest > 0:
+        try:
+            log.events_since(oldest - 1)
+        except SubscriberFellBehind:
+            break
+        oldest -= 1
+    kept = log.events_since(oldest)
+    assert sum(len(e.block_hashes) for e in kept) <= 4 * kv.num_total_blocks
+    assert kept[-1].sequence == log.sequence
+    with pytest.raises(SubscriberFellBehind):
+        log.events_since(subscriber_at)

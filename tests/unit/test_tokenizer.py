@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import gguf
@@ -115,6 +116,23 @@ def test_a_token_holding_part_of_a_character_has_its_exact_bytes(tok):
     pieces = [tok.token_bytes(i) for i in ids]
     assert len(ids) > 1 and b"".join(pieces) == "🎉".encode()
     assert "\ufffd" in tok.token_text(ids[0])  # half an emoji is not text
+
+
+def test_token_bytes_of_tokens_never_seen_before_allocate_nothing(smollm_path):
+    """A worker decodes new token ids for its whole life: looking their bytes up must not add
+    to a cache that grows with them (it grew ~6 MB before covering the vocabulary)."""
+    tok = Tokenizer.from_model_path(smollm_path)
+    assert tok.token_bytes(2) == b"<|im_end|>"
+    assert tok.token_bytes(tok.vocab_size + 5) == b""  # a padding row of the embedding
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        pieces = [tok.token_bytes(i) for i in range(1000, 21000)]
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    del pieces
+    assert grown < 200_000  # the list of 20,000 references itself: ~160 KB
 
 
 def test_from_model_path_reads_the_gguf_quickly(smollm_path):

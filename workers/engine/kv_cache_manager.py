@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from .block_pool import BlockPool, KVBlock
-from .kv_events import DEFAULT_CAPACITY, KVEventLog
+from .kv_events import DEFAULT_CAPACITY, HASHES_PER_BLOCK, KVEventLog
 from .request import Request
 
 
@@ -29,7 +29,8 @@ class KVCacheManager:
                  event_capacity: int = DEFAULT_CAPACITY):
         self.block_size = block_size
         self.enable_caching = enable_caching
-        self._event_log = KVEventLog(event_capacity)
+        self._event_log = KVEventLog(event_capacity,
+                                     max_hashes=max(1, HASHES_PER_BLOCK * num_blocks))
         self.pool = BlockPool(num_blocks, block_size, enable_caching, self._event_log)
         # request_id -> how many of its leading blocks are registered in the prefix cache.
         # (Progress belongs on Request, whose fields are fixed; it lives here meanwhile.)

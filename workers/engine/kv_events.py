@@ -4,8 +4,9 @@ The block pool records every change to the set of cached block hashes as an even
 sequence number (consecutive, starting at 1). A subscriber (the gRPC ``WatchState`` stream)
 takes a ``snapshot()`` -- the cached set as of some sequence -- and then applies
 ``events_since(sequence)``; the result always equals the pool's cached set as of the last
-event applied. The log keeps only a bounded ring of recent events: a subscriber that falls
-further behind gets ``SubscriberFellBehind`` and must take a new snapshot.
+event applied. The log keeps only a bounded ring of recent events (at most ``capacity`` events
+carrying at most ``max_hashes`` hashes between them): a subscriber that falls further behind
+gets ``SubscriberFellBehind`` and must take a new snapshot.
 
 Threads: one writer (the engine thread, through the block pool) and any number of readers
 (the asyncio side). One lock guards the sequence, the ring and the cached set, so a snapshot
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BlocksStored:
     """These hashes are now cached (full blocks whose K/V is computed)."""
 
@@ -32,7 +33,7 @@ class BlocksStored:
     block_hashes: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BlocksRemoved:
     """These hashes are no longer cached (their blocks were evicted for reuse)."""
 
@@ -40,7 +41,7 @@ class BlocksRemoved:
     block_hashes: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AllCleared:
     """Nothing is cached any more (the prefix cache was reset)."""
 
@@ -52,6 +53,11 @@ KVEvent = BlocksStored | BlocksRemoved | AllCleared
 _E = TypeVar("_E", BlocksStored, BlocksRemoved, AllCleared)
 
 DEFAULT_CAPACITY = 65_536
+# What a pool of N blocks passes as ``max_hashes``: a subscriber further behind than this many
+# hashes would be sent more of them than a snapshot holds (at most N), so the ring keeps no
+# more. Bounded by events alone, the ring grew a worker by ~20 MB over its first tens of
+# thousands of requests (65,536 events of a few hashes each) before it levelled off.
+HASHES_PER_BLOCK = 4
 
 
 class SubscriberFellBehind(Exception):
@@ -71,11 +77,17 @@ class KVEventLog:
     .. ``sequence``.
     """
 
-    def __init__(self, capacity: int = DEFAULT_CAPACITY):
+    def __init__(self, capacity: int = DEFAULT_CAPACITY, max_hashes: int | None = None):
+        """Keeps the latest ``capacity`` events, fewer when they carry more than
+        ``max_hashes`` hashes together (None: no such bound); the latest event is always kept."""
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
+        if max_hashes is not None and max_hashes < 1:
+            raise ValueError("max_hashes must be >= 1")
         self._cond = threading.Condition(threading.Lock())
         self._ring: deque[KVEvent] = deque(maxlen=capacity)
+        self._max_hashes = max_hashes
+        self._ring_hashes = 0   # hashes carried by the events in the ring
         self._sequence = 0
         self._cached: set[int] = set()
         self._listeners: list[Callable[[], None]] = []
@@ -100,7 +112,14 @@ class KVEventLog:
             self._sequence += 1
             event = make(self._sequence)
             apply()
-            self._ring.append(event)
+            ring = self._ring
+            if len(ring) == ring.maxlen:
+                self._ring_hashes -= _num_hashes(ring[0])   # append() drops it
+            ring.append(event)
+            self._ring_hashes += _num_hashes(event)
+            if self._max_hashes is not None:
+                while self._ring_hashes > self._max_hashes and len(ring) > 1:
+                    self._ring_hashes -= _num_hashes(ring.popleft())
             self._cond.notify_all()
             listeners = tuple(self._listeners)
         # Outside the lock: a listener may read the log (it must be quick and must not raise).
@@ -153,3 +172,7 @@ class KVEventLog:
                 self._listeners.remove(listener)
 
         return remove
+
+
+def _num_hashes(event: KVEvent) -> int:
+    return 0 if isinstance(event, AllCleared) else len(event.block_hashes)
