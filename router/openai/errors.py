@@ -5,8 +5,12 @@ keys, ``param``/``code`` may be null) with the status of the ``core.errors`` cla
 message is the error's ``public_message``: a worker failure or an internal error says what
 happened in fixed words, never which worker, which address or what the peer said (that goes
 to the log, with the request id).
-Validation failures are 400 here, never FastAPI's 422; 429 and 503 carry ``Retry-After``;
-an unexpected exception is logged with its traceback and answered with a generic 500.
+Validation failures are 400 here, never FastAPI's 422; every 429 and every 503 carries
+``Retry-After`` (``headers_of``, whatever the error's class: worker failures, shedding, the
+drain, an unreachable limit store or database, uvicorn's own concurrency limit in
+router/api/connections.py); an unreachable Redis (``RedisError`` from anywhere in a route)
+is a 503, never a 500; an unexpected exception is logged with its traceback and answered
+with a generic 500.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -26,7 +31,7 @@ from core.errors import (
     ElectronError,
     InternalError,
     InvalidRequest,
-    Overloaded,
+    LimitStoreUnavailable,
     RateLimited,
 )
 
@@ -34,6 +39,13 @@ log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
 GENERIC_500 = InternalError.public_text or ""
+RETRIED_STATUSES = (429, 503)  # each carries Retry-After
+DEFAULT_RETRY_AFTER_S = 1.0
+
+
+def retry_after_header(seconds: float | None) -> str:
+    """Whole seconds, at least 1 (``DEFAULT_RETRY_AFTER_S`` when the error names none)."""
+    return str(max(1, math.ceil(DEFAULT_RETRY_AFTER_S if seconds is None else seconds)))
 
 
 def error_body(message: str, type: str, param: str | None = None,
@@ -48,8 +60,8 @@ def body_of(exc: ElectronError) -> dict[str, Any]:
 def headers_of(exc: ElectronError) -> dict[str, str]:
     """Retry-After (whole seconds, at least 1) and any limit headers the error carries."""
     headers: dict[str, str] = {}
-    if isinstance(exc, (RateLimited, Overloaded)):
-        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    if exc.status in RETRIED_STATUSES:
+        headers["Retry-After"] = retry_after_header(exc.retry_after)
     if isinstance(exc, RateLimited):
         headers.update(exc.headers)
     return headers
@@ -108,6 +120,12 @@ async def _electron_error(request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
+async def _redis_error(request: Request, exc: Exception) -> Response:
+    # Whatever route met it (a connection refused, a timeout, a pipeline cut midway): the
+    # store is unavailable, which is a 503 to retry, never a 500.
+    return await _electron_error(request, LimitStoreUnavailable(f"{type(exc).__name__}: {exc}"))
+
+
 async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     # FastAPI prefixes where the value came from; the param is the field's own name.
@@ -142,6 +160,7 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ElectronError, _electron_error)
+    app.add_exception_handler(RedisError, _redis_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
