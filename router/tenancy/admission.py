@@ -170,8 +170,9 @@ class Tenancy:
         tenancy = config.tenancy
         self.db = database_of(tenancy)
         self.store = TenantStore.for_config(self.db, config)
-        self.limiter: Limiter = make_limiter(tenancy.redis_url, prefix=tenancy.redis_prefix,
-                                             slot_lease_s=tenancy.slot_lease_s)
+        self.limiter: Limiter = make_limiter(
+            tenancy.redis_url, prefix=tenancy.redis_prefix, slot_lease_s=tenancy.slot_lease_s,
+            revoked_of=self._revoked_key_ids)
         self.ledger = Ledger(self.db, tenancy.spool_path, flush_s=tenancy.ledger_flush_s,
                              batch=tenancy.ledger_batch)
         self.prices = Prices(Decimal(tenancy.price_input), Decimal(tenancy.price_cached_input),
@@ -241,7 +242,8 @@ class Tenancy:
         else:
             principal = await self._look_up(key, digest, cached)
         assert isinstance(principal, Principal)
-        if check_revoked and await self.limiter.is_revoked(principal.key_id or ""):
+        if check_revoked and await self.limiter.is_revoked(principal.tenant_id,
+                                                           principal.key_id or ""):
             raise AuthenticationFailed("Incorrect API key provided: this key was revoked.")
         return principal
 
@@ -273,12 +275,22 @@ class Tenancy:
         return principal
 
     async def revoke_key(self, key_id: str) -> None:
-        """Revokes in the database and, at once, on every replica."""
-        await asyncio.to_thread(self.store.revoke_key, key_id)
-        await self.limiter.revoke(key_id)
+        """Revokes in the database (where it lasts) and, at once, on every replica."""
+        record = await asyncio.to_thread(self.store.revoke_key, key_id)
+        await self.limiter.revoke(record.tenant_id, key_id)
         for digest, (principal, _) in self._cache.items():
             if getattr(principal, "key_id", None) == key_id:
                 self._cache.pop(digest)
+
+    async def _revoked_key_ids(self, tenant_id: str) -> list[str]:
+        """The tenant's revoked keys, from the database (bounded by its timeouts)."""
+        self.db.check_up()
+        try:
+            async with asyncio.timeout(self.db.connect_timeout_s + self.db.statement_timeout_s):
+                return await asyncio.to_thread(self.store.revoked_key_ids, tenant_id)
+        except TimeoutError:
+            self.db.mark_down("loading revoked keys timed out")
+            raise DatabaseUnavailable("loading revoked keys timed out") from None
 
     # -- admission
 

@@ -85,7 +85,7 @@ async def test_in_process_limiter_refuses_the_11th_request_and_the_4th_concurren
     assert over.value.headers["x-ratelimit-limit-requests"] == "10"
     assert over.value.headers["x-ratelimit-remaining-requests"] == "0"
     assert 59 <= over.value.retry_after <= 60
-    await limiter.revoke("key_1")
+    await limiter.revoke("acme", "key_1")
     with pytest.raises(AuthenticationFailed):
         await limiter.admit(who)
 
