@@ -90,20 +90,24 @@ def spool_path(path: str, index: int) -> str:
 def orphan_spools(path: str, processes: int) -> list[Path]:
     """Spools of process indices >= ``processes`` (left by a run with more processes)."""
     p = Path(path).expanduser()
-    pattern = re.compile(re.escape(p.stem) + r"\.([0-9]+)" + re.escape(p.suffix) + "$")
+    # A spool's replay file (``<spool>.replay``, router/tenancy/ledger.py) goes with it: the
+    # spool's path names both (either may be left alone).
+    pattern = re.compile("(" + re.escape(p.stem) + r"\.([0-9]+)" + re.escape(p.suffix)
+                         + r")(\.replay)?$")
     try:
         names = sorted(os.listdir(p.parent))
     except FileNotFoundError:
         return []
-    return [p.with_name(name) for name in names
-            if (m := pattern.match(name)) and int(m.group(1)) >= processes]
+    spools = {m.group(1) for name in names
+              if (m := pattern.match(name)) and int(m.group(2)) >= processes}
+    return [p.with_name(name) for name in sorted(spools)]
 
 
-def child_config(config: Config, index: int) -> Config:
+def child_config(config: Config, index: int, migrate: bool = False) -> Config:
     """What process ``index`` runs: one process of its own, its own spool, no migration (the
-    supervisor made it)."""
+    supervisor made it; ``migrate``: it could not, the database being down)."""
     tenancy = config.tenancy.model_copy(update={
-        "spool_path": spool_path(config.tenancy.spool_path, index), "migrate_on_start": False})
+        "spool_path": spool_path(config.tenancy.spool_path, index), "migrate_on_start": migrate})
     router = config.router.model_copy(update={"processes": 1})
     return config.model_copy(update={"tenancy": tenancy, "router": router})
 

@@ -31,6 +31,7 @@ import hmac
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -42,7 +43,7 @@ from core.errors import (
     PermissionDenied,
 )
 from router.routing.load import queued_requests
-from router.tenancy.ledger import Ledger, Prices, UsageRow
+from router.tenancy.ledger import PROVISIONAL_STATUS, Ledger, Prices, UsageRow
 from router.tenancy.limits import Limiter, Slot, make_limiter
 from router.tenancy.sqldb import DatabaseUnavailable, database_of
 from router.tenancy.store import (
@@ -130,6 +131,10 @@ class Admission:
     _tenancy: Tenancy = field(repr=False)
     started_at: float = field(default_factory=time.time)
     _finished: bool = field(default=False, repr=False)
+    # The request's usage so far (prompt billed, cached, completion tokens), set by its
+    # lifecycle: what its provisional ledger row bills if the router dies with it open.
+    progress: Callable[[], tuple[int, int, int]] = field(default=lambda: (0, 0, 0),
+                                                         repr=False)
 
     def headers(self) -> dict[str, str]:
         """The ``x-ratelimit-*`` headers of an admitted request."""
@@ -151,15 +156,24 @@ class Admission:
         self._finished = True
         if self._slot is not None:
             self._slot.release(prompt_tokens + completion_tokens)
+        self._tenancy.ledger.record(self._row(status, prompt_tokens, cached_tokens,
+                                              completion_tokens))
+
+    def provisional_row(self) -> UsageRow:
+        """The row of what it used so far, should the router die before ``finish``."""
+        return self._row(PROVISIONAL_STATUS, *self.progress())
+
+    def _row(self, status: str, prompt_tokens: int, cached_tokens: int,
+             completion_tokens: int) -> UsageRow:
         principal = self.principal
-        self._tenancy.ledger.record(UsageRow(
+        return UsageRow(
             request_id=self.request_id, client_request_id=self.client_request_id,
             tenant_id=principal.tenant_id if principal else ANONYMOUS_TENANT,
             key_id=principal.key_id if principal else None, model=self.model,
             prompt_tokens=prompt_tokens, cached_tokens=cached_tokens,
             completion_tokens=completion_tokens,
             cost=self._tenancy.prices.cost(prompt_tokens, cached_tokens, completion_tokens),
-            status=status, started_at=self.started_at, finished_at=time.time()))
+            status=status, started_at=self.started_at, finished_at=time.time())
 
 
 class Tenancy:
@@ -300,8 +314,8 @@ class Tenancy:
         the server's id for the request; ``sequences`` its n, each a slot of the plan's
         concurrency."""
         if principal is None:
-            return Admission(None, TenantTerms(), model, request_id, client_request_id, None,
-                             self)
+            return self._admitted(Admission(None, TenantTerms(), model, request_id,
+                                            client_request_id, None, self))
         if principal.is_admin:
             raise PermissionDenied("the admin key manages tenants; it cannot send requests")
         if not principal.may_use(model):
@@ -316,7 +330,12 @@ class Tenancy:
         plan = principal.plan
         terms = TenantTerms(priority=plan.priority, cache_salt=principal.cache_salt,
                             max_context=plan.max_context, pool=principal.pool)
-        return Admission(principal, terms, model, request_id, client_request_id, slot, self)
+        return self._admitted(Admission(principal, terms, model, request_id,
+                                        client_request_id, slot, self))
+
+    def _admitted(self, admission: Admission) -> Admission:
+        self.ledger.open(admission.request_id, admission.provisional_row)
+        return admission
 
     def _shed(self, plan: Plan, pool: str | None) -> None:
         """503 when the queues of the workers that would serve the request (its tenant's
