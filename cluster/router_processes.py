@@ -227,20 +227,25 @@ async def supervise(config: Config, log_level: str = "info",
         metrics_dir = tempfile.mkdtemp(prefix="electron-router-metrics-")
         os.environ[MULTIPROC_DIR_ENV] = metrics_dir
     try:
+        children_migrate = False
         if config.tenancy.migrate_on_start:
-            from router.tenancy.sqldb import database_of
+            from router.tenancy.sqldb import DatabaseUnavailable, database_of
 
             db = database_of(config.tenancy)
             try:
                 await asyncio.to_thread(db.migrate)
+            except DatabaseUnavailable as exc:  # start anyway: each child migrates once it
+                log.error("the tenant database is unavailable (%s); the router processes "
+                          "start and migrate the schema once it answers", exc.message)
+                children_migrate = True
             finally:
                 db.close()
 
         def start(index: int) -> _Child:
             adopt = tuple(str(p) for p in orphan_spools(config.tenancy.spool_path, n)) \
                 if index == 0 else ()
-            return _Child(ChildArgs(index, child_config(config, index), log_level, port,
-                                    os.getpid(), source, adopt))
+            return _Child(ChildArgs(index, child_config(config, index, children_migrate),
+                                    log_level, port, os.getpid(), source, adopt))
 
         children = [start(i) for i in range(n)]
         while not all(c.ready for c in children):  # startup: any failure fails the command

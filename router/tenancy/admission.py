@@ -192,6 +192,7 @@ class Tenancy:
         self.prices = Prices(Decimal(tenancy.price_input), Decimal(tenancy.price_cached_input),
                              Decimal(tenancy.price_output))
         self._pool = pool
+        self._migrator: asyncio.Task[None] | None = None
         self._cache = _Lru(KEY_CACHE_SIZE)               # digest -> (principal, expiry)
         self._unknown = _Lru(UNKNOWN_KEY_CACHE_SIZE)     # digest -> (None, expiry)
         auth = config.auth
@@ -204,12 +205,40 @@ class Tenancy:
     # -- lifecycle
 
     async def start(self) -> None:
+        """Starts whether or not the database and Redis answer (see ``RedisLimiter.start``):
+        a database down at start leaves the schema to migrate once it answers, the ledger's
+        rows waiting in its spool meanwhile."""
         if self.config.tenancy.migrate_on_start:
-            await asyncio.to_thread(self.db.migrate)
+            try:
+                await asyncio.to_thread(self.db.migrate)
+            except DatabaseUnavailable as exc:
+                log.error("the tenant database is unavailable at start (%s): static keys "
+                          "are served, other keys get 503 until it answers; ledger rows "
+                          "wait in the spool; the schema is migrated once it answers",
+                          exc.message)
+                self.ledger.paused = True
+                self._migrator = asyncio.create_task(self._migrate_when_up(),
+                                                     name="migrate-when-up")
         await self.limiter.start()
         await self.ledger.start()
 
+    async def _migrate_when_up(self) -> None:
+        delay = 0.5
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await asyncio.to_thread(self.db.migrate)
+            except DatabaseUnavailable:
+                delay = min(delay * 2, 10.0)
+                continue
+            log.info("the tenant database answers: schema migrated, ledger resumed")
+            self.ledger.resume()
+            return
+
     async def stop(self) -> None:
+        if self._migrator is not None:
+            self._migrator.cancel()
+            await asyncio.gather(self._migrator, return_exceptions=True)
         try:
             await self.ledger.stop()
         finally:
