@@ -91,13 +91,6 @@ class NoWorkers(Overloaded):
     code = "no_workers"
 
 
-class LimitStoreUnavailable(Overloaded):
-    """The limit store (Redis: limits, slots, revocations) cannot be reached or answered an
-    error: a 503 the client retries; its message (naming the host) is for the log."""
-
-    public_text = "The rate limit store is unavailable; retry shortly."
-
-
 class WorkerUnavailable(ElectronError):
     """A worker failed or vanished; the router may retry elsewhere if nothing was sent yet."""
 

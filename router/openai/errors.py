@@ -8,22 +8,22 @@ to the log, with the request id).
 Validation failures are 400 here, never FastAPI's 422; every 429 and every 503 carries
 ``Retry-After`` (``headers_of``, whatever the error's class: worker failures, shedding, the
 drain, an unreachable limit store or database, uvicorn's own concurrency limit in
-router/api/connections.py); an unreachable Redis (``RedisError`` from anywhere in a route)
-is a 503, never a 500; an unexpected exception is logged with its traceback and answered
-with a generic 500.
+router/api/connections.py); an exception of another library that stands for one of ours is
+answered as that one (``install_error_handlers``' ``translate``: the app's ``RedisError``
+from anywhere in a route is a 503, never a 500); an unexpected exception is logged with its
+traceback and answered with a generic 500.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -31,7 +31,6 @@ from core.errors import (
     ElectronError,
     InternalError,
     InvalidRequest,
-    LimitStoreUnavailable,
     RateLimited,
 )
 
@@ -120,12 +119,6 @@ async def _electron_error(request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
-async def _redis_error(request: Request, exc: Exception) -> Response:
-    # Whatever route met it (a connection refused, a timeout, a pipeline cut midway): the
-    # store is unavailable, which is a 503 to retry, never a 500.
-    return await _electron_error(request, LimitStoreUnavailable(f"{type(exc).__name__}: {exc}"))
-
-
 async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     # FastAPI prefixes where the value came from; the param is the field's own name.
@@ -158,9 +151,19 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
                           headers={**_request_id_headers(request), "Connection": "close"})
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI,
+                           translate: Mapping[type[Exception],
+                                              Callable[[Exception], ElectronError]] | None = None
+                           ) -> None:
+    """``translate``: exceptions of other libraries that stand for one of ours (the app's
+    ``RedisError``: the limit store is unavailable), answered as that error wherever a route
+    meets them."""
+    for kind, to_error in (translate or {}).items():
+        async def translated(request: Request, exc: Exception, to_error=to_error) -> Response:
+            return await _electron_error(request, to_error(exc))
+
+        app.add_exception_handler(kind, translated)
     app.add_exception_handler(ElectronError, _electron_error)
-    app.add_exception_handler(RedisError, _redis_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)

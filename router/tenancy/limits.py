@@ -51,7 +51,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from core.errors import AuthenticationFailed, LimitStoreUnavailable, RateLimited
+from core.errors import AuthenticationFailed, Overloaded, RateLimited
 from router.tenancy.store import REVOKED_LOADED, Principal, revoked_keys_set, tenant_key
 
 log = logging.getLogger(__name__)
@@ -317,9 +317,22 @@ class InProcessLimiter(Limiter):
         return len(self._held.get(tenant_id, ()))
 
 
+class LimitStoreUnavailable(Overloaded):
+    """The limit store (Redis: limits, slots, revocations) cannot be reached or answered an
+    error: a 503 the client retries; its message (naming the host) is for the log. The app
+    answers any ``RedisError`` a route meets as this (router/api/app.py)."""
+
+    public_text = "The rate limit store is unavailable; retry shortly."
+
+    @classmethod
+    def of(cls, exc: Exception) -> LimitStoreUnavailable:
+        return cls(f"the limit store is unavailable: {type(exc).__name__}: {exc}",
+                   retry_after=1.0)
+
+
 def _unavailable(exc: Exception) -> LimitStoreUnavailable:
     log.warning("the limit store is unavailable: %s: %s", type(exc).__name__, exc)
-    return LimitStoreUnavailable(f"the limit store is unavailable: {exc}", retry_after=1.0)
+    return LimitStoreUnavailable.of(exc)
 
 
 class RedisLimiter(Limiter):

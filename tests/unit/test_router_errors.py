@@ -201,6 +201,7 @@ def test_every_503_kind_carries_retry_after():
     no workers, the drain, the database, the limit store), and one a later change may add:
     each response has Retry-After, from the one place that builds it."""
     import router.api.drain  # noqa: F401 - its ShuttingDown is one of them
+    import router.tenancy.limits  # noqa: F401 - LimitStoreUnavailable
     kinds = [c for c in _subclasses(ElectronError) if c.status == 503]
     assert {c.__name__ for c in kinds} >= {"Overloaded", "NoWorkers", "WorkerUnavailable",
                                            "ShuttingDown", "DatabaseUnavailable",
