@@ -90,20 +90,24 @@ def spool_path(path: str, index: int) -> str:
 def orphan_spools(path: str, processes: int) -> list[Path]:
     """Spools of process indices >= ``processes`` (left by a run with more processes)."""
     p = Path(path).expanduser()
-    pattern = re.compile(re.escape(p.stem) + r"\.([0-9]+)" + re.escape(p.suffix) + "$")
+    # A spool's replay file (``<spool>.replay``, router/tenancy/ledger.py) goes with it: the
+    # spool's path names both (either may be left alone).
+    pattern = re.compile("(" + re.escape(p.stem) + r"\.([0-9]+)" + re.escape(p.suffix)
+                         + r")(\.replay)?$")
     try:
         names = sorted(os.listdir(p.parent))
     except FileNotFoundError:
         return []
-    return [p.with_name(name) for name in names
-            if (m := pattern.match(name)) and int(m.group(1)) >= processes]
+    spools = {m.group(1) for name in names
+              if (m := pattern.match(name)) and int(m.group(2)) >= processes}
+    return [p.with_name(name) for name in sorted(spools)]
 
 
-def child_config(config: Config, index: int) -> Config:
+def child_config(config: Config, index: int, migrate: bool = False) -> Config:
     """What process ``index`` runs: one process of its own, its own spool, no migration (the
-    supervisor made it)."""
+    supervisor made it; ``migrate``: it could not, the database being down)."""
     tenancy = config.tenancy.model_copy(update={
-        "spool_path": spool_path(config.tenancy.spool_path, index), "migrate_on_start": False})
+        "spool_path": spool_path(config.tenancy.spool_path, index), "migrate_on_start": migrate})
     router = config.router.model_copy(update={"processes": 1})
     return config.model_copy(update={"tenancy": tenancy, "router": router})
 
@@ -223,20 +227,25 @@ async def supervise(config: Config, log_level: str = "info",
         metrics_dir = tempfile.mkdtemp(prefix="electron-router-metrics-")
         os.environ[MULTIPROC_DIR_ENV] = metrics_dir
     try:
+        children_migrate = False
         if config.tenancy.migrate_on_start:
-            from router.tenancy.sqldb import database_of
+            from router.tenancy.sqldb import DatabaseUnavailable, database_of
 
             db = database_of(config.tenancy)
             try:
                 await asyncio.to_thread(db.migrate)
+            except DatabaseUnavailable as exc:  # start anyway: each child migrates once it
+                log.error("the tenant database is unavailable (%s); the router processes "
+                          "start and migrate the schema once it answers", exc.message)
+                children_migrate = True
             finally:
                 db.close()
 
         def start(index: int) -> _Child:
             adopt = tuple(str(p) for p in orphan_spools(config.tenancy.spool_path, n)) \
                 if index == 0 else ()
-            return _Child(ChildArgs(index, child_config(config, index), log_level, port,
-                                    os.getpid(), source, adopt))
+            return _Child(ChildArgs(index, child_config(config, index, children_migrate),
+                                    log_level, port, os.getpid(), source, adopt))
 
         children = [start(i) for i in range(n)]
         while not all(c.ready for c in children):  # startup: any failure fails the command

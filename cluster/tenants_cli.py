@@ -94,11 +94,12 @@ def _verb(args: argparse.Namespace, config: Config, store: TenantStore) -> int:
                 state = f"revoked {_when(key.revoked_at)}" if key.revoked_at else "active"
                 print(f"    {key.key_id}  {state}  created={_when(key.created_at)}")
     elif args.verb == "revoke-key":
-        store.revoke_key(args.key_id)
+        record = store.revoke_key(args.key_id)
         if config.tenancy.redis_url:
             import redis
 
             with redis.Redis.from_url(config.tenancy.redis_url) as client:
-                client.sadd(revoked_keys_set(config.tenancy.redis_prefix), args.key_id)
+                client.sadd(revoked_keys_set(config.tenancy.redis_prefix, record.tenant_id),
+                            args.key_id)
         print(f"key {args.key_id} revoked")
     return 0

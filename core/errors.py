@@ -18,6 +18,9 @@ class ElectronError(Exception):
     # messages are for the log (they may name a worker, a peer address or a database host)
     # sets a fixed text here; router/openai/errors.py builds every body from it.
     public_text: str | None = None
+    # Seconds a client should wait before retrying (the ``Retry-After`` header): every 503
+    # and 429 has one (router/openai/errors.py answers 1 s for a class that sets none).
+    retry_after: float | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -96,6 +99,7 @@ class WorkerUnavailable(ElectronError):
     code = "worker_unavailable"
     public_text = ("The model worker serving this request failed or became unavailable; "
                    "retry the request.")
+    retry_after = 1.0
 
 
 class InternalError(ElectronError):

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request
+from redis.exceptions import RedisError
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -47,6 +48,7 @@ from router.routing.prefix_index import PrefixIndex
 from router.telemetry import observe
 from router.telemetry.metrics import RouterMetrics, record_rate_limit_rejection
 from router.tenancy.admission import Admission, Tenancy
+from router.tenancy.limits import LimitStoreUnavailable
 from router.tools.grammar_spec import grammar_spec, tool_use
 
 BASE_PATHS = ("/v1", "/waves/v1")
@@ -258,7 +260,7 @@ def create_app(config: Config, worker_source: WorkerSource,
     tenancy.ledger.on_quarantine = app.state.metrics.ledger_quarantined.inc
     app.state.model_card = {"id": settings.model_id, "object": "model",
                             "created": int(time.time()), "owned_by": OWNED_BY}
-    install_error_handlers(app)
+    install_error_handlers(app, translate={RedisError: LimitStoreUnavailable.of})
     # Added first, so it runs inside RequestContextMiddleware, whose request id it reads.
     app.add_middleware(observe.ObservabilityMiddleware, metrics=app.state.metrics,
                        tracing=tracing)

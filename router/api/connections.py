@@ -11,6 +11,8 @@ whole request (head and body) must arrive within ``router.request_read_timeout_s
 the connection is closed (a 408 first when the head is not complete; a request whose body
 is late sees the client gone). Heads past ``router.max_header_bytes`` are refused with 431.
 h11's own head limit is set to the same size for a deployment that runs uvicorn on h11.
+Past ``limit_concurrency`` a request gets our 503 (the error body, ``Retry-After``), not
+uvicorn's plain-text one.
 
 ``uvicorn_settings(config)`` gives the ``uvicorn.Config`` arguments for every router
 process (cluster/launcher.py) and the tests.
@@ -22,9 +24,13 @@ import asyncio
 import logging
 from typing import Any
 
+from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from core.config import RouterConfig
+from core.errors import Overloaded
+from router.openai.errors import error_response
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +38,13 @@ _TIMED_OUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n"
               b"connection: close\r\n\r\n")
 _TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n"
               b"connection: close\r\n\r\n")
+
+
+async def _over_capacity(scope: Scope, receive: Receive, send: Send) -> None:
+    """uvicorn's ``limit_concurrency`` refusal in the API's error format."""
+    error = Overloaded("The router is at its connection limit; retry shortly.",
+                       retry_after=1.0)
+    await error_response(error, headers={"Connection": "close"})(scope, receive, send)
 
 
 class _GuardedHttpTools(HttpToolsProtocol):
@@ -72,6 +85,9 @@ class _GuardedHttpTools(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._disarm()
+
+    def _start_asgi_task(self, cycle, app) -> None:  # type: ignore[no-untyped-def]
+        super()._start_asgi_task(cycle, _over_capacity if app is service_unavailable else app)
 
     def _count(self, size: int) -> None:
         self._head_bytes += size

@@ -51,6 +51,9 @@ class ChatRequest:
         self.request = request
         self.request_id = request_id
         self.usage = Usage()
+        usage = self.usage
+        admission.progress = lambda: (usage.billed_prompt_tokens, usage.cached_tokens,
+                                      usage.completion_tokens)
         self._generation: Generation | None = None
         self._finished = False
         # Watches the work before the response (the first token, or the whole body).

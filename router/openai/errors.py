@@ -5,15 +5,20 @@ keys, ``param``/``code`` may be null) with the status of the ``core.errors`` cla
 message is the error's ``public_message``: a worker failure or an internal error says what
 happened in fixed words, never which worker, which address or what the peer said (that goes
 to the log, with the request id).
-Validation failures are 400 here, never FastAPI's 422; 429 and 503 carry ``Retry-After``;
-an unexpected exception is logged with its traceback and answered with a generic 500.
+Validation failures are 400 here, never FastAPI's 422; every 429 and every 503 carries
+``Retry-After`` (``headers_of``, whatever the error's class: worker failures, shedding, the
+drain, an unreachable limit store or database, uvicorn's own concurrency limit in
+router/api/connections.py); an exception of another library that stands for one of ours is
+answered as that one (``install_error_handlers``' ``translate``: the app's ``RedisError``
+from anywhere in a route is a 503, never a 500); an unexpected exception is logged with its
+traceback and answered with a generic 500.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -26,7 +31,6 @@ from core.errors import (
     ElectronError,
     InternalError,
     InvalidRequest,
-    Overloaded,
     RateLimited,
 )
 
@@ -34,6 +38,13 @@ log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
 GENERIC_500 = InternalError.public_text or ""
+RETRIED_STATUSES = (429, 503)  # each carries Retry-After
+DEFAULT_RETRY_AFTER_S = 1.0
+
+
+def retry_after_header(seconds: float | None) -> str:
+    """Whole seconds, at least 1 (``DEFAULT_RETRY_AFTER_S`` when the error names none)."""
+    return str(max(1, math.ceil(DEFAULT_RETRY_AFTER_S if seconds is None else seconds)))
 
 
 def error_body(message: str, type: str, param: str | None = None,
@@ -48,8 +59,8 @@ def body_of(exc: ElectronError) -> dict[str, Any]:
 def headers_of(exc: ElectronError) -> dict[str, str]:
     """Retry-After (whole seconds, at least 1) and any limit headers the error carries."""
     headers: dict[str, str] = {}
-    if isinstance(exc, (RateLimited, Overloaded)):
-        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    if exc.status in RETRIED_STATUSES:
+        headers["Retry-After"] = retry_after_header(exc.retry_after)
     if isinstance(exc, RateLimited):
         headers.update(exc.headers)
     return headers
@@ -140,7 +151,18 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
                           headers={**_request_id_headers(request), "Connection": "close"})
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI,
+                           translate: Mapping[type[Exception],
+                                              Callable[[Exception], ElectronError]] | None = None
+                           ) -> None:
+    """``translate``: exceptions of other libraries that stand for one of ours (the app's
+    ``RedisError``: the limit store is unavailable), answered as that error wherever a route
+    meets them."""
+    for kind, to_error in (translate or {}).items():
+        async def translated(request: Request, exc: Exception, to_error=to_error) -> Response:
+            return await _electron_error(request, to_error(exc))
+
+        app.add_exception_handler(kind, translated)
     app.add_exception_handler(ElectronError, _electron_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

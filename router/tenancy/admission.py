@@ -31,6 +31,7 @@ import hmac
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -42,7 +43,7 @@ from core.errors import (
     PermissionDenied,
 )
 from router.routing.load import queued_requests
-from router.tenancy.ledger import Ledger, Prices, UsageRow
+from router.tenancy.ledger import PROVISIONAL_STATUS, Ledger, Prices, UsageRow
 from router.tenancy.limits import Limiter, Slot, make_limiter
 from router.tenancy.sqldb import DatabaseUnavailable, database_of
 from router.tenancy.store import (
@@ -130,6 +131,10 @@ class Admission:
     _tenancy: Tenancy = field(repr=False)
     started_at: float = field(default_factory=time.time)
     _finished: bool = field(default=False, repr=False)
+    # The request's usage so far (prompt billed, cached, completion tokens), set by its
+    # lifecycle: what its provisional ledger row bills if the router dies with it open.
+    progress: Callable[[], tuple[int, int, int]] = field(default=lambda: (0, 0, 0),
+                                                         repr=False)
 
     def headers(self) -> dict[str, str]:
         """The ``x-ratelimit-*`` headers of an admitted request."""
@@ -151,15 +156,24 @@ class Admission:
         self._finished = True
         if self._slot is not None:
             self._slot.release(prompt_tokens + completion_tokens)
+        self._tenancy.ledger.record(self._row(status, prompt_tokens, cached_tokens,
+                                              completion_tokens))
+
+    def provisional_row(self) -> UsageRow:
+        """The row of what it used so far, should the router die before ``finish``."""
+        return self._row(PROVISIONAL_STATUS, *self.progress())
+
+    def _row(self, status: str, prompt_tokens: int, cached_tokens: int,
+             completion_tokens: int) -> UsageRow:
         principal = self.principal
-        self._tenancy.ledger.record(UsageRow(
+        return UsageRow(
             request_id=self.request_id, client_request_id=self.client_request_id,
             tenant_id=principal.tenant_id if principal else ANONYMOUS_TENANT,
             key_id=principal.key_id if principal else None, model=self.model,
             prompt_tokens=prompt_tokens, cached_tokens=cached_tokens,
             completion_tokens=completion_tokens,
             cost=self._tenancy.prices.cost(prompt_tokens, cached_tokens, completion_tokens),
-            status=status, started_at=self.started_at, finished_at=time.time()))
+            status=status, started_at=self.started_at, finished_at=time.time())
 
 
 class Tenancy:
@@ -170,13 +184,15 @@ class Tenancy:
         tenancy = config.tenancy
         self.db = database_of(tenancy)
         self.store = TenantStore.for_config(self.db, config)
-        self.limiter: Limiter = make_limiter(tenancy.redis_url, prefix=tenancy.redis_prefix,
-                                             slot_lease_s=tenancy.slot_lease_s)
+        self.limiter: Limiter = make_limiter(
+            tenancy.redis_url, prefix=tenancy.redis_prefix, slot_lease_s=tenancy.slot_lease_s,
+            revoked_of=self._revoked_key_ids)
         self.ledger = Ledger(self.db, tenancy.spool_path, flush_s=tenancy.ledger_flush_s,
                              batch=tenancy.ledger_batch)
         self.prices = Prices(Decimal(tenancy.price_input), Decimal(tenancy.price_cached_input),
                              Decimal(tenancy.price_output))
         self._pool = pool
+        self._migrator: asyncio.Task[None] | None = None
         self._cache = _Lru(KEY_CACHE_SIZE)               # digest -> (principal, expiry)
         self._unknown = _Lru(UNKNOWN_KEY_CACHE_SIZE)     # digest -> (None, expiry)
         auth = config.auth
@@ -189,12 +205,40 @@ class Tenancy:
     # -- lifecycle
 
     async def start(self) -> None:
+        """Starts whether or not the database and Redis answer (see ``RedisLimiter.start``):
+        a database down at start leaves the schema to migrate once it answers, the ledger's
+        rows waiting in its spool meanwhile."""
         if self.config.tenancy.migrate_on_start:
-            await asyncio.to_thread(self.db.migrate)
+            try:
+                await asyncio.to_thread(self.db.migrate)
+            except DatabaseUnavailable as exc:
+                log.error("the tenant database is unavailable at start (%s): static keys "
+                          "are served, other keys get 503 until it answers; ledger rows "
+                          "wait in the spool; the schema is migrated once it answers",
+                          exc.message)
+                self.ledger.paused = True
+                self._migrator = asyncio.create_task(self._migrate_when_up(),
+                                                     name="migrate-when-up")
         await self.limiter.start()
         await self.ledger.start()
 
+    async def _migrate_when_up(self) -> None:
+        delay = 0.5
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await asyncio.to_thread(self.db.migrate)
+            except DatabaseUnavailable:
+                delay = min(delay * 2, 10.0)
+                continue
+            log.info("the tenant database answers: schema migrated, ledger resumed")
+            self.ledger.resume()
+            return
+
     async def stop(self) -> None:
+        if self._migrator is not None:
+            self._migrator.cancel()
+            await asyncio.gather(self._migrator, return_exceptions=True)
         try:
             await self.ledger.stop()
         finally:
@@ -241,7 +285,8 @@ class Tenancy:
         else:
             principal = await self._look_up(key, digest, cached)
         assert isinstance(principal, Principal)
-        if check_revoked and await self.limiter.is_revoked(principal.key_id or ""):
+        if check_revoked and await self.limiter.is_revoked(principal.tenant_id,
+                                                           principal.key_id or ""):
             raise AuthenticationFailed("Incorrect API key provided: this key was revoked.")
         return principal
 
@@ -273,12 +318,22 @@ class Tenancy:
         return principal
 
     async def revoke_key(self, key_id: str) -> None:
-        """Revokes in the database and, at once, on every replica."""
-        await asyncio.to_thread(self.store.revoke_key, key_id)
-        await self.limiter.revoke(key_id)
+        """Revokes in the database (where it lasts) and, at once, on every replica."""
+        record = await asyncio.to_thread(self.store.revoke_key, key_id)
+        await self.limiter.revoke(record.tenant_id, key_id)
         for digest, (principal, _) in self._cache.items():
             if getattr(principal, "key_id", None) == key_id:
                 self._cache.pop(digest)
+
+    async def _revoked_key_ids(self, tenant_id: str) -> list[str]:
+        """The tenant's revoked keys, from the database (bounded by its timeouts)."""
+        self.db.check_up()
+        try:
+            async with asyncio.timeout(self.db.connect_timeout_s + self.db.statement_timeout_s):
+                return await asyncio.to_thread(self.store.revoked_key_ids, tenant_id)
+        except TimeoutError:
+            self.db.mark_down("loading revoked keys timed out")
+            raise DatabaseUnavailable("loading revoked keys timed out") from None
 
     # -- admission
 
@@ -288,8 +343,8 @@ class Tenancy:
         the server's id for the request; ``sequences`` its n, each a slot of the plan's
         concurrency."""
         if principal is None:
-            return Admission(None, TenantTerms(), model, request_id, client_request_id, None,
-                             self)
+            return self._admitted(Admission(None, TenantTerms(), model, request_id,
+                                            client_request_id, None, self))
         if principal.is_admin:
             raise PermissionDenied("the admin key manages tenants; it cannot send requests")
         if not principal.may_use(model):
@@ -304,7 +359,12 @@ class Tenancy:
         plan = principal.plan
         terms = TenantTerms(priority=plan.priority, cache_salt=principal.cache_salt,
                             max_context=plan.max_context, pool=principal.pool)
-        return Admission(principal, terms, model, request_id, client_request_id, slot, self)
+        return self._admitted(Admission(principal, terms, model, request_id,
+                                        client_request_id, slot, self))
+
+    def _admitted(self, admission: Admission) -> Admission:
+        self.ledger.open(admission.request_id, admission.provisional_row)
+        return admission
 
     def _shed(self, plan: Plan, pool: str | None) -> None:
         """503 when the queues of the workers that would serve the request (its tenant's

@@ -3,7 +3,9 @@
 
 ``RedisLimiter`` makes each check one round trip: a Lua script (EVALSHA) that, atomically on
 the Redis server and with the server's clock,
-  1. answers "revoked" if the key id is in the revoked set,
+  1. answers "revoked" if the key id is in the tenant's revoked set (or "not loaded" when the
+     set lacks ``REVOKED_LOADED``: Redis restarted empty or was flushed; the limiter then
+     loads the tenant's revoked keys from the database and asks again),
   2. drops RPM entries older than 60 s (a sliding-window log: one sorted-set member per
      admitted request, scored by its time) and concurrency leases past their expiry,
   3. refuses if the window is full or every slot is taken, else records both.
@@ -22,6 +24,15 @@ the limit by more than what one request at an empty minute may use.
 
 A ``Slot`` is released exactly once (``release`` is idempotent), by whoever ends the
 request; the router calls it from one place (``router.tenancy.admission``).
+
+Every key a tenant's checks touch is ``<prefix>:{<tenant id>}:<name>`` (``tenant_key``): one
+Redis Cluster hash tag per tenant, so each script runs on one cluster slot.
+
+While Redis cannot be reached the router still starts and serves what needs no limit (health,
+readiness, the admin API); each request that needs Redis gets a fast 503
+(``LimitStoreUnavailable``, ``Retry-After``), never a 500, and never in-process limits (each
+replica alone would let a tenant through N times its plan). A revocation Redis could not take
+is kept and sent again until it does (the database has it already).
 """
 
 from __future__ import annotations
@@ -31,28 +42,38 @@ import collections
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from core.errors import AuthenticationFailed, Overloaded, RateLimited
-from router.tenancy.store import Principal, redis_namespace, revoked_keys_set
+from router.tenancy.store import REVOKED_LOADED, Principal, revoked_keys_set, tenant_key
 
 log = logging.getLogger(__name__)
 
 WINDOW_S = 60.0
 
-# KEYS: rpm log, concurrency leases, revoked key ids, this minute's token count.
+# KEYS: rpm log, concurrency leases, the tenant's revoked key ids, this minute's token count.
 # ARGV: rpm limit, concurrency limit, slot id, lease ms, key id, tpm limit (0: none), ms left
-# in this minute, sequences (lease members "<slot id>:<i>", i < sequences).
+# in this minute, sequences (lease members "<slot id>:<i>", i < sequences), REVOKED_LOADED.
 # Returns {verdict, rpm used, ms until the limit resets}; verdict 0 admitted, 1 over the RPM
-# limit, 2 over the concurrency limit, 3 revoked key, 4 over the tokens-per-minute limit.
+# limit, 2 over the concurrency limit, 3 revoked key, 4 over the tokens-per-minute limit,
+# 5 the revoked set is not loaded (nothing recorded).
 _ADMIT_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if ARGV[5] ~= '' and redis.call('SISMEMBER', KEYS[3], ARGV[5]) == 1 then
-  return {3, 0, 0}
+if ARGV[5] ~= '' then
+  if redis.call('SISMEMBER', KEYS[3], ARGV[9]) == 0 then
+    return {5, 0, 0}
+  end
+  if redis.call('SISMEMBER', KEYS[3], ARGV[5]) == 1 then
+    return {3, 0, 0}
+  end
 end
 local window = 60000
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
@@ -213,11 +234,11 @@ class Limiter:
         ``RateLimited`` / ``AuthenticationFailed`` (a revoked key)."""
         raise NotImplementedError
 
-    async def revoke(self, key_id: str) -> None:
-        """Every replica refuses ``key_id`` from now on."""
+    async def revoke(self, tenant_id: str, key_id: str) -> None:
+        """Every replica refuses ``key_id`` (of ``tenant_id``) from now on."""
         raise NotImplementedError
 
-    async def is_revoked(self, key_id: str) -> bool:
+    async def is_revoked(self, tenant_id: str, key_id: str) -> bool:
         raise NotImplementedError
 
     async def _reserve(self, slot: Slot, tokens: int, minute: int) -> None:
@@ -286,20 +307,47 @@ class InProcessLimiter(Limiter):
     def _tokens_this_minute(self, tenant_id: str) -> int:
         return self._tokens_in(tenant_id, int(time.time() // 60))
 
-    async def revoke(self, key_id: str) -> None:
+    async def revoke(self, tenant_id: str, key_id: str) -> None:
         self._revoked.add(key_id)
 
-    async def is_revoked(self, key_id: str) -> bool:
+    async def is_revoked(self, tenant_id: str, key_id: str) -> bool:
         return key_id in self._revoked
 
     def in_flight(self, tenant_id: str) -> int:
         return len(self._held.get(tenant_id, ()))
 
 
+class LimitStoreUnavailable(Overloaded):
+    """The limit store (Redis: limits, slots, revocations) cannot be reached or answered an
+    error: a 503 the client retries; its message (naming the host) is for the log. The app
+    answers any ``RedisError`` a route meets as this (router/api/app.py)."""
+
+    public_text = "The rate limit store is unavailable; retry shortly."
+
+    @classmethod
+    def of(cls, exc: Exception) -> LimitStoreUnavailable:
+        return cls(f"the limit store is unavailable: {type(exc).__name__}: {exc}",
+                   retry_after=1.0)
+
+
+def _unavailable(exc: Exception) -> LimitStoreUnavailable:
+    log.warning("the limit store is unavailable: %s: %s", type(exc).__name__, exc)
+    return LimitStoreUnavailable.of(exc)
+
+
 class RedisLimiter(Limiter):
-    def __init__(self, url: str, *, prefix: str, slot_lease_s: float):
-        self._redis = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3)
-        self._prefix = redis_namespace(prefix)
+    def __init__(self, url: str, *, prefix: str, slot_lease_s: float,
+                 revoked_of: Callable[[str], Awaitable[Collection[str]]] | None = None):
+        """``revoked_of(tenant_id)``: the tenant's revoked key ids from the database, what
+        a revoked-keys set Redis lost is loaded from (None: no database, nothing to load)."""
+        # A command that meets a connection Redis closed (it restarted) is sent once more, on
+        # a new connection, at once; a timeout is not (it would double the wait).
+        self._redis = aioredis.Redis.from_url(
+            url, socket_timeout=5, socket_connect_timeout=3,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
+        self._prefix = prefix
+        self._revoked_of = revoked_of
+        self._unsent_revocations: set[tuple[str, str]] = set()
         self._lease_ms = max(1, int(slot_lease_s * 1000))
         self._admit = self._redis.register_script(_ADMIT_LUA)
         self._renew = self._redis.register_script(_RENEW_LUA)
@@ -307,15 +355,23 @@ class RedisLimiter(Limiter):
         self._held: dict[str, set[str]] = collections.defaultdict(set)
         self._releases: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
-        self._revoked_key = revoked_keys_set(prefix)
 
     def _keys(self, tenant_id: str) -> tuple[str, str]:
-        # One hash tag per tenant: both keys land in one Redis Cluster slot.
-        tag = f"{self._prefix}{{{tenant_id}}}"
-        return tag + ":rpm", tag + ":slots"
+        return tenant_key(self._prefix, tenant_id, "rpm"), tenant_key(self._prefix, tenant_id,
+                                                                      "slots")
+
+    def admit_keys(self, tenant_id: str, now: float) -> list[str]:
+        """The keys the admission script of ``tenant_id`` touches (one hash tag)."""
+        return [*self._keys(tenant_id), revoked_keys_set(self._prefix, tenant_id),
+                self._tpm_key(tenant_id, now)]
 
     async def start(self) -> None:
-        await self._redis.ping()
+        try:
+            await self._redis.ping()
+        except RedisError as exc:  # serve anyway: what needs Redis gets a 503 until it is back
+            log.error("the limit store (Redis) is unreachable at start (%s: %s): requests "
+                      "that need limits or revocations get 503 until it answers",
+                      type(exc).__name__, exc)
         self._renewer = asyncio.create_task(self._renew_loop(), name="slot-lease-renewer")
 
     async def stop(self) -> None:
@@ -339,21 +395,23 @@ class RedisLimiter(Limiter):
     async def admit(self, principal: Principal, sequences: int = 1) -> Slot:
         plan = principal.plan
         slot_id = uuid.uuid4().hex
-        rpm_key, slots_key = self._keys(principal.tenant_id)
-        now = time.time()
-        try:
-            verdict_code, used, reset_ms = await self._admit(
-                keys=[rpm_key, slots_key, self._revoked_key,
-                      self._tpm_key(principal.tenant_id, now)],
-                args=[plan.rpm, plan.concurrency, slot_id, self._lease_ms,
-                      principal.key_id or "", plan.tpm or 0, int((60 - now % 60) * 1000),
-                      sequences])
-        except RedisError as exc:
-            # Limits cannot be checked: refuse (a 503 the client retries), never serve
-            # unmetered.
-            log.warning("the limit store is unavailable: %s", exc)
-            raise Overloaded("The rate limit store is unavailable; retry shortly.",
-                             retry_after=1.0) from None
+        for attempt in range(2):
+            now = time.time()
+            try:
+                verdict_code, used, reset_ms = await self._admit(
+                    keys=self.admit_keys(principal.tenant_id, now),
+                    args=[plan.rpm, plan.concurrency, slot_id, self._lease_ms,
+                          principal.key_id or "", plan.tpm or 0, int((60 - now % 60) * 1000),
+                          sequences, REVOKED_LOADED])
+            except RedisError as exc:
+                # Limits cannot be checked: refuse (a 503 the client retries), never serve
+                # unmetered.
+                raise _unavailable(exc) from None
+            if int(verdict_code) != 5 or attempt:
+                break
+            await self._load_revoked(principal.tenant_id)
+        if int(verdict_code) == 5:  # emptied again at once: nothing is believed unloaded
+            raise LimitStoreUnavailable("the revoked-keys set did not stay loaded")
         reason = (None, "rpm", "concurrency", "revoked", "tpm")[int(verdict_code)]
         verdict = Verdict(reason is None, reason, plan.rpm, int(used), int(reset_ms) / 1000)
         if reason is not None:
@@ -366,7 +424,7 @@ class RedisLimiter(Limiter):
         return self._tpm_minute_key(tenant_id, int(now // 60))
 
     def _tpm_minute_key(self, tenant_id: str, minute: int) -> str:
-        return f"{self._prefix}{{{tenant_id}}}:tpm:{minute}"
+        return tenant_key(self._prefix, tenant_id, f"tpm:{minute}")
 
     async def _reserve(self, slot: Slot, tokens: int, minute: int) -> None:
         assert slot.principal is not None and slot.principal.plan.tpm is not None
@@ -375,9 +433,7 @@ class RedisLimiter(Limiter):
                 keys=[self._tpm_minute_key(slot.tenant_id, minute)],
                 args=[tokens, slot.principal.plan.tpm])
         except RedisError as exc:
-            log.warning("the limit store is unavailable: %s", exc)
-            raise Overloaded("The rate limit store is unavailable; retry shortly.",
-                             retry_after=1.0) from None
+            raise _unavailable(exc) from None
         if not int(reserved):
             raise tpm_refusal(slot.principal, slot.verdict.rpm_used)
 
@@ -409,16 +465,55 @@ class RedisLimiter(Limiter):
                 for tenant, slots in [(t, list(s)) for t, s in self._held.items() if s]:
                     await self._renew(keys=[self._keys(tenant)[1]],
                                       args=[self._lease_ms, *slots])
+                for tenant, key_id in list(self._unsent_revocations):
+                    await self._redis.sadd(revoked_keys_set(self._prefix, tenant), key_id)
+                    self._unsent_revocations.discard((tenant, key_id))
+                    log.info("revocation of key %s reached the limit store", key_id)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("renewing slot leases failed: %s", exc)
 
-    async def revoke(self, key_id: str) -> None:
-        await self._redis.sadd(self._revoked_key, key_id)
+    async def revoke(self, tenant_id: str, key_id: str) -> None:
+        """The database has the revocation already: if Redis cannot take it now, it is sent
+        again until it does (and a Redis that comes back empty loads it from the database)."""
+        try:
+            await self._redis.sadd(revoked_keys_set(self._prefix, tenant_id), key_id)
+        except RedisError as exc:
+            log.warning("the limit store is unavailable (%s); the revocation of key %s is "
+                        "sent again until it answers", exc, key_id)
+            self._unsent_revocations.add((tenant_id, key_id))
 
-    async def is_revoked(self, key_id: str) -> bool:
-        return bool(await self._redis.sismember(self._revoked_key, key_id))
+    async def is_revoked(self, tenant_id: str, key_id: str) -> bool:
+        key = revoked_keys_set(self._prefix, tenant_id)
+        for attempt in range(2):
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    loaded, revoked = await pipe.sismember(key, REVOKED_LOADED) \
+                        .sismember(key, key_id).execute()
+            except RedisError as exc:
+                raise _unavailable(exc) from None
+            if loaded or attempt:
+                break
+            await self._load_revoked(tenant_id)
+        if not loaded:
+            raise LimitStoreUnavailable("the revoked-keys set did not stay loaded")
+        return bool(revoked)
+
+    async def _load_revoked(self, tenant_id: str) -> None:
+        """Copies the tenant's revoked keys from the database into its set, marked loaded
+        last. While the database is unavailable too, ``DatabaseUnavailable`` (a 503): a key
+        is never believed unrevoked for want of the set."""
+        revoked = list(await self._revoked_of(tenant_id)) if self._revoked_of else []
+        key = revoked_keys_set(self._prefix, tenant_id)
+        try:
+            for i in range(0, len(revoked), 1000):
+                await self._redis.sadd(key, *revoked[i:i + 1000])
+            await self._redis.sadd(key, REVOKED_LOADED)
+        except RedisError as exc:
+            raise _unavailable(exc) from None
+        log.info("loaded %d revoked keys of tenant %s into the limit store", len(revoked),
+                 tenant_id)
 
     def in_flight(self, tenant_id: str) -> int:
         return len(self._held.get(tenant_id, ()))
@@ -430,7 +525,10 @@ class RedisLimiter(Limiter):
         return int(await self._redis.zcount(key, now_ms, "+inf"))
 
 
-def make_limiter(redis_url: str | None, *, prefix: str, slot_lease_s: float) -> Limiter:
+def make_limiter(redis_url: str | None, *, prefix: str, slot_lease_s: float,
+                 revoked_of: Callable[[str], Awaitable[Collection[str]]] | None = None
+                 ) -> Limiter:
     if redis_url:
-        return RedisLimiter(redis_url, prefix=prefix, slot_lease_s=slot_lease_s)
+        return RedisLimiter(redis_url, prefix=prefix, slot_lease_s=slot_lease_s,
+                            revoked_of=revoked_of)
     return InProcessLimiter()

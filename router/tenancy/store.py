@@ -3,7 +3,9 @@
 A tenant has a plan (``core.config.PlanConfig``: limits and priority), keys, a cache salt
 policy and the models it may use. A key is ``es-`` + 43 random URL-safe characters (256
 bits), shown once when made; only its SHA-256 is stored (a key that random needs no slow
-hash), so a database dump yields no usable key. Revoking a key stamps ``revoked_at``.
+hash), so a database dump yields no usable key. Revoking a key stamps ``revoked_at``: the
+database is where a revocation lives; Redis holds a copy per tenant (``revoked_keys_set``),
+loaded again from here whenever Redis lost it.
 
 The store is the ``router.tenancy.sqldb.Database`` (SQLite or PostgreSQL); both the CLI and the
 router's admin API manage tenants through ``TenantStore``. The ``Principal`` is what a
@@ -107,9 +109,24 @@ def redis_namespace(prefix: str) -> str:
     return prefix.rstrip(":") + ":"
 
 
-def revoked_keys_set(prefix: str) -> str:
-    """The Redis set of revoked key ids, which every router replica checks."""
-    return redis_namespace(prefix) + "revoked_keys"
+def tenant_key(prefix: str, tenant_id: str, name: str) -> str:
+    """A Redis key of one tenant: ``<prefix>:{<tenant id>}:<name>``. Every key of a tenant
+    carries the same Redis Cluster hash tag (the part in braces), so they share a slot and
+    one script or pipeline may touch them all (a cluster refuses keys of different slots
+    in one script: CROSSSLOT)."""
+    return f"{redis_namespace(prefix)}{{{tenant_id}}}:{name}"
+
+
+# A member of every revoked-keys set that Redis has been given from the database: a set
+# without it (Redis restarted empty, or flushed) is loaded again before it is believed. No
+# key id has this form (``new_key``).
+REVOKED_LOADED = "*"
+
+
+def revoked_keys_set(prefix: str, tenant_id: str) -> str:
+    """The Redis set of the tenant's revoked key ids, which every router replica checks (a
+    copy of the database's ``api_keys.revoked_at``, with ``REVOKED_LOADED``)."""
+    return tenant_key(prefix, tenant_id, "revoked")
 
 
 def hash_key(key: str) -> str:
@@ -200,6 +217,11 @@ class TenantStore:
         if not changed:
             raise TenantError(f"key {key_id!r} was revoked already")
         return record
+
+    def revoked_key_ids(self, tenant_id: str) -> list[str]:
+        """The tenant's revoked keys (what Redis's revoked-keys set is loaded from)."""
+        return [k for (k,) in self.db.query("SELECT key_id FROM api_keys WHERE tenant_id = %s "
+                                            "AND revoked_at IS NOT NULL", (tenant_id,))]
 
     def get_key(self, key_id: str) -> KeyRecord | None:
         rows = self.db.query("SELECT key_id, tenant_id, created_at, revoked_at FROM api_keys "

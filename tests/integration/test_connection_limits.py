@@ -5,6 +5,7 @@ served nor stay open past ``router.request_read_timeout_s``; an oversized head i
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -83,5 +84,24 @@ async def test_a_kept_alive_connection_serves_requests_and_an_oversized_head_is_
         await writer.drain()
         assert (await closed_by_server(reader, 2.0)).startswith(b"HTTP/1.1 431")
         writer.close()
+    finally:
+        await stop_router(router)
+
+
+async def test_past_the_connection_limit_a_request_gets_our_503_with_retry_after():
+    router = await start_router(max_connections=2)
+    host, port = router.base.removeprefix("http://").split(":")
+    try:
+        idle = await asyncio.open_connection(host, int(port))  # holds one of the two
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        reply = await closed_by_server(reader, 2.0)
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503")
+        assert b"retry-after: 1" in head.lower()
+        assert json.loads(body)["error"]["code"] == "overloaded"
+        writer.close()
+        idle[1].close()
     finally:
         await stop_router(router)

@@ -216,7 +216,10 @@ def test_spool_paths_differ_per_process_and_orphans_are_found(tmp_path):
     for i in (1, 2, 3):
         Path(spool_path(path, i)).write_text("{}\n")
     (tmp_path / "spool.x.jsonl").write_text("")
-    assert orphan_spools(path, 2) == [tmp_path / "spool.2.jsonl", tmp_path / "spool.3.jsonl"]
+    (tmp_path / "spool.3.jsonl.replay").write_text("{}\n")  # goes with its spool
+    (tmp_path / "spool.4.jsonl.replay").write_text("{}\n")  # left alone: found all the same
+    assert orphan_spools(path, 2) == [tmp_path / "spool.2.jsonl", tmp_path / "spool.3.jsonl",
+                                      tmp_path / "spool.4.jsonl"]
 
 
 def test_a_process_failing_at_startup_fails_the_command(tmp_path, redis_prefix):

@@ -37,7 +37,7 @@ def test_cli_adds_lists_and_revokes_keys_on_postgresql_and_redis(tmp_path, monke
         db.close()
         client = redis.Redis.from_url(REDIS_URL)
         try:  # running routers refuse it at once
-            assert client.sismember(revoked_keys_set(prefix), key_id)
+            assert client.sismember(revoked_keys_set(prefix, "acme"), key_id)
         finally:
-            client.delete(revoked_keys_set(prefix))
+            client.delete(revoked_keys_set(prefix, "acme"))
             client.close()

@@ -118,3 +118,59 @@ def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
         except Exception:  # already stopped by the test
             pass
         shutil.rmtree(server.dir, ignore_errors=True)
+
+
+class ThrowawayRedis:
+    """A redis-server of its own on a free port, without persistence (a restart comes back
+    empty), which a test may kill and start again without touching the shared service."""
+
+    def __init__(self) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.dir = Path(tempfile.mkdtemp(prefix="electron-redis-"))
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._proc: Any = None
+
+    def start(self) -> None:
+        import subprocess
+        import time
+
+        import redis
+
+        self._proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with redis.Redis.from_url(self.url, socket_connect_timeout=0.2) as client:
+                    client.ping()
+                return
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL: gone at once, with everything it held."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait(10)
+            self._proc = None
+
+
+@contextmanager
+def throwaway_redis(started: bool = True) -> Iterator[ThrowawayRedis]:
+    import shutil
+
+    server = ThrowawayRedis()
+    if started:
+        server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+        shutil.rmtree(server.dir, ignore_errors=True)

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+import redis
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 
@@ -20,7 +21,7 @@ from core.model_files import resolve_model_path
 from core.protocol import error_from_rpc
 from core.tokenizer import Tokenizer
 from router.api.app import create_app
-from router.openai.errors import GENERIC_500, body_of
+from router.openai.errors import GENERIC_500, body_of, error_response
 from router.tenancy.sqldb import DatabaseUnavailable
 from tests.support.openai_schema import validate
 from tests.support.serving import serve_router, stop_router
@@ -189,6 +190,49 @@ async def test_no_workers_is_503_with_retry_after(app):
         response = await c.post("/v1/chat/completions", json=BODY)
     error_of(response, 503, "server_error", "no_workers")
     assert int(response.headers["retry-after"]) >= 1
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [cls, *(c for sub in cls.__subclasses__() for c in _subclasses(sub))]
+
+
+def test_every_503_kind_carries_retry_after():
+    """Walks every error class the router may answer 503 with (worker failures, shedding,
+    no workers, the drain, the database, the limit store), and one a later change may add:
+    each response has Retry-After, from the one place that builds it."""
+    import router.api.drain  # noqa: F401 - its ShuttingDown is one of them
+    import router.tenancy.limits  # noqa: F401 - LimitStoreUnavailable
+    kinds = [c for c in _subclasses(ElectronError) if c.status == 503]
+    assert {c.__name__ for c in kinds} >= {"Overloaded", "NoWorkers", "WorkerUnavailable",
+                                           "ShuttingDown", "DatabaseUnavailable",
+                                           "LimitStoreUnavailable"}
+
+    class Unforeseen(ElectronError):
+        status = 503
+
+    for kind in [*kinds, Unforeseen]:
+        response = error_response(kind("gone"))
+        assert response.status_code == 503
+        assert int(response.headers["retry-after"]) >= 1, kind
+
+
+@pytest.mark.parametrize("error", [
+    redis.exceptions.ConnectionError("Error 111 connecting to 10.0.0.5:6379."),
+    redis.exceptions.TimeoutError("Timeout reading from 10.0.0.5:6379"),
+    redis.exceptions.ResponseError("MOVED 1234 10.0.0.6:6379"),  # an error reply
+])
+async def test_a_redis_error_on_any_route_is_a_503_never_a_500(tokenizer, error):
+    app = make_app(tokenizer)
+
+    async def uses_redis(request: Request) -> None:
+        raise error
+
+    app.add_api_route("/v1/uses-redis", uses_redis, methods=["GET"])
+    async with client(app, raise_app_exceptions=False) as c:
+        response = await c.get("/v1/uses-redis")
+    error_of(response, 503, "server_error", "overloaded")
+    assert int(response.headers["retry-after"]) >= 1
+    assert "10.0.0" not in response.text and "Traceback" not in response.text
 
 
 async def test_unexpected_exception_is_generic_500_without_traceback(tokenizer):

@@ -85,7 +85,7 @@ async def test_in_process_limiter_refuses_the_11th_request_and_the_4th_concurren
     assert over.value.headers["x-ratelimit-limit-requests"] == "10"
     assert over.value.headers["x-ratelimit-remaining-requests"] == "0"
     assert 59 <= over.value.retry_after <= 60
-    await limiter.revoke("key_1")
+    await limiter.revoke("acme", "key_1")
     with pytest.raises(AuthenticationFailed):
         await limiter.admit(who)
 
@@ -204,12 +204,12 @@ async def test_a_replay_cut_by_an_outage_keeps_only_the_rows_left(tmp_path):
     ledger = Ledger(db, spool, flush_s=60, batch=1000)  # type: ignore[arg-type]
     await ledger.start()
     assert db.written == ["req_1"] and ledger.quarantined == 1
-    assert [json.loads(line)["request_id"] for line in spool.read_text().splitlines()] == [
-        "req_down", "req_3"]
+    assert [json.loads(line)["request_id"]
+            for line in ledger.replay_path.read_text().splitlines()] == ["req_down", "req_3"]
     db.down = False
     await ledger.stop()  # the last flush replays what is left
     assert db.written == ["req_1", "req_down", "req_3"] and ledger.quarantined == 1
-    assert not spool.exists()
+    assert not spool.exists() and not ledger.replay_path.exists()
 
 
 def test_a_sqlite_statement_past_the_timeout_is_interrupted_and_the_database_stays_usable(
