@@ -44,12 +44,9 @@ import datetime as dt
 import json
 import os
 import shlex
-import shutil
 import signal
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -62,7 +59,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from bench.served import MODEL, Run, Served, free_port, machine, served  # noqa: E402
+from bench.served import MODEL, Run, Served, machine, served  # noqa: E402
+from tests.support.tenancy import (  # noqa: E402
+    ThrowawayPostgres,
+    ThrowawayRedis,
+    throwaway_postgres,
+    throwaway_redis,
+)
 
 SCENARIOS = ("overload", "dropped", "unread", "slowloris", "worker_kill", "engine_kill",
              "redis_restart", "postgres_stop")
@@ -438,7 +441,7 @@ def _summary(streams: list[Stream]) -> dict[str, Any]:
                                           if s.status == 200 and s.error))}
 
 
-async def redis_restart(run: Run, redis: RedisServer, tenant: str, key: str,
+async def redis_restart(run: Run, redis: ThrowawayRedis, tenant: str, key: str,
                         args: argparse.Namespace) -> dict[str, Any]:
     since = time.time()
     revoked_id, revoked = await run.new_key(tenant)
@@ -447,9 +450,9 @@ async def redis_restart(run: Run, redis: RedisServer, tenant: str, key: str,
 
     async def fault() -> dict[str, Any]:
         await asyncio.sleep(3)
-        redis.kill()
+        await asyncio.to_thread(redis.kill)
         await asyncio.sleep(3)
-        redis.start()
+        await asyncio.to_thread(redis.start)
         return {"down_s": 3}
 
     streams, _ = await steady(run, key, 15, fault)
@@ -468,7 +471,7 @@ async def redis_restart(run: Run, redis: RedisServer, tenant: str, key: str,
             "ok": not non_503 and revoked_after == 401 and missing == 0}
 
 
-async def postgres_stop(run: Run, pg: PostgresServer, tenant: str, key: str,
+async def postgres_stop(run: Run, pg: ThrowawayPostgres, tenant: str, key: str,
                         args: argparse.Namespace) -> dict[str, Any]:
     since = time.time()
 
@@ -493,70 +496,6 @@ async def postgres_stop(run: Run, pg: PostgresServer, tenant: str, key: str,
             "ok": not non_503 and missing == 0 and twice == 0}
 
 
-# -- throwaway servers ---------------------------------------------------------------------------
-
-class RedisServer:
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--save", "",
-                                      "--appendonly", "no", "--bind", "127.0.0.1"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1",
-                                                                         self.port), 0.5):
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError("redis-server did not start")
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-class PostgresServer:
-    """A PostgreSQL cluster of its own (``initdb`` into a temporary directory), run as the
-    ``postgres`` user when this process is root (PostgreSQL refuses to run as root)."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="electron-chaos-pg-")
-        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        if self.as_user:
-            shutil.chown(self.dir, "postgres")
-        self._run("initdb", "-D", f"{self.dir}/data", "-A", "trust", "-U", "postgres")
-        self.start()
-        self._run("createdb", "-h", self.dir, "-p", str(self.port), "-U", "postgres", "chaos")
-
-    def _run(self, *cmd: str, check: bool = True) -> None:
-        subprocess.run([*self.as_user, *cmd], check=check, capture_output=True)
-
-    @property
-    def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/chaos"
-
-    def start(self) -> None:
-        self._run("pg_ctl", "-D", f"{self.dir}/data", "-w", "-l", f"{self.dir}/log", "-o",
-                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1", "start")
-
-    def stop(self) -> None:
-        self._run("pg_ctl", "-D", f"{self.dir}/data", "-m", "immediate", "stop", check=False)
-
-    def remove(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 # -- the run -------------------------------------------------------------------------------------
 
 def _dist(xs: list[float]) -> dict[str, float] | None:
@@ -571,7 +510,7 @@ def deployment_env(args: argparse.Namespace) -> dict[str, str]:
             "ELECTRON_ROUTER__CLIENT_WRITE_TIMEOUT_S": "10"}
 
 
-async def main_deployment(args: argparse.Namespace, redis: RedisServer) -> dict[str, Any]:
+async def main_deployment(args: argparse.Namespace, redis: ThrowawayRedis) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with served(redis_url=redis.url, workers=2, env=deployment_env(args),
                 prefix="electron-chaos-") as up:
@@ -586,7 +525,7 @@ async def main_deployment(args: argparse.Namespace, redis: RedisServer) -> dict[
 
 
 async def scenarios(args: argparse.Namespace, up: Served, run: Run, cluster: Cluster,
-                    redis: RedisServer, out: dict[str, Any]) -> None:
+                    redis: ThrowawayRedis, out: dict[str, Any]) -> None:
     """Each wanted scenario of the main deployment, one after the other, into ``out``."""
     tenant = f"chaos-{uuid.uuid4().hex[:6]}"
     key = await run.tenant(tenant)
@@ -615,21 +554,18 @@ async def scenarios(args: argparse.Namespace, up: Served, run: Run, cluster: Clu
         await asyncio.sleep(1)
 
 
-async def postgres_deployment(args: argparse.Namespace, redis: RedisServer) -> dict[str, Any]:
-    pg = PostgresServer()
-    try:
-        with served(redis_url=redis.url, workers=1, prefix="electron-chaos-pg-",
-                    env={**deployment_env(args), "ELECTRON_TENANCY__DATABASE_URL": pg.url}) as up:
-            run = Run(up.base, up.admin_key)
-            tenant = f"chaos-pg-{uuid.uuid4().hex[:6]}"
-            key = await run.tenant(tenant)
-            print("chaos: postgres_stop ...", flush=True)
-            result = await postgres_stop(run, pg, tenant, key, args)
-            print(f"chaos: postgres_stop: ok={result['ok']}", flush=True)
-            await run.http.aclose()
-            return {"postgres_stop": result}
-    finally:
-        pg.remove()
+async def postgres_deployment(args: argparse.Namespace, redis: ThrowawayRedis) -> dict[str, Any]:
+    with throwaway_postgres() as pg, served(
+            redis_url=redis.url, workers=1, prefix="electron-chaos-pg-",
+            env={**deployment_env(args), "ELECTRON_TENANCY__DATABASE_URL": pg.url}) as up:
+        run = Run(up.base, up.admin_key)
+        tenant = f"chaos-pg-{uuid.uuid4().hex[:6]}"
+        key = await run.tenant(tenant)
+        print("chaos: postgres_stop ...", flush=True)
+        result = await postgres_stop(run, pg, tenant, key, args)
+        print(f"chaos: postgres_stop: ok={result['ok']}", flush=True)
+        await run.http.aclose()
+        return {"postgres_stop": result}
 
 
 def main() -> None:
@@ -649,14 +585,11 @@ def main() -> None:
     if unknown := set(args.only) - set(SCENARIOS):
         p.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
     started = dt.datetime.now(dt.timezone.utc)
-    redis = RedisServer()
-    try:
+    with throwaway_redis() as redis:
         results = asyncio.run(main_deployment(args, redis)) if set(args.only) - {
             "postgres_stop"} else {}
         if "postgres_stop" in args.only:
             results.update(asyncio.run(postgres_deployment(args, redis)))
-    finally:
-        redis.kill()
     out = {"bench": "chaos", "command": "python " + shlex.join(sys.argv),
            "started_at": started.isoformat(timespec="seconds"), "machine": machine(),
            "scenarios": results,
