@@ -222,7 +222,10 @@ def create_worker_actor(config: Config, worker_id: str) -> ray.actor.ActorHandle
     cluster = config.cluster
     options: dict[str, Any] = dict(
         name=f"electron-worker-{worker_id}", namespace=cluster.namespace,
-        num_cpus=cluster.num_cpus_per_worker, num_gpus=_num_gpus(config), max_restarts=0)
+        num_cpus=cluster.num_cpus_per_worker, num_gpus=_num_gpus(config), max_restarts=0,
+        # One worker per node while nodes with room remain: a lost node then takes as few
+        # workers with it as it can (Ray's default packs a node before using the next).
+        scheduling_strategy="SPREAD")
     if cluster.worker_resources:  # e.g. the custom resource of its pool's node group
         options["resources"] = dict(cluster.worker_resources)
     runtime_env = _runtime_env()
