@@ -22,11 +22,8 @@ import logging
 import re
 import sqlite3
 import time
-import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
-import openai
 import pytest
 import pytest_asyncio
 import ray
@@ -35,6 +32,7 @@ from cluster.fleet import StaticFleet
 from cluster.registry import RayWorkerSource, registry_actor
 from core.config import Config
 from router.api.app import create_app
+from tests.support.load import Load
 from tests.support.multi_node import multi_node
 from tests.support.serving import serve_router, stop_router
 from tests.support.tiny_model import make_tiny_llama_dir, tiny_cluster_config
@@ -147,62 +145,6 @@ async def node_of(fleet: StaticFleet, nodes, worker_id: str) -> str:
     return nodes.node_name(node_id)
 
 
-@dataclass
-class Call:
-    client_id: str
-    sent: float
-    first_content: float | None = None
-    ended: float | None = None
-    outcome: str = ""  # "ok", "error event" (an error after content), "failed" (no content)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: str = ""
-
-
-@dataclass
-class Load:
-    """Clients each sending one streamed request after another until stopped."""
-
-    base_url: str
-    calls: list[Call] = field(default_factory=list)
-    _stop: asyncio.Event = field(default_factory=asyncio.Event)
-    _tasks: list[asyncio.Task] = field(default_factory=list)
-
-    def start(self, clients: int) -> None:
-        self._tasks = [asyncio.create_task(self._client(i)) for i in range(clients)]
-
-    async def stop(self) -> None:
-        self._stop.set()
-        await asyncio.wait_for(asyncio.gather(*self._tasks), 30)
-
-    async def _client(self, n: int) -> None:
-        client = openai.AsyncOpenAI(base_url=self.base_url, api_key="unused", max_retries=0,
-                                    timeout=30)
-        async with client:
-            while not self._stop.is_set():
-                call = Call(f"mn-{n}-{uuid.uuid4().hex[:8]}", time.monotonic())
-                self.calls.append(call)
-                try:
-                    stream = await client.chat.completions.create(
-                        model="electron", stream=True, max_tokens=MAX_TOKENS, temperature=0,
-                        messages=[{"role": "user", "content": f"client {n}: count slowly"}],
-                        stream_options={"include_usage": True},
-                        extra_headers={"X-Request-Id": call.client_id},
-                        extra_body={"ignore_eos": True})
-                    async for chunk in stream:
-                        if chunk.choices and chunk.choices[0].delta.content \
-                                and call.first_content is None:
-                            call.first_content = time.monotonic()
-                        if chunk.usage is not None:
-                            call.prompt_tokens = chunk.usage.prompt_tokens
-                            call.completion_tokens = chunk.usage.completion_tokens
-                    call.outcome = "ok"
-                except openai.APIError as exc:
-                    call.outcome = "failed" if call.first_content is None else "error event"
-                    call.error = f"{type(exc).__name__}: {exc}"
-                call.ended = time.monotonic()
-
-
 def ledger(config: Config) -> dict[str, tuple[str, int, int, int]]:
     """client request id -> (status, prompt tokens, completion tokens, rows with that id)."""
     with sqlite3.connect(config.tenancy.sqlite_path) as db:
@@ -227,7 +169,7 @@ async def test_a_lost_node_fails_over_what_it_can_and_bills_nothing_twice(
     lost, kept = by_node["a"], by_node["b"]
     # Slow steps on both workers: streams last long enough to be cut mid-way.
     await asyncio.gather(*(slow_down(h) for h in fleet.actors.values()))
-    load = Load(router.base + "/v1")
+    load = Load(router.base + "/v1", MAX_TOKENS)
     load.start(8)
     # Until worker "a" streams some requests and queues others.
     await until(lambda: sum(c.outcome == "ok" for c in load.calls) >= 8, 30, "load runs")

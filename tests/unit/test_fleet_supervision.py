@@ -26,6 +26,18 @@ class _FakeWorkers:
         self.started: list[str] = []
         self._lost: dict[str, str] = {}
         self._ids = itertools.count()
+        self.running: list[str] = []  # live workers a previous controller left
+        self.stopped: list[str] = []
+
+    def adopt(self) -> list[str]:
+        for worker_id in self.running:
+            self.actors[worker_id] = object()
+        return list(self.running)
+
+    async def stop_one(self, worker_id: str) -> None:
+        self.actors.pop(worker_id)
+        self.addresses.pop(worker_id, None)
+        self.stopped.append(worker_id)
 
     def start(self, count: int) -> list[str]:
         ids = [f"w{next(self._ids)}" for _ in range(count)]
@@ -128,3 +140,47 @@ def test_router_timeouts_must_exceed_the_progress_interval():
                                             "router": {"first_token_timeout_s": 0.5,
                                                        "stream_stall_timeout_s": 0.5}})
     assert config.router.stream_stall_timeout_s == 0.5
+
+
+async def test_static_fleet_adopts_live_workers_and_starts_only_what_is_missing():
+    config = load_config(env={}, overrides={"cluster": {"workers": 3}})
+    fleet = StaticFleet(config)
+    fake = fleet.workers = _FakeWorkers()  # type: ignore[assignment]
+    fake.running = ["default-0000000a", "default-0000000b"]
+    fleet.start()
+    assert fleet.adopted == fake.running
+    assert fake.started == ["w0"]  # one more for three
+    assert sorted(fake.actors) == ["default-0000000a", "default-0000000b", "w0"]
+    assert [e for _, e, _ in fleet.events] == ["adopt", "adopt", "start"]
+
+
+async def test_static_fleet_stops_adopted_workers_above_its_size():
+    config = load_config(env={}, overrides={"cluster": {"workers": 1},
+                                            "router": {"registry_poll_s": 0.01}})
+    fleet = StaticFleet(config)
+    fake = fleet.workers = _FakeWorkers()  # type: ignore[assignment]
+    fake.running = ["default-0000000a", "default-0000000b"]
+    drained: list[str] = []
+
+    class _Handle:  # answers ready() and drain() at once
+        def __init__(self, worker_id: str) -> None:
+            async def ready() -> str:
+                return "127.0.0.1:1"
+
+            async def drain() -> None:
+                drained.append(worker_id)
+
+            self.ready, self.drain = _Remote(ready), _Remote(drain)
+
+    def adopt() -> list[str]:
+        for worker_id in fake.running:
+            fake.actors[worker_id] = _Handle(worker_id)
+        return list(fake.running)
+
+    fake.adopt = adopt  # type: ignore[method-assign]
+    fleet.start()
+    assert fake.started == []
+    await asyncio.wait_for(asyncio.gather(*fleet._retiring), 5)
+    # The one above the fleet's size: drained (routers stop choosing it), then stopped.
+    assert drained == fake.stopped == ["default-0000000b"]
+    assert list(fake.actors) == ["default-0000000a"]

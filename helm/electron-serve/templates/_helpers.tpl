@@ -232,6 +232,9 @@ merges skip them: absent means null here, as in values.yaml. */}}
 {{- $_ = set $c "engine" $engine }}
 {{- $_ = set $c.cluster "start_timeout_s" (int $root.Values.workers.startTimeoutSeconds) }}
 {{- $_ = set $c.cluster "ready_file" (include "electron-serve.readyFile" $root) }}
+{{- /* Its worker actors are named after the generation: a restarted controller adopts its
+own generation's live workers, never another's (cluster/fleet.py). */}}
+{{- $_ = set $c.cluster "fleet" $gen.name }}
 {{- $pools := list }}
 {{- range $c.autoscaler.pools }}
 {{- $pools = append $pools (merge (dict "resources" (dict (include "electron-serve.poolResource" (dict "pool" .name "generation" $gen.name)) 1)) (omit . "resources")) }}
