@@ -532,6 +532,47 @@ Secret, never inlined. */}}
 {{- end }}
 {{- end }}
 
+{{/* "true" when the head's GCS is fault tolerant (ray.gcsFaultTolerance; unset: on when the
+chart deploys its own Redis), else empty. Fails when it is on with no Redis to use. */}}
+{{- define "electron-serve.gcsFaultTolerance" -}}
+{{- $ft := .Values.ray.gcsFaultTolerance }}
+{{- $inChart := and .Values.redis.enabled .Values.redis.deploy }}
+{{- $on := ternary $inChart $ft.enabled (kindIs "invalid" $ft.enabled) }}
+{{- if $on }}
+{{- if not (or $ft.redisAddress $inChart) }}
+{{- fail "ray.gcsFaultTolerance.enabled needs a Redis: set ray.gcsFaultTolerance.redisAddress (host:port of an external, highly available Redis; its password in ray.gcsFaultTolerance.existingSecret) or redis.deploy=true" }}
+{{- end }}
+{{- print "true" }}
+{{- end }}
+{{- end }}
+
+{{/* The RayCluster's spec.gcsFaultToleranceOptions (KubeRay >= 1.3), when it is on. */}}
+{{- define "electron-serve.gcsFaultToleranceOptions" -}}
+{{- $ft := .Values.ray.gcsFaultTolerance }}
+redisAddress: {{ $ft.redisAddress | default (printf "%s-redis:6379" (include "electron-serve.fullname" .)) | quote }}
+{{- if or $ft.existingSecret (not $ft.redisAddress) }}
+redisPassword:
+  valueFrom:
+    secretKeyRef:
+      name: {{ $ft.existingSecret | default (include "electron-serve.datastoreSecretName" .) }}
+      key: {{ ternary $ft.existingSecretKey "redis-password" (ne $ft.existingSecret "") }}
+{{- end }}
+{{- with $ft.externalStorageNamespace }}
+externalStorageNamespace: {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Ray nodes outside KubeRay's pods (routers and controllers run `ray start` themselves):
+with GCS fault tolerance their raylets wait for a restarted head's GCS as long as KubeRay
+makes its worker pods wait (600 s), not Ray's default 60 s, after which a raylet exits and
+takes its pod's process with it. */}}
+{{- define "electron-serve.gcsReconnectEnv" -}}
+{{- if include "electron-serve.gcsFaultTolerance" . }}
+- name: RAY_gcs_rpc_server_reconnect_timeout_s
+  value: "600"
+{{- end }}
+{{- end }}
+
 {{/* The in-chart Redis password (requirepass): the value, else the one already deployed,
 else new (stable within one render, cached on the root context). */}}
 {{- define "electron-serve.redisPassword" -}}
