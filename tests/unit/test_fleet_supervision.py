@@ -1,8 +1,10 @@
 """How the fleet replaces lost workers, without Ray (fake worker sets): StaticFleet starts a
 replacement at once, then backs off while replacements keep failing, and resets once every
 worker serves; the autoscaler's pools drop a worker whose engine failed, as they drop a dead
-one. (tests/integration/test_fleet_replacement.py does it on a real Ray.) And the config
-keeps the router's silence limits above the workers' progress interval."""
+one. (tests/integration/test_fleet_replacement.py does it on a real Ray.) A starting fleet
+adopts the live workers a previous controller left, starts only what is missing and retires
+(drained) what is above its size (tests/integration/test_controller_restart.py on a real Ray).
+And the config keeps the router's silence limits above the workers' progress interval."""
 
 from __future__ import annotations
 
@@ -184,3 +186,26 @@ async def test_static_fleet_stops_adopted_workers_above_its_size():
     # The one above the fleet's size: drained (routers stop choosing it), then stopped.
     assert drained == fake.stopped == ["default-0000000b"]
     assert list(fake.actors) == ["default-0000000a"]
+
+
+async def test_the_autoscaler_adopts_each_pools_live_workers_before_starting_any():
+    from cluster.autoscaler import Autoscaler
+
+    config = load_config(env={}, overrides={
+        "cluster": {"workers": 2},
+        "autoscaler": {"enabled": True, "interval_s": 60, "pools": [
+            {"name": "acme", "min_workers": 1, "max_workers": 2}]}})
+    autoscaler = Autoscaler(config)
+    fakes = {}
+    for name, running in (("default", ["default-0000000a"]), ("acme", ["acme-0000000b"])):
+        fake = autoscaler.pools[name].workers = _FakeWorkers()  # type: ignore[assignment]
+        fake.running = running
+        fakes[name] = fake
+    autoscaler.start()
+    try:
+        assert sorted(autoscaler.adopted) == ["acme-0000000b", "default-0000000a"]
+        assert fakes["default"].started == ["w0"]  # 2 wanted, 1 adopted
+        assert fakes["acme"].started == []         # its minimum (1) is the adopted one
+        assert [e for _, e, _ in autoscaler.pools["acme"].events] == ["adopt"]
+    finally:
+        await autoscaler._stop_loop()
