@@ -138,6 +138,14 @@ class PoolScaler:
 
     async def step(self) -> Decision:
         """One look at demand and one scaling action."""
+        for worker_id in self.workers.take_found_draining():
+            # Adopted while its previous controller retired it: finish retiring it (the
+            # decision below replaces it if the pool needs one).
+            log.info("pool %s: adopted worker %s is draining: retiring it", self.pool.name,
+                     worker_id)
+            self.events.append((time.monotonic(), "drain", worker_id))
+            self.retiring[worker_id] = asyncio.get_running_loop().create_task(
+                self._retire(worker_id), name=f"retire-{worker_id}")
         for worker_id in list(self.workers.failures):
             self.start_failures += 1
             self.events.append((time.monotonic(), "failed", worker_id))

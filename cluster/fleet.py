@@ -8,8 +8,9 @@ Ownership: `electron-serve up` runs attached workers (they die with its process)
 `electron-serve worker`, a controller on a cluster, runs detached ones, named after its fleet
 (``cluster.fleet``) and worker id: a controller that dies (SIGKILL, OOM, its pod or node
 lost) leaves them serving, and the next controller of the fleet adopts the live ones at its
-start (``WorkerSet.adopt``: no new actor, no model load; those above its size are drained
-and stopped). A controller stopped on purpose stops its workers (``stop``) unless told to
+start (``WorkerSet.adopt``: no new actor, no model load; those above its size, and those
+found draining because their previous controller was retiring them, are drained and
+stopped). A controller stopped on purpose stops its workers (``stop``) unless told to
 leave them (``release``, ``cluster.keep_workers_on_exit``).
 
 Either replaces a lost worker: one whose process died (SIGKILL, OOM: Ray reports the actor
@@ -96,6 +97,10 @@ class WorkerSet:
         self.addresses: dict[str, str] = {}
         self.failures: dict[str, RayActorError] = {}
         self._ready: dict[str, asyncio.Task[str | None]] = {}
+        self._adopted: set[str] = set()
+        # Adopted workers that were being retired (marked draining) when their controller
+        # died: the fleet finishes retiring them (``take_found_draining``).
+        self._found_draining: list[str] = []
 
     def start(self, count: int) -> list[str]:
         """Starts ``count`` more workers; returns their ids."""
@@ -117,8 +122,15 @@ class WorkerSet:
         adopted = sorted(w for w in found if pool.fullmatch(w) and w not in self.actors)
         for worker_id in adopted:
             self.actors[worker_id] = found[worker_id]
+            self._adopted.add(worker_id)
             self._watch(worker_id)
         return adopted
+
+    def take_found_draining(self) -> list[str]:
+        """The adopted workers found marked draining since the last call: a previous
+        controller was retiring them (they serve no new request; retire them for good)."""
+        found, self._found_draining = self._found_draining, []
+        return [w for w in found if w in self.actors]
 
     def _watch(self, worker_id: str) -> None:
         self._ready[worker_id] = asyncio.get_running_loop().create_task(
@@ -135,6 +147,12 @@ class WorkerSet:
             return None
         self.addresses[worker_id] = address
         log.info("worker %s ready at %s", worker_id, address)
+        if worker_id in self._adopted:
+            try:
+                if (await self.actors[worker_id].info.remote())["draining"]:
+                    self._found_draining.append(worker_id)
+            except RayActorError:
+                pass  # gone since: the fleet's next check finds it lost
         return address
 
     async def wait_ready(self, minimum: int = 1) -> None:
@@ -280,11 +298,14 @@ class StaticFleet(Fleet):
         for worker_id in self._adopted[wanted:]:
             log.warning("worker %s is one more than cluster.workers (%d): stopping it",
                         worker_id, wanted)
-            self.events.append((now, "retire", worker_id))
-            task = asyncio.get_running_loop().create_task(self._retire(worker_id))
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+            self._retire_later(worker_id)
         self._start(max(0, wanted - len(self._adopted)))
+
+    def _retire_later(self, worker_id: str) -> None:
+        self.events.append((time.monotonic(), "retire", worker_id))
+        task = asyncio.get_running_loop().create_task(self._retire(worker_id))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def _retire(self, worker_id: str) -> None:
         """Stops an adopted worker the fleet has no room for, gracefully once it answers."""
@@ -316,6 +337,11 @@ class StaticFleet(Fleet):
     async def step(self) -> None:
         """One check: kills the lost workers, starts replacements when the backoff allows."""
         cluster = self._config.cluster
+        for worker_id in self.workers.take_found_draining():
+            # Adopted while its previous controller retired it: it takes no new request.
+            log.warning("adopted worker %s is draining: stopping it (a new one replaces it)",
+                        worker_id)
+            self._retire_later(worker_id)
         for worker_id in await self.workers.reap():
             self.events.append((time.monotonic(), "lost", worker_id))
         if len(self.workers.addresses) >= cluster.workers:

@@ -30,6 +30,11 @@ class _FakeWorkers:
         self._ids = itertools.count()
         self.running: list[str] = []  # live workers a previous controller left
         self.stopped: list[str] = []
+        self.found_draining: list[str] = []  # adopted ones that were being retired
+
+    def take_found_draining(self) -> list[str]:
+        found, self.found_draining = self.found_draining, []
+        return found
 
     def adopt(self) -> list[str]:
         for worker_id in self.running:
@@ -209,3 +214,36 @@ async def test_the_autoscaler_adopts_each_pools_live_workers_before_starting_any
         assert [e for _, e, _ in autoscaler.pools["acme"].events] == ["adopt"]
     finally:
         await autoscaler._stop_loop()
+
+
+async def test_static_fleet_finishes_retiring_an_adopted_worker_found_draining():
+    config = load_config(env={}, overrides={"cluster": {"workers": 2},
+                                            "router": {"registry_poll_s": 0.01}})
+    fleet = StaticFleet(config)
+    fake = fleet.workers = _FakeWorkers()  # type: ignore[assignment]
+    fake.running = ["default-0000000a", "default-0000000b"]
+
+    class _Handle:  # answers ready() and drain() at once
+        async def _none(self) -> None:
+            return None
+
+        def __init__(self) -> None:
+            self.ready = self.drain = _Remote(self._none)
+
+    def adopt() -> list[str]:
+        for worker_id in fake.running:
+            fake.actors[worker_id] = _Handle()
+            fake.serve(worker_id)
+        return list(fake.running)
+
+    fake.adopt = adopt  # type: ignore[method-assign]
+    fleet.start()
+    assert fake.started == []
+    # Its previous controller was retiring it (the autoscaler's drain) when it died.
+    fake.found_draining = ["default-0000000b"]
+    await fleet.step()
+    await asyncio.wait_for(asyncio.gather(*fleet._retiring), 5)
+    assert fake.stopped == ["default-0000000b"]
+    await fleet.step()  # and a new one takes its place
+    assert fake.started == ["w0"]
+    assert [e for _, e, _ in fleet.events] == ["adopt", "adopt", "retire", "start"]
