@@ -79,13 +79,13 @@ class PoolScaler:
     """One pool's workers: the serving and starting ones, and the ones being retired."""
 
     def __init__(self, config: Config, pool: PoolConfig,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, *, detached: bool = False):
         self.pool = pool
         self._config = pool_config(config, pool)
         self._settings = config.autoscaler
         # Routers see a draining mark within one registry poll; wait two.
         self._settle_s = 2 * config.router.registry_poll_s + config.cluster.heartbeat_s
-        self.workers = WorkerSet(self._config)
+        self.workers = WorkerSet(self._config, detached=detached)
         self.decider = ScaleDecider(pool, config.autoscaler, clock)
         self.retiring: dict[str, asyncio.Task[None]] = {}
         self.target = pool.min_workers
@@ -106,6 +106,13 @@ class PoolScaler:
     def start(self, count: int) -> None:
         for worker_id in self.workers.start(count):
             self.events.append((time.monotonic(), "start", worker_id))
+
+    def adopt(self) -> list[str]:
+        """The pool's live workers a previous controller started (cluster/fleet.py); above
+        ``max_workers`` the next step retires the extra ones, drained."""
+        adopted = self.workers.adopt()
+        self.events.extend((time.monotonic(), "adopt", w) for w in adopted)
+        return adopted
 
     async def _demand(self) -> list[WorkerDemand]:
         ids = self.serving
@@ -131,6 +138,14 @@ class PoolScaler:
 
     async def step(self) -> Decision:
         """One look at demand and one scaling action."""
+        for worker_id in self.workers.take_found_draining():
+            # Adopted while its previous controller retired it: finish retiring it (the
+            # decision below replaces it if the pool needs one).
+            log.info("pool %s: adopted worker %s is draining: retiring it", self.pool.name,
+                     worker_id)
+            self.events.append((time.monotonic(), "drain", worker_id))
+            self.retiring[worker_id] = asyncio.get_running_loop().create_task(
+                self._retire(worker_id), name=f"retire-{worker_id}")
         for worker_id in list(self.workers.failures):
             self.start_failures += 1
             self.events.append((time.monotonic(), "failed", worker_id))
@@ -207,11 +222,14 @@ class Autoscaler(Fleet):
     """Every pool's ``PoolScaler``, stepped every ``autoscaler.interval_s``. Used by
     ``electron-serve up`` and ``worker`` when ``autoscaler.enabled``."""
 
-    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic, *,
+                 detached: bool = False):
         self._config = config
-        self.pools = {p.name: PoolScaler(config, p, clock) for p in effective_pools(config)}
+        self.pools = {p.name: PoolScaler(config, p, clock, detached=detached)
+                      for p in effective_pools(config)}
         self._loop_task: asyncio.Task[None] | None = None
         self._requested: list[dict[str, float]] | None = None
+        self._adopted: list[str] = []
 
     @property
     def actors(self) -> dict[str, Any]:
@@ -226,10 +244,17 @@ class Autoscaler(Fleet):
         """The bundles last filed with Ray's autoscaler (provider "ray")."""
         return list(self._requested or ())
 
+    @property
+    def adopted(self) -> list[str]:
+        return list(self._adopted)
+
     def start(self) -> None:
-        """Starts each pool's minimum and the control loop."""
+        """Adopts each pool's live workers, starts what its minimum still lacks, and the
+        control loop."""
         for scaler in self.pools.values():
-            scaler.start(scaler.pool.min_workers)
+            adopted = scaler.adopt()
+            self._adopted += adopted
+            scaler.start(max(0, scaler.pool.min_workers - len(adopted)))
         self._loop_task = asyncio.get_running_loop().create_task(self._loop(),
                                                                  name="autoscaler")
 
@@ -270,10 +295,22 @@ class Autoscaler(Fleet):
                        "reason": p.last.reason if p.last else ""}
                 for name, p in self.pools.items()}
 
-    async def stop(self) -> None:
+    async def _stop_loop(self) -> None:
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
+
+    async def release(self) -> None:
+        """Leaves every worker serving (retirements under way finish first) and the standing
+        resource request in place: the next controller takes both over."""
+        await self._stop_loop()
+        await asyncio.gather(*(t for p in self.pools.values() for t in p.retiring.values()),
+                             return_exceptions=True)
+        for scaler in self.pools.values():
+            scaler.workers.release()
+
+    async def stop(self) -> None:
+        await self._stop_loop()
         await asyncio.gather(*(p.stop() for p in self.pools.values()))
         if self._requested:
             from ray.autoscaler.sdk import request_resources

@@ -3,6 +3,8 @@
     electron-serve up [--workers N] [--port 8000] [--model PATH_OR_NAME]   everything, locally
     electron-serve router --ray-address ADDR [--port 8000] [--processes N] a router on a cluster
     electron-serve worker --ray-address ADDR [--workers N] [--model ...]  workers on a cluster
+                          [--fleet NAME] [--keep-workers]                (a controller)
+    electron-serve down --ray-address ADDR [--fleet NAME]                 stop a fleet's workers
     electron-serve tenants add|add-key|list|revoke-key|plans ...          tenants and keys
     electron-serve migrate                                                 the database schema
 
@@ -49,6 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     scale = argparse.ArgumentParser(add_help=False)
     scale.add_argument("--workers", type=int, metavar="N", help="worker actors to start")
 
+    fleet = argparse.ArgumentParser(add_help=False)
+    fleet.add_argument("--fleet", metavar="NAME",
+                       help="the worker fleet this command keeps or stops (cluster.fleet); a "
+                            "controller adopts the fleet's live workers when it starts")
+
+    keep = argparse.ArgumentParser(add_help=False)
+    keep.add_argument("--keep-workers", action="store_const", const=True,
+                      help="on Ctrl-C / SIGTERM leave the workers serving for the fleet's "
+                           "next controller (cluster.keep_workers_on_exit)")
+
     router = argparse.ArgumentParser(add_help=False)
     router.add_argument("--host", help="router listen address")
     router.add_argument("--port", type=int, help="router port (0: any free port)")
@@ -67,8 +79,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="local Ray, N workers and a router in one command")
     commands.add_parser("router", parents=[common, joining, router, processes, engine],
                         help="a router joining an existing Ray cluster")
-    commands.add_parser("worker", parents=[common, joining, scale, engine],
-                        help="worker actors joining an existing Ray cluster")
+    commands.add_parser("worker", parents=[common, joining, scale, fleet, keep, engine],
+                        help="worker actors joining an existing Ray cluster (a controller)")
+    commands.add_parser("down", parents=[common, joining, fleet],
+                        help="drain and stop every worker of a fleet, then exit")
     tenants_cli.add_parser(commands, [common])
     commands.add_parser("migrate", parents=[common],
                         help="apply the tenancy database's schema migrations, then exit")
@@ -108,7 +122,9 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
                         policy=getattr(args, "policy", None),
                         processes=getattr(args, "processes", None)),
         "cluster": given(workers=getattr(args, "workers", None),
-                         ray_address=getattr(args, "ray_address", None)),
+                         ray_address=getattr(args, "ray_address", None),
+                         fleet=getattr(args, "fleet", None),
+                         keep_workers_on_exit=getattr(args, "keep_workers", None)),
         "observability": given(log_format=getattr(args, "log_format", None)),
     }
     return {name: fields for name, fields in sections.items() if fields}
@@ -142,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = supervise(config, args.log_level)
     elif args.command == "router":
         run = launcher.run_router(config, args.log_level)
+    elif args.command == "down":
+        run = launcher.run_down(config)
     else:
         run = launcher.run_worker(config)
     try:

@@ -1,9 +1,17 @@
 """The worker fleet: the worker actors this process starts, stops and watches.
 
-``WorkerSet`` is a set of worker actors of one pool (they die with this process: they are not
-detached). ``Fleet`` is what the launcher asks of the workers it runs, whatever keeps their
-number: ``StaticFleet`` holds ``cluster.workers`` of them; the autoscaler
-(cluster/autoscaler.py) sizes each pool to its demand.
+``WorkerSet`` is a set of worker actors of one pool. ``Fleet`` is what the launcher asks of
+the workers it runs, whatever keeps their number: ``StaticFleet`` holds ``cluster.workers``
+of them; the autoscaler (cluster/autoscaler.py) sizes each pool to its demand.
+
+Ownership: `electron-serve up` runs attached workers (they die with its process).
+`electron-serve worker`, a controller on a cluster, runs detached ones, named after its fleet
+(``cluster.fleet``) and worker id: a controller that dies (SIGKILL, OOM, its pod or node
+lost) leaves them serving, and the next controller of the fleet adopts the live ones at its
+start (``WorkerSet.adopt``: no new actor, no model load; those above its size, and those
+found draining because their previous controller was retiring them, are drained and
+stopped). A controller stopped on purpose stops its workers (``stop``) unless told to
+leave them (``release``, ``cluster.keep_workers_on_exit``).
 
 Either replaces a lost worker: one whose process died (SIGKILL, OOM: Ray reports the actor
 dead; actors are never restarted by Ray, ``max_restarts=0``) or whose engine failed (its
@@ -17,7 +25,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -26,7 +36,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from core.config import Config
-from workers.actor import create_worker_actor
+from workers.actor import create_worker_actor, find_worker_actors
 
 log = logging.getLogger(__name__)
 
@@ -65,27 +75,66 @@ class Fleet(abc.ABC):
     async def stop(self) -> None:
         """Stops every worker (gracefully when it serves)."""
 
+    @abc.abstractmethod
+    async def release(self) -> None:
+        """Stops keeping the fleet and leaves its workers serving (detached ones: for the
+        fleet's next controller to adopt)."""
+
+    @property
+    @abc.abstractmethod
+    def adopted(self) -> list[str]:
+        """The workers taken over at ``start`` (a previous controller's), by id."""
+
 
 class WorkerSet:
-    """Worker actors started by this process; they die with it (they are not detached)."""
+    """Worker actors of one pool, started by this process or adopted (``detached``: they
+    outlive it; see the module's docstring)."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, *, detached: bool = False):
         self._config = config
+        self._detached = detached
         self.actors: dict[str, ray.actor.ActorHandle] = {}
         self.addresses: dict[str, str] = {}
         self.failures: dict[str, RayActorError] = {}
         self._ready: dict[str, asyncio.Task[str | None]] = {}
+        self._adopted: set[str] = set()
+        # Adopted workers that were being retired (marked draining) when their controller
+        # died: the fleet finishes retiring them (``take_found_draining``).
+        self._found_draining: list[str] = []
 
     def start(self, count: int) -> list[str]:
         """Starts ``count`` more workers; returns their ids."""
         started = []
         for _ in range(count):
             worker_id = f"{self._config.cluster.pool}-{uuid.uuid4().hex[:8]}"
-            self.actors[worker_id] = create_worker_actor(self._config, worker_id)
-            self._ready[worker_id] = asyncio.get_running_loop().create_task(
-                self._await_ready(worker_id))
+            self.actors[worker_id] = create_worker_actor(self._config, worker_id,
+                                                         detached=self._detached)
+            self._watch(worker_id)
             started.append(worker_id)
         return started
+
+    def adopt(self) -> list[str]:
+        """Takes the live worker actors of this fleet and pool that another process started
+        (a controller that died) into the set; returns their ids. Their ``ready()`` answers
+        at once when they serve (or when they have loaded, if they were still starting)."""
+        pool = re.compile(re.escape(self._config.cluster.pool) + r"-[0-9a-f]{8}")
+        found = find_worker_actors(self._config.cluster)
+        adopted = sorted(w for w in found if pool.fullmatch(w) and w not in self.actors)
+        for worker_id in adopted:
+            self.actors[worker_id] = found[worker_id]
+            self._adopted.add(worker_id)
+            self._watch(worker_id)
+        return adopted
+
+    def take_found_draining(self) -> list[str]:
+        """The adopted workers found marked draining since the last call: a previous
+        controller was retiring them (they serve no new request; retire them for good)."""
+        found, self._found_draining = self._found_draining, []
+        return [w for w in found if w in self.actors]
+
+    def _watch(self, worker_id: str) -> None:
+        self._ready[worker_id] = asyncio.get_running_loop().create_task(
+            self._await_ready(worker_id))
 
     async def _await_ready(self, worker_id: str) -> str | None:
         """The worker's address, or None when it failed to start (its error is logged: the
@@ -98,6 +147,12 @@ class WorkerSet:
             return None
         self.addresses[worker_id] = address
         log.info("worker %s ready at %s", worker_id, address)
+        if worker_id in self._adopted:
+            try:
+                if (await self.actors[worker_id].info.remote())["draining"]:
+                    self._found_draining.append(worker_id)
+            except RayActorError:
+                pass  # gone since: the fleet's next check finds it lost
         return address
 
     async def wait_ready(self, minimum: int = 1) -> None:
@@ -113,6 +168,15 @@ class WorkerSet:
                                     f"failed to start; first error: {first}")
             _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
 
+    def release(self) -> None:
+        """Forgets every worker and leaves it running (detached: the fleet's next controller
+        adopts it)."""
+        for task in self._ready.values():
+            task.cancel()
+        self.actors.clear()
+        self.addresses.clear()
+        self._ready.clear()
+
     async def stop(self, grace_s: float = WORKER_STOP_GRACE_S) -> None:
         """Stops every serving worker gracefully (bounded), then kills all the actors.
 
@@ -125,7 +189,7 @@ class WorkerSet:
         for worker_id, handle in self.actors.items():
             if worker_id not in self.addresses:
                 ray.kill(handle)
-        await asyncio.gather(*(_stop_actor(wid, h, grace_s) for wid, h in handles))
+        await asyncio.gather(*(stop_actor(wid, h, grace_s) for wid, h in handles))
         self.actors.clear()
 
     async def stop_one(self, worker_id: str, grace_s: float = WORKER_STOP_GRACE_S) -> None:
@@ -134,7 +198,7 @@ class WorkerSet:
         if not serving:
             ray.kill(handle)
             return
-        await _stop_actor(worker_id, handle, grace_s)
+        await stop_actor(worker_id, handle, grace_s)
 
     def kill(self, worker_id: str) -> None:
         """Kills one worker at once (it is lost: nothing to drain) and forgets it."""
@@ -171,7 +235,8 @@ class WorkerSet:
         return lost
 
 
-async def _stop_actor(worker_id: str, handle: ray.actor.ActorHandle, grace_s: float) -> None:
+async def stop_actor(worker_id: str, handle: ray.actor.ActorHandle,
+                     grace_s: float) -> None:
     """A serving worker's ``stop()`` (bounded), then ``ray.kill``."""
     try:
         await asyncio.wait_for(handle.stop.remote(grace_s), grace_s + 10)
@@ -199,9 +264,11 @@ class StaticFleet(Fleet):
     """``cluster.workers`` workers of the shared pool, kept at that number (lost ones are
     replaced, with backoff: see the module docstring)."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, *, detached: bool = False):
         self._config = config
-        self.workers = WorkerSet(config)
+        self.workers = WorkerSet(config, detached=detached)
+        self._adopted: list[str] = []
+        self._retiring: set[asyncio.Task[None]] = set()
         self._supervisor: asyncio.Task[None] | None = None
         # Replacement rounds since every worker last served, and the earliest next one.
         self._restarts = 0
@@ -217,8 +284,38 @@ class StaticFleet(Fleet):
     def addresses(self) -> dict[str, str]:
         return self.workers.addresses
 
+    @property
+    def adopted(self) -> list[str]:
+        return list(self._adopted)
+
     def start(self) -> None:
-        self._start(self._config.cluster.workers)
+        """Adopts the fleet's live workers, stops those above ``cluster.workers`` and starts
+        the missing ones."""
+        wanted = self._config.cluster.workers
+        self._adopted = self.workers.adopt()
+        now = time.monotonic()
+        self.events.extend((now, "adopt", w) for w in self._adopted)
+        for worker_id in self._adopted[wanted:]:
+            log.warning("worker %s is one more than cluster.workers (%d): stopping it",
+                        worker_id, wanted)
+            self._retire_later(worker_id)
+        self._start(max(0, wanted - len(self._adopted)))
+
+    def _retire_later(self, worker_id: str) -> None:
+        self.events.append((time.monotonic(), "retire", worker_id))
+        task = asyncio.get_running_loop().create_task(self._retire(worker_id))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, worker_id: str) -> None:
+        """Stops an adopted worker the fleet has no room for, gracefully once it answers."""
+        handle = self.workers.actors[worker_id]
+        with contextlib.suppress(RayActorError, TimeoutError):
+            await asyncio.wait_for(handle.ready.remote(), HEALTH_TIMEOUT_S)
+            await asyncio.wait_for(handle.drain.remote(), HEALTH_TIMEOUT_S)
+        # Routers see the draining mark within a poll: then it leaves gracefully.
+        await asyncio.sleep(2 * self._config.router.registry_poll_s)
+        await self.workers.stop_one(worker_id)
 
     def _start(self, count: int) -> None:
         for worker_id in self.workers.start(count):
@@ -240,6 +337,11 @@ class StaticFleet(Fleet):
     async def step(self) -> None:
         """One check: kills the lost workers, starts replacements when the backoff allows."""
         cluster = self._config.cluster
+        for worker_id in self.workers.take_found_draining():
+            # Adopted while its previous controller retired it: it takes no new request.
+            log.warning("adopted worker %s is draining: stopping it (a new one replaces it)",
+                        worker_id)
+            self._retire_later(worker_id)
         for worker_id in await self.workers.reap():
             self.events.append((time.monotonic(), "lost", worker_id))
         if len(self.workers.addresses) >= cluster.workers:
@@ -256,8 +358,16 @@ class StaticFleet(Fleet):
                     "%.0f s)", missing, delay)
         self._start(missing)
 
-    async def stop(self) -> None:
+    async def _stop_supervising(self) -> None:
         if self._supervisor is not None:
             self._supervisor.cancel()
             await asyncio.gather(self._supervisor, return_exceptions=True)
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+
+    async def stop(self) -> None:
+        await self._stop_supervising()
         await self.workers.stop()
+
+    async def release(self) -> None:
+        await self._stop_supervising()
+        self.workers.release()

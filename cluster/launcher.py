@@ -7,7 +7,11 @@ Three entry points, one per CLI command:
 - ``run_router``: a router on an existing Ray cluster (with ``router.processes`` > 1 the CLI
   runs cluster/router_processes.py's supervisor instead, each of whose processes serves as
   this does).
-- ``run_worker``: N workers on an existing Ray cluster, kept alive until Ctrl-C.
+- ``run_worker``: N workers on an existing Ray cluster, kept alive until Ctrl-C: a
+  controller. Its workers are detached and named after ``cluster.fleet``: it adopts the live
+  ones a previous controller of the fleet left (cluster/fleet.py); Ctrl-C or SIGTERM drains
+  and stops them, or leaves them serving with ``cluster.keep_workers_on_exit``.
+- ``run_down``: stops (drained) every worker of a fleet whose controller is gone.
 
 This process may be the router's, which imports no torch: ``workers.actor`` keeps torch
 inside the actor.
@@ -28,9 +32,16 @@ from typing import Any
 
 import ray
 import uvicorn
+from ray.exceptions import RayError
 
 from cluster.autoscaler import Autoscaler
-from cluster.fleet import Fleet, StartupFailed, StaticFleet
+from cluster.fleet import (
+    WORKER_STOP_GRACE_S,
+    Fleet,
+    StartupFailed,
+    StaticFleet,
+    stop_actor,
+)
 from cluster.registry import RayWorkerSource, registry_actor
 from core.cluster_token import new_cluster_token
 from core.config import Config, ConfigError
@@ -39,7 +50,7 @@ from core.telemetry import DISABLED, Tracing, tracing_from_env
 from router.api.connections import uvicorn_settings
 from router.api.drain import CUT_GRACE_S, Drain
 from router.api.server import listen_socket
-from workers.actor import PACKAGE_ROOT
+from workers.actor import PACKAGE_ROOT, find_worker_actors
 
 log = logging.getLogger(__name__)
 
@@ -189,11 +200,12 @@ async def _until(stop: asyncio.Event, work: Awaitable[Any]) -> bool:
     return True
 
 
-def make_fleet(config: Config) -> Fleet:
-    """The autoscaler of every pool when it is enabled, else a fixed set of workers."""
+def make_fleet(config: Config, *, detached: bool = False) -> Fleet:
+    """The autoscaler of every pool when it is enabled, else a fixed set of workers;
+    ``detached`` workers outlive this process (cluster/fleet.py)."""
     if config.autoscaler.enabled:
-        return Autoscaler(config)
-    return StaticFleet(config)
+        return Autoscaler(config, detached=detached)
+    return StaticFleet(config, detached=detached)
 
 
 def _banner(config: Config, port: int, workers: Fleet | None) -> str:
@@ -323,29 +335,68 @@ async def run_router(config: Config, log_level: str = "info") -> None:
 
 
 async def run_worker(config: Config) -> None:
-    """``electron-serve worker``: ``cluster.workers`` workers on an existing Ray cluster."""
+    """``electron-serve worker``: ``cluster.workers`` workers on an existing Ray cluster (a
+    controller of ``cluster.fleet``: it adopts the fleet's live workers first)."""
     require_cluster_token(config, "worker")
     connect_ray(config)
-    workers = make_fleet(config)
+    workers = make_fleet(config, detached=True)
     ready_file = config.cluster.ready_file
     try:
         stop = _stop_event()
         registry_actor(config.cluster, detached=True)
         workers.start()
+        if workers.adopted:
+            print(f"adopted {len(workers.adopted)} running worker(s) of fleet "
+                  f"{config.cluster.fleet!r}: {' '.join(workers.adopted)}", flush=True)
         if not await _until(stop, _first_worker(workers, config.cluster.start_timeout_s)):
             return
         for worker_id, address in sorted(workers.addresses.items()):
             print(f"worker {worker_id} serving at {address}", flush=True)
         if ready_file:
             Path(ready_file).write_text("ready\n")
-        print("Ctrl-C stops these workers.", flush=True)
+        keep = config.cluster.keep_workers_on_exit
+        print("Ctrl-C leaves these workers serving (`electron-serve down` stops them)." if keep
+              else "Ctrl-C stops these workers.", flush=True)
         await stop.wait()
     finally:
         if ready_file:
             Path(ready_file).unlink(missing_ok=True)
-        # Drains every serving worker first (cluster/autoscaler.py PoolScaler.stop).
-        await workers.stop()
+        if config.cluster.keep_workers_on_exit:
+            await workers.release()
+            print(f"left {config.cluster.fleet!r}'s workers serving", flush=True)
+        else:
+            # Drains every serving worker first (cluster/autoscaler.py PoolScaler.stop).
+            await workers.stop()
         ray.shutdown()
+
+
+async def run_down(config: Config) -> None:
+    """``electron-serve down``: drains and stops every worker of ``cluster.fleet`` (all its
+    pools), e.g. after a controller that left them (``keep_workers_on_exit``) or was lost
+    for good. Each is marked draining, routers stop choosing it within two polls, its
+    running requests get ``autoscaler.drain_timeout_s`` at most, then it stops."""
+    connect_ray(config)
+    try:
+        found = find_worker_actors(config.cluster)
+        await asyncio.gather(*(_drain_and_stop(config, w, h) for w, h in found.items()))
+        print(f"stopped {len(found)} worker(s) of fleet {config.cluster.fleet!r}", flush=True)
+    finally:
+        ray.shutdown()
+
+
+async def _drain_and_stop(config: Config, worker_id: str, handle: Any) -> None:
+    try:
+        await asyncio.wait_for(handle.drain.remote(), config.cluster.registry_timeout_s + 5)
+        await asyncio.sleep(2 * config.router.registry_poll_s + config.cluster.heartbeat_s)
+        deadline = asyncio.get_running_loop().time() + config.autoscaler.drain_timeout_s
+        while asyncio.get_running_loop().time() < deadline:
+            info = await asyncio.wait_for(handle.info.remote(), 5)
+            if info["running"] + info["waiting"] == 0:
+                break
+            await asyncio.sleep(0.2)
+    except (RayError, TimeoutError) as exc:
+        log.warning("worker %s: draining failed (%r); stopping it", worker_id, exc)
+    await stop_actor(worker_id, handle, WORKER_STOP_GRACE_S)
 
 
 async def _first_worker(workers: Fleet, timeout_s: float) -> None:

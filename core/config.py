@@ -240,6 +240,17 @@ class ClusterConfig(_Frozen):
     # Written by `electron-serve worker` once its first worker serves: a probe's signal (the
     # Helm chart's controller startup/readiness probe), removed when it stops.
     ready_file: str | None = None
+    # The worker fleet one controller (`electron-serve worker`) keeps; the Helm chart names
+    # it after the worker generation. Its worker actors are detached and named
+    # electron-worker:<fleet>:<worker id> in the namespace, so they outlive a controller
+    # that dies, and the next controller of the fleet adopts the live ones (no new actor, no
+    # model load). Never run two controllers of one fleet.
+    fleet: str = Field("default", min_length=1, max_length=63,
+                       pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+    # What `electron-serve worker` does with its workers on SIGTERM / Ctrl-C: drain and stop
+    # them (false), or leave them serving for the fleet's next controller to adopt (true;
+    # `electron-serve down` stops them). A controller killed outright leaves them either way.
+    keep_workers_on_exit: bool = False
 
 
 class PoolConfig(_Frozen):

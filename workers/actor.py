@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray.exceptions import RayActorError, RayError
 
-from core.config import Config
+from core.config import ClusterConfig, Config
 from core.endpoints import REGISTRY_NAME, WorkerEndpoint
 from core.heap import settle_heap
 from core.logs import configure_logging
@@ -43,6 +43,8 @@ WORKER_SERVICE_NAME = "electron-worker"  # OTEL_SERVICE_NAME overrides it
 # The directory that holds the ``cluster`` and ``workers`` packages.
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 DISTRIBUTION = "electron-serve"
+# Worker actors are named WORKER_ACTOR_PREFIX:<fleet>:<worker id> (``worker_actor_prefix``).
+WORKER_ACTOR_PREFIX = "electron-worker"
 
 
 def lookup_registry(namespace: str) -> ray.actor.ActorHandle | None:
@@ -217,12 +219,43 @@ def _listen_host(config: Config) -> str:
     return ray.util.get_node_ip_address()
 
 
-def create_worker_actor(config: Config, worker_id: str) -> ray.actor.ActorHandle:
-    """Starts one worker actor (Ray is initialised and the registry exists)."""
+def worker_actor_prefix(cluster: ClusterConfig) -> str:
+    """What the names of ``cluster.fleet``'s worker actors start with (then the worker id)."""
+    return f"{WORKER_ACTOR_PREFIX}:{cluster.fleet}:"
+
+
+def find_worker_actors(cluster: ClusterConfig) -> dict[str, ray.actor.ActorHandle]:
+    """The live worker actors of ``cluster.fleet`` in ``cluster.namespace``, by worker id:
+    what a controller that starts adopts (its predecessor's detached workers)."""
+    prefix = worker_actor_prefix(cluster)
+    found = {}
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        name = entry["name"]
+        if entry["namespace"] != cluster.namespace or not name.startswith(prefix):
+            continue
+        try:
+            found[name.removeprefix(prefix)] = ray.get_actor(name, namespace=cluster.namespace)
+        except ValueError:  # it died since it was listed
+            continue
+    return found
+
+
+def create_worker_actor(config: Config, worker_id: str, *,
+                        detached: bool = False) -> ray.actor.ActorHandle:
+    """Starts one worker actor (Ray is initialised and the registry exists).
+
+    ``detached``: it outlives the process that starts it (`electron-serve worker`: the next
+    controller of its fleet adopts it, ``find_worker_actors``); otherwise it dies with it
+    (`electron-serve up`, tests)."""
     cluster = config.cluster
     options: dict[str, Any] = dict(
-        name=f"electron-worker-{worker_id}", namespace=cluster.namespace,
-        num_cpus=cluster.num_cpus_per_worker, num_gpus=_num_gpus(config), max_restarts=0)
+        name=worker_actor_prefix(cluster) + worker_id, namespace=cluster.namespace,
+        num_cpus=cluster.num_cpus_per_worker, num_gpus=_num_gpus(config), max_restarts=0,
+        # One worker per node while nodes with room remain: a lost node then takes as few
+        # workers with it as it can (Ray's default packs a node before using the next).
+        scheduling_strategy="SPREAD")
+    if detached:
+        options["lifetime"] = "detached"
     if cluster.worker_resources:  # e.g. the custom resource of its pool's node group
         options["resources"] = dict(cluster.worker_resources)
     runtime_env = _runtime_env()

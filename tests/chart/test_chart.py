@@ -277,6 +277,10 @@ def test_the_service_config_loads_and_autoscales_every_pool(case):
     assert config.engine.model == model
     if "kv_cache_bytes" not in values.get("engine", {}):
         assert config.engine.kv_cache_bytes is None  # on GPU: a fraction of free memory
+    # Each generation's controller keeps (and adopts after a restart) its own fleet only.
+    for generation in generations_of(values):
+        fleet = load_config(env={}, overrides=service_config(docs, generation)).cluster.fleet
+        assert fleet == generation
 
 
 def _ray_start(container: dict[str, Any]) -> tuple[set[str], list[str]]:

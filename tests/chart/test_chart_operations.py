@@ -565,7 +565,8 @@ def test_ray_in_the_chart_is_the_ray_the_images_pin():
 # 1.0.0, the first ray.io/v1). A field the chart starts to use must be added here.
 KUBERAY_FIELD_SINCE = {"upgradeStrategy": "1.6.0", "rayVersion": "1.0.0",
                        "enableInTreeAutoscaling": "1.0.0", "autoscalerOptions": "1.0.0",
-                       "headGroupSpec": "1.0.0", "workerGroupSpecs": "1.0.0"}
+                       "headGroupSpec": "1.0.0", "workerGroupSpecs": "1.0.0",
+                       "gcsFaultToleranceOptions": "1.3.0"}
 
 
 def _version(text: str) -> tuple[int, ...]:

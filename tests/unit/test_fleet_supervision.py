@@ -1,8 +1,10 @@
 """How the fleet replaces lost workers, without Ray (fake worker sets): StaticFleet starts a
 replacement at once, then backs off while replacements keep failing, and resets once every
 worker serves; the autoscaler's pools drop a worker whose engine failed, as they drop a dead
-one. (tests/integration/test_fleet_replacement.py does it on a real Ray.) And the config
-keeps the router's silence limits above the workers' progress interval."""
+one. (tests/integration/test_fleet_replacement.py does it on a real Ray.) A starting fleet
+adopts the live workers a previous controller left, starts only what is missing and retires
+(drained) what is above its size (tests/integration/test_controller_restart.py on a real Ray).
+And the config keeps the router's silence limits above the workers' progress interval."""
 
 from __future__ import annotations
 
@@ -26,6 +28,23 @@ class _FakeWorkers:
         self.started: list[str] = []
         self._lost: dict[str, str] = {}
         self._ids = itertools.count()
+        self.running: list[str] = []  # live workers a previous controller left
+        self.stopped: list[str] = []
+        self.found_draining: list[str] = []  # adopted ones that were being retired
+
+    def take_found_draining(self) -> list[str]:
+        found, self.found_draining = self.found_draining, []
+        return found
+
+    def adopt(self) -> list[str]:
+        for worker_id in self.running:
+            self.actors[worker_id] = object()
+        return list(self.running)
+
+    async def stop_one(self, worker_id: str) -> None:
+        self.actors.pop(worker_id)
+        self.addresses.pop(worker_id, None)
+        self.stopped.append(worker_id)
 
     def start(self, count: int) -> list[str]:
         ids = [f"w{next(self._ids)}" for _ in range(count)]
@@ -128,3 +147,103 @@ def test_router_timeouts_must_exceed_the_progress_interval():
                                             "router": {"first_token_timeout_s": 0.5,
                                                        "stream_stall_timeout_s": 0.5}})
     assert config.router.stream_stall_timeout_s == 0.5
+
+
+async def test_static_fleet_adopts_live_workers_and_starts_only_what_is_missing():
+    config = load_config(env={}, overrides={"cluster": {"workers": 3}})
+    fleet = StaticFleet(config)
+    fake = fleet.workers = _FakeWorkers()  # type: ignore[assignment]
+    fake.running = ["default-0000000a", "default-0000000b"]
+    fleet.start()
+    assert fleet.adopted == fake.running
+    assert fake.started == ["w0"]  # one more for three
+    assert sorted(fake.actors) == ["default-0000000a", "default-0000000b", "w0"]
+    assert [e for _, e, _ in fleet.events] == ["adopt", "adopt", "start"]
+
+
+async def test_static_fleet_stops_adopted_workers_above_its_size():
+    config = load_config(env={}, overrides={"cluster": {"workers": 1},
+                                            "router": {"registry_poll_s": 0.01}})
+    fleet = StaticFleet(config)
+    fake = fleet.workers = _FakeWorkers()  # type: ignore[assignment]
+    fake.running = ["default-0000000a", "default-0000000b"]
+    drained: list[str] = []
+
+    class _Handle:  # answers ready() and drain() at once
+        def __init__(self, worker_id: str) -> None:
+            async def ready() -> str:
+                return "127.0.0.1:1"
+
+            async def drain() -> None:
+                drained.append(worker_id)
+
+            self.ready, self.drain = _Remote(ready), _Remote(drain)
+
+    def adopt() -> list[str]:
+        for worker_id in fake.running:
+            fake.actors[worker_id] = _Handle(worker_id)
+        return list(fake.running)
+
+    fake.adopt = adopt  # type: ignore[method-assign]
+    fleet.start()
+    assert fake.started == []
+    await asyncio.wait_for(asyncio.gather(*fleet._retiring), 5)
+    # The one above the fleet's size: drained (routers stop choosing it), then stopped.
+    assert drained == fake.stopped == ["default-0000000b"]
+    assert list(fake.actors) == ["default-0000000a"]
+
+
+async def test_the_autoscaler_adopts_each_pools_live_workers_before_starting_any():
+    from cluster.autoscaler import Autoscaler
+
+    config = load_config(env={}, overrides={
+        "cluster": {"workers": 2},
+        "autoscaler": {"enabled": True, "interval_s": 60, "pools": [
+            {"name": "acme", "min_workers": 1, "max_workers": 2}]}})
+    autoscaler = Autoscaler(config)
+    fakes = {}
+    for name, running in (("default", ["default-0000000a"]), ("acme", ["acme-0000000b"])):
+        fake = autoscaler.pools[name].workers = _FakeWorkers()  # type: ignore[assignment]
+        fake.running = running
+        fakes[name] = fake
+    autoscaler.start()
+    try:
+        assert sorted(autoscaler.adopted) == ["acme-0000000b", "default-0000000a"]
+        assert fakes["default"].started == ["w0"]  # 2 wanted, 1 adopted
+        assert fakes["acme"].started == []         # its minimum (1) is the adopted one
+        assert [e for _, e, _ in autoscaler.pools["acme"].events] == ["adopt"]
+    finally:
+        await autoscaler._stop_loop()
+
+
+async def test_static_fleet_finishes_retiring_an_adopted_worker_found_draining():
+    config = load_config(env={}, overrides={"cluster": {"workers": 2},
+                                            "router": {"registry_poll_s": 0.01}})
+    fleet = StaticFleet(config)
+    fake = fleet.workers = _FakeWorkers()  # type: ignore[assignment]
+    fake.running = ["default-0000000a", "default-0000000b"]
+
+    class _Handle:  # answers ready() and drain() at once
+        async def _none(self) -> None:
+            return None
+
+        def __init__(self) -> None:
+            self.ready = self.drain = _Remote(self._none)
+
+    def adopt() -> list[str]:
+        for worker_id in fake.running:
+            fake.actors[worker_id] = _Handle()
+            fake.serve(worker_id)
+        return list(fake.running)
+
+    fake.adopt = adopt  # type: ignore[method-assign]
+    fleet.start()
+    assert fake.started == []
+    # Its previous controller was retiring it (the autoscaler's drain) when it died.
+    fake.found_draining = ["default-0000000b"]
+    await fleet.step()
+    await asyncio.wait_for(asyncio.gather(*fleet._retiring), 5)
+    assert fake.stopped == ["default-0000000b"]
+    await fleet.step()  # and a new one takes its place
+    assert fake.started == ["w0"]
+    assert [e for _, e, _ in fleet.events] == ["adopt", "adopt", "retire", "start"]

@@ -232,6 +232,9 @@ merges skip them: absent means null here, as in values.yaml. */}}
 {{- $_ = set $c "engine" $engine }}
 {{- $_ = set $c.cluster "start_timeout_s" (int $root.Values.workers.startTimeoutSeconds) }}
 {{- $_ = set $c.cluster "ready_file" (include "electron-serve.readyFile" $root) }}
+{{- /* Its worker actors are named after the generation: a restarted controller adopts its
+own generation's live workers, never another's (cluster/fleet.py). */}}
+{{- $_ = set $c.cluster "fleet" $gen.name }}
 {{- $pools := list }}
 {{- range $c.autoscaler.pools }}
 {{- $pools = append $pools (merge (dict "resources" (dict (include "electron-serve.poolResource" (dict "pool" .name "generation" $gen.name)) 1)) (omit . "resources")) }}
@@ -526,6 +529,47 @@ Secret, never inlined. */}}
     secretKeyRef:
       name: {{ include "electron-serve.rayAuthSecretName" . }}
       key: {{ ternary .Values.ray.auth.existingSecretKey "auth_token" (ne .Values.ray.auth.existingSecret "") }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the head's GCS is fault tolerant (ray.gcsFaultTolerance; unset: on when the
+chart deploys its own Redis), else empty. Fails when it is on with no Redis to use. */}}
+{{- define "electron-serve.gcsFaultTolerance" -}}
+{{- $ft := .Values.ray.gcsFaultTolerance }}
+{{- $inChart := and .Values.redis.enabled .Values.redis.deploy }}
+{{- $on := ternary $inChart $ft.enabled (kindIs "invalid" $ft.enabled) }}
+{{- if $on }}
+{{- if not (or $ft.redisAddress $inChart) }}
+{{- fail "ray.gcsFaultTolerance.enabled needs a Redis: set ray.gcsFaultTolerance.redisAddress (host:port of an external, highly available Redis; its password in ray.gcsFaultTolerance.existingSecret) or redis.deploy=true" }}
+{{- end }}
+{{- print "true" }}
+{{- end }}
+{{- end }}
+
+{{/* The RayCluster's spec.gcsFaultToleranceOptions (KubeRay >= 1.3), when it is on. */}}
+{{- define "electron-serve.gcsFaultToleranceOptions" -}}
+{{- $ft := .Values.ray.gcsFaultTolerance }}
+redisAddress: {{ $ft.redisAddress | default (printf "%s-redis:6379" (include "electron-serve.fullname" .)) | quote }}
+{{- if or $ft.existingSecret (not $ft.redisAddress) }}
+redisPassword:
+  valueFrom:
+    secretKeyRef:
+      name: {{ $ft.existingSecret | default (include "electron-serve.datastoreSecretName" .) }}
+      key: {{ ternary $ft.existingSecretKey "redis-password" (ne $ft.existingSecret "") }}
+{{- end }}
+{{- with $ft.externalStorageNamespace }}
+externalStorageNamespace: {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Ray nodes outside KubeRay's pods (routers and controllers run `ray start` themselves):
+with GCS fault tolerance their raylets wait for a restarted head's GCS as long as KubeRay
+makes its worker pods wait (600 s), not Ray's default 60 s, after which a raylet exits and
+takes its pod's process with it. */}}
+{{- define "electron-serve.gcsReconnectEnv" -}}
+{{- if include "electron-serve.gcsFaultTolerance" . }}
+- name: RAY_gcs_rpc_server_reconnect_timeout_s
+  value: "600"
 {{- end }}
 {{- end }}
 

@@ -1,0 +1,207 @@
+"""A real multi-node Ray on one machine: a head and worker nodes, each its own raylet with its
+own resources (``ray.cluster_utils.Cluster``), under a temporary directory of its own; and a
+node lost as a machine is lost (its raylet and every process under it SIGKILLed at once).
+
+Ray's own node-death detector is tuned down (a health check every second, dead after 4
+missed): the product's fleet replaces a lost node's workers once Ray reports their actors
+dead, and Ray's defaults (5 missed checks of 3 s) would make each test wait ~15 s for that.
+Tighter (0.3 s x 3) declared live nodes dead on this busy two-core machine.
+
+With ``fault_tolerant`` the GCS keeps its tables in Redis (GCS fault tolerance: the local
+Redis of tests/support/tenancy.py, under a key namespace of its own, deleted afterwards) on a
+fixed port, and ``restart_head`` replaces the head node (its GCS, its raylet and what runs
+there) with a new one, as a restarted head pod does. Each worker node has a temporary
+directory of its own, as a machine has, so the test's process can join the cluster through
+a worker node (``driver_on``) and outlive the head.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import ray
+from ray.cluster_utils import Cluster
+
+from cluster.launcher import prepare_ray_environment
+from core.endpoints import HEAD_RESOURCE
+from tests.support.tenancy import REDIS_URL
+
+FAST_NODE_DEATH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
+                   "health_check_timeout_ms": 1000, "health_check_failure_threshold": 4}
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children first, then theirs)."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class MultiNode:
+    """The head (no CPU, the ``electron_head`` resource: the registry lives there, and this
+    process, the router's, unless it joins through a worker node) and worker nodes added by
+    name."""
+
+    def __init__(self, temp_dir: Path, *, fault_tolerant: bool = False):
+        self._temp_dir = temp_dir
+        prepare_ray_environment()  # PYTHONPATH for every node's worker processes
+        self._head_args: dict[str, Any] = dict(
+            num_cpus=0, resources={HEAD_RESOURCE: 1}, include_dashboard=False,
+            temp_dir=str(temp_dir / "head"), _system_config=FAST_NODE_DEATH)
+        if fault_tolerant:
+            self._head_args["gcs_server_port"] = free_port()
+        self.cluster = Cluster(initialize_head=True, connect=False,
+                               head_node_args=self._head_args)
+        self.nodes: dict[str, Any] = {}
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def temp_dir(self, name: str) -> str:
+        return str(self._temp_dir / name)
+
+    def add_node(self, name: str, num_cpus: float, **resources: float) -> str:
+        """Starts a worker node (its own raylet); returns its Ray node id."""
+        node = self.cluster.add_node(num_cpus=num_cpus, resources=resources or None,
+                                     temp_dir=self.temp_dir(name))
+        self.nodes[name] = node
+        return node.node_id
+
+    def restart_head(self) -> str:
+        """SIGKILLs the head node's processes (GCS, raylet, the actors there), then starts a
+        new head on the same GCS port (fault tolerant: it reads the cluster back from
+        Redis); returns the new head's node id."""
+        self.cluster.remove_node(self.cluster.head_node, allow_graceful=False)
+        self.start_head()
+        return self.cluster.head_node.node_id
+
+    def start_head(self) -> None:
+        """Starts the head again (after ``remove_node`` of the old one). It may run in a
+        thread (the test's event loop keeps serving meanwhile): the new node installs no
+        signal handler (``multi_node`` tears it down)."""
+        self.cluster._shutdown_at_exit = False  # Node() would install signal handlers
+        try:
+            self.cluster.add_node(**self._head_args)
+        finally:
+            self.cluster._shutdown_at_exit = True
+
+    def node_name(self, node_id: str) -> str:
+        return next(name for name, node in self.nodes.items() if node.node_id == node_id)
+
+    def lose(self, name: str) -> list[int]:
+        """SIGKILLs the node's raylet and every process below it (its worker actors) at
+        once, as a machine that vanished; returns the pids killed."""
+        node = self.nodes.pop(name)
+        raylet = node.all_processes["raylet"][0].process.pid
+        pids = [raylet, *_descendants(raylet)]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        # Ray's bookkeeping of the node (its processes are already dead).
+        self.cluster.remove_node(node, allow_graceful=False)
+        return pids
+
+    def node_alive(self, node_id: str) -> bool:
+        return any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def redis_host_port() -> str:
+    """host:port of the tests' Redis (GCS fault tolerance takes no URL, nor a database)."""
+    url = urlparse(REDIS_URL)
+    return f"{url.hostname or '127.0.0.1'}:{url.port or 6379}"
+
+
+@contextmanager
+def multi_node(temp_dir: Path, namespace: str, *, fault_tolerant: bool = False,
+               nodes_first: dict[str, float] | None = None,
+               driver_on: str | None = None) -> Iterator[MultiNode]:
+    """A MultiNode (with the worker nodes of ``nodes_first``, name -> CPUs, started before
+    this process joins), this process connected through the head or ``driver_on``'s node;
+    torn down afterwards: no Ray process of it is left, nor (fault tolerant) a key of its in
+    Redis."""
+    env = ("RAY_AUTH_MODE", "PYTHONPATH", "RAY_REDIS_ADDRESS",
+           "RAY_external_storage_namespace")
+    saved = {k: os.environ.get(k) for k in env}
+    storage = f"electron-test-{uuid.uuid4().hex[:12]}"
+    if fault_tolerant:  # read by the head's GCS when it starts (and starts again)
+        os.environ["RAY_REDIS_ADDRESS"] = redis_host_port()
+        os.environ["RAY_external_storage_namespace"] = storage
+    cluster = MultiNode(temp_dir, fault_tolerant=fault_tolerant)
+    try:
+        for name, num_cpus in (nodes_first or {}).items():
+            cluster.add_node(name, num_cpus=num_cpus, **{f"node_{name}": 1})
+        through = {} if driver_on is None else {"_temp_dir": cluster.temp_dir(driver_on)}
+        ray.init(address=cluster.address, namespace=namespace, logging_level="warning",
+                 **through)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if fault_tolerant:
+            _drop_storage(storage)
+        deadline = time.monotonic() + 10
+        while (left := _session_processes(temp_dir)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not left, f"Ray processes left behind: {left}"
+
+
+def _session_processes(temp_dir: Path) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if str(temp_dir).encode() in f.read():
+                    found.append(int(pid))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return found
+
+
+def _drop_storage(storage: str) -> None:
+    """Deletes the GCS tables a fault-tolerant test cluster left in Redis."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"RAY{storage}@*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
