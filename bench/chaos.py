@@ -92,6 +92,7 @@ class Stream:
         self.first_at: float | None = None
         self.ended_at: float | None = None
         self.first = asyncio.Event()
+        self.retry_after: float | None = None
 
     @property
     def ttft_s(self) -> float | None:
@@ -112,6 +113,8 @@ async def stream(run: Run, key: str, body: dict[str, Any], out: Stream | None = 
             s.status = r.status_code
             if r.status_code != 200:
                 s.error = (await r.aread()).decode(errors="replace")[:300]
+                with contextlib.suppress(TypeError, ValueError):
+                    s.retry_after = float(r.headers.get("retry-after"))
                 return s
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -421,16 +424,28 @@ async def worker_fault(run: Run, cluster: Cluster, tenant: str, key: str, refs: 
 
 async def steady(run: Run, key: str, seconds: float, fault: Any) -> tuple[list[Stream], Any]:
     """4 clients sending short streamed requests back to back for ``seconds``, with
-    ``fault()`` (a coroutine function) run alongside them."""
+    ``fault()`` (a coroutine function) run alongside them. A refused client waits what
+    ``Retry-After`` says (at most 1 s), as the OpenAI SDKs do."""
     out: list[Stream] = []
     stop = time.monotonic() + seconds
 
     async def client(i: int) -> None:
         while time.monotonic() < stop:
-            out.append(await stream(run, key, chat(PROMPTS[i], 8)))
+            out.append(s := await stream(run, key, chat(PROMPTS[i], 8)))
+            if s.status in (429, 503):
+                await asyncio.sleep(min(s.retry_after or 1.0, 1.0))
 
     results = await asyncio.gather(fault(), *(client(i) for i in range(4)))
     return out, results[0]
+
+
+def _recovery(streams: list[Stream], restarted_at: float) -> dict[str, Any]:
+    """How long after the dependency came back requests were still refused."""
+    after = [s for s in streams if s.started >= restarted_at]
+    refused = [s.started - restarted_at for s in after if s.status != 200]
+    ok = [s.started - restarted_at for s in after if s.status == 200]
+    return {"last_refused_after_restart_s": round(max(refused), 2) if refused else None,
+            "first_ok_after_restart_s": round(min(ok), 2) if ok else None}
 
 
 def _summary(streams: list[Stream]) -> dict[str, Any]:
@@ -448,14 +463,14 @@ async def redis_restart(run: Run, redis: ThrowawayRedis, tenant: str, key: str,
     r = await run.http.post(f"{run.base}/admin/keys/{revoked_id}/revoke", headers=run.admin)
     revoked_before = (await run.send(revoked, chat("Say hi.", 4, stream=False)))[0]
 
-    async def fault() -> dict[str, Any]:
+    async def fault() -> float:
         await asyncio.sleep(3)
         await asyncio.to_thread(redis.kill)
         await asyncio.sleep(3)
         await asyncio.to_thread(redis.start)
-        return {"down_s": 3}
+        return time.monotonic()
 
-    streams, _ = await steady(run, key, 15, fault)
+    streams, restarted_at = await steady(run, key, 15, fault)
     await asyncio.sleep(2)
     revoked_after = (await run.send(revoked, chat("Say hi.", 4, stream=False)))[0]
     await asyncio.sleep(args.settle_s)
@@ -464,7 +479,8 @@ async def redis_restart(run: Run, redis: ThrowawayRedis, tenant: str, key: str,
     answered = [s for s in streams if s.status == 200]
     missing = sum(s.request_id not in ids for s in answered)
     non_503 = [s.row() for s in streams if s.status >= 500 and s.status != 503]
-    return {**_summary(streams), "revoke_status": r.status_code,
+    return {**_summary(streams), "redis_down_s": 3, **_recovery(streams, restarted_at),
+            "revoke_status": r.status_code,
             "revoked_key_before_restart": revoked_before,
             "revoked_key_after_restart": revoked_after, "answered": len(answered),
             "answered_without_ledger_row": missing, "server_errors": non_503[:5],
@@ -475,14 +491,14 @@ async def postgres_stop(run: Run, pg: ThrowawayPostgres, tenant: str, key: str,
                         args: argparse.Namespace) -> dict[str, Any]:
     since = time.time()
 
-    async def fault() -> dict[str, Any]:
+    async def fault() -> float:
         await asyncio.sleep(3)
         await asyncio.to_thread(pg.stop)
         await asyncio.sleep(5)
         await asyncio.to_thread(pg.start)
-        return {"down_s": 5}
+        return time.monotonic()
 
-    streams, _ = await steady(run, key, 15, fault)
+    streams, restarted_at = await steady(run, key, 15, fault)
     await asyncio.sleep(args.settle_s + 5)  # the spool replays once the database is back
     rows = await run.usage_rows(tenant, start=since - 1)
     ids = Counter(row.get("client_request_id") for row in rows)
@@ -490,7 +506,8 @@ async def postgres_stop(run: Run, pg: ThrowawayPostgres, tenant: str, key: str,
     missing = sum(ids[s.request_id] == 0 for s in answered)
     twice = sum(ids[s.request_id] > 1 for s in streams)
     non_503 = [s.row() for s in streams if s.status >= 500 and s.status != 503]
-    return {**_summary(streams), "answered": len(answered),
+    return {**_summary(streams), "postgres_down_s": 5, **_recovery(streams, restarted_at),
+            "answered": len(answered),
             "answered_without_ledger_row": missing, "rows_billed_twice": twice,
             "server_errors": non_503[:5],
             "ok": not non_503 and missing == 0 and twice == 0}
