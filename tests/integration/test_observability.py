@@ -18,6 +18,7 @@ import pytest_asyncio
 import ray
 from prometheus_client.parser import text_string_to_metric_families
 
+from cluster.fleet import stop_actor
 from cluster.launcher import start_local_ray
 from cluster.registry import RayWorkerSource, registry_actor
 from core.config import Config
@@ -79,8 +80,9 @@ async def worker(local_ray, config):
     actor = create_worker_actor(config, "w-obs")
     await actor.ready.remote()
     yield actor
-    await actor.stop.remote(1.0)
-    ray.kill(actor)
+    # Bounded, as the fleet stops workers: a stop stuck exporting spans or joining the
+    # engine thread must not hang the suite (seen once: 300 s in this teardown).
+    await stop_actor("w-obs", actor, 1.0)
     ray.kill(registry)
 
 
