@@ -58,6 +58,7 @@ from bench.served import MODEL, free_port, machine  # noqa: E402
 
 EVENTS = ("node_lost", "node_added", "registry_killed", "controller_restarted",
           "router_restarted")
+CONCURRENCY = 20  # the tenant's plan: requests in flight
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
@@ -195,7 +196,7 @@ class Client:
 
 
 def _write_config(tmp: Path, args: argparse.Namespace, database_url: str) -> tuple[Path, str]:
-    from core.config import AuthConfig, Config, TenancyConfig
+    from core.config import AuthConfig, Config, PlanConfig, TenancyConfig
     from tests.support.tiny_model import make_tiny_llama_dir, tiny_cluster_config
 
     admin = "es-admin-" + secrets.token_hex(16)
@@ -205,7 +206,11 @@ def _write_config(tmp: Path, args: argparse.Namespace, database_url: str) -> tup
         "restart_backoff_s": 0.5, "ready_file": str(tmp / "controller.ready")})
     engine = base.engine.model_copy(update={"max_num_seqs": 16})
     config = Config(engine=engine, cluster=cluster, auth=AuthConfig(admin_key=admin),
-                    tenancy=TenancyConfig(database_url=database_url, migrate_on_start=False,
+                    # Concurrency is the limit under test; the rate is not.
+                    tenancy=TenancyConfig(plans={"chaos": PlanConfig(
+                                              rpm=100_000, concurrency=CONCURRENCY,
+                                              priority=100)},
+                                          database_url=database_url, migrate_on_start=False,
                                           redis_url=args.redis_url,
                                           redis_prefix="cc-" + secrets.token_hex(4)))
     path = tmp / "config.json"
@@ -276,7 +281,7 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 await asyncio.sleep(0.5)
             r = await http.post(f"{routers.base(0)}/v1/admin/tenants",
                                 headers={"Authorization": f"Bearer {admin}"},
-                                json={"tenant_id": "chaos-cluster", "plan": "enterprise"})
+                                json={"tenant_id": "chaos-cluster", "plan": "chaos"})
             r.raise_for_status()
             client = Client(routers, r.json()["key"], args.max_tokens)
             stop = asyncio.Event()
@@ -285,6 +290,7 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             await asyncio.sleep(args.warmup_s)
             for name in [e for e in EVENTS if e in args.only]:
                 print(f"chaos_cluster: {name} ...", flush=True)
+                before, _ = await listing(namespace)
                 t0 = time.monotonic()
                 if name == "node_lost":
                     nodes.lose("b")
@@ -301,18 +307,27 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 else:
                     await asyncio.to_thread(routers.stop, 0)
                     routers.start(0)
-                settled_s = None
+                # Settled: the registry lists two workers and says that is all of them (a
+                # restarted registry first says it is not), the lost node's worker is not
+                # among them, and both routers route to two workers.
+                settled_s, disturbed = None, name in ("node_added", "controller_restarted",
+                                                      "router_restarted")
                 while time.monotonic() - t0 < args.settle_timeout_s:
-                    if (await routers.settled(http, 2)
+                    ids, complete = await listing(namespace)
+                    disturbed = disturbed or not complete or ids != before
+                    if (disturbed and complete and len(ids) == 2
+                            and await routers.settled(http, 2)
                             and (name != "controller_restarted" or ready_file.exists())):
                         settled_s = round(time.monotonic() - t0, 2)
                         break
-                    await asyncio.sleep(0.2)
+                    await asyncio.sleep(0.1)
+                after, _ = await listing(namespace)
+                results[name] = {"settled_s": settled_s,
+                                 "workers_replaced": sorted(before - after)}
                 await asyncio.sleep(args.quiet_s)
                 window = [s for s in client.sent if t0 - args.max_stream_s <= s.at
                           and s.at < time.monotonic() - args.max_stream_s]
-                results[name] = {"settled_s": settled_s, "window_s": round(
-                    time.monotonic() - t0, 1)}
+                results[name]["window_s"] = round(time.monotonic() - t0, 1)
                 results[name]["_window"] = window
                 print(f"chaos_cluster: {name}: settled in {settled_s} s", flush=True)
             stop.set()
@@ -345,13 +360,25 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                        "answered_without_row": sum(rows[s.request_id] == 0 for s in answered),
                        "requests_with_two_rows": sum(rows[s.request_id] > 1
                                                      for s in client.sent),
-                       "rows": sum(rows.values())},
+                       "rows": sum(rows[s.request_id] for s in client.sent)},
             "slots_leaked": leaked}
 
 
-async def slots_leaked(client: Client, concurrency: int = 20) -> int:
-    """Opens the tenant's whole concurrency at once (enterprise: 20) on one router: each 429
-    is a slot a finished request still holds."""
+async def listing(namespace: str) -> tuple[set[str], bool]:
+    """The registry's workers and whether that is all of them (empty, False: no answer)."""
+    from workers.actor import lookup_registry
+
+    try:
+        registry = lookup_registry(namespace)
+        workers, complete = await asyncio.wait_for(registry.list.remote(), 2)
+        return {w.worker_id for w in workers}, complete
+    except Exception:  # noqa: BLE001 - restarting, or gone: no answer
+        return set(), False
+
+
+async def slots_leaked(client: Client, concurrency: int = CONCURRENCY) -> int:
+    """Opens the tenant's whole concurrency at once on one router: each 429 is a slot a
+    finished request still holds (the plan's rate limit is far above what the run sends)."""
     await asyncio.sleep(2)
     ready = [i for i, ok in enumerate(client.routers.ready) if ok] or [0]
     statuses = []

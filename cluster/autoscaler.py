@@ -116,6 +116,7 @@ class PoolScaler:
 
     async def _demand(self) -> list[WorkerDemand]:
         ids = self.serving
+        asked_at = time.monotonic()
         infos = await asyncio.gather(
             *(asyncio.wait_for(self.workers.actors[w].info.remote(), INFO_TIMEOUT_S)
               for w in ids), return_exceptions=True)
@@ -130,9 +131,13 @@ class PoolScaler:
                 self.events.append((time.monotonic(), "died", worker_id))
                 self.workers.kill(worker_id)
             elif isinstance(info, BaseException):
-                log.warning("pool %s: worker %s did not report: %r", self.pool.name,
-                            worker_id, info)
+                if why := self.workers.unanswered(worker_id, asked_at, info):
+                    log.warning("pool %s: worker %s is lost: %s", self.pool.name, worker_id,
+                                why)
+                    self.events.append((time.monotonic(), "died", worker_id))
+                    self.workers.kill(worker_id)
             else:
+                self.workers.answered(worker_id)
                 demand.append(WorkerDemand.from_info(info))
         return demand
 

@@ -14,8 +14,9 @@ stopped). A controller stopped on purpose stops its workers (``stop``) unless to
 leave them (``release``, ``cluster.keep_workers_on_exit``).
 
 Either replaces a lost worker: one whose process died (SIGKILL, OOM: Ray reports the actor
-dead; actors are never restarted by Ray, ``max_restarts=0``) or whose engine failed (its
-``health()``: the engine thread died or a step stalled). ``StaticFleet`` checks every
+dead; actors are never restarted by Ray, ``max_restarts=0``), whose engine failed (its
+``health()``: the engine thread died or a step stalled), or that is hung (it has answered no
+check for ``cluster.worker_hung_after_s``: a frozen process or machine). ``StaticFleet`` checks every
 ``cluster.supervise_interval_s`` once its first worker serves, kills the lost ones and starts
 new ones: the first at once, then, while they keep failing, after ``restart_backoff_s``
 doubling up to ``restart_backoff_max_s``.
@@ -101,6 +102,8 @@ class WorkerSet:
         # Adopted workers that were being retired (marked draining) when their controller
         # died: the fleet finishes retiring them (``take_found_draining``).
         self._found_draining: list[str] = []
+        # When each worker that is not answering its checks was first asked in vain.
+        self._silent_since: dict[str, float] = {}
 
     def start(self, count: int) -> list[str]:
         """Starts ``count`` more workers; returns their ids."""
@@ -208,16 +211,33 @@ class WorkerSet:
     def _forget(self, worker_id: str) -> tuple[ray.actor.ActorHandle, bool]:
         """Removes a worker from the set: its handle, and whether it was serving."""
         handle = self.actors.pop(worker_id)
+        self._silent_since.pop(worker_id, None)
         task = self._ready.pop(worker_id, None)
         if task is not None:
             task.cancel()
         self.failures.pop(worker_id, None)
         return handle, self.addresses.pop(worker_id, None) is not None
 
+    def answered(self, worker_id: str) -> None:
+        """The worker answered a check (whatever it said)."""
+        self._silent_since.pop(worker_id, None)
+
+    def unanswered(self, worker_id: str, asked_at: float, error: BaseException) -> str | None:
+        """The worker did not answer a check asked at ``asked_at`` in time (``error``). Says
+        why it is lost once it has answered none for ``cluster.worker_hung_after_s``: a
+        frozen process or machine, which Ray still reports alive. Before that, a late answer
+        is no verdict (a busy worker, a Ray hiccup)."""
+        silent = time.monotonic() - self._silent_since.setdefault(worker_id, asked_at)
+        if silent >= self._config.cluster.worker_hung_after_s:
+            return f"it has answered no check for {silent:.0f} s (hung)"
+        log.warning("worker %s did not answer its check: %r", worker_id, error)
+        return None
+
     async def reap(self, timeout_s: float = HEALTH_TIMEOUT_S) -> dict[str, str]:
-        """Kills and forgets the serving workers that are lost (process gone, or engine
-        failed) and the ones that failed to start; returns why each went, by id."""
+        """Kills and forgets the serving workers that are lost (process gone, engine failed,
+        or hung) and the ones that failed to start; returns why each went, by id."""
         ids = list(self.addresses)
+        asked_at = time.monotonic()
         answers = await asyncio.gather(
             *(asyncio.wait_for(self.actors[w].health.remote(), timeout_s) for w in ids),
             return_exceptions=True)
@@ -227,8 +247,11 @@ class WorkerSet:
                 lost[worker_id] = f"its process is gone: {answer}"
             elif isinstance(answer, str):
                 lost[worker_id] = f"its engine failed: {answer}"
-            elif isinstance(answer, BaseException):  # slow or a Ray hiccup: no verdict
-                log.warning("worker %s did not report its health: %r", worker_id, answer)
+            elif isinstance(answer, BaseException):
+                if why := self.unanswered(worker_id, asked_at, answer):
+                    lost[worker_id] = why
+            else:
+                self.answered(worker_id)
         for worker_id, why in lost.items():
             log.error("worker %s is lost (%s); killing it", worker_id, why)
             self.kill(worker_id)

@@ -235,6 +235,10 @@ class ClusterConfig(_Frozen):
     # (engine thread died or stalled), whether or not the autoscaler runs; consecutive
     # failed starts wait restart_backoff_s, doubling up to restart_backoff_max_s.
     supervise_interval_s: float = Field(1.0, gt=0)
+    # A worker that has answered none of those checks for this long is hung (a frozen
+    # process or machine: Ray still reports its actor alive) and is replaced like a dead one;
+    # a slower answer than one check allows is no verdict before that.
+    worker_hung_after_s: float = Field(20.0, gt=0)
     restart_backoff_s: float = Field(1.0, gt=0)
     restart_backoff_max_s: float = Field(60.0, gt=0)
     # Written by `electron-serve worker` once its first worker serves: a probe's signal (the

@@ -1,10 +1,11 @@
 """The fleet keeps its size on a real local Ray (StaticFleet, no autoscaler): a worker whose
-process is SIGKILLed, and one whose engine fails, are killed and replaced within bounded
-time, and the registry lists the replacement."""
+process is SIGKILLed, one whose engine fails and one whose process is frozen are killed and
+replaced within bounded time, and the registry lists the replacement."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -34,7 +35,8 @@ def config(tmp_path_factory) -> Config:
     base = tiny_cluster_config(make_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama")),
                                workers=2)
     cluster = base.cluster.model_copy(update={"supervise_interval_s": 0.2,
-                                              "restart_backoff_s": 0.5})
+                                              "restart_backoff_s": 0.5,
+                                              "worker_hung_after_s": 3.0})
     return base.model_copy(update={"cluster": cluster})
 
 
@@ -90,3 +92,22 @@ async def test_a_worker_whose_engine_failed_is_replaced(fleet, config):
         await generate_once(address, config.cluster.token)
     await replaced(fleet, config, victim)
     assert (("lost", victim) in {(event, wid) for _, event, wid in fleet.events})
+
+
+async def test_a_hung_worker_is_replaced(fleet, config):
+    """A frozen process (SIGSTOP: no crash, no reset connection; Ray still reports the actor
+    alive) answers no health check: after ``cluster.worker_hung_after_s`` the fleet kills
+    and replaces it. Before the fix, a check without an answer was never a verdict and the
+    fleet kept the frozen worker for ever, one worker short."""
+    victim, handle = next(iter(fleet.actors.items()))
+    pid = (await handle.info.remote())["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        took = await replaced(fleet, config, victim)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert (("lost", victim) in {(event, wid) for _, event, wid in fleet.events})
+    assert took >= config.cluster.worker_hung_after_s
+    address = next(a for w, a in fleet.addresses.items() if w != victim)
+    assert (await generate_once(address, config.cluster.token)).finish_reason == "length"

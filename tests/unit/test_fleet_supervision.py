@@ -1,7 +1,7 @@
 """How the fleet replaces lost workers, without Ray (fake worker sets): StaticFleet starts a
 replacement at once, then backs off while replacements keep failing, and resets once every
-worker serves; the autoscaler's pools drop a worker whose engine failed, as they drop a dead
-one. (tests/integration/test_fleet_replacement.py does it on a real Ray.) A starting fleet
+worker serves; the autoscaler's pools drop a worker whose engine failed, or that answers nothing for
+``cluster.worker_hung_after_s``, as they drop a dead one. (tests/integration/test_fleet_replacement.py does it on a real Ray.) A starting fleet
 adopts the live workers a previous controller left, starts only what is missing and retires
 (drained) what is above its size (tests/integration/test_controller_restart.py on a real Ray).
 And the config keeps the router's silence limits above the workers' progress interval."""
@@ -13,9 +13,10 @@ import itertools
 
 import pytest
 
+from cluster import autoscaler
 from cluster.autoscaler import PoolScaler
-from cluster.fleet import StaticFleet
-from core.config import ConfigError, PoolConfig, load_config
+from cluster.fleet import StaticFleet, WorkerSet
+from core.config import Config, ConfigError, PoolConfig, load_config
 from tests.unit.test_controller_stop import _Remote
 
 
@@ -104,19 +105,23 @@ async def test_static_fleet_replaces_at_once_then_backs_off_while_replacements_f
 
 
 class _InfoWorker:
-    def __init__(self, worker_id: str, failure: str | None):
+    def __init__(self, worker_id: str, failure: str | None, hung: bool = False):
         async def info():
+            if hung:  # a frozen process: the call never answers
+                await asyncio.Event().wait()
             return {"worker_id": worker_id, "running": 0, "waiting": 0,
                     "engine_failure": failure}
 
         self.info = _Remote(info)
 
 
-class _PoolWorkers:
-    def __init__(self) -> None:
-        self.actors = {"a": _InfoWorker("a", None),
-                       "b": _InfoWorker("b", "a step has run for more than 60 s")}
-        self.addresses = {"a": "127.0.0.1:1", "b": "127.0.0.1:2"}
+class _PoolWorkers(WorkerSet):
+    """A pool's WorkerSet (its own bookkeeping of silent workers) over fake actors."""
+
+    def __init__(self, config: Config, actors: dict[str, _InfoWorker]) -> None:
+        super().__init__(config)
+        self.actors = actors  # type: ignore[assignment]
+        self.addresses = {w: "127.0.0.1:1" for w in actors}
         self.killed: list[str] = []
 
     def kill(self, worker_id: str) -> None:
@@ -128,9 +133,26 @@ class _PoolWorkers:
 async def test_an_autoscaled_pool_drops_a_worker_whose_engine_failed():
     config = load_config(env={})
     scaler = PoolScaler(config, PoolConfig(name="default", min_workers=2, max_workers=2))
-    fake = scaler.workers = _PoolWorkers()  # type: ignore[assignment]
+    fake = scaler.workers = _PoolWorkers(config, {  # type: ignore[assignment]
+        "a": _InfoWorker("a", None), "b": _InfoWorker("b", "a step has run for more than 60 s")})
     demand = await scaler._demand()
     assert [d.worker_id for d in demand] == ["a"]
+    assert fake.killed == ["b"]
+    assert [(e, w) for _, e, w in scaler.events] == [("died", "b")]
+
+
+async def test_an_autoscaled_pool_drops_a_worker_that_stays_silent(monkeypatch):
+    """A late answer is no verdict; no answer for ``cluster.worker_hung_after_s`` is (a
+    frozen process, which Ray reports alive). Before, a silent worker was kept for ever."""
+    monkeypatch.setattr(autoscaler, "INFO_TIMEOUT_S", 0.01)
+    config = load_config(env={"ELECTRON_CLUSTER__WORKER_HUNG_AFTER_S": "0.2"})
+    scaler = PoolScaler(config, PoolConfig(name="default", min_workers=2, max_workers=2))
+    fake = scaler.workers = _PoolWorkers(config, {  # type: ignore[assignment]
+        "a": _InfoWorker("a", None), "b": _InfoWorker("b", None, hung=True)})
+    assert [d.worker_id for d in await scaler._demand()] == ["a"]
+    assert fake.killed == []  # silent once: no verdict yet
+    await asyncio.sleep(0.25)
+    assert [d.worker_id for d in await scaler._demand()] == ["a"]
     assert fake.killed == ["b"]
     assert [(e, w) for _, e, w in scaler.events] == [("died", "b")]
 
