@@ -30,7 +30,12 @@ Ray cluster as a driver (for worker pids, load and the engine-thread fault), and
   tried after it: no 500, the revoked key stays refused, every 200 has its ledger row;
 - **postgres_stop**: a second deployment whose ledger and tenants live in a throwaway
   PostgreSQL (``initdb`` + ``pg_ctl`` on a free port), stopped for 5 s under steady traffic
-  and started again: no 500, and after it every answered request has its ledger row.
+  and started again: no 500, and after it every answered request has its ledger row;
+- **crash**: a third deployment SIGKILLed (its whole process group, Ray included) a moment
+  after three requests were answered and while a fourth streams, then started again on the
+  same ledger: the three answered requests have their rows, and the open stream its
+  provisional ``interrupted`` row when a flush ran while it was open (docs/
+  operations-notes.md: no row is lost on a crash between flushes).
 
 Written to ``bench/results/chaos.json`` (``--out``) with the machine and a ``targets`` table.
 """
@@ -44,9 +49,11 @@ import datetime as dt
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -68,7 +75,7 @@ from tests.support.tenancy import (  # noqa: E402
 )
 
 SCENARIOS = ("overload", "dropped", "unread", "slowloris", "worker_kill", "engine_kill",
-             "redis_restart", "postgres_stop")
+             "redis_restart", "postgres_stop", "crash")
 PROMPTS = ["Count from one to twenty in words.", "Name the planets of the solar system.",
            "What is the capital of France?", "List five colours of the rainbow.",
            "Describe a cat in two sentences.", "Write the days of the week."]
@@ -164,18 +171,19 @@ class Cluster:
         self.ray.shutdown()
 
     async def workers(self) -> dict[str, dict[str, Any]]:
-        """Worker id -> its actor's info, for the workers in the registry."""
-        from workers.actor import lookup_registry  # noqa: PLC0415
+        """Worker id -> its actor's info (and handle), for the workers in the registry."""
+        from core.config import ClusterConfig  # noqa: PLC0415
+        from workers.actor import find_worker_actors, lookup_registry  # noqa: PLC0415
 
         registry = lookup_registry(self.namespace)
         listed, _ = await asyncio.wait_for(registry.list.remote(), 5)
+        handles = find_worker_actors(ClusterConfig(namespace=self.namespace))
         out = {}
         for endpoint in listed:
-            with contextlib.suppress(Exception):
-                actor = self.ray.get_actor(f"electron-worker-{endpoint.worker_id}",
-                                           namespace=self.namespace)
-                out[endpoint.worker_id] = {**await asyncio.wait_for(actor.info.remote(), 5),
-                                           "actor": actor}
+            if (actor := handles.get(endpoint.worker_id)) is not None:
+                with contextlib.suppress(Exception):
+                    out[endpoint.worker_id] = {
+                        **await asyncio.wait_for(actor.info.remote(), 5), "actor": actor}
         return out
 
     async def busy(self) -> int:
@@ -546,7 +554,7 @@ async def scenarios(args: argparse.Namespace, up: Served, run: Run, cluster: Clu
     """Each wanted scenario of the main deployment, one after the other, into ``out``."""
     tenant = f"chaos-{uuid.uuid4().hex[:6]}"
     key = await run.tenant(tenant)
-    wanted = [s for s in SCENARIOS if s in args.only and s != "postgres_stop"]
+    wanted = [s for s in SCENARIOS if s in args.only and s not in ("postgres_stop", "crash")]
     refs = await references(run, key, args.fault_tokens) if {
         "worker_kill", "engine_kill"} & set(wanted) else {}
     for name in wanted:
@@ -585,6 +593,47 @@ async def postgres_deployment(args: argparse.Namespace, redis: ThrowawayRedis) -
         return {"postgres_stop": result}
 
 
+async def crash_deployment(args: argparse.Namespace) -> dict[str, Any]:
+    """SIGKILL of `up` a moment after three answers, with a stream open; then a restart."""
+    tmp = tempfile.mkdtemp(prefix="electron-chaos-crash-")
+    tenant = f"chaos-crash-{uuid.uuid4().hex[:6]}"
+    env = deployment_env(args)
+    print("chaos: crash ...", flush=True)
+    with served(workers=1, env=env, tmp=tmp) as up:
+        run = Run(up.base, up.admin_key)
+        key = await run.tenant(tenant)
+        answered = [await stream(run, key, chat(p, 8)) for p in PROMPTS[:3]]
+        open_stream = Stream()
+        streaming = asyncio.create_task(stream(run, key, chat(PROMPTS[3], 400), open_stream))
+        await asyncio.wait_for(open_stream.first.wait(), 60)
+        await asyncio.sleep(1.0)  # a flush or two while it streams
+        os.killpg(up.proc.pid, signal.SIGKILL)
+        up.proc.wait()
+        killed_at = time.time()
+        await asyncio.wait_for(streaming, 30)
+        await run.http.aclose()
+    with served(workers=1, env=env, tmp=tmp) as up:  # the same ledger and spool directory
+        run = Run(up.base, up.admin_key)
+        await asyncio.sleep(args.settle_s)  # the spools left behind are replayed at start
+        rows = {r.get("client_request_id"): r for r in await run.usage_rows(
+            tenant, start=killed_at - 600)}
+        await run.http.aclose()
+    kept = [s.request_id in rows for s in answered]
+    provisional = rows.get(open_stream.request_id)
+    result = {"answered_before_kill": sum(s.status == 200 and s.finish is not None
+                                          for s in answered),
+              "answered_rows_after_restart": sum(kept),
+              "open_stream_chars_before_kill": len(open_stream.text),
+              "open_stream_row": None if provisional is None else {
+                  k: provisional.get(k) for k in ("status", "prompt_tokens",
+                                                  "completion_tokens")},
+              "rows": len(rows),
+              "ok": all(kept) and len(rows) <= 4}
+    print(f"chaos: crash: ok={result['ok']}", flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"crash": result}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default=",".join(SCENARIOS),
@@ -604,9 +653,11 @@ def main() -> None:
     started = dt.datetime.now(dt.timezone.utc)
     with throwaway_redis() as redis:
         results = asyncio.run(main_deployment(args, redis)) if set(args.only) - {
-            "postgres_stop"} else {}
+            "postgres_stop", "crash"} else {}
         if "postgres_stop" in args.only:
             results.update(asyncio.run(postgres_deployment(args, redis)))
+    if "crash" in args.only:
+        results.update(asyncio.run(crash_deployment(args)))
     out = {"bench": "chaos", "command": "python " + shlex.join(sys.argv),
            "started_at": started.isoformat(timespec="seconds"), "machine": machine(),
            "scenarios": results,

@@ -4,15 +4,17 @@
 
 A Ray cluster of three nodes on this machine, each its own raylet (tests/support/
 multi_node.py): the head (no CPU; the registry) and worker nodes "a" (2 CPUs) and "b"
-(1 CPU). On it, as an operator runs them: a controller (`electron-serve worker --workers 2
+(2 CPUs). On it, as an operator runs them: a controller (`electron-serve worker --workers 2
 --fleet chaos --keep-workers`) and two routers (`electron-serve router`, each its own port, as
 two router pods behind a Service), the tiny random-weight Llama as the model, limits in the
 local Redis and the ledger in a PostgreSQL database of its own. A client sends ``--rate``
-streamed requests a second (``--max-tokens`` tokens each) to the routers in turn, skipping a
-router whose ``/ready`` fails (as a Service does) and retrying a request once on the other
-router when its connection is refused. One at a time, with traffic settling between them:
+streamed requests a second (``--max-tokens`` tokens each, 256: a stream lasts a second or
+two) to the routers in turn, skipping a router whose ``/ready`` fails (as a Service does) and
+retrying a request once on the other router when its connection is refused. One at a time,
+with traffic settling between them:
 
-- **node_lost**: worker node "b" SIGKILLed (raylet and worker processes), as a machine lost;
+- **node_lost**: the worker node whose worker runs the most streams SIGKILLed (raylet and
+  worker processes), as a machine lost; its worker is replaced on the other node;
 - **node_added**: a node "c" joins;
 - **registry_killed**: the registry actor killed (Ray restarts it);
 - **controller_restarted**: the controller SIGKILLed, a new one started 3 s later (it adopts
@@ -58,7 +60,7 @@ from bench.served import MODEL, free_port, machine  # noqa: E402
 
 EVENTS = ("node_lost", "node_added", "registry_killed", "controller_restarted",
           "router_restarted")
-CONCURRENCY = 20  # the tenant's plan: requests in flight
+CONCURRENCY = 64  # the tenant's plan: requests in flight (the traffic holds ~15)
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
@@ -71,6 +73,7 @@ class Sent:
         self.finish: str | None = None
         self.error: str | None = None
         self.router: int | None = None
+        self.ended: float | None = None
 
     @property
     def outcome(self) -> str:
@@ -181,6 +184,8 @@ class Client:
             except httpx.HTTPError as exc:
                 s.error = f"{type(exc).__name__}"
                 return
+            finally:
+                s.ended = time.monotonic()
 
     async def traffic(self, rate: float, stop: asyncio.Event) -> None:
         tasks = []
@@ -200,7 +205,8 @@ def _write_config(tmp: Path, args: argparse.Namespace, database_url: str) -> tup
     from tests.support.tiny_model import make_tiny_llama_dir, tiny_cluster_config
 
     admin = "es-admin-" + secrets.token_hex(16)
-    base = tiny_cluster_config(make_tiny_llama_dir(tmp / "tiny-llama"), workers=2)
+    base = tiny_cluster_config(make_tiny_llama_dir(tmp / "tiny-llama"), workers=2,
+                               max_model_len=1024)
     cluster = base.cluster.model_copy(update={
         "fleet": "chaos", "keep_workers_on_exit": True, "supervise_interval_s": 0.5,
         "restart_backoff_s": 0.5, "ready_file": str(tmp / "controller.ready")})
@@ -254,8 +260,10 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         config_path, admin = _write_config(tmp, args, db_url)
         namespace = json.loads(config_path.read_text())["cluster"]["namespace"]
         nodes = stack.enter_context(multi_node(tmp / "ray", namespace))
+        # Room for two workers each: the replacement of a lost node's worker fits on the
+        # other one (the fleet spreads them one per node).
         nodes.add_node("a", num_cpus=2)
-        nodes.add_node("b", num_cpus=1)
+        nodes.add_node("b", num_cpus=2)
         subprocess.run([sys.executable, "-m", "cluster.cli", "migrate", "--config",
                         str(config_path)], cwd=ROOT, env=_env(), check=True,
                        capture_output=True)
@@ -292,9 +300,13 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 print(f"chaos_cluster: {name} ...", flush=True)
                 before, _ = await listing(namespace)
                 t0 = time.monotonic()
+                open_at = [s for s in client.sent if s.ended is None]
                 if name == "node_lost":
-                    nodes.lose("b")
+                    lost_node = await busiest_node(nodes, config_path)
+                    await asyncio.to_thread(nodes.lose, lost_node)
                 elif name == "node_added":
+                    # On this thread (Ray sets signal handlers); the client's pacing makes
+                    # up the requests it could not send meanwhile.
                     nodes.add_node("c", num_cpus=1)
                 elif name == "registry_killed":
                     ray.kill(lookup_registry(namespace), no_restart=False)
@@ -323,7 +335,10 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     await asyncio.sleep(0.1)
                 after, _ = await listing(namespace)
                 results[name] = {"settled_s": settled_s,
-                                 "workers_replaced": sorted(before - after)}
+                                 **({"node": lost_node} if name == "node_lost" else {}),
+                                 "workers_replaced": sorted(before - after),
+                                 "streams_open_at_event": len(open_at),
+                                 "on_router_0": sum(s.router == 0 for s in open_at)}
                 await asyncio.sleep(args.quiet_s)
                 window = [s for s in client.sent if t0 - args.max_stream_s <= s.at
                           and s.at < time.monotonic() - args.max_stream_s]
@@ -364,6 +379,25 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "slots_leaked": leaked}
 
 
+async def busiest_node(nodes: Any, config_path: Path) -> str:
+    """The node whose worker runs the most requests now (prefix-aware routing may put every
+    stream on one worker: losing the other would cut nothing)."""
+    import ray
+
+    from core.config import Config
+    from workers.actor import find_worker_actors
+
+    cluster = Config.model_validate(json.loads(config_path.read_text())).cluster
+    best, node = -1, next(iter(nodes.nodes))
+    for handle in find_worker_actors(cluster).values():
+        info = await handle.info.remote()
+        node_id = await handle.__ray_call__.remote(
+            lambda _: ray.get_runtime_context().get_node_id())
+        if info["running"] > best:
+            best, node = info["running"], nodes.node_name(node_id)
+    return node
+
+
 async def listing(namespace: str) -> tuple[set[str], bool]:
     """The registry's workers and whether that is all of them (empty, False: no answer)."""
     from workers.actor import lookup_registry
@@ -398,7 +432,8 @@ def main() -> None:
     p.add_argument("--only", default=",".join(EVENTS),
                    help=f"comma-separated events of: {', '.join(EVENTS)}")
     p.add_argument("--rate", type=float, default=4.0, help="requests a second")
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=256,
+                   help="per stream: ~1-2 s on the tiny model, so some are open at each event")
     p.add_argument("--warmup-s", type=float, default=5.0)
     p.add_argument("--settle-timeout-s", type=float, default=60.0)
     p.add_argument("--quiet-s", type=float, default=5.0, help="traffic after each settles")

@@ -63,13 +63,14 @@ class Served:
 
 @contextlib.contextmanager
 def served(*, redis_url: str = "", workers: int = 1, env: Mapping[str, str] | None = None,
-           args: Sequence[str] = (), prefix: str = "electron-bench-",
+           args: Sequence[str] = (), prefix: str = "electron-bench-", tmp: str | None = None,
            ready_timeout_s: float = 300) -> Iterator[Served]:
     """`electron-serve up` (float32, the embedded model unless ``args`` names another) with an
-    admin key and a temporary SQLite ledger; limits in ``redis_url`` when given. Stopped with
-    Ctrl-C at the end (SIGKILL of its process group if that takes over a minute)."""
+    admin key and a SQLite ledger and spool in ``tmp`` (a new temporary directory when None);
+    limits in ``redis_url`` when given. Stopped with Ctrl-C at the end (SIGKILL of its process
+    group if that takes over a minute)."""
     port, admin = free_port(), "es-admin-" + secrets.token_hex(16)
-    tmp = tempfile.mkdtemp(prefix=prefix)
+    tmp = tmp or tempfile.mkdtemp(prefix=prefix)
     full_env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1",
                     ELECTRON_AUTH__ADMIN_KEY=admin,
                     ELECTRON_TENANCY__SQLITE_PATH=f"{tmp}/ledger.db",
@@ -77,7 +78,7 @@ def served(*, redis_url: str = "", workers: int = 1, env: Mapping[str, str] | No
     if redis_url:
         full_env["ELECTRON_TENANCY__REDIS_URL"] = redis_url
         full_env["ELECTRON_TENANCY__REDIS_PREFIX"] = "bench-" + secrets.token_hex(4)
-    log = open(f"{tmp}/up.log", "w")
+    log = open(f"{tmp}/up.log", "a")
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "up", "--port", str(port),
                              "--dtype", "float32", "--workers", str(workers), *args],
                             cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
