@@ -83,6 +83,11 @@ local reset = 0
 if used > 0 then
   reset = tonumber(redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]) + window - now
 end
+if redis.call('ZSCORE', KEYS[2], ARGV[3] .. ':0') then
+  -- This slot is held already: a resend of an admission whose reply was lost (the
+  -- client sends again after a broken connection). Admitted, and counted once.
+  return {0, used, reset}
+end
 if used >= tonumber(ARGV[1]) then
   return {1, used, reset}
 end

@@ -28,7 +28,7 @@ from core.errors import RateLimited
 from router.api.app import create_app
 from router.tenancy.ledger import Prices
 from router.tenancy.limits import RedisLimiter
-from router.tenancy.store import Plan, Principal
+from router.tenancy.store import REVOKED_LOADED, Plan, Principal
 from tests.support.faults import GateGenerate, HangGenerate
 from tests.support.serving import Router, serve_router, stop_router
 from tests.support.tenancy import (
@@ -289,6 +289,30 @@ async def test_slots_of_a_dead_replica_expire_on_their_own(redis_prefix):
         await alive.stop()  # a replica shutting down gives back the slots it holds
     assert await dead.slots_in_use("lease-test") == 0
     await dead._redis.aclose()
+
+
+async def test_a_resent_admission_is_the_same_admission(redis_prefix):
+    """The limiter's client sends a command again when its connection broke (Redis
+    restarted). When the first send ran but its reply was lost, the resend must find the
+    request admitted: before, it was refused at the concurrency limit by its own slot (a 429
+    for an admitted request, whose slot then stayed taken until its lease ran out)."""
+    limiter = RedisLimiter(REDIS_URL, prefix=redis_prefix, slot_lease_s=30)
+    await limiter.start()
+    try:
+        keys = limiter.admit_keys("resend-test", time.time())
+        # rpm 100, concurrency 1, the slot's id, its lease (ms), no key id (no revocation
+        # check), no tpm, ms to the minute's end, one sequence, the loaded marker.
+        args = [100, 1, "slot-1", 30_000, "", 0, 60_000, 1, REVOKED_LOADED]
+        first = await limiter._admit(keys=keys, args=args)
+        resent = await limiter._admit(keys=keys, args=args)
+        assert [int(first[0]), int(resent[0])] == [0, 0]  # both: admitted
+        assert int(resent[1]) == 1  # counted once in the minute
+        assert await limiter._redis.zcard(keys[1]) == 1  # one slot held
+        other = await limiter._admit(keys=keys, args=[100, 1, "slot-2", *args[3:]])
+        assert int(other[0]) == 2  # another request still meets the limit
+    finally:
+        await limiter._redis.delete(*keys)
+        await limiter.stop()
 
 
 def two_replicas(redis_prefix: str, tenant_id: str, *, concurrency: int, tpm: int | None
