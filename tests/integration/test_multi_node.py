@@ -197,9 +197,13 @@ async def test_a_lost_node_fails_over_what_it_can_and_bills_nothing_twice(
     assert replacement not in fleet.addresses, "placed with no room for it"
     in_flight = [c for c in load.calls if c.sent < killed_at and c.ended > killed_at]
     assert in_flight, "no request was in flight at the loss"
-    # Requests still without content at the loss were failed over, not failed.
+    # Requests still without content at the loss were failed over, not failed. Content the
+    # lost worker made before the loss may reach the client a moment after it (it was on its
+    # way): what tells a failed-over request is that no error came before any content, and
+    # content that began well after the worker left routing is a failed-over request's.
     for call in load.calls:
-        if call.first_content is None or call.first_content > killed_at:
+        assert call.outcome == "ok" or call.first_content is not None, call
+        if call.first_content is None or call.first_content > killed_at + left + 1.0:
             assert call.outcome == "ok", call
     # Streams in progress on the lost worker ended with an error event, at once.
     cut = [c for c in load.calls if c.outcome == "error event"]

@@ -152,14 +152,21 @@ def multi_node(temp_dir: Path, namespace: str, *, fault_tolerant: bool = False,
     torn down afterwards: no Ray process of it is left, nor (fault tolerant) a key of its in
     Redis."""
     env = ("RAY_AUTH_MODE", "PYTHONPATH", "RAY_REDIS_ADDRESS",
-           "RAY_external_storage_namespace")
+           "RAY_external_storage_namespace", "RAY_gcs_server_port_wait_time_s")
     saved = {k: os.environ.get(k) for k in env}
     storage = f"electron-test-{uuid.uuid4().hex[:12]}"
     if fault_tolerant:  # read by the head's GCS when it starts (and starts again)
         os.environ["RAY_REDIS_ADDRESS"] = redis_host_port()
         os.environ["RAY_external_storage_namespace"] = storage
-    cluster = MultiNode(temp_dir, fault_tolerant=fault_tolerant)
+        # A GCS reading its tables from Redis may take longer than Ray's ~20 s connect
+        # window to answer on a loaded machine (seen in CI): give it a minute.
+        os.environ["RAY_gcs_server_port_wait_time_s"] = "60"
+    cluster: MultiNode | None = None
     try:
+        # Inside the try: a head that fails to start must still restore the environment
+        # (a RAY_REDIS_ADDRESS left behind made every later local Ray of the test process
+        # start its GCS against Redis, and time out).
+        cluster = MultiNode(temp_dir, fault_tolerant=fault_tolerant)
         for name, num_cpus in (nodes_first or {}).items():
             cluster.add_node(name, num_cpus=num_cpus, **{f"node_{name}": 1})
         through = {} if driver_on is None else {"_temp_dir": cluster.temp_dir(driver_on)}
@@ -168,7 +175,8 @@ def multi_node(temp_dir: Path, namespace: str, *, fault_tolerant: bool = False,
         yield cluster
     finally:
         ray.shutdown()
-        cluster.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
