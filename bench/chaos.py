@@ -430,21 +430,30 @@ async def worker_fault(run: Run, cluster: Cluster, tenant: str, key: str, refs: 
                    and all(per_id[r] <= 1 for r in ours) and replaced_s is not None)}
 
 
-async def steady(run: Run, key: str, seconds: float, fault: Any) -> tuple[list[Stream], Any]:
-    """4 clients sending short streamed requests back to back for ``seconds``, with
-    ``fault()`` (a coroutine function) run alongside them. A refused client waits what
-    ``Retry-After`` says (at most 1 s), as the OpenAI SDKs do."""
+async def outage(run: Run, key: str, stop: Any, start: Any,
+                 down_s: float) -> tuple[list[Stream], float]:
+    """4 clients sending short streamed requests back to back for 15 s while a dependency
+    goes down 3 s in (``stop()``) and comes back ``down_s`` later (``start()``; both blocking,
+    run on a thread). A refused client waits what ``Retry-After`` says (at most 1 s), as the
+    OpenAI SDKs do. Returns the requests and when the dependency was back."""
     out: list[Stream] = []
-    stop = time.monotonic() + seconds
+    until = time.monotonic() + 15
 
     async def client(i: int) -> None:
-        while time.monotonic() < stop:
+        while time.monotonic() < until:
             out.append(s := await stream(run, key, chat(PROMPTS[i], 8)))
             if s.status in (429, 503):
                 await asyncio.sleep(min(s.retry_after or 1.0, 1.0))
 
-    results = await asyncio.gather(fault(), *(client(i) for i in range(4)))
-    return out, results[0]
+    async def fault() -> float:
+        await asyncio.sleep(3)
+        await asyncio.to_thread(stop)
+        await asyncio.sleep(down_s)
+        await asyncio.to_thread(start)
+        return time.monotonic()
+
+    back, *_ = await asyncio.gather(fault(), *(client(i) for i in range(4)))
+    return out, back
 
 
 def _recovery(streams: list[Stream], restarted_at: float) -> dict[str, Any]:
@@ -471,14 +480,7 @@ async def redis_restart(run: Run, redis: ThrowawayRedis, tenant: str, key: str,
     r = await run.http.post(f"{run.base}/admin/keys/{revoked_id}/revoke", headers=run.admin)
     revoked_before = (await run.send(revoked, chat("Say hi.", 4, stream=False)))[0]
 
-    async def fault() -> float:
-        await asyncio.sleep(3)
-        await asyncio.to_thread(redis.kill)
-        await asyncio.sleep(3)
-        await asyncio.to_thread(redis.start)
-        return time.monotonic()
-
-    streams, restarted_at = await steady(run, key, 15, fault)
+    streams, restarted_at = await outage(run, key, redis.kill, redis.start, down_s=3)
     await asyncio.sleep(2)
     revoked_after = (await run.send(revoked, chat("Say hi.", 4, stream=False)))[0]
     await asyncio.sleep(args.settle_s)
@@ -499,14 +501,7 @@ async def postgres_stop(run: Run, pg: ThrowawayPostgres, tenant: str, key: str,
                         args: argparse.Namespace) -> dict[str, Any]:
     since = time.time()
 
-    async def fault() -> float:
-        await asyncio.sleep(3)
-        await asyncio.to_thread(pg.stop)
-        await asyncio.sleep(5)
-        await asyncio.to_thread(pg.start)
-        return time.monotonic()
-
-    streams, restarted_at = await steady(run, key, 15, fault)
+    streams, restarted_at = await outage(run, key, pg.stop, pg.start, down_s=5)
     await asyncio.sleep(args.settle_s + 5)  # the spool replays once the database is back
     rows = await run.usage_rows(tenant, start=since - 1)
     ids = Counter(row.get("client_request_id") for row in rows)
