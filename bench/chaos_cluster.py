@@ -205,13 +205,12 @@ def _write_config(tmp: Path, args: argparse.Namespace, database_url: str) -> tup
     from tests.support.tiny_model import make_tiny_llama_dir, tiny_cluster_config
 
     admin = "es-admin-" + secrets.token_hex(16)
-    base = tiny_cluster_config(make_tiny_llama_dir(tmp / "tiny-llama"), workers=2,
-                               max_model_len=1024)
-    cluster = base.cluster.model_copy(update={
-        "fleet": "chaos", "keep_workers_on_exit": True, "supervise_interval_s": 0.5,
-        "restart_backoff_s": 0.5, "ready_file": str(tmp / "controller.ready")})
+    base = tiny_cluster_config(
+        make_tiny_llama_dir(tmp / "tiny-llama"), workers=2, max_model_len=1024,
+        fleet="chaos", keep_workers_on_exit=True, supervise_interval_s=0.5,
+        restart_backoff_s=0.5, ready_file=str(tmp / "controller.ready"))
     engine = base.engine.model_copy(update={"max_num_seqs": 16})
-    config = Config(engine=engine, cluster=cluster, auth=AuthConfig(admin_key=admin),
+    config = Config(engine=engine, cluster=base.cluster, auth=AuthConfig(admin_key=admin),
                     # Concurrency is the limit under test; the rate is not.
                     tenancy=TenancyConfig(plans={"chaos": PlanConfig(
                                               rpm=100_000, concurrency=CONCURRENCY,

@@ -40,10 +40,8 @@ START_TIMEOUT_S = 90.0
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Config:
-    base = tiny_cluster_config(make_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama")),
-                               workers=2)
-    return base.model_copy(update={"cluster": base.cluster.model_copy(
-        update={"fleet": FLEET})})
+    return tiny_cluster_config(make_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama")),
+                               workers=2, fleet=FLEET)
 
 
 def _env(config: Config) -> dict[str, str]:

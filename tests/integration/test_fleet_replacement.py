@@ -32,12 +32,9 @@ REPLACED_WITHIN_S = 60.0
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Config:
-    base = tiny_cluster_config(make_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama")),
-                               workers=2)
-    cluster = base.cluster.model_copy(update={"supervise_interval_s": 0.2,
-                                              "restart_backoff_s": 0.5,
-                                              "worker_hung_after_s": 3.0})
-    return base.model_copy(update={"cluster": cluster})
+    return tiny_cluster_config(make_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama")),
+                               workers=2, supervise_interval_s=0.2, restart_backoff_s=0.5,
+                               worker_hung_after_s=3.0)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

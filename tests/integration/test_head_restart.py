@@ -45,10 +45,8 @@ RECOVERED_WITHIN_S = 40.0
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Config:
-    base = tiny_cluster_config(make_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama")),
-                               workers=2)
-    return base.model_copy(update={"cluster": base.cluster.model_copy(
-        update={"fleet": "ft", "supervise_interval_s": 0.2})})
+    return tiny_cluster_config(make_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama")),
+                               workers=2, fleet="ft", supervise_interval_s=0.2)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

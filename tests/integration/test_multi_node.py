@@ -75,13 +75,11 @@ async def slow_down(handle: Any) -> None:
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Config:
     base = tiny_cluster_config(make_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama")),
-                               workers=2)
+                               workers=2, supervise_interval_s=0.2, restart_backoff_s=0.5)
     # Two sequences at a time per worker: with 8 clients some requests wait in a queue (no
     # first token yet) while others stream.
     engine = base.engine.model_copy(update={"max_num_seqs": 2})
-    cluster = base.cluster.model_copy(update={"supervise_interval_s": 0.2,
-                                              "restart_backoff_s": 0.5})
-    return base.model_copy(update={"engine": engine, "cluster": cluster})
+    return base.model_copy(update={"engine": engine})
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -95,9 +95,11 @@ def make_tiny_llama_dir(directory: Path, *, vocab_size: int = 49152, hidden: int
     return directory
 
 
-def tiny_cluster_config(model_dir: Path, *, workers: int, max_model_len: int = 256) -> Any:
+def tiny_cluster_config(model_dir: Path, *, workers: int, max_model_len: int = 256,
+                        **cluster: Any) -> Any:
     """A ``core.config.Config`` for Ray tests: the tiny model on CPU in float32, one
-    torch thread and one CPU per worker, a Ray namespace of its own."""
+    torch thread and one CPU per worker, a Ray namespace of its own; ``cluster``: more
+    ClusterConfig fields (a fleet name, faster supervision, ...)."""
     import uuid
 
     from core.config import (
@@ -114,7 +116,8 @@ def tiny_cluster_config(model_dir: Path, *, workers: int, max_model_len: int = 2
                             kv_cache_bytes=4 * 2**20, max_model_len=max_model_len,
                             torch_threads=1),
         cluster=ClusterConfig(namespace=f"test-{uuid.uuid4().hex[:8]}", workers=workers,
-                              num_cpus_per_worker=1, token=f"test-{uuid.uuid4().hex}"),
+                              num_cpus_per_worker=1, token=f"test-{uuid.uuid4().hex}",
+                              **cluster),
         # Tenancy has tests of its own: these send no key, and keep no files outside tmp.
         auth=AuthConfig(enabled=False), tenancy=TenancyConfig(**local_tenancy()))
 
