@@ -44,6 +44,8 @@ from core.config import Config, PoolConfig
 log = logging.getLogger(__name__)
 
 INFO_TIMEOUT_S = 5.0
+# Withdrawing the standing resource request on stop (a GCS that does not answer).
+WITHDRAW_TIMEOUT_S = 10.0
 # Consecutive failed starts after which a pool stops retrying until the next scale decision
 # changes (a model that cannot load must not spin up actors forever).
 MAX_START_FAILURES = 3
@@ -198,7 +200,8 @@ class PoolScaler:
         handle = self.workers.actors[worker_id]
         deadline = time.monotonic() + self._settings.drain_timeout_s
         try:
-            await handle.drain.remote()
+            # Bounded like every call to a worker: a hung one must not hold the stop.
+            await asyncio.wait_for(handle.drain.remote(), INFO_TIMEOUT_S)
             await asyncio.sleep(self._settle_s)
             while time.monotonic() < deadline:
                 info = await asyncio.wait_for(handle.info.remote(), INFO_TIMEOUT_S)
@@ -321,6 +324,7 @@ class Autoscaler(Fleet):
             from ray.autoscaler.sdk import request_resources
 
             try:
-                await asyncio.to_thread(request_resources, bundles=[])
-            except RayError as exc:
+                await asyncio.wait_for(asyncio.to_thread(request_resources, bundles=[]),
+                                       WITHDRAW_TIMEOUT_S)
+            except (RayError, TimeoutError) as exc:
                 log.warning("could not withdraw the resource request: %s", exc)

@@ -18,8 +18,10 @@ from tests.support.autoscale_cluster import (
 )
 from tests.support.tiny_model import make_tiny_llama_dir
 
+# The timeout covers the test's own waits (setup 120 s for the first workers, then 190 s)
+# and a teardown that drains each worker (20 s at most): a slow machine may use them all.
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module"),
-              pytest.mark.timeout(240)]
+              pytest.mark.timeout(480)]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

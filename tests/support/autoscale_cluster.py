@@ -38,6 +38,8 @@ ADMIN_KEY = "autoscale-admin-key"
 TENANT_POOLS = {"shared": None, "acme": "acme"}  # tenant -> pool (None: the shared pool)
 # Limits far above what the load sends: scaling is under test, not the plan's limits.
 LOAD_PLAN = {"rpm": 1_000_000, "concurrency": 1000, "shed_queue_per_worker": 1000}
+# How long the router's stop waits for open connections (a client still streaming).
+SERVER_STOP_GRACE_S = 15
 _DECISION = re.compile(r"request (\S+) -> worker (\S+):")
 
 
@@ -99,12 +101,16 @@ class LocalCluster:
         raise KeyError(worker_id)
 
     async def stop(self) -> None:
-        self._server.should_exit = True
-        await asyncio.gather(self._task, return_exceptions=True)
-        await self.autoscaler.stop()
-        logging.getLogger("router.routing").removeHandler(self.decisions)
-        ray.kill(self._registry)
-        ray.shutdown()
+        """Router, then workers, then Ray; Ray is shut down whatever failed before (a Ray
+        left running makes every later test module's ``ray.init`` fail)."""
+        try:
+            self._server.should_exit = True  # its open streams get SERVER_STOP_GRACE_S
+            await asyncio.gather(self._task, return_exceptions=True)
+            await self.autoscaler.stop()
+        finally:
+            logging.getLogger("router.routing").removeHandler(self.decisions)
+            ray.kill(self._registry)
+            ray.shutdown()
 
 
 async def start_cluster(config: Config) -> LocalCluster:
@@ -119,7 +125,7 @@ async def start_cluster(config: Config) -> LocalCluster:
     routing_log.addHandler(decisions)
     routing_log.setLevel(logging.INFO)
     app = create_app(config, RayWorkerSource(config.cluster.namespace))
-    served = await serve_router(app)
+    served = await serve_router(app, timeout_graceful_shutdown=SERVER_STOP_GRACE_S)
     server, task, base = served.server, served.task, served.base + "/v1"
     keys = {}
     async with httpx.AsyncClient(base_url=base, timeout=30,

@@ -68,3 +68,23 @@ async def test_the_controller_gives_up_clearly_when_no_worker_starts_in_time():
         assert "cluster.start_timeout_s" in str(exc) and "Pending" in str(exc)
     else:
         raise AssertionError("no StartupFailed")
+
+
+async def test_a_worker_that_never_answers_drain_does_not_hold_the_stop(monkeypatch):
+    """A hung worker (its actor blocked) would hold the controller's SIGTERM, and a test's
+    teardown, forever: the drain call is bounded like the info calls."""
+    import cluster.autoscaler as autoscaler
+
+    monkeypatch.setattr(autoscaler, "INFO_TIMEOUT_S", 0.2)
+    config = load_config(env={}, overrides={"router": {"registry_poll_s": 0.01},
+                                            "cluster": {"heartbeat_s": 0.01}})
+    scaler = PoolScaler(config, PoolConfig(name="default", min_workers=2, max_workers=2))
+    log: list[str] = []
+    scaler.workers = _Workers(log, ["default-a", "default-b"])
+
+    async def never():
+        await asyncio.sleep(3600)
+
+    scaler.workers.actors["default-a"].drain = _Remote(never)
+    await asyncio.wait_for(scaler.stop(), 10)
+    assert log == ["drain default-b", "stop all (busy: ['default-a'])"]

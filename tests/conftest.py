@@ -1,0 +1,21 @@
+"""Suite-wide isolation between test modules."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _ray_ends_with_its_module():
+    """Every module that starts a local Ray shuts it down in its own teardown. One whose
+    teardown was cut short (a timeout) would leave Ray initialized, and every later module's
+    ``ray.init(address="local")`` would fail with "called ray.init twice": one module's
+    failure must stay that module's. Torn down after the module's own fixtures."""
+    yield
+    ray = sys.modules.get("ray")  # never imported here: unit modules stay Ray-free
+    if ray is not None and ray.is_initialized():
+        warnings.warn("a test module left Ray running; shut down after it", stacklevel=1)
+        ray.shutdown()
