@@ -4,7 +4,8 @@ kept-alive connections. Optionally the code of an older commit beside today's, i
 
     python bench/router_overhead.py [--quick] [--out bench/results/router_overhead.json]
         [--concurrency 1 32] [--max-tokens 4 64] [--samples 200] [--rounds 8]
-        [--processes 1 2] [--baseline-commit 87ea574] [--model tiny] [--profile PREFIX]
+        [--processes 1 2] [--baseline-commit 87ea574] [--floor] [--model tiny]
+        [--profile PREFIX]
 
 Separate processes, so no two sides share a GIL or an event loop: the worker (AsyncEngine +
 ``serve_worker``; ``tiny`` is a random-weight 2-layer Llama with SmolLM2's tokenizer, so model
@@ -29,6 +30,11 @@ The paths, each measured in the same rounds:
   (the wire protocol may have changed since), its N router processes sharing one inherited
   listening socket (C has no --processes). No direct path: only its router CPU, TTFT and
   requests/s are compared.
+- ``floor`` with ``--floor``: the router's HTTP server (uvicorn, uvloop, the router's
+  connection settings) and its gRPC ``Session`` with a bare app that parses the body, sends
+  the direct path's wire request and writes the router's SSE events (``_serve_floor``):
+  what no router on this stack can skip. Its CPU per request over the baseline's is the
+  least ratio a router built on this stack can reach.
 
 - TTFT: request sent -> first message with text (direct) / first SSE delta with content
   (router). requests/s: finished requests / wall time of closed-loop bursts (C streams, each
@@ -251,6 +257,104 @@ async def _serve_routers(conn: Any, spec: ChildSpec) -> None:
         raise RuntimeError("the router supervisor stopped")
     routers.cancel()  # stops its children (SIGTERM, then waits for them)
     await asyncio.gather(routers, return_exceptions=True)
+
+
+async def _serve_floor(conn: Any, spec: ChildSpec) -> None:
+    """The ``--floor`` path: the least a router on this stack does per request, to tell the
+    cost of the stack itself from the router's own work. The router's HTTP server (uvicorn on
+    uvloop, the router's connection settings) with a bare ASGI app and nothing else: per
+    request it reads and parses the JSON body, sends the prebuilt wire request (the direct
+    path's) on the router's own gRPC ``Session``, and writes each ready delta as one SSE
+    chunk, the finish chunk, the usage chunk when asked and ``[DONE]`` (the router's writes).
+    No validation, chat template, tokenizer, routing, limits, ledger, metrics, middleware or
+    error handling: what no real router can skip is what is left."""
+    import uvicorn
+
+    from core.config import RouterConfig
+    from core.model_files import resolve_model_path
+    from core.tokenizer import Tokenizer
+    from router.api.connections import uvicorn_settings
+    from router.api.server import listen_socket
+    from router.fleet.client import Session
+
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{spec.worker_ports[0]}",
+                                        options=CHANNEL_OPTIONS)
+    session = Session(pb_grpc.WorkerStub(channel), "bench-w0")
+    ids = Tokenizer.from_model_path(resolve_model_path(spec.model)).encode_chat(PROMPT)
+    bases: dict[int, pb.GenerateRequest] = {}
+    head = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+    def event(payload: dict[str, Any]) -> bytes:
+        return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        raw, more = b"", True
+        while more:
+            message = await receive()
+            raw, more = raw + message.get("body", b""), message.get("more_body", False)
+        body = orjson.loads(raw)
+        max_tokens = body["max_tokens"]
+        if max_tokens not in bases:
+            bases[max_tokens] = to_generate_request(
+                parse_chat_request(body, max_messages=200), request_id="unset",
+                prompt_token_ids=ids, max_tokens=max_tokens, model=MODEL_ID)
+        request = pb.GenerateRequest()
+        request.CopyFrom(bases[max_tokens])
+        request.request_id = "chatcmpl-" + uuid.uuid4().hex
+        stream = session.open(request)
+        chunk = {"id": request.request_id, "object": "chat.completion.chunk",
+                 "created": int(time.time()), "model": MODEL_ID}
+        out, started, completion = b"", False, 0
+        async for message in stream:
+            if message.HasField("progress"):
+                continue
+            delta = {"content": message.text}
+            if completion == 0:
+                delta = {"role": "assistant", **delta}
+            completion += len(message.token_ids)
+            out += event({**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                               "finish_reason": None}]})
+            if message.finish_reason:
+                out += event({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                                   "finish_reason": message.finish_reason}]})
+            elif not stream.ready:  # one write for what is here together, as the router
+                if not started:
+                    await send({"type": "http.response.start", "status": 200,
+                                "headers": head})
+                    started = True
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+                out = b""
+        if (body.get("stream_options") or {}).get("include_usage"):
+            out += event({**chunk, "choices": [], "usage": {
+                "prompt_tokens": len(ids), "completion_tokens": completion,
+                "total_tokens": len(ids) + completion}})
+        if not started:
+            await send({"type": "http.response.start", "status": 200, "headers": head})
+        await send({"type": "http.response.body", "body": out + b"data: [DONE]\n\n",
+                    "more_body": False})
+
+    sock = listen_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning",
+                                           **uvicorn_settings(RouterConfig())))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+        conn.send(("ready", {"port": sock.getsockname()[1]}))
+        await _serve_control(conn)
+    finally:
+        server.should_exit = True
+        await task
+        await session.close()
+        await channel.close()
+
+
+def floor_main(conn: Any, spec: ChildSpec) -> None:
+    _child_main(conn, spec, _serve_floor, loop="uvloop")
 
 
 def worker_main(conn: Any, spec: ChildSpec) -> None:
@@ -760,6 +864,10 @@ def headline(results: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
                 if cur and base:
                     row[f"router_cpu_current_over_baseline_x{n}"] = _ratio(
                         cur["router_cpu_ms_per_request"], base["router_cpu_ms_per_request"])
+            floor, base = paths.get("floor"), paths.get("baseline_x1")
+            if floor and base:  # the least this stack allows, against the baseline
+                row["floor_cpu_over_baseline_x1"] = _ratio(
+                    floor["router_cpu_ms_per_request"], base["router_cpu_ms_per_request"])
             for side in ("router", "baseline"):
                 one, two = paths.get(f"{side}_x1"), paths.get(f"{side}_x2")
                 if one and two:
@@ -909,6 +1017,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--baseline-commit", metavar="COMMIT",
                    help="also measure the code as of COMMIT (a git worktree in .bench-baseline/; "
                    "the issue's baseline is 87ea574)")
+    p.add_argument("--floor", action="store_true",
+                   help="also measure the floor path: the router's HTTP server and gRPC "
+                   "session with a bare app (what no router on this stack can skip)")
     p.add_argument("--profile", type=Path, metavar="PREFIX",
                    help="sample the first router process with py-spy during the measured "
                    "bursts; writes PREFIX.collapsed (folded stacks) and PREFIX.top.txt")
@@ -953,6 +1064,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for n in args.processes:
                 children[f"router_x{n}"] = Child(f"router x{n}", routers_main,
                                                  replace(spec, processes=n), daemon=False)
+            if args.floor:
+                children["floor"] = Child("floor", floor_main, spec)
             for n in args.processes:
                 ready = children[f"router_x{n}"].wait_ready()
                 names = [f"router_x{n}.{i}" for i in range(n)]
@@ -960,6 +1073,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 layout[f"router_x{n}"] = {"port": ready["port"], "routers": names,
                                           "workers": [f"worker.{i}"
                                                       for i in range(args.workers)]}
+            if args.floor:
+                ready = children["floor"].wait_ready()
+                pids["floor"] = children["floor"].proc.pid  # type: ignore[assignment]
+                layout["floor"] = {"port": ready["port"], "routers": ["floor"],
+                                   "workers": ["worker.0"]}
             if baseline is not None:
                 ready = baseline.wait_ready()
                 pids["baseline_worker"] = ready["worker"]["pid"]
