@@ -67,8 +67,10 @@ SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     # Clients (routers) may send keepalive pings as often as every second; a client pinging
-    # more often is answered with GOAWAY ("too_many_pings") after two strikes.
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),
+    # more often is answered with GOAWAY ("too_many_pings") after two strikes. (The C name is
+    # GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS; a misspelt option is ignored
+    # without a word, and gRPC's default allows one ping in 5 minutes.)
+    ("grpc.http2.min_ping_interval_without_data_ms", 1_000),
     ("grpc.http2.max_pings_without_data", 0),
     # A router's Session message batches requests (router/fleet/client.py's limits).
     ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),

@@ -382,3 +382,19 @@ async def test_a_session_whose_router_stops_reading_ends_and_aborts_its_requests
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
         assert received < 3 * (MAX_MODEL_LEN - 31)
 
+
+
+async def test_an_idle_connection_that_pings_every_second_is_not_sent_away(address):
+    """Routers ping their workers also while no call runs (router/fleet/client.py's
+    CHANNEL_OPTIONS); the worker accepts pings as often as every second (SERVER_OPTIONS). A
+    ping policy the server does not apply (a misspelt option name is silently ignored, and
+    gRPC's default is one ping in 5 minutes) answers them with GOAWAY "too_many_pings" after
+    two strikes, and the connection drops."""
+    options = [("grpc.keepalive_time_ms", 1000), ("grpc.keepalive_timeout_ms", 2000),
+               ("grpc.keepalive_permit_without_calls", 1),
+               ("grpc.http2.max_pings_without_data", 0)]
+    async with grpc.aio.insecure_channel(address, options=options) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        await health.Check(health_pb2.HealthCheckRequest(service=WORKER_SERVICE))
+        await asyncio.sleep(5)  # about five pings, and no call
+        assert ch.get_state() == grpc.ChannelConnectivity.READY
