@@ -35,6 +35,7 @@ from cluster.launcher import prepare_ray_environment
 from core.endpoints import HEAD_RESOURCE
 from tests.support.tenancy import REDIS_URL
 
+HEAD_START_ATTEMPTS = 2
 FAST_NODE_DEATH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
                    "health_check_timeout_ms": 1000, "health_check_failure_threshold": 4}
 
@@ -68,11 +69,29 @@ class MultiNode:
         self._head_args: dict[str, Any] = dict(
             num_cpus=0, resources={HEAD_RESOURCE: 1}, include_dashboard=False,
             temp_dir=str(temp_dir / "head"), _system_config=FAST_NODE_DEATH)
-        if fault_tolerant:
-            self._head_args["gcs_server_port"] = free_port()
-        self.cluster = Cluster(initialize_head=True, connect=False,
-                               head_node_args=self._head_args)
+        self._fault_tolerant = fault_tolerant
+        self.cluster = self._start_cluster()
         self.nodes: dict[str, Any] = {}
+
+    def _start_cluster(self) -> Cluster:
+        """The cluster and its head. Ray gives a new head's raylet 30 s to register with its
+        GCS (not configurable); on a starved machine a GCS on Redis may take longer (seen
+        with the suite beside a busy process). Such a head is killed whole (its GCS and
+        raylet would outlive the test) and started once more from scratch."""
+        for attempt in range(HEAD_START_ATTEMPTS):
+            if self._fault_tolerant:
+                self._head_args["gcs_server_port"] = free_port()
+            try:
+                return Cluster(initialize_head=True, connect=False,
+                               head_node_args=self._head_args)
+            except Exception as exc:
+                kill_session_processes(self._temp_dir)
+                if "timed out during startup" not in str(exc) \
+                        or attempt == HEAD_START_ATTEMPTS - 1:
+                    raise
+                if self._fault_tolerant:  # the next GCS starts from empty tables
+                    _drop_storage(os.environ["RAY_external_storage_namespace"])
+        raise AssertionError("unreachable")
 
     @property
     def address(self) -> str:
@@ -200,6 +219,19 @@ def _session_processes(temp_dir: Path) -> list[int]:
         except (FileNotFoundError, ProcessLookupError):
             continue
     return found
+
+
+def kill_session_processes(temp_dir: Path, wait_s: float = 10.0) -> None:
+    """SIGKILLs every process of the Ray sessions under ``temp_dir`` and waits until they
+    are gone."""
+    for pid in _session_processes(temp_dir):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + wait_s
+    while _session_processes(temp_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _drop_storage(storage: str) -> None:
