@@ -23,7 +23,7 @@ from cluster.registry import RayWorkerSource, registry_actor
 from core.config import Config
 from router.api.app import create_app
 from tests.integration.test_ray_workers import listed_ids, local_ray
-from tests.support.load import Load
+from tests.support.load import steady_load
 from tests.support.serving import serve_router, stop_process_group, stop_router
 from tests.support.tiny_model import make_tiny_llama_dir, tiny_cluster_config
 from workers.actor import find_worker_actors
@@ -117,12 +117,7 @@ async def test_workers_outlive_a_killed_controller_and_the_next_one_adopts_them(
         assert len(before) == 2 and set(before) == await listed_ids(source)
 
         router = await serve_router(create_app(config, source))
-        while len(router.worker_ids()) < 2:
-            await asyncio.sleep(0.05)
-        load = Load(router.base + "/v1", max_tokens=16)
-        load.start(4)
-        while sum(c.outcome == "ok" for c in load.calls) < 8:
-            await asyncio.sleep(0.05)
+        load = await steady_load(router, workers=2)
 
         # The controller dies outright (as an OOM kill or a lost pod).
         os.killpg(first.pid, signal.SIGKILL)

@@ -30,7 +30,7 @@ from cluster.registry import RayWorkerSource, registry_actor
 from core.config import Config
 from core.endpoints import REGISTRY_NAME, IncompleteListing
 from router.api.app import create_app
-from tests.support.load import Load
+from tests.support.load import steady_load
 from tests.support.multi_node import multi_node
 from tests.support.serving import serve_router, stop_router
 from tests.support.tiny_model import make_tiny_llama_dir, tiny_cluster_config
@@ -66,12 +66,7 @@ async def test_a_restarted_head_takes_the_cluster_back_and_no_request_fails(node
         pids = {w: (await h.info.remote())["pid"] for w, h in fleet.actors.items()}
         source = RayWorkerSource(config.cluster.namespace, config.cluster.registry_timeout_s)
         router = await serve_router(create_app(config, source))
-        while len(router.worker_ids()) < 2:
-            await asyncio.sleep(0.05)
-        load = Load(router.base + "/v1", max_tokens=16)
-        load.start(4)
-        while sum(c.outcome == "ok" for c in load.calls) < 8:
-            await asyncio.sleep(0.05)
+        load = await steady_load(router, workers=2)
 
         old_head = nodes.cluster.head_node.node_id
         restarted_at = time.monotonic()

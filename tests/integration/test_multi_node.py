@@ -169,11 +169,18 @@ async def test_a_lost_node_fails_over_what_it_can_and_bills_nothing_twice(
     await asyncio.gather(*(slow_down(h) for h in fleet.actors.values()))
     load = Load(router.base + "/v1", MAX_TOKENS)
     load.start(8)
-    # Until worker "a" streams some requests and queues others.
+    # Until worker "a" streams a request whose content reached its client (a worker running
+    # requests may have sent none yet: they fail over) and queues others.
     await until(lambda: sum(c.outcome == "ok" for c in load.calls) >= 8, 30, "load runs")
+
+    def streaming_from_lost() -> bool:
+        routed = dict(router.decisions.made)  # completion id -> the last worker chosen
+        return any(c.first_content is not None and c.ended is None
+                   and routed.get(c.completion_id) == lost for c in load.calls)
+
     while True:
         info = await fleet.actors[lost].info.remote()
-        if info["running"] >= 1 and info["waiting"] >= 1:
+        if info["waiting"] >= 1 and streaming_from_lost():
             break
         await asyncio.sleep(0.01)
     killed_at = time.monotonic()

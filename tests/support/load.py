@@ -11,11 +11,14 @@ from dataclasses import dataclass, field
 
 import openai
 
+from tests.support.serving import Router
+
 
 @dataclass
 class Call:
     client_id: str
     sent: float
+    completion_id: str = ""  # the response's id ("chatcmpl-..."), once its first chunk came
     first_content: float | None = None
     ended: float | None = None
     outcome: str = ""  # "ok", "error event" (an error after content), "failed" (no content)
@@ -56,6 +59,7 @@ class Load:
                         extra_headers={"X-Request-Id": call.client_id},
                         extra_body={"ignore_eos": True})
                     async for chunk in stream:
+                        call.completion_id = call.completion_id or chunk.id
                         if chunk.choices and chunk.choices[0].delta.content \
                                 and call.first_content is None:
                             call.first_content = time.monotonic()
@@ -67,3 +71,16 @@ class Load:
                     call.outcome = "failed" if call.first_content is None else "error event"
                     call.error = f"{type(exc).__name__}: {exc}"
                 call.ended = time.monotonic()
+
+
+async def steady_load(router: Router, workers: int, clients: int = 4,
+                      max_tokens: int = 16) -> Load:
+    """Once ``router`` has connected ``workers`` workers: ``clients`` clients streaming
+    through it, returned when twice as many requests have succeeded (the cluster serves)."""
+    while len(router.worker_ids()) < workers:
+        await asyncio.sleep(0.05)
+    load = Load(router.base + "/v1", max_tokens=max_tokens)
+    load.start(clients)
+    while sum(c.outcome == "ok" for c in load.calls) < 2 * clients:
+        await asyncio.sleep(0.05)
+    return load
