@@ -250,7 +250,10 @@ async def test_a_large_grammar_compiles_without_stalling_the_event_loop(make_eng
     await asyncio.sleep(0.05)  # the ticker's turn: a stalled loop shows in its next tick
     tick.cancel()
     assert took > 0.3, "the schema compiled too fast to tell"
-    assert lag < 0.2, f"the event loop stalled {lag:.2f} s during a {took:.2f} s compile"
+    # On the loop, the compile would stall it for all of its time. On its thread it still
+    # holds the GIL in native stretches, which grow with a slower or busier machine (0.21 s
+    # of a 1.92 s compile in one CI-like run): the bound is a share of the compile's time.
+    assert lag < took / 4, f"the event loop stalled {lag:.2f} s during a {took:.2f} s compile"
 
 
 async def test_a_grammar_over_its_compile_budget_is_refused(make_engine):
