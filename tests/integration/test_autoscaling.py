@@ -5,8 +5,6 @@ never leave its pool, and across the whole run no request fails."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import pytest_asyncio
 
@@ -16,6 +14,7 @@ from tests.support.autoscale_cluster import (
     start_cluster,
     wait_for,
 )
+from tests.support.environ import SavedEnviron
 from tests.support.tiny_model import make_tiny_llama_dir
 
 # The timeout covers the test's own waits (setup 120 s for the first workers, then 190 s)
@@ -26,7 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module"),
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def cluster(tmp_path_factory):
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "PYTHONPATH")}
+    saved = SavedEnviron("RAY_AUTH_MODE", "PYTHONPATH")
     # provider "ray": the autoscaler also files its standing request with Ray's autoscaler
     # (what makes KubeRay add GPU pods; on a local Ray it is only recorded).
     config = autoscale_config(make_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama")),
@@ -34,11 +33,7 @@ async def cluster(tmp_path_factory):
     c = await start_cluster(config)
     yield c
     await c.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    saved.restore()
 
 
 async def test_burst_scales_up_idleness_scales_down_and_no_request_fails(cluster):

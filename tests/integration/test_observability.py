@@ -24,6 +24,7 @@ from cluster.registry import RayWorkerSource, registry_actor
 from core.config import Config
 from core.telemetry import tracing_from_env
 from router.api.app import create_app
+from tests.support.environ import SavedEnviron
 from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.support.serving import serve_router, stop_router
 from tests.support.tiny_model import make_tiny_llama_dir, tiny_cluster_config
@@ -57,14 +58,10 @@ def otel_env(receiver):
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_TRACES_SAMPLER": "parentbased_always_on",
            "OTEL_BSP_SCHEDULE_DELAY": "50"}
-    saved = {k: os.environ.get(k) for k in (*env, "RAY_AUTH_MODE", "PYTHONPATH")}
+    saved = SavedEnviron(*env, "RAY_AUTH_MODE", "PYTHONPATH")
     os.environ.update(env)
     yield env
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    saved.restore()
 
 
 @pytest.fixture(scope="module")

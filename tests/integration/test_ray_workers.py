@@ -19,6 +19,7 @@ from core.cluster_token import TOKEN_METADATA_KEY
 from core.config import Config
 from core.pb.electron.v1 import worker_pb2 as pb
 from core.pb.electron.v1 import worker_pb2_grpc as pb_grpc
+from tests.support.environ import SavedEnviron
 from tests.support.tiny_model import make_tiny_llama_dir, tiny_cluster_config
 from workers.actor import create_worker_actor
 
@@ -52,16 +53,12 @@ def config(tmp_path_factory) -> Config:
 
 @pytest.fixture(scope="module")
 def local_ray(config):
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "PYTHONPATH")}
+    saved = SavedEnviron("RAY_AUTH_MODE", "PYTHONPATH")
     start_local_ray(config)  # RAY_AUTH_MODE=disabled, PYTHONPATH exported, address="local"
     session_dir = ray._private.worker._global_node.get_session_dir_path()
     yield
     ray.shutdown()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    saved.restore()
     # Ray's processes exit on their own after shutdown signals them: give them a moment.
     deadline = time.monotonic() + 10
     while (left := _ray_processes(session_dir)) and time.monotonic() < deadline:

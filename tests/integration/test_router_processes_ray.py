@@ -19,6 +19,7 @@ import ray
 
 from cluster.launcher import start_local_ray
 from cluster.registry import registry_actor
+from tests.support.environ import SavedEnviron
 from tests.support.sockets import alive
 from tests.support.tenancy import REDIS_URL, drop_redis_prefix, unique_prefix
 from tests.support.tiny_model import make_tiny_llama_dir, tiny_cluster_config
@@ -32,7 +33,7 @@ START_TIMEOUT_S = 180.0
 
 async def test_router_processes_join_ray_serve_and_stop_on_ctrl_c(tmp_path):
     config = tiny_cluster_config(make_tiny_llama_dir(tmp_path / "tiny"), workers=1)
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "PYTHONPATH")}
+    saved = SavedEnviron("RAY_AUTH_MODE", "PYTHONPATH")
     prefix = unique_prefix()
     start_local_ray(config)
     proc = None
@@ -96,8 +97,4 @@ async def test_router_processes_join_ray_serve_and_stop_on_ctrl_c(tmp_path):
             proc.wait()
         ray.shutdown()
         await drop_redis_prefix(prefix)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        saved.restore()

@@ -33,6 +33,7 @@ from ray.cluster_utils import Cluster
 
 from cluster.launcher import prepare_ray_environment
 from core.endpoints import HEAD_RESOURCE
+from tests.support.environ import SavedEnviron
 from tests.support.tenancy import REDIS_URL
 
 HEAD_START_ATTEMPTS = 2
@@ -172,7 +173,7 @@ def multi_node(temp_dir: Path, namespace: str, *, fault_tolerant: bool = False,
     Redis."""
     env = ("RAY_AUTH_MODE", "PYTHONPATH", "RAY_REDIS_ADDRESS",
            "RAY_external_storage_namespace", "RAY_gcs_server_port_wait_time_s")
-    saved = {k: os.environ.get(k) for k in env}
+    saved = SavedEnviron(*env)
     storage = f"electron-test-{uuid.uuid4().hex[:12]}"
     if fault_tolerant:  # read by the head's GCS when it starts (and starts again)
         os.environ["RAY_REDIS_ADDRESS"] = redis_host_port()
@@ -196,11 +197,7 @@ def multi_node(temp_dir: Path, namespace: str, *, fault_tolerant: bool = False,
         ray.shutdown()
         if cluster is not None:
             cluster.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        saved.restore()
         if fault_tolerant:
             _drop_storage(storage)
         deadline = time.monotonic() + 10
