@@ -14,7 +14,9 @@ Overlap: after ``accept`` the mask of the next step is filled on a helper thread
 releases the GIL), so it runs beside the engine's next forward pass; ``apply`` waits for it.
 
 The mask is one bit per token (llguidance's layout: bit ``t % 32`` of 32-bit word ``t // 32``),
-turned into an additive bias (0 or -inf) through a 256-entry byte table.
+turned into an additive bias (0 or -inf) through a 256-entry byte table. The mask is always
+filled and read on the CPU; for logits on another device (CUDA) only the bitmask (4 bytes per
+32 tokens) is copied there and expanded into the bias on that device.
 """
 
 from __future__ import annotations
@@ -428,6 +430,8 @@ class GrammarMatcher:
         return self._bias() == 0
 
     def apply(self, logits: torch.Tensor) -> None:
+        """Masks ``logits`` (one row, on any device) in place. Every decision is taken on the
+        CPU, from the bitmask; only the bias added to the row goes to the row's device."""
         self._wait()
         forced = self._forced()
         if forced is not None:
@@ -435,20 +439,29 @@ class GrammarMatcher:
             logits.fill_(float("-inf"))
             logits[forced] = 0.0
             return
-        bias = self._bias_now()
-        if self._budget is not None:
-            banned = self._budget.ban()
+        on_cpu = logits.device.type == "cpu"
+        banned = self._budget.ban() if self._budget is not None else None
+        if on_cpu or banned is not None or self._matcher.is_error():
+            bias = self._bias_now()
             if banned is not None and bool((bias[banned] == 0).any()):
                 kept = bias.clone()
                 kept[banned] = float("-inf")
                 if bool(kept.amax() == 0):
                     bias = kept
                     self._budget.forced = True
+            # A fresh CPU tensor: read before ``to`` returns, so it does not need to wait.
+            bias = bias.to(logits.device, non_blocking=True)
+        else:
+            bias = _device_bias(self._bits, self._vocab_size, logits.device)
         logits.add_(bias)
-        if bool(logits.amax() == float("-inf")):
-            # Everything the grammar allows was banned by another stage (min_tokens keeps EOS
-            # out, logit_bias -100): the grammar wins, its tokens equally likely.
-            logits.copy_(bias)
+        if on_cpu:
+            if bool(logits.amax() == float("-inf")):
+                # Everything the grammar allows was banned by another stage (min_tokens keeps
+                # EOS out, logit_bias -100): the grammar wins, its tokens equally likely.
+                logits.copy_(bias)
+        else:
+            # The same rule, chosen on the device (no wait for the device here).
+            logits.copy_(torch.where(logits.amax() == float("-inf"), bias, logits))
 
     def accept(self, token_id: int) -> None:
         if self._budget is not None:
@@ -457,6 +470,19 @@ class GrammarMatcher:
             log.error("grammar rejected token %d: %s", token_id, _short_error(self._matcher))
         if token_id not in self._eos_ids:
             self._schedule_fill()
+
+
+def _device_bias(bits: torch.Tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """The bias of ``_bias_now`` (0 where the bit of a token is set, else -inf), made on
+    ``device`` from the CPU bitmask ``bits`` (int32 words): one small copy, then expanded
+    there. The copy does not wait for the device; ``bits`` (pageable) is read before it
+    returns, so the helper thread may fill the next mask into it afterwards."""
+    words = bits.to(device, non_blocking=True)
+    shifts = torch.arange(32, dtype=torch.int32, device=device)
+    # An arithmetic shift of a negative word (bit 31 set) still leaves each bit in bit 0.
+    set_bits = ((words.unsqueeze(1) >> shifts) & 1).view(-1)[:vocab_size]
+    return torch.full((vocab_size,), float("-inf"), dtype=torch.float32,
+                      device=device).masked_fill_(set_bits.bool(), 0.0)
 
 
 def _short_error(matcher: llguidance.LLMatcher) -> str:

@@ -36,6 +36,11 @@ log_softmax, cumsum, sums over blocks of 64 tokens). A plain full-row ``sum`` is
 splits a lone long row across threads and so rounds differently from the same row inside a
 batch (seen here: 49,152 values, 2 threads). The number of top-p candidates a row uses depends
 only on that row (see ``_TOP_P_TIERS``).
+
+Devices: the logits may live on any device (CUDA on a GPU worker). Whatever is combined with
+them (index tensors, per-row parameters, the uniforms) is built on the CPU and sent there in
+one copy per tensor; the generators stay on the CPU, so a seed draws the same uniforms on any
+device. The block tricks below serve the CPU only; elsewhere argmax and topk are native.
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ class Sampler:
         if logits.dtype != torch.float32:
             raise TypeError(f"logits must be float32, not {logits.dtype}")
         logits = logits.contiguous()
+        dev = logits.device
         params = [r.sampling for r in requests]
         failed: dict[int, str] = {}
         processed = self._process(logits, requests, failed)
@@ -102,13 +108,14 @@ class Sampler:
         lp_rows = [i for i, p in enumerate(params) if p.logprobs]
         logprobs = _select(logits, lp_rows).log_softmax(-1) if lp_rows else None
 
-        tokens = torch.empty(num_rows, dtype=torch.long)
+        tokens = torch.empty(num_rows, dtype=torch.long, device=dev)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if greedy:
-            tokens[greedy] = _argmax(_select(logits, greedy))
+            tokens[_on(torch.tensor(greedy), dev)] = _argmax(_select(logits, greedy))
         if sampled:
-            tokens[sampled] = self._sample(logits, requests, sampled, failed)
+            tokens[_on(torch.tensor(sampled), dev)] = self._sample(logits, requests, sampled,
+                                                                   failed)
         token_ids = tokens.tolist()
 
         raw: list[RawLogprobs | None] = [None] * num_rows
@@ -141,7 +148,8 @@ class Sampler:
         if not keys:
             return False
         # Keys are unique (one dict per row), so a plain indexed add is exact.
-        flat.index_add_(0, torch.tensor(keys), torch.tensor(values, dtype=flat.dtype))
+        flat.index_add_(0, _on(torch.tensor(keys), flat.device),
+                        _on(torch.tensor(values, dtype=flat.dtype), flat.device))
         return True
 
     def _apply_min_tokens(self, flat: Tensor, requests: list[Request]) -> bool:
@@ -157,17 +165,19 @@ class Sampler:
             keys.extend(i * self.vocab_size + t for t in stops if 0 <= t < self.vocab_size)
         if not keys:
             return False
-        flat[torch.tensor(keys)] = float("-inf")
+        flat[_on(torch.tensor(keys), flat.device)] = float("-inf")
         return True
 
     def _apply_repetition_penalty(self, flat: Tensor, requests: list[Request]) -> bool:
         rows = [i for i, r in enumerate(requests) if r.sampling.repetition_penalty != 1.0]
         if not rows:
             return False
-        keys = self._keys(rows, [requests[i].token_ids for i in rows])  # prompt + output
+        # Prompt and output tokens.
+        keys = self._keys(rows, [requests[i].token_ids for i in rows], flat.device)
         penalty = torch.tensor([requests[i].sampling.repetition_penalty for i in rows])
         penalty = penalty.repeat_interleave(
             torch.tensor([requests[i].num_tokens for i in rows]))
+        penalty = _on(penalty, flat.device)
         values = flat[keys]
         # A token seen twice appears twice in keys; both writes carry the same value.
         flat[keys] = torch.where(values > 0, values / penalty, values * penalty)
@@ -179,28 +189,30 @@ class Sampler:
                 and r.num_output_tokens]
         if not rows:
             return False
-        keys = self._keys(rows, [requests[i].output_token_ids for i in rows])
+        keys = self._keys(rows, [requests[i].output_token_ids for i in rows], flat.device)
         keys, counts = torch.unique(keys, return_counts=True)
-        presence = torch.zeros(len(requests))
-        frequency = torch.zeros(len(requests))
-        for i in rows:
-            presence[i] = requests[i].sampling.presence_penalty
-            frequency[i] = requests[i].sampling.frequency_penalty
+        # Per row of the batch (a row without keys reads nothing); built here, sent at once.
+        presence = _on(torch.tensor([r.sampling.presence_penalty for r in requests],
+                                    dtype=torch.float32), flat.device)
+        frequency = _on(torch.tensor([r.sampling.frequency_penalty for r in requests],
+                                     dtype=torch.float32), flat.device)
         row = keys // self.vocab_size
         flat.index_add_(0, keys, -(frequency[row] * counts + presence[row]))
         return True
 
-    def _keys(self, rows: list[int], token_lists: list[list[int]]) -> Tensor:
-        """Flat indexes ``row * vocab + token`` of every token in each row's list."""
+    def _keys(self, rows: list[int], token_lists: list[list[int]],
+              device: torch.device) -> Tensor:
+        """Flat indexes ``row * vocab + token`` of every token in each row's list, on
+        ``device`` (computed on the CPU, sent in one copy)."""
         tokens = array("q")
         for ids in token_lists:
             tokens.extend(ids)
         if not tokens:
-            return torch.empty(0, dtype=torch.long)
+            return torch.empty(0, dtype=torch.long, device=device)
         offsets = torch.tensor(rows, dtype=torch.long) * self.vocab_size
         # frombuffer avoids torch.tensor(list) (~180 ns an int; a long prompt costs ms).
-        return torch.frombuffer(tokens, dtype=torch.long) + offsets.repeat_interleave(
-            torch.tensor([len(ids) for ids in token_lists]))
+        return _on(torch.frombuffer(tokens, dtype=torch.long) + offsets.repeat_interleave(
+            torch.tensor([len(ids) for ids in token_lists])), device)
 
     # -- stage 8: sampled rows -------------------------------------------------------------
 
@@ -210,11 +222,14 @@ class Sampler:
         when divided by its temperature goes to ``failed``."""
         params = [requests[i].sampling for i in rows]
         vocab = self.vocab_size
-        # One uniform in (0, 1] per row, from the row's own generator.
-        u = 1.0 - torch.tensor([torch.rand((), dtype=torch.float64, generator=_generator(
-            requests[i])).item() for i in rows], dtype=torch.float64)
-        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float64)
-        log_min_p = torch.tensor([p.min_p for p in params]).log()  # min_p 0: -inf, keeps all
+        dev = logits.device
+        # One uniform in (0, 1] per row, from the row's own generator (on the CPU: the draws
+        # are the same on any device), then sent to the logits' device in one copy.
+        u = _on(1.0 - torch.tensor([torch.rand((), dtype=torch.float64, generator=_generator(
+            requests[i])).item() for i in rows], dtype=torch.float64), dev)
+        top_p = _on(torch.tensor([p.top_p for p in params], dtype=torch.float64), dev)
+        # min_p 0: -inf, keeps all.
+        log_min_p = _on(torch.tensor([p.min_p for p in params]).log(), dev)
 
         full: list[int] = []
         nucleus: list[int] = []
@@ -228,28 +243,29 @@ class Sampler:
                 full.append(j)
 
         def scaled(group: list[int]) -> Tensor:
-            temperature = torch.tensor([params[j].temperature for j in group]).unsqueeze(1)
+            temperature = _on(torch.tensor([params[j].temperature for j in group]),
+                              dev).unsqueeze(1)
             if len(group) == logits.shape[0]:
                 out = logits / temperature
             else:
-                out = logits.index_select(0, torch.tensor([rows[j] for j in group])).div_(
-                    temperature)
+                out = logits.index_select(
+                    0, _on(torch.tensor([rows[j] for j in group]), dev)).div_(temperature)
             _set_aside(out, [rows[j] for j in group], failed,
                        "the logits divided by the temperature are not finite")
             return out
 
-        tokens = torch.empty(len(rows), dtype=torch.long)
+        tokens = torch.empty(len(rows), dtype=torch.long, device=dev)
         if full:
-            idx = torch.tensor(full)
+            idx = _on(torch.tensor(full), dev)
             tokens[idx] = _draw_full(scaled(full), log_min_p[idx], u[idx])
         for k, group in by_top_k.items():
-            idx = torch.tensor(group)
+            idx = _on(torch.tensor(group), dev)
             values, ids = _topk(scaled(group), k)
             # top-p renormalises over the top-k survivors.
             tokens[idx], _ = _draw_candidates(values.log_softmax(-1), ids, top_p[idx],
                                               log_min_p[idx], u[idx])
         if nucleus:
-            idx = torch.tensor(nucleus)
+            idx = _on(torch.tensor(nucleus), dev)
             logp = scaled(nucleus).log_softmax(-1)
             for tier in (*_TOP_P_TIERS, vocab):
                 k = min(tier, vocab)
@@ -265,17 +281,26 @@ class Sampler:
         return tokens
 
 
+def _on(x: Tensor, device: torch.device) -> Tensor:
+    """``x``, built on the CPU, on ``device`` (itself when that is the CPU): one copy that does
+    not wait for the device's queue (``.to(device)`` and ``torch.tensor(..., device=device)``
+    synchronize with a CUDA stream; from pageable memory the source is read before it
+    returns, so a temporary may go at once)."""
+    return x.to(device, non_blocking=True)
+
+
 def _select(x: Tensor, rows: list[int]) -> Tensor:
     """Rows of ``x``, without a copy when ``rows`` is all of them in order."""
     if len(rows) == x.shape[0]:
         return x
-    return x.index_select(0, torch.tensor(rows))
+    return x.index_select(0, _on(torch.tensor(rows), x.device))
 
 
 # -- row kernels -----------------------------------------------------------------------------
 # Viewing a row as blocks of _BLOCK tokens lets a vectorised max or sum over each block do the
-# full pass (ATen's argmax, topk and long cumsum are scalar loops, 5-20x slower). Every block
-# reduction runs within one thread, so results do not depend on the batch.
+# full pass (ATen's argmax, topk and long cumsum are scalar loops on the CPU, 5-20x slower).
+# Every block reduction runs within one thread, so results do not depend on the batch. On
+# another device (CUDA) argmax and topk are the native kernels, which need no such trick.
 
 _BLOCK = 64
 
@@ -283,11 +308,11 @@ _BLOCK = 64
 def _argmax(x: Tensor) -> Tensor:
     """``x.argmax(-1)`` (the lowest id on ties), through block maxima."""
     rows, vocab = x.shape
-    if vocab % _BLOCK:
-        return x.argmax(-1)
+    if vocab % _BLOCK or x.device.type != "cpu":
+        return x.argmax(-1)  # CUDA too: the first maximum on ties (NaN counts as the largest)
     blocks = x.view(rows, vocab // _BLOCK, _BLOCK)
     best = blocks.amax(-1).argmax(-1)  # the first block holding the maximum
-    return best * _BLOCK + blocks[torch.arange(rows), best].argmax(-1)
+    return best * _BLOCK + blocks[torch.arange(rows, device=x.device), best].argmax(-1)
 
 
 def _topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -295,10 +320,11 @@ def _topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     largest values lie in the k blocks with the largest maxima."""
     rows, vocab = x.shape
     block = _BLOCK // 2
-    if vocab % block or 4 * k * block > vocab:
+    if vocab % block or 4 * k * block > vocab or x.device.type != "cpu":
         return x.topk(k, -1)
     blocks = x.view(rows, vocab // block, block).amax(-1).topk(k, -1).indices
-    ids = (blocks.unsqueeze(-1) * block + torch.arange(block)).view(rows, k * block)
+    offsets = torch.arange(block, device=x.device)
+    ids = (blocks.unsqueeze(-1) * block + offsets).view(rows, k * block)
     values, pos = x.gather(1, ids).topk(k, -1)
     return values, ids.gather(1, pos)
 
@@ -348,9 +374,9 @@ def _set_aside(x: Tensor, rows: Iterable[int], failed: dict[int, str], why: str)
     rows = list(rows)
     bad = _mark_non_finite(x.amax(-1), rows, failed, why)
     if failed:
-        for j, row in enumerate(rows):
-            if row in failed:
-                bad[j] = True
+        already = [j for j, row in enumerate(rows) if row in failed]
+        if already:  # one indexed write, not one per row (each a copy on a GPU)
+            bad[_on(torch.tensor(already), bad.device)] = True
     if bool(bad.any()):
         x[bad] = 0.0
 
@@ -372,7 +398,8 @@ def _inverse_cdf(weights: Tensor, u: Tensor) -> Tensor:
     target = (u * block_cdf[:, -1]).unsqueeze(1)
     block = torch.searchsorted(block_cdf, target)  # [rows, 1]
     before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)
-    inner_cdf = blocks[torch.arange(rows), block.squeeze(1)].double().cumsum(-1)
+    inner_cdf = blocks[torch.arange(rows, device=weights.device),
+                       block.squeeze(1)].double().cumsum(-1)
     # Positive (target > before); at most the block's own total, which its in-block running
     # sum may round a little differently from the block sum.
     rest = torch.minimum(target - before, inner_cdf[:, -1:])
@@ -405,7 +432,8 @@ def _draw_candidates(logp: Tensor, ids: Tensor, top_p: Tensor, log_min_p: Tensor
 
 
 def _raw_logprobs(logprobs: Tensor, chosen: list[int], top_n: list[int]) -> list[RawLogprobs]:
-    chosen_lp = logprobs.gather(1, torch.tensor(chosen).unsqueeze(1)).squeeze(1).tolist()
+    chosen_lp = logprobs.gather(1, _on(torch.tensor(chosen), logprobs.device).unsqueeze(1)
+                                ).squeeze(1).tolist()
     values: list[list[float]] = [[] for _ in top_n]
     ids: list[list[int]] = [[] for _ in top_n]
     if max(top_n):
