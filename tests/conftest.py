@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
 import warnings
 
 import pytest
+
+# Without a GPU, Triton kernels run in Triton's interpreter (numpy on the CPU), so the GPU
+# attention kernel and the engine's Triton path are tested on every machine (tests/gpu). Set
+# before any test module imports Triton: the interpreter is chosen when a kernel is defined.
+if "TRITON_INTERPRET" not in os.environ and importlib.util.find_spec("triton") is not None:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(autouse=True, scope="module")

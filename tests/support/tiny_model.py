@@ -7,6 +7,7 @@ they would for the real model; its outputs are random but deterministic for a se
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,18 @@ from core.model_files import resolve_model_path
 from core.tokenizer import Tokenizer
 
 SMOLLM2 = "smollm2-135m-instruct"
+# A Hugging Face tokenizer directory to read SmolLM2's tokenizer from instead of the embedded
+# package's GGUF (a GPU machine without the package: scripts/gpu_check.sh carries it).
+TOKENIZER_ENV = "ELECTRON_TEST_TOKENIZER"
+
+
+def smollm2_tokenizer() -> Tokenizer:
+    """SmolLM2's tokenizer: from the directory ``$ELECTRON_TEST_TOKENIZER`` names, if it is
+    one, else from the embedded package."""
+    override = os.environ.get(TOKENIZER_ENV)
+    if override and Path(override).is_dir():
+        return Tokenizer.from_model_path(Path(override))
+    return Tokenizer.from_model_path(resolve_model_path(SMOLLM2))
 
 
 def make_tiny_llama_dir(directory: Path, *, vocab_size: int = 49152, hidden: int = 64,
@@ -27,7 +40,7 @@ def make_tiny_llama_dir(directory: Path, *, vocab_size: int = 49152, hidden: int
     """Writes config.json, model.safetensors and the tokenizer files; returns ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = Tokenizer.from_model_path(resolve_model_path(SMOLLM2))
+    tokenizer = smollm2_tokenizer()
     tokenizer.save_hf(directory)
 
     intermediate = intermediate or 2 * hidden

@@ -69,5 +69,8 @@ def test_worker_image_gets_cuda_torch_the_worker_extra_and_ray():
     assert "torch==2.13.0" in runs and "download.pytorch.org/whl/cu" in \
         " ".join(args for _, args in steps)
     assert '".[worker]"' in runs
+    # The GPU attention kernel is Triton's (CUDA torch's dependency), which compiles its
+    # launcher with the image's C compiler: the build imports it, and gcc is there.
+    assert "import torch, triton" in runs and " gcc " in runs
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert any(d.startswith("ray[default]==") for d in project["dependencies"])

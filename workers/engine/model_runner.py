@@ -9,12 +9,14 @@ each: the next token of each is sampled from it).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
 
 from core.config import EngineConfig
 from core.model_files import resolve_model_path
+from workers.models import triton_attention
 from workers.models.attention import (
     AttentionMetadata,
     PrefillSeq,
@@ -25,6 +27,14 @@ from workers.models.config import ModelConfig
 from workers.models.dtype import pick_dtype
 from workers.models.loader import load_model
 
+from .paged_steps import (
+    DecodeGraphs,
+    StepBuffers,
+    StepTensors,
+    decode_graph_sizes,
+    layout,
+    plan_step,
+)
 from .request import Request
 
 log = logging.getLogger(__name__)
@@ -40,6 +50,22 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def pick_attention_backend(name: str, device: torch.device) -> str:
+    """"torch" or "triton" for the config's ``attention_backend`` on ``device``.
+
+    Triton runs on CUDA; on the CPU only in Triton's interpreter (``TRITON_INTERPRET=1``,
+    for tests). "auto" is "torch" for now, on every device: the Triton path has passed its
+    tests in Triton's interpreter on a CPU but not yet on a CUDA device (scripts/gpu_check.sh
+    runs them there; docs/engine.md, "On a GPU"), so a GPU deployment opts in with
+    ``attention_backend: triton``."""
+    usable = triton_attention.available() and (
+        device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    if name == "triton" and not usable:
+        raise ValueError("attention_backend 'triton' needs CUDA and Triton (on a CPU, "
+                         "Triton's interpreter: TRITON_INTERPRET=1)")
+    return "torch" if name == "auto" else name
 
 
 class ModelRunner:
@@ -67,11 +93,77 @@ class ModelRunner:
             log.warning("KV cache holds %d tokens: context window lowered from %d to %d",
                         capacity, self.max_model_len, capacity)
             self.max_model_len = capacity
-        self.kv_caches = allocate_kv_cache(mc, self.num_blocks, self.block_size, self.dtype,
-                                           self.device)
-        log.info("model %s on %s in %s: %d KV blocks of %d tokens (%.0f MiB)", self.model_path.name,
-                 self.device, self.dtype, self.num_blocks, self.block_size,
-                 self.num_blocks * bytes_per_block / 2**20)
+        self.attention_backend = pick_attention_backend(config.attention_backend, self.device)
+        triton = self.attention_backend == "triton"
+        # The Triton path keeps one block more than the pool hands out: padding rows of decode
+        # steps write their throwaway keys there.
+        self.scratch_block = self.num_blocks
+        self.kv_caches = allocate_kv_cache(mc, self.num_blocks + triton, self.block_size,
+                                           self.dtype, self.device)
+        log.info("model %s on %s in %s: %d KV blocks of %d tokens (%.0f MiB), %s attention",
+                 self.model_path.name, self.device, self.dtype, self.num_blocks,
+                 self.block_size, self.num_blocks * bytes_per_block / 2**20,
+                 self.attention_backend)
+        self.graphs: DecodeGraphs | None = None
+        self.graph_capture_s: float | None = None
+        if triton:
+            self._set_up_triton(config)
+
+    def _set_up_triton(self, config: EngineConfig) -> None:
+        mc, bs = self.model_config, self.block_size
+        self.group = mc.num_heads // mc.num_kv_heads
+        self.table_width = -(-self.max_model_len // bs)
+        max_seqs = config.max_num_seqs
+        max_tokens = max(config.max_num_batched_tokens, bs, max_seqs)
+        # Decode-only steps are padded to these sizes, with graphs or without (paged_steps.py).
+        self.decode_sizes = decode_graph_sizes(min(max_seqs, config.cuda_graph_max_batch))
+        _, capacity = layout({"input_ids": max_tokens, "positions": max_tokens,
+                              "slots": max_tokens, "query_start": max_seqs + 1,
+                              "context_lens": max_seqs, "tile_seq": max_tokens + max_seqs,
+                              "tile_start": max_tokens + max_seqs,
+                              "block_tables": max_seqs * self.table_width,
+                              "sample_rows": max_seqs})
+        self.buffers = StepBuffers(capacity, self.device, bs)
+        if config.cuda_graphs and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(self.decode_sizes)
+            with torch.inference_mode():
+                self.graphs.capture(self._upload_padding, self._forward)
+            self.graph_capture_s = self.graphs.capture_s
+            log.info("captured CUDA graphs of decode steps at %d batch sizes (up to %d) in "
+                     "%.2f s", len(self.decode_sizes), self.decode_sizes[-1],
+                     self.graph_capture_s)
+
+    def _upload_padding(self, size: int) -> StepTensors:
+        """A decode step of ``size`` padding rows (what graphs are captured on)."""
+        return self.buffers.upload(plan_step(
+            [], [], self.block_size, self.group, pad_to=size, width=self.table_width,
+            scratch_block=self.scratch_block))
+
+    def _forward(self, step: StepTensors) -> torch.Tensor:
+        return self.model(step.input_ids, step.positions, self.kv_caches, step.meta)
+
+    def _execute_triton(self, batch: list[BatchItem], sample: list[Request]
+                        ) -> torch.Tensor | None:
+        sampled = {id(r) for r in sample}
+        items = [(it.request.token_ids, it.request.num_computed_tokens, it.num_new_tokens,
+                  it.request.block_ids) for it in batch]
+        flags = [id(it.request) in sampled for it in batch]
+        bucket = None
+        if all(it.num_new_tokens == 1 for it in batch):
+            bucket = next((s for s in self.decode_sizes if s >= len(batch)), None)
+        if bucket is None:
+            plan = plan_step(items, flags, self.block_size, self.group)
+        else:
+            plan = plan_step(items, flags, self.block_size, self.group, pad_to=bucket,
+                             width=self.table_width, scratch_block=self.scratch_block)
+        step = self.buffers.upload(plan)
+        if bucket is not None and self.graphs is not None:
+            hidden = self.graphs.replay(bucket)
+        else:
+            hidden = self._forward(step)
+        if not plan.sample_rows:
+            return None
+        return self.model.compute_logits(hidden.index_select(0, step.sample_rows)).float()
 
     def _kv_budget(self) -> int:
         if self.config.kv_cache_bytes is not None or self.device.type != "cuda":
@@ -86,6 +178,8 @@ class ModelRunner:
         ``batch`` lists single-token items first (the model batches them as decodes);
         ``sample`` is the subset whose last computed token is their last token, in batch order.
         """
+        if self.attention_backend == "triton":
+            return self._execute_triton(batch, sample)
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .triton_attention import TritonMetadata, paged_attention
 
 # Decode batches up to this size use SDPA's fused kernel (fewest ops: per-op overhead rules
 # small batches on CPU); larger ones use bmm + softmax, which SDPA's kernel (tiled for long
@@ -43,6 +44,9 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None  # LongTensor[num_decodes, max_blocks], 0-padded
     decode_context_lens: torch.Tensor | None  # LongTensor[num_decodes], incl. the new token
     prefills: list[PrefillSeq]
+    # Set on the Triton backend (CUDA): what its kernel reads; the torch fields above are then
+    # unused (num_decodes 0, no prefills).
+    triton: TritonMetadata | None = None
 
 
 def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -185,3 +189,33 @@ class PagedAttention:
             queries, keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
             attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True)
         return out[0].transpose(0, 1)  # [n, H, d]
+
+
+class TritonPagedAttention:
+    """Attention of one step on the Triton backend: the kernel reads the blocks in place."""
+
+    def __init__(self, meta: AttentionMetadata, config: ModelConfig, dtype: torch.dtype):
+        if meta.triton is None:
+            raise ValueError("the Triton backend needs AttentionMetadata.triton")
+        self.meta = meta
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim ** -0.5
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 kv_cache: torch.Tensor) -> torch.Tensor:
+        """q [T, H, d], k and v [T, kvh, d] -> [T, H * d]; writes k and v into the cache."""
+        kvh, d = self.num_kv_heads, self.head_dim
+        slots = self.meta.slot_mapping
+        kv_cache[0].view(-1, kvh, d).index_copy_(0, slots, k)
+        kv_cache[1].view(-1, kvh, d).index_copy_(0, slots, v)
+        out = paged_attention(q, kv_cache[0], kv_cache[1], self.meta.triton, self.scale)
+        return out.view(q.shape[0], self.num_heads * d)
+
+
+def make_attention(meta: AttentionMetadata, config: ModelConfig,
+                   dtype: torch.dtype) -> PagedAttention | TritonPagedAttention:
+    if meta.triton is not None:
+        return TritonPagedAttention(meta, config, dtype)
+    return PagedAttention(meta, config, dtype)

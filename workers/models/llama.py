@@ -18,7 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionMetadata, PagedAttention
+from .attention import (
+    AttentionMetadata,
+    PagedAttention,
+    TritonPagedAttention,
+    make_attention,
+)
 from .config import ModelConfig
 
 
@@ -122,7 +127,7 @@ class DecoderLayer(nn.Module):
         self.down_proj = Projection(config.intermediate_size, h, False, **p)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
-                signed_sin: torch.Tensor, attention: PagedAttention,
+                signed_sin: torch.Tensor, attention: PagedAttention | TritonPagedAttention,
                 kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's output, the residual stream before it): the caller adds them,
         so each residual add happens where the next norm needs it."""
@@ -184,7 +189,7 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [T] -> final-norm hidden states [T, hidden]."""
-        attention = PagedAttention(meta, self.config, self.dtype)
+        attention = make_attention(meta, self.config, self.dtype)
         cos = self.rope_cos.index_select(0, positions).unsqueeze(1)
         signed_sin = self.rope_signed_sin.index_select(0, positions).unsqueeze(1)
         x = F.embedding(input_ids, self.embed_tokens)

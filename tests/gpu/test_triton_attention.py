@@ -1,0 +1,145 @@
+"""The Triton paged-attention kernel equals attention over the gathered context.
+
+Runs on CUDA (``gpu`` marker). With ``TRITON_INTERPRET=1`` set before Python starts (and
+Triton installed), the same tests run the kernel in Triton's interpreter on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from workers.models import triton_attention as ta
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = [pytest.param("cuda", marks=pytest.mark.gpu)]
+if INTERPRET and ta.available():
+    DEVICES.append(pytest.param("cpu", id="cpu-interpreter"))
+    from triton.runtime import interpreter as _interpreter
+
+    _patch_lang_tensor = _interpreter._patch_lang_tensor
+
+    def _scalar_index(tensor, scope):
+        # The interpreter holds a loaded scalar as a 1-element array, which numpy 2 no
+        # longer converts with int(): a loop bound read from memory needs .item().
+        _patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    _interpreter._patch_lang_tensor = _scalar_index
+
+pytestmark = pytest.mark.skipif(not ta.available(), reason="Triton is not installed")
+
+
+def reference(q, key_cache, value_cache, seqs, scale):
+    """Per sequence: gather its context from the blocks, SDPA with the bottom-right mask."""
+    page = key_cache.shape[1]
+    out = torch.empty_like(q)
+    start = 0
+    for num_new, context_len, table in seqs:
+        pos = torch.arange(context_len, device=q.device)
+        slots = torch.tensor(table, device=q.device)[pos // page] * page + pos % page
+        keys = key_cache.reshape(-1, *key_cache.shape[2:])[slots]
+        values = value_cache.reshape(-1, *value_cache.shape[2:])[slots]
+        query_pos = pos[context_len - num_new:].unsqueeze(1)
+        mask = pos.unsqueeze(0) <= query_pos
+        qs = q[start:start + num_new].transpose(0, 1).unsqueeze(0).float()
+        o = F.scaled_dot_product_attention(
+            qs, keys.transpose(0, 1).unsqueeze(0).float(),
+            values.transpose(0, 1).unsqueeze(0).float(), attn_mask=mask, scale=scale,
+            enable_gqa=True)
+        out[start:start + num_new] = o[0].transpose(0, 1).to(q.dtype)
+        start += num_new
+    return out
+
+
+def build(seqs_shape, *, heads, kv_heads, head_dim, page, dtype, device, block_m, seed=0):
+    """Random caches and queries for sequences given as (num_new, context_len)."""
+    gen = torch.Generator().manual_seed(seed)
+    total_blocks = sum(-(-c // page) for _, c in seqs_shape) + 3
+    key_cache = torch.randn(total_blocks, page, kv_heads, head_dim, generator=gen).to(dtype)
+    value_cache = torch.randn(total_blocks, page, kv_heads, head_dim, generator=gen).to(dtype)
+    free = list(range(1, total_blocks))
+    random.Random(seed).shuffle(free)  # block tables are not contiguous
+    seqs, tables = [], []
+    for num_new, context_len in seqs_shape:
+        table = [free.pop() for _ in range(-(-context_len // page))]
+        seqs.append((num_new, context_len, table))
+        tables.append(table)
+    num_tokens = sum(n for n, _ in seqs_shape)
+    q = torch.randn(num_tokens, heads, head_dim, generator=gen).to(dtype)
+    width = max(len(t) for t in tables)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    query_start = [0]
+    tile_seq, tile_start = [], []
+    per_tile = ta.tile_tokens(block_m, heads // kv_heads)
+    for i, (num_new, _) in enumerate(seqs_shape):
+        query_start.append(query_start[-1] + num_new)
+        for first in range(0, num_new, per_tile):
+            tile_seq.append(i)
+            tile_start.append(first)
+    meta = ta.TritonMetadata(
+        query_start=torch.tensor(query_start, dtype=torch.int32, device=device),
+        context_lens=torch.tensor([c for _, c in seqs_shape], dtype=torch.int32, device=device),
+        block_tables=block_tables.to(device),
+        tile_seq=torch.tensor(tile_seq, dtype=torch.int32, device=device),
+        tile_start=torch.tensor(tile_start, dtype=torch.int32, device=device),
+        block_m=block_m)
+    return q.to(device), key_cache.to(device), value_cache.to(device), seqs, meta
+
+
+CASES = {
+    # (num_new, context_len) per sequence
+    "decodes": [(1, 1), (1, 17), (1, 64), (1, 200)],
+    "prefill_new": [(37, 37)],
+    "prefill_over_cached_prefix": [(5, 133), (16, 80)],
+    "mixed_batch": [(1, 30), (1, 95), (23, 23), (9, 70), (70, 150)],
+    "long_prompt_tiles": [(1, 40), (600, 600), (530, 700)],
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 16), (9, 3, 64), (8, 8, 32)])
+def test_kernel_equals_attention_over_the_gathered_context(device, case, heads, kv_heads,
+                                                           head_dim):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    block_m = ta.block_m_for(heads // kv_heads, max(n for n, _ in CASES[case]))
+    q, kc, vc, seqs, meta = build(CASES[case], heads=heads, kv_heads=kv_heads,
+                                  head_dim=head_dim, page=16, dtype=torch.float32,
+                                  device=device, block_m=block_m)
+    scale = head_dim ** -0.5
+    got = ta.paged_attention(q, kc, vc, meta, scale)
+    want = reference(q, kc, vc, seqs, scale)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_within_tolerance(device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    if device == "cpu":
+        pytest.skip("Triton's interpreter holds data in numpy, which has no bfloat16")
+    shape = CASES["mixed_batch"]
+    q, kc, vc, seqs, meta = build(shape, heads=8, kv_heads=2, head_dim=64, page=16,
+                                  dtype=torch.bfloat16, device=device,
+                                  block_m=ta.block_m_for(4, 70))
+    got = ta.paged_attention(q, kc, vc, meta, 0.125)
+    want = reference(q, kc, vc, seqs, 0.125)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_large_decode_tile_size_leaves_rows_of_other_tokens_alone(device):
+    """Prefill-sized tiles over decodes: rows past a sequence's one token are not written."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    q, kc, vc, seqs, meta = build(CASES["decodes"], heads=4, kv_heads=2, head_dim=16,
+                                  page=16, dtype=torch.float32, device=device,
+                                  block_m=ta.block_m_for(2, 600))
+    got = ta.paged_attention(q, kc, vc, meta, 0.25)
+    torch.testing.assert_close(got, reference(q, kc, vc, seqs, 0.25), atol=2e-5, rtol=2e-5)
