@@ -2,7 +2,12 @@
 
     python bench/engine_bench.py --out bench/results/engine.json [--quick] [--dtype float32]
         [--threads N] [--skip-hf] [--llamacpp] [--device cuda --model random:llama3-8b]
+        [--budget-s S] [--attention-backend B] [--no-cuda-graphs]
     python bench/engine_bench.py --soak 10000 --out bench/results/engine_soak.json
+
+On a GPU (workload ``gpu``) it adds our absolute decode/TTFT numbers, sampled against greedy
+decode and a CUDA-graphs-on/off greedy-text check, with H100 targets (``GPU_TARGETS``);
+scripts/gpu_check.sh runs it on the device machine.
 
 Writes the JSON and a Markdown table beside it (same name, ``.md``). Every number is defined
 in bench/README.md; the definitions that make two sides comparable:
@@ -24,6 +29,7 @@ import argparse
 import contextlib
 import ctypes
 import datetime as dt
+import functools
 import gc
 import importlib
 import itertools
@@ -37,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
@@ -87,6 +94,21 @@ TARGETS = {  # key -> (comparison, bound) from the issue
     "decode_single_ratio": (">=", 1.5), "prefill_1024_ratio": (">=", 1.0),
     "cached_ttft_ratio": ("<=", 0.10), "kv_growth_mb": ("<=", 0.0),
 }
+# On a GPU (bound for an H100, random:llama3-8b in bfloat16): our absolute numbers, and the
+# cached-TTFT bound for an 8,191-token prompt. The ratios against Hugging Face keep theirs.
+GPU_TARGETS = {
+    **TARGETS, "cached_ttft_ratio": ("<=", 0.15),
+    "decode_ms_per_token_b1": ("<=", 7.0), "decode_tps_b32": (">=", 3500),
+    "decode_tps_b128": (">=", 10000), "ttft_1024_s": ("<=", 0.035), "ttft_8191_s": ("<=", 0.25),
+    "sampled_vs_greedy_b32": (">=", 0.90), "graph_eager_identical": ("==", True),
+}
+# The CUDA-graphs-off engine of the graph/eager check: a small KV pool, so that it fits
+# beside the first engine (two 8B engines: 16 GB of weights each).
+EAGER_KV_MIB_GPU = 2048
+
+
+def targets_for(device: torch.device) -> dict[str, tuple[str, Any]]:
+    return GPU_TARGETS if device.type == "cuda" else TARGETS
 
 
 @dataclass(frozen=True)
@@ -102,14 +124,26 @@ class Workload:
     mixed_max_prompt: int = 512
     mixed_max_tokens: int = 32
     repeats: int = 3                  # each timing is the median of this many runs
+    hf_repeats: int | None = None     # Hugging Face's timings (None: ``repeats``)
+    # The GPU keys (bench/README.md, "On a GPU"): our absolute decode/TTFT numbers, sampled
+    # against greedy decode at this batch, and greedy texts with CUDA graphs on vs off.
+    gpu_keys: bool = False
+    sampled_batch: int | None = None
+    graph_check_batches: tuple[int, ...] = ()
+    graph_check_tokens: int = 32
 
 
 FULL = Workload()
 QUICK = Workload(prompt_len=32, new_tokens=16, ours_batches=(1, 4, 8), hf_batches=(1, 4),
                  prefill_lens=(256,), cached_len=256, mixed_requests=60, mixed_warmup=10,
                  mixed_max_prompt=128, mixed_max_tokens=8, repeats=1)
+# cached_len 8,191: the 8,192-token window less the one generated token (511 blocks cached).
+# Hugging Face's side runs each timing once: its cost per run barely varies, and the whole
+# GPU run must stay well inside its time budget (its batch-128 decode is the slowest part).
 GPU = Workload(ours_batches=(1, 32, 128), hf_batches=(1, 32, 128), prefill_lens=(1024, 8191),
-               mixed_requests=0, mixed_warmup=0, repeats=2)
+               cached_len=8191, mixed_requests=0, mixed_warmup=0, repeats=2, hf_repeats=1,
+               gpu_keys=True, sampled_batch=32, graph_check_batches=(1, 5, 32),
+               graph_check_tokens=32)
 WORKLOADS = {"full": FULL, "quick": QUICK, "gpu": GPU}
 
 
@@ -142,16 +176,19 @@ def median_time(fn: Callable[[str], float], tag: str, repeats: int) -> float:
 # -- decode and prefill, the same definition for every side -----------------------------------
 
 def decode_tps(run: Callable[[list[list[int]], int], float], batch: int, w: Workload,
-               side_tag: str) -> dict[str, float]:
+               side_tag: str, tag: str = "decode", repeats: int | None = None
+               ) -> dict[str, float]:
     """``run(prompts, n)`` -> seconds to generate n tokens for every prompt from scratch.
 
-    Prompts depend on the batch and repeat, never on the side: both sides see the same ones.
+    Prompts depend on the batch and repeat, never on the side: both sides see the same ones
+    (another ``tag`` gives others: a second measurement on one engine misses its cache).
     """
     def timed(n: int) -> Callable[[str], float]:
-        return lambda tag: run(random_prompts(batch, w.prompt_len, f"{tag}/n{n}"), n)
+        return lambda t: run(random_prompts(batch, w.prompt_len, f"{t}/n{n}"), n)
 
-    t_one = median_time(timed(1), f"decode/b{batch}", w.repeats)
-    t_all = median_time(timed(w.new_tokens), f"decode/b{batch}", w.repeats)
+    repeats = repeats or w.repeats
+    t_one = median_time(timed(1), f"{tag}/b{batch}", repeats)
+    t_all = median_time(timed(w.new_tokens), f"{tag}/b{batch}", repeats)
     if t_all <= t_one:
         raise RuntimeError(f"{side_tag} batch {batch}: {w.new_tokens} tokens took {t_all:.3f}s, "
                            f"not longer than one token ({t_one:.3f}s): timings are unusable")
@@ -167,17 +204,34 @@ def prefill_tps(run: Callable[[list[list[int]], int], float], length: int,
 
 
 def measure_side(run: Callable[[list[list[int]], int], float], batches: tuple[int, ...],
-                 w: Workload, name: str) -> dict[str, Any]:
+                 w: Workload, name: str, repeats: int | None = None,
+                 deadline: float | None = None) -> dict[str, Any]:
+    """Decode at each batch, then prefill at each length. Past ``deadline`` (a
+    ``time.monotonic()`` value) the measurements not yet begun are skipped and listed under
+    ``skipped``."""
+    repeats = repeats or w.repeats
+    out: dict[str, Any] = {"decode": {}, "prefill": {}}
+
+    def late(what: str) -> bool:
+        if deadline is None or time.monotonic() < deadline:
+            return False
+        out.setdefault("skipped", []).append(what)
+        log(f"{name} {what}: skipped (time budget)")
+        return True
+
     # Warm-up at the largest shapes: first-use costs (allocations, kernel selection, handle
     # creation) stay out of the timings.
     run(random_prompts(max(batches), w.prompt_len, f"warm-up/{name}"), 2)
     run(random_prompts(1, max(w.prefill_lens), f"warm-up/{name}/prefill"), 1)
-    out: dict[str, Any] = {"decode": {}, "prefill": {}}
     for batch in batches:
-        out["decode"][str(batch)] = decode_tps(run, batch, w, name)
+        if late(f"decode batch {batch}"):
+            continue
+        out["decode"][str(batch)] = decode_tps(run, batch, w, name, repeats=repeats)
         log(f"{name} decode batch {batch}: {out['decode'][str(batch)]['decode_tps']:.1f} tok/s")
     for length in w.prefill_lens:
-        out["prefill"][str(length)] = prefill_tps(run, length, w.repeats)
+        if late(f"prefill {length}"):
+            continue
+        out["prefill"][str(length)] = prefill_tps(run, length, repeats)
         log(f"{name} prefill {length}: {out['prefill'][str(length)]['prefill_tps']:.1f} tok/s")
     return out
 
@@ -239,23 +293,39 @@ def random_loader(config: ModelConfig, tokenizer_path: Path) -> Iterator[None]:
 class OurEngine:
     """Drives workers.engine.engine.Engine synchronously: make_requests, add, step until done."""
 
-    def __init__(self, engine: Engine, config: EngineConfig, tokenizer_path: Path):
-        self.engine = engine
+    def __init__(self, engine: Engine, config: EngineConfig, tokenizer_path: Path,
+                 build_s: float = 0.0):
+        self.engine: Engine | None = engine
         self.config = config
         self.model_config: ModelConfig = engine.runner.model_config
+        self.model_path: Path = engine.runner.model_path
+        self.device: torch.device = engine.runner.device
+        self.tokenizer = engine.tokenizer
         self.tokenizer_path = tokenizer_path
+        self.build_s = build_s
+        # Seconds the runner spent capturing CUDA graphs; None when it captured none (CPU,
+        # cuda_graphs off, or a runner that has no graphs).
+        self.graph_capture_s: float | None = getattr(engine.runner, "graph_capture_s", None)
         self._ids = itertools.count()
 
     @classmethod
-    def build(cls, args: argparse.Namespace, max_batch: int) -> OurEngine:
+    def build(cls, args: argparse.Namespace, max_batch: int, **overrides: Any) -> OurEngine:
+        """``overrides``: EngineConfig fields over the benchmark's own (kv_cache_bytes,
+        cuda_graphs, ...)."""
         gpu = args.device == "cuda"
-        config = EngineConfig(
+        settings: dict[str, Any] = dict(
             model=args.model, dtype=args.dtype, device=args.device,
             kv_cache_bytes=(args.kv_mib or (16384 if gpu else 768)) * 2**20,
             max_num_seqs=max(max_batch, EngineConfig().max_num_seqs),
             max_num_batched_tokens=args.max_batched_tokens or (
                 8192 if gpu else EngineConfig().max_num_batched_tokens),
             torch_threads=args.threads)
+        if args.attention_backend:
+            settings["attention_backend"] = args.attention_backend
+        if args.no_cuda_graphs:
+            settings["cuda_graphs"] = False
+        config = EngineConfig(**{**settings, **overrides})
+        start = time.perf_counter()
         if args.model.startswith("random:"):
             tokenizer_path = args.tokenizer or resolve_model_path(DEFAULT_MODEL)
             with random_loader(random_model_config(args.model.removeprefix("random:")),
@@ -266,7 +336,7 @@ class OurEngine:
             tokenizer_path = runner.model_path
         engine = Engine(runner, Tokenizer.from_model_path(tokenizer_path), config,
                         model_name=config.model)
-        return cls(engine, config, tokenizer_path)
+        return cls(engine, config, tokenizer_path, time.perf_counter() - start)
 
     def describe(self) -> dict[str, Any]:
         runner = self.engine.runner
@@ -275,13 +345,24 @@ class OurEngine:
                 "block_size": runner.block_size, "kv_pool_mib": pool / 2**20,
                 "max_model_len": runner.max_model_len, "tokenizer": str(self.tokenizer_path),
                 "weights": (f"random {self.model_config}" if self.config.model.startswith("random:")
-                            else str(runner.model_path))}
+                            else str(runner.model_path)),
+                "build_s": self.build_s, "graph_capture_s": self.graph_capture_s}
+
+    def close(self) -> dict[str, Any]:
+        """Drops the engine (model, KV pool, CUDA graphs) and returns its memory to the
+        device: what the device holds before and after."""
+        before = gpu_memory(self.device)
+        self.engine = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {"before": before, "after": gpu_memory(self.device)}
 
     def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The Hugging Face-named tensors our model was loaded from, read again."""
-        mc, path = self.model_config, self.engine.runner.model_path
+        mc, path = self.model_config, self.model_path
         if self.config.model.startswith("random:"):
-            return random_weights(mc, self.engine.runner.device)
+            return random_weights(mc, self.device)
         if path.suffix == ".gguf":
             return iter_gguf_weights(gguf.GGUFReader(path), mc)
         return iter_safetensors_weights(safetensors_files(path))
@@ -294,7 +375,8 @@ class OurEngine:
     def _step(self) -> list[RequestOutput]:
         if not self.engine.has_unfinished:
             raise RuntimeError("the engine has nothing left but requests are not finished")
-        return self.engine.step()
+        with torch.inference_mode():  # as the worker's engine thread runs its steps
+            return self.engine.step()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams
                  ) -> tuple[float, dict[str, list[int]], dict[str, RequestOutput]]:
@@ -319,6 +401,61 @@ class OurEngine:
         """Seconds for all prompts to generate new_tokens tokens each (greedy, no EOS stop)."""
         params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=new_tokens)
         return self.generate(prompts, params)[0]
+
+    def run_sampled(self, prompts: list[list[int]], new_tokens: int) -> float:
+        """``run`` with sampling: temperature 1, top-p 0.9, each request seeded (its index)."""
+        start = time.perf_counter()
+        ids = [self._add(p, SamplingParams(temperature=1.0, top_p=0.9, seed=i, ignore_eos=True,
+                                           max_tokens=new_tokens))
+               for i, p in enumerate(prompts)]
+        done = 0
+        while done < len(ids):
+            for out in self._step():
+                if out.finished:
+                    if out.error:
+                        raise RuntimeError(f"{out.request_id}: {out.error}")
+                    done += 1
+        return time.perf_counter() - start
+
+    def sampled_decode(self, w: Workload, greedy: dict[str, Any]) -> dict[str, Any]:
+        """Decode tokens/s sampled (``run_sampled``) over greedy at ``w.sampled_batch``, the
+        same formula and sizes; ``greedy``: our decode results so far (measured here if they
+        lack that batch). Its prompts are its own: no prefix-cache hits on the greedy ones."""
+        batch = w.sampled_batch
+        self.run_sampled(random_prompts(batch, w.prompt_len, "warm-up/sampled"), 2)
+        sampled = decode_tps(self.run_sampled, batch, w, "ours sampled", tag="decode-sampled")
+        base = greedy.get(str(batch)) or decode_tps(self.run, batch, w, "ours",
+                                                    tag="decode-greedy")
+        return {"batch": batch, "temperature": 1.0, "top_p": 0.9, "seeded": True,
+                "sampled": sampled, "greedy": base,
+                "ratio": sampled["decode_tps"] / base["decode_tps"]}
+
+    def greedy_texts(self, w: Workload) -> dict[str, dict[str, Any]]:
+        """Greedy tokens and texts of the graph/eager check: at each batch in
+        ``w.graph_check_batches``, that many prompts of varied lengths (20..275 tokens, so
+        block tables differ in width), ``w.graph_check_tokens`` new tokens each (no EOS stop),
+        all added at once."""
+        out: dict[str, dict[str, Any]] = {}
+        params = SamplingParams(temperature=0.0, ignore_eos=True,
+                                max_tokens=w.graph_check_tokens)
+        for batch in w.graph_check_batches:
+            prompts = [random_prompts(1, 20 + (37 * i) % 256, f"graph-check/b{batch}/{i}")[0]
+                       for i in range(batch)]
+            _, tokens, _ = self.generate(prompts, params)
+            ordered = list(tokens.values())  # requests in the order they were added
+            out[str(batch)] = {"tokens": ordered,
+                               "texts": [self.tokenizer.decode(t) for t in ordered]}
+        return out
+
+    def greedy_tokens(self, new_tokens: int) -> tuple[list[int], list[int]]:
+        """The agreement check's prompt and our greedy tokens for it (until EOS)."""
+        if self.config.model.startswith("random:"):
+            prompt = random_prompts(1, 32, "agreement")[0]
+        else:
+            prompt = self.tokenizer.encode_chat([{"role": "user",
+                                                  "content": "What is the capital of France?"}])
+        params = SamplingParams(temperature=0.0, max_tokens=new_tokens)
+        return prompt, next(iter(self.generate([prompt], params)[1].values()))
 
     def cached_ttft(self, w: Workload) -> dict[str, Any]:
         """TTFT of a prompt whose leading blocks (all but the last) another request cached,
@@ -452,18 +589,14 @@ class OurEngine:
         }
 
     def greedy_agreement(self, theirs: Callable[[list[int], int], list[int]],
-                         new_tokens: int) -> dict[str, Any]:
+                         new_tokens: int,
+                         ours_done: tuple[list[int], list[int]] | None = None) -> dict[str, Any]:
         """Same prompt, greedy until EOS, both sides: a check that both compute with the same
         weights. In bf16 near-ties may part them early (e.g. "L" 25.38 vs "The" 25.25 as the
-        first token of the France prompt): judge by the text, not the count alone."""
-        tokenizer = self.engine.tokenizer
-        if self.config.model.startswith("random:"):
-            prompt = random_prompts(1, 32, "agreement")[0]
-        else:
-            prompt = tokenizer.encode_chat([{"role": "user",
-                                             "content": "What is the capital of France?"}])
-        params = SamplingParams(temperature=0.0, max_tokens=new_tokens)
-        ours = next(iter(self.generate([prompt], params)[1].values()))
+        first token of the France prompt): judge by the text, not the count alone.
+        ``ours_done``: ``greedy_tokens(new_tokens)`` taken earlier (the engine since closed)."""
+        tokenizer = self.tokenizer
+        prompt, ours = ours_done or self.greedy_tokens(new_tokens)
         hf = theirs(prompt, new_tokens)
         same = next((i for i, (a, b) in enumerate(zip(ours, hf)) if a != b),
                     min(len(ours), len(hf)))
@@ -501,7 +634,7 @@ def roofline(device: torch.device) -> dict[str, Any]:
     src = torch.ones(2**30 // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     size = src.numel() * 4
-    copy_s = seconds_per_call(lambda: dst.copy_(src), device, reps)
+    copy_s = seconds_per_call(functools.partial(dst.copy_, src), device, reps)
     read_s = seconds_per_call(src.sum, device, reps)
     del src, dst
     n = 8192 if device.type == "cuda" else 2048  # a size that fills the chip
@@ -607,6 +740,71 @@ def settled_rss_mib() -> dict[str, float]:
     return {"untrimmed": untrimmed, "trimmed": rss_mib()}
 
 
+# -- CUDA graphs against eager ----------------------------------------------------------------
+
+def compare_texts(graphs: dict[str, dict[str, Any]], eager: dict[str, dict[str, Any]]
+                  ) -> dict[str, Any]:
+    """Per batch: whether both runs' greedy texts (and tokens) are the same, and where the
+    first pair parts (request index, token position)."""
+    per_batch: dict[str, Any] = {}
+    for batch, g in graphs.items():
+        e = eager[batch]
+        first = None
+        for i, (a, b) in enumerate(zip(g["tokens"], e["tokens"])):
+            if a != b:
+                pos = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                first = {"request": i, "token": pos, "graphs": g["texts"][i],
+                         "eager": e["texts"][i]}
+                break
+        per_batch[batch] = {"texts_identical": g["texts"] == e["texts"],
+                            "tokens_identical": g["tokens"] == e["tokens"],
+                            "requests": len(g["tokens"]), "first_difference": first}
+    return {"identical": all(v["texts_identical"] for v in per_batch.values()),
+            "tokens_identical": all(v["tokens_identical"] for v in per_batch.values()),
+            "per_batch": per_batch}
+
+
+def graph_eager_check(args: argparse.Namespace, ours: OurEngine, w: Workload) -> dict[str, Any]:
+    """Greedy texts of ``ours`` (CUDA graphs as configured) against a second engine built
+    with ``cuda_graphs=False`` (KV pool ``EAGER_KV_MIB_GPU`` on a GPU), same weights and
+    prompts; the second engine is freed before this returns. Applicable only where ``ours``
+    captured graphs: elsewhere (the CPU) both run eagerly and the comparison is a smoke test
+    of this path."""
+    applicable = ours.device.type == "cuda" and ours.graph_capture_s is not None
+    why_not = None if applicable else (
+        f"no CUDA graphs on {ours.device.type}" if ours.device.type != "cuda"
+        else "the engine captured no CUDA graphs (runner.graph_capture_s is None)")
+    graphs = ours.greedy_texts(w)
+    overrides: dict[str, Any] = {"cuda_graphs": False}
+    if ours.device.type == "cuda":
+        overrides["kv_cache_bytes"] = EAGER_KV_MIB_GPU * 2**20
+    log("building the eager engine (cuda_graphs=False)")
+    eager = OurEngine.build(args, max(w.graph_check_batches), **overrides)
+    try:
+        config = {"build_s": eager.build_s, "graph_capture_s": eager.graph_capture_s,
+                  "kv_pool_mib": sum(t.numel() * t.element_size()
+                                     for t in eager.engine.runner.kv_caches) / 2**20}
+        texts = eager.greedy_texts(w)
+    finally:
+        freed = eager.close()
+    out = {"applicable": applicable, "not_applicable_because": why_not,
+           "batches": list(w.graph_check_batches), "new_tokens": w.graph_check_tokens,
+           "graphs_engine_capture_s": ours.graph_capture_s, "eager_engine": config,
+           "eager_engine_freed": freed, **compare_texts(graphs, texts)}
+    log(f"graph/eager greedy texts identical: {out['identical']} "
+        f"(tokens {out['tokens_identical']}; applicable: {applicable})")
+    return out
+
+
+def gpu_memory(device: torch.device) -> dict[str, float] | None:
+    """GiB the device holds: allocated by torch, reserved by its allocator, peak allocated."""
+    if device.type != "cuda":
+        return None
+    return {"allocated_gib": torch.cuda.memory_allocated(device) / 2**30,
+            "reserved_gib": torch.cuda.memory_reserved(device) / 2**30,
+            "max_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+
+
 # -- report ------------------------------------------------------------------------------------
 
 def log(message: str) -> None:
@@ -627,6 +825,11 @@ def machine_facts(args: argparse.Namespace, device: torch.device) -> dict[str, A
     facts["git_commit"] = git.stdout.strip() if git and git.returncode == 0 else None
     if device.type == "cuda":
         facts["gpu"] = torch.cuda.get_device_name(device)
+        facts["gpu_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
+        facts["cuda"] = torch.version.cuda
+        with contextlib.suppress(ImportError):
+            import triton
+            facts["triton"] = triton.__version__
     # Settings that change the numbers: threads, and the per-shape oneDNN/ideep caches that
     # make RSS grow with every new batch shape (kv_growth_mb) until they fill.
     facts["env"] = {k: v for k, v in os.environ.items() if k in (
@@ -644,7 +847,10 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
     ours, hf, cpp = result["ours"], result.get("hf") or {}, result.get("llamacpp") or {}
     tps = {side: {int(b): v["decode_tps"] for b, v in s.get("decode", {}).items()}
            for side, s in (("ours", ours), ("hf", hf))}
-    keys: dict[str, Any] = {"decode_single_ratio": ratio(tps["ours"].get(1), tps["hf"].get(1))}
+    keys: dict[str, Any] = {}
+    if result["workload"].get("gpu_keys"):
+        keys.update(gpu_headline(result, tps["ours"]))
+    keys["decode_single_ratio"] = ratio(tps["ours"].get(1), tps["hf"].get(1))
     for batch in sorted(set(tps["ours"]) & set(tps["hf"]) - {1}):
         keys[f"decode_batch{batch}_ratio"] = ratio(tps["ours"][batch], tps["hf"][batch])
     keys["decode_peak_ratio"] = ratio(max(tps["ours"].values()),
@@ -662,22 +868,66 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
     return keys
 
 
+def gpu_headline(result: dict[str, Any], tps: dict[int, float]) -> dict[str, Any]:
+    """The GPU keys (``gpu`` workload): our absolute decode and TTFT numbers, sampled over
+    greedy decode, the graph/eager check and the graph capture time."""
+    ours = result["ours"]
+    keys: dict[str, Any] = {
+        "decode_ms_per_token_b1": 1000.0 / tps[1] if tps.get(1) else None}
+    for batch in sorted(b for b in tps if b != 1):
+        keys[f"decode_tps_b{batch}"] = tps[batch]
+    for length, v in ours["prefill"].items():
+        keys[f"ttft_{length}_s"] = v["ttft_s"]
+    sampled = ours.get("sampled")
+    if sampled is not None:
+        keys[f"sampled_vs_greedy_b{sampled['batch']}"] = sampled["ratio"]
+    elif result["workload"].get("sampled_batch"):
+        keys[f"sampled_vs_greedy_b{result['workload']['sampled_batch']}"] = None
+    check = ours.get("graph_check") or {}
+    keys["graph_eager_identical"] = check.get("identical") if check.get("applicable") else None
+    keys["cuda_graph_capture_s"] = ours["engine_config"].get("graph_capture_s")
+    return keys
+
+
+def target_met(op: str | None, bound: Any, value: Any) -> bool | None:
+    if op is None or value is None:
+        return None
+    return value >= bound if op == ">=" else value <= bound if op == "<=" else value == bound
+
+
 def markdown(result: dict[str, Any]) -> str:
     def fmt(v: Any) -> str:
         if not isinstance(v, float):
             return "—" if v is None else str(v)
         return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
-    lines = [f"# Engine benchmark: {result['machine']['model']} on {result['machine']['device']}"
-             f" ({result['machine']['dtype']}, {result['machine']['threads']} threads)", "",
-             f"`{result['machine']['command']}` — {result['machine']['date']}", "",
+    machine = result["machine"]
+    card = f" — {machine['gpu']}" if machine.get("gpu") else ""
+    targets = result.get("targets") or TARGETS
+    lines = [f"# Engine benchmark: {machine['model']} on {machine['device']}{card}"
+             f" ({machine['dtype']}, {machine['threads']} threads)", "",
+             f"`{machine['command']}` — {machine['date']}", "",
              "| key | value | target | met |", "|---|---|---|---|"]
     for key, value in result["headline"].items():
-        op, bound = TARGETS.get(key, (None, None))
-        met = None if op is None or value is None else (
-            value >= bound if op == ">=" else value <= bound)
+        op, bound = targets.get(key, (None, None))
+        met = target_met(op, bound, value)
         lines.append(f"| {key} | {fmt(value)} | {'' if op is None else f'{op} {bound}'} | "
                      f"{'' if met is None else 'yes' if met else 'NO'} |")
+    notes = [f"{k}: {v}" for k, v in (result.get("errors") or {}).items()]
+    notes += [f"skipped: {v}" for v in result.get("skipped") or []]
+    notes += [f"Hugging Face skipped (time budget): {', '.join(v)}"
+              for v in [(result.get("hf") or {}).get("skipped")] if v]
+    check = result["ours"].get("graph_check")
+    if check:
+        notes.append("graph/eager check: " + (
+            f"greedy texts {'identical' if check['identical'] else 'DIFFER'} "
+            f"(tokens {'identical' if check['tokens_identical'] else 'differ'}) at batches "
+            f"{check['batches']}, {check['new_tokens']} tokens each"
+            if check["applicable"] else
+            f"not applicable ({check['not_applicable_because']}); eager vs eager texts "
+            f"identical: {check['identical']}"))
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
     sides = [result["ours"], result.get("hf") or {}, result.get("llamacpp") or {}]
 
     def row(label: str, section: str, key: str, field: str) -> str:
@@ -729,6 +979,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="our step token budget (default: the engine's, 8192 on GPU)")
     p.add_argument("--tokenizer", type=Path,
                    help="random models: a GGUF or HF tokenizer dir (default: SmolLM2's)")
+    p.add_argument("--attention-backend", choices=("auto", "torch", "triton"),
+                   help="our engine's attention (default: the engine's, auto)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="our engine without CUDA graphs (the graph/eager check is then moot)")
+    p.add_argument("--budget-s", type=float,
+                   help="time budget of the run: the optional GPU phases (sampled decode, "
+                        "graph/eager check, Hugging Face) are skipped or cut short to end "
+                        "inside it")
     p.add_argument("--soak", type=int, metavar="N",
                    help="only the memory soak: N short mixed requests, RSS must level off "
                         "(default out: bench/results/engine_soak.json)")
@@ -757,7 +1015,15 @@ def soak_main(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     return result
 
 
+def checkpoint(result: dict[str, Any], out: Path) -> None:
+    """The results so far (``"partial": true``): a run cut short by its time limit still
+    leaves what it measured."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"partial": True, **result}, indent=2, default=str) + "\n")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    started = time.monotonic()
     args = parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -769,8 +1035,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     w = WORKLOADS[args.workload or ("quick" if args.quick else
                                     "gpu" if device.type == "cuda" else "full")]
     if args.repeats:
-        w = replace(w, repeats=args.repeats)
-    result: dict[str, Any] = {"machine": machine_facts(args, device), "workload": asdict(w)}
+        w = replace(w, repeats=args.repeats, hf_repeats=args.repeats)
+    deadline = None if args.budget_s is None else started + args.budget_s
+    result: dict[str, Any] = {"machine": machine_facts(args, device), "workload": asdict(w),
+                              "targets": targets_for(device)}
+
+    def phase(name: str, fn: Callable[[], Any], min_left_s: float = 0.0) -> Any:
+        """An optional phase: skipped when the time budget leaves less than ``min_left_s``;
+        with the GPU keys, an error in it is recorded (``errors``) and the run goes on."""
+        if deadline is not None and deadline - time.monotonic() < min_left_s:
+            result.setdefault("skipped", []).append(f"{name} (time budget)")
+            log(f"{name}: skipped, {deadline - time.monotonic():.0f} s of the budget left")
+            return None
+        try:
+            if not w.gpu_keys:
+                return fn()
+            try:
+                return fn()
+            except Exception as exc:  # noqa: BLE001 - recorded; the other phases go on
+                log(f"{name} failed: {type(exc).__name__}: {exc}")
+                traceback.print_exc()
+                result.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
+                return None
+        finally:
+            checkpoint(result, args.out)
 
     log("roofline")
     result["roofline"] = roofline(device)
@@ -779,24 +1067,60 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ours = OurEngine.build(args, max(w.ours_batches))
     result["ours"] = {"engine_config": ours.describe(), "rss_after_load_mib": rss_mib(),
                       "rss_before_load_mib": rss_before_load}
+    if device.type == "cuda":
+        result["ours"]["gpu_memory_after_load"] = gpu_memory(device)
+        log(f"our engine: built in {ours.build_s:.1f} s, CUDA graphs captured in "
+            f"{ours.graph_capture_s} s, {gpu_memory(device)}")
+    checkpoint(result, args.out)
     result["ours"].update(measure_side(ours.run, w.ours_batches, w, "ours"))
+    checkpoint(result, args.out)
     result["ours"]["cached_ttft"] = ours.cached_ttft(w)
     log(f"ours cached TTFT ratio: {result['ours']['cached_ttft']['ratio']:.3f}")
     if w.mixed_requests:
         result["ours"]["memory"] = ours.mixed_memory(w)
         log(f"ours memory: {result['ours']['memory']}")
     result["ours"]["peak_rss_mib"] = rss_mib("VmHWM")  # before anything of Hugging Face loads
+    checkpoint(result, args.out)
+
+    if w.sampled_batch:
+        sampled = phase("sampled", lambda: ours.sampled_decode(w, result["ours"]["decode"]),
+                        min_left_s=20)
+        if sampled is not None:
+            result["ours"]["sampled"] = sampled
+            log(f"ours sampled / greedy decode at batch {sampled['batch']}: "
+                f"{sampled['sampled']['decode_tps']:.1f} / {sampled['greedy']['decode_tps']:.1f}"
+                f" tok/s = {sampled['ratio']:.3f}")
+    if w.graph_check_batches:
+        check = phase("graph_check", lambda: graph_eager_check(args, ours, w), min_left_s=60)
+        if check is not None:
+            result["ours"]["graph_check"] = check
+    if device.type == "cuda":
+        result["ours"]["gpu_memory"] = gpu_memory(device)
 
     if not args.skip_hf:
-        from bench._hf_baseline import HFGenerate
+        def hf_side() -> None:
+            from bench._hf_baseline import HFGenerate
 
-        log("building the Hugging Face model from our weights")
-        hf = HFGenerate.from_weights(ours.hf_weights(), ours.model_config, dtype, device)
-        result["hf"] = measure_side(hf.run, w.hf_batches, w, "hf")
-        result["hf"]["transformers"] = hf.version
-        result["agreement"] = ours.greedy_agreement(hf.greedy, 16)
+            mine = None
+            if device.type == "cuda":
+                # Our side is done: its greedy half of the agreement check now, then the
+                # engine's memory back to the device before transformers loads its copy.
+                mine = ours.greedy_tokens(16)
+                result["ours"]["closed"] = ours.close()
+                log(f"our engine closed: {result['ours']['closed']}")
+            log("building the Hugging Face model from our weights")
+            hf = HFGenerate.from_weights(ours.hf_weights(), ours.model_config, dtype, device)
+            result["hf"] = {"transformers": hf.version}
+            result["hf"].update(measure_side(hf.run, w.hf_batches, w, "hf",
+                                             repeats=w.hf_repeats,
+                                             deadline=None if deadline is None
+                                             else deadline - 20))
+            result["hf"]["transformers"] = hf.version
+            result["agreement"] = ours.greedy_agreement(hf.greedy, 16, mine)
+
+        phase("hf", hf_side, min_left_s=40)
     if args.llamacpp:
-        weights = ours.engine.runner.model_path
+        weights = ours.model_path
         if args.model.startswith("random:") or weights.suffix != ".gguf":
             result["llamacpp"] = {"skipped": "llama.cpp needs the model's GGUF file"}
         elif (why := ensure_llamacpp()) is not None:
@@ -811,11 +1135,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     roof["fraction_of_floor"] = ratio(result["ours"]["decode"].get("1", {}).get("decode_tps"),
                                       roof["floor_decode_tps"])
     result["headline"] = headline(result)
-    result = {**result["headline"], "roofline": roof, "targets": TARGETS, **result}
+    result["elapsed_s"] = time.monotonic() - started
+    gpu = {"gpu": result["machine"]["gpu"]} if "gpu" in result["machine"] else {}
+    result = {**result["headline"], **gpu, "roofline": roof, **result}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     args.out.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
+    log(f"done in {result['elapsed_s']:.0f} s: {args.out} and {args.out.with_suffix('.md')}")
     return result
 
 
