@@ -180,21 +180,21 @@ def test_seeded_sampling_gives_the_same_tokens_whatever_the_batch(model_dir, dev
 
 def test_n_sequences_aborts_and_preemption_leave_nothing_behind(model_dir, device):
     roomy = make_engine(model_dir, device)
-    # 20 blocks of 16 tokens: the six requests below need ~40, so some are preempted.
-    tight = make_engine(model_dir, device, kv_cache_bytes=20 * 2 * 2 * 16 * 2 * 16 * 4,
-                        max_model_len=256)
-    assert tight.runner.num_blocks == 20
-    requests = {f"q{i}": (prompt(40, 20 + i), greedy(30)) for i in range(6)}
-    requests["n"] = (prompt(20, 40), greedy(10, n=3))
+    # 12 blocks of 16 tokens: the requests below need ~20 at once, so some are preempted.
+    tight = make_engine(model_dir, device, kv_cache_bytes=12 * 2 * 2 * 16 * 2 * 16 * 4,
+                        max_model_len=128)
+    assert tight.runner.num_blocks == 12
+    requests = {f"q{i}": (prompt(30, 20 + i), greedy(20)) for i in range(4)}
+    requests["n"] = (prompt(20, 40), greedy(8, n=3))
     want = run(roomy, requests)
     got = run(tight, requests)
     assert tight.stats.preemptions > 0
     assert {k: v["tokens"] for k, v in got.items()} == {k: v["tokens"] for k, v in want.items()}
     assert got[("n", 1)]["usage"].cached_tokens == 16  # siblings share the prompt's blocks
-    cut = run(roomy, {"x": (prompt(40, 50), greedy(40)), "y": (prompt(30, 51), greedy(40))},
+    cut = run(roomy, {"x": (prompt(40, 50), greedy(20)), "y": (prompt(30, 51), greedy(20))},
               abort_after={"x": 5})
     assert cut[("x", 0)]["finish"] is FinishReason.ABORT
-    assert len(cut[("y", 0)]["tokens"]) == 40
+    assert len(cut[("y", 0)]["tokens"]) == 20
     assert_no_leaks(roomy)
     assert_no_leaks(tight)
 

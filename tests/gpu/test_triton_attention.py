@@ -103,11 +103,15 @@ CASES = {
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 16), (9, 3, 64), (8, 8, 32)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 16), (9, 3, 48), (8, 8, 32)])
 def test_kernel_equals_attention_over_the_gathered_context(device, case, heads, kv_heads,
                                                            head_dim):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA")
+    if device == "cpu" and heads == kv_heads:
+        # The interpreter runs every program in numpy: two shapes cover what differs there
+        # (2 or 3 query heads per KV head; head dims 16, and 48 padded to 64).
+        pytest.skip("the interpreter runs the grouped shapes only")
     block_m = ta.block_m_for(heads // kv_heads, max(n for n, _ in CASES[case]))
     q, kc, vc, seqs, meta = build(CASES[case], heads=heads, kv_heads=kv_heads,
                                   head_dim=head_dim, page=16, dtype=torch.float32,
