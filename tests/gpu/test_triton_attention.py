@@ -71,8 +71,8 @@ def build(seqs_shape, *, heads, kv_heads, head_dim, page, dtype, device, block_m
         tables.append(table)
     num_tokens = sum(n for n, _ in seqs_shape)
     q = torch.randn(num_tokens, heads, head_dim, generator=gen).to(dtype)
-    width = max(len(t) for t in tables)
-    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    table_start = [sum(len(t) for t in tables[:i]) for i in range(len(tables))]
+    block_tables = torch.tensor([b for t in tables for b in t], dtype=torch.int32)
     query_start = [0]
     tile_seq, tile_start = [], []
     per_tile = ta.tile_tokens(block_m, heads // kv_heads)
@@ -84,6 +84,7 @@ def build(seqs_shape, *, heads, kv_heads, head_dim, page, dtype, device, block_m
     meta = ta.TritonMetadata(
         query_start=torch.tensor(query_start, dtype=torch.int32, device=device),
         context_lens=torch.tensor([c for _, c in seqs_shape], dtype=torch.int32, device=device),
+        table_start=torch.tensor(table_start, dtype=torch.int32, device=device),
         block_tables=block_tables.to(device),
         tile_seq=torch.tensor(tile_seq, dtype=torch.int32, device=device),
         tile_start=torch.tensor(tile_start, dtype=torch.int32, device=device),

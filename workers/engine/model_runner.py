@@ -112,7 +112,6 @@ class ModelRunner:
     def _set_up_triton(self, config: EngineConfig) -> None:
         mc, bs = self.model_config, self.block_size
         self.group = mc.num_heads // mc.num_kv_heads
-        self.table_width = -(-self.max_model_len // bs)
         max_seqs = config.max_num_seqs
         max_tokens = max(config.max_num_batched_tokens, bs, max_seqs)
         # Decode-only steps are padded to these sizes, with graphs or without (paged_steps.py).
@@ -120,9 +119,9 @@ class ModelRunner:
         _, capacity = layout({"input_ids": max_tokens, "positions": max_tokens,
                               "slots": max_tokens, "query_start": max_seqs + 1,
                               "context_lens": max_seqs, "tile_seq": max_tokens + max_seqs,
-                              "tile_start": max_tokens + max_seqs,
-                              "block_tables": max_seqs * self.table_width,
-                              "sample_rows": max_seqs})
+                              "tile_start": max_tokens + max_seqs, "table_start": max_seqs,
+                              "sample_rows": max_seqs,
+                              "block_tables": max_seqs * -(-self.max_model_len // bs)})
         self.buffers = StepBuffers(capacity, self.device, bs)
         if config.cuda_graphs and self.device.type == "cuda":
             self.graphs = DecodeGraphs(self.decode_sizes)
@@ -136,8 +135,7 @@ class ModelRunner:
     def _upload_padding(self, size: int) -> StepTensors:
         """A decode step of ``size`` padding rows (what graphs are captured on)."""
         return self.buffers.upload(plan_step(
-            [], [], self.block_size, self.group, pad_to=size, width=self.table_width,
-            scratch_block=self.scratch_block))
+            [], [], self.block_size, self.group, pad_to=size, scratch_block=self.scratch_block))
 
     def _forward(self, step: StepTensors) -> torch.Tensor:
         return self.model(step.input_ids, step.positions, self.kv_caches, step.meta)
@@ -155,7 +153,7 @@ class ModelRunner:
             plan = plan_step(items, flags, self.block_size, self.group)
         else:
             plan = plan_step(items, flags, self.block_size, self.group, pad_to=bucket,
-                             width=self.table_width, scratch_block=self.scratch_block)
+                             scratch_block=self.scratch_block)
         step = self.buffers.upload(plan)
         if bucket is not None and self.graphs is not None:
             hidden = self.graphs.replay(bucket)

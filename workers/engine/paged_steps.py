@@ -28,10 +28,11 @@ from workers.models.attention import AttentionMetadata
 
 _ALIGN = 16  # elements: every section starts 128-byte aligned
 
-# sample_rows last: its length varies between decode steps of one padded size, the others'
-# do not, so every view a graph reads sits at the same place in each of them.
+# Block tables go last, one after another (``table_start`` says where each begins): only the
+# blocks in use travel, and their section may grow or shrink between decode steps of one
+# padded size while every section before it (all a graph reads) stays where it was captured.
 SECTIONS = ("input_ids", "positions", "slots", "query_start", "context_lens", "tile_seq",
-            "tile_start", "block_tables", "sample_rows")
+            "tile_start", "table_start", "sample_rows", "block_tables")
 
 
 def decode_graph_sizes(max_batch: int) -> list[int]:
@@ -52,17 +53,16 @@ class StepPlan:
     context_lens: list[int]
     tile_seq: list[int]
     tile_start: list[int]
+    table_start: list[int]  # S: where each sequence's blocks begin in block_tables
     sample_rows: list[int]
-    tables: list[Sequence[int]]
-    width: int  # block-table columns
+    block_tables: list[int]  # every sequence's blocks, one table after another
     block_m: int
+    sample_room: int = 0  # the sample_rows section's size, when more than its rows (graphs)
 
     def sizes(self) -> dict[str, int]:
-        return {"input_ids": len(self.input_ids), "positions": len(self.positions),
-                "slots": len(self.slots), "query_start": len(self.query_start),
-                "context_lens": len(self.context_lens), "tile_seq": len(self.tile_seq),
-                "tile_start": len(self.tile_start), "sample_rows": len(self.sample_rows),
-                "block_tables": len(self.tables) * self.width}
+        sizes = {name: len(getattr(self, name)) for name in SECTIONS}
+        sizes["sample_rows"] = max(sizes["sample_rows"], self.sample_room)
+        return sizes
 
 
 def layout(sizes: dict[str, int]) -> tuple[dict[str, tuple[int, int]], int]:
@@ -105,13 +105,9 @@ class StepBuffers:
         elif self._copied is not None:
             self._copied.synchronize()
         for name in SECTIONS:
-            if name != "block_tables":
-                offset, length = places[name]
-                host[offset:offset + length] = getattr(plan, name)
-        offset, _ = places["block_tables"]
-        tables = host[offset:offset + len(plan.tables) * plan.width].reshape(-1, plan.width)
-        for row, table in zip(tables, plan.tables):
-            row[:len(table)] = table  # the rest is never read (the kernel masks past the end)
+            offset, _ = places[name]
+            values = getattr(plan, name)
+            host[offset:offset + len(values)] = values
         if dev is None:
             dev = torch.from_numpy(host).to(self.device)
         else:
@@ -122,31 +118,32 @@ class StepBuffers:
 
     def _views(self, dev: torch.Tensor, places: dict[str, tuple[int, int]],
                plan: StepPlan) -> StepTensors:
-        def view(name: str) -> torch.Tensor:
-            offset, length = places[name]
-            return dev[offset:offset + length]
+        def view(name: str, length: int | None = None) -> torch.Tensor:
+            offset, size = places[name]
+            return dev[offset:offset + (size if length is None else length)]
 
         triton = ta.TritonMetadata(
             query_start=view("query_start"), context_lens=view("context_lens"),
-            block_tables=view("block_tables").view(-1, plan.width),
+            table_start=view("table_start"), block_tables=view("block_tables"),
             tile_seq=view("tile_seq"), tile_start=view("tile_start"), block_m=plan.block_m)
         meta = AttentionMetadata(block_size=self.block_size, slot_mapping=view("slots"),
                                  num_decodes=0, decode_block_tables=None,
                                  decode_context_lens=None, prefills=[], triton=triton)
-        return StepTensors(view("input_ids"), view("positions"), view("sample_rows"), meta)
+        return StepTensors(view("input_ids"), view("positions"),
+                           view("sample_rows", len(plan.sample_rows)), meta)
 
 
 def plan_step(items: Sequence[tuple[Sequence[int], int, int, Sequence[int]]],
               sample: Sequence[bool], block_size: int, group: int, *,
-              pad_to: int | None = None, width: int | None = None,
-              scratch_block: int = 0) -> StepPlan:
+              pad_to: int | None = None, scratch_block: int = 0) -> StepPlan:
     """``items``: per sequence (token ids, computed tokens, new tokens, block ids);
     ``sample``: whether each one's last new token is sampled. ``pad_to``: add one-token
     sequences in ``scratch_block`` up to that many (decode graphs)."""
     bs = block_size
     block_m = ta.block_m_for(group, max((n for _, _, n, _ in items), default=1))
     per_tile = ta.tile_tokens(block_m, group)
-    plan = StepPlan([], [], [], [0], [], [], [], [], [], 0, block_m)
+    plan = StepPlan([], [], [], [0], [], [], [], [], [], [], block_m)
+    tables = plan.block_tables
     for s, ((token_ids, start, n, blocks), sampled) in enumerate(zip(items, sample)):
         end = start + n
         plan.input_ids.extend(token_ids[start:end])
@@ -154,23 +151,25 @@ def plan_step(items: Sequence[tuple[Sequence[int], int, int, Sequence[int]]],
         plan.slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
         plan.query_start.append(plan.query_start[-1] + n)
         plan.context_lens.append(end)
-        plan.tables.append(blocks[:(end + bs - 1) // bs])
+        plan.table_start.append(len(tables))
+        tables.extend(blocks[:(end + bs - 1) // bs])
         for first in range(0, n, per_tile):
             plan.tile_seq.append(s)
             plan.tile_start.append(first)
         if sampled:
             plan.sample_rows.append(plan.query_start[-1] - 1)
     if pad_to is not None:
+        plan.sample_room = pad_to
         for s in range(len(items), pad_to):
             plan.input_ids.append(0)
             plan.positions.append(0)
             plan.slots.append(scratch_block * bs)
             plan.query_start.append(plan.query_start[-1] + 1)
             plan.context_lens.append(1)
-            plan.tables.append((scratch_block,))
+            plan.table_start.append(len(tables))
+            tables.append(scratch_block)
             plan.tile_seq.append(s)
             plan.tile_start.append(0)
-    plan.width = width or max(len(t) for t in plan.tables)
     return plan
 
 

@@ -70,13 +70,15 @@ class TritonMetadata:
 
     ``query_start``: [S + 1] offsets of each sequence's new tokens in the flat batch;
     ``context_lens``: [S] tokens in the cache once this step's are written;
-    ``block_tables``: [S, W] block ids (rows padded with any valid block id);
+    ``block_tables``: every sequence's block ids, one table after another, and
+    ``table_start``: [S] where each sequence's table begins in it;
     ``tile_seq`` / ``tile_start``: [tiles] the sequence of each tile and the index (within
     that sequence's new tokens) of its first token.
     """
 
     query_start: torch.Tensor
     context_lens: torch.Tensor
+    table_start: torch.Tensor
     block_tables: torch.Tensor
     tile_seq: torch.Tensor
     tile_start: torch.Tensor
@@ -88,12 +90,11 @@ if triton is not None:
     @triton.jit
     def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
-        query_start_ptr, context_lens_ptr, block_tables_ptr, tile_seq_ptr, tile_start_ptr,
-        scale,
+        query_start_ptr, context_lens_ptr, table_start_ptr, block_tables_ptr, tile_seq_ptr,
+        tile_start_ptr, scale,
         stride_qt, stride_qh,  # q [T, H, d]
         stride_ot, stride_oh,  # out [T, H, d]
         stride_cs, stride_ch,  # caches viewed [num_blocks * block_size, kvh, d]
-        stride_bt,             # block_tables [S, W]
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
         PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
         BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
@@ -125,7 +126,7 @@ if triton is not None:
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         denom = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
-        table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+        table = block_tables_ptr + tl.load(table_start_ptr + seq)
         for start in range(0, num_keys, BLOCK_N):
             key_pos = start + tl.arange(0, BLOCK_N)
             key_ok = key_pos < num_keys
@@ -177,10 +178,10 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     grid = (meta.tile_seq.shape[0], num_kv_heads)
     _paged_attention_kernel[grid](
         q, keys, values, out,
-        meta.query_start, meta.context_lens, meta.block_tables, meta.tile_seq, meta.tile_start,
-        scale,
+        meta.query_start, meta.context_lens, meta.table_start, meta.block_tables,
+        meta.tile_seq, meta.tile_start, scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        keys.stride(0), keys.stride(1), meta.block_tables.stride(0),
+        keys.stride(0), keys.stride(1),
         GROUP=group, HEAD_DIM=head_dim, HEAD_PAD=triton.next_power_of_2(head_dim),
         PAGE=page, BLOCK_M=meta.block_m, BLOCK_Q=tile_tokens(meta.block_m, group),
         BLOCK_N=BLOCK_N, IEEE=q.dtype == torch.float32,
