@@ -92,6 +92,7 @@ def test_upload_lands_every_section_in_its_view():
     assert t.query_start.tolist() == [0, 1, 6] and t.context_lens.tolist() == [21, 5]
     assert t.table_start.tolist() == [0, 2] and t.block_tables.tolist() == [7, 3, 9]
     assert t.tile_seq.tolist() == [0, 1] and t.tile_start.tolist() == [0, 0]
+    assert step.persistent
     # Every view is part of the one device buffer.
     base = buffers.dev.data_ptr()
     assert all(base <= v.data_ptr() < base + 4096 * 8 for v in (
@@ -105,3 +106,4 @@ def test_a_step_larger_than_the_buffer_gets_a_buffer_of_its_own():
     step = buffers.upload(plan)
     assert step.positions.tolist() == list(range(300))
     assert step.input_ids.data_ptr() != buffers.dev.data_ptr()
+    assert not step.persistent  # so a graph, which reads the runner's buffer, is not replayed

@@ -155,7 +155,7 @@ class ModelRunner:
             plan = plan_step(items, flags, self.block_size, self.group, pad_to=bucket,
                              scratch_block=self.scratch_block)
         step = self.buffers.upload(plan)
-        if bucket is not None and self.graphs is not None:
+        if bucket is not None and self.graphs is not None and step.persistent:
             hidden = self.graphs.replay(bucket)
         else:
             hidden = self._forward(step)

@@ -80,6 +80,8 @@ class StepTensors:
     positions: torch.Tensor
     sample_rows: torch.Tensor
     meta: AttentionMetadata
+    # In the runner's persistent buffer (what graphs read); False for an oversized one-off.
+    persistent: bool = True
 
 
 class StepBuffers:
@@ -109,15 +111,15 @@ class StepBuffers:
             values = getattr(plan, name)
             host[offset:offset + len(values)] = values
         if dev is None:
-            dev = torch.from_numpy(host).to(self.device)
-        else:
-            dev[:total].copy_(self.host[:total], non_blocking=True)
-            if self._copied is not None:
-                self._copied.record()
+            return self._views(torch.from_numpy(host).to(self.device), places, plan,
+                               persistent=False)
+        dev[:total].copy_(self.host[:total], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
         return self._views(dev, places, plan)
 
     def _views(self, dev: torch.Tensor, places: dict[str, tuple[int, int]],
-               plan: StepPlan) -> StepTensors:
+               plan: StepPlan, persistent: bool = True) -> StepTensors:
         def view(name: str, length: int | None = None) -> torch.Tensor:
             offset, size = places[name]
             return dev[offset:offset + (size if length is None else length)]
@@ -130,7 +132,7 @@ class StepBuffers:
                                  num_decodes=0, decode_block_tables=None,
                                  decode_context_lens=None, prefills=[], triton=triton)
         return StepTensors(view("input_ids"), view("positions"),
-                           view("sample_rows", len(plan.sample_rows)), meta)
+                           view("sample_rows", len(plan.sample_rows)), meta, persistent)
 
 
 def plan_step(items: Sequence[tuple[Sequence[int], int, int, Sequence[int]]],
