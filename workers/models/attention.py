@@ -64,6 +64,14 @@ def allocate_kv_cache(config: ModelConfig, num_blocks: int, block_size: int,
             for _ in range(config.num_layers)]
 
 
+def write_kv(kv_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """This step's keys and values ([T, kvh, d]) into their cache slots."""
+    kvh, d = k.shape[1], k.shape[2]
+    kv_cache[0].view(-1, kvh, d).index_copy_(0, slots, k)
+    kv_cache[1].view(-1, kvh, d).index_copy_(0, slots, v)
+
+
 @dataclass(frozen=True)
 class _DecodePlan:
     rows: torch.Tensor  # LongTensor[B * kvh * L]: rows of the cache viewed as [-1, head_dim]
@@ -142,10 +150,7 @@ class PagedAttention:
         Writes k and v into kv_cache at the metadata's slot_mapping first.
         """
         num_tokens = q.shape[0]
-        kvh, d = self.num_kv_heads, self.head_dim
-        slots = self.meta.slot_mapping
-        kv_cache[0].view(-1, kvh, d).index_copy_(0, slots, k)
-        kv_cache[1].view(-1, kvh, d).index_copy_(0, slots, v)
+        write_kv(kv_cache, self.meta.slot_mapping, k, v)
 
         parts = []
         if self.decode is not None:
@@ -153,7 +158,7 @@ class PagedAttention:
         for plan in self.prefills:
             parts.append(self._prefill(q, k, v, kv_cache, plan))
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return out.reshape(num_tokens, self.num_heads * d)
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, plan: _DecodePlan) -> torch.Tensor:
         batch, kvh, d, span = q.shape[0], self.num_kv_heads, self.head_dim, plan.span
@@ -206,12 +211,9 @@ class TritonPagedAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  kv_cache: torch.Tensor) -> torch.Tensor:
         """q [T, H, d], k and v [T, kvh, d] -> [T, H * d]; writes k and v into the cache."""
-        kvh, d = self.num_kv_heads, self.head_dim
-        slots = self.meta.slot_mapping
-        kv_cache[0].view(-1, kvh, d).index_copy_(0, slots, k)
-        kv_cache[1].view(-1, kvh, d).index_copy_(0, slots, v)
+        write_kv(kv_cache, self.meta.slot_mapping, k, v)
         out = paged_attention(q, kv_cache[0], kv_cache[1], self.meta.triton, self.scale)
-        return out.view(q.shape[0], self.num_heads * d)
+        return out.view(q.shape[0], self.num_heads * self.head_dim)
 
 
 def make_attention(meta: AttentionMetadata, config: ModelConfig,
