@@ -26,6 +26,7 @@ import math
 import os
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any
@@ -86,9 +87,80 @@ def start_local_ray(config: Config) -> None:
         workers += sum(p.max_workers for p in config.autoscaler.pools)
     num_cpus = max(os.cpu_count() or 1, math.ceil(workers * cluster.num_cpus_per_worker))
     # This node is the head: the registry is placed (and restarted) here (cluster/registry.py).
-    ray.init(address="local", namespace=cluster.namespace, num_cpus=num_cpus,
-             resources={HEAD_RESOURCE: 1}, include_dashboard=False,
-             logging_level=logging.WARNING)
+    for attempt in range(1, LOCAL_RAY_ATTEMPTS + 1):
+        began = time.time()
+        try:
+            ray.init(address="local", namespace=cluster.namespace, num_cpus=num_cpus,
+                     resources={HEAD_RESOURCE: 1}, include_dashboard=False,
+                     logging_level=logging.WARNING)
+            return
+        except Exception as exc:
+            # Ray gives its raylet a fixed 30 s to register with the GCS; on a loaded machine
+            # one start can miss it. Its processes are left running: stop them, try again.
+            if attempt == LOCAL_RAY_ATTEMPTS or RAY_START_TIMEOUT not in str(exc):
+                raise
+            logs = stop_failed_local_ray(began)
+            log.warning("local Ray did not start (%s); stopped its processes, starting it "
+                        "again (attempt %d of %d)%s", exc, attempt + 1, LOCAL_RAY_ATTEMPTS,
+                        "".join(f"\n{name}:\n{tail}" for name, tail in logs.items()))
+
+
+LOCAL_RAY_ATTEMPTS = 3
+RAY_START_TIMEOUT = "timed out during startup"  # Ray's own message (ray/_private/node.py)
+_RAY_LOGS = ("raylet.out", "raylet.err", "gcs_server.out", "gcs_server.err")
+
+
+def stop_failed_local_ray(began: float, wait_s: float = 10.0) -> dict[str, str]:
+    """Stops the processes of the local Ray sessions this process started since ``began``
+    (a failed ``ray.init`` leaves them running) and returns the tails of their logs.
+
+    A session's directory is named ``session_<time>_<pid of its starter>`` and every process
+    of the session names it on its command line, so no other Ray on the machine is touched;
+    the one that does not is the session's reaper, a child of this process (SIGKILL only: on
+    SIGTERM a reaper kills its whole process group, this process included).
+    """
+    root = Path(ray._common.utils.get_default_ray_temp_dir())
+    sessions = [str(d) for d in root.glob(f"session_*_{os.getpid()}")
+                if d.is_dir() and not d.is_symlink() and d.stat().st_mtime >= began - 1]
+    tails: dict[str, str] = {}
+    for session in sessions:
+        for name in _RAY_LOGS:
+            with contextlib.suppress(OSError):
+                text = (Path(session) / "logs" / name).read_text(errors="replace")
+                if text.strip():
+                    tails[name] = "\n".join(text.splitlines()[-20:])
+
+    def failed(pid: int, ppid: int, cmdline: str) -> bool:
+        return (any(s in cmdline for s in sessions)
+                or (ppid == os.getpid() and "ray_process_reaper" in cmdline))
+
+    deadline = time.monotonic() + wait_s
+    while pids := live_processes(failed):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)  # this process's children: leave no zombie
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes of a failed Ray start would not stop: {pids}")
+        time.sleep(0.05)
+    return tails
+
+
+def live_processes(select) -> list[int]:
+    """Live (not zombie) processes for which ``select(pid, ppid, cmdline)`` holds."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue  # exited while we looked
+        if state != "Z" and select(int(pid), int(ppid), cmdline):
+            found.append(int(pid))
+    return found
 
 
 def connect_ray(config: Config) -> None:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 
@@ -13,7 +12,7 @@ import pytest
 import pytest_asyncio
 import ray
 
-from cluster.launcher import start_local_ray
+from cluster.launcher import live_processes, start_local_ray
 from cluster.registry import RayWorkerSource, registry_actor
 from core.cluster_token import TOKEN_METADATA_KEY
 from core.config import Config
@@ -29,20 +28,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="session")]
 VISIBLE_WITHIN_S = 2.0
 
 
-def _ray_processes(session_dir: str) -> list[str]:
-    """Command lines of live processes that belong to one Ray session."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{pid}/stat") as f:
-                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # exited while we looked
-        if session_dir in cmdline and not zombie:
-            found.append(cmdline)
-    return found
+def _ray_processes(session_dir: str) -> list[int]:
+    """Live processes that belong to one Ray session."""
+    return live_processes(lambda pid, ppid, cmdline: session_dir in cmdline)
 
 
 @pytest.fixture(scope="module")
