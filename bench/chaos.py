@@ -227,7 +227,7 @@ def _break_engine(actor: Any) -> None:  # runs inside the worker process
     def broken_step() -> None:
         raise RuntimeError("chaos: engine thread fault")
 
-    actor._engine.engine.step = broken_step
+    actor._engine.engine.run_step = broken_step
 
 
 # -- scenarios -----------------------------------------------------------------------------------

@@ -290,6 +290,23 @@ def random_loader(config: ModelConfig, tokenizer_path: Path) -> Iterator[None]:
         model_runner.load_model, model_runner.resolve_model_path = saved
 
 
+def build_engine(config: EngineConfig, tokenizer: Path | None = None) -> tuple[Engine, Path]:
+    """A synchronous engine for ``config.model`` (``random:NAME``: random weights of one of
+    RANDOM_SHAPES, detokenized with ``tokenizer``, SmolLM2's by default), and the path its
+    tokenizer came from."""
+    if config.model.startswith("random:"):
+        tokenizer_path = tokenizer or resolve_model_path(DEFAULT_MODEL)
+        with random_loader(random_model_config(config.model.removeprefix("random:")),
+                           tokenizer_path):
+            runner = model_runner.ModelRunner(config)
+    else:
+        runner = model_runner.ModelRunner(config)
+        tokenizer_path = runner.model_path
+    engine = Engine(runner, Tokenizer.from_model_path(tokenizer_path), config,
+                    model_name=config.model)
+    return engine, tokenizer_path
+
+
 class OurEngine:
     """Drives workers.engine.engine.Engine synchronously: make_requests, add, step until done."""
 
@@ -326,16 +343,7 @@ class OurEngine:
             settings["cuda_graphs"] = False
         config = EngineConfig(**{**settings, **overrides})
         start = time.perf_counter()
-        if args.model.startswith("random:"):
-            tokenizer_path = args.tokenizer or resolve_model_path(DEFAULT_MODEL)
-            with random_loader(random_model_config(args.model.removeprefix("random:")),
-                                tokenizer_path):
-                runner = model_runner.ModelRunner(config)
-        else:
-            runner = model_runner.ModelRunner(config)
-            tokenizer_path = runner.model_path
-        engine = Engine(runner, Tokenizer.from_model_path(tokenizer_path), config,
-                        model_name=config.model)
+        engine, tokenizer_path = build_engine(config, args.tokenizer)
         return cls(engine, config, tokenizer_path, time.perf_counter() - start)
 
     def describe(self) -> dict[str, Any]:

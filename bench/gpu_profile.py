@@ -5,8 +5,10 @@
 Runs, on a random-weight model (bench/engine_bench.py's shapes and weights): one 1,024-token
 prefill, one 16-token chunk over an 8,176-token cached prefix, and decode steps at batch 1 and
 128. For each it writes the wall time per step split into the runner (inputs, forward
-launch), the sampler (which waits for the GPU) and the rest of the engine step, and torch's
-profiler table (top kernels by GPU time, top operators by CPU time) to ``OUT/profile.txt``.
+launch), the sampler (which waits for the GPU), making the outputs (text, stop strings,
+logprob texts: in the synchronous engine run here they are made inline, where an AsyncEngine
+makes them on its event loop during the next step) and the rest of the engine step, and
+torch's profiler table (top kernels by GPU time, top operators by CPU time) to ``OUT/profile.txt``.
 """
 
 from __future__ import annotations
@@ -21,11 +23,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine_bench import random_loader, random_model_config, random_prompts  # noqa: E402
+from engine_bench import build_engine, random_prompts  # noqa: E402
 
 from core.config import EngineConfig  # noqa: E402
-from core.tokenizer import Tokenizer  # noqa: E402
-from workers.engine import model_runner  # noqa: E402
+from workers.engine import engine as engine_module  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
 from workers.engine.sampling_params import SamplingParams  # noqa: E402
 
@@ -35,9 +36,10 @@ class Timed:
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.totals = {"execute": 0.0, "sampler": 0.0, "step": 0.0}
+        self.totals = {"execute": 0.0, "sampler": 0.0, "outputs": 0.0, "step": 0.0}
         engine.runner.execute = self._timed(engine.runner.execute, "execute")
         engine.sampler = self._timed(engine.sampler, "sampler")
+        engine_module.make_outputs = self._timed(engine_module.make_outputs, "outputs")
 
     def _timed(self, fn, key: str):
         def call(*args):
@@ -81,8 +83,10 @@ def profile(name: str, engine: Engine, timed: Timed, steps: int, out: list[str])
         sync()
     per = {k: 1000 * v / steps for k, v in timed.totals.items()}
     out.append(f"## {name}: {steps} steps; per step: step {per['step']:.2f} ms, runner.execute "
-               f"{per['execute']:.2f} ms, sampler {per['sampler']:.2f} ms, rest "
-               f"{per['step'] - per['execute'] - per['sampler']:.2f} ms (under the profiler)")
+               f"{per['execute']:.2f} ms, sampler {per['sampler']:.2f} ms, outputs "
+               f"{per['outputs']:.2f} ms, rest "
+               f"{per['step'] - per['execute'] - per['sampler'] - per['outputs']:.2f} ms "
+               "(under the profiler)")
     table = prof.key_averages()
     out.append(table.table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
     out.append(table.table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60))
@@ -102,9 +106,8 @@ def main() -> None:
     config = EngineConfig(model=args.model, device=args.device, dtype="bfloat16",
                           kv_cache_bytes=int(args.kv_gib * 2**30), max_num_seqs=128,
                           max_num_batched_tokens=8192, attention_backend=args.attention_backend)
-    with random_loader(random_model_config(args.model.removeprefix("random:")), args.tokenizer):
-        runner = model_runner.ModelRunner(config)
-    engine = Engine(runner, Tokenizer.from_model_path(args.tokenizer), config)
+    engine, _ = build_engine(config, args.tokenizer)
+    runner = engine.runner
     timed = Timed(engine)
     card = torch.cuda.get_device_name() if runner.device.type == "cuda" else "cpu"
     out = [f"# {card}, {args.model}, {runner.attention_backend} attention, graphs captured "

@@ -82,7 +82,7 @@ async def test_a_worker_whose_engine_failed_is_replaced(fleet, config):
         def broken_step() -> None:
             raise RuntimeError("engine thread bug")
 
-        actor._engine.engine.step = broken_step
+        actor._engine.engine.run_step = broken_step
 
     await handle.__ray_call__.remote(break_engine_thread)
     with pytest.raises(grpc.aio.AioRpcError):  # its one request fails; the engine is dead

@@ -94,7 +94,7 @@ async def test_an_exception_outside_the_step_fails_every_stream_at_once(make_eng
     def broken_step() -> None:  # outside the step's own try: the thread's loop sees it
         raise RuntimeError("scheduler invariant broken")
 
-    engine.engine.step = broken_step  # type: ignore[method-assign]
+    engine.engine.run_step = broken_step  # type: ignore[method-assign]
     started = time.monotonic()
     for stream in streams:
         with pytest.raises(WorkerUnavailable):
@@ -140,7 +140,7 @@ async def test_a_failed_engine_turns_the_worker_not_serving(make_engine):
             def broken_step() -> None:
                 raise RuntimeError("boom")
 
-            engine.engine.step = broken_step  # type: ignore[method-assign]
+            engine.engine.run_step = broken_step  # type: ignore[method-assign]
             with pytest.raises(grpc.aio.AioRpcError):
                 async with asyncio.timeout(ENDS_WITHIN_S):
                     while await call.read() is not grpc.aio.EOF:

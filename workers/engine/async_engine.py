@@ -4,7 +4,10 @@ The model step runs in one dedicated thread (torch releases the GIL in its kerne
 event loop that serves gRPC never blocks on it. Callers submit requests and receive their
 deltas through an asyncio queue; commands reach the engine thread through a locked inbox
 that the thread drains between steps. A request's grammar is compiled on a helper thread
-too, within ``grammar_compile_timeout_s``.
+too, within ``grammar_compile_timeout_s``. The engine thread hands each step's raw outputs
+to the event loop, which makes their text (detokenizing, stop strings, logprob texts:
+output_processor.py) while the engine thread runs the next step; a stop string found there
+comes back to the engine thread as a "stop" command.
 
 Liveness (docs/engine.md, "Liveness"): an exception escaping the engine thread's loop, or a
 step (with the commands before it) running past ``stall_timeout_s`` (a watchdog thread
@@ -36,6 +39,7 @@ from core.tokenizer import Tokenizer
 from .engine import Engine, grammar_source, sequence_ids
 from .kv_events import KVEventLog
 from .model_runner import ModelRunner
+from .output_processor import make_outputs
 from .outputs import Progress, RequestOutput
 from .request import Request
 from .sampling_params import SamplingParams
@@ -285,19 +289,22 @@ class AsyncEngine:
             for kind, payload in commands:
                 if kind == "add":
                     engine.add(payload)  # type: ignore[arg-type]
+                elif kind == "stop":
+                    outputs.extend(engine.stop_sequences(payload))  # type: ignore[arg-type]
                 else:
-                    outputs.extend(engine.abort(payload))  # type: ignore[arg-type]
+                    outputs.extend(engine.abort_sequences(payload))  # type: ignore[arg-type]
             started = time.perf_counter()
-            outputs.extend(engine.step())
+            outputs.extend(engine.run_step())
             if self.step_observer is not None and not engine.idle:
                 self.step_observer(time.perf_counter() - started)
             self._busy_since = None
             self._deliver(outputs)
         # Shutting down: end every open stream so no caller waits forever.
         live = [rid for s in list(self._streams.values()) for rid in s.request_ids]
-        self._deliver(engine.abort(live))
+        self._deliver(engine.abort_sequences(live))
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hands a step's raw outputs to their streams' event loops (engine thread)."""
         by_stream: dict[int, tuple[_Stream, list[RequestOutput]]] = {}
         done: list[str] = []
         for out in outputs:
@@ -319,7 +326,26 @@ class AsyncEngine:
             for stream, outs in by_stream.values():
                 by_loop.setdefault(stream.loop, []).append((stream.queue, outs))
             for loop, batch in by_loop.items():
-                loop.call_soon_threadsafe(_put_all, batch)
+                loop.call_soon_threadsafe(self._hand_over, batch)
+
+    def _hand_over(self, batch: list[tuple[asyncio.Queue[RequestOutput | _Failed],
+                                            list[RequestOutput]]]) -> None:
+        """Makes a step's outputs and puts them in their streams' queues (event loop): right
+        away, whether or not their consumers read, so a stop string stops its sequence
+        within a step even for a stalled reader."""
+        stop: list[str] = []
+        for queue, raws in batch:
+            try:
+                made, stopped = make_outputs(raws)
+            except Exception:  # noqa: BLE001 - this stream fails, the others go on
+                log.exception("making a request's output failed")
+                queue.put_nowait(_Failed("its output could not be made"))
+                continue
+            stop.extend(stopped)
+            for out in made:
+                queue.put_nowait(out)
+        if stop:
+            self._submit("stop", stop)
 
     # -- failure -----------------------------------------------------------------------------
 
@@ -362,13 +388,6 @@ class AsyncEngine:
         for stream in streams:
             with contextlib.suppress(RuntimeError):  # its event loop is closed
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, failed)
-
-
-def _put_all(batch: list[tuple[asyncio.Queue[RequestOutput | _Failed],
-                               list[RequestOutput]]]) -> None:
-    for queue, outs in batch:
-        for out in outs:
-            queue.put_nowait(out)
 
 
 __all__ = ["AsyncEngine", "LoadInfo", "Progress", "Request"]

@@ -1,25 +1,27 @@
-"""The engine core: one ``step()`` schedules, runs the model, samples and emits deltas.
+"""The engine core: one step schedules, runs the model, samples and emits deltas.
 
 Single-threaded by design: only the engine thread (see ``async_engine.py``) calls
-``add``/``abort``/``step``. Validation (``make_requests``) is pure and may run anywhere.
+``add``/``run_step``/``abort_sequences``/``stop_sequences``. Validation (``make_requests``)
+is pure and may run anywhere. Those return raw outputs whose text the output side makes
+(output_processor.py: on the AsyncEngine's event loop, overlapping the next step);
+``step`` and ``abort`` make it inline, for synchronous callers.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 from core.config import EngineConfig
 from core.errors import ContextLengthExceeded, InvalidRequest
 from core.hashing import extra_key
 from core.tokenizer import Tokenizer
 
-from .detokenizer import IncrementalDetokenizer
 from .grammar import GrammarCompiler
 from .kv_cache_manager import KVCacheManager
 from .model_runner import BatchItem, ModelRunner
-from .outputs import FinishReason, PositionLogprobs, RequestOutput, TokenLogprob, Usage
+from .output_processor import OutputState, make_outputs
+from .outputs import FinishReason, RequestOutput, Usage
 from .request import Request
 from .sampler import RawLogprobs, Sampler
 from .sampling_params import SamplingParams
@@ -27,11 +29,6 @@ from .scheduler import Scheduler, SchedulerConfig
 from .stats import EngineStats
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _OutputState:
-    detokenizer: IncrementalDetokenizer
 
 
 class Engine:
@@ -134,8 +131,7 @@ class Engine:
             # blocks in the prefix cache instead of computing them again.
             req.wait_for = requests[0] if requests else None
             req.logits_mask = masks[index] if masks is not None else None
-            req.output_state = _OutputState(IncrementalDetokenizer(
-                self.tokenizer, req.prompt_token_ids, sampling.stop))
+            req.output_state = OutputState(self.tokenizer, req, sampling.stop)
             requests.append(req)
         return requests
 
@@ -143,13 +139,35 @@ class Engine:
         for req in requests:
             self.scheduler.add_request(req)
 
-    def abort(self, request_ids: list[str]) -> list[RequestOutput]:
-        """Aborts sequences in any state, freeing their blocks at once."""
+    def abort_sequences(self, request_ids: list[str]) -> list[RequestOutput]:
+        """Aborts sequences in any state, freeing their blocks at once (raw outputs)."""
         outputs = []
         for rid in request_ids:
             req = self.scheduler.abort_request(rid)
             if req is not None:
-                outputs.append(self._final(req, "", ()))
+                outputs.append(self._final(req, ()))
+        return outputs
+
+    def stop_sequences(self, request_ids: list[str]) -> list[RequestOutput]:
+        """Finishes sequences that a stop string ended on the output side (raw outputs: that
+        side made their final output already and drops these)."""
+        outputs = []
+        for rid in request_ids:
+            req = self.scheduler.get_request(rid)
+            if req is not None and not req.is_finished:
+                self.scheduler.finish_request(req, FinishReason.STOP)
+                outputs.append(self._final(req, ()))
+        return outputs
+
+    def abort(self, request_ids: list[str]) -> list[RequestOutput]:
+        """``abort_sequences`` with the outputs made (synchronous callers)."""
+        return make_outputs(self.abort_sequences(request_ids))[0]
+
+    def step(self) -> list[RequestOutput]:
+        """One step with its outputs made here, sequences ended by a stop string stopped at
+        once (synchronous callers: the AsyncEngine runs ``run_step``)."""
+        outputs, stop = make_outputs(self.run_step())
+        self.stop_sequences(stop)
         return outputs
 
     @property
@@ -158,7 +176,8 @@ class Engine:
 
     # -- one step ----------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def run_step(self) -> list[RequestOutput]:
+        """One step: its raw outputs (text still to be made, see output_processor.py)."""
         out = self.scheduler.schedule()
         self.idle = not out.scheduled
         if self.idle:
@@ -205,14 +224,10 @@ class Engine:
             req.timeline.first_token_ns = time.time_ns()
             self.stats.prompt_tokens += req.num_prompt_tokens
             self.stats.cached_prompt_tokens += req.num_cached_tokens or 0
-        state: _OutputState = req.output_state
         params = req.sampling
-        text, matched_stop = state.detokenizer.add(token)
-        logprobs = (self._logprobs(token, raw),) if raw is not None else ()
+        raw_logprobs = (raw,) if raw is not None else ()
         reason: FinishReason | None = None
-        if matched_stop is not None:
-            reason, req.stop_reason = FinishReason.STOP, matched_stop
-        elif (token in self.eos_token_ids and not params.ignore_eos) or (
+        if (token in self.eos_token_ids and not params.ignore_eos) or (
                 token in params.stop_token_ids):
             # The sampler keeps these tokens out until min_tokens have been generated.
             reason, req.stop_reason = FinishReason.STOP, token
@@ -222,14 +237,13 @@ class Engine:
             reason = (FinishReason.STOP if mask is not None and getattr(mask, "is_accepting", False)
                       else FinishReason.LENGTH)
         if reason is None:
-            return RequestOutput(req.parent_id, req.index, (token,), text, logprobs)
-        if matched_stop is None:
-            text += state.detokenizer.finish()
+            return RequestOutput(req.parent_id, req.index, (token,), "",
+                                 raw_logprobs=raw_logprobs, pending=req.output_state)
         self.scheduler.finish_request(req, reason)
-        return self._final(req, text, (token,), logprobs)
+        return self._final(req, (token,), raw_logprobs)
 
-    def _final(self, req: Request, text: str, token_ids: tuple[int, ...],
-               logprobs: tuple[PositionLogprobs, ...] = ()) -> RequestOutput:
+    def _final(self, req: Request, token_ids: tuple[int, ...],
+               raw_logprobs: tuple[RawLogprobs, ...] = ()) -> RequestOutput:
         if req.finish_reason is None:
             req.finish_reason = FinishReason.ABORT
         timeline = req.timeline
@@ -240,27 +254,21 @@ class Engine:
         if forced:
             self.stats.structured_forced_closes += 1
         return RequestOutput(
-            req.parent_id, req.index, token_ids, text, logprobs,
+            req.parent_id, req.index, token_ids, "",
             finish_reason=req.finish_reason, stop_reason=req.stop_reason,
             usage=Usage(req.num_prompt_tokens, req.num_cached_tokens or 0, req.num_output_tokens),
-            timeline=timeline, forced_close=forced)
+            timeline=timeline, forced_close=forced, raw_logprobs=raw_logprobs,
+            pending=req.output_state)
 
     def _fail(self, req: Request, error: str = "the engine failed to run this request", *,
               caused_by_request: bool = False) -> RequestOutput:
         if not req.is_finished:
             self.scheduler.finish_request(req, FinishReason.ERROR)
         req.finish_reason = FinishReason.ERROR
-        out = self._final(req, "", ())
+        out = self._final(req, ())
         return RequestOutput(out.request_id, out.index, (), "", (), FinishReason.ERROR,
                              None, out.usage, error=error, timeline=out.timeline,
-                             caused_by_request=caused_by_request)
-
-    def _logprobs(self, token: int, raw: RawLogprobs) -> PositionLogprobs:
-        tok = self.tokenizer
-        return PositionLogprobs(
-            chosen=TokenLogprob(tok.token_text(token), raw.chosen_logprob, tok.token_bytes(token)),
-            top=tuple(TokenLogprob(tok.token_text(i), lp, tok.token_bytes(i))
-                      for i, lp in zip(raw.top_ids, raw.top_logprobs)))
+                             caused_by_request=caused_by_request, pending=out.pending)
 
 
 def sequence_ids(request_id: str, n: int) -> list[str]:

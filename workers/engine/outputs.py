@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from core.protocol import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP
 
 if TYPE_CHECKING:
+    from .output_processor import OutputState
+    from .sampler import RawLogprobs
     from .stats import Timeline
 
 
@@ -68,6 +70,11 @@ class RequestOutput:
     # On the final output: the max_tokens budget forced the constrained output's close (it is
     # complete and valid; docs/structured-output.md, "Closing within max_tokens").
     forced_close: bool = False
+    # Only on what the engine thread hands the output side (output_processor.py), whose
+    # ``text`` and ``logprobs`` are still to be made: the sampler's logprobs per token and
+    # the sequence's ``OutputState``. Callers never see them set.
+    raw_logprobs: tuple[RawLogprobs, ...] = field(default=(), repr=False, compare=False)
+    pending: OutputState | None = field(default=None, repr=False, compare=False)
 
     @property
     def finished(self) -> bool:
