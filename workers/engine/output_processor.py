@@ -71,10 +71,11 @@ class OutputState:
                 usage=Usage(req.num_prompt_tokens, req.num_cached_tokens or 0, self.num_tokens),
                 timeline=raw.timeline or _finished_now(req),
                 forced_close=raw.forced_close), not raw.finished
-        if raw.finished:
-            self.done = True
-            if raw.token_ids:  # it ended at this token (EOS, a stop token, the length)
-                text += self._detokenizer.finish()
+        if not raw.finished:  # the common case: built directly (``replace`` costs 4x more)
+            return RequestOutput(raw.request_id, raw.index, raw.token_ids, text, logprobs), False
+        self.done = True
+        if raw.token_ids:  # it ended at this token (EOS, a stop token, the length)
+            text += self._detokenizer.finish()
         return dataclasses.replace(raw, text=text, logprobs=logprobs, raw_logprobs=(),
                                    pending=None), False
 
