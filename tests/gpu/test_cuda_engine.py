@@ -172,7 +172,7 @@ def test_seeded_sampling_gives_the_same_tokens_whatever_the_batch(model_dir, dev
     assert alone["tokens"] == crowded["tokens"]
     assert len(alone["tokens"]) == 16 and 2000 not in alone["tokens"]
     assert alone["logprobs"] == pytest.approx(crowded["logprobs"], abs=1e-4)
-    # A different seed draws differently (the generator is used).
+    # A different seed draws differently (the stream key is used).
     other = run(engine, {"t": (ids, replace(SAMPLED, seed=8))})
     assert other[("t", 0)]["tokens"] != alone["tokens"]
     assert_no_leaks(engine)

@@ -219,6 +219,15 @@ def test_a_seed_gives_the_same_tokens_on_cuda_whatever_the_batch_and_row(config)
     assert run_seeded(config, row=3, batch=6, steps=12) == alone  # and as on the CPU
 
 
+def test_the_uniforms_made_on_cuda_are_the_cpu_ones_bit_for_bit():
+    keys = [0, 1, -1, 2**63 - 1, -(2**63), 123456789, -987654321] * 300
+    steps = list(range(len(keys)))
+    on_cuda = sampler_module._uniforms(keys, steps, torch.device(DEVICE))
+    assert on_cuda.device.type == "cuda"
+    assert on_cuda.cpu().tolist() == sampler_module._uniforms(keys, steps,
+                                                               torch.device("cpu")).tolist()
+
+
 # -- one row cannot fail the batch ---------------------------------------------------------------
 
 BAD_ROWS = {"nan": float("nan"), "+inf": float("inf"), "-inf everywhere": float("-inf")}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from tests.support.sampling import (
     run_seeded,
 )
 from workers import wire
+from workers.engine import sampler as sampler_module
 from workers.engine.request import Request
 from workers.engine.sampler import Sampler
 from workers.engine.sampling_params import SamplingParams
@@ -54,7 +56,7 @@ def test_different_seeds_and_sibling_indexes_give_different_tokens():
             req.append_token(token)
     sequences = [tuple(r.output_token_ids) for r in requests]
     assert len(set(sequences)) == len(requests)
-    assert all(isinstance(r.generator, torch.Generator) for r in requests)
+    assert len({r.rng_key for r in requests}) == len(requests)  # unseeded: from the OS
 
 
 # -- greedy and forcing ----------------------------------------------------------------------
@@ -138,7 +140,7 @@ def test_a_mask_that_fails_fails_only_its_own_row(mask, why):
     reqs[1].logits_mask = mask
     logits = random_logits(3)
     alone = [sample_one(Sampler(VOCAB, (EOS,)), logits[i], reqs[i]) for i in (0, 2)]
-    reqs[2].generator = None  # the same draw again
+    # The same draw again: a row's uniform depends on its stream key and step only.
     out = sampler(logits.clone(), reqs)
     assert set(out.failed) == {1} and why in out.failed[1]
     assert [out.token_ids[0], out.token_ids[2]] == alone
@@ -448,3 +450,29 @@ def test_logits_of_the_wrong_shape_are_refused():
         sampler(torch.zeros(2, VOCAB), [make_request()])
     with pytest.raises(ValueError):
         sampler(torch.zeros(1, VOCAB - 1), [make_request()])
+
+
+# -- the random stream -----------------------------------------------------------------------
+
+def _splitmix64_uniform(key: int, step: int) -> float:
+    """SplitMix64 written out on Python ints (the reference of sampler._uniforms)."""
+    m = 2**64
+    z = (key + (step + 1) * 0x9E3779B97F4A7C15) % m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % m
+    return 1.0 - ((z ^ (z >> 31)) >> 11) * 2.0 ** -53
+
+
+def test_uniforms_are_splitmix64_of_the_stream_key_and_step_computed_on_tensors():
+    rng = random.Random(7)
+    keys = [rng.getrandbits(64) for _ in range(2000)] + [0, 1, 2**63 - 1, 2**63, 2**64 - 1]
+    steps = [rng.randrange(0, 10**7) for _ in keys]
+    got = sampler_module._uniforms([k - 2**64 if k >= 2**63 else k for k in keys], steps,
+                                   torch.device("cpu"))
+    assert got.dtype == torch.float64
+    assert got.tolist() == [_splitmix64_uniform(k, s) for k, s in zip(keys, steps)]
+    assert 0.0 < got.min().item() and got.max().item() <= 1.0
+    one_stream = sampler_module._uniforms([12345] * 100_000, list(range(100_000)),
+                                          torch.device("cpu"))
+    assert abs(one_stream.mean().item() - 0.5) < 0.005
+    assert abs(one_stream.var().item() - 1 / 12) < 0.002

@@ -65,8 +65,8 @@ class Request:
     # the prompt's blocks in the cache instead of computing them again.
     wait_for: Request | None = None
     logits_mask: LogitsMask | None = None
-    # Per-request random generator (seeded requests), created by the sampler on first use.
-    generator: Any = None
+    # The sampler's random stream key (from the seed, or the OS), made on first use.
+    rng_key: int | None = None
     # Opaque per-request state of the engine's output side (detokenizer, stream queue).
     output_state: Any = None
     timeline: Timeline = field(default_factory=Timeline)  # for traces and metrics

@@ -28,9 +28,11 @@ batched kernels stay well defined, and the other rows are sampled as if it were 
 (every kernel works on each row alone, see below).
 
 Reproducibility: a seeded request gives the same tokens whatever else is in the batch and
-whatever its row. Each request draws from its own ``torch.Generator`` (seed + index, so the n
-sequences of one request differ; unseeded requests are seeded from the OS), exactly one uniform
-per sampled step, turned into a token by inverse CDF. Every operation on the way is either
+whatever its row. Each request has its own 64-bit stream key (seed + index, so the n sequences
+of one request differ; unseeded requests draw one from the OS) and uses exactly one uniform per
+sampled step: SplitMix64 of the key and the number of tokens it has generated so far, a
+counter-based generator computed for all rows at once with integer tensor ops on the logits'
+device (``_uniforms``; no per-row draw on the host), then turned into a token by inverse CDF. Every operation on the way is either
 elementwise, a gather/scatter, or a kernel that reduces each row on its own (max, topk,
 log_softmax, cumsum, sums over blocks of 64 tokens). A plain full-row ``sum`` is avoided: ATen
 splits a lone long row across threads and so rounds differently from the same row inside a
@@ -38,9 +40,9 @@ batch (seen here: 49,152 values, 2 threads). The number of top-p candidates a ro
 only on that row (see ``_TOP_P_TIERS``).
 
 Devices: the logits may live on any device (CUDA on a GPU worker). Whatever is combined with
-them (index tensors, per-row parameters, the uniforms) is built on the CPU and sent there in
-one copy per tensor; the generators stay on the CPU, so a seed draws the same uniforms on any
-device. The block tricks below serve the CPU only; elsewhere argmax and topk are native.
+them (index tensors, per-row parameters, the stream keys and counters) is built on the CPU and
+sent there in one copy per tensor. The uniforms are integer arithmetic, exact everywhere, so a
+seed draws the same uniforms on any device. The block tricks below serve the CPU only; elsewhere argmax and topk are native.
 """
 
 from __future__ import annotations
@@ -223,10 +225,9 @@ class Sampler:
         params = [requests[i].sampling for i in rows]
         vocab = self.vocab_size
         dev = logits.device
-        # One uniform in (0, 1] per row, from the row's own generator (on the CPU: the draws
-        # are the same on any device), then sent to the logits' device in one copy.
-        u = _on(1.0 - torch.tensor([torch.rand((), dtype=torch.float64, generator=_generator(
-            requests[i])).item() for i in rows], dtype=torch.float64), dev)
+        # One uniform in (0, 1] per row: the row's stream at its step, made on the device.
+        u = _uniforms([_stream_key(requests[i]) for i in rows],
+                      [requests[i].num_output_tokens for i in rows], dev)
         top_p = _on(torch.tensor([p.top_p for p in params], dtype=torch.float64), dev)
         # min_p 0: -inf, keeps all.
         log_min_p = _on(torch.tensor([p.min_p for p in params]).log(), dev)
@@ -329,15 +330,40 @@ def _topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return values, ids.gather(1, pos)
 
 
-def _generator(request: Request) -> torch.Generator:
-    gen = request.generator
-    if gen is None:
+def _stream_key(request: Request) -> int:
+    """The request's 64-bit stream key as a signed int64 (made on first use)."""
+    key = request.rng_key
+    if key is None:
         seed = request.sampling.seed
-        seed = secrets.randbits(64) if seed is None else (seed + request.index) % 2**64
-        gen = torch.Generator()
-        gen.manual_seed(seed)
-        request.generator = gen
-    return gen
+        key = secrets.randbits(64) if seed is None else (seed + request.index) % 2**64
+        key = request.rng_key = key - 2**64 if key >= 2**63 else key
+    return key
+
+
+def _signed(value: int) -> int:
+    return value - 2**64 if value >= 2**63 else value
+
+
+_GOLDEN = _signed(0x9E3779B97F4A7C15)  # SplitMix64's constants, as int64 (they wrap the same)
+_MIX1 = _signed(0xBF58476D1CE4E5B9)
+_MIX2 = _signed(0x94D049BB133111EB)
+
+
+def _shift_right(z: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _uniforms(keys: list[int], counters: list[int], device: torch.device) -> Tensor:
+    """Float64 uniforms in (0, 1]: SplitMix64 of ``key + (counter + 1) * golden`` (int64
+    arithmetic wraps modulo 2**64 on every device torch runs on), top 53 bits."""
+    key = _on(torch.tensor(keys, dtype=torch.int64), device)
+    counter = _on(torch.tensor(counters, dtype=torch.int64), device)
+    z = key + (counter + 1) * _GOLDEN
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    z = z ^ _shift_right(z, 31)
+    return 1.0 - _shift_right(z, 11).to(torch.float64) * 2.0 ** -53
 
 
 def _apply_masks(logits: Tensor, requests: list[Request], failed: dict[int, str]) -> bool:
