@@ -95,9 +95,11 @@ def start_local_ray(config: Config) -> None:
                      logging_level=logging.WARNING)
             return
         except Exception as exc:
-            # Ray gives its raylet a fixed 30 s to register with the GCS; on a loaded machine
-            # one start can miss it. Its processes are left running: stop them, try again.
-            if attempt == LOCAL_RAY_ATTEMPTS or RAY_START_TIMEOUT not in str(exc):
+            # Ray waits a fixed 30 s for its GCS to publish its port and for its raylet to
+            # register; a start that misses either raises and leaves its processes running:
+            # stop them, try again.
+            if attempt == LOCAL_RAY_ATTEMPTS or not any(
+                    message in str(exc) for message in RAY_START_TIMEOUTS):
                 raise
             logs = stop_failed_local_ray(began)
             log.warning("local Ray did not start (%s); stopped its processes, starting it "
@@ -106,7 +108,9 @@ def start_local_ray(config: Config) -> None:
 
 
 LOCAL_RAY_ATTEMPTS = 3
-RAY_START_TIMEOUT = "timed out during startup"  # Ray's own message (ray/_private/node.py)
+# Ray's own messages (ray/_private/node.py): the raylet did not register, the GCS did not
+# publish its port.
+RAY_START_TIMEOUTS = ("timed out during startup", "Timed out waiting for file")
 _RAY_LOGS = ("raylet.out", "raylet.err", "gcs_server.out", "gcs_server.err")
 
 
@@ -115,9 +119,10 @@ def stop_failed_local_ray(began: float, wait_s: float = 10.0) -> dict[str, str]:
     (a failed ``ray.init`` leaves them running) and returns the tails of their logs.
 
     A session's directory is named ``session_<time>_<pid of its starter>`` and every process
-    of the session names it on its command line, so no other Ray on the machine is touched;
-    the one that does not is the session's reaper, a child of this process (SIGKILL only: on
-    SIGTERM a reaper kills its whole process group, this process included).
+    of the session names it on its command line, so no other Ray on the machine is touched.
+    Two do not: the session's reaper, a child of this process (SIGKILL only: on SIGTERM a
+    reaper kills its whole process group, this process included), and a child forked since
+    ``began`` that never reached its ``exec`` (it still runs this process's command line).
     """
     root = Path(ray._common.utils.get_default_ray_temp_dir())
     sessions = [str(d) for d in root.glob(f"session_*_{os.getpid()}")
@@ -130,9 +135,13 @@ def stop_failed_local_ray(began: float, wait_s: float = 10.0) -> dict[str, str]:
                 if text.strip():
                     tails[name] = "\n".join(text.splitlines()[-20:])
 
+    own = _cmdline(os.getpid())
+
     def failed(pid: int, ppid: int, cmdline: str) -> bool:
-        return (any(s in cmdline for s in sessions)
-                or (ppid == os.getpid() and "ray_process_reaper" in cmdline))
+        if any(s in cmdline for s in sessions):
+            return True
+        return ppid == os.getpid() and ("ray_process_reaper" in cmdline or (
+            cmdline == own and _started_at(pid) >= began - 1))
 
     deadline = time.monotonic() + wait_s
     while pids := live_processes(failed):
@@ -147,13 +156,29 @@ def stop_failed_local_ray(began: float, wait_s: float = 10.0) -> dict[str, str]:
     return tails
 
 
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode(errors="replace")
+
+
+def _started_at(pid: int) -> float:
+    """When a process started (epoch seconds; 0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return 0.0
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
 def live_processes(select) -> list[int]:
     """Live (not zombie) processes for which ``select(pid, ppid, cmdline)`` holds."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            cmdline = _cmdline(int(pid))
             with open(f"/proc/{pid}/stat") as f:
                 state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
         except (FileNotFoundError, ProcessLookupError, ValueError):

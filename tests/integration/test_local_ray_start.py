@@ -1,14 +1,18 @@
-"""A local Ray whose raylet misses Ray's fixed start deadline is stopped and started again.
+"""A local Ray start that misses one of Ray's fixed deadlines is stopped and started again.
 
-Ray gives a new node's raylet 30 s to register with the GCS and then raises, leaving the
-processes it started running; on a loaded 2-core machine one start can miss it. The first
-start here is made to miss it for real (Ray's own wait loop runs with its clock moved past
-the deadline once the GCS and raylet are up), so the test sees what the launcher must clean.
+Ray gives a new node's GCS 30 s to publish its port and its raylet 30 s to register, then
+raises, leaving the processes it started running (both were seen once each in the suite's
+runs on a 2-core machine). The first start here is made to miss one for real: Ray's own wait
+loop runs with its clock moved past the deadline once the GCS and raylet are up, or the
+port wait fails after the GCS is up and beside a forked child that never reached its exec
+(what a child stuck between fork and exec looks like), so the test sees what the launcher
+must clean.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 import types
 
@@ -46,9 +50,33 @@ def _miss_the_start_deadline_once(monkeypatch) -> list[bool]:
     return missed
 
 
-def test_a_missed_start_deadline_stops_that_ray_and_starts_a_fresh_one(monkeypatch, caplog):
+def _miss_the_gcs_port_once(monkeypatch) -> list[int]:
+    """The first wait for the GCS's port fails once the GCS is up, with a child of this
+    process that forked and never exec'd left behind."""
+    real_wait = ray._private.node.wait_for_persisted_port
+    missed: list[int] = []  # the stuck child's pid
+
+    def wait(*args, **kwargs):
+        port = real_wait(*args, **kwargs)
+        if missed:
+            return port
+        child = os.fork()
+        if child == 0:  # the child: this process's command line, no exec
+            time.sleep(120)
+            os._exit(0)
+        missed.append(child)
+        raise RuntimeError("Timed out waiting for file .../gcs_server_port_... (made to)")
+
+    monkeypatch.setattr(ray._private.node, "wait_for_persisted_port", wait)
+    return missed
+
+
+@pytest.mark.parametrize("miss", [_miss_the_start_deadline_once, _miss_the_gcs_port_once],
+                         ids=["raylet registration", "gcs port"])
+def test_a_missed_start_deadline_stops_that_ray_and_starts_a_fresh_one(monkeypatch, caplog,
+                                                                       miss):
     saved = SavedEnviron("RAY_AUTH_MODE", "PYTHONPATH")
-    missed = _miss_the_start_deadline_once(monkeypatch)
+    missed = miss(monkeypatch)
     before = set(live_processes(lambda pid, ppid, cmdline: "ray" in cmdline))
     stopped: list[list[int]] = []
     real_stop = launcher.stop_failed_local_ray
@@ -64,11 +92,13 @@ def test_a_missed_start_deadline_stops_that_ray_and_starts_a_fresh_one(monkeypat
         with caplog.at_level(logging.WARNING, logger="cluster.launcher"):
             start_local_ray(Config())
         assert missed and len(stopped) == 1, "the first start did not fail as arranged"
-        assert len(stopped[0]) >= 3, stopped  # it did leave processes to clean
+        assert len(stopped[0]) >= 2, stopped  # it did leave processes to clean
         alive = set(live_processes(lambda pid, ppid, cmdline: True))
         assert not alive & set(stopped[0]), "the failed start's processes still run"
+        stuck = [pid for pid in missed if pid is not True]
+        assert not alive & set(stuck), "the child stuck before its exec still runs"
         assert "local Ray did not start" in caplog.text
-        assert "raylet" in caplog.text  # its log's tail, for whoever reads the warning
+        assert "gcs_server" in caplog.text  # its logs' tails, for whoever reads the warning
         # The second start is a working cluster.
         assert ray.get(ray.put(41)) + 1 == 42
         session = ray._private.worker._global_node.get_session_dir_path()
