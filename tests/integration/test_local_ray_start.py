@@ -77,14 +77,16 @@ def test_a_missed_start_deadline_stops_that_ray_and_starts_a_fresh_one(monkeypat
                                                                        miss):
     saved = SavedEnviron("RAY_AUTH_MODE", "PYTHONPATH")
     missed = miss(monkeypatch)
-    before = set(live_processes(lambda pid, ppid, cmdline: "ray" in cmdline))
+    # Ray's processes, and children of this process (one stuck before its exec runs this
+    # process's command line, which need not name Ray).
+    ours = lambda pid, ppid, cmdline: "ray" in cmdline or ppid == os.getpid()  # noqa: E731
+    before = set(live_processes(ours))
     stopped: list[list[int]] = []
     real_stop = launcher.stop_failed_local_ray
 
     def stop_and_record(began: float, wait_s: float = 10.0) -> dict[str, str]:
-        # What the failed start left: its GCS, raylet and reaper, running until stopped.
-        stopped.append(sorted(set(live_processes(
-            lambda pid, ppid, cmdline: "ray" in cmdline)) - before))
+        # What the failed start left running until stopped.
+        stopped.append(sorted(set(live_processes(ours)) - before))
         return real_stop(began, wait_s)
 
     monkeypatch.setattr(launcher, "stop_failed_local_ray", stop_and_record)
