@@ -99,6 +99,10 @@ class PagedAttention:
         self.head_dim = config.head_dim
         self.group = config.num_heads // config.num_kv_heads
         self.scale = config.head_dim ** -0.5
+        # Gathered keys and values, one buffer per gather, refilled by every layer of the
+        # step: a fresh tensor per layer would be a fresh mmap (workers/__init__.py keeps
+        # blocks of 1 MiB and more out of the heap), page-faulted in again 2 x layers times.
+        self._gathered: dict[tuple[int, int], torch.Tensor] = {}
         self.decode = self._plan_decodes(meta, dtype) if meta.num_decodes else None
         self.prefills = [self._plan_prefill(p, meta.block_size) for p in meta.prefills]
         # The outputs are concatenated in this order, so the batch must be laid out this way.
@@ -162,8 +166,8 @@ class PagedAttention:
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, plan: _DecodePlan) -> torch.Tensor:
         batch, kvh, d, span = q.shape[0], self.num_kv_heads, self.head_dim, plan.span
-        keys = kv_cache[0].view(-1, d).index_select(0, plan.rows).view(batch, kvh, span, d)
-        values = kv_cache[1].view(-1, d).index_select(0, plan.rows).view(batch, kvh, span, d)
+        keys = self._gather(kv_cache, 0, (-1, d), plan.rows).view(batch, kvh, span, d)
+        values = self._gather(kv_cache, 1, (-1, d), plan.rows).view(batch, kvh, span, d)
         # Query heads h*group .. h*group+group-1 share KV head h (HF repeat_kv order), so the
         # group becomes the "query length" of attention per (sequence, KV head): no K/V repeat.
         queries = q.reshape(batch, kvh, self.group, d)
@@ -176,6 +180,19 @@ class PagedAttention:
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return torch.bmm(probs, values.view(batch * kvh, span, d)).view(batch, self.num_heads, d)
 
+    def _gather(self, kv_cache: torch.Tensor, half: int, view: tuple[int, ...],
+                rows: torch.Tensor) -> torch.Tensor:
+        """``kv_cache[half].view(view).index_select(0, rows)`` into this step's buffer for
+        these rows and this half (0 keys, 1 values): the previous layer's use of it is over."""
+        source = kv_cache[half].view(view)
+        key = (id(rows), half)
+        shape = (rows.shape[0], *source.shape[1:])
+        out = self._gathered.get(key)
+        if out is None or out.shape != shape or out.dtype != source.dtype:
+            out = self._gathered[key] = torch.empty(shape, dtype=source.dtype,
+                                                    device=source.device)
+        return torch.index_select(source, 0, rows, out=out)
+
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  kv_cache: torch.Tensor, plan: _PrefillPlan) -> torch.Tensor:
         # Batched 4-D inputs [1, heads, n, d]: on CPU, SDPA takes its flash kernel (GQA
@@ -187,8 +204,8 @@ class PagedAttention:
             mask = None
         else:
             kvh, d = self.num_kv_heads, self.head_dim
-            keys = kv_cache[0].view(-1, kvh, d).index_select(0, plan.rows)
-            values = kv_cache[1].view(-1, kvh, d).index_select(0, plan.rows)
+            keys = self._gather(kv_cache, 0, (-1, kvh, d), plan.rows)
+            values = self._gather(kv_cache, 1, (-1, kvh, d), plan.rows)
             mask = plan.mask
         out = F.scaled_dot_product_attention(
             queries, keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
