@@ -274,3 +274,35 @@ def test_tiny_qwen2_dir_with_linear_rope_matches_transformers(tmp_path):
                                                                      "factor": 2.0}
     _assert_matches_transformers(tmp_path / "qwen2", transformers.Qwen2ForCausalLM,
                                  [t % 512 for t in PROMPT])
+
+
+def test_a_step_gathers_keys_and_values_into_buffers_every_layer_refills(smollm, monkeypatch):
+    # A new tensor per layer and gather would be a fresh mmap each time (blocks of 2 MiB and
+    # more leave the heap: workers/__init__.py), page-faulted in again 2 x layers times a
+    # step; this made a 64-sequence CPU decode step twice as slow (bench/README.md).
+    ours, _, _ = smollm
+    from workers.models import attention as attention_module
+
+    made: list[attention_module.PagedAttention] = []
+    gathered: list[int] = []
+    real_make, real_select = attention_module.make_attention, torch.index_select
+
+    def make(*args, **kwargs):
+        made.append(real_make(*args, **kwargs))
+        return made[-1]
+
+    def select(source, dim, index, *, out=None):
+        result = real_select(source, dim, index, out=out)
+        gathered.append(result.data_ptr())
+        return result
+
+    monkeypatch.setattr("workers.models.llama.make_attention", make)
+    monkeypatch.setattr(attention_module.torch, "index_select", select)
+    seqs = PagedSequences(ours.config, torch.float32)
+    seqs.step(ours, [("a", PROMPT[:20], 0), ("b", PROMPT[5:40], 0)])
+    gathered.clear()
+    seqs.step(ours, [("a", PROMPT[20:21], 20), ("b", PROMPT[40:50], 35)])  # decode + chunk
+    layers = ours.config.num_layers
+    assert len(gathered) == 4 * layers  # keys and values, for the decode and the chunk
+    assert len(set(gathered)) == 4  # one buffer each, refilled by every layer
+    assert len(made[-1]._gathered) == 4
