@@ -88,7 +88,7 @@ def start_local_ray(config: Config) -> None:
     num_cpus = max(os.cpu_count() or 1, math.ceil(workers * cluster.num_cpus_per_worker))
     # This node is the head: the registry is placed (and restarted) here (cluster/registry.py).
     for attempt in range(1, LOCAL_RAY_ATTEMPTS + 1):
-        began = time.time()
+        began, known = time.time(), set(_own_sessions())
         try:
             ray.init(address="local", namespace=cluster.namespace, num_cpus=num_cpus,
                      resources={HEAD_RESOURCE: 1}, include_dashboard=False,
@@ -101,7 +101,7 @@ def start_local_ray(config: Config) -> None:
             if attempt == LOCAL_RAY_ATTEMPTS or not any(
                     message in str(exc) for message in RAY_START_TIMEOUTS):
                 raise
-            logs = stop_failed_local_ray(began)
+            logs = stop_failed_local_ray(began, known)
             log.warning("local Ray did not start (%s); stopped its processes, starting it "
                         "again (attempt %d of %d)%s", exc, attempt + 1, LOCAL_RAY_ATTEMPTS,
                         "".join(f"\n{name}:\n{tail}" for name, tail in logs.items()))
@@ -114,9 +114,18 @@ RAY_START_TIMEOUTS = ("timed out during startup", "Timed out waiting for file")
 _RAY_LOGS = ("raylet.out", "raylet.err", "gcs_server.out", "gcs_server.err")
 
 
-def stop_failed_local_ray(began: float, wait_s: float = 10.0) -> dict[str, str]:
+def _own_sessions() -> list[str]:
+    """The session directories of the local Rays this process started."""
+    root = Path(ray._common.utils.get_default_ray_temp_dir())
+    return [str(d) for d in root.glob(f"session_*_{os.getpid()}")
+            if d.is_dir() and not d.is_symlink()]
+
+
+def stop_failed_local_ray(began: float, known: set[str] | frozenset[str] = frozenset(),
+                          wait_s: float = 10.0) -> dict[str, str]:
     """Stops the processes of the local Ray sessions this process started since ``began``
-    (a failed ``ray.init`` leaves them running) and returns the tails of their logs.
+    (a failed ``ray.init`` leaves them running; ``known``: sessions that existed before)
+    and returns the tails of their logs, and under ``stopped`` what it stopped.
 
     A session's directory is named ``session_<time>_<pid of its starter>`` and every process
     of the session names it on its command line, so no other Ray on the machine is touched.
@@ -124,9 +133,7 @@ def stop_failed_local_ray(began: float, wait_s: float = 10.0) -> dict[str, str]:
     reaper kills its whole process group, this process included), and a child forked since
     ``began`` that never reached its ``exec`` (it still runs this process's command line).
     """
-    root = Path(ray._common.utils.get_default_ray_temp_dir())
-    sessions = [str(d) for d in root.glob(f"session_*_{os.getpid()}")
-                if d.is_dir() and not d.is_symlink() and d.stat().st_mtime >= began - 1]
+    sessions = [s for s in _own_sessions() if s not in known]
     tails: dict[str, str] = {}
     for session in sessions:
         for name in _RAY_LOGS:
@@ -143,6 +150,10 @@ def stop_failed_local_ray(began: float, wait_s: float = 10.0) -> dict[str, str]:
         return ppid == os.getpid() and ("ray_process_reaper" in cmdline or (
             cmdline == own and _started_at(pid) >= began - 1))
 
+    stopped = [(pid, _cmdline(pid)) for pid in live_processes(failed)]
+    tails["stopped"] = "\n".join(
+        f"{pid}: {'(never reached exec) ' if cmdline == own else ''}{cmdline[:120]}"
+        for pid, cmdline in stopped)
     deadline = time.monotonic() + wait_s
     while pids := live_processes(failed):
         for pid in pids:

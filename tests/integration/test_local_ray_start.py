@@ -84,19 +84,22 @@ def test_a_missed_start_deadline_stops_that_ray_and_starts_a_fresh_one(monkeypat
     stopped: list[list[int]] = []
     real_stop = launcher.stop_failed_local_ray
 
-    def stop_and_record(began: float, wait_s: float = 10.0) -> dict[str, str]:
+    def stop_and_record(*args, **kwargs) -> dict[str, str]:
         # What the failed start left running until stopped.
         stopped.append(sorted(set(live_processes(ours)) - before))
-        return real_stop(began, wait_s)
+        return real_stop(*args, **kwargs)
 
     monkeypatch.setattr(launcher, "stop_failed_local_ray", stop_and_record)
     try:
         with caplog.at_level(logging.WARNING, logger="cluster.launcher"):
             start_local_ray(Config())
-        assert missed and len(stopped) == 1, "the first start did not fail as arranged"
+        # The first start failed as arranged; a later one may miss a deadline for real (seen
+        # once here: the raylet of the second start never registered) and is retried too.
+        assert missed and 1 <= len(stopped) < launcher.LOCAL_RAY_ATTEMPTS, stopped
         assert len(stopped[0]) >= 2, stopped  # it did leave processes to clean
         alive = set(live_processes(lambda pid, ppid, cmdline: True))
-        assert not alive & set(stopped[0]), "the failed start's processes still run"
+        assert not alive & {pid for left in stopped for pid in left}, \
+            "a failed start's processes still run"
         stuck = [pid for pid in missed if pid is not True]
         assert not alive & set(stuck), "the child stuck before its exec still runs"
         assert "local Ray did not start" in caplog.text
