@@ -32,17 +32,18 @@ whatever its row. Each request has its own 64-bit stream key (seed + index, so t
 of one request differ; unseeded requests draw one from the OS) and uses exactly one uniform per
 sampled step: SplitMix64 of the key and the number of tokens it has generated so far, a
 counter-based generator computed for all rows at once with integer tensor ops on the logits'
-device (``_uniforms``; no per-row draw on the host), then turned into a token by inverse CDF. Every operation on the way is either
-elementwise, a gather/scatter, or a kernel that reduces each row on its own (max, topk,
-log_softmax, cumsum, sums over blocks of 64 tokens). A plain full-row ``sum`` is avoided: ATen
-splits a lone long row across threads and so rounds differently from the same row inside a
-batch (seen here: 49,152 values, 2 threads). The number of top-p candidates a row uses depends
-only on that row (see ``_TOP_P_TIERS``).
+device (``_uniforms``; no per-row draw on the host), then turned into a token by inverse CDF.
+Every operation on the way is either elementwise, a gather/scatter, or a kernel that
+reduces each row on its own (max, topk, log_softmax, cumsum, sums over blocks of 64 tokens).
+A plain full-row ``sum`` is avoided: ATen splits a lone long row across threads and so rounds
+differently from the same row inside a batch (seen here: 49,152 values, 2 threads). The
+number of top-p candidates a row uses depends only on that row (see ``_TOP_P_TIERS``).
 
 Devices: the logits may live on any device (CUDA on a GPU worker). Whatever is combined with
 them (index tensors, per-row parameters, the stream keys and counters) is built on the CPU and
 sent there in one copy per tensor. The uniforms are integer arithmetic, exact everywhere, so a
-seed draws the same uniforms on any device. The block tricks below serve the CPU only; elsewhere argmax and topk are native.
+seed draws the same uniforms on any device. The block tricks below serve the CPU only;
+elsewhere argmax and topk are native.
 """
 
 from __future__ import annotations
@@ -336,11 +337,12 @@ def _stream_key(request: Request) -> int:
     if key is None:
         seed = request.sampling.seed
         key = secrets.randbits(64) if seed is None else (seed + request.index) % 2**64
-        key = request.rng_key = key - 2**64 if key >= 2**63 else key
+        key = request.rng_key = _signed(key)
     return key
 
 
 def _signed(value: int) -> int:
+    """An unsigned 64-bit value as the int64 with the same bits."""
     return value - 2**64 if value >= 2**63 else value
 
 
