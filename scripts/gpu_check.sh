@@ -9,7 +9,8 @@
 #
 # Stages, each bounded by `timeout` and logged to $OUT/<stage>.log; a failing stage stops no
 # other: (0) env: the machine, versions, import checks; (1) tests: pytest -m gpu tests/gpu;
-# (2) bench: bench/engine_bench.py --device cuda -> $OUT/engine_gpu.json and .md. The whole
+# (2a) kernel: bench/attention_kernel.py -> $OUT/attention_kernel.json; (2) bench:
+# bench/engine_bench.py --device cuda -> $OUT/engine_gpu.json and .md. The whole
 # script ends inside GPU_CHECK_BUDGET_S seconds (default 450: the call's limit is 8 minutes).
 set -u
 
@@ -104,6 +105,10 @@ stage env "$(cap 90 270)" bash -c env_stage
 stage tests "$(cap "$TESTS_S" 200)" python3 -m pytest -q -p no:cacheprovider -p no:asyncio \
   -m gpu tests/gpu --timeout 300 -rs --junitxml="$OUT/tests.xml"
 
+# -- (2a) the attention kernel alone: split keys against one program per tile
+stage kernel "$(cap 60 240)" python3 bench/attention_kernel.py --device cuda \
+  --out "$OUT/attention_kernel.json"
+
 # -- (2) the engine benchmark: it skips its optional phases to end inside --budget-s
 # The Triton backend by name: "auto" stays on the torch path until these tests have passed on
 # a GPU (docs/engine.md, "On a GPU").
@@ -120,8 +125,8 @@ fi
 
 # -- summary
 {
-  echo "== gpu_check: $((SECONDS - START))s; rc: env=${RC[env]} tests=${RC[tests]} bench=${RC[bench]} profile=${RC[profile]:-skipped}"
-  for name in env tests bench; do
+  echo "== gpu_check: $((SECONDS - START))s; rc: env=${RC[env]} tests=${RC[tests]} kernel=${RC[kernel]} bench=${RC[bench]} profile=${RC[profile]:-skipped}"
+  for name in env tests kernel bench; do
     echo "== $name.log (tail)"
     tail -n 25 "$OUT/$name.log"
   done

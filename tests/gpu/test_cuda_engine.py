@@ -19,6 +19,7 @@ import torch
 
 from core.config import EngineConfig
 from core.tokenizer import Tokenizer
+from tests.support import triton_interpreter
 from tests.support.schemas import schema_spec, tool_spec
 from tests.support.tiny_model import make_tiny_llama_dir
 from workers.engine.engine import Engine
@@ -30,7 +31,7 @@ from workers.models import triton_attention as ta
 DEVICES = [pytest.param("cuda", marks=pytest.mark.gpu)]
 if os.environ.get("TRITON_INTERPRET") == "1" and ta.available():
     DEVICES.append(pytest.param("cpu", id="cpu-interpreter"))
-    from tests.gpu import test_triton_attention  # noqa: F401  (its interpreter fix)
+    triton_interpreter.patch()
 
 
 @pytest.fixture(scope="module")

@@ -13,23 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.support import triton_interpreter
 from workers.models import triton_attention as ta
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = [pytest.param("cuda", marks=pytest.mark.gpu)]
 if INTERPRET and ta.available():
     DEVICES.append(pytest.param("cpu", id="cpu-interpreter"))
-    from triton.runtime import interpreter as _interpreter
-
-    _patch_lang_tensor = _interpreter._patch_lang_tensor
-
-    def _scalar_index(tensor, scope):
-        # The interpreter holds a loaded scalar as a 1-element array, which numpy 2 no
-        # longer converts with int(): a loop bound read from memory needs .item().
-        _patch_lang_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    _interpreter._patch_lang_tensor = _scalar_index
+    triton_interpreter.patch()
 
 pytestmark = pytest.mark.skipif(not ta.available(), reason="Triton is not installed")
 
@@ -56,7 +47,8 @@ def reference(q, key_cache, value_cache, seqs, scale):
     return out
 
 
-def build(seqs_shape, *, heads, kv_heads, head_dim, page, dtype, device, block_m, seed=0):
+def build(seqs_shape, *, heads, kv_heads, head_dim, page, dtype, device, block_m, seed=0,
+          num_splits=1):
     """Random caches and queries for sequences given as (num_new, context_len)."""
     gen = torch.Generator().manual_seed(seed)
     total_blocks = sum(-(-c // page) for _, c in seqs_shape) + 3
@@ -88,8 +80,23 @@ def build(seqs_shape, *, heads, kv_heads, head_dim, page, dtype, device, block_m
         block_tables=block_tables.to(device),
         tile_seq=torch.tensor(tile_seq, dtype=torch.int32, device=device),
         tile_start=torch.tensor(tile_start, dtype=torch.int32, device=device),
-        block_m=block_m)
+        block_m=block_m, num_splits=num_splits)
     return q.to(device), key_cache.to(device), value_cache.to(device), seqs, meta
+
+
+def assert_kernel_matches(shape, *, heads, kv_heads, head_dim, device, dtype=torch.float32,
+                          block_m=None, num_splits=1, seed=0):
+    """The kernel over ``shape`` equals the reference: float32 exactly, else within 2e-2."""
+    if block_m is None:
+        block_m = ta.block_m_for(heads // kv_heads, max(n for n, _ in shape))
+    q, kc, vc, seqs, meta = build(shape, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                                  page=16, dtype=dtype, device=device, block_m=block_m,
+                                  seed=seed, num_splits=num_splits)
+    scale = head_dim ** -0.5
+    got = ta.paged_attention(q, kc, vc, meta, scale)
+    want = reference(q, kc, vc, seqs, scale)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
 CASES = {
@@ -113,29 +120,23 @@ def test_kernel_equals_attention_over_the_gathered_context(device, case, heads, 
         # The interpreter runs every program in numpy: two shapes cover what differs there
         # (2 or 3 query heads per KV head; head dims 16, and 48 padded to 64).
         pytest.skip("the interpreter runs the grouped shapes only")
-    block_m = ta.block_m_for(heads // kv_heads, max(n for n, _ in CASES[case]))
-    q, kc, vc, seqs, meta = build(CASES[case], heads=heads, kv_heads=kv_heads,
-                                  head_dim=head_dim, page=16, dtype=torch.float32,
-                                  device=device, block_m=block_m)
-    scale = head_dim ** -0.5
-    got = ta.paged_attention(q, kc, vc, meta, scale)
-    want = reference(q, kc, vc, seqs, scale)
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert_kernel_matches(CASES[case], heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                          device=device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bfloat16_within_tolerance(device):
+@pytest.mark.parametrize("shape,heads,kv_heads,head_dim,splits", [
+    pytest.param(CASES["mixed_batch"], 8, 2, 64, 1, id="mixed"),
+    # Llama-3-8B's heads, keys split as for a small batch on a GPU
+    pytest.param([(1, 3000), (1, 40), (16, 2000)], 32, 8, 128, 16, id="split-keys"),
+])
+def test_bfloat16_within_tolerance(device, shape, heads, kv_heads, head_dim, splits):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA")
     if device == "cpu":
         pytest.skip("Triton's interpreter holds data in numpy, which has no bfloat16")
-    shape = CASES["mixed_batch"]
-    q, kc, vc, seqs, meta = build(shape, heads=8, kv_heads=2, head_dim=64, page=16,
-                                  dtype=torch.bfloat16, device=device,
-                                  block_m=ta.block_m_for(4, 70))
-    got = ta.paged_attention(q, kc, vc, meta, 0.125)
-    want = reference(q, kc, vc, seqs, 0.125)
-    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    assert_kernel_matches(shape, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                          device=device, dtype=torch.bfloat16, num_splits=splits)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -143,8 +144,39 @@ def test_a_large_decode_tile_size_leaves_rows_of_other_tokens_alone(device):
     """Prefill-sized tiles over decodes: rows past a sequence's one token are not written."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA")
-    q, kc, vc, seqs, meta = build(CASES["decodes"], heads=4, kv_heads=2, head_dim=16,
-                                  page=16, dtype=torch.float32, device=device,
-                                  block_m=ta.block_m_for(2, 600))
-    got = ta.paged_attention(q, kc, vc, meta, 0.25)
-    torch.testing.assert_close(got, reference(q, kc, vc, seqs, 0.25), atol=2e-5, rtol=2e-5)
+    assert_kernel_matches(CASES["decodes"], heads=4, kv_heads=2, head_dim=16, device=device,
+                          block_m=ta.block_m_for(2, 600))
+
+
+SPLIT_CASES = {
+    "decodes": [(1, 1), (1, 17), (1, 64), (1, 200)],
+    "long_decode": [(1, 1000)],
+    "chunk_over_long_prefix": [(16, 700)],
+    "mixed_batch": [(1, 30), (1, 95), (23, 23), (9, 70), (70, 150)],
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", sorted(SPLIT_CASES))
+@pytest.mark.parametrize("splits", [2, 3, 32])
+def test_keys_split_across_programs_give_the_same_attention(device, case, splits):
+    """Flash-decoding: each program takes a share of a tile's keys and a second kernel
+    combines the shares. Shares of several BLOCK_N runs (a 1,000-key decode in 2 or 3),
+    shares past a short context (32 splits of 1 key: all but one empty), prefill rows that
+    see no key of a late share, and every kind of tile in one step."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    assert_kernel_matches(SPLIT_CASES[case], heads=4, kv_heads=2, head_dim=48, device=device,
+                          num_splits=splits, seed=splits)
+
+
+def test_split_count_fills_the_device_only_where_a_step_has_few_tiles():
+    assert ta.num_splits(tiles=1, target_tiles=33) == ta.MAX_SPLITS  # capped
+    assert ta.num_splits(tiles=8, target_tiles=33) == 4
+    assert ta.num_splits(tiles=33, target_tiles=33) == 1
+    assert ta.num_splits(tiles=64, target_tiles=33) == 1
+    assert ta.num_splits(tiles=0, target_tiles=33) == 1
+    # Where the step knows its longest context: at least MIN_SPLIT_KEYS keys per share.
+    assert ta.num_splits(tiles=1, target_tiles=33, longest_keys=100) == 1
+    assert ta.num_splits(tiles=1, target_tiles=33, longest_keys=3 * ta.MIN_SPLIT_KEYS) == 3
+    assert ta.num_splits(tiles=1, target_tiles=33, longest_keys=8192) == ta.MAX_SPLITS

@@ -107,3 +107,30 @@ def test_a_step_larger_than_the_buffer_gets_a_buffer_of_its_own():
     assert step.positions.tolist() == list(range(300))
     assert step.input_ids.data_ptr() != buffers.dev.data_ptr()
     assert not step.persistent  # so a graph, which reads the runner's buffer, is not replayed
+
+
+def test_a_padded_decode_step_splits_its_keys_as_its_graph_was_captured():
+    """The split count sets the kernel's grid, which a graph fixes: a padded decode step's
+    count follows its padded size alone, whatever its contexts."""
+    captured = plan_step([], [], BS, group=4, pad_to=2, scratch_block=SCRATCH, target_tiles=33)
+    assert captured.num_splits == ta.num_splits(2, 33) == 16
+    for context in (1, 20, 5000):
+        plan = plan_step([seq(context - 1, 1, list(range(context // BS + 1)))], [True], BS,
+                         group=4, pad_to=2, scratch_block=SCRATCH, target_tiles=33)
+        assert plan.num_splits == captured.num_splits
+    # Without a target (or a bucket wide enough to fill the device) nothing is split.
+    assert plan_step([], [], BS, group=4, pad_to=2, scratch_block=SCRATCH).num_splits == 1
+    assert plan_step([], [], BS, group=4, pad_to=48, scratch_block=SCRATCH,
+                     target_tiles=33).num_splits == 1
+
+
+def test_an_eager_step_splits_by_its_tiles_and_its_longest_context():
+    short = plan_step([seq(50, 16, [1, 2, 3, 4, 5])], [True], BS, group=4, target_tiles=33)
+    assert short.num_splits == 1  # 66 keys: one share
+    blocks = list(range(8192 // BS + 1))
+    long = plan_step([seq(8176, 16, blocks)], [True], BS, group=4, target_tiles=33)
+    assert long.num_splits == ta.MAX_SPLITS  # one tile over 8,192 keys
+    wide = plan_step([seq(0, 1200, blocks[:75])], [True], BS, group=4, target_tiles=33)
+    assert len(wide.tile_seq) >= 33 and wide.num_splits == 1  # a long prompt fills the device
+    some = plan_step([seq(0, 600, blocks[:38])], [True], BS, group=4, target_tiles=33)
+    assert len(some.tile_seq) == 19 and some.num_splits == 1  # 33 // 19: no whole second share

@@ -114,6 +114,12 @@ class ModelRunner:
         self.group = mc.num_heads // mc.num_kv_heads
         max_seqs = config.max_num_seqs
         max_tokens = max(config.max_num_batched_tokens, bs, max_seqs)
+        # A step with fewer tiles than this per KV head splits its keys across programs: two
+        # programs per streaming multiprocessor keep a GPU busy. Triton's interpreter (tests)
+        # counts as a device of 4, so the engine's tests split small steps too.
+        programs = 2 * (torch.cuda.get_device_properties(self.device).multi_processor_count
+                        if self.device.type == "cuda" else 4)
+        self.target_tiles = programs // mc.num_kv_heads
         # Decode-only steps are padded to these sizes, with graphs or without (paged_steps.py).
         self.decode_sizes = decode_graph_sizes(min(max_seqs, config.cuda_graph_max_batch))
         _, capacity = layout({"input_ids": max_tokens, "positions": max_tokens,
@@ -135,7 +141,8 @@ class ModelRunner:
     def _upload_padding(self, size: int) -> StepTensors:
         """A decode step of ``size`` padding rows (what graphs are captured on)."""
         return self.buffers.upload(plan_step(
-            [], [], self.block_size, self.group, pad_to=size, scratch_block=self.scratch_block))
+            [], [], self.block_size, self.group, pad_to=size, scratch_block=self.scratch_block,
+            target_tiles=self.target_tiles))
 
     def _forward(self, step: StepTensors) -> torch.Tensor:
         return self.model(step.input_ids, step.positions, self.kv_caches, step.meta)
@@ -150,10 +157,11 @@ class ModelRunner:
         if all(it.num_new_tokens == 1 for it in batch):
             bucket = next((s for s in self.decode_sizes if s >= len(batch)), None)
         if bucket is None:
-            plan = plan_step(items, flags, self.block_size, self.group)
+            plan = plan_step(items, flags, self.block_size, self.group,
+                             target_tiles=self.target_tiles)
         else:
             plan = plan_step(items, flags, self.block_size, self.group, pad_to=bucket,
-                             scratch_block=self.scratch_block)
+                             scratch_block=self.scratch_block, target_tiles=self.target_tiles)
         step = self.buffers.upload(plan)
         if bucket is not None and self.graphs is not None and step.persistent:
             hidden = self.graphs.replay(bucket)

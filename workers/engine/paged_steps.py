@@ -58,6 +58,7 @@ class StepPlan:
     block_tables: list[int]  # every sequence's blocks, one table after another
     block_m: int
     sample_room: int = 0  # the sample_rows section's size, when more than its rows (graphs)
+    num_splits: int = 1  # programs each tile's keys are split across (triton_attention.py)
 
     def sizes(self) -> dict[str, int]:
         sizes = {name: len(getattr(self, name)) for name in SECTIONS}
@@ -127,7 +128,8 @@ class StepBuffers:
         triton = ta.TritonMetadata(
             query_start=view("query_start"), context_lens=view("context_lens"),
             table_start=view("table_start"), block_tables=view("block_tables"),
-            tile_seq=view("tile_seq"), tile_start=view("tile_start"), block_m=plan.block_m)
+            tile_seq=view("tile_seq"), tile_start=view("tile_start"), block_m=plan.block_m,
+            num_splits=plan.num_splits)
         meta = AttentionMetadata(block_size=self.block_size, slot_mapping=view("slots"),
                                  num_decodes=0, decode_block_tables=None,
                                  decode_context_lens=None, prefills=[], triton=triton)
@@ -137,10 +139,15 @@ class StepBuffers:
 
 def plan_step(items: Sequence[tuple[Sequence[int], int, int, Sequence[int]]],
               sample: Sequence[bool], block_size: int, group: int, *,
-              pad_to: int | None = None, scratch_block: int = 0) -> StepPlan:
+              pad_to: int | None = None, scratch_block: int = 0,
+              target_tiles: int = 0) -> StepPlan:
     """``items``: per sequence (token ids, computed tokens, new tokens, block ids);
     ``sample``: whether each one's last new token is sampled. ``pad_to``: add one-token
-    sequences in ``scratch_block`` up to that many (decode graphs)."""
+    sequences in ``scratch_block`` up to that many (decode graphs). ``target_tiles``: tiles
+    per KV head that keep the device busy; a step with fewer splits its keys (0: never).
+
+    A padded decode step's split count depends on its padded size alone, as its graph does;
+    any other step's also on its longest context."""
     bs = block_size
     block_m = ta.block_m_for(group, max((n for _, _, n, _ in items), default=1))
     per_tile = ta.tile_tokens(block_m, group)
@@ -172,6 +179,8 @@ def plan_step(items: Sequence[tuple[Sequence[int], int, int, Sequence[int]]],
             tables.append(scratch_block)
             plan.tile_seq.append(s)
             plan.tile_start.append(0)
+    longest = None if pad_to is not None else max(plan.context_lens, default=0)
+    plan.num_splits = ta.num_splits(len(plan.tile_seq), target_tiles, longest)
     return plan
 
 
