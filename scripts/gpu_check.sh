@@ -9,7 +9,8 @@
 #
 # Stages, each bounded by `timeout` and logged to $OUT/<stage>.log; a failing stage stops no
 # other: (0) env: the machine, versions, import checks; (1) tests: pytest -m gpu tests/gpu;
-# (2a) kernel: bench/attention_kernel.py -> $OUT/attention_kernel.json; (2) bench:
+# (2a) kernel: bench/attention_kernel.py -> $OUT/attention_kernel.json; (2b) grammar:
+# bench/grammar_mask_ops.py -> $OUT/grammar_mask_ops.json; (2) bench:
 # bench/engine_bench.py --device cuda -> $OUT/engine_gpu.json and .md. The whole
 # script ends inside GPU_CHECK_BUDGET_S seconds (default 450: the call's limit is 8 minutes).
 set -u
@@ -109,6 +110,10 @@ stage tests "$(cap "$TESTS_S" 200)" python3 -m pytest -q -p no:cacheprovider -p 
 stage kernel "$(cap 60 240)" python3 bench/attention_kernel.py --device cuda \
   --out "$OUT/attention_kernel.json"
 
+# -- (2b) grammar masks of a step: row by row against all at once
+stage grammar "$(cap 45 240)" python3 bench/grammar_mask_ops.py --device cuda \
+  --tokenizer .gputok --out "$OUT/grammar_mask_ops.json"
+
 # -- (2) the engine benchmark: it skips its optional phases to end inside --budget-s
 # The Triton backend by name: "auto" stays on the torch path until these tests have passed on
 # a GPU (docs/engine.md, "On a GPU").
@@ -125,8 +130,8 @@ fi
 
 # -- summary
 {
-  echo "== gpu_check: $((SECONDS - START))s; rc: env=${RC[env]} tests=${RC[tests]} kernel=${RC[kernel]} bench=${RC[bench]} profile=${RC[profile]:-skipped}"
-  for name in env tests kernel bench; do
+  echo "== gpu_check: $((SECONDS - START))s; rc: env=${RC[env]} tests=${RC[tests]} kernel=${RC[kernel]} grammar=${RC[grammar]} bench=${RC[bench]} profile=${RC[profile]:-skipped}"
+  for name in env tests kernel grammar bench; do
     echo "== $name.log (tail)"
     tail -n 25 "$OUT/$name.log"
   done

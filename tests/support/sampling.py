@@ -33,6 +33,9 @@ class AllowOnly:
         self.token = token
         self.accepted: list[int] = []
 
+    def bitmask(self) -> None:
+        return None  # applied row by row
+
     def apply(self, logits: torch.Tensor) -> None:
         keep = logits[self.token].item() if self.token is not None else None
         logits.fill_(float("-inf"))

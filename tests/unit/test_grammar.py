@@ -24,6 +24,7 @@ from core.pb.electron.v1 import worker_pb2 as pb
 from core.tokenizer import Tokenizer
 from router.openai.schemas import parse_chat_request
 from router.tools.grammar_spec import grammar_spec, tool_use
+from tests.support.sampling import make_request
 from tests.support.schemas import (
     COMPILE_REFUSED,
     SCHEMAS,
@@ -34,7 +35,14 @@ from tests.support.schemas import (
     schema_spec,
     tool_spec,
 )
-from workers.engine.grammar import GrammarCompiler
+from workers.engine.grammar import (
+    CLOSE_MARGIN,
+    GrammarCompiler,
+    _bias_by_shifts,
+    _bias_by_table,
+    apply_bitmasks,
+    apply_bitmasks_at_once,
+)
 from workers.engine.request import Request
 from workers.engine.sampler import Sampler
 from workers.engine.sampling_params import SamplingParams
@@ -316,3 +324,93 @@ def test_the_routers_check_compiles_a_spec_once_and_keys_it_by_a_digest(monkeypa
             check_grammar(bad)
     assert len(compiled) == 2
     assert all(len(key) == 16 for key in grammar._verdicts)  # not the 200 kB spec
+
+
+# -- masks of many rows at once ------------------------------------------------------------------
+
+def test_the_bitmask_expands_alike_on_the_cpu_and_on_a_device():
+    """The byte table (CPU) and the shifts (a GPU's path, run here on the CPU) give the same
+    bias, negative words (bit 31 set) and a vocabulary that ends inside a word included."""
+    gen = torch.Generator().manual_seed(3)
+    words = torch.randint(-2**31, 2**31 - 1, (5, 40), dtype=torch.int32, generator=gen)
+    words[0] = -1  # every token
+    words[1] = 0   # none
+    for vocab in (1280, 1263):
+        table = _bias_by_table(words, vocab)
+        assert table.shape == (5, vocab)
+        assert torch.equal(table, _bias_by_shifts(words, vocab))
+        bits = [(int(words[r, t // 32]) >> (t % 32)) & 1 for r in (2, 4) for t in range(vocab)]
+        assert (table[[2, 4]].flatten() == 0).tolist() == [bool(b) for b in bits]
+
+
+def test_a_step_hands_its_plain_grammar_rows_over_together(compiler, tok, monkeypatch):
+    """Rows whose mask is their grammar's alone go to the device in one batch; a row the
+    budget closes (a forced token) is applied on its own; a row without a grammar is left
+    alone; a row whose only allowed token another stage banned (min_tokens keeps EOS out of a
+    complete document) takes the grammar's mask. The tokens are those of each row alone."""
+    from workers.engine import sampler as sampler_module
+
+    spec = schema_spec({"type": "object", "properties": {"s": {"type": "string"}},
+                        "required": ["s"]})
+    prefixes = ['{"s": "x"}', '{"', "", '{"s": "hello', '{"s": ']
+    budget_row = 3
+
+    def matchers():
+        out = []
+        for i, text in enumerate(prefixes):
+            m = compiler.matcher(spec, 8 + CLOSE_MARGIN if i == budget_row else None)
+            for token in tok.encode(text):
+                m.apply(torch.zeros(tok.vocab_size))
+                m.accept(token)
+            out.append(m)
+        return out
+
+    batched = []
+    real = sampler_module.apply_bitmasks
+    monkeypatch.setattr(sampler_module, "apply_bitmasks",
+                        lambda logits, rows, words: (batched.append(list(rows)),
+                                                     real(logits, rows, words)))
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(len(prefixes) + 1, tok.vocab_size, generator=gen) * 3
+    requests = [make_request(temperature=0.0, min_tokens=50 if i == 0 else 0)
+                for i in range(len(prefixes) + 1)]  # the last one without a grammar
+    for req, m in zip(requests, matchers()):
+        req.logits_mask = m
+    out = sampler_module.Sampler(tok.vocab_size, tok.eos_token_ids)(logits.clone(), requests)
+    assert batched == [[0, 1, 2, 4]]  # one batch; row 3 closes within its budget
+    assert not out.failed
+    alone = []
+    for i, m in enumerate(matchers()):
+        row = logits[i].clone()
+        m.apply(row)
+        alone.append(int(row.argmax()))
+    assert out.token_ids[:5] == alone
+    assert out.token_ids[0] in tok.eos_token_ids  # the grammar won over min_tokens
+    assert out.token_ids[3] == tok.encode('"}')[0]  # the budget's forced close
+    assert out.token_ids[5] == int(logits[5].argmax())
+
+
+@pytest.mark.parametrize("rows", [[0, 1, 2, 3], [1, 3]])
+def test_masks_at_once_equal_masks_row_by_row(rows):
+    """The GPU's way (``apply_bitmasks_at_once``, run here on the CPU) and the CPU's way give
+    the same logits, a row left with nothing taking its grammar's mask, other rows untouched."""
+    vocab = 1000
+    gen = torch.Generator().manual_seed(9)
+    words = [torch.randint(-2**31, 2**31 - 1, (32,), dtype=torch.int32, generator=gen)
+             for _ in rows]
+    logits = torch.randn(4, vocab, generator=gen)
+    logits[rows[-1]] = float("-inf")  # everything banned by an earlier stage
+    logits[rows[-1], 7] = 0.0         # but one token the grammar may not allow
+    words[-1][0] &= ~(1 << 7)
+    at_once, row_by_row = logits.clone(), logits.clone()
+    apply_bitmasks_at_once(at_once, rows, words)
+    apply_bitmasks(row_by_row, rows, words)
+    assert torch.equal(at_once, row_by_row)
+    for j, row in enumerate(rows):
+        allowed = _bias_by_table(words[j].unsqueeze(0), vocab)[0] == 0
+        if j == len(rows) - 1:  # the grammar wins: its tokens, equally likely
+            assert torch.equal(at_once[row], torch.where(allowed, 0.0, float("-inf")))
+        else:
+            assert torch.equal(at_once[row], logits[row].masked_fill(~allowed, float("-inf")))
+    for row in set(range(4)) - set(rows):
+        assert torch.equal(at_once[row], logits[row])

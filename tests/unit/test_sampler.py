@@ -127,6 +127,9 @@ def test_logits_mask_that_allows_one_token_forces_it_and_is_not_accepted_by_the_
 class Broken:
     """A grammar whose mask raises."""
 
+    def bitmask(self) -> None:
+        return None
+
     def apply(self, logits: torch.Tensor) -> None:
         raise RuntimeError("matcher exploded")
 

@@ -14,9 +14,15 @@ Overlap: after ``accept`` the mask of the next step is filled on a helper thread
 releases the GIL), so it runs beside the engine's next forward pass; ``apply`` waits for it.
 
 The mask is one bit per token (llguidance's layout: bit ``t % 32`` of 32-bit word ``t // 32``),
-turned into an additive bias (0 or -inf) through a 256-entry byte table. The mask is always
-filled and read on the CPU; for logits on another device (CUDA) only the bitmask (4 bytes per
-32 tokens) is copied there and expanded into the bias on that device.
+turned into an additive bias (0 or -inf): on the CPU through a 256-entry byte table; for
+logits on another device (CUDA) only the bitmask (4 bytes per 32 tokens) is copied there and
+expanded into the bias on that device. The mask is always filled and read on the CPU.
+
+Batched: every decision a row's mask takes (waiting for it, the budget's closing rule) is taken
+per row on the CPU, but a row whose mask is the grammar's alone (most rows, most steps) hands
+its bitmask to the sampler, which applies all such rows of a step together
+(``apply_bitmasks``): on a GPU at once (one copy, one expansion, one add) rather than a dozen
+small kernels per row; on the CPU row by row, which keeps each row in cache.
 """
 
 from __future__ import annotations
@@ -348,6 +354,8 @@ class GrammarMatcher:
         self._bytes = self._bits.numpy().view(np.uint8)  # the same memory
         self._pool = pool
         self._pending: Future[None] | None = None
+        self._ready = False  # the mask of this step is filled
+        self._step: _Step | None = None  # this step's decisions, once taken
         self._schedule_fill()
 
     @property
@@ -375,11 +383,14 @@ class GrammarMatcher:
         return self._budget is not None and self._budget.forced
 
     def _wait(self) -> None:
+        if self._ready:
+            return
         if self._pending is not None:
             self._result(self._pending)
             self._pending = None
         else:
             self._fill()
+        self._ready = True
 
     def _result(self, pending: Future[None]) -> None:
         try:
@@ -422,48 +433,54 @@ class GrammarMatcher:
             bias = torch.full((self._vocab_size,), float("-inf"))
             bias[self._eos] = 0.0
             return bias
-        return torch.from_numpy(
-            np.take(_BYTE_BIAS, self._bytes, axis=0).reshape(-1)[:self._vocab_size])
+        return _bias_by_table(self._bits.unsqueeze(0), self._vocab_size)[0]
 
     def allowed(self) -> torch.Tensor:
         """Booleans [vocab]: the tokens the grammar allows next."""
         return self._bias() == 0
 
+    def _decide(self) -> _Step | None:
+        """This step's decisions, taken once (waiting for the mask, the budget's closing
+        rule): None when adding the grammar's mask is all there is to do."""
+        if self._step is None:
+            self._wait()
+            forced = self._forced()
+            banned = self._budget.ban() if self._budget is not None else None
+            self._step = _Step(forced, banned, self._matcher.is_error())
+        step = self._step
+        return None if step.forced is None and step.banned is None and not step.error else step
+
+    def bitmask(self) -> torch.Tensor | None:
+        """The next token's mask as int32 words on the CPU when it is all this row needs
+        (the sampler then applies many rows' at once, ``apply_bitmasks``); None when the row
+        needs ``apply`` (a token the budget forces or bans, a failed matcher)."""
+        return self._bits if self._decide() is None else None
+
     def apply(self, logits: torch.Tensor) -> None:
         """Masks ``logits`` (one row, on any device) in place. Every decision is taken on the
         CPU, from the bitmask; only the bias added to the row goes to the row's device."""
-        self._wait()
-        forced = self._forced()
-        if forced is not None:
+        step = self._decide()
+        if step is None:
+            apply_bitmasks(logits.unsqueeze(0), [0], [self._bits])
+            return
+        if step.forced is not None:
             # Closing within the budget: only the completion's next token.
             logits.fill_(float("-inf"))
-            logits[forced] = 0.0
+            logits[step.forced] = 0.0
             return
-        on_cpu = logits.device.type == "cpu"
-        banned = self._budget.ban() if self._budget is not None else None
-        if on_cpu or banned is not None or self._matcher.is_error():
-            bias = self._bias_now()
-            if banned is not None and bool((bias[banned] == 0).any()):
-                kept = bias.clone()
-                kept[banned] = float("-inf")
-                if bool(kept.amax() == 0):
-                    bias = kept
-                    self._budget.forced = True
-            # A fresh CPU tensor: read before ``to`` returns, so it does not need to wait.
-            bias = bias.to(logits.device, non_blocking=True)
-        else:
-            bias = _device_bias(self._bits, self._vocab_size, logits.device)
-        logits.add_(bias)
-        if on_cpu:
-            if bool(logits.amax() == float("-inf")):
-                # Everything the grammar allows was banned by another stage (min_tokens keeps
-                # EOS out, logit_bias -100): the grammar wins, its tokens equally likely.
-                logits.copy_(bias)
-        else:
-            # The same rule, chosen on the device (no wait for the device here).
-            logits.copy_(torch.where(logits.amax() == float("-inf"), bias, logits))
+        bias = self._bias_now()
+        banned = step.banned
+        if banned is not None and bool((bias[banned] == 0).any()):
+            kept = bias.clone()
+            kept[banned] = float("-inf")
+            if bool(kept.amax() == 0):
+                bias = kept
+                self._budget.forced = True
+        # A fresh CPU tensor: read before ``to`` returns, so it does not need to wait.
+        _add_bias(logits.unsqueeze(0), bias.to(logits.device, non_blocking=True).unsqueeze(0))
 
     def accept(self, token_id: int) -> None:
+        self._ready, self._step = False, None
         if self._budget is not None:
             self._budget.accept(token_id)
         if not self._matcher.consume_token(token_id):
@@ -472,17 +489,77 @@ class GrammarMatcher:
             self._schedule_fill()
 
 
-def _device_bias(bits: torch.Tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
-    """The bias of ``_bias_now`` (0 where the bit of a token is set, else -inf), made on
-    ``device`` from the CPU bitmask ``bits`` (int32 words): one small copy, then expanded
-    there. The copy does not wait for the device; ``bits`` (pageable) is read before it
-    returns, so the helper thread may fill the next mask into it afterwards."""
-    words = bits.to(device, non_blocking=True)
-    shifts = torch.arange(32, dtype=torch.int32, device=device)
+@dataclass(frozen=True)
+class _Step:
+    """A row's decisions for one step (``GrammarMatcher._decide``)."""
+
+    forced: int | None  # the only token the budget allows
+    banned: torch.Tensor | None  # tokens the budget keeps out although the grammar allows them
+    error: bool  # the matcher failed: only EOS
+
+
+def apply_bitmasks(logits: torch.Tensor, rows: list[int], words: list[torch.Tensor]) -> None:
+    """Masks ``logits`` [batch, vocab] in place: row ``rows[j]`` keeps the tokens whose bit is
+    set in ``words[j]`` (int32 words on the CPU, llguidance's layout); ``rows`` ascending.
+
+    On a GPU all rows at once (``apply_bitmasks_at_once``: one copy, one expansion, one add,
+    where row by row would be a dozen small kernels per row). On the CPU row by row: each
+    row's bias and add stay in cache, where all rows at once stream rows x vocab floats through
+    memory several times (0.73x-0.88x as fast for 16-64 rows, bench/grammar_mask_ops.py)."""
+    if logits.device.type != "cpu":
+        apply_bitmasks_at_once(logits, rows, words)
+        return
+    for row, row_words in zip(rows, words):
+        _add_bias(logits[row:row + 1], _bias_by_table(row_words.unsqueeze(0), logits.shape[1]))
+
+
+def apply_bitmasks_at_once(logits: torch.Tensor, rows: list[int],
+                           words: list[torch.Tensor]) -> None:
+    """``apply_bitmasks`` in one batch of operations, on any device."""
+    vocab = logits.shape[1]
+    # One fresh CPU tensor: the matchers may refill their own words once this returns.
+    stacked = torch.stack(words)
+    if logits.device.type == "cpu":
+        bias = _bias_by_table(stacked, vocab)
+    else:
+        bias = _bias_by_shifts(stacked.to(logits.device, non_blocking=True), vocab)
+    if len(rows) == logits.shape[0]:
+        _add_bias(logits, bias)
+        return
+    index = torch.tensor(rows).to(logits.device, non_blocking=True)
+    picked = logits.index_select(0, index)
+    _add_bias(picked, bias)
+    logits.index_copy_(0, index, picked)
+
+
+def _add_bias(logits: torch.Tensor, bias: torch.Tensor) -> None:
+    """``logits += bias`` (rows of 0 and -inf) in place, except that a row left with nothing
+    (every token its grammar allows was banned by another stage: min_tokens keeps EOS out,
+    logit_bias -100) takes the bias itself: the grammar wins, its tokens equally likely.
+    Chosen on the device, without waiting for it."""
+    logits.add_(bias)
+    dead = logits.amax(-1, keepdim=True) == float("-inf")
+    if logits.device.type != "cpu":
+        logits.copy_(torch.where(dead, bias, logits))
+    elif bool(dead.any()):  # rare: on the CPU, no pass over every row for it
+        logits.copy_(torch.where(dead, bias, logits))
+
+
+def _bias_by_table(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Float [rows, vocab] on the CPU, 0 where a token's bit is set in ``words`` [rows, n]
+    (int32, CPU), else -inf: one numpy take through the byte table."""
+    rows = words.shape[0]
+    bytes_ = words.numpy().view(np.uint8)
+    return torch.from_numpy(np.take(_BYTE_BIAS, bytes_, axis=0).reshape(rows, -1)[:, :vocab_size])
+
+
+def _bias_by_shifts(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The same bias made where ``words`` are (a GPU): each word shifted by 0..31."""
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
     # An arithmetic shift of a negative word (bit 31 set) still leaves each bit in bit 0.
-    set_bits = ((words.unsqueeze(1) >> shifts) & 1).view(-1)[:vocab_size]
-    return torch.full((vocab_size,), float("-inf"), dtype=torch.float32,
-                      device=device).masked_fill_(set_bits.bool(), 0.0)
+    set_bits = ((words.unsqueeze(2) >> shifts) & 1).view(words.shape[0], -1)[:, :vocab_size]
+    return torch.full(set_bits.shape, float("-inf"), dtype=torch.float32,
+                      device=words.device).masked_fill_(set_bits.bool(), 0.0)
 
 
 def _short_error(matcher: llguidance.LLMatcher) -> str:

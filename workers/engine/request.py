@@ -28,6 +28,11 @@ class RequestStatus(enum.Enum):
 class LogitsMask(Protocol):
     """Grammar hook: masks the logits of the next token, then learns the chosen token."""
 
+    def bitmask(self) -> Any:  # int32 words on the CPU (llguidance's layout), or None
+        """The next token's mask as a bitmask when that is all there is to apply: the
+        sampler applies the bitmasks of a step's rows at once. None: call ``apply``."""
+        ...
+
     def apply(self, logits: Any) -> None:  # a 1-D float tensor of vocabulary size, in place
         ...
 

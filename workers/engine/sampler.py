@@ -10,7 +10,9 @@ the whole batch when no row needs it, and works only on the rows that need it:
    by the penalty, a negative one multiplied.
 4. ``presence_penalty`` / ``frequency_penalty`` (OpenAI), over output tokens only:
    ``logit -= frequency * count + presence * (count > 0)``.
-5. The grammar mask: ``request.logits_mask.apply(row)``; the engine calls ``accept`` later.
+5. The grammar mask: ``request.logits_mask``'s bitmask, the rows that have one applied at
+   once (``grammar.apply_bitmasks``), else its ``apply(row)``; the engine calls ``accept``
+   later.
 6. Logprobs: ``log_softmax`` of the logits as they are now. They describe the model's
    distribution after bias, penalties and masks, BEFORE temperature, top-k, top-p and min-p.
 7. Greedy rows (``temperature`` below ``GREEDY_BELOW_TEMPERATURE``): argmax, the lowest id on
@@ -56,6 +58,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .grammar import apply_bitmasks
 from .request import Request
 
 # Candidates tried for a top-p row without top-k: the most likely 128 tokens, if they hold
@@ -370,13 +373,23 @@ def _uniforms(keys: list[int], counters: list[int], device: torch.device) -> Ten
 
 def _apply_masks(logits: Tensor, requests: list[Request], failed: dict[int, str]) -> bool:
     rows = [i for i, r in enumerate(requests) if r.logits_mask is not None]
-    for i in rows:
-        try:
-            requests[i].logits_mask.apply(logits[i])
-        except Exception as exc:  # this request's grammar: the other rows go on
-            failed[i] = f"its grammar failed: {type(exc).__name__}: {exc}"
     if not rows:
         return False
+    plain_rows: list[int] = []
+    plain_words: list[Tensor] = []
+    for i in rows:
+        mask = requests[i].logits_mask
+        try:
+            words = mask.bitmask()
+            if words is None:
+                mask.apply(logits[i])
+            else:
+                plain_rows.append(i)
+                plain_words.append(words)
+        except Exception as exc:  # this request's grammar: the other rows go on
+            failed[i] = f"its grammar failed: {type(exc).__name__}: {exc}"
+    if plain_rows:  # the rows whose mask is their grammar's alone, all at once
+        apply_bitmasks(logits, plain_rows, plain_words)
     dead = _select(logits, rows).amax(-1) == float("-inf")
     for j in dead.nonzero().flatten().tolist():
         failed.setdefault(rows[j], "its grammar allows no token")
