@@ -536,12 +536,10 @@ def _add_bias(logits: torch.Tensor, bias: torch.Tensor) -> None:
     """``logits += bias`` (rows of 0 and -inf) in place, except that a row left with nothing
     (every token its grammar allows was banned by another stage: min_tokens keeps EOS out,
     logit_bias -100) takes the bias itself: the grammar wins, its tokens equally likely.
-    Chosen on the device, without waiting for it."""
+    On a GPU chosen there, without waiting for it; on the CPU only when a row needs it."""
     logits.add_(bias)
     dead = logits.amax(-1, keepdim=True) == float("-inf")
-    if logits.device.type != "cpu":
-        logits.copy_(torch.where(dead, bias, logits))
-    elif bool(dead.any()):  # rare: on the CPU, no pass over every row for it
+    if logits.device.type != "cpu" or bool(dead.any()):
         logits.copy_(torch.where(dead, bias, logits))
 
 

@@ -10,9 +10,9 @@ the whole batch when no row needs it, and works only on the rows that need it:
    by the penalty, a negative one multiplied.
 4. ``presence_penalty`` / ``frequency_penalty`` (OpenAI), over output tokens only:
    ``logit -= frequency * count + presence * (count > 0)``.
-5. The grammar mask: ``request.logits_mask``'s bitmask, the rows that have one applied at
-   once (``grammar.apply_bitmasks``), else its ``apply(row)``; the engine calls ``accept``
-   later.
+5. The grammar mask: the rows whose mask hands over a bitmask are masked together
+   (``grammar.apply_bitmasks``), the others by their mask's ``apply(row)``; the engine calls
+   ``accept`` later.
 6. Logprobs: ``log_softmax`` of the logits as they are now. They describe the model's
    distribution after bias, penalties and masks, BEFORE temperature, top-k, top-p and min-p.
 7. Greedy rows (``temperature`` below ``GREEDY_BELOW_TEMPERATURE``): argmax, the lowest id on
