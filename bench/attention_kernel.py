@@ -20,16 +20,16 @@ import argparse
 import json
 import os
 import platform
-import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.support.paged_attention import build, reference  # noqa: E402
 from workers.models import triton_attention as ta  # noqa: E402
 
 PAGE = 16
@@ -48,50 +48,6 @@ SWEEP = ("decode_b1_8k", "chunk16_over_8k")
 # The interpreter's check: small shapes, float32.
 CPU_CASES = {"decode_b1_600": [(1, 600)], "decode_b3_200": [(1, 200)] * 3,
              "chunk16_over_500": [(16, 500)]}
-
-
-def build(shape, heads, kv_heads, head_dim, dtype, device, num_splits, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    blocks = sum(-(-c // PAGE) for _, c in shape) + 1
-    caches = [torch.randn(blocks, PAGE, kv_heads, head_dim, generator=gen).to(dtype).to(device)
-              for _ in range(2)]
-    free = list(range(1, blocks))
-    random.Random(seed).shuffle(free)
-    tables = [[free.pop() for _ in range(-(-c // PAGE))] for _, c in shape]
-    q = torch.randn(sum(n for n, _ in shape), heads, head_dim, generator=gen).to(dtype)
-    block_m = ta.block_m_for(heads // kv_heads, max(n for n, _ in shape))
-    per_tile = ta.tile_tokens(block_m, heads // kv_heads)
-    query_start, tile_seq, tile_start = [0], [], []
-    for i, (n, _) in enumerate(shape):
-        query_start.append(query_start[-1] + n)
-        for first in range(0, n, per_tile):
-            tile_seq.append(i)
-            tile_start.append(first)
-
-    def ints(values):
-        return torch.tensor(values, dtype=torch.int32, device=device)
-
-    meta = ta.TritonMetadata(
-        query_start=ints(query_start), context_lens=ints([c for _, c in shape]),
-        table_start=ints([sum(len(t) for t in tables[:i]) for i in range(len(tables))]),
-        block_tables=ints([b for t in tables for b in t]), tile_seq=ints(tile_seq),
-        tile_start=ints(tile_start), block_m=block_m, num_splits=num_splits)
-    return q.to(device), caches, tables, meta
-
-
-def reference(q, caches, shape, tables, scale):
-    out, start = torch.empty_like(q), 0
-    for (n, c), table in zip(shape, tables):
-        pos = torch.arange(c, device=q.device)
-        slots = torch.tensor(table, device=q.device)[pos // PAGE] * PAGE + pos % PAGE
-        k, v = (cache.reshape(-1, *cache.shape[2:])[slots].transpose(0, 1)[None].float()
-                for cache in caches)
-        mask = pos[None, :] <= pos[c - n:, None]
-        o = F.scaled_dot_product_attention(q[start:start + n].transpose(0, 1)[None].float(), k,
-                                           v, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[start:start + n] = o[0].transpose(0, 1).to(q.dtype)
-        start += n
-    return out
 
 
 def time_calls(fn, device: torch.device, calls: int = 50) -> float:
@@ -114,26 +70,27 @@ def time_calls(fn, device: torch.device, calls: int = 50) -> float:
 
 def run_case(name, shape, *, heads, kv_heads, head_dim, dtype, device, target_tiles, sweep):
     scale = head_dim ** -0.5
-    tiles = len(build(shape, heads, kv_heads, head_dim, dtype, "cpu", 1)[3].tile_seq)
+    dims = dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, page=PAGE, dtype=dtype)
+    q, key_cache, value_cache, seqs, meta = build(shape, device=device, **dims)
+    tiles = meta.tile_seq.shape[0]
     decode = all(n == 1 for n, _ in shape)
     # The runner's rule: a (graphed) decode step by its size alone, any other also by its
     # longest context.
     chosen = ta.num_splits(tiles, target_tiles,
                            None if decode else max(c for _, c in shape))
     counts = sorted({1, chosen, *((2, 4, 8, 16, 32) if sweep else ())})
-    q, caches, tables, _ = build(shape, heads, kv_heads, head_dim, dtype, device, 1)
-    want = reference(q, caches, shape, tables, scale).float()
+    want = reference(q, key_cache, value_cache, seqs, scale).float()
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     timings = {}
     for splits in counts:
-        meta = build(shape, heads, kv_heads, head_dim, dtype, device, splits)[3]
-        got = ta.paged_attention(q, caches[0], caches[1], meta, scale)
+        split_meta = replace(meta, num_splits=splits)
+        got = ta.paged_attention(q, key_cache, value_cache, split_meta, scale)
         torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
         out = torch.empty_like(q)
         timings[splits] = time_calls(
-            lambda m=meta: ta.paged_attention(q, caches[0], caches[1], m, scale, out=out),
+            lambda m=split_meta: ta.paged_attention(q, key_cache, value_cache, m, scale, out=out),
             torch.device(device))
-    kv_bytes = sum(c for _, c in shape) * kv_heads * head_dim * 2 * caches[0].element_size()
+    kv_bytes = sum(c for _, c in shape) * kv_heads * head_dim * 2 * key_cache.element_size()
     row = {"case": name, "seqs": len(shape), "new_tokens": shape[0][0],
            "context": shape[0][1], "tiles": tiles, "splits": chosen,
            "us_unsplit": round(timings[1], 2), "us_split": round(timings[chosen], 2),
