@@ -8,6 +8,7 @@ each: the next token of each is sampled from it).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import torch
 
 from core.config import EngineConfig
 from core.model_files import resolve_model_path
+from workers import malloc
 from workers.models import triton_attention
 from workers.models.attention import (
     AttentionMetadata,
@@ -104,6 +106,10 @@ class ModelRunner:
                  self.model_path.name, self.device, self.dtype, self.num_blocks,
                  self.block_size, self.num_blocks * bytes_per_block / 2**20,
                  self.attention_backend)
+        # On a CPU the forward's tensors come from the heap, each layer reusing what the last
+        # one freed, not a fresh mapping each (workers/malloc.py).
+        self._step_memory = (malloc.step_heap if self.device.type == "cpu"
+                             else contextlib.nullcontext)
         self.graphs: DecodeGraphs | None = None
         self.graph_capture_s: float | None = None
         if triton:
@@ -231,9 +237,10 @@ class ModelRunner:
             decode_context_lens=decode_context_lens,
             prefills=prefills,
         )
-        hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=dev),
-                            torch.tensor(positions, dtype=torch.long, device=dev),
-                            self.kv_caches, meta)
+        with self._step_memory():
+            hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=dev),
+                                torch.tensor(positions, dtype=torch.long, device=dev),
+                                self.kv_caches, meta)
         if not sample_rows:
             return None
         rows = torch.tensor(sample_rows, dtype=torch.long, device=dev)
