@@ -1,0 +1,140 @@
+"""Two CPU memory paths of the torch engine, each against what it replaced, in one run.
+
+    python bench/cpu_memory_paths.py --out bench/results/cpu_memory_paths.json
+
+1. **Prefill shapes** (`workers.models.attention.padded_length`). In a fresh process per
+   side, SDPA in bfloat16 on 3,000 prefill shapes drawn like a serving mix (chunks of 2..512
+   new tokens, log-uniform; half whole prompts, half over a cached context of up to 8,192
+   tokens): exact lengths against lengths padded to buckets. RSS (after ``malloc_trim``) is
+   read after every 500; on a CPU with AMX, torch compiles and keeps brgemm kernels per shape.
+2. **A forward's heap** (`workers.malloc.step_heap`). Our engine with SmolLM2: a 1,024-token
+   prefill and decode steps at batch 1 and 16, each timed with the forward inside
+   ``step_heap`` and outside it, alternating, in one process; minor page faults per prefill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+SHAPES_PROGRAM = """
+import ctypes, json, random, sys, time
+import torch, torch.nn.functional as F
+import workers
+from workers.models.attention import padded_length
+torch.set_num_threads(int(sys.argv[2]))
+libc = ctypes.CDLL(None)
+def rss():
+    libc.malloc_trim(0)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+pad = padded_length if sys.argv[1] == "padded" else (lambda n: n)
+rng = random.Random(0)
+heads, kv_heads, d = 9, 3, 64  # SmolLM2-135M
+trace, start, t0 = [], rss(), time.perf_counter()
+for i in range(3000):
+    n = round(2 * 256 ** rng.random())
+    context = n + rng.choice([0, rng.randint(1, 8192)])
+    q_len, k_len = pad(n), pad(context)
+    q = torch.randn(1, heads, q_len, d, dtype=torch.bfloat16)
+    k = torch.randn(1, kv_heads, k_len, d, dtype=torch.bfloat16)
+    if context == n:
+        F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True)
+    else:
+        mask = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
+        F.scaled_dot_product_attention(q, k, k, attn_mask=mask, enable_gqa=True)
+    if i % 500 == 499:
+        trace.append(round(rss() - start, 1))
+print(json.dumps({"growth_trace_mib": trace, "seconds": time.perf_counter() - t0}))
+"""
+
+
+def shapes(threads: int) -> dict[str, Any]:
+    out = {}
+    for side in ("exact", "padded"):
+        done = subprocess.run([sys.executable, "-c", SHAPES_PROGRAM, side, str(threads)],
+                              cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+                              capture_output=True, text=True, check=True, timeout=900)
+        out[side] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"shapes {side}: RSS growth {out[side]['growth_trace_mib']} MiB, "
+              f"{out[side]['seconds']:.1f} s", flush=True)
+    return out
+
+
+def minor_faults() -> int:
+    return int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
+def heap(threads: int, repeats: int) -> dict[str, Any]:
+    import torch
+    from engine_bench import OurEngine, parse_args, random_prompts
+
+    from workers import malloc
+
+    torch.set_num_threads(threads)
+    ours = OurEngine.build(parse_args(["--threads", str(threads)]), 64)
+    runner = ours.engine.runner
+    sides = {"step_heap": malloc.step_heap, "without": contextlib.nullcontext}
+    ours.run(random_prompts(1, 1024, "heap/warm"), 1)
+    out: dict[str, Any] = {}
+    for what in ("prefill_1024", "decode_b1", "decode_b16"):
+        rates: dict[str, list[float]] = {s: [] for s in sides}
+        faults: dict[str, list[int]] = {s: [] for s in sides}
+        for r in range(repeats):
+            for side, memory in sides.items():
+                runner._step_memory = memory
+                tag = f"heap/{what}/{side}/{r}"
+                if what == "prefill_1024":
+                    before = minor_faults()
+                    seconds = ours.run(random_prompts(1, 1024, tag), 1)
+                    faults[side].append(minor_faults() - before)
+                    rates[side].append(1024 / seconds)
+                else:
+                    batch, n = int(what.rsplit("b", 1)[1]), 33
+                    one = ours.run(random_prompts(batch, 128, tag), 1)
+                    all_ = ours.run(random_prompts(batch, 128, tag + "/n"), n)
+                    rates[side].append(batch * (n - 1) / (all_ - one))
+        median = {s: statistics.median(v) for s, v in rates.items()}
+        out[what] = {"tokens_per_s": rates, "median": median,
+                     "ratio": median["step_heap"] / median["without"]}
+        if what == "prefill_1024":
+            out[what]["minor_faults"] = faults
+        print(f"{what}: step_heap / without = {out[what]['ratio']:.3f} ({median})", flush=True)
+    runner._step_memory = malloc.step_heap
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=ROOT / "bench/results/cpu_memory_paths.json")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo")
+                      if line.startswith("flags")), []))
+    result: dict[str, Any] = {
+        "machine": {"cpu": cpu, "amx_bf16": "amx_bf16" in flags, "threads": args.threads,
+                    "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "command": " ".join([sys.executable, *sys.argv])}}
+    result["prefill_shapes"] = shapes(args.threads)
+    result["forward_heap"] = heap(args.threads, args.repeats)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
