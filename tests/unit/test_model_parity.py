@@ -193,14 +193,15 @@ def test_batch_mixing_decodes_and_prefills_matches_separate_full_prefills(smollm
         assert (actual - expected).abs().max().item() < 1e-4
 
 
-def test_large_decode_batch_of_different_lengths_matches_full_prefills(smollm):
-    # More decodes than SDPA_MAX_DECODES: the batched-matmul path, with block tables of
-    # different widths padded with block 0 and masked by each sequence's context length.
+@pytest.mark.parametrize("count", [8, SDPA_MAX_DECODES, SDPA_MAX_DECODES + 4])
+def test_decode_batches_of_different_lengths_match_full_prefills(smollm, count):
+    # Up to SDPA_MAX_DECODES decodes, SDPA over whole gathered blocks; more, the batched-matmul
+    # path over gathered rows: block tables of different widths padded with block 0 and
+    # masked by each sequence's context length either way.
     ours, _, _ = smollm
-    sequences = {f"s{i}": PROMPT[i:i + length]
-                 for i, length in enumerate((3, 17, 16, 33, 9, 48, 2, 25))}
-    assert len(sequences) > SDPA_MAX_DECODES
-    seqs = PagedSequences(ours.config, torch.float32)
+    lengths = [(3, 17, 16, 33, 9, 48, 2, 25)[i % 8] + i // 8 for i in range(count)]
+    sequences = {f"s{i}": PROMPT[i:i + length] for i, length in enumerate(lengths)}
+    seqs = PagedSequences(ours.config, torch.float32, num_blocks=128)
     # Everything but each last token; "s6" has a one-token prefix, which goes as a decode.
     seqs.step(ours, [("s6", sequences["s6"][:1], 0)] + [
         (name, tokens[:-1], 0) for name, tokens in sequences.items() if name != "s6"])

@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .triton_attention import TritonMetadata, paged_attention
 
-# Decode batches up to this size use SDPA's fused kernel (fewest ops: per-op overhead rules
-# small batches on CPU); larger ones use bmm + softmax, which SDPA's kernel (tiled for long
-# queries, here only `group` rows long) trails by 1.5-2x at batch 16-64.
-SDPA_MAX_DECODES = 4
+# Decode batches up to this size gather whole blocks and run SDPA's fused kernel on them in
+# place (strided: no transpose copy); larger ones gather rows into [B * kvh, L, head_dim] for
+# bmm + softmax. On an Intel Xeon with AMX the first made decode 1.12-1.13x faster at B = 8
+# and 16 and was within 8 % either way at 32-64 (bench/README.md, bench/cpu_paths.py).
+SDPA_MAX_DECODES = 16
 
 
 def padded_length(n: int) -> int:
@@ -89,8 +90,12 @@ def write_kv(kv_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
 
 @dataclass(frozen=True)
 class _DecodePlan:
-    rows: torch.Tensor  # LongTensor[B * kvh * L]: rows of the cache viewed as [-1, head_dim]
-    bias: torch.Tensor  # [B * kvh, 1, L] in the model dtype: 0 where visible, -inf past the end
+    # SDPA (B <= SDPA_MAX_DECODES): the block tables, flat (LongTensor[B * blocks]); else
+    # LongTensor[B * kvh * L], rows of the cache viewed as [-1, head_dim].
+    index: torch.Tensor
+    # In the model dtype, 0 where visible, -inf past the end: SDPA [B, 1, 1, L], else
+    # [B * kvh, 1, L].
+    bias: torch.Tensor
     span: int  # L: the longest block table's tokens
 
 
@@ -137,19 +142,22 @@ class PagedAttention:
         tables, lens = meta.decode_block_tables, meta.decode_context_lens
         if tables is None or lens is None:
             raise ValueError("decodes need decode_block_tables and decode_context_lens")
-        bs, kvh = meta.block_size, self.num_kv_heads
+        bs, kvh, batch = meta.block_size, self.num_kv_heads, tables.shape[0]
         span = tables.shape[1] * bs
         pos = torch.arange(span, device=tables.device)
-        slots = tables[:, pos // bs] * bs + pos % bs  # [B, L]
-        # Rows ordered (sequence, kv head, position): one gather lands directly in the
-        # [B, kvh, L, head_dim] layout attention wants, with no transpose copy.
-        heads = torch.arange(kvh, device=tables.device)
-        rows = (slots.unsqueeze(1) * kvh + heads.view(1, kvh, 1)).reshape(-1)
         visible = pos.unsqueeze(0) < lens.unsqueeze(1)  # [B, L]
         bias = torch.zeros(visible.shape, dtype=dtype, device=tables.device)
         bias.masked_fill_(~visible, float("-inf"))
-        bias = bias.repeat_interleave(kvh, dim=0).unsqueeze(1)
-        return _DecodePlan(rows=rows, bias=bias, span=span)
+        if batch <= SDPA_MAX_DECODES:
+            return _DecodePlan(index=tables.reshape(-1), bias=bias.view(batch, 1, 1, span),
+                               span=span)
+        slots = tables[:, pos // bs] * bs + pos % bs  # [B, L]
+        # Rows ordered (sequence, kv head, position): one gather lands directly in the
+        # [B, kvh, L, head_dim] layout the batched matmuls want, with no transpose copy.
+        heads = torch.arange(kvh, device=tables.device)
+        rows = (slots.unsqueeze(1) * kvh + heads.view(1, kvh, 1)).reshape(-1)
+        return _DecodePlan(index=rows, bias=bias.repeat_interleave(kvh, dim=0).unsqueeze(1),
+                           span=span)
 
     @staticmethod
     def _plan_prefill(seq: PrefillSeq, bs: int) -> _PrefillPlan:
@@ -189,15 +197,20 @@ class PagedAttention:
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, plan: _DecodePlan) -> torch.Tensor:
         batch, kvh, d, span = q.shape[0], self.num_kv_heads, self.head_dim, plan.span
-        keys = self._gather(kv_cache, 0, (-1, d), plan.rows).view(batch, kvh, span, d)
-        values = self._gather(kv_cache, 1, (-1, d), plan.rows).view(batch, kvh, span, d)
         # Query heads h*group .. h*group+group-1 share KV head h (HF repeat_kv order), so the
         # group becomes the "query length" of attention per (sequence, KV head): no K/V repeat.
         queries = q.reshape(batch, kvh, self.group, d)
         if batch <= SDPA_MAX_DECODES:
-            out = F.scaled_dot_product_attention(queries, keys, values, scale=self.scale,
-                                                 attn_mask=plan.bias.view(batch, kvh, 1, span))
+            # Whole blocks [B * blocks, block_size, kvh, d], read as [B, kvh, L, d] in place.
+            block = (-1, *kv_cache.shape[2:])
+            keys = self._gather(kv_cache, 0, block, plan.index).view(batch, span, kvh, d)
+            values = self._gather(kv_cache, 1, block, plan.index).view(batch, span, kvh, d)
+            out = F.scaled_dot_product_attention(queries, keys.transpose(1, 2),
+                                                 values.transpose(1, 2), scale=self.scale,
+                                                 attn_mask=plan.bias)
             return out.view(batch, self.num_heads, d)
+        keys = self._gather(kv_cache, 0, (-1, d), plan.index).view(batch, kvh, span, d)
+        values = self._gather(kv_cache, 1, (-1, d), plan.index).view(batch, kvh, span, d)
         scores = torch.baddbmm(plan.bias, queries.reshape(batch * kvh, self.group, d),
                                keys.view(batch * kvh, span, d).transpose(1, 2), alpha=self.scale)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
