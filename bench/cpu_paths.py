@@ -1,6 +1,6 @@
-"""Two CPU memory paths of the torch engine, each against what it replaced, in one run.
+"""CPU paths of the torch engine, each against what it replaced, in one run.
 
-    python bench/cpu_memory_paths.py --out bench/results/cpu_memory_paths.json
+    python bench/cpu_paths.py --out bench/results/cpu_paths.json
 
 1. **Prefill shapes** (`workers.models.attention.padded_length`). In a fresh process per
    side, SDPA in bfloat16 on 3,000 prefill shapes drawn like a serving mix (chunks of 2..512
@@ -10,6 +10,10 @@
 2. **A forward's heap** (`workers.malloc.step_heap`). Our engine with SmolLM2: a 1,024-token
    prefill and decode steps at batch 1 and 16, each timed with the forward inside
    ``step_heap`` and outside it, alternating, in one process; minor page faults per prefill.
+3. **Decode attention** (`workers.models.attention.SDPA_MAX_DECODES`). The same engine's
+   decode at batch 8 and 16 (128-token prompts, 33 new tokens), alternating between SDPA
+   over gathered blocks (today: batches up to 16) and the batched matmuls over gathered rows
+   that served every batch over 4 before.
 """
 
 from __future__ import annotations
@@ -116,9 +120,39 @@ def heap(threads: int, repeats: int) -> dict[str, Any]:
     return out
 
 
+def decode_attention(threads: int, repeats: int) -> dict[str, Any]:
+    import torch
+    from engine_bench import OurEngine, parse_args, random_prompts
+
+    from workers.models import attention
+
+    torch.set_num_threads(threads)
+    ours = OurEngine.build(parse_args(["--threads", str(threads)]), 64)
+    today = attention.SDPA_MAX_DECODES
+    sides = {"sdpa_blocks": today, "bmm_rows": 4}
+    ours.run(random_prompts(16, 128, "decode/warm"), 4)
+    out: dict[str, Any] = {}
+    for batch in (8, 16):
+        rates: dict[str, list[float]] = {s: [] for s in sides}
+        for r in range(repeats):
+            for side, limit in sides.items():
+                attention.SDPA_MAX_DECODES = limit
+                tag, n = f"decode/b{batch}/{side}/{r}", 33
+                one = ours.run(random_prompts(batch, 128, tag), 1)
+                all_ = ours.run(random_prompts(batch, 128, tag + "/n"), n)
+                rates[side].append(batch * (n - 1) / (all_ - one))
+        attention.SDPA_MAX_DECODES = today
+        median = {s: statistics.median(v) for s, v in rates.items()}
+        out[f"decode_b{batch}"] = {"tokens_per_s": rates, "median": median,
+                                   "ratio": median["sdpa_blocks"] / median["bmm_rows"]}
+        print(f"decode b{batch}: sdpa_blocks / bmm_rows = "
+              f"{out[f'decode_b{batch}']['ratio']:.3f} ({median})", flush=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=ROOT / "bench/results/cpu_memory_paths.json")
+    p.add_argument("--out", type=Path, default=ROOT / "bench/results/cpu_paths.json")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
@@ -132,6 +166,7 @@ def main() -> None:
                     "command": " ".join([sys.executable, *sys.argv])}}
     result["prefill_shapes"] = shapes(args.threads)
     result["forward_heap"] = heap(args.threads, args.repeats)
+    result["decode_attention"] = decode_attention(args.threads, args.repeats)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
 
