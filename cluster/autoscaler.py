@@ -39,6 +39,7 @@ from cluster.fleet import (
     WorkerSet,
     run_every,
 )
+from core.aio import within
 from core.config import Config, PoolConfig
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class PoolScaler:
         ids = self.serving
         asked_at = time.monotonic()
         infos = await asyncio.gather(
-            *(asyncio.wait_for(self.workers.actors[w].info.remote(), INFO_TIMEOUT_S)
+            *(within(self.workers.actors[w].info.remote(), INFO_TIMEOUT_S)
               for w in ids), return_exceptions=True)
         demand = []
         for worker_id, info in zip(ids, infos):
@@ -201,10 +202,10 @@ class PoolScaler:
         deadline = time.monotonic() + self._settings.drain_timeout_s
         try:
             # Bounded like every call to a worker: a hung one must not hold the stop.
-            await asyncio.wait_for(handle.drain.remote(), INFO_TIMEOUT_S)
+            await within(handle.drain.remote(), INFO_TIMEOUT_S)
             await asyncio.sleep(self._settle_s)
             while time.monotonic() < deadline:
-                info = await asyncio.wait_for(handle.info.remote(), INFO_TIMEOUT_S)
+                info = await within(handle.info.remote(), INFO_TIMEOUT_S)
                 if info["running"] + info["waiting"] == 0:
                     return
                 await asyncio.sleep(0.2)
@@ -324,7 +325,7 @@ class Autoscaler(Fleet):
             from ray.autoscaler.sdk import request_resources
 
             try:
-                await asyncio.wait_for(asyncio.to_thread(request_resources, bundles=[]),
-                                       WITHDRAW_TIMEOUT_S)
+                await within(asyncio.to_thread(request_resources, bundles=[]),
+                             WITHDRAW_TIMEOUT_S)
             except (RayError, TimeoutError) as exc:
                 log.warning("could not withdraw the resource request: %s", exc)

@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable
 import ray
 from ray.exceptions import RayActorError
 
+from core.aio import within
 from core.config import Config
 from workers.actor import create_worker_actor, find_worker_actors
 
@@ -239,7 +240,7 @@ class WorkerSet:
         ids = list(self.addresses)
         asked_at = time.monotonic()
         answers = await asyncio.gather(
-            *(asyncio.wait_for(self.actors[w].health.remote(), timeout_s) for w in ids),
+            *(within(self.actors[w].health.remote(), timeout_s) for w in ids),
             return_exceptions=True)
         lost = {w: f"it failed to start: {exc}" for w, exc in self.failures.items()}
         for worker_id, answer in zip(ids, answers):
@@ -262,7 +263,7 @@ async def stop_actor(worker_id: str, handle: ray.actor.ActorHandle,
                      grace_s: float) -> None:
     """A serving worker's ``stop()`` (bounded), then ``ray.kill``."""
     try:
-        await asyncio.wait_for(handle.stop.remote(grace_s), grace_s + 10)
+        await within(handle.stop.remote(grace_s), grace_s + 10)
     except RayActorError:
         log.info("worker %s was already gone", worker_id)
     except Exception as exc:  # noqa: BLE001 - it is killed below whatever went wrong
@@ -334,8 +335,8 @@ class StaticFleet(Fleet):
         """Stops an adopted worker the fleet has no room for, gracefully once it answers."""
         handle = self.workers.actors[worker_id]
         with contextlib.suppress(RayActorError, TimeoutError):
-            await asyncio.wait_for(handle.ready.remote(), HEALTH_TIMEOUT_S)
-            await asyncio.wait_for(handle.drain.remote(), HEALTH_TIMEOUT_S)
+            await within(handle.ready.remote(), HEALTH_TIMEOUT_S)
+            await within(handle.drain.remote(), HEALTH_TIMEOUT_S)
         # Routers see the draining mark within a poll: then it leaves gracefully.
         await asyncio.sleep(2 * self._config.router.registry_poll_s)
         await self.workers.stop_one(worker_id)

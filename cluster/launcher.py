@@ -44,6 +44,7 @@ from cluster.fleet import (
     stop_actor,
 )
 from cluster.registry import RayWorkerSource, registry_actor
+from core.aio import within
 from core.cluster_token import new_cluster_token
 from core.config import Config, ConfigError
 from core.endpoints import HEAD_RESOURCE, WorkerSource
@@ -494,11 +495,11 @@ async def run_down(config: Config) -> None:
 
 async def _drain_and_stop(config: Config, worker_id: str, handle: Any) -> None:
     try:
-        await asyncio.wait_for(handle.drain.remote(), config.cluster.registry_timeout_s + 5)
+        await within(handle.drain.remote(), config.cluster.registry_timeout_s + 5)
         await asyncio.sleep(2 * config.router.registry_poll_s + config.cluster.heartbeat_s)
         deadline = asyncio.get_running_loop().time() + config.autoscaler.drain_timeout_s
         while asyncio.get_running_loop().time() < deadline:
-            info = await asyncio.wait_for(handle.info.remote(), 5)
+            info = await within(handle.info.remote(), 5)
             if info["running"] + info["waiting"] == 0:
                 break
             await asyncio.sleep(0.2)
@@ -510,7 +511,7 @@ async def _drain_and_stop(config: Config, worker_id: str, handle: Any) -> None:
 async def _first_worker(workers: Fleet, timeout_s: float) -> None:
     """Until one worker serves; StartupFailed after ``timeout_s`` (0: no limit)."""
     try:
-        await asyncio.wait_for(workers.wait_ready(1), timeout_s or None)
+        await within(workers.wait_ready(1), timeout_s or None)
     except TimeoutError:
         raise StartupFailed(
             f"no worker was serving {timeout_s:.0f} s after start (cluster.start_timeout_s): "

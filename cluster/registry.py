@@ -22,7 +22,6 @@ routers, is bounded by ``cluster.registry_timeout_s``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import warnings
@@ -31,6 +30,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
+from core.aio import within
 from core.config import ClusterConfig
 from core.endpoints import (
     HEAD_RESOURCE,
@@ -149,8 +149,7 @@ class RayWorkerSource:
                 raise IncompleteListing(f"no registry actor in Ray namespace "
                                         f"{self._namespace!r} (yet)")
         try:
-            workers, complete = await asyncio.wait_for(self._registry.list.remote(),
-                                                       self._timeout_s)
+            workers, complete = await within(self._registry.list.remote(), self._timeout_s)
         except TimeoutError:
             raise IncompleteListing(f"the registry did not answer within "
                                     f"{self._timeout_s:g} s") from None

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.fleet import StartupFailed
+from core.aio import within
 from core.config import Config, ConfigError
 from core.endpoints import WorkerSource
 from router.api.server import bound_socket, listen_socket
@@ -289,7 +290,7 @@ async def supervise(config: Config, log_level: str = "info",
                 c.conn.close()
                 children[i] = start(c.index)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), POLL_S * 5)
+                await within(stop.wait(), POLL_S * 5)
     finally:
         await _stop_children(children)
         holder.close()

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray.exceptions import RayActorError, RayError
 
+from core.aio import within
 from core.config import ClusterConfig, Config
 from core.endpoints import REGISTRY_NAME, WorkerEndpoint
 from core.heap import settle_heap
@@ -115,7 +116,7 @@ class WorkerActor:
 
     async def _registry_call(self, ref: Any) -> Any:
         """A registry call's result; TimeoutError past ``cluster.registry_timeout_s``."""
-        return await asyncio.wait_for(ref, self._config.cluster.registry_timeout_s)
+        return await within(ref, self._config.cluster.registry_timeout_s)
 
     def _on_engine_failure(self) -> None:
         """Leaves the registry (routers stop picking it at their next poll; its gRPC health

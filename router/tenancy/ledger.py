@@ -60,6 +60,7 @@ from typing import Any
 
 import orjson
 
+from core.aio import within
 from core.errors import InvalidRequest
 from router.tenancy.sqldb import Database, DatabaseUnavailable
 
@@ -266,7 +267,7 @@ class Ledger:
     async def _flush_loop(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), self._flush_s)
+                await within(self._wake.wait(), self._flush_s)
             except TimeoutError:
                 pass
             self._wake.clear()

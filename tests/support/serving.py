@@ -47,9 +47,25 @@ async def serve_router(app, *, send_buffer: int | None = None, **settings: Any) 
     return Router(app, server, task, f"http://127.0.0.1:{sock.getsockname()[1]}")
 
 
-async def stop_router(router: Router) -> None:
+async def stop_router(router: Router, timeout_s: float = 60.0) -> None:
+    """uvicorn's shutdown and the app's lifespan stop; past ``timeout_s`` the test fails with
+    what every asyncio task was waiting on (a stop that hangs shows where at once)."""
     router.server.should_exit = True
+    done, _ = await asyncio.wait([router.task], timeout=timeout_s)
+    if not done:
+        raise AssertionError(f"the router did not stop within {timeout_s:g} s; its tasks:\n"
+                             + describe_tasks())
     await router.task
+
+
+def describe_tasks() -> str:
+    """Every task of the running loop and the frames it is suspended in."""
+    lines = []
+    for task in asyncio.all_tasks():
+        lines.append(repr(task))
+        lines.extend(f"    {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}"
+                     for frame in task.get_stack())
+    return "\n".join(lines)
 
 
 def stop_process_group(proc: subprocess.Popen, timeout: float = 60.0) -> None:
