@@ -14,6 +14,12 @@
    decode at batch 8 and 16 (128-token prompts, 33 new tokens), alternating between SDPA
    over gathered blocks (today: batches up to 16) and the batched matmuls over gathered rows
    that served every batch over 4 before.
+4. **Weight packing** (`workers.models.llama.cpu_packing_supported`). The same engine in
+   float32: decode at batch 1 and 16 and a 1,024-token prefill, alternating between
+   projections that run on oneDNN's packed copy of their weight (what every CPU model did
+   before) and plain ``F.linear`` (float32 today; bfloat16 keeps packing).
+
+``--parts`` runs some of them (e.g. ``--parts packing``).
 """
 
 from __future__ import annotations
@@ -150,23 +156,67 @@ def decode_attention(threads: int, repeats: int) -> dict[str, Any]:
     return out
 
 
+def weight_packing(threads: int, repeats: int) -> dict[str, Any]:
+    import torch
+    from engine_bench import OurEngine, parse_args, random_prompts
+
+    from workers.models.llama import Projection
+
+    torch.set_num_threads(threads)
+    ours = OurEngine.build(parse_args(["--threads", str(threads), "--dtype", "float32"]), 64)
+    projections = [m for m in ours.engine.runner.model.modules() if isinstance(m, Projection)]
+    for m in projections:
+        m.pack()
+    packed = [m.packed for m in projections]
+    sides = {"f_linear": False, "packed": True}
+    ours.run(random_prompts(16, 128, "packing/warm"), 4)
+    out: dict[str, Any] = {}
+    for what in ("prefill_1024", "decode_b1", "decode_b16"):
+        rates: dict[str, list[float]] = {s: [] for s in sides}
+        for r in range(repeats):
+            for side, use_packed in sides.items():
+                for m, copy in zip(projections, packed):
+                    m.packed = copy if use_packed else None
+                tag = f"packing/{what}/{side}/{r}"
+                if what == "prefill_1024":
+                    rates[side].append(1024 / ours.run(random_prompts(1, 1024, tag), 1))
+                else:
+                    batch, n = int(what.rsplit("b", 1)[1]), 33
+                    one = ours.run(random_prompts(batch, 128, tag), 1)
+                    all_ = ours.run(random_prompts(batch, 128, tag + "/n"), n)
+                    rates[side].append(batch * (n - 1) / (all_ - one))
+        median = {s: statistics.median(v) for s, v in rates.items()}
+        out[what] = {"tokens_per_s": rates, "median": median,
+                     "ratio": median["f_linear"] / median["packed"]}
+        print(f"{what}: f_linear / packed = {out[what]['ratio']:.3f} ({median})", flush=True)
+    return out
+
+
+PARTS = {"shapes": ("prefill_shapes", lambda a: shapes(a.threads)),
+         "heap": ("forward_heap", lambda a: heap(a.threads, a.repeats)),
+         "decode": ("decode_attention", lambda a: decode_attention(a.threads, a.repeats)),
+         "packing": ("weight_packing", lambda a: weight_packing(a.threads, a.repeats))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/cpu_paths.json")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=list(PARTS))
     args = p.parse_args()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), "?")
     flags = set(next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo")
                       if line.startswith("flags")), []))
     result: dict[str, Any] = {
-        "machine": {"cpu": cpu, "amx_bf16": "amx_bf16" in flags, "threads": args.threads,
+        "machine": {"cpu": cpu, "amx_bf16": "amx_bf16" in flags,
+                    "avx512_bf16": "avx512_bf16" in flags, "threads": args.threads,
                     "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "command": " ".join([sys.executable, *sys.argv])}}
-    result["prefill_shapes"] = shapes(args.threads)
-    result["forward_heap"] = heap(args.threads, args.repeats)
-    result["decode_attention"] = decode_attention(args.threads, args.repeats)
+    for part in args.parts:
+        key, run = PARTS[part]
+        result[key] = run(args)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
 

@@ -25,7 +25,7 @@ from workers.models.attention import (
     allocate_kv_cache,
 )
 from workers.models.config import ModelConfig
-from workers.models.llama import LlamaForCausalLM
+from workers.models.llama import LlamaForCausalLM, Projection, cpu_packing_supported
 from workers.models.loader import (
     iter_gguf_weights,
     iter_safetensors_weights,
@@ -307,3 +307,22 @@ def test_a_step_gathers_keys_and_values_into_buffers_every_layer_refills(smollm,
     assert len(gathered) == 4 * layers  # keys and values, for the decode and the chunk
     assert len(set(gathered)) == 4  # one buffer each, refilled by every layer
     assert len(made[-1]._gathered) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_only_bfloat16_projections_keep_a_packed_copy(dtype):
+    # float32 keeps one copy of its weights: MKL's GEMV beat oneDNN's packed weight there.
+    projection = Projection(64, 96, bias=True, dtype=dtype, device="cpu")
+    with torch.no_grad():
+        projection.weight.normal_()
+        projection.bias.normal_()
+    expected_packing = dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert cpu_packing_supported(dtype, "cpu") == expected_packing
+    assert not cpu_packing_supported(dtype, "meta")
+    x = torch.randn(5, 64, dtype=dtype)
+    with torch.inference_mode():
+        plain = projection(x)
+        if expected_packing:
+            projection.pack()
+            torch.testing.assert_close(projection(x), plain)
+    assert torch.equal(plain, torch.nn.functional.linear(x, projection.weight, projection.bias))

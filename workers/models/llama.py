@@ -78,20 +78,24 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Pa
 
 
 def cpu_packing_supported(dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether Projection packs its weight: bfloat16 on a CPU with oneDNN's bf16 only. In
+    float32, F.linear (MKL's GEMV) beat the packed weight: 1.39x decode tokens/s at batch 1,
+    1.09x at 16, 1.04x for a 1,024-token prefill on an Intel Xeon without AVX512-BF16
+    (``bench/cpu_paths.py --parts packing``), so a float32 model keeps one copy of its
+    weights."""
     if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
-    if dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return dtype == torch.float32
+    return dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class Projection(nn.Module):
     """A bias-optional linear layer that can pack its weight for oneDNN on CPU.
 
-    F.linear on CPU hands oneDNN a plain weight to reorder on every call; a copy prepacked in
-    oneDNN's layout (what torch.compile's CPU freezing does) measured 2x faster for one token
-    in bf16, and 2-4x for the lm_head at batch 16. The packed copy is a snapshot taken by
-    `pack` (load_weights calls it); it costs a second copy of the weights in memory.
+    In bf16, F.linear on CPU hands oneDNN a plain weight to reorder on every call; a copy
+    prepacked in oneDNN's layout (what torch.compile's CPU freezing does) measured 2x faster
+    for one token, and 2-4x for the lm_head at batch 16. The packed copy is a snapshot taken
+    by `pack` (load_weights calls it where ``cpu_packing_supported``); it costs a second copy
+    of the weights in memory.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
