@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,25 +88,23 @@ def minor_faults() -> int:
     return int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[7])
 
 
-def heap(threads: int, repeats: int) -> dict[str, Any]:
-    import torch
-    from engine_bench import OurEngine, parse_args, random_prompts
+def alternating(ours: Any, label: str, sides: dict[str, Callable[[], None]],
+                workloads: list[str], repeats: int) -> dict[str, Any]:
+    """Tokens/s of each workload ("prefill_1024", or "decode_bN": N 128-token prompts, 32
+    decode steps timed) on each side, alternating sides ``repeats`` times; each side's
+    callable switches the engine to it. The ratio is the first side over the second.
+    A prefill also counts its minor page faults."""
+    from engine_bench import random_prompts
 
-    from workers import malloc
-
-    torch.set_num_threads(threads)
-    ours = OurEngine.build(parse_args(["--threads", str(threads)]), 64)
-    runner = ours.engine.runner
-    sides = {"step_heap": malloc.step_heap, "without": contextlib.nullcontext}
-    ours.run(random_prompts(1, 1024, "heap/warm"), 1)
+    first, second = sides
     out: dict[str, Any] = {}
-    for what in ("prefill_1024", "decode_b1", "decode_b16"):
+    for what in workloads:
         rates: dict[str, list[float]] = {s: [] for s in sides}
         faults: dict[str, list[int]] = {s: [] for s in sides}
         for r in range(repeats):
-            for side, memory in sides.items():
-                runner._step_memory = memory
-                tag = f"heap/{what}/{side}/{r}"
+            for side, switch in sides.items():
+                switch()
+                tag = f"{label}/{what}/{side}/{r}"
                 if what == "prefill_1024":
                     before = minor_faults()
                     seconds = ours.run(random_prompts(1, 1024, tag), 1)
@@ -118,10 +117,30 @@ def heap(threads: int, repeats: int) -> dict[str, Any]:
                     rates[side].append(batch * (n - 1) / (all_ - one))
         median = {s: statistics.median(v) for s, v in rates.items()}
         out[what] = {"tokens_per_s": rates, "median": median,
-                     "ratio": median["step_heap"] / median["without"]}
+                     "ratio": median[first] / median[second]}
         if what == "prefill_1024":
             out[what]["minor_faults"] = faults
-        print(f"{what}: step_heap / without = {out[what]['ratio']:.3f} ({median})", flush=True)
+        print(f"{what}: {first} / {second} = {out[what]['ratio']:.3f} ({median})", flush=True)
+    return out
+
+
+def heap(threads: int, repeats: int) -> dict[str, Any]:
+    import torch
+    from engine_bench import OurEngine, parse_args, random_prompts
+
+    from workers import malloc
+
+    torch.set_num_threads(threads)
+    ours = OurEngine.build(parse_args(["--threads", str(threads)]), 64)
+    runner = ours.engine.runner
+
+    def use(memory: Callable[[], Any]) -> Callable[[], None]:
+        return lambda: setattr(runner, "_step_memory", memory)
+
+    ours.run(random_prompts(1, 1024, "heap/warm"), 1)
+    out = alternating(ours, "heap", {"step_heap": use(malloc.step_heap),
+                                     "without": use(contextlib.nullcontext)},
+                      ["prefill_1024", "decode_b1", "decode_b16"], repeats)
     runner._step_memory = malloc.step_heap
     return out
 
@@ -135,24 +154,14 @@ def decode_attention(threads: int, repeats: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     ours = OurEngine.build(parse_args(["--threads", str(threads)]), 64)
     today = attention.SDPA_MAX_DECODES
-    sides = {"sdpa_blocks": today, "bmm_rows": 4}
+
+    def limit(n: int) -> Callable[[], None]:
+        return lambda: setattr(attention, "SDPA_MAX_DECODES", n)
+
     ours.run(random_prompts(16, 128, "decode/warm"), 4)
-    out: dict[str, Any] = {}
-    for batch in (8, 16):
-        rates: dict[str, list[float]] = {s: [] for s in sides}
-        for r in range(repeats):
-            for side, limit in sides.items():
-                attention.SDPA_MAX_DECODES = limit
-                tag, n = f"decode/b{batch}/{side}/{r}", 33
-                one = ours.run(random_prompts(batch, 128, tag), 1)
-                all_ = ours.run(random_prompts(batch, 128, tag + "/n"), n)
-                rates[side].append(batch * (n - 1) / (all_ - one))
-        attention.SDPA_MAX_DECODES = today
-        median = {s: statistics.median(v) for s, v in rates.items()}
-        out[f"decode_b{batch}"] = {"tokens_per_s": rates, "median": median,
-                                   "ratio": median["sdpa_blocks"] / median["bmm_rows"]}
-        print(f"decode b{batch}: sdpa_blocks / bmm_rows = "
-              f"{out[f'decode_b{batch}']['ratio']:.3f} ({median})", flush=True)
+    out = alternating(ours, "decode", {"sdpa_blocks": limit(today), "bmm_rows": limit(4)},
+                      ["decode_b8", "decode_b16"], repeats)
+    attention.SDPA_MAX_DECODES = today
     return out
 
 
@@ -168,27 +177,17 @@ def weight_packing(threads: int, repeats: int) -> dict[str, Any]:
     for m in projections:
         m.pack()
     packed = [m.packed for m in projections]
-    sides = {"f_linear": False, "packed": True}
+
+    def packing(on: bool) -> Callable[[], None]:
+        def switch() -> None:
+            for m, copy in zip(projections, packed):
+                m.packed = copy if on else None
+        return switch
+
     ours.run(random_prompts(16, 128, "packing/warm"), 4)
-    out: dict[str, Any] = {}
-    for what in ("prefill_1024", "decode_b1", "decode_b16"):
-        rates: dict[str, list[float]] = {s: [] for s in sides}
-        for r in range(repeats):
-            for side, use_packed in sides.items():
-                for m, copy in zip(projections, packed):
-                    m.packed = copy if use_packed else None
-                tag = f"packing/{what}/{side}/{r}"
-                if what == "prefill_1024":
-                    rates[side].append(1024 / ours.run(random_prompts(1, 1024, tag), 1))
-                else:
-                    batch, n = int(what.rsplit("b", 1)[1]), 33
-                    one = ours.run(random_prompts(batch, 128, tag), 1)
-                    all_ = ours.run(random_prompts(batch, 128, tag + "/n"), n)
-                    rates[side].append(batch * (n - 1) / (all_ - one))
-        median = {s: statistics.median(v) for s, v in rates.items()}
-        out[what] = {"tokens_per_s": rates, "median": median,
-                     "ratio": median["f_linear"] / median["packed"]}
-        print(f"{what}: f_linear / packed = {out[what]['ratio']:.3f} ({median})", flush=True)
+    out = alternating(ours, "packing", {"f_linear": packing(False), "packed": packing(True)},
+                      ["prefill_1024", "decode_b1", "decode_b16"], repeats)
+    packing(False)()
     return out
 
 
