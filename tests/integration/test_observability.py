@@ -78,7 +78,7 @@ async def worker(local_ray, config):
     await actor.ready.remote()
     yield actor
     # Bounded, as the fleet stops workers: a stop stuck exporting spans or joining the
-    # engine thread must not hang the suite (seen once: 300 s in this teardown).
+    # engine thread must not hang the suite.
     await stop_actor("w-obs", actor, 1.0)
     ray.kill(registry)
 
