@@ -1,6 +1,6 @@
 """Engine benchmark: our engine against Hugging Face ``generate`` (and llama.cpp), one run.
 
-    python bench/engine_bench.py --out bench/results/engine.json [--quick] [--dtype float32]
+    python bench/engine_bench.py --out bench/results/engine.json [--quick] [--dtype D]
         [--threads N] [--skip-hf] [--llamacpp] [--device cuda --model random:llama3-8b]
         [--budget-s S] [--attention-backend B] [--no-cuda-graphs]
     python bench/engine_bench.py --soak 10000 --out bench/results/engine_soak.json
@@ -65,6 +65,7 @@ from workers.engine.engine import Engine  # noqa: E402
 from workers.engine.outputs import FinishReason, RequestOutput  # noqa: E402
 from workers.engine.sampling_params import SamplingParams  # noqa: E402
 from workers.models.config import ModelConfig  # noqa: E402
+from workers.models.dtype import pick_dtype  # noqa: E402
 from workers.models.llama import LlamaForCausalLM  # noqa: E402
 from workers.models.loader import (  # noqa: E402
     iter_gguf_weights,
@@ -825,7 +826,8 @@ def machine_facts(args: argparse.Namespace, device: torch.device) -> dict[str, A
                 if line.startswith("model name")), platform.processor())
     facts = {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
              "torch": torch.__version__, "python": platform.python_version(),
-             "device": str(device), "dtype": args.dtype, "model": args.model,
+             "device": str(device), "dtype": args.dtype,
+             "dtype_requested": args.dtype_requested, "model": args.model,
              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
              "command": shlex.join([sys.executable, *sys.argv])}
     git = shutil.which("git") and subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT,
@@ -972,7 +974,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path)
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"a model name or path, or random:{{{','.join(RANDOM_SHAPES)}}}")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+                   help="both sides compute in it (default: auto, what the engine serves on "
+                        "this device: bfloat16 where the hardware computes it, else float32)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run in ~2 min")
@@ -998,7 +1002,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--soak", type=int, metavar="N",
                    help="only the memory soak: N short mixed requests, RSS must level off "
                         "(default out: bench/results/engine_soak.json)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.dtype_requested = args.dtype
+    args.dtype = str(pick_dtype(args.dtype, args.device)).removeprefix("torch.")
+    return args
 
 
 def soak_main(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
