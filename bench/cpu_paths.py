@@ -17,7 +17,10 @@
 4. **Weight packing** (`workers.models.llama.cpu_packing_supported`). The same engine in
    float32: decode at batch 1 and 16 and a 1,024-token prefill, alternating between
    projections that run on oneDNN's packed copy of their weight (what every CPU model did
-   before) and plain ``F.linear`` (float32 today; bfloat16 keeps packing).
+   before) and plain ``F.linear`` (today: F.linear on Intel CPUs, packed elsewhere).
+5. **Weight dtype** (`workers.models.dtype.pick_dtype`, what ``dtype: auto`` serves). Two
+   engines with SmolLM2, one in bfloat16 and one in float32: decode at batch 1 and 16 and a
+   1,024-token prefill, alternating between them.
 
 ``--parts`` runs some of them (e.g. ``--parts packing``).
 """
@@ -191,10 +194,37 @@ def weight_packing(threads: int, repeats: int) -> dict[str, Any]:
     return out
 
 
+def weight_dtype(threads: int, repeats: int) -> dict[str, Any]:
+    import torch
+    from engine_bench import OurEngine, parse_args, random_prompts
+
+    from workers.models.dtype import pick_dtype
+
+    torch.set_num_threads(threads)
+    engines = {name: OurEngine.build(parse_args(["--threads", str(threads), "--dtype", name,
+                                                 "--kv-mib", "256"]), 64)
+               for name in ("bfloat16", "float32")}
+    current = [engines["bfloat16"]]
+
+    class Chosen:
+        def run(self, prompts: Any, n: int) -> float:
+            return current[0].run(prompts, n)
+
+    for name, engine in engines.items():
+        engine.run(random_prompts(16, 128, f"dtype/warm/{name}"), 4)
+    out = alternating(Chosen(), "dtype",
+                      {name: (lambda e=engine: current.__setitem__(0, e))
+                       for name, engine in engines.items()},
+                      ["prefill_1024", "decode_b1", "decode_b16"], repeats)
+    out["auto_serves"] = str(pick_dtype("auto", "cpu")).removeprefix("torch.")
+    return out
+
+
 PARTS = {"shapes": ("prefill_shapes", lambda a: shapes(a.threads)),
          "heap": ("forward_heap", lambda a: heap(a.threads, a.repeats)),
          "decode": ("decode_attention", lambda a: decode_attention(a.threads, a.repeats)),
-         "packing": ("weight_packing", lambda a: weight_packing(a.threads, a.repeats))}
+         "packing": ("weight_packing", lambda a: weight_packing(a.threads, a.repeats)),
+         "dtype": ("weight_dtype", lambda a: weight_dtype(a.threads, a.repeats))}
 
 
 def main() -> None:
@@ -209,7 +239,10 @@ def main() -> None:
     flags = set(next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo")
                       if line.startswith("flags")), []))
     result: dict[str, Any] = {
-        "machine": {"cpu": cpu, "amx_bf16": "amx_bf16" in flags,
+        "machine": {"cpu": cpu, "vendor": next((line.split(":", 1)[1].strip()
+                                                 for line in open("/proc/cpuinfo")
+                                                 if line.startswith("vendor_id")), "?"),
+                    "amx_bf16": "amx_bf16" in flags,
                     "avx512_bf16": "avx512_bf16" in flags, "threads": args.threads,
                     "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "command": " ".join([sys.executable, *sys.argv])}}

@@ -309,16 +309,22 @@ def test_a_step_gathers_keys_and_values_into_buffers_every_layer_refills(smollm,
     assert len(made[-1]._gathered) == 4
 
 
+@pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_only_bfloat16_projections_keep_a_packed_copy(dtype):
-    # float32 keeps one copy of its weights: MKL's GEMV beat oneDNN's packed weight there.
+def test_projections_pack_where_onednn_beats_f_linear(dtype, vendor, monkeypatch):
+    # float32 packs except on Intel, where MKL's GEMV (F.linear) beat oneDNN's packed weight;
+    # bfloat16 packs wherever oneDNN computes it.
+    monkeypatch.setattr("workers.models.llama.cpuinfo",
+                        lambda field: vendor if field == "vendor_id" else "")
     projection = Projection(64, 96, bias=True, dtype=dtype, device="cpu")
     with torch.no_grad():
         projection.weight.normal_()
         projection.bias.normal_()
-    expected_packing = dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    expected_packing = (torch.ops.mkldnn._is_mkldnn_bf16_supported() if dtype == torch.bfloat16
+                        else vendor != "GenuineIntel")
     assert cpu_packing_supported(dtype, "cpu") == expected_packing
     assert not cpu_packing_supported(dtype, "meta")
+    assert not cpu_packing_supported(torch.float16, "cpu")
     x = torch.randn(5, 64, dtype=dtype)
     with torch.inference_mode():
         plain = projection(x)

@@ -28,11 +28,16 @@ def cpu_has_native_bf16() -> bool:
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in ("AVX512", "AVX512_BF16", "AMX"):
         return False
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        return False
-    for line in cpuinfo.read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return bool(flags & {"avx512_bf16", "amx_bf16"})
-    return False
+    return bool(set(cpuinfo("flags").split()) & {"avx512_bf16", "amx_bf16"})
+
+
+def cpuinfo(field: str) -> str:
+    """The first CPU's ``field`` in /proc/cpuinfo ("flags", "vendor_id"); "" where unknown."""
+    path = Path("/proc/cpuinfo")
+    if not path.is_file():
+        return ""
+    for line in path.read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == field:
+            return value.strip()
+    return ""

@@ -25,6 +25,7 @@ from .attention import (
     make_attention,
 )
 from .config import ModelConfig
+from .dtype import cpuinfo
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -78,14 +79,18 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Pa
 
 
 def cpu_packing_supported(dtype: torch.dtype, device: torch.device | str) -> bool:
-    """Whether Projection packs its weight: bfloat16 on a CPU with oneDNN's bf16 only. In
-    float32, F.linear (MKL's GEMV) beat the packed weight: 1.39x decode tokens/s at batch 1,
-    1.09x at 16, 1.04x for a 1,024-token prefill on an Intel Xeon without AVX512-BF16
-    (``bench/cpu_paths.py --parts packing``), so a float32 model keeps one copy of its
-    weights."""
+    """Whether Projection packs its weight for oneDNN: bfloat16 where oneDNN computes it,
+    float32 on CPUs other than Intel's.
+
+    In float32 the alternative is F.linear, i.e. MKL, whose kernels are fast on Intel CPUs
+    only. ``bench/cpu_paths.py --parts packing``, decode tokens/s of F.linear over the packed
+    weight: an Intel Xeon without AVX512-BF16 1.39x at batch 1 and 1.09x at 16 (prefill
+    1.04x); an AMD EPYC with AVX2 only 0.77x and 0.73x (prefill 1.02x)."""
     if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
-    return dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.float32 and cpuinfo("vendor_id") != "GenuineIntel"
 
 
 class Projection(nn.Module):
