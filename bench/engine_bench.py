@@ -632,8 +632,9 @@ def seconds_per_call(fn: Callable[[], object], device: torch.device, reps: int) 
     return (time.perf_counter() - start) / reps
 
 
-def roofline(device: torch.device) -> dict[str, Any]:
-    """Memory bandwidth of a 1 GiB float32 buffer and the bf16 matmul rate.
+def roofline(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Memory bandwidth of a 1 GiB float32 buffer and the matmul rate in the run's dtype
+    (a CPU without bf16 hardware may take minutes over a bf16 one).
 
     copy: ``dst.copy_(src)``, reported both as bytes copied per second (``copy_rate_gbps``)
     and as bytes read + written (``copy_bandwidth_gbps``); read: ``src.sum()``, a pure stream
@@ -647,12 +648,13 @@ def roofline(device: torch.device) -> dict[str, Any]:
     read_s = seconds_per_call(src.sum, device, reps)
     del src, dst
     n = 8192 if device.type == "cuda" else 2048  # a size that fills the chip
-    a = torch.randn(n, n, device=device).to(torch.bfloat16)
-    b = torch.randn(n, n, device=device).to(torch.bfloat16)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
     matmul_s = seconds_per_call(lambda: a @ b, device, 10)
     return {"copy_rate_gbps": size / copy_s / 1e9, "copy_bandwidth_gbps": 2 * size / copy_s / 1e9,
             "read_bandwidth_gbps": size / read_s / 1e9, "buffer_bytes": size,
-            "matmul_bf16_tflops": 2 * n**3 / matmul_s / 1e12, "matmul_n": n}
+            "matmul_tflops": 2 * n**3 / matmul_s / 1e12, "matmul_n": n,
+            "matmul_dtype": str(dtype).removeprefix("torch.")}
 
 
 def weight_bytes_per_token(mc: Any, dtype: torch.dtype) -> int:
@@ -959,8 +961,8 @@ def markdown(result: dict[str, Any]) -> str:
     roof = result["roofline"]
     lines += ["", f"Roofline: copy {fmt(roof['copy_rate_gbps'])} GB/s copied "
               f"({fmt(roof['copy_bandwidth_gbps'])} GB/s read + written), read "
-              f"{fmt(roof['read_bandwidth_gbps'])} GB/s, bf16 matmul "
-              f"{fmt(roof['matmul_bf16_tflops'])} TFLOP/s (n={roof['matmul_n']}); "
+              f"{fmt(roof['read_bandwidth_gbps'])} GB/s, {roof['matmul_dtype']} matmul "
+              f"{fmt(roof['matmul_tflops'])} TFLOP/s (n={roof['matmul_n']}); "
               f"{fmt(roof['weight_bytes_per_token'] / 1e6)} MB of weights per token -> floor "
               f"{fmt(roof['floor_decode_tps'])} tok/s; ours single-stream = "
               f"{fmt(roof.get('fraction_of_floor'))} of it.", ""]
@@ -1076,7 +1078,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             checkpoint(result, args.out)
 
     log("roofline")
-    result["roofline"] = roofline(device)
+    result["roofline"] = roofline(device, getattr(torch, args.dtype))
     log("loading our engine")
     rss_before_load = rss_mib()
     ours = OurEngine.build(args, max(w.ours_batches))
