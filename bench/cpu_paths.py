@@ -172,13 +172,19 @@ def weight_packing(threads: int, repeats: int) -> dict[str, Any]:
     import torch
     from engine_bench import OurEngine, parse_args, random_prompts
 
-    from workers.models.llama import Projection
+    from workers.models import llama
 
     torch.set_num_threads(threads)
-    ours = OurEngine.build(parse_args(["--threads", str(threads), "--dtype", "float32"]), 64)
-    projections = [m for m in ours.engine.runner.model.modules() if isinstance(m, Projection)]
+    serves = llama.cpu_packing_supported
+    llama.cpu_packing_supported = lambda *a: False  # load plain; both copies kept below
+    try:
+        ours = OurEngine.build(parse_args(["--threads", str(threads), "--dtype", "float32"]), 64)
+    finally:
+        llama.cpu_packing_supported = serves
+    projections = [m for m in ours.engine.runner.model.modules()
+                   if isinstance(m, llama.Projection)]
     for m in projections:
-        m.pack()
+        m.pack(keep_plain=True)
     packed = [m.packed for m in projections]
 
     def packing(on: bool) -> Callable[[], None]:

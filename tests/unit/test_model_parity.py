@@ -328,7 +328,32 @@ def test_projections_pack_where_onednn_beats_f_linear(dtype, vendor, monkeypatch
     x = torch.randn(5, 64, dtype=dtype)
     with torch.inference_mode():
         plain = projection(x)
+        assert torch.equal(plain, torch.nn.functional.linear(x, projection.weight,
+                                                             projection.bias))
         if expected_packing:
             projection.pack()
             torch.testing.assert_close(projection(x), plain)
-    assert torch.equal(plain, torch.nn.functional.linear(x, projection.weight, projection.bias))
+            assert projection.weight.numel() == 0  # one copy of the weight, the packed one
+            with pytest.raises(RuntimeError, match="already let its plain weight go"):
+                projection.pack()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_packed_model_keeps_one_copy_of_each_weight(tmp_path, monkeypatch, tied):
+    # Packing lets each plain projection weight go, except an lm_head tied to the embedding
+    # (the lookup reads it); the packed model computes what the plain one does.
+    directory = make_tiny_llama_dir(tmp_path / "tiny", tie_word_embeddings=tied)
+    monkeypatch.setattr("workers.models.llama.cpu_packing_supported", lambda *a: False)
+    plain, config = load_model(directory, torch.float32, "cpu")
+    monkeypatch.setattr("workers.models.llama.cpu_packing_supported", lambda *a: True)
+    packed, _ = load_model(directory, torch.float32, "cpu")
+    assert plain.pack_weights is False and packed.pack_weights is True
+    projections = [m for m in packed.modules() if isinstance(m, Projection)]
+    assert len(projections) == 4 * config.num_layers + 1
+    for m in projections:
+        assert m.packed is not None
+        kept = m is packed.lm_head and tied
+        assert (m.weight.numel() > 0) == kept
+    if tied:
+        assert packed.lm_head.weight is packed.embed_tokens
+    torch.testing.assert_close(logits_of(packed, PROMPT), logits_of(plain, PROMPT))
