@@ -240,14 +240,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=list(PARTS))
     args = p.parse_args()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo")
-                      if line.startswith("flags")), []))
+    from workers.models.dtype import cpuinfo
+
+    flags = set(cpuinfo("flags").split())
     result: dict[str, Any] = {
-        "machine": {"cpu": cpu, "vendor": next((line.split(":", 1)[1].strip()
-                                                 for line in open("/proc/cpuinfo")
-                                                 if line.startswith("vendor_id")), "?"),
+        "machine": {"cpu": cpuinfo("model name") or "?", "vendor": cpuinfo("vendor_id") or "?",
                     "amx_bf16": "amx_bf16" in flags,
                     "avx512_bf16": "avx512_bf16" in flags, "threads": args.threads,
                     "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
