@@ -187,8 +187,8 @@ class Ledger:
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
-        # The files' work on threads: a flush cancelled (``stop``) leaves its thread running,
-        # which the next one waits for.
+        # The files' work on threads, one at a time: a flush cancelled (``stop``) still
+        # waits for its thread, to keep the rows it could not save.
         self._persist_lock = threading.Lock()
         # Spools this ledger takes over at start: those of router processes that no longer
         # run (``electron-serve router --processes`` lowered; cluster/router_processes.py).
@@ -248,7 +248,15 @@ class Ledger:
             held = self._fd is not None and self.replay_path.exists()
             sealed = self._rotate()
             unsaved, self._unsaved = self._unsaved, []
-            left, done = await asyncio.to_thread(self._persist, sealed, unsaved)
+            work = asyncio.ensure_future(asyncio.to_thread(self._persist, sealed, unsaved))
+            try:
+                left, done = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                # The thread goes on whatever happens here: the rows it cannot save come
+                # back before the next flush (stop's) takes the lock, not lost with this one.
+                left, _ = await work
+                self._unsaved[:0] = left
+                raise
             self._unsaved[:0] = left
             return done and not left and not held
 

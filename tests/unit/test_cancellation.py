@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import threading
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -18,8 +20,8 @@ from core.aio import within
 from core.config import RouterConfig
 from router.fleet.pool import WorkerPool
 from router.routing.factory import make_policy
-from router.tenancy.ledger import Ledger
-from router.tenancy.sqldb import Database
+from router.tenancy.ledger import Ledger, UsageRow, _Unwritten
+from router.tenancy.sqldb import Database, DatabaseUnavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 STOPPED_WITHIN_S = 5.0
@@ -91,6 +93,36 @@ async def test_a_ledger_stopped_as_its_flusher_wakes_stops(tmp_path):
     finally:
         db.close()
     assert ledger._flusher.cancelled()
+
+
+async def test_a_flush_cancelled_mid_write_keeps_the_rows_its_thread_could_not_save(tmp_path):
+    # Rows the spool could not take wait in memory; a flush hands them to its thread. Cancel
+    # the flush (stop does) while the thread finds the database down: the rows come back.
+    db = Database(None, tmp_path / "ledger.db")
+    db.migrate()
+    ledger = Ledger(db, tmp_path / "spool.jsonl", flush_s=60, batch=1000)
+    row = UsageRow("req-1", "acme", "key_1", "electron", 10, 2, 0, Decimal(0), "ok", 0.0, 0.0)
+    ledger._unsaved.append(row)
+    writing, go_on = threading.Event(), threading.Event()
+
+    def database_down(rows):
+        writing.set()
+        go_on.wait(STOPPED_WITHIN_S)
+        raise _Unwritten(rows, DatabaseUnavailable("down"))
+
+    ledger._insert = database_down
+    try:
+        flush = asyncio.create_task(ledger.flush())
+        await asyncio.to_thread(writing.wait, STOPPED_WITHIN_S)
+        flush.cancel()
+        await asyncio.sleep(0.05)
+        go_on.set()
+        with pytest.raises(asyncio.CancelledError):
+            await flush
+    finally:
+        go_on.set()
+        db.close()
+    assert ledger._unsaved == [row]
 
 
 def test_production_code_never_uses_asyncio_wait_for():
