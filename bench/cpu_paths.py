@@ -14,15 +14,16 @@
    decode at batch 8 and 16 (128-token prompts, 33 new tokens), alternating between SDPA
    over gathered blocks (today: batches up to 16) and the batched matmuls over gathered rows
    that served every batch over 4 before.
-4. **Weight packing** (`workers.models.llama.cpu_packing_supported`). The same engine in
-   float32: decode at batch 1 and 16 and a 1,024-token prefill, alternating between
-   projections that run on oneDNN's packed copy of their weight (what every CPU model did
-   before) and plain ``F.linear`` (today: F.linear on Intel CPUs, packed elsewhere).
+4. **Weight layout** (`workers.models.llama.cpu_weight_layout`). The same engine in float32:
+   decode at batch 1 and 16 and a 1,024-token prefill, alternating between projections that
+   run on column slices of their weight, one per thread, as one batched matmul (today on
+   CPUs other than Intel's), on oneDNN's packed copy (before), and on plain ``F.linear``
+   (today on Intel CPUs).
 5. **Weight dtype** (`workers.models.dtype.pick_dtype`, what ``dtype: auto`` serves). Two
    engines with SmolLM2, one in bfloat16 and one in float32: decode at batch 1 and 16 and a
    1,024-token prefill, alternating between them.
 
-``--parts`` runs some of them (e.g. ``--parts packing``).
+``--parts`` runs some of them (e.g. ``--parts layout``).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def alternating(ours: Any, label: str, sides: dict[str, Callable[[], None]],
     A prefill also counts its minor page faults."""
     from engine_bench import random_prompts
 
-    first, second = sides
+    first, second = list(sides)[:2]
     out: dict[str, Any] = {}
     for what in workloads:
         rates: dict[str, list[float]] = {s: [] for s in sides}
@@ -121,6 +122,9 @@ def alternating(ours: Any, label: str, sides: dict[str, Callable[[], None]],
         median = {s: statistics.median(v) for s, v in rates.items()}
         out[what] = {"tokens_per_s": rates, "median": median,
                      "ratio": median[first] / median[second]}
+        if len(sides) > 2:
+            last = list(sides)[-1]
+            out[what]["over_last"] = {s: m / median[last] for s, m in median.items()}
         if what == "prefill_1024":
             out[what]["minor_faults"] = faults
         print(f"{what}: {first} / {second} = {out[what]['ratio']:.3f} ({median})", flush=True)
@@ -168,35 +172,39 @@ def decode_attention(threads: int, repeats: int) -> dict[str, Any]:
     return out
 
 
-def weight_packing(threads: int, repeats: int) -> dict[str, Any]:
+def weight_layout(threads: int, repeats: int) -> dict[str, Any]:
     import torch
     from engine_bench import OurEngine, parse_args, random_prompts
 
     from workers.models import llama
 
     torch.set_num_threads(threads)
-    serves = llama.cpu_packing_supported
-    llama.cpu_packing_supported = lambda *a: False  # load plain; both copies kept below
+    serves = llama.cpu_weight_layout
+    llama.cpu_weight_layout = lambda *a: "plain"  # load plain; every layout kept below
     try:
         ours = OurEngine.build(parse_args(["--threads", str(threads), "--dtype", "float32"]), 64)
     finally:
-        llama.cpu_packing_supported = serves
-    projections = [m for m in ours.engine.runner.model.modules()
-                   if isinstance(m, llama.Projection)]
-    for m in projections:
-        m.pack(keep_plain=True)
-    packed = [m.packed for m in projections]
+        llama.cpu_weight_layout = serves
+    model = ours.engine.runner.model
+    projections = [m for m in model.modules() if isinstance(m, llama.Projection)]
+    model.lay_out_weights("packed", keep_plain=True)
+    model.lay_out_weights("sliced", keep_plain=True)
+    copies = [(m.packed, m.slices, m.sliced_bias) for m in projections]
 
-    def packing(on: bool) -> Callable[[], None]:
+    def layout(name: str) -> Callable[[], None]:
         def switch() -> None:
-            for m, copy in zip(projections, packed):
-                m.packed = copy if on else None
+            for m, (packed, slices, sliced_bias) in zip(projections, copies):
+                m.packed = packed if name == "packed" else None
+                m.slices = slices if name == "sliced" else None
+                m.sliced_bias = sliced_bias if name == "sliced" else None
         return switch
 
-    ours.run(random_prompts(16, 128, "packing/warm"), 4)
-    out = alternating(ours, "packing", {"f_linear": packing(False), "packed": packing(True)},
+    ours.run(random_prompts(16, 128, "layout/warm"), 4)
+    out = alternating(ours, "layout", {name: layout(name)
+                                       for name in ("sliced", "packed", "f_linear")},
                       ["prefill_1024", "decode_b1", "decode_b16"], repeats)
-    packing(False)()
+    out["serves"] = serves(torch.float32, "cpu")
+    layout("f_linear")()
     return out
 
 
@@ -229,7 +237,7 @@ def weight_dtype(threads: int, repeats: int) -> dict[str, Any]:
 PARTS = {"shapes": ("prefill_shapes", lambda a: shapes(a.threads)),
          "heap": ("forward_heap", lambda a: heap(a.threads, a.repeats)),
          "decode": ("decode_attention", lambda a: decode_attention(a.threads, a.repeats)),
-         "packing": ("weight_packing", lambda a: weight_packing(a.threads, a.repeats)),
+         "layout": ("weight_layout", lambda a: weight_layout(a.threads, a.repeats)),
          "dtype": ("weight_dtype", lambda a: weight_dtype(a.threads, a.repeats))}
 
 

@@ -78,30 +78,47 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Pa
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
-def cpu_packing_supported(dtype: torch.dtype, device: torch.device | str) -> bool:
-    """Whether Projection packs its weight for oneDNN: bfloat16 where oneDNN computes it,
-    float32 on CPUs other than Intel's.
+def cpu_weight_layout(dtype: torch.dtype, device: torch.device | str) -> str:
+    """How a Projection holds its weight on this device: "packed" (oneDNN's layout),
+    "sliced" (column slices, one per thread, for batched GEMMs) or "plain" (F.linear).
 
-    In float32 the alternative is F.linear, i.e. MKL, whose kernels are fast on Intel CPUs
-    only. ``bench/cpu_paths.py --parts packing``, decode tokens/s of F.linear over the packed
-    weight: an Intel Xeon without AVX512-BF16 1.39x at batch 1 and 1.09x at 16 (prefill
-    1.04x); an AMD EPYC with AVX2 only 0.77x and 0.73x (prefill 1.02x)."""
-    if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
+    bfloat16 packs wherever oneDNN computes it: a packed copy measured 2x F.linear for one
+    token. float32 stays plain on Intel CPUs, where F.linear is MKL's fast GEMV; elsewhere
+    MKL runs a GEMV on one thread in its slow orientation, and slices beat both it and
+    oneDNN's packed copy (``bench/cpu_paths.py --parts layout``, docs/engine.md)."""
+    if torch.device(device).type != "cpu":
+        return "plain"
     if dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return dtype == torch.float32 and cpuinfo("vendor_id") != "GenuineIntel"
+        packs = torch.backends.mkldnn.is_available() and \
+            torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return "packed" if packs else "plain"
+    if dtype == torch.float32 and cpuinfo("vendor_id") != "GenuineIntel":
+        return "sliced"
+    return "plain"
+
+
+# From this many tokens, sliced projections write the output in place (a strided batched
+# GEMM) rather than copying it after: on an AMD EPYC, SmolLM2's layer projections in float32
+# at 128 tokens 235 ms against 275, at 1,024 1,725 against 2,110; at 16 the copy was faster
+# (56 against 68 ms).
+SLICED_IN_PLACE_TOKENS = 64
 
 
 class Projection(nn.Module):
-    """A bias-optional linear layer that can pack its weight for oneDNN on CPU.
+    """A bias-optional linear layer whose weight can be laid out for the CPU's fastest GEMM.
 
-    In bf16, F.linear on CPU hands oneDNN a plain weight to reorder on every call; a copy
-    prepacked in oneDNN's layout (what torch.compile's CPU freezing does) measured 2x faster
-    for one token, and 2-4x for the lm_head at batch 16. The packed copy is a snapshot taken
-    by `pack` (load_weights calls it where ``cpu_packing_supported``), which then lets the
-    plain weight go: a model holds one copy of each weight, except an lm_head tied to the
-    embedding, which the embedding lookup still reads plain.
+    - ``pack``: a copy prepacked in oneDNN's layout (what torch.compile's CPU freezing does).
+      In bf16, F.linear hands oneDNN a plain weight to reorder on every call; the packed copy
+      measured 2x faster for one token, and 2-4x for the lm_head at batch 16.
+    - ``slice``: the weight cut by output columns into one slice per thread, each stored
+      transposed ([slices, in, out / slices]), run as one batched matmul: every thread
+      streams its own slice. In float32 on an AMD EPYC, one token through SmolLM2's
+      projections read the weights at 20.5 GB/s this way, against 16.1 packed and 13.3 with
+      F.linear (whose MKL GEMV runs on one thread there).
+
+    Either snapshot is taken once (load_weights, per ``cpu_weight_layout``), and the plain
+    weight's memory then goes back: a model holds one copy of each weight, except an lm_head
+    tied to the embedding, which the embedding lookup still reads plain.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
@@ -111,20 +128,60 @@ class Projection(nn.Module):
         self.register_parameter("bias", _param(out_features, dtype=dtype, device=device)
                                 if bias else None)
         self.packed: torch.Tensor | None = None
+        self.slices: torch.Tensor | None = None  # [slices, in, out / slices]
+        self.sliced_bias: torch.Tensor | None = None  # [slices, 1, out / slices]
 
     def pack(self, keep_plain: bool = False) -> None:
-        """Runs on a packed copy from now on; the plain weight's memory goes back (it becomes
-        empty) unless ``keep_plain``."""
+        """Runs on oneDNN's packed copy from now on."""
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self._plain(), 1)
+        self._let_go(keep_plain)
+
+    def slice(self, parts: int, keep_plain: bool = False) -> None:
+        """Runs on ``parts`` column slices from now on (fewer where the output does not split
+        evenly: the largest count up to ``parts`` that divides it)."""
+        weight = self._plain()
+        n = next(k for k in range(max(1, parts), 0, -1) if weight.shape[0] % k == 0)
+        self.slices = torch.stack([c.t() for c in weight.chunk(n)]).contiguous()
+        if self.bias is not None:
+            self.sliced_bias = self.bias.detach().view(n, 1, -1)
+        self._let_go(keep_plain)
+
+    def _plain(self) -> torch.Tensor:
         if self.weight.numel() == 0:
             raise RuntimeError("this projection already let its plain weight go")
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
+        return self.weight.detach()
+
+    def _let_go(self, keep_plain: bool) -> None:
+        """The plain weight's memory goes back (it becomes empty) unless ``keep_plain``."""
         if not keep_plain:
             self.weight.data = self.weight.data.new_empty((0, self.weight.shape[1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, in] -> [T, out]."""
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.slices is not None:
+            return self._sliced(x)
         return F.linear(x, self.weight, self.bias)
+
+    def _sliced(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, width = self.slices.shape[0], x.shape[0], self.slices.shape[2]
+        rows = x.expand(n, t, x.shape[1])
+        out = None
+        if t >= SLICED_IN_PLACE_TOKENS:
+            # Each slice's GEMM writes its columns of the output in place (a strided batch
+            # whose rows are the output's): no copy of [T, out] after.
+            out = torch.empty(t, n * width, dtype=x.dtype, device=x.device)
+            into = out.view(t, n, width).transpose(0, 1)
+            if self.sliced_bias is None:
+                torch.bmm(rows, self.slices, out=into)
+            else:
+                torch.baddbmm(self.sliced_bias, rows, self.slices, out=into)
+            return out
+        y = (torch.bmm(rows, self.slices) if self.sliced_bias is None
+             else torch.baddbmm(self.sliced_bias, rows, self.slices))
+        # [n, T, out / n]: for one token already the output's order, else one copy.
+        return y.view(t, -1) if t == 1 else y.transpose(0, 1).reshape(t, -1)
 
 
 class DecoderLayer(nn.Module):
@@ -197,7 +254,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Projection(config.hidden_size, config.vocab_size, False, **p)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens
-        self.pack_weights = cpu_packing_supported(dtype, device)
+        self.weight_layout = cpu_weight_layout(dtype, device)
         cos, signed_sin = rope_tables(config, dtype, device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_signed_sin", signed_sin, persistent=False)
@@ -243,10 +300,22 @@ class LlamaForCausalLM(nn.Module):
         if incomplete:
             raise ValueError(f"checkpoint does not cover {len(incomplete)} parameters "
                              f"(e.g. {incomplete[:3]})")
-        if self.pack_weights:
-            for module in self.modules():
-                if isinstance(module, Projection):
-                    module.pack(keep_plain=module.weight is self.embed_tokens)
+        self.lay_out_weights(self.weight_layout)
+
+    def lay_out_weights(self, layout: str, keep_plain: bool = False) -> None:
+        """Every projection to ``layout`` ("packed", "sliced" over this process's torch
+        threads, or "plain": as loaded)."""
+        if layout == "plain":
+            return
+        for module in self.modules():
+            if isinstance(module, Projection):
+                keep = keep_plain or module.weight is self.embed_tokens
+                if layout == "packed":
+                    module.pack(keep_plain=keep)
+                elif layout == "sliced":
+                    module.slice(torch.get_num_threads(), keep_plain=keep)
+                else:
+                    raise ValueError(f"unknown weight layout {layout!r}")
 
     def _locate(self, hf_name: str) -> tuple[str, int | None] | None:
         """Our parameter name and row offset for an HF name; None for tensors we skip."""
