@@ -8,8 +8,11 @@ and a reader that stops reading is stopped by its stop string all the same."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import itertools
 import threading
 import time
+import weakref
 from typing import Any
 
 import pytest
@@ -165,3 +168,31 @@ async def test_a_reader_that_stops_reading_is_stopped_by_its_stop_string(engine,
     assert "".join(o.text for o in rest) == full["text"][:full["text"].index(stop)]
     assert rest[-1].finish_reason is FinishReason.STOP and rest[-1].stop_reason == stop
     assert_no_leaked_blocks(engine)
+
+
+def test_a_finished_sequence_is_freed_without_the_garbage_collector(sync_engine):
+    # Whatever ends a sequence (its length, a stop string, an abort, n > 1 siblings), its
+    # Request and output state go as soon as nothing holds them: no reference cycle keeps
+    # them, with their token lists and detokenizer, until the collector's next full pass.
+    full = run_sync(sync_engine, "freed-full", PROMPTS["c"], params(max_tokens=12))
+    stop = a_stop_string(full["text"], at=len(full["text"]) // 3)
+    cases = [("length", params(max_tokens=6), None), ("stop", params(stop=(stop,)), None),
+             ("n", params(max_tokens=4, n=3), None), ("abort", params(max_tokens=50), 2)]
+    gc.collect()
+    gc.disable()
+    try:
+        for name, sampling, abort_after in cases:
+            requests = sync_engine.make_requests(f"freed-{name}", PROMPTS["c"], sampling)
+            freed = [weakref.ref(r) for r in requests]
+            sync_engine.add(requests)
+            del requests
+            with torch.inference_mode():
+                for step in itertools.count():
+                    if not sync_engine.has_unfinished:
+                        break
+                    if step == abort_after:
+                        sync_engine.abort([f"freed-{name}"])
+                    sync_engine.step()
+            assert [r() for r in freed] == [None] * len(freed), name
+    finally:
+        gc.enable()

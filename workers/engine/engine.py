@@ -253,12 +253,18 @@ class Engine:
                   and getattr(req.logits_mask, "forced_close", False))
         if forced:
             self.stats.structured_forced_closes += 1
-        return RequestOutput(
+        out = RequestOutput(
             req.parent_id, req.index, token_ids, "",
             finish_reason=req.finish_reason, stop_reason=req.stop_reason,
             usage=Usage(req.num_prompt_tokens, req.num_cached_tokens or 0, req.num_output_tokens),
             timeline=timeline, forced_close=forced, raw_logprobs=raw_logprobs,
             pending=req.output_state)
+        # Every sequence ends here, and its final output is the last to need its output
+        # state. The state reads the request, so the request must let go of it: a request
+        # and its state in a cycle outlive the request until the garbage collector's next
+        # full pass, and a busy worker's memory swelled by every finished prompt until then.
+        req.output_state = None
+        return out
 
     def _fail(self, req: Request, error: str = "the engine failed to run this request", *,
               caused_by_request: bool = False) -> RequestOutput:
