@@ -15,8 +15,8 @@
    over gathered blocks (today: batches up to 16) and the batched matmuls over gathered rows
    that served every batch over 4 before.
 4. **Weight layout** (`workers.models.llama.cpu_weight_layout`). The same engine in float32:
-   decode at batch 1 and 16 and a 1,024-token prefill, alternating between projections that
-   run on column slices of their weight, one per thread, as one batched matmul (today on
+   decode at batch 1, 16 and 64 and a 1,024-token prefill, alternating between projections
+   that run on column slices of their weight, one per thread, as one batched matmul (today on
    CPUs other than Intel's), on oneDNN's packed copy (before), and on plain ``F.linear``
    (today on Intel CPUs).
 5. **Weight dtype** (`workers.models.dtype.pick_dtype`, what ``dtype: auto`` serves). Two
@@ -202,7 +202,7 @@ def weight_layout(threads: int, repeats: int) -> dict[str, Any]:
     ours.run(random_prompts(16, 128, "layout/warm"), 4)
     out = alternating(ours, "layout", {name: layout(name)
                                        for name in ("sliced", "packed", "f_linear")},
-                      ["prefill_1024", "decode_b1", "decode_b16"], repeats)
+                      ["prefill_1024", "decode_b1", "decode_b16", "decode_b64"], repeats)
     out["serves"] = serves(torch.float32, "cpu")
     layout("f_linear")()
     return out
