@@ -18,6 +18,9 @@ in bench/README.md; the definitions that make two sides comparable:
   ``ignore_eos``, ``max_tokens=n``. Hugging Face: one static batch,
   ``generate(max_new_tokens=n, min_new_tokens=n)``. Both greedy, same prompts, same weights.
 - prefill tokens/s of an L-token prompt = L / T(1) (time to first token, one request).
+- each T is a median over ``repeats`` samples. On a CPU the two sides are sampled in rounds,
+  taking turns at every shape (``measure_sides``), so that the machine's drift over the run
+  reaches both; on a GPU ours is measured, closed, then Hugging Face's.
 
 Every timed run gets prompts nobody has seen, so our prefix cache never helps where it must
 not (only ``cached_ttft_ratio`` plants a prefix on purpose).
@@ -174,67 +177,102 @@ def median_time(fn: Callable[[str], float], tag: str, repeats: int) -> float:
     return statistics.median(fn(f"{tag}/r{r}") for r in range(repeats))
 
 
+RunFn = Callable[[list[list[int]], int], float]
+
+
 # -- decode and prefill, the same definition for every side -----------------------------------
 
-def decode_tps(run: Callable[[list[list[int]], int], float], batch: int, w: Workload,
-               side_tag: str, tag: str = "decode", repeats: int | None = None
-               ) -> dict[str, float]:
-    """``run(prompts, n)`` -> seconds to generate n tokens for every prompt from scratch.
+def decode_sample(run: RunFn, batch: int, w: Workload, tag: str) -> tuple[float, float]:
+    """One (T(1), T(N)) of ``batch`` prompts: ``run(prompts, n)`` -> seconds to generate n
+    tokens for every prompt from scratch. Prompts depend on ``tag`` (the batch and repeat),
+    never on the side: both sides see the same ones (another ``tag`` gives others, so a
+    second measurement on one engine misses its cache)."""
+    return tuple(run(random_prompts(batch, w.prompt_len, f"{tag}/n{n}"), n)
+                 for n in (1, w.new_tokens))
 
-    Prompts depend on the batch and repeat, never on the side: both sides see the same ones
-    (another ``tag`` gives others: a second measurement on one engine misses its cache).
-    """
-    def timed(n: int) -> Callable[[str], float]:
-        return lambda t: run(random_prompts(batch, w.prompt_len, f"{t}/n{n}"), n)
 
-    repeats = repeats or w.repeats
-    t_one = median_time(timed(1), f"{tag}/b{batch}", repeats)
-    t_all = median_time(timed(w.new_tokens), f"{tag}/b{batch}", repeats)
+def decode_rate(batch: int, w: Workload, samples: list[tuple[float, float]],
+                side_tag: str) -> dict[str, float]:
+    """Decode tokens/s from the medians of T(1) and T(N) over ``samples``."""
+    t_one = statistics.median(s[0] for s in samples)
+    t_all = statistics.median(s[1] for s in samples)
     if t_all <= t_one:
         raise RuntimeError(f"{side_tag} batch {batch}: {w.new_tokens} tokens took {t_all:.3f}s, "
                            f"not longer than one token ({t_one:.3f}s): timings are unusable")
-    return {"one_token_s": t_one, "all_tokens_s": t_all,
+    return {"one_token_s": t_one, "all_tokens_s": t_all, "samples": len(samples),
             "decode_tps": batch * (w.new_tokens - 1) / (t_all - t_one)}
 
 
-def prefill_tps(run: Callable[[list[list[int]], int], float], length: int,
-                repeats: int) -> dict[str, float]:
-    ttft = median_time(lambda tag: run(random_prompts(1, length, tag), 1),
-                       f"prefill/{length}", repeats)
-    return {"ttft_s": ttft, "prefill_tps": length / ttft}
+def decode_tps(run: RunFn, batch: int, w: Workload, side_tag: str, tag: str = "decode",
+               repeats: int | None = None) -> dict[str, float]:
+    """One side's decode tokens/s at ``batch``, ``repeats`` samples in a row."""
+    samples = [decode_sample(run, batch, w, f"{tag}/b{batch}/r{r}")
+               for r in range(repeats or w.repeats)]
+    return decode_rate(batch, w, samples, side_tag)
 
 
-def measure_side(run: Callable[[list[list[int]], int], float], batches: tuple[int, ...],
-                 w: Workload, name: str, repeats: int | None = None,
-                 deadline: float | None = None) -> dict[str, Any]:
-    """Decode at each batch, then prefill at each length. Past ``deadline`` (a
-    ``time.monotonic()`` value) the measurements not yet begun are skipped and listed under
-    ``skipped``."""
-    repeats = repeats or w.repeats
-    out: dict[str, Any] = {"decode": {}, "prefill": {}}
+@dataclass
+class Side:
+    """One side of the comparison: its ``run``, the decode batches it is measured at, and how
+    many samples each of its numbers is the median of."""
 
-    def late(what: str) -> bool:
-        if deadline is None or time.monotonic() < deadline:
-            return False
-        out.setdefault("skipped", []).append(what)
-        log(f"{name} {what}: skipped (time budget)")
-        return True
+    run: RunFn
+    batches: tuple[int, ...]
+    repeats: int
 
+
+def measure_sides(sides: dict[str, Side], w: Workload,
+                  deadline: float | None = None) -> dict[str, dict[str, Any]]:
+    """Decode at each side's batches and prefill at ``w.prefill_lens``, in rounds: a round
+    takes one sample of every side's every number, the sides taking turns at each shape, and
+    each number is the median over the rounds. Measured together, the sides share whatever
+    the machine's speed does over the run (a shared VM drifts by 20% over ten minutes);
+    measured one after the other, that drift lands in their ratio. Past ``deadline`` (a
+    ``time.monotonic()`` value) no new sample starts; a number with none is listed under its
+    side's ``skipped``."""
     # Warm-up at the largest shapes: first-use costs (allocations, kernel selection, handle
     # creation) stay out of the timings.
-    run(random_prompts(max(batches), w.prompt_len, f"warm-up/{name}"), 2)
-    run(random_prompts(1, max(w.prefill_lens), f"warm-up/{name}/prefill"), 1)
-    for batch in batches:
-        if late(f"decode batch {batch}"):
-            continue
-        out["decode"][str(batch)] = decode_tps(run, batch, w, name, repeats=repeats)
-        log(f"{name} decode batch {batch}: {out['decode'][str(batch)]['decode_tps']:.1f} tok/s")
-    for length in w.prefill_lens:
-        if late(f"prefill {length}"):
-            continue
-        out["prefill"][str(length)] = prefill_tps(run, length, repeats)
-        log(f"{name} prefill {length}: {out['prefill'][str(length)]['prefill_tps']:.1f} tok/s")
+    for name, side in sides.items():
+        warm_up(side.run, side.batches, w, name)
+    shapes = [("decode", b) for b in sorted({b for s in sides.values() for b in s.batches})]
+    shapes += [("prefill", length) for length in w.prefill_lens]
+    samples: dict[str, dict[tuple[str, int], list[Any]]] = {name: {} for name in sides}
+    for r in range(max(s.repeats for s in sides.values())):
+        for what, size in shapes:
+            for name, side in sides.items():
+                if r >= side.repeats or (what == "decode" and size not in side.batches):
+                    continue
+                if deadline is not None and time.monotonic() >= deadline:
+                    continue
+                samples[name].setdefault((what, size), []).append(
+                    decode_sample(side.run, size, w, f"decode/b{size}/r{r}") if what == "decode"
+                    else side.run(random_prompts(1, size, f"prefill/{size}/r{r}"), 1))
+    out: dict[str, dict[str, Any]] = {}
+    for name, side in sides.items():
+        mine = out[name] = {"decode": {}, "prefill": {}}
+        for what, size in shapes:
+            if what == "decode" and size not in side.batches:
+                continue
+            got = samples[name].get((what, size))
+            if not got:
+                mine.setdefault("skipped", []).append(f"{what} {size}")
+                log(f"{name} {what} {size}: skipped (time budget)")
+            elif what == "decode":
+                mine["decode"][str(size)] = decode_rate(size, w, got, name)
+                log(f"{name} decode batch {size}: {mine['decode'][str(size)]['decode_tps']:.1f}"
+                    f" tok/s")
+            else:
+                ttft = statistics.median(got)
+                mine["prefill"][str(size)] = {"ttft_s": ttft, "prefill_tps": size / ttft,
+                                              "samples": len(got)}
+                log(f"{name} prefill {size}: {size / ttft:.1f} tok/s")
     return out
+
+
+def warm_up(run: RunFn, batches: tuple[int, ...], w: Workload, name: str) -> None:
+    run(random_prompts(max(batches), w.prompt_len, f"warm-up/{name}"), 2)
+    if w.prefill_lens:
+        run(random_prompts(1, max(w.prefill_lens), f"warm-up/{name}/prefill"), 1)
 
 
 # -- our engine --------------------------------------------------------------------------------
@@ -1089,8 +1127,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log(f"our engine: built in {ours.build_s:.1f} s, CUDA graphs captured in "
             f"{ours.graph_capture_s} s, {gpu_memory(device)}")
     checkpoint(result, args.out)
-    result["ours"].update(measure_side(ours.run, w.ours_batches, w, "ours"))
-    checkpoint(result, args.out)
+    # On a CPU both sides' decode and prefill numbers are measured together, in rounds
+    # (measure_sides), once Hugging Face's model is built beside ours; on a GPU our engine is
+    # measured first and closed to make room for theirs.
+    together = device.type == "cpu" and not args.skip_hf
+    ours_side = Side(ours.run, w.ours_batches, w.repeats)
+    result["sides_measured_together"] = together
+    warm_up(ours.run, w.ours_batches, w, "ours/first")  # in the peak RSS, as are all our shapes
+    if not together:
+        result["ours"].update(measure_sides({"ours": ours_side}, w)["ours"])
+        checkpoint(result, args.out)
     result["ours"]["cached_ttft"] = ours.cached_ttft(w)
     log(f"ours cached TTFT ratio: {result['ours']['cached_ttft']['ratio']:.3f}")
     if w.mixed_requests:
@@ -1100,7 +1146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     checkpoint(result, args.out)
 
     if w.sampled_batch:
-        sampled = phase("sampled", lambda: ours.sampled_decode(w, result["ours"]["decode"]),
+        sampled = phase("sampled", lambda: ours.sampled_decode(w, result["ours"].get("decode", {})),
                         min_left_s=20)
         if sampled is not None:
             result["ours"]["sampled"] = sampled
@@ -1128,14 +1174,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             log("building the Hugging Face model from our weights")
             hf = HFGenerate.from_weights(ours.hf_weights(), ours.model_config, dtype, device)
             result["hf"] = {"transformers": hf.version}
-            result["hf"].update(measure_side(hf.run, w.hf_batches, w, "hf",
-                                             repeats=w.hf_repeats,
-                                             deadline=None if deadline is None
-                                             else deadline - 20))
-            result["hf"]["transformers"] = hf.version
+            sides = {"hf": Side(hf.run, w.hf_batches, w.hf_repeats or w.repeats)}
+            if together:
+                sides = {"ours": ours_side, **sides}
+            measured = measure_sides(sides, w, None if deadline is None else deadline - 20)
+            result["hf"].update(measured["hf"])
+            if together:
+                result["ours"].update(measured["ours"])
             result["agreement"] = ours.greedy_agreement(hf.greedy, 16, mine)
 
         phase("hf", hf_side, min_left_s=40)
+    if "decode" not in result["ours"]:  # Hugging Face's side was skipped (time budget)
+        result["ours"].update(measure_sides({"ours": ours_side}, w)["ours"])
     if args.llamacpp:
         weights = ours.model_path
         if args.model.startswith("random:") or weights.suffix != ".gguf":
