@@ -14,7 +14,8 @@
    decode at batch 8 and 16 (128-token prompts, 33 new tokens), alternating between SDPA
    over gathered blocks (today: batches up to 16) and the batched matmuls over gathered rows
    that served every batch over 4 before.
-4. **Weight layout** (`workers.models.llama.cpu_weight_layout`). The same engine in float32:
+4. **Weight layout** (`workers.models.llama.cpu_weight_layout`). The same engine in float32
+   (``--layout-dtype bfloat16``: in bfloat16):
    decode at batch 1, 16 and 64 and a 1,024-token prefill, alternating between projections
    that run on column slices of their weight, one per thread, as one batched matmul (today on
    CPUs other than Intel's), on oneDNN's packed copy (before), and on plain ``F.linear``
@@ -172,7 +173,7 @@ def decode_attention(threads: int, repeats: int) -> dict[str, Any]:
     return out
 
 
-def weight_layout(threads: int, repeats: int) -> dict[str, Any]:
+def weight_layout(threads: int, repeats: int, dtype: str) -> dict[str, Any]:
     import torch
     from engine_bench import OurEngine, parse_args, random_prompts
 
@@ -182,7 +183,7 @@ def weight_layout(threads: int, repeats: int) -> dict[str, Any]:
     serves = llama.cpu_weight_layout
     llama.cpu_weight_layout = lambda *a: "plain"  # load plain; every layout kept below
     try:
-        ours = OurEngine.build(parse_args(["--threads", str(threads), "--dtype", "float32"]), 64)
+        ours = OurEngine.build(parse_args(["--threads", str(threads), "--dtype", dtype]), 64)
     finally:
         llama.cpu_weight_layout = serves
     model = ours.engine.runner.model
@@ -203,7 +204,8 @@ def weight_layout(threads: int, repeats: int) -> dict[str, Any]:
     out = alternating(ours, "layout", {name: layout(name)
                                        for name in ("sliced", "packed", "f_linear")},
                       ["prefill_1024", "decode_b1", "decode_b16", "decode_b64"], repeats)
-    out["serves"] = serves(torch.float32, "cpu")
+    out["dtype"] = dtype
+    out["serves"] = serves(getattr(torch, dtype), "cpu")
     layout("f_linear")()
     return out
 
@@ -237,7 +239,8 @@ def weight_dtype(threads: int, repeats: int) -> dict[str, Any]:
 PARTS = {"shapes": ("prefill_shapes", lambda a: shapes(a.threads)),
          "heap": ("forward_heap", lambda a: heap(a.threads, a.repeats)),
          "decode": ("decode_attention", lambda a: decode_attention(a.threads, a.repeats)),
-         "layout": ("weight_layout", lambda a: weight_layout(a.threads, a.repeats)),
+         "layout": ("weight_layout",
+                    lambda a: weight_layout(a.threads, a.repeats, a.layout_dtype)),
          "dtype": ("weight_dtype", lambda a: weight_dtype(a.threads, a.repeats))}
 
 
@@ -247,6 +250,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=list(PARTS))
+    p.add_argument("--layout-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the dtype of the weight-layout part")
     args = p.parse_args()
     from workers.models.dtype import cpuinfo
 
