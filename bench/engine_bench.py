@@ -65,6 +65,7 @@ from core.model_files import resolve_model_path  # noqa: E402
 from core.tokenizer import Tokenizer  # noqa: E402
 from workers.engine import model_runner  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
+from workers.engine.kv_events import BlocksRemoved, SubscriberFellBehind  # noqa: E402
 from workers.engine.outputs import FinishReason, RequestOutput  # noqa: E402
 from workers.engine.sampling_params import SamplingParams  # noqa: E402
 from workers.models.config import ModelConfig  # noqa: E402
@@ -106,6 +107,9 @@ GPU_TARGETS = {
     "decode_tps_b128": (">=", 10000), "ttft_1024_s": ("<=", 0.035), "ttft_8191_s": ("<=", 0.25),
     "sampled_vs_greedy_b32": (">=", 0.90), "graph_eager_identical": ("==", True),
 }
+# The mixed-memory warm-up runs at most this many chunks of ``mixed_warmup`` requests while
+# waiting for the KV pool to cycle (OurEngine.mixed_memory).
+MIXED_WARMUP_MAX_CHUNKS = 20
 # The CUDA-graphs-off engine of the graph/eager check: a small KV pool, so that it fits
 # beside the first engine (two 8B engines: 16 GB of weights each).
 EAGER_KV_MIB_GPU = 2048
@@ -565,9 +569,32 @@ class OurEngine:
 
     def mixed_memory(self, w: Workload) -> dict[str, Any]:
         """RSS growth over ``mixed_requests`` requests (in ten chunks, RSS read after
-        each: a leak climbs steadily, a bounded cache levels off) after ``mixed_warmup``."""
-        warm = self.mixed(w.mixed_warmup, w, "mixed/warm-up")
+        each: a leak climbs steadily, a bounded cache levels off) after a warm-up of
+        ``mixed_warmup`` requests at a time until the KV pool has been cycled (``warm_up``)."""
         kv = self.engine.kv
+        warm: dict[str, Any] = {}
+        chunks, cycled, ring_full = 0, False, False
+        while not (cycled and ring_full) and chunks < MIXED_WARMUP_MAX_CHUNKS:
+            seen = kv.event_log.sequence
+            stats = self.mixed(w.mixed_warmup, w, f"mixed/warm-up{chunks or ''}")
+            warm = {k: warm.get(k, 0) + v for k, v in stats.items()}
+            chunks += 1
+            # Two bounded structures fill with traffic, which the readings below must not
+            # take for growth. The prefix cache's hash map, bounded by the pool: the pool
+            # hands out never-used blocks first, so once it evicts a cached block, every
+            # block has served. The KV event ring: full once it has dropped an event.
+            # (A ring that dropped events of this chunk took more hashes in it than 4x the
+            # pool's blocks: more than the pool can store without evicting.)
+            try:
+                cycled = cycled or any(isinstance(e, BlocksRemoved)
+                                       for e in kv.event_log.events_since(seen))
+            except SubscriberFellBehind:
+                cycled = True
+            try:
+                kv.event_log.events_since(0)
+            except SubscriberFellBehind:
+                ring_full = True
+        warm.update(chunks=chunks, pool_cycled=cycled, event_ring_full=ring_full)
         events_before = kv.event_log.sequence
         before = settled_rss_mib()
         chunk = max(1, w.mixed_requests // 10)
