@@ -10,6 +10,10 @@
 2. **A forward's heap** (`workers.malloc.step_heap`). Our engine with SmolLM2: a 1,024-token
    prefill and decode steps at batch 1 and 16, each timed with the forward inside
    ``step_heap`` and outside it, alternating, in one process; minor page faults per prefill.
+2b. **The heap's top between steps** (`workers.malloc.TRIM_THRESHOLD`). The same engine:
+   a 1,024-token prefill and decode at batch 1, 16 and 64, alternating between trimming the
+   heap's top past 2 MiB and past 8 MiB (what a step leaves free there stays mapped for the
+   next one).
 3. **Decode attention** (`workers.models.attention.SDPA_MAX_DECODES`). The same engine's
    decode at batch 8 and 16 (128-token prompts, 33 new tokens), alternating between SDPA
    over gathered blocks (today: batches up to 16) and the batched matmuls over gathered rows
@@ -153,6 +157,30 @@ def heap(threads: int, repeats: int) -> dict[str, Any]:
     return out
 
 
+def heap_top(threads: int, repeats: int) -> dict[str, Any]:
+    import torch
+    from engine_bench import OurEngine, parse_args, random_prompts
+
+    from workers import malloc
+
+    torch.set_num_threads(threads)
+    ours = OurEngine.build(parse_args(["--threads", str(threads)]), 64)
+    today = malloc.TRIM_THRESHOLD
+
+    def keep(mib: int) -> Callable[[], None]:
+        def switch() -> None:
+            malloc.TRIM_THRESHOLD = mib << 20
+            malloc.bound_retention()
+        return switch
+
+    ours.run(random_prompts(16, 128, "top/warm"), 4)
+    out = alternating(ours, "top", {"trim_2mib": keep(2), "trim_8mib": keep(8)},
+                      ["prefill_1024", "decode_b1", "decode_b16", "decode_b64"], repeats)
+    malloc.TRIM_THRESHOLD = today
+    malloc.bound_retention()
+    return out
+
+
 def decode_attention(threads: int, repeats: int) -> dict[str, Any]:
     import torch
     from engine_bench import OurEngine, parse_args, random_prompts
@@ -238,6 +266,7 @@ def weight_dtype(threads: int, repeats: int) -> dict[str, Any]:
 
 PARTS = {"shapes": ("prefill_shapes", lambda a: shapes(a.threads)),
          "heap": ("forward_heap", lambda a: heap(a.threads, a.repeats)),
+         "top": ("heap_top", lambda a: heap_top(a.threads, a.repeats)),
          "decode": ("decode_attention", lambda a: decode_attention(a.threads, a.repeats)),
          "layout": ("weight_layout",
                     lambda a: weight_layout(a.threads, a.repeats, a.layout_dtype)),

@@ -6,7 +6,10 @@ free at the top of the heap, and the engine's tensors change shape every step, s
 and activations stayed in a fragmenting heap: a worker held 120-160 MiB more than it used
 after 10,000 short requests, swinging by ~70 MiB (bench/README.md, memory soak). Fixed
 thresholds keep blocks of 2 MiB and more out of the heap (mmap'd, returned when freed) and
-trim its top past 8 MiB.
+trim its top past 8 MiB: what a step leaves free there stays for the next one, a swing of up
+to 8 MiB between steps (trimming past 2 MiB cut the soak's swing from 13.3 to 1.6 MiB on an
+AMD EPYC, and measured 0.96x decode tokens/s at batch 16 and 64, inside that VM's noise:
+``bench/cpu_paths.py --parts top``).
 
 Within a model's forward pass, the same rule is slow: every tensor of 2 MiB or more becomes a
 fresh mapping, page-faulted in again by each operator of each layer (a 1,024-token prefill of
