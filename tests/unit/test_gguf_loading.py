@@ -194,10 +194,14 @@ def test_loader_reads_back_each_tensor_type_in_hf_layout(tmp_path, qtype):
         assert np.abs(actual - expected).max() <= limit, name
 
 
-def test_load_model_fuses_gguf_tensors_and_converts_dtype(tmp_path):
+def test_load_model_fuses_gguf_tensors_and_converts_dtype(tmp_path, monkeypatch):
     path = tmp_path / "tiny.gguf"
     stored = write_tiny_llama_gguf(path, Q.Q8_0)
-    model, config = load_model(path, torch.bfloat16, "cpu")
+    # Plain weights, to compare them: where oneDNN computes bfloat16, the loaded model would
+    # run on packed copies and let the plain weights go (the CPU's own layout: below).
+    with monkeypatch.context() as plain:
+        plain.setattr("workers.models.llama.cpu_weight_layout", lambda *a: "plain")
+        model, config = load_model(path, torch.bfloat16, "cpu")
     assert config.architecture == "llama" and model.dtype == torch.bfloat16
     layer = model.layers[0]
     assert layer.qkv_proj.weight.dtype == torch.bfloat16
@@ -208,6 +212,14 @@ def test_load_model_fuses_gguf_tensors_and_converts_dtype(tmp_path):
     assert torch.equal(layer.gate_up_proj.weight, gate_up.to(torch.bfloat16))
     assert torch.equal(model.norm, torch.from_numpy(stored["output_norm.weight"]).bfloat16())
     assert model.lm_head.weight is not model.embed_tokens
+
+    # In the layout this CPU serves, the fused projections compute the same.
+    served, _ = load_model(path, torch.bfloat16, "cpu")
+    x = torch.randn(3, HIDDEN, generator=torch.Generator().manual_seed(0)).bfloat16()
+    for ours, weight in ((served.layers[0].qkv_proj, qkv), (served.layers[0].gate_up_proj,
+                                                            gate_up)):
+        expected = torch.nn.functional.linear(x.float(), weight.bfloat16().float())
+        torch.testing.assert_close(ours(x).float(), expected, rtol=2e-2, atol=2e-2)
 
 
 def test_gguf_rope_freqs_tensor_reproduces_llama3_rope_scaling(tmp_path):
