@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 import warnings
@@ -30,3 +31,16 @@ def _ray_ends_with_its_module():
     if ray is not None and ray.is_initialized():
         warnings.warn("a test module left Ray running; shut down after it", stacklevel=1)
         ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_restored():
+    """A test that configures logging in-process (``cluster.cli.main``: ``migrate``,
+    ``tenants``) points the root logger at its own captured stderr, which pytest closes
+    after it: every later record, from any test or thread, then failed with "I/O operation
+    on closed file". The root logger's handlers and level come back after each test."""
+    root = logging.getLogger()
+    saved = list(root.handlers), root.level
+    yield
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
