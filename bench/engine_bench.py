@@ -108,7 +108,7 @@ GPU_TARGETS = {
     "sampled_vs_greedy_b32": (">=", 0.90), "graph_eager_identical": ("==", True),
 }
 # The mixed-memory warm-up runs at most this many chunks of ``mixed_warmup`` requests while
-# waiting for the KV pool to cycle (OurEngine.mixed_memory).
+# waiting for the KV pool to cycle and the KV event ring to fill (OurEngine.mixed_memory).
 MIXED_WARMUP_MAX_CHUNKS = 20
 # The CUDA-graphs-off engine of the graph/eager check: a small KV pool, so that it fits
 # beside the first engine (two 8B engines: 16 GB of weights each).
@@ -570,7 +570,8 @@ class OurEngine:
     def mixed_memory(self, w: Workload) -> dict[str, Any]:
         """RSS growth over ``mixed_requests`` requests (in ten chunks, RSS read after
         each: a leak climbs steadily, a bounded cache levels off) after a warm-up of
-        ``mixed_warmup`` requests at a time until the KV pool has been cycled (``warm_up``)."""
+        ``mixed_warmup`` requests at a time until the KV pool has cycled and the KV event
+        ring is full (``warm_up`` says how it went)."""
         kv = self.engine.kv
         warm: dict[str, Any] = {}
         chunks, cycled, ring_full = 0, False, False
@@ -1173,7 +1174,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     checkpoint(result, args.out)
 
     if w.sampled_batch:
-        sampled = phase("sampled", lambda: ours.sampled_decode(w, result["ours"].get("decode", {})),
+        sampled = phase("sampled",
+                        lambda: ours.sampled_decode(w, result["ours"].get("decode", {})),
                         min_left_s=20)
         if sampled is not None:
             result["ours"]["sampled"] = sampled
