@@ -22,10 +22,10 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import ray
@@ -36,7 +36,8 @@ from core.endpoints import HEAD_RESOURCE
 from tests.support.environ import SavedEnviron
 from tests.support.tenancy import REDIS_URL
 
-HEAD_START_ATTEMPTS = 2
+T = TypeVar("T")
+START_ATTEMPTS = 2  # a node (head or worker) whose raylet missed registration: once more
 FAST_NODE_DEATH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
                    "health_check_timeout_ms": 1000, "health_check_failure_threshold": 4}
 
@@ -75,24 +76,18 @@ class MultiNode:
         self.nodes: dict[str, Any] = {}
 
     def _start_cluster(self) -> Cluster:
-        """The cluster and its head. Ray gives a new head's raylet 30 s to register with its
-        GCS (not configurable); on a starved machine a GCS on Redis may take longer (seen
-        with the suite beside a busy process). Such a head is killed whole (its GCS and
-        raylet would outlive the test) and started once more from scratch."""
-        for attempt in range(HEAD_START_ATTEMPTS):
+        """The cluster and its head (``started_once_more``: a fault-tolerant head's GCS on
+        Redis is the slow one; a retry starts it on a new port, from empty tables)."""
+        def start() -> Cluster:
             if self._fault_tolerant:
                 self._head_args["gcs_server_port"] = free_port()
-            try:
-                return Cluster(initialize_head=True, connect=False,
-                               head_node_args=self._head_args)
-            except Exception as exc:
-                kill_session_processes(self._temp_dir)
-                if "timed out during startup" not in str(exc) \
-                        or attempt == HEAD_START_ATTEMPTS - 1:
-                    raise
-                if self._fault_tolerant:  # the next GCS starts from empty tables
-                    _drop_storage(os.environ["RAY_external_storage_namespace"])
-        raise AssertionError("unreachable")
+            return Cluster(initialize_head=True, connect=False, head_node_args=self._head_args)
+
+        def before_retry() -> None:
+            if self._fault_tolerant:
+                _drop_storage(os.environ["RAY_external_storage_namespace"])
+
+        return started_once_more(start, self._temp_dir, before_retry)
 
     @property
     def address(self) -> str:
@@ -102,9 +97,12 @@ class MultiNode:
         return str(self._temp_dir / name)
 
     def add_node(self, name: str, num_cpus: float, **resources: float) -> str:
-        """Starts a worker node (its own raylet); returns its Ray node id."""
-        node = self.cluster.add_node(num_cpus=num_cpus, resources=resources or None,
-                                     temp_dir=self.temp_dir(name))
+        """Starts a worker node (its own raylet; ``started_once_more``); returns its Ray node
+        id."""
+        node = started_once_more(
+            lambda: self.cluster.add_node(num_cpus=num_cpus, resources=resources or None,
+                                          temp_dir=self.temp_dir(name)),
+            Path(self.temp_dir(name)))
         self.nodes[name] = node
         return node.node_id
 
@@ -216,6 +214,24 @@ def _session_processes(temp_dir: Path) -> list[int]:
         except (FileNotFoundError, ProcessLookupError):
             continue
     return found
+
+
+def started_once_more(start: Callable[[], T], temp_dir: Path,
+                      before_retry: Callable[[], None] = lambda: None) -> T:
+    """``start()``, a Ray node starting under ``temp_dir``. Ray gives a new node's raylet 30 s
+    to register with its GCS (not configurable); on a starved machine it may take longer
+    (seen for a head with its GCS on Redis beside a busy process, and for a worker node
+    joining one, in a CI run of the suite). Such a node is killed whole (its raylet would
+    outlive the test) and started once more; any other failure is raised at once."""
+    for attempt in range(START_ATTEMPTS):
+        try:
+            return start()
+        except Exception as exc:
+            kill_session_processes(temp_dir)
+            if "timed out during startup" not in str(exc) or attempt == START_ATTEMPTS - 1:
+                raise
+            before_retry()
+    raise AssertionError("unreachable")
 
 
 def kill_session_processes(temp_dir: Path, wait_s: float = 10.0) -> None:

@@ -1,0 +1,58 @@
+"""tests/support/multi_node.py's retry of a Ray node whose raylet missed Ray's 30 s
+registration window (``started_once_more``), with real processes standing in for the node's:
+the half-started node's processes are killed, and only that timeout is retried, once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.multi_node import started_once_more
+
+TIMED_OUT = Exception("The current node timed out during startup. This could happen because "
+                      "some of the raylet failed to startup or the GCS has become overloaded.")
+
+
+def a_node_process(temp_dir: Path) -> subprocess.Popen:
+    """A process whose command line names ``temp_dir``, as a raylet's does."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(temp_dir)])
+
+
+def test_a_node_that_timed_out_is_killed_and_started_once_more(tmp_path):
+    started, retried = [], []
+
+    def start() -> str:
+        started.append(a_node_process(tmp_path))
+        if len(started) == 1:
+            raise TIMED_OUT
+        return "node"
+
+    assert started_once_more(start, tmp_path, lambda: retried.append(True)) == "node"
+    assert len(started) == 2 and retried == [True]
+    assert started[0].wait(timeout=10) == -9  # the half-started node: SIGKILLed
+    assert started[1].poll() is None          # the node that started runs on
+    started[1].kill()
+    started[1].wait()
+
+
+def test_any_other_failure_is_raised_at_once_and_its_processes_killed(tmp_path):
+    started = []
+
+    def start() -> str:
+        started.append(a_node_process(tmp_path))
+        raise ValueError("no such resource")
+
+    with pytest.raises(ValueError, match="no such resource"):
+        started_once_more(start, tmp_path)
+    assert len(started) == 1 and started[0].wait(timeout=10) == -9
+
+
+def test_a_second_timeout_is_raised(tmp_path):
+    def start() -> str:
+        raise TIMED_OUT
+
+    with pytest.raises(Exception, match="timed out during startup"):
+        started_once_more(start, tmp_path)
