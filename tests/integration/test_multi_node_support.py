@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,15 @@ TIMED_OUT = Exception("The current node timed out during startup. This could hap
 
 
 def a_node_process(temp_dir: Path) -> subprocess.Popen:
-    """A process whose command line names ``temp_dir``, as a raylet's does."""
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(temp_dir)])
+    """A process whose command line names ``temp_dir``, as a raylet's does; returned once it
+    does (between fork and exec a child's command line is still its parent's)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                             str(temp_dir)])
+    deadline = time.monotonic() + 10
+    while str(temp_dir).encode() not in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+        assert time.monotonic() < deadline, "the stand-in process did not start"
+        time.sleep(0.01)
+    return proc
 
 
 def test_a_node_that_timed_out_is_killed_and_started_once_more(tmp_path):
