@@ -555,7 +555,9 @@ class OurEngine:
                 live[self._add(prompt, params)] = (
                     None if abort_after is None else stats["steps"] + abort_after)
             due = [rid for rid, at in live.items() if at is not None and at <= stats["steps"]]
-            outputs = self.engine.abort(due) + self._step()
+            outputs = self.engine.abort(due)
+            if self.engine.has_unfinished:  # the aborts may have ended every live request
+                outputs += self._step()
             stats["steps"] += 1
             for out in outputs:
                 stats["tokens"] += len(out.token_ids)
@@ -1161,8 +1163,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     together = device.type == "cpu" and not args.skip_hf
     ours_side = Side(ours.run, w.ours_batches, w.repeats)
     result["sides_measured_together"] = together
-    warm_up(ours.run, w.ours_batches, w, "ours/first")  # in the peak RSS, as are all our shapes
-    if not together:
+    if together:  # our largest shapes before the peak RSS is read (measure_sides warms up)
+        warm_up(ours.run, w.ours_batches, w, "ours/first")
+    else:
         result["ours"].update(measure_sides({"ours": ours_side}, w)["ours"])
         checkpoint(result, args.out)
     result["ours"]["cached_ttft"] = ours.cached_ttft(w)
