@@ -1,14 +1,18 @@
-"""Where a GPU step's time goes: the engine's own steps under torch's profiler.
+"""Where a step's time goes: the engine's own steps under torch's profiler.
 
     python bench/gpu_profile.py --model random:llama3-8b --tokenizer DIR --out DIR
+    python bench/gpu_profile.py --device cpu --model smollm2-135m-instruct --dtype auto \
+        --kv-gib 1 --batches 1,16,64 --threads 2 --out DIR
 
-Runs, on a random-weight model (bench/engine_bench.py's shapes and weights): one 1,024-token
-prefill, one 16-token chunk over an 8,176-token cached prefix, and decode steps at batch 1 and
-128. For each it writes the wall time per step split into the runner (inputs, forward
+Runs (on a random-weight model, bench/engine_bench.py's shapes and weights, or a real one):
+one 1,024-token prefill, one 16-token chunk over an 8,176-token cached prefix (GPU only: on a
+CPU the 8k prefill alone takes minutes), and decode steps of 128-token prompts at each of
+``--batches``. For each it writes the wall time per step split into the runner (inputs, forward
 launch), the sampler (which waits for the GPU), making the outputs (text, stop strings,
 logprob texts: in the synchronous engine run here they are made inline, where an AsyncEngine
 makes them on its event loop during the next step) and the rest of the engine step, and
-torch's profiler table (top kernels by GPU time, top operators by CPU time) to ``OUT/profile.txt``.
+torch's profiler table (top kernels by GPU time, top operators by CPU time; on a CPU the
+operators by input shape, so each projection shows apart) to ``OUT/profile.txt``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from core.config import EngineConfig  # noqa: E402
 from workers.engine import engine as engine_module  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
 from workers.engine.sampling_params import SamplingParams  # noqa: E402
+from workers.models.dtype import cpuinfo  # noqa: E402
 
 
 class Timed:
@@ -77,7 +82,9 @@ def profile(name: str, engine: Engine, timed: Timed, steps: int, out: list[str])
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
+    # On a CPU, shapes too: the table then shows each projection apart.
+    with torch.profiler.profile(activities=activities,
+                                record_shapes=not torch.cuda.is_available()) as prof:
         for _ in range(steps):
             timed.step()
         sync()
@@ -87,31 +94,44 @@ def profile(name: str, engine: Engine, timed: Timed, steps: int, out: list[str])
                f"{per['outputs']:.2f} ms, rest "
                f"{per['step'] - per['execute'] - per['sampler'] - per['outputs']:.2f} ms "
                "(under the profiler)")
-    table = prof.key_averages()
-    out.append(table.table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
-    out.append(table.table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60))
+    if torch.cuda.is_available():
+        table = prof.key_averages()
+        out.append(table.table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+        out.append(table.table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60))
+    else:
+        table = prof.key_averages(group_by_input_shape=True)
+        out.append(table.table(sort_by="self_cpu_time_total", row_limit=20,
+                               max_name_column_width=50, max_shapes_column_width=70))
 
 
 @torch.inference_mode()
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="random:llama3-8b")
-    p.add_argument("--tokenizer", type=Path, required=True)
+    p.add_argument("--tokenizer", type=Path, help="for a random: model (default SmolLM2's)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--device", default="cuda", help="cuda; cpu only smoke-tests this script")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16", help="as EngineConfig.dtype (auto, ...)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
+    p.add_argument("--batches", default="1,128", help="decode batch sizes, comma-separated")
     p.add_argument("--kv-gib", type=float, default=16.0)
     p.add_argument("--attention-backend", default="triton" if torch.cuda.is_available()
                    else "torch", choices=("auto", "torch", "triton"))
     args = p.parse_args()
-    config = EngineConfig(model=args.model, device=args.device, dtype="bfloat16",
-                          kv_cache_bytes=int(args.kv_gib * 2**30), max_num_seqs=128,
-                          max_num_batched_tokens=8192, attention_backend=args.attention_backend)
+    batches = [int(b) for b in args.batches.split(",")]
+    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
+                          kv_cache_bytes=int(args.kv_gib * 2**30),
+                          max_num_seqs=max(128, *batches), max_num_batched_tokens=8192,
+                          attention_backend=args.attention_backend,
+                          **({"torch_threads": args.threads} if args.threads else {}))
     engine, _ = build_engine(config, args.tokenizer)
     runner = engine.runner
     timed = Timed(engine)
-    card = torch.cuda.get_device_name() if runner.device.type == "cuda" else "cpu"
-    out = [f"# {card}, {args.model}, {runner.attention_backend} attention, graphs captured "
-           f"in {runner.graph_capture_s} s"]
+    gpu = runner.device.type == "cuda"
+    card = torch.cuda.get_device_name() if gpu else f"cpu ({cpuinfo('model name')})"
+    out = [f"# {card}, {args.model} in {runner.dtype}, {runner.attention_backend} attention, "
+           f"weights {runner.model.weight_layout}, {torch.get_num_threads()} threads, graphs "
+           f"captured in {runner.graph_capture_s} s"]
 
     def drain() -> None:
         while engine.has_unfinished:
@@ -126,13 +146,15 @@ def main() -> None:
     add(engine, random_prompts(1, 1024, "p1k"), 1, "p1k")
     profile("prefill 1024 tokens (one step)", engine, timed, 1, out)
     drain()
-    long = random_prompts(1, 8192, "p8k")[0][:8191]
-    add(engine, [long], 1, "p8k")
-    drain()
-    add(engine, [long], 1, "p8k-cached")
-    profile("cached 8k prompt: 15-token chunk over 8,176 cached tokens", engine, timed, 1, out)
-    drain()
-    for batch in (1, 128):
+    if gpu:
+        long = random_prompts(1, 8192, "p8k")[0][:8191]
+        add(engine, [long], 1, "p8k")
+        drain()
+        add(engine, [long], 1, "p8k-cached")
+        profile("cached 8k prompt: 15-token chunk over 8,176 cached tokens", engine, timed, 1,
+                out)
+        drain()
+    for batch in batches:
         add(engine, random_prompts(batch, 128, f"d{batch}"), 40, f"d{batch}")
         for _ in range(2 + batch * 128 // 8192):  # the prefills and a first decode
             engine.step()
