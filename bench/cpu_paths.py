@@ -14,10 +14,11 @@
    a 1,024-token prefill and decode at batch 1, 16 and 64, alternating between trimming the
    heap's top past 2 MiB and past 8 MiB (what a step leaves free there stays mapped for the
    next one).
-3. **Decode attention** (`workers.models.attention.SDPA_MAX_DECODES`). The same engine's
-   decode at batch 8 and 16 (128-token prompts, 33 new tokens), alternating between SDPA
-   over gathered blocks (today: batches up to 16) and the batched matmuls over gathered rows
-   that served every batch over 4 before.
+3. **Decode attention** (`workers.models.attention.CPU_DECODE_KERNEL`, `SDPA_MAX_DECODES`).
+   The same engine's decode at batch 8, 16 and 64 (128-token prompts, 33 new tokens),
+   alternating between the compiled kernel that reads the blocks in place (today) and the
+   torch path it replaced (SDPA over gathered blocks up to 16 decodes, batched matmuls over
+   gathered rows beyond).
 4. **Weight layout** (`workers.models.llama.cpu_weight_layout`). The same engine in float32
    (``--layout-dtype bfloat16``: in bfloat16):
    decode at batch 1, 16 and 64 and a 1,024-token prefill, alternating between projections
@@ -194,10 +195,16 @@ def decode_attention(threads: int, repeats: int) -> dict[str, Any]:
     def limit(n: int) -> Callable[[], None]:
         return lambda: setattr(attention, "SDPA_MAX_DECODES", n)
 
+    def torch_path(n: int) -> Callable[[], None]:
+        return lambda: (setattr(attention, "CPU_DECODE_KERNEL", False), limit(n)())
+
+    def kernel() -> None:
+        attention.CPU_DECODE_KERNEL = True
+
     ours.run(random_prompts(16, 128, "decode/warm"), 4)
-    out = alternating(ours, "decode", {"sdpa_blocks": limit(today), "bmm_rows": limit(4)},
-                      ["decode_b8", "decode_b16"], repeats)
-    attention.SDPA_MAX_DECODES = today
+    out = alternating(ours, "decode", {"kernel": kernel, "torch": torch_path(today)},
+                      ["decode_b8", "decode_b16", "decode_b64"], repeats)
+    attention.SDPA_MAX_DECODES, attention.CPU_DECODE_KERNEL = today, True
     return out
 
 

@@ -195,10 +195,12 @@ def test_batch_mixing_decodes_and_prefills_matches_separate_full_prefills(smollm
 
 
 @pytest.mark.parametrize("count", [8, SDPA_MAX_DECODES, SDPA_MAX_DECODES + 4])
-def test_decode_batches_of_different_lengths_match_full_prefills(smollm, count):
-    # Up to SDPA_MAX_DECODES decodes, SDPA over whole gathered blocks; more, the batched-matmul
+def test_decode_batches_of_different_lengths_match_full_prefills(smollm, count, monkeypatch):
+    # The torch paths (the CPU kernel has its own tests, test_cpu_kernels.py): up to
+    # SDPA_MAX_DECODES decodes, SDPA over whole gathered blocks; more, the batched-matmul
     # path over gathered rows: block tables of different widths padded with block 0 and
     # masked by each sequence's context length either way.
+    monkeypatch.setattr("workers.models.attention.CPU_DECODE_KERNEL", False)
     ours, _, _ = smollm
     lengths = [(3, 17, 16, 33, 9, 48, 2, 25)[i % 8] + i // 8 for i in range(count)]
     sequences = {f"s{i}": PROMPT[i:i + length] for i, length in enumerate(lengths)}
@@ -288,6 +290,7 @@ def test_a_step_gathers_keys_and_values_into_buffers_every_layer_refills(smollm,
     ours, _, _ = smollm
     from workers.models import attention as attention_module
 
+    monkeypatch.setattr(attention_module, "CPU_DECODE_KERNEL", False)  # its decode gathers
     made: list[attention_module.PagedAttention] = []
     gathered: list[int] = []
     real_make, real_select = attention_module.make_attention, torch.index_select

@@ -13,9 +13,12 @@ Everything that depends only on the metadata (gather indices, masks) is built on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+
+from workers import kernels
 
 from .config import ModelConfig
 from .triton_attention import TritonMetadata, paged_attention
@@ -25,6 +28,11 @@ from .triton_attention import TritonMetadata, paged_attention
 # bmm + softmax. On an Intel Xeon with AMX the first made decode 1.12-1.13x faster at B = 8
 # and 16 and was within 8 % either way at 32-64 (bench/README.md, bench/cpu_paths.py).
 SDPA_MAX_DECODES = 16
+
+# On a CPU, decodes run the compiled kernel that reads the KV blocks in place
+# (workers/kernels/paged_decode.cpp) wherever it could be built; the gathers above serve
+# where it could not (and when this is False: tests and benchmarks compare the two).
+CPU_DECODE_KERNEL = True
 
 
 def padded_length(n: int) -> int:
@@ -97,6 +105,10 @@ class _DecodePlan:
     # [B * kvh, 1, L].
     bias: torch.Tensor
     span: int  # L: the longest block table's tokens
+    # The CPU kernel (index is then the block tables [B, blocks], bias unused) and the context
+    # lengths it reads; None on the gather paths.
+    kernel: ModuleType | None = None
+    lens: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +156,11 @@ class PagedAttention:
             raise ValueError("decodes need decode_block_tables and decode_context_lens")
         bs, kvh, batch = meta.block_size, self.num_kv_heads, tables.shape[0]
         span = tables.shape[1] * bs
+        kernel = (kernels.paged_decode() if CPU_DECODE_KERNEL and tables.device.type == "cpu"
+                  else None)
+        if kernel is not None:
+            return _DecodePlan(index=tables, bias=tables.new_empty(0), span=span, kernel=kernel,
+                               lens=lens)
         pos = torch.arange(span, device=tables.device)
         visible = pos.unsqueeze(0) < lens.unsqueeze(1)  # [B, L]
         bias = torch.zeros(visible.shape, dtype=dtype, device=tables.device)
@@ -196,6 +213,8 @@ class PagedAttention:
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, plan: _DecodePlan) -> torch.Tensor:
+        if plan.kernel is not None:
+            return plan.kernel.paged_decode(q, kv_cache, plan.index, plan.lens, self.scale)
         batch, kvh, d, span = q.shape[0], self.num_kv_heads, self.head_dim, plan.span
         # Query heads h*group .. h*group+group-1 share KV head h (HF repeat_kv order), so the
         # group becomes the "query length" of attention per (sequence, KV head): no K/V repeat.

@@ -1,0 +1,77 @@
+"""The CPU paged decode attention kernel (workers/kernels/paged_decode.cpp) against the
+reference (each sequence's context gathered from its blocks, then SDPA), and its checks of
+what it is handed. ``make install`` builds it; a machine with no compiler serves the torch
+path instead, but these tests want the kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.support.paged_attention import build, reference
+from workers import kernels
+
+CONTEXTS = [1, 2, 15, 16, 17, 33, 48, 200]
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    module = kernels.paged_decode()
+    assert module is not None, "the CPU kernel did not build (see the warning logged)"
+    return module
+
+
+def decode_case(contexts, heads, kv_heads, dtype, head_dim=64, page=16):
+    q, key_cache, value_cache, seqs, _ = build([(1, c) for c in contexts], heads=heads,
+                                               kv_heads=kv_heads, head_dim=head_dim, page=page,
+                                               dtype=dtype, device="cpu")
+    width = max(len(table) for _, _, table in seqs)
+    tables = torch.tensor([table + [0] * (width - len(table)) for _, _, table in seqs])
+    lens = torch.tensor(contexts)
+    kv_cache = torch.stack([key_cache, value_cache]).contiguous()
+    return q, kv_cache, tables, lens, reference(q, key_cache, value_cache, seqs,
+                                                head_dim ** -0.5)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 1)])
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_paged_decode_matches_the_reference(kernel, heads, kv_heads, dtype, atol):
+    q, kv_cache, tables, lens, expected = decode_case(CONTEXTS, heads, kv_heads, dtype)
+    out = kernel.paged_decode(q, kv_cache, tables, lens, 64 ** -0.5)
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.float(), expected.float(), atol=atol, rtol=0)
+
+
+def test_paged_decode_reads_a_non_contiguous_query(kernel):
+    # The model hands it a slice of the fused q/k projection.
+    q, kv_cache, tables, lens, expected = decode_case([5, 40], 9, 3, torch.float32)
+    wide = torch.cat([q, torch.zeros_like(q)], dim=1)[:, :9]
+    assert not wide.is_contiguous()
+    torch.testing.assert_close(kernel.paged_decode(wide, kv_cache, tables, lens, 0.125),
+                               expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("what", ["block id", "past the table", "empty"])
+def test_paged_decode_refuses_what_it_would_read_out_of_bounds(kernel, what):
+    q, kv_cache, tables, lens, _ = decode_case([17, 3], 9, 3, torch.float32)
+    if what == "block id":
+        tables[0, 1] = kv_cache.shape[1]
+    elif what == "past the table":
+        lens[1] = tables.shape[1] * kv_cache.shape[2] + 1
+    else:
+        lens[0] = 0
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernel.paged_decode(q, kv_cache, tables, lens, 0.125)
+
+
+def test_the_model_decodes_through_the_kernel_on_cpu(monkeypatch):
+    from workers.models import attention
+
+    meta = attention.AttentionMetadata(
+        block_size=16, slot_mapping=torch.zeros(2, dtype=torch.long), num_decodes=2,
+        decode_block_tables=torch.tensor([[1, 2], [3, 0]]),
+        decode_context_lens=torch.tensor([20, 7]), prefills=[])
+    config = type("C", (), dict(num_heads=9, num_kv_heads=3, head_dim=64))()
+    assert attention.PagedAttention(meta, config, torch.float32).decode.kernel is not None
+    monkeypatch.setattr(attention, "CPU_DECODE_KERNEL", False)
+    assert attention.PagedAttention(meta, config, torch.float32).decode.kernel is None
