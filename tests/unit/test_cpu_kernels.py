@@ -42,6 +42,37 @@ def test_paged_decode_matches_the_reference(kernel, heads, kv_heads, dtype, atol
     torch.testing.assert_close(out.float(), expected.float(), atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("head_dim,page", [(128, 16), (96, 16), (64, 8), (64, 32), (256, 16)])
+def test_paged_decode_takes_other_head_sizes_and_block_sizes(kernel, head_dim, page):
+    # 64 and 128 are compiled for their size, others read it at run time; blocks of other
+    # sizes than the 16 keys reduced at a time split or pad that tile.
+    q, kv_cache, tables, lens, expected = decode_case(CONTEXTS, 8, 2, torch.float32,
+                                                      head_dim=head_dim, page=page)
+    out = kernel.paged_decode(q, kv_cache, tables, lens, head_dim ** -0.5)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_paged_decode_softmax_holds_scores_far_apart(kernel):
+    # Scores hundreds apart: the exponentials of all but the top few underflow to 0, none to
+    # NaN, and the result is still the reference's.
+    q, key_cache, value_cache, seqs, _ = build([(1, 40), (1, 7)], heads=9, kv_heads=3,
+                                               head_dim=64, page=16, dtype=torch.float32,
+                                               device="cpu")
+    q = q * 300
+    tables = torch.tensor([table + [0] * (3 - len(table)) for _, _, table in seqs])
+    kv_cache = torch.stack([key_cache, value_cache]).contiguous()
+    out = kernel.paged_decode(q, kv_cache, tables, torch.tensor([40, 7]), 0.125)
+    expected = reference(q, key_cache, value_cache, seqs, 0.125)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
+
+
+def test_paged_decode_refuses_a_head_size_it_does_not_vectorize(kernel):
+    q, kv_cache, tables, lens, _ = decode_case([5], 4, 2, torch.float32, head_dim=72)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        kernel.paged_decode(q, kv_cache, tables, lens, 0.125)
+
+
 def test_paged_decode_reads_a_non_contiguous_query(kernel):
     # The model hands it a slice of the fused q/k projection.
     q, kv_cache, tables, lens, expected = decode_case([5, 40], 9, 3, torch.float32)
@@ -73,5 +104,7 @@ def test_the_model_decodes_through_the_kernel_on_cpu(monkeypatch):
         decode_context_lens=torch.tensor([20, 7]), prefills=[])
     config = type("C", (), dict(num_heads=9, num_kv_heads=3, head_dim=64))()
     assert attention.PagedAttention(meta, config, torch.float32).decode.kernel is not None
+    odd = type("C", (), dict(num_heads=9, num_kv_heads=3, head_dim=72))()
+    assert attention.PagedAttention(meta, odd, torch.float32).decode.kernel is None
     monkeypatch.setattr(attention, "CPU_DECODE_KERNEL", False)
     assert attention.PagedAttention(meta, config, torch.float32).decode.kernel is None

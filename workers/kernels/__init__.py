@@ -36,6 +36,11 @@ def _cpu_tag() -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:10]
 
 
+def decode_head_dim_ok(head_dim: int) -> bool:
+    """Whether ``paged_decode`` takes this head size: whole vectors of 16 floats, at most 16."""
+    return head_dim % 16 == 0 and 0 < head_dim <= 256
+
+
 def paged_decode() -> ModuleType | None:
     """The paged decode attention kernel (``paged_decode.cpp``), built if need be."""
     with _lock:

@@ -157,7 +157,7 @@ class PagedAttention:
         bs, kvh, batch = meta.block_size, self.num_kv_heads, tables.shape[0]
         span = tables.shape[1] * bs
         kernel = (kernels.paged_decode() if CPU_DECODE_KERNEL and tables.device.type == "cpu"
-                  else None)
+                  and kernels.decode_head_dim_ok(self.head_dim) else None)
         if kernel is not None:
             return _DecodePlan(index=tables, bias=tables.new_empty(0), span=span, kernel=kernel,
                                lens=lens)
