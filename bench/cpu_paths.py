@@ -19,6 +19,10 @@
    alternating between the compiled kernel that reads the blocks in place (today) and the
    torch path it replaced (SDPA over gathered blocks up to 16 decodes, batched matmuls over
    gathered rows beyond).
+3b. **Projections of one or two tokens** (`workers.models.llama.SMALL_BATCH_ROWS`). The same
+   engine (``dtype: auto``) at batch 1, 2 and 16 (16: a control, which the switch does not
+   touch), alternating between our kernel over the plain weights for steps of up to two
+   tokens (today, where weights are packed) and oneDNN's packed copy for every step.
 4. **Weight layout** (`workers.models.llama.cpu_weight_layout`). The same engine in float32
    (``--layout-dtype bfloat16``: in bfloat16):
    decode at batch 1, 16 and 64 and a 1,024-token prefill, alternating between projections
@@ -208,6 +212,29 @@ def decode_attention(threads: int, repeats: int) -> dict[str, Any]:
     return out
 
 
+def small_batch(threads: int, repeats: int) -> dict[str, Any]:
+    import torch
+    from engine_bench import OurEngine, parse_args, random_prompts
+
+    from workers.models import llama
+
+    torch.set_num_threads(threads)
+    ours = OurEngine.build(parse_args(["--threads", str(threads)]), 64)
+    today = llama.SMALL_BATCH_ROWS
+    if not today or ours.engine.runner.model.lm_head.small is None:
+        raise SystemExit("the small-batch kernel is not in use here (weights not packed, or "
+                         "the CPU kernels not built)")
+
+    def rows(n: int) -> Callable[[], None]:
+        return lambda: setattr(llama, "SMALL_BATCH_ROWS", n)
+
+    ours.run(random_prompts(16, 128, "small/warm"), 4)
+    out = alternating(ours, "small", {"kernel": rows(today), "packed": rows(0)},
+                      ["decode_b1", "decode_b2", "decode_b16"], repeats)
+    llama.SMALL_BATCH_ROWS = today
+    return out
+
+
 def weight_layout(threads: int, repeats: int, dtype: str) -> dict[str, Any]:
     import torch
     from engine_bench import OurEngine, parse_args, random_prompts
@@ -275,6 +302,7 @@ PARTS = {"shapes": ("prefill_shapes", lambda a: shapes(a.threads)),
          "heap": ("forward_heap", lambda a: heap(a.threads, a.repeats)),
          "top": ("heap_top", lambda a: heap_top(a.threads, a.repeats)),
          "decode": ("decode_attention", lambda a: decode_attention(a.threads, a.repeats)),
+         "small": ("small_batch", lambda a: small_batch(a.threads, a.repeats)),
          "layout": ("weight_layout",
                     lambda a: weight_layout(a.threads, a.repeats, a.layout_dtype)),
          "dtype": ("weight_dtype", lambda a: weight_dtype(a.threads, a.repeats))}

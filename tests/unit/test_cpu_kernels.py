@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.support.paged_attention import build, reference
 from workers import kernels
@@ -16,7 +17,7 @@ CONTEXTS = [1, 2, 15, 16, 17, 33, 48, 200]
 
 @pytest.fixture(scope="module")
 def kernel():
-    module = kernels.paged_decode()
+    module = kernels.cpu()
     assert module is not None, "the CPU kernel did not build (see the warning logged)"
     return module
 
@@ -108,3 +109,69 @@ def test_the_model_decodes_through_the_kernel_on_cpu(monkeypatch):
     assert attention.PagedAttention(meta, odd, torch.float32).decode.kernel is None
     monkeypatch.setattr(attention, "CPU_DECODE_KERNEL", False)
     assert attention.PagedAttention(meta, config, torch.float32).decode.kernel is None
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3])
+@pytest.mark.parametrize("in_features,out_features", [(576, 960), (100, 37), (1536, 16)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_small_linear_matches_f_linear(kernel, dtype, rtol, rows, in_features, out_features,
+                                       with_bias):
+    # Widths that are not whole vectors (100, 37) take the kernel's scalar tails.
+    gen = torch.Generator().manual_seed(rows * 7 + in_features)
+    x = torch.randn(rows, in_features, generator=gen).to(dtype)
+    weight = torch.randn(out_features, in_features, generator=gen).to(dtype)
+    bias = torch.randn(out_features, generator=gen).to(dtype) if with_bias else None
+    out = kernel.small_linear(x, weight, bias)
+    expected = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    assert out.dtype == dtype and out.shape == (rows, out_features)
+    torch.testing.assert_close(out.float(), expected, rtol=rtol,
+                               atol=rtol * max(1.0, float(expected.abs().max()) if rows else 1))
+
+
+def test_small_linear_reads_a_non_contiguous_row_and_refuses_mismatches(kernel):
+    x = torch.randn(2, 64)[:, ::2]
+    weight = torch.randn(8, 32)
+    torch.testing.assert_close(kernel.small_linear(x, weight, None), x @ weight.t())
+    with pytest.raises(RuntimeError, match="x \\[M, K\\]"):
+        kernel.small_linear(torch.randn(1, 31), weight, None)
+    with pytest.raises(RuntimeError, match="dtype"):
+        kernel.small_linear(torch.randn(1, 32).bfloat16(), weight, None)
+    with pytest.raises(RuntimeError, match="bias"):
+        kernel.small_linear(torch.randn(1, 32), weight, torch.randn(7))
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                    reason="weights are packed only where oneDNN computes bfloat16")
+def test_packed_projections_run_one_or_two_rows_on_the_plain_weight(monkeypatch):
+    from workers.models import llama
+
+    proj = llama.Projection(64, 48, True, torch.bfloat16, "cpu")
+    with torch.no_grad():
+        proj.weight.normal_()
+        proj.bias.normal_()
+    plain = proj.weight.detach().clone()
+    model = torch.nn.Module()
+    model.proj = proj
+    model.embed_tokens = None
+    llama.LlamaForCausalLM.lay_out_weights(model, "packed")
+    assert proj.small is not None and proj.packed is not None
+    assert torch.equal(proj.weight, plain)  # kept beside the packed copy
+    calls = []
+    real = proj.small
+
+    class Spy:
+        def small_linear(self, *args):
+            calls.append(args[0].shape[0])
+            return real.small_linear(*args)
+
+    proj.small = Spy()
+    for rows in (1, 2, 3, 16):
+        x = torch.randn(rows, 64).bfloat16()
+        torch.testing.assert_close(proj(x).float(), F.linear(x.float(), plain.float(),
+                                                             proj.bias.float()),
+                                   rtol=2e-2, atol=5e-2)
+    assert calls == [1, 2]
+    monkeypatch.setattr(llama, "SMALL_BATCH_ROWS", 0)
+    proj(torch.randn(1, 64).bfloat16())
+    assert calls == [1, 2]

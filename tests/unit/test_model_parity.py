@@ -379,11 +379,14 @@ def test_a_packed_projection_computes_what_f_linear_does():
         projection.pack()
 
 
-@pytest.mark.parametrize("layout", ["packed", "sliced"])
+@pytest.mark.parametrize("layout,small_rows", [("packed", 0), ("packed", 2), ("sliced", 2)])
 @pytest.mark.parametrize("tied", [False, True])
-def test_a_laid_out_model_keeps_one_copy_of_each_weight(tmp_path, monkeypatch, tied, layout):
+def test_a_laid_out_model_keeps_one_copy_of_each_weight(tmp_path, monkeypatch, tied, layout,
+                                                       small_rows):
     # Packing or slicing lets each plain projection weight go, except an lm_head tied to the
-    # embedding (the lookup reads it); the model computes what the plain one does.
+    # embedding (the lookup reads it) and packed weights whose plain copy serves steps of one
+    # or two tokens (SMALL_BATCH_ROWS); the model computes what the plain one does.
+    monkeypatch.setattr("workers.models.llama.SMALL_BATCH_ROWS", small_rows)
     directory = make_tiny_llama_dir(tmp_path / "tiny", tie_word_embeddings=tied)
     monkeypatch.setattr("workers.models.llama.cpu_weight_layout", lambda *a: "plain")
     plain, config = load_model(directory, torch.float32, "cpu")
@@ -392,10 +395,13 @@ def test_a_laid_out_model_keeps_one_copy_of_each_weight(tmp_path, monkeypatch, t
     assert plain.weight_layout == "plain" and laid_out.weight_layout == layout
     projections = [m for m in laid_out.modules() if isinstance(m, Projection)]
     assert len(projections) == 4 * config.num_layers + 1
+    small = layout == "packed" and small_rows > 0
     for m in projections:
         assert (m.packed if layout == "packed" else m.slices) is not None
-        kept = m is laid_out.lm_head and tied
+        kept = (m is laid_out.lm_head and tied) or small
         assert (m.weight.numel() > 0) == kept
+        assert (m.small is not None) == small
     if tied:
         assert laid_out.lm_head.weight is laid_out.embed_tokens
+    torch.testing.assert_close(logits_of(laid_out, PROMPT[:1]), logits_of(plain, PROMPT[:1]))
     torch.testing.assert_close(logits_of(laid_out, PROMPT), logits_of(plain, PROMPT))

@@ -1,13 +1,15 @@
 """Compiled CPU kernels of the engine, built from their C++ sources with torch's extension
 builder (a C++ compiler and ninja) on first use, and cached: per user by torch
 (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), under a name that
-includes this CPU's instruction-set flags, since they are compiled for it. ``make install``
-builds them once, so no worker pays the ~30 s compile when it starts. They are compiled with
-OpenMP for torch's ``at::parallel_for``: the ``libgomp.so.1`` they ask for is the one torch
-has already loaded, so they share torch's intra-op threads (one pool, ``torch_threads``).
+carries a digest of this CPU's instruction-set flags (they are compiled for it) and of the
+sources (headers included, which torch's own check does not read). ``make install`` builds
+them once, so no worker pays the ~40 s compile when it starts. They are compiled with OpenMP
+for torch's ``at::parallel_for``: the ``libgomp.so.1`` they ask for is the one torch has
+already loaded, so they share torch's intra-op threads (one pool, ``torch_threads``).
 
-``paged_decode()`` returns the module, or None when it cannot be built here (no compiler):
-the engine then runs its torch path, which computes the same attention.
+``cpu()`` returns the module (``paged_decode``: decode attention over the paged KV cache;
+``small_linear``: a projection of one or two tokens), or None when it cannot be built here
+(no compiler): the engine then runs its torch paths, which compute the same.
 """
 
 from __future__ import annotations
@@ -20,20 +22,25 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("paged_decode.cpp")
+_HERE = Path(__file__).parent
+_SOURCES = [_HERE / "bindings.cpp", _HERE / "paged_decode.cpp", _HERE / "small_linear.cpp"]
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType | None] = {}
 
 
-def _cpu_tag() -> str:
-    """A short digest of this CPU's flags: a build for another CPU kind is never reused."""
+def _tag() -> str:
+    """A short digest of this CPU's flags and of the kernels' sources: a build for another
+    CPU kind, or of other sources, is never reused."""
+    digest = hashlib.sha256()
     try:
         text = Path("/proc/cpuinfo").read_text()
+        digest.update(next((line for line in text.splitlines()
+                            if line.startswith(("flags", "Features"))), "").encode())
     except OSError:
-        return "any"
-    flags = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))),
-                 "")
-    return hashlib.sha256(flags.encode()).hexdigest()[:10]
+        pass
+    for path in sorted(_HERE.glob("*.[ch]*")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:10]
 
 
 def decode_head_dim_ok(head_dim: int) -> bool:
@@ -41,22 +48,22 @@ def decode_head_dim_ok(head_dim: int) -> bool:
     return head_dim % 16 == 0 and 0 < head_dim <= 256
 
 
-def paged_decode() -> ModuleType | None:
-    """The paged decode attention kernel (``paged_decode.cpp``), built if need be."""
+def cpu() -> ModuleType | None:
+    """The CPU kernels' module, built if need be; None where it cannot be built."""
     with _lock:
-        if "paged_decode" not in _loaded:
-            _loaded["paged_decode"] = _build("paged_decode", _SOURCE)
-        return _loaded["paged_decode"]
+        if "cpu" not in _loaded:
+            _loaded["cpu"] = _build("cpu", _SOURCES)
+        return _loaded["cpu"]
 
 
-def _build(name: str, source: Path) -> ModuleType | None:
+def _build(name: str, sources: list[Path]) -> ModuleType | None:
     try:
         from torch.utils import cpp_extension
         return cpp_extension.load(
-            name=f"electron_{name}_{_cpu_tag()}", sources=[str(source)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+            name=f"electron_{name}_{_tag()}", sources=[str(s) for s in sources],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+            verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: the torch path serves
-        log.warning("CPU kernel %s not built (%s: %s); the torch path serves instead", name,
+        log.warning("CPU kernels %s not built (%s: %s); the torch paths serve instead", name,
                     type(exc).__name__, exc)
         return None
-

@@ -2,8 +2,8 @@
 
 import logging
 
-from workers.kernels import paged_decode
+from workers.kernels import cpu
 
 logging.basicConfig(level=logging.INFO)
-print("paged_decode:", "built" if paged_decode() is not None else
-      "NOT built (the engine's torch path serves instead)")
+print("CPU kernels:", "built" if cpu() is not None else
+      "NOT built (the engine's torch paths serve instead)")

@@ -25,51 +25,14 @@
 #include <type_traits>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
 
-// Floats per vector: one register of the widest kind the CPU has (a vector type wider than
-// its registers is split by the compiler, and its shuffles then cost many instructions).
-#if defined(__AVX512F__)
-constexpr int64_t W = 16;
-#else
-constexpr int64_t W = 8;
-#endif
+using namespace electron;
+
 constexpr int64_t kMaxDim = 256;
 constexpr int64_t kMaxChunks = kMaxDim / W;  // vectors per head
-typedef float vec __attribute__((vector_size(W * sizeof(float))));
-typedef int32_t ivec __attribute__((vector_size(W * sizeof(int32_t))));
-
-inline vec load(const float* p) { vec v; std::memcpy(&v, p, sizeof v); return v; }
-inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
-inline vec splat(float x) { return vec{} + x; }
-
-inline float to_float(float x) { return x; }
-inline float to_float(c10::Half x) { return static_cast<float>(x); }
-inline float to_float(c10::BFloat16 x) {
-  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-// out[j] = a[2j] + a[2j+1] for j < W/2, then the same of b: a step of the transposing sum.
-inline vec pair_sum(vec a, vec b) {
-#if defined(__AVX512F__)
-  return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-         __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-#else
-  return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14) +
-         __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15);
-#endif
-}
-
-// W vectors of partial sums in, one vector out whose lane t is the sum of the lanes of p[t].
-inline vec transpose_sum(vec* p) {
-  for (int64_t n = W / 2; n >= 1; n /= 2) {
-    for (int64_t i = 0; i < n; ++i) p[i] = pair_sum(p[2 * i], p[2 * i + 1]);
-  }
-  return p[0];
-}
 
 // exp(x) for x <= 0: 2^n * e^r with |r| <= ln2 / 2, a degree-6 polynomial (Cephes' expf).
 inline vec exp_nonpositive(vec x) {
@@ -249,8 +212,4 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& kv_cache
     }
   });
   return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "Decode attention over the paged KV cache (CPU)");
 }

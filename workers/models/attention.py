@@ -156,7 +156,7 @@ class PagedAttention:
             raise ValueError("decodes need decode_block_tables and decode_context_lens")
         bs, kvh, batch = meta.block_size, self.num_kv_heads, tables.shape[0]
         span = tables.shape[1] * bs
-        kernel = (kernels.paged_decode() if CPU_DECODE_KERNEL and tables.device.type == "cpu"
+        kernel = (kernels.cpu() if CPU_DECODE_KERNEL and tables.device.type == "cpu"
                   and kernels.decode_head_dim_ok(self.head_dim) else None)
         if kernel is not None:
             return _DecodePlan(index=tables, bias=tables.new_empty(0), span=span, kernel=kernel,

@@ -10,13 +10,17 @@ names and layouts before that.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Iterable
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from workers import kernels
 
 from .attention import (
     AttentionMetadata,
@@ -26,6 +30,16 @@ from .attention import (
 )
 from .config import ModelConfig
 from .dtype import cpuinfo
+
+log = logging.getLogger(__name__)
+
+# Where the weights are packed for oneDNN (bfloat16 on a CPU that computes it), a projection
+# of up to this many tokens runs our kernel on the plain weight instead
+# (workers/kernels/small_linear.cpp), which is then kept beside the packed copy: oneDNN's
+# kernels are made for many rows, and read the weights for one token at 14-18 GB/s where ours
+# streams them at 26-29 on an AVX512-BF16 EPYC (bench/README.md). 0 turns it off (tests and
+# benchmarks compare the two).
+SMALL_BATCH_ROWS = 2
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -111,7 +125,8 @@ class Projection(nn.Module):
 
     Either snapshot is taken once (load_weights, per ``cpu_weight_layout``), and the plain
     weight's memory then goes back: a model holds one copy of each weight, except an lm_head
-    tied to the embedding, which the embedding lookup still reads plain.
+    tied to the embedding, which the embedding lookup still reads plain, and packed weights
+    whose plain copy serves steps of up to ``SMALL_BATCH_ROWS`` tokens (``small``).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
@@ -123,6 +138,8 @@ class Projection(nn.Module):
         self.packed: torch.Tensor | None = None
         self.slices: torch.Tensor | None = None  # [slices, in, out / slices]
         self.sliced_bias: torch.Tensor | None = None  # [slices, 1, out / slices]
+        # The CPU kernels' module when a few rows run on the plain weight (SMALL_BATCH_ROWS).
+        self.small: ModuleType | None = None
 
     def pack(self, keep_plain: bool = False) -> None:
         """Runs on oneDNN's packed copy from now on."""
@@ -151,6 +168,8 @@ class Projection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] -> [T, out]."""
+        if self.small is not None and x.shape[0] <= SMALL_BATCH_ROWS:
+            return self.small.small_linear(x, self.weight, self.bias)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         if self.slices is not None:
@@ -291,15 +310,24 @@ class LlamaForCausalLM(nn.Module):
         threads, or "plain": as loaded)."""
         if layout == "plain":
             return
+        # Packed weights keep their plain copy for the small-batch kernel, where it is built.
+        small = kernels.cpu() if layout == "packed" and SMALL_BATCH_ROWS > 0 else None
+        kept = 0
         for module in self.modules():
             if isinstance(module, Projection):
                 keep = keep_plain or module.weight is self.embed_tokens
                 if layout == "packed":
-                    module.pack(keep_plain=keep)
+                    module.pack(keep_plain=keep or small is not None)
+                    module.small = small
+                    if small is not None and not keep:
+                        kept += module.weight.numel() * module.weight.element_size()
                 elif layout == "sliced":
                     module.slice(torch.get_num_threads(), keep_plain=keep)
                 else:
                     raise ValueError(f"unknown weight layout {layout!r}")
+        if kept:
+            log.info("projections of up to %d tokens run on the plain weights, kept beside "
+                     "the packed copies: %.0f MiB more", SMALL_BATCH_ROWS, kept / 2**20)
 
     def _locate(self, hf_name: str) -> tuple[str, int | None] | None:
         """Our parameter name and row offset for an HF name; None for tensors we skip."""
