@@ -23,6 +23,9 @@
    engine (``dtype: auto``) at batch 1, 2 and 16 (16: a control, which the switch does not
    touch), alternating between our kernel over the plain weights for steps of up to two
    tokens (today, where weights are packed) and oneDNN's packed copy for every step.
+3c. **The residual add and RMS norm** (`workers.models.llama.CPU_NORM_KERNEL`). The same
+   engine at batch 1 and 16 and a 1,024-token prefill, alternating between our fused kernel
+   (today) and torch's add and ``F.rms_norm``.
 4. **Weight layout** (`workers.models.llama.cpu_weight_layout`). The same engine in float32
    (``--layout-dtype bfloat16``: in bfloat16):
    decode at batch 1, 16 and 64 and a 1,024-token prefill, alternating between projections
@@ -235,6 +238,28 @@ def small_batch(threads: int, repeats: int) -> dict[str, Any]:
     return out
 
 
+def norm(threads: int, repeats: int) -> dict[str, Any]:
+    import torch
+    from engine_bench import OurEngine, parse_args, random_prompts
+
+    from workers import kernels
+    from workers.models import llama
+
+    torch.set_num_threads(threads)
+    if kernels.cpu() is None:
+        raise SystemExit("the CPU kernels are not built here")
+    ours = OurEngine.build(parse_args(["--threads", str(threads)]), 64)
+
+    def kernel(on: bool) -> Callable[[], None]:
+        return lambda: setattr(llama, "CPU_NORM_KERNEL", on)
+
+    ours.run(random_prompts(16, 128, "norm/warm"), 4)
+    out = alternating(ours, "norm", {"kernel": kernel(True), "torch": kernel(False)},
+                      ["decode_b1", "decode_b16", "prefill_1024"], repeats)
+    llama.CPU_NORM_KERNEL = True
+    return out
+
+
 def weight_layout(threads: int, repeats: int, dtype: str) -> dict[str, Any]:
     import torch
     from engine_bench import OurEngine, parse_args, random_prompts
@@ -303,6 +328,7 @@ PARTS = {"shapes": ("prefill_shapes", lambda a: shapes(a.threads)),
          "top": ("heap_top", lambda a: heap_top(a.threads, a.repeats)),
          "decode": ("decode_attention", lambda a: decode_attention(a.threads, a.repeats)),
          "small": ("small_batch", lambda a: small_batch(a.threads, a.repeats)),
+         "norm": ("norm", lambda a: norm(a.threads, a.repeats)),
          "layout": ("weight_layout",
                     lambda a: weight_layout(a.threads, a.repeats, a.layout_dtype)),
          "dtype": ("weight_dtype", lambda a: weight_dtype(a.threads, a.repeats))}

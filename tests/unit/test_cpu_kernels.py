@@ -175,3 +175,55 @@ def test_packed_projections_run_one_or_two_rows_on_the_plain_weight(monkeypatch)
     monkeypatch.setattr(llama, "SMALL_BATCH_ROWS", 0)
     proj(torch.randn(1, 64).bfloat16())
     assert calls == [1, 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,hidden", [(1, 576), (3, 100), (64, 576)])
+def test_add_rms_norm_matches_torch(kernel, dtype, rows, hidden):
+    gen = torch.Generator().manual_seed(rows + hidden)
+    x = torch.randn(rows, hidden, generator=gen).to(dtype)
+    residual = torch.randn(rows, hidden, generator=gen).to(dtype)
+    weight = (torch.rand(hidden, generator=gen) + 0.5).to(dtype)
+    out, total = kernel.add_rms_norm(x, residual, weight, 1e-5)
+    assert torch.equal(total, x + residual)  # rounded to the dtype as torch's add rounds it
+    expected = F.rms_norm(x + residual, (hidden,), weight, 1e-5)
+    # One rounding at the end, as F.rms_norm: bfloat16 results equal but for the order of the
+    # sum of squares (an ulp, rarely).
+    torch.testing.assert_close(out, expected, rtol=1e-5 if dtype == torch.float32 else 8e-3,
+                               atol=1e-5 if dtype == torch.float32 else 8e-3)
+    if dtype == torch.bfloat16:
+        assert (out != expected).float().mean() < 0.01
+    alone, same = kernel.add_rms_norm(x, None, weight, 1e-5)
+    assert same.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(alone.float(), F.rms_norm(x, (hidden,), weight, 1e-5).float(),
+                               rtol=1e-5, atol=8e-3)
+
+
+def test_add_rms_norm_refuses_mismatches(kernel):
+    x = torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match="weight"):
+        kernel.add_rms_norm(x, None, torch.ones(7), 1e-5)
+    with pytest.raises(RuntimeError, match="residual"):
+        kernel.add_rms_norm(x, torch.randn(3, 8), torch.ones(8), 1e-5)
+
+
+def test_the_model_norms_through_the_kernel_on_cpu(monkeypatch):
+    from workers.models import llama
+
+    calls = []
+    real = kernels.cpu()
+
+    class Spy:
+        def add_rms_norm(self, *args):
+            calls.append(args[0].shape)
+            return real.add_rms_norm(*args)
+
+    monkeypatch.setattr(llama.kernels, "cpu", lambda: Spy())
+    x, residual, weight = torch.randn(2, 16), torch.randn(2, 16), torch.ones(16)
+    out, total = llama.add_rms_norm(x, residual, weight, 1e-6)
+    assert calls == [(2, 16)]
+    monkeypatch.setattr(llama, "CPU_NORM_KERNEL", False)
+    torch_out, torch_total = llama.add_rms_norm(x, residual, weight, 1e-6)
+    assert calls == [(2, 16)]
+    torch.testing.assert_close(out, torch_out)
+    assert torch.equal(total, torch_total)

@@ -8,7 +8,8 @@ for torch's ``at::parallel_for``: the ``libgomp.so.1`` they ask for is the one t
 already loaded, so they share torch's intra-op threads (one pool, ``torch_threads``).
 
 ``cpu()`` returns the module (``paged_decode``: decode attention over the paged KV cache;
-``small_linear``: a projection of one or two tokens), or None when it cannot be built here
+``small_linear``: a projection of one or two tokens; ``add_rms_norm``: the residual add and
+RMS norm before a layer's blocks), or None when it cannot be built here
 (no compiler): the engine then runs its torch paths, which compute the same.
 """
 
@@ -23,7 +24,8 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
-_SOURCES = [_HERE / "bindings.cpp", _HERE / "paged_decode.cpp", _HERE / "small_linear.cpp"]
+_SOURCES = [_HERE / "bindings.cpp", _HERE / "paged_decode.cpp", _HERE / "small_linear.cpp",
+            _HERE / "rms_norm.cpp"]
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType | None] = {}
 

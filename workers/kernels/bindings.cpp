@@ -2,14 +2,19 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <tuple>
 
 torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& kv_cache,
                            const torch::Tensor& block_tables, const torch::Tensor& context_lens,
                            double scale);
 torch::Tensor small_linear(const torch::Tensor& x, const torch::Tensor& weight,
                            const std::optional<torch::Tensor>& bias);
+std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(const torch::Tensor& x,
+                                                      const std::optional<torch::Tensor>& residual,
+                                                      const torch::Tensor& weight, double eps);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "Decode attention over the paged KV cache (CPU)");
   m.def("small_linear", &small_linear, "x w^T (+ bias) for one or two rows of x (CPU)");
+  m.def("add_rms_norm", &add_rms_norm, "(rms_norm(x + residual) * weight, x + residual) (CPU)");
 }
