@@ -46,7 +46,7 @@ def _tag() -> str:
 
 
 def decode_head_dim_ok(head_dim: int) -> bool:
-    """Whether ``paged_decode`` takes this head size: whole vectors of 16 floats, at most 16."""
+    """Whether ``paged_decode`` takes this head size: a multiple of 16, at most 256."""
     return head_dim % 16 == 0 and 0 < head_dim <= 256
 
 
