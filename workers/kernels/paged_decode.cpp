@@ -93,8 +93,7 @@ void decode(const torch::Tensor& q, const torch::Tensor& kv_cache, const torch::
           for (int64_t t = 0; t < count; ++t) {
             const T* row = src + t * token_stride;
             float* dst = tile.data() + t * dim;
-#pragma omp simd
-            for (int64_t e = 0; e < dim; ++e) dst[e] = to_float(row[e]);
+            for (int64_t e = 0; e < dim; e += W) store(dst + e, load_as_float(row + e));
           }
           stride = dim;
           return tile.data();
