@@ -12,7 +12,8 @@ launch), the sampler (which waits for the GPU), making the outputs (text, stop s
 logprob texts: in the synchronous engine run here they are made inline, where an AsyncEngine
 makes them on its event loop during the next step) and the rest of the engine step, and
 torch's profiler table (top kernels by GPU time, top operators by CPU time; on a CPU the
-operators by input shape, so each projection shows apart) to ``OUT/profile.txt``.
+operators by input shape, so each projection shows apart, and our CPU kernels as
+``electron::<name>``) to ``OUT/profile.txt``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -30,9 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_bench import build_engine, random_prompts  # noqa: E402
 
 from core.config import EngineConfig  # noqa: E402
+from workers import kernels  # noqa: E402
 from workers.engine import engine as engine_module  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
 from workers.engine.sampling_params import SamplingParams  # noqa: E402
+from workers.models import attention  # noqa: E402
 from workers.models.dtype import cpuinfo  # noqa: E402
 
 
@@ -63,6 +67,23 @@ class Timed:
     def reset(self) -> None:
         for key in self.totals:
             self.totals[key] = 0.0
+
+
+def profile_cpu_kernels() -> None:
+    """Our CPU kernels are plain extension functions, which torch's profiler does not see:
+    each call is wrapped in a ``record_function`` of its name, so they show in the table."""
+    module = kernels.cpu()
+    if module is None:
+        return
+
+    def wrapped(fn):
+        def call(*args):
+            with torch.profiler.record_function(f"electron::{fn.__name__}"):
+                return fn(*args)
+        return call
+
+    names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+    kernels._loaded["cpu"] = SimpleNamespace(**{n: wrapped(getattr(module, n)) for n in names})
 
 
 def add(engine: Engine, prompts: list[list[int]], max_tokens: int, tag: str) -> None:
@@ -117,13 +138,19 @@ def main() -> None:
     p.add_argument("--kv-gib", type=float, default=16.0)
     p.add_argument("--attention-backend", default="triton" if torch.cuda.is_available()
                    else "torch", choices=("auto", "torch", "triton"))
+    p.add_argument("--no-bf16-dot", action="store_true",
+                   help="CPU decode kernel: widen bfloat16 rows to floats even where AVX512-BF16's "
+                        "dot products could run (attention.CPU_DECODE_BF16_DOT)")
     args = p.parse_args()
+    attention.CPU_DECODE_BF16_DOT = not args.no_bf16_dot
     batches = [int(b) for b in args.batches.split(",")]
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                           kv_cache_bytes=int(args.kv_gib * 2**30),
                           max_num_seqs=max(128, *batches), max_num_batched_tokens=8192,
                           attention_backend=args.attention_backend,
                           **({"torch_threads": args.threads} if args.threads else {}))
+    if args.device == "cpu":
+        profile_cpu_kernels()
     engine, _ = build_engine(config, args.tokenizer)
     runner = engine.runner
     timed = Timed(engine)
