@@ -34,11 +34,19 @@ def decode_case(contexts, heads, kv_heads, dtype, head_dim=64, page=16):
                                                 head_dim ** -0.5)
 
 
+# In bfloat16 a CPU with AVX512-BF16 runs heads of 64 and 128 on its dot-product instruction
+# (bf16_dot, the default) unless told to widen the rows to floats as other CPUs do: both paths
+# are tested wherever the first is compiled in.
+BF16_PATHS = [True, False] if kernels.cpu() is not None and \
+    kernels.cpu().paged_decode_has_bf16_dot() else [False]
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 1)])
-@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_paged_decode_matches_the_reference(kernel, heads, kv_heads, dtype, atol):
+@pytest.mark.parametrize("dtype,atol,bf16_dot", [(torch.float32, 1e-5, False)] +
+                         [(torch.bfloat16, 2e-2, dot) for dot in BF16_PATHS])
+def test_paged_decode_matches_the_reference(kernel, heads, kv_heads, dtype, atol, bf16_dot):
     q, kv_cache, tables, lens, expected = decode_case(CONTEXTS, heads, kv_heads, dtype)
-    out = kernel.paged_decode(q, kv_cache, tables, lens, 64 ** -0.5)
+    out = kernel.paged_decode(q, kv_cache, tables, lens, 64 ** -0.5, bf16_dot)
     assert out.dtype == dtype and out.shape == q.shape
     torch.testing.assert_close(out.float(), expected.float(), atol=atol, rtol=0)
 
@@ -51,6 +59,58 @@ def test_paged_decode_takes_other_head_sizes_and_block_sizes(kernel, head_dim, p
                                                       head_dim=head_dim, page=page)
     out = kernel.paged_decode(q, kv_cache, tables, lens, head_dim ** -0.5)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bf16_dot", BF16_PATHS)
+@pytest.mark.parametrize("head_dim,page", [(64, 16), (128, 16), (64, 5), (128, 7), (96, 16),
+                                           (64, 32)])
+def test_paged_decode_in_bfloat16_takes_head_and_block_sizes(kernel, head_dim, page, bf16_dot):
+    # The dot-product path takes values in pairs of tokens, so blocks of an odd size end on a
+    # pair with one token; heads of other sizes (96) widen the rows to floats.
+    q, kv_cache, tables, lens, expected = decode_case(CONTEXTS, 8, 2, torch.bfloat16,
+                                                      head_dim=head_dim, page=page)
+    out = kernel.paged_decode(q, kv_cache, tables, lens, head_dim ** -0.5, bf16_dot)
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=0)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype,atol,bf16_dot", [(torch.float32, 1e-5, False)] +
+                         [(torch.bfloat16, 2e-2, dot) for dot in BF16_PATHS])
+@pytest.mark.parametrize("contexts", [[200], [33, 5, 16, 1, 47, 200]],
+                         ids=["by head", "by sequence"])
+def test_paged_decode_splits_work_by_head_or_by_sequence(kernel, one_thread, dtype, atol,
+                                                         bf16_dot, contexts):
+    # Four sequences or more a thread: an item is a sequence with all its KV heads; fewer
+    # split each sequence by KV head. Both give the reference's result.
+    q, kv_cache, tables, lens, expected = decode_case(contexts, 12, 3, dtype)
+    out = kernel.paged_decode(q, kv_cache, tables, lens, 0.125, bf16_dot)
+    torch.testing.assert_close(out.float(), expected.float(), atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,bf16_dot", [(torch.float32, False)] +
+                         [(torch.bfloat16, dot) for dot in BF16_PATHS])
+@pytest.mark.parametrize("page", [16, 5])
+def test_paged_decode_reads_nothing_past_a_sequences_end(kernel, dtype, bf16_dot, page):
+    # A block's rows past the sequence's last token hold whatever was there before (here NaN):
+    # not one of them reaches the result, even where keys and values are taken in pairs.
+    contexts = [1, 17, 23, 40]
+    q, kv_cache, tables, lens, expected = decode_case(contexts, 9, 3, dtype, page=page)
+    used = torch.zeros(kv_cache.shape[1], page, dtype=torch.bool)
+    for row, n in zip(tables.tolist(), contexts, strict=True):
+        for pos in range(n):
+            used[row[pos // page], pos % page] = True
+    kv_cache[:, ~used] = float("nan")
+    out = kernel.paged_decode(q, kv_cache, tables, lens, 0.125, bf16_dot)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), expected.float(),
+                               atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)
 
 
 def test_paged_decode_softmax_holds_scores_far_apart(kernel):

@@ -6,7 +6,8 @@
 
 torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& kv_cache,
                            const torch::Tensor& block_tables, const torch::Tensor& context_lens,
-                           double scale);
+                           double scale, bool bf16_dot);
+bool paged_decode_has_bf16_dot();
 torch::Tensor small_linear(const torch::Tensor& x, const torch::Tensor& weight,
                            const std::optional<torch::Tensor>& bias);
 std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(const torch::Tensor& x,
@@ -14,7 +15,11 @@ std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(const torch::Tensor& x,
                                                       const torch::Tensor& weight, double eps);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "Decode attention over the paged KV cache (CPU)");
+  m.def("paged_decode", &paged_decode, "Decode attention over the paged KV cache (CPU)",
+        py::arg("q"), py::arg("kv_cache"), py::arg("block_tables"), py::arg("context_lens"),
+        py::arg("scale"), py::arg("bf16_dot") = true);
+  m.def("paged_decode_has_bf16_dot", &paged_decode_has_bf16_dot,
+        "Whether bfloat16 heads of 64 or 128 can run on AVX512-BF16 dot products here");
   m.def("small_linear", &small_linear, "x w^T (+ bias) for one or two rows of x (CPU)");
   m.def("add_rms_norm", &add_rms_norm, "(rms_norm(x + residual) * weight, x + residual) (CPU)");
 }
