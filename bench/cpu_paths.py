@@ -18,7 +18,12 @@
    The same engine's decode at batch 8, 16 and 64 (128-token prompts, 33 new tokens),
    alternating between the compiled kernel that reads the blocks in place (today) and the
    torch path it replaced (SDPA over gathered blocks up to 16 decodes, batched matmuls over
-   gathered rows beyond).
+   gathered rows beyond); in bfloat16 on a CPU with AVX512-BF16 also the kernel with its
+   rows widened to floats (``CPU_DECODE_BF16_DOT = False``, as other CPUs run it).
+3a. **The decode kernel alone** (`workers.models.attention.CPU_DECODE_BF16_DOT`). µs per
+   call in bfloat16 over 30 layers' caches (out of cache, as in the engine) at batch 1, 16
+   and 64, alternating between AVX512-BF16's dot products and rows widened to floats; only
+   on a CPU with AVX512-BF16.
 3b. **Projections of one or two tokens** (`workers.models.llama.SMALL_BATCH_ROWS`). The same
    engine (``dtype: auto``) at batch 1, 2 and 16 (16: a control, which the switch does not
    touch), alternating between our kernel over the plain weights for steps of up to two
@@ -193,6 +198,7 @@ def decode_attention(threads: int, repeats: int) -> dict[str, Any]:
     import torch
     from engine_bench import OurEngine, parse_args, random_prompts
 
+    from workers import kernels
     from workers.models import attention
 
     torch.set_num_threads(threads)
@@ -205,13 +211,61 @@ def decode_attention(threads: int, repeats: int) -> dict[str, Any]:
     def torch_path(n: int) -> Callable[[], None]:
         return lambda: (setattr(attention, "CPU_DECODE_KERNEL", False), limit(n)())
 
-    def kernel() -> None:
-        attention.CPU_DECODE_KERNEL = True
+    def kernel(bf16_dot: bool) -> Callable[[], None]:
+        return lambda: (setattr(attention, "CPU_DECODE_KERNEL", True),
+                        setattr(attention, "CPU_DECODE_BF16_DOT", bf16_dot))
 
+    sides = {"kernel": kernel(True), "torch": torch_path(today)}
+    module = kernels.cpu()
+    if ours.engine.runner.dtype == torch.bfloat16 and module is not None and \
+            module.paged_decode_has_bf16_dot():
+        sides["kernel_widened"] = kernel(False)  # the kernel without AVX512-BF16's dot products
     ours.run(random_prompts(16, 128, "decode/warm"), 4)
-    out = alternating(ours, "decode", {"kernel": kernel, "torch": torch_path(today)},
-                      ["decode_b8", "decode_b16", "decode_b64"], repeats)
+    out = alternating(ours, "decode", sides, ["decode_b8", "decode_b16", "decode_b64"], repeats)
     attention.SDPA_MAX_DECODES, attention.CPU_DECODE_KERNEL = today, True
+    attention.CPU_DECODE_BF16_DOT = True
+    return out
+
+
+def decode_calls(threads: int, repeats: int) -> dict[str, Any]:
+    """The decode kernel alone, µs per call, on SmolLM2's attention shapes in bfloat16 (9 query
+    heads, 3 KV heads of 64): one call per layer over 30 layers' caches of a 768 MiB pool, so
+    each call finds its blocks out of cache as in the engine; blocks in random order. Sides:
+    AVX512-BF16's dot products (today, where the CPU has them) and rows widened to floats."""
+    import torch
+
+    from workers import kernels
+
+    module = kernels.cpu()
+    if module is None or not module.paged_decode_has_bf16_dot():
+        print("decode_calls: no AVX512-BF16 dot-product path on this CPU, skipped")
+        return {"skipped": "no AVX512-BF16 dot-product path on this CPU"}
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    layers, blocks, page, kv_heads, heads, dim = 30, 2912, 16, 3, 9, 64
+    caches = [torch.randn(2, blocks, page, kv_heads, dim, generator=gen).bfloat16()
+              for _ in range(layers)]
+    out: dict[str, Any] = {}
+    for batch, context in [(1, 1000), (16, 150), (64, 150)]:
+        width = -(-context // page)
+        tables = torch.randperm(blocks, generator=gen)[:batch * width].view(batch, width)
+        lens = torch.full((batch,), context, dtype=torch.long)
+        q = torch.randn(batch, heads, dim, generator=gen).bfloat16()
+        times: dict[str, list[float]] = {"bf16_dot": [], "widened": []}
+        for _ in range(repeats):
+            for side in times:
+                dot = side == "bf16_dot"
+                module.paged_decode(q, caches[0], tables, lens, 0.125, dot)
+                start = time.perf_counter()
+                for cache in caches:
+                    module.paged_decode(q, cache, tables, lens, 0.125, dot)
+                times[side].append(1e6 * (time.perf_counter() - start) / layers)
+        median = {s: statistics.median(v) for s, v in times.items()}
+        key = f"b{batch}_context{context}"
+        out[key] = {"us_per_call": times, "median": median,
+                    "ratio": median["bf16_dot"] / median["widened"]}
+        print(f"decode_calls {key}: bf16_dot / widened = {out[key]['ratio']:.3f} ({median})",
+              flush=True)
     return out
 
 
@@ -327,6 +381,7 @@ PARTS = {"shapes": ("prefill_shapes", lambda a: shapes(a.threads)),
          "heap": ("forward_heap", lambda a: heap(a.threads, a.repeats)),
          "top": ("heap_top", lambda a: heap_top(a.threads, a.repeats)),
          "decode": ("decode_attention", lambda a: decode_attention(a.threads, a.repeats)),
+         "calls": ("decode_calls", lambda a: decode_calls(a.threads, a.repeats)),
          "small": ("small_batch", lambda a: small_batch(a.threads, a.repeats)),
          "norm": ("norm", lambda a: norm(a.threads, a.repeats)),
          "layout": ("weight_layout",
