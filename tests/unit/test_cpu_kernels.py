@@ -287,3 +287,85 @@ def test_the_model_norms_through_the_kernel_on_cpu(monkeypatch):
     assert calls == [(2, 16)]
     torch.testing.assert_close(out, torch_out)
     assert torch.equal(total, torch_total)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,dim", [(0, 64), (1, 1536), (3, 37), (16, 1536)])
+def test_silu_mul_matches_torch(kernel, dtype, rows, dim):
+    # Read in place from the halves of one [T, 2I] output (strided rows), as the model does.
+    gen = torch.Generator().manual_seed(rows + dim)
+    both = (torch.randn(rows, 2 * dim, generator=gen) * 4).to(dtype)
+    gate, up = both[:, :dim], both[:, dim:]
+    out = kernel.silu_mul(gate, up)
+    expected = F.silu(gate) * up
+    assert out.dtype == dtype and out.shape == (rows, dim) and out.is_contiguous()
+    # Rounded as torch rounds: silu to the dtype, then the product (bfloat16 equal but for an
+    # ulp where the exponentials differ in their last bits).
+    torch.testing.assert_close(out, expected, rtol=1e-5 if dtype == torch.float32 else 8e-3,
+                               atol=1e-5)
+    if dtype == torch.bfloat16 and rows:
+        assert (out != expected).float().mean() < 0.01
+
+
+def test_silu_mul_holds_extreme_inputs_and_refuses_mismatches(kernel):
+    gate = torch.tensor([[-1e4, -100.0, -20.0, 0.0, 20.0, 100.0, 1e4, float("inf"),
+                          float("nan")] * 2])
+    up = torch.full_like(gate, 3.0)
+    out = kernel.silu_mul(gate, up)
+    expected = F.silu(gate) * up
+    torch.testing.assert_close(out[:, :8], expected[:, :8])
+    assert out[0, 8].isnan() and out[0, 17].isnan()
+    low = kernel.silu_mul(gate.bfloat16(), up.bfloat16())  # rounded in vectors, NaN kept
+    torch.testing.assert_close(low, F.silu(gate.bfloat16()) * up.bfloat16(), equal_nan=True)
+    torch.testing.assert_close(kernel.silu_mul(gate[:, ::2], up[:, ::2]), expected[:, ::2],
+                               equal_nan=True)  # columns not contiguous: read from a copy
+    with pytest.raises(RuntimeError, match="one shape"):
+        kernel.silu_mul(torch.randn(2, 8), torch.randn(2, 7))
+    with pytest.raises(RuntimeError, match="dtype"):
+        kernel.silu_mul(torch.randn(2, 8), torch.randn(2, 8).bfloat16())
+
+
+@pytest.mark.parametrize("layout,dtype", [("plain", torch.float32), ("sliced", torch.float32),
+                                          ("packed", torch.bfloat16)])
+def test_the_mlp_runs_its_activation_through_the_kernel_on_cpu(monkeypatch, layout, dtype):
+    # The gate/up halves come from every weight layout (a weight sliced in two hands over its
+    # two slices as they are), and the layer's output equals torch's activation's.
+    from workers.models import llama
+
+    if layout == "packed" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("weights are packed only where oneDNN computes bfloat16")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # two slices
+    proj = llama.Projection(64, 2 * 48, False, dtype, "cpu")
+    with torch.no_grad():
+        proj.weight.normal_()
+    plain = proj.weight.detach().float().clone()
+    model = torch.nn.Module()
+    model.proj = proj
+    model.embed_tokens = None
+    llama.LlamaForCausalLM.lay_out_weights(model, layout)
+    calls = []
+    real = kernels.cpu()
+
+    class Spy:
+        def silu_mul(self, *args):
+            calls.append(args[0].shape)
+            return real.silu_mul(*args)
+
+        def small_linear(self, *args):
+            return real.small_linear(*args)
+
+    monkeypatch.setattr(llama.kernels, "cpu", lambda: Spy())
+    for rows in (1, 5):
+        x = torch.randn(rows, 64).to(dtype)
+        gate, up = proj.halves(x)
+        if layout == "sliced":
+            assert gate.is_contiguous() and up.is_contiguous()  # the slices, not a reordering
+        full = x.float() @ plain.t()
+        tol = dict(rtol=2e-2, atol=5e-2) if dtype == torch.bfloat16 else {}
+        torch.testing.assert_close(gate.float(), full[:, :48], **tol)
+        torch.testing.assert_close(up.float(), full[:, 48:], **tol)
+        out = llama.mlp_activation(proj, x)
+        monkeypatch.setattr(llama, "CPU_SILU_MUL_KERNEL", False)
+        torch.testing.assert_close(out, llama.mlp_activation(proj, x), rtol=8e-3, atol=1e-5)
+        monkeypatch.setattr(llama, "CPU_SILU_MUL_KERNEL", True)
+    assert calls == [(1, 48), (5, 48)]

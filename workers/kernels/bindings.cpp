@@ -10,6 +10,7 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& kv_cache
 bool paged_decode_has_bf16_dot();
 torch::Tensor small_linear(const torch::Tensor& x, const torch::Tensor& weight,
                            const std::optional<torch::Tensor>& bias);
+torch::Tensor silu_mul(const torch::Tensor& gate, const torch::Tensor& up);
 std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(const torch::Tensor& x,
                                                       const std::optional<torch::Tensor>& residual,
                                                       const torch::Tensor& weight, double eps);
@@ -21,5 +22,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_has_bf16_dot", &paged_decode_has_bf16_dot,
         "Whether bfloat16 heads of 64 or 128 can run on AVX512-BF16 dot products here");
   m.def("small_linear", &small_linear, "x w^T (+ bias) for one or two rows of x (CPU)");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up, rows read in place (CPU)");
   m.def("add_rms_norm", &add_rms_norm, "(rms_norm(x + residual) * weight, x + residual) (CPU)");
 }

@@ -43,24 +43,6 @@ using namespace electron;
 constexpr int64_t kMaxDim = 256;
 constexpr int64_t kMaxChunks = kMaxDim / W;  // vectors per head
 
-// exp(x) for x <= 0: 2^n * e^r with |r| <= ln2 / 2, a degree-6 polynomial (Cephes' expf).
-inline vec exp_nonpositive(vec x) {
-  x = x < -87.0f ? splat(-87.0f) : x;
-  const vec n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const vec r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  vec p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const ivec e = (__builtin_convertvector(n, ivec) + 127) << 23;
-  vec scale;
-  std::memcpy(&scale, &e, sizeof scale);
-  return p * scale;
-}
-
 // What both paths read: the shapes, the tensors' memory, and how the work is cut into items.
 // An item is a sequence with all its KV heads when there are sequences enough to keep every
 // thread busy: its blocks are then read whole, front to back (a block holds each token's heads

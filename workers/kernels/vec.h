@@ -75,4 +75,59 @@ inline vec load_as_float(const T* p) {
   }
 }
 
+// A vector of floats rounded to T's precision as torch rounds a float to T (to nearest, ties
+// to even; NaN stays NaN), as T's bits (bfloat16) or as floats (float32: as they are).
+inline uvec bfloat16_bits(vec f) {
+  uvec bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  const uvec rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return f != f ? uvec{} + 0x7FC0u : rounded;
+}
+
+template <typename T>
+inline vec round_as(vec f) {
+  if constexpr (std::is_same_v<T, float>) {
+    return f;
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uvec bits = bfloat16_bits(f) << 16;
+    vec v;
+    std::memcpy(&v, &bits, sizeof v);
+    return v;
+  } else {
+    for (int64_t i = 0; i < W; ++i) f[i] = static_cast<float>(static_cast<T>(f[i]));
+    return f;
+  }
+}
+
+// W floats stored as T, rounded as round_as rounds them.
+template <typename T>
+inline void store_as(T* p, vec f) {
+  if constexpr (std::is_same_v<T, float>) {
+    store(p, f);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const hvec h = __builtin_convertvector(bfloat16_bits(f), hvec);
+    std::memcpy(p, &h, sizeof h);
+  } else {
+    for (int64_t i = 0; i < W; ++i) p[i] = static_cast<T>(f[i]);
+  }
+}
+
+// exp(x) for x <= 0: 2^n * e^r with |r| <= ln2 / 2, a degree-6 polynomial (Cephes' expf).
+inline vec exp_nonpositive(vec x) {
+  x = x < -87.0f ? splat(-87.0f) : x;
+  const vec n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const vec r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  vec p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const ivec e = (__builtin_convertvector(n, ivec) + 127) << 23;
+  vec scale;
+  std::memcpy(&scale, &e, sizeof scale);
+  return p * scale;
+}
+
 }  // namespace electron

@@ -59,6 +59,24 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     return F.rms_norm(total, (total.shape[-1],), weight, eps), total
 
 
+# On a CPU the MLP's activation, silu(gate) * up, runs in our kernel
+# (workers/kernels/silu_mul.cpp) where it could be built: one pass over the gate/up output
+# read in place (a weight sliced in two hands over its slices, with no reordering copy),
+# where torch runs a split and two operators. False selects torch (tests and benchmarks
+# compare the two).
+CPU_SILU_MUL_KERNEL = True
+
+
+def mlp_activation(gate_up: Projection, h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of the fused gate/up projection of h, [T, intermediate]."""
+    if CPU_SILU_MUL_KERNEL and h.device.type == "cpu":
+        kernel = kernels.cpu()
+        if kernel is not None:
+            return kernel.silu_mul(*gate_up.halves(h))
+    gate, up = gate_up(h).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     """float32 [head_dim // 2] inverse frequencies, after RoPE scaling (as transformers does)."""
     d = config.head_dim
@@ -193,11 +211,25 @@ class Projection(nn.Module):
             return self._sliced(x)
         return F.linear(x, self.weight, self.bias)
 
-    def _sliced(self, x: torch.Tensor) -> torch.Tensor:
+    def halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output's first and second halves of columns, [T, out / 2] each, as views where
+        they can be: a weight sliced in two gives its two slices with no reordering copy."""
+        if self.slices is not None and self.slices.shape[0] == 2:
+            y = self._sliced_raw(x)
+            return y[0], y[1]
+        y = self(x)
+        half = y.shape[-1] // 2
+        return y[:, :half], y[:, half:]
+
+    def _sliced_raw(self, x: torch.Tensor) -> torch.Tensor:
+        """[slices, T, out / slices]."""
         n, t = self.slices.shape[0], x.shape[0]
         rows = x.expand(n, t, x.shape[1])
-        y = (torch.bmm(rows, self.slices) if self.sliced_bias is None
-             else torch.baddbmm(self.sliced_bias, rows, self.slices))
+        return (torch.bmm(rows, self.slices) if self.sliced_bias is None
+                else torch.baddbmm(self.sliced_bias, rows, self.slices))
+
+    def _sliced(self, x: torch.Tensor) -> torch.Tensor:
+        y, t = self._sliced_raw(x), x.shape[0]
         # [n, T, out / n]: for one token already the output's order, else one copy. (Writing
         # each slice's columns in place through a strided ``out=`` measured slower in the
         # engine: 0.84x decode tokens/s at batch 64 against the copy's 1.08x of packed.)
@@ -235,8 +267,7 @@ class DecoderLayer(nn.Module):
         x = self.o_proj(attention(q, k, v, kv_cache))
 
         h, residual = add_rms_norm(x, residual, self.post_attention_norm, self.eps)
-        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up), residual
+        return self.down_proj(mlp_activation(self.gate_up_proj, h)), residual
 
 
 # HF checkpoint name -> (our parameter name, row offset into a fused parameter as a function
