@@ -31,6 +31,10 @@
 3c. **The residual add and RMS norm** (`workers.models.llama.CPU_NORM_KERNEL`). The same
    engine at batch 1 and 16 and a 1,024-token prefill, alternating between our fused kernel
    (today) and torch's add and ``F.rms_norm``.
+3d. **The MLP's activation** (`workers.models.llama.CPU_SILU_MUL_KERNEL`). The same engine,
+   in the dtype ``auto`` serves and in float32, at batch 1, 16 and 64 and a 1,024-token
+   prefill, alternating between our kernel reading gate and up in place (today) and torch's
+   ``F.silu(gate) * up`` after a split (and, for sliced weights, a reordering copy).
 4. **Weight layout** (`workers.models.llama.cpu_weight_layout`). The same engine in float32
    (``--layout-dtype bfloat16``: in bfloat16):
    decode at batch 1, 16 and 64 and a 1,024-token prefill, alternating between projections
@@ -292,7 +296,10 @@ def small_batch(threads: int, repeats: int) -> dict[str, Any]:
     return out
 
 
-def norm(threads: int, repeats: int) -> dict[str, Any]:
+def kernel_switch(threads: int, repeats: int, flag: str, workloads: list[str],
+                  dtype: str = "auto") -> dict[str, Any]:
+    """The engine with one of our CPU kernels (``workers.models.llama.<flag>``) on and off,
+    alternating."""
     import torch
     from engine_bench import OurEngine, parse_args, random_prompts
 
@@ -302,16 +309,30 @@ def norm(threads: int, repeats: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     if kernels.cpu() is None:
         raise SystemExit("the CPU kernels are not built here")
-    ours = OurEngine.build(parse_args(["--threads", str(threads)]), 64)
+    ours = OurEngine.build(parse_args(["--threads", str(threads), "--dtype", dtype]), 64)
 
     def kernel(on: bool) -> Callable[[], None]:
-        return lambda: setattr(llama, "CPU_NORM_KERNEL", on)
+        return lambda: setattr(llama, flag, on)
 
-    ours.run(random_prompts(16, 128, "norm/warm"), 4)
-    out = alternating(ours, "norm", {"kernel": kernel(True), "torch": kernel(False)},
-                      ["decode_b1", "decode_b16", "prefill_1024"], repeats)
-    llama.CPU_NORM_KERNEL = True
+    ours.run(random_prompts(16, 128, f"{flag}/warm"), 4)
+    out = alternating(ours, flag, {"kernel": kernel(True), "torch": kernel(False)}, workloads,
+                      repeats)
+    setattr(llama, flag, True)
+    ours.close()
     return out
+
+
+def norm(threads: int, repeats: int) -> dict[str, Any]:
+    return kernel_switch(threads, repeats, "CPU_NORM_KERNEL",
+                         ["decode_b1", "decode_b16", "prefill_1024"])
+
+
+def silu_mul(threads: int, repeats: int) -> dict[str, Any]:
+    """In the dtype ``auto`` serves here, and in float32 (on CPUs other than Intel's its
+    weights are sliced in two, whose slices the kernel reads as they are)."""
+    workloads = ["decode_b1", "decode_b16", "decode_b64", "prefill_1024"]
+    return {dtype: kernel_switch(threads, repeats, "CPU_SILU_MUL_KERNEL", workloads, dtype)
+            for dtype in ("auto", "float32")}
 
 
 def weight_layout(threads: int, repeats: int, dtype: str) -> dict[str, Any]:
@@ -384,6 +405,7 @@ PARTS = {"shapes": ("prefill_shapes", lambda a: shapes(a.threads)),
          "calls": ("decode_calls", lambda a: decode_calls(a.threads, a.repeats)),
          "small": ("small_batch", lambda a: small_batch(a.threads, a.repeats)),
          "norm": ("norm", lambda a: norm(a.threads, a.repeats)),
+         "silu": ("silu_mul", lambda a: silu_mul(a.threads, a.repeats)),
          "layout": ("weight_layout",
                     lambda a: weight_layout(a.threads, a.repeats, a.layout_dtype)),
          "dtype": ("weight_dtype", lambda a: weight_dtype(a.threads, a.repeats))}
