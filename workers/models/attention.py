@@ -35,9 +35,9 @@ SDPA_MAX_DECODES = 16
 CPU_DECODE_KERNEL = True
 
 # In bfloat16 with heads of 64 or 128 on a CPU with AVX512-BF16, the kernel sums the products
-# with the CPU's bfloat16 dot-product instruction straight from the cache (1.09-1.13x decode
-# tokens/s on an AVX512-BF16 EPYC); False widens the rows to floats as on other CPUs (tests
-# and benchmarks compare the two).
+# with the CPU's bfloat16 dot-product instruction straight from the cache (0.58-0.88x the time
+# a call of widening the rows to floats, on an AVX512-BF16 EPYC: bench/cpu_paths.py --parts
+# calls); False widens them as other CPUs do (tests and benchmarks compare the two).
 CPU_DECODE_BF16_DOT = True
 
 
