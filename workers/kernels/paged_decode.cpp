@@ -18,9 +18,10 @@
 //   EPYC in bfloat16 (batch 8-64), where the scalar version had been 0.77-0.92x.
 // - `decode_dpbf16`, for bfloat16 heads of 64 or 128 where the CPU has AVX512-BF16: the
 //   products are summed by `vdpbf16ps` straight from the cache's bytes, with no widening:
-//   a third of `decode`'s instructions per block. 0.60x its time per call timed alone (batch
-//   64, 150-token contexts, 30 layers' caches, cold), 1.09-1.13x decode tokens/s in the
-//   engine (bench/README.md, "Decode attention on AVX512-BF16").
+//   a third of `decode`'s instructions per block, 0.58-0.88x its time a call over 30 layers'
+//   cold caches. With whole-sequence items (`Paged`) it made a call 0.60x the previous
+//   kernel's (batch 64, 150-token contexts) and decode 1.09-1.13x faster in the engine
+//   (bench/README.md, "Decode attention on AVX512-BF16").
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
