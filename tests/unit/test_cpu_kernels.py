@@ -267,18 +267,30 @@ def test_add_rms_norm_refuses_mismatches(kernel):
         kernel.add_rms_norm(x, torch.randn(3, 8), torch.ones(8), 1e-5)
 
 
+def spy_on_kernel(monkeypatch, name: str) -> list:
+    """Every caller of ``kernels.cpu()`` gets the real module, with calls of ``name`` recorded
+    (the first argument's shape) in the list returned."""
+    calls, real = [], kernels.cpu()
+
+    class Spy:
+        def __getattr__(self, attr):
+            fn = getattr(real, attr)
+            if attr != name:
+                return fn
+
+            def call(*args):
+                calls.append(args[0].shape)
+                return fn(*args)
+            return call
+
+    monkeypatch.setattr(kernels, "cpu", lambda: Spy())
+    return calls
+
+
 def test_the_model_norms_through_the_kernel_on_cpu(monkeypatch):
     from workers.models import llama
 
-    calls = []
-    real = kernels.cpu()
-
-    class Spy:
-        def add_rms_norm(self, *args):
-            calls.append(args[0].shape)
-            return real.add_rms_norm(*args)
-
-    monkeypatch.setattr(llama.kernels, "cpu", lambda: Spy())
+    calls = spy_on_kernel(monkeypatch, "add_rms_norm")
     x, residual, weight = torch.randn(2, 16), torch.randn(2, 16), torch.ones(16)
     out, total = llama.add_rms_norm(x, residual, weight, 1e-6)
     assert calls == [(2, 16)]
@@ -343,18 +355,7 @@ def test_the_mlp_runs_its_activation_through_the_kernel_on_cpu(monkeypatch, layo
     model.proj = proj
     model.embed_tokens = None
     llama.LlamaForCausalLM.lay_out_weights(model, layout)
-    calls = []
-    real = kernels.cpu()
-
-    class Spy:
-        def silu_mul(self, *args):
-            calls.append(args[0].shape)
-            return real.silu_mul(*args)
-
-        def small_linear(self, *args):
-            return real.small_linear(*args)
-
-    monkeypatch.setattr(llama.kernels, "cpu", lambda: Spy())
+    calls = spy_on_kernel(monkeypatch, "silu_mul")
     for rows in (1, 5):
         x = torch.randn(rows, 64).to(dtype)
         gate, up = proj.halves(x)
