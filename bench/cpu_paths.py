@@ -35,6 +35,11 @@
    in the dtype ``auto`` serves and in float32, at batch 1, 16 and 64 and a 1,024-token
    prefill, alternating between our kernel reading gate and up in place (today) and torch's
    ``F.silu(gate) * up`` after a split (and, for sliced weights, a reordering copy).
+3e. **RoPE and the cache write** (`workers.models.llama.CPU_ROPE_KERNEL`). The same engine,
+   in the dtype ``auto`` serves and in float32, at batch 1, 16 and 64 and a 1,024-token
+   prefill, alternating between our kernel rotating queries and keys in place and copying
+   keys and values to their slots (today) and torch's multiply, roll, addcmul and two index
+   copies.
 4. **Weight layout** (`workers.models.llama.cpu_weight_layout`). The same engine in float32
    (``--layout-dtype bfloat16``: in bfloat16):
    decode at batch 1, 16 and 64 and a 1,024-token prefill, alternating between projections
@@ -335,6 +340,13 @@ def silu_mul(threads: int, repeats: int) -> dict[str, Any]:
             for dtype in ("auto", "float32")}
 
 
+def rope(threads: int, repeats: int) -> dict[str, Any]:
+    """In the dtype ``auto`` serves here, and in float32."""
+    workloads = ["decode_b1", "decode_b16", "decode_b64", "prefill_1024"]
+    return {dtype: kernel_switch(threads, repeats, "CPU_ROPE_KERNEL", workloads, dtype)
+            for dtype in ("auto", "float32")}
+
+
 def weight_layout(threads: int, repeats: int, dtype: str) -> dict[str, Any]:
     import torch
     from engine_bench import OurEngine, parse_args, random_prompts
@@ -406,6 +418,7 @@ PARTS = {"shapes": ("prefill_shapes", lambda a: shapes(a.threads)),
          "small": ("small_batch", lambda a: small_batch(a.threads, a.repeats)),
          "norm": ("norm", lambda a: norm(a.threads, a.repeats)),
          "silu": ("silu_mul", lambda a: silu_mul(a.threads, a.repeats)),
+         "rope": ("rope_cache", lambda a: rope(a.threads, a.repeats)),
          "layout": ("weight_layout",
                     lambda a: weight_layout(a.threads, a.repeats, a.layout_dtype)),
          "dtype": ("weight_dtype", lambda a: weight_dtype(a.threads, a.repeats))}

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.support.cpu_kernels import spy_on_kernel
 from tests.support.paged_attention import build, reference
 from workers import kernels
 
@@ -267,26 +268,6 @@ def test_add_rms_norm_refuses_mismatches(kernel):
         kernel.add_rms_norm(x, torch.randn(3, 8), torch.ones(8), 1e-5)
 
 
-def spy_on_kernel(monkeypatch, name: str) -> list:
-    """Every caller of ``kernels.cpu()`` gets the real module, with calls of ``name`` recorded
-    (the first argument's shape) in the list returned."""
-    calls, real = [], kernels.cpu()
-
-    class Spy:
-        def __getattr__(self, attr):
-            fn = getattr(real, attr)
-            if attr != name:
-                return fn
-
-            def call(*args):
-                calls.append(args[0].shape)
-                return fn(*args)
-            return call
-
-    monkeypatch.setattr(kernels, "cpu", lambda: Spy())
-    return calls
-
-
 def test_the_model_norms_through_the_kernel_on_cpu(monkeypatch):
     from workers.models import llama
 
@@ -370,3 +351,96 @@ def test_the_mlp_runs_its_activation_through_the_kernel_on_cpu(monkeypatch, layo
         torch.testing.assert_close(out, llama.mlp_activation(proj, x), rtol=8e-3, atol=1e-5)
         monkeypatch.setattr(llama, "CPU_SILU_MUL_KERNEL", True)
     assert calls == [(1, 48), (5, 48)]
+
+
+def rope_case(tokens, heads, kv_heads, head_dim, dtype, seed=0, blocks=8, page=16):
+    """A step's q/k/v rows (every other row of a wider tensor: strided, as a projection's
+    output may be), RoPE tables for 64 positions, the positions and distinct cache slots."""
+    gen = torch.Generator().manual_seed(seed)
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv = (torch.randn(tokens, 2 * width, generator=gen) * 3).to(dtype)[:, :width]
+    config = type("C", (), dict(head_dim=head_dim, rope_theta=10000.0, rope_scaling=None,
+                                max_position_embeddings=64))()
+    from workers.models.llama import rope_tables
+
+    cos, signed_sin = rope_tables(config, dtype, "cpu")
+    positions = torch.randint(0, 64, (tokens,), generator=gen)
+    slots = torch.randperm(blocks * page, generator=gen)[:tokens]
+    kv_cache = torch.randn(2, blocks, page, kv_heads, head_dim, generator=gen).to(dtype)
+    return qkv, cos, signed_sin, positions, kv_cache, slots
+
+
+def torch_rope_write_kv(qkv, cos, signed_sin, positions, kv_cache, slots, heads, kv_heads):
+    """What the model runs without the kernel: apply_rope on queries and keys, write_kv."""
+    from workers.models.attention import write_kv
+    from workers.models.llama import apply_rope
+
+    t, d = qkv.shape[0], kv_cache.shape[-1]
+    qk = apply_rope(qkv[:, : (heads + kv_heads) * d].reshape(t, heads + kv_heads, d),
+                    cos[positions].unsqueeze(1), signed_sin[positions].unsqueeze(1))
+    v = qkv[:, (heads + kv_heads) * d:].reshape(t, kv_heads, d)
+    write_kv(kv_cache, slots, qk[:, heads:], v)
+    return torch.cat([qk.reshape(t, (heads + kv_heads) * d), v.reshape(t, kv_heads * d)], dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [0, 1, 5, 100])  # 100: split over threads
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 2, 16), (2, 1, 80),
+                                                     (3, 3, 6)])
+def test_rope_write_kv_matches_the_torch_path(kernel, dtype, tokens, heads, kv_heads, head_dim):
+    qkv, cos, ssin, positions, kv_cache, slots = rope_case(tokens, heads, kv_heads, head_dim,
+                                                           dtype, seed=tokens + head_dim)
+    expected_cache = kv_cache.clone()
+    expected = torch_rope_write_kv(qkv.clone(), cos, ssin, positions, expected_cache, slots,
+                                   heads, kv_heads)
+    kernel.rope_write_kv(qkv, cos, ssin, positions, kv_cache, slots, heads, kv_heads)
+    if dtype == torch.float32:  # the compiler may fuse the multiply-add: an ulp apart
+        torch.testing.assert_close(qkv, expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(kv_cache, expected_cache, rtol=1e-6, atol=1e-6)
+    else:  # the product is exact in a float: rounded as torch rounds, equal
+        assert torch.equal(qkv, expected)
+        assert torch.equal(kv_cache, expected_cache)  # the slots written, nothing else
+
+
+def test_rope_write_kv_rotates_pairs_half_a_head_apart(kernel):
+    # One head of 4 at position 1: angles 1 and 0.01 for the pairs (0, 2) and (1, 3); values
+    # at hand, so a mistaken pairing cannot hide in a mistake shared with the torch path.
+    config = type("C", (), dict(head_dim=4, rope_theta=10000.0, rope_scaling=None,
+                                max_position_embeddings=2))()
+    from workers.models.llama import rope_tables
+
+    cos, ssin = rope_tables(config, torch.float32, "cpu")
+    qkv = torch.tensor([[1.0, 2.0, 3.0, 4.0, 1.0, 0.0, 0.0, 0.0, 5.0, 6.0, 7.0, 8.0]])
+    kv_cache = torch.zeros(2, 1, 4, 1, 4)
+    kernel.rope_write_kv(qkv, cos, ssin, torch.tensor([1]), kv_cache, torch.tensor([2]), 1, 1)
+    c, s = torch.cos(torch.tensor(1.0)).item(), torch.sin(torch.tensor(1.0)).item()
+    c2, s2 = torch.cos(torch.tensor(0.01)).item(), torch.sin(torch.tensor(0.01)).item()
+    expected_q = [1 * c - 3 * s, 2 * c2 - 4 * s2, 3 * c + 1 * s, 4 * c2 + 2 * s2]
+    torch.testing.assert_close(qkv[0, :4], torch.tensor(expected_q))
+    torch.testing.assert_close(kv_cache[0, 0, 2, 0], torch.tensor([c, 0.0, s, 0.0]))
+    assert kv_cache[1, 0, 2, 0].tolist() == [5.0, 6.0, 7.0, 8.0]
+    assert not kv_cache[:, 0, [0, 1, 3]].any()
+
+
+def test_rope_write_kv_refuses_what_it_would_read_or_write_out_of_bounds(kernel):
+    qkv, cos, ssin, positions, kv_cache, slots = rope_case(3, 4, 2, 16, torch.float32)
+    before = (qkv.clone(), kv_cache.clone())
+    for bad_positions, bad_slots, match in (
+            (torch.tensor([0, 64, 1]), slots, "position 64 outside"),
+            (torch.tensor([0, -1, 1]), slots, "position -1 outside"),
+            (positions, torch.tensor([0, 1, 128]), "slot 128 outside"),
+            (positions, torch.tensor([-3, 1, 2]), "slot -3 outside"),
+            (positions[:2], slots, "int64")):
+        with pytest.raises(RuntimeError, match=match):
+            kernel.rope_write_kv(qkv, cos, ssin, bad_positions, kv_cache, bad_slots, 4, 2)
+    with pytest.raises(RuntimeError, match="dtype"):
+        kernel.rope_write_kv(qkv, cos.bfloat16(), ssin.bfloat16(), positions, kv_cache, slots,
+                             4, 2)
+    with pytest.raises(RuntimeError, match="qkv"):
+        kernel.rope_write_kv(qkv, cos, ssin, positions, kv_cache, slots, 5, 2)
+    with pytest.raises(RuntimeError, match="kv_cache"):
+        kernel.rope_write_kv(qkv, cos, ssin, positions, kv_cache, slots, 4, 1)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        kernel.rope_write_kv(qkv, cos, ssin, positions, kv_cache.transpose(1, 2), slots, 4, 2)
+    # Checked before anything was touched.
+    assert torch.equal(qkv, before[0]) and torch.equal(kv_cache, before[1])

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import transformers
 
 from core.model_files import resolve_model_path
+from tests.support.cpu_kernels import spy_on_kernel
 from tests.support.tiny_model import make_tiny_llama_dir
 from workers.models.attention import (
     SDPA_MAX_DECODES,
@@ -281,6 +282,37 @@ def test_tiny_qwen2_dir_with_linear_rope_matches_transformers(tmp_path):
                                                                      "factor": 2.0}
     _assert_matches_transformers(tmp_path / "qwen2", transformers.Qwen2ForCausalLM,
                                  [t % 512 for t in PROMPT])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_rope_kernel_computes_what_torch_does_in_every_kind_of_step(tmp_path, monkeypatch,
+                                                                        dtype):
+    # Prefills, a cached prefix, a chunk, decodes beside a prefill: with the CPU kernel
+    # rotating and caching (its default) and with torch's RoPE and index copies, the hidden
+    # states and the caches agree (equal in bfloat16, where both round alike; an ulp in
+    # float32, where the kernel's multiply-add may be fused).
+    from workers.models import llama
+
+    directory = make_tiny_llama_dir(tmp_path / "tiny", attention_bias=True, heads=4,
+                                    kv_heads=2, rope_scaling=LLAMA3_SCALING)
+    model, _ = load_model(directory, dtype, "cpu")
+    steps = [[("a", PROMPT[:20], 0), ("b", PROMPT[3:40], 0)],
+             [("a", PROMPT[20:21], 20), ("b", PROMPT[40:41], 37), ("c", PROMPT[:9], 0)],
+             [("c", PROMPT[9:30], 9)]]
+    calls = spy_on_kernel(monkeypatch, "rope_write_kv")
+    runs = {}
+    for on in (True, False):
+        monkeypatch.setattr(llama, "CPU_ROPE_KERNEL", on)
+        seqs = PagedSequences(model.config, dtype)
+        runs[on] = ([torch.cat(seqs.step(model, items)) for items in steps], seqs.kv_caches)
+    layers = model.config.num_layers
+    # With the kernel on, a call per layer (the step's tokens); off, none.
+    assert [shape[0] for shape in calls] == [57] * layers + [11] * layers + [21] * layers
+    tol = dict(rtol=0, atol=0) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    for kernel_out, torch_out in zip(*(runs[on][0] for on in (True, False)), strict=True):
+        torch.testing.assert_close(kernel_out, torch_out, **tol)
+    for kernel_cache, torch_cache in zip(runs[True][1], runs[False][1], strict=True):
+        torch.testing.assert_close(kernel_cache, torch_cache, **tol)
 
 
 def test_a_step_gathers_keys_and_values_into_buffers_every_layer_refills(smollm, monkeypatch):

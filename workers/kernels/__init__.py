@@ -9,7 +9,8 @@ already loaded, so they share torch's intra-op threads (one pool, ``torch_thread
 
 ``cpu()`` returns the module (``paged_decode``: decode attention over the paged KV cache;
 ``small_linear``: a projection of one or two tokens; ``add_rms_norm``: the residual add and
-RMS norm before a layer's blocks; ``silu_mul``: the MLP's activation), or None when it
+RMS norm before a layer's blocks; ``silu_mul``: the MLP's activation; ``rope_write_kv``:
+RoPE of the queries and keys and the step's keys and values into the cache), or None when it
 cannot be built here (no compiler): the engine then runs its torch paths, which compute the
 same.
 """
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
 _SOURCES = [_HERE / "bindings.cpp", _HERE / "paged_decode.cpp", _HERE / "small_linear.cpp",
-            _HERE / "rms_norm.cpp", _HERE / "silu_mul.cpp"]
+            _HERE / "rms_norm.cpp", _HERE / "silu_mul.cpp", _HERE / "rope_cache.cpp"]
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType | None] = {}
 

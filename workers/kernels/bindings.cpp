@@ -11,6 +11,9 @@ bool paged_decode_has_bf16_dot();
 torch::Tensor small_linear(const torch::Tensor& x, const torch::Tensor& weight,
                            const std::optional<torch::Tensor>& bias);
 torch::Tensor silu_mul(const torch::Tensor& gate, const torch::Tensor& up);
+void rope_write_kv(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& signed_sin,
+                   const torch::Tensor& positions, torch::Tensor& kv_cache,
+                   const torch::Tensor& slots, int64_t heads, int64_t kv_heads);
 std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(const torch::Tensor& x,
                                                       const std::optional<torch::Tensor>& residual,
                                                       const torch::Tensor& weight, double eps);
@@ -23,5 +26,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether bfloat16 heads of 64 or 128 can run on AVX512-BF16 dot products here");
   m.def("small_linear", &small_linear, "x w^T (+ bias) for one or two rows of x (CPU)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up, rows read in place (CPU)");
+  m.def("rope_write_kv", &rope_write_kv,
+        "RoPE of queries and keys in place in the q/k/v rows, keys and values into the cache "
+        "(CPU)",
+        py::arg("qkv"), py::arg("cos"), py::arg("signed_sin"), py::arg("positions"),
+        py::arg("kv_cache"), py::arg("slots"), py::arg("heads"), py::arg("kv_heads"));
   m.def("add_rms_norm", &add_rms_norm, "(rms_norm(x + residual) * weight, x + residual) (CPU)");
 }

@@ -202,13 +202,15 @@ class PagedAttention:
         return _PrefillPlan(seq.start, seq.num_new, queries, rows=rows, mask=mask)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 kv_cache: torch.Tensor) -> torch.Tensor:
+                 kv_cache: torch.Tensor, written: bool = False) -> torch.Tensor:
         """q [T, H, d], k and v [T, kvh, d] (this step's tokens) -> [T, H * d].
 
-        Writes k and v into kv_cache at the metadata's slot_mapping first.
+        Writes k and v into kv_cache at the metadata's slot_mapping first, unless ``written``
+        (the CPU's RoPE kernel wrote them: llama.StepRope).
         """
         num_tokens = q.shape[0]
-        write_kv(kv_cache, self.meta.slot_mapping, k, v)
+        if not written:
+            write_kv(kv_cache, self.meta.slot_mapping, k, v)
 
         parts = []
         if self.decode is not None:
@@ -293,9 +295,11 @@ class TritonPagedAttention:
         self.scale = config.head_dim ** -0.5
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 kv_cache: torch.Tensor) -> torch.Tensor:
-        """q [T, H, d], k and v [T, kvh, d] -> [T, H * d]; writes k and v into the cache."""
-        write_kv(kv_cache, self.meta.slot_mapping, k, v)
+                 kv_cache: torch.Tensor, written: bool = False) -> torch.Tensor:
+        """q [T, H, d], k and v [T, kvh, d] -> [T, H * d]; writes k and v into the cache
+        first unless ``written``."""
+        if not written:
+            write_kv(kv_cache, self.meta.slot_mapping, k, v)
         out = paged_attention(q, kv_cache[0], kv_cache[1], self.meta.triton, self.scale)
         return out.view(q.shape[0], self.num_heads * self.head_dim)
 

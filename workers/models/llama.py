@@ -123,6 +123,47 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, dims=-1), signed_sin)
 
 
+# On a CPU, RoPE and the write of the step's keys and values into the cache run in one pass
+# of our kernel (workers/kernels/rope_cache.cpp) where it could be built: torch runs a
+# multiply, a roll, an addcmul and two index copies per layer. False selects torch (tests and
+# benchmarks compare the two).
+CPU_ROPE_KERNEL = True
+
+
+class StepRope:
+    """RoPE at one step's positions, shared by its layers. Where the CPU kernel runs it, it
+    also writes the step's keys and values into the layer's cache (``writes_cache``), and
+    attention is told so."""
+
+    def __init__(self, config: ModelConfig, cos: torch.Tensor, signed_sin: torch.Tensor,
+                 positions: torch.Tensor, attention: PagedAttention | TritonPagedAttention):
+        """cos, signed_sin: the model's tables (rope_tables); positions [T]."""
+        self.config = config
+        self.kernel = (kernels.cpu() if CPU_ROPE_KERNEL and positions.device.type == "cpu"
+                       and isinstance(attention, PagedAttention) else None)
+        self.writes_cache = self.kernel is not None
+        if self.kernel is not None:
+            self.tables, self.positions = (cos, signed_sin), positions
+            self.slots = attention.meta.slot_mapping
+        else:
+            self.cos = cos.index_select(0, positions).unsqueeze(1)
+            self.signed_sin = signed_sin.index_select(0, positions).unsqueeze(1)
+
+    def __call__(self, qkv: torch.Tensor, kv_cache: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fused projection's output [T, q + 2 kv] -> q [T, H, d], k and v [T, kvh, d],
+        q and k rotated (in place in qkv where the kernel runs, and k and v then cached)."""
+        c, t = self.config, qkv.shape[0]
+        qk = qkv[:, : c.q_size + c.kv_size].view(t, c.num_heads + c.num_kv_heads, c.head_dim)
+        if self.kernel is not None:
+            self.kernel.rope_write_kv(qkv, *self.tables, self.positions, kv_cache, self.slots,
+                                      c.num_heads, c.num_kv_heads)
+        else:
+            qk = apply_rope(qk, self.cos, self.signed_sin)
+        v = qkv[:, c.q_size + c.kv_size:].view(t, c.num_kv_heads, c.head_dim)
+        return qk[:, : c.num_heads], qk[:, c.num_heads:], v
+
+
 def _param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
@@ -251,20 +292,14 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = Projection(h, 2 * config.intermediate_size, False, **p)
         self.down_proj = Projection(config.intermediate_size, h, False, **p)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
-                signed_sin: torch.Tensor, attention: PagedAttention | TritonPagedAttention,
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: StepRope,
+                attention: PagedAttention | TritonPagedAttention,
                 kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's output, the residual stream before it): the caller adds them,
         so each residual add happens where the next norm needs it."""
-        c = self.config
         h, residual = add_rms_norm(x, residual, self.input_norm, self.eps)
-        qkv = self.qkv_proj(h)
-        t = qkv.shape[0]
-        qk = apply_rope(qkv[:, : c.q_size + c.kv_size].view(t, c.num_heads + c.num_kv_heads,
-                                                             c.head_dim), cos, signed_sin)
-        q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
-        v = qkv[:, c.q_size + c.kv_size:].view(t, c.num_kv_heads, c.head_dim)
-        x = self.o_proj(attention(q, k, v, kv_cache))
+        q, k, v = rope(self.qkv_proj(h), kv_cache)
+        x = self.o_proj(attention(q, k, v, kv_cache, written=rope.writes_cache))
 
         h, residual = add_rms_norm(x, residual, self.post_attention_norm, self.eps)
         return self.down_proj(mlp_activation(self.gate_up_proj, h)), residual
@@ -312,12 +347,11 @@ class LlamaForCausalLM(nn.Module):
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [T] -> final-norm hidden states [T, hidden]."""
         attention = make_attention(meta, self.config, self.dtype)
-        cos = self.rope_cos.index_select(0, positions).unsqueeze(1)
-        signed_sin = self.rope_signed_sin.index_select(0, positions).unsqueeze(1)
+        rope = StepRope(self.config, self.rope_cos, self.rope_signed_sin, positions, attention)
         x = F.embedding(input_ids, self.embed_tokens)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(x, residual, cos, signed_sin, attention, kv_cache)
+            x, residual = layer(x, residual, rope, attention, kv_cache)
         return add_rms_norm(x, residual, self.norm, self.config.rms_norm_eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
