@@ -24,10 +24,11 @@
    call in bfloat16 over 30 layers' caches (out of cache, as in the engine) at batch 1, 16
    and 64, alternating between AVX512-BF16's dot products and rows widened to floats; only
    on a CPU with AVX512-BF16.
-3b. **Projections of one or two tokens** (`workers.models.llama.SMALL_BATCH_ROWS`). The same
-   engine (``dtype: auto``) at batch 1, 2 and 16 (16: a control, which the switch does not
-   touch), alternating between our kernel over the plain weights for steps of up to two
-   tokens (today, where weights are packed) and oneDNN's packed copy for every step.
+3b. **Projections of small steps** (`workers.models.llama.PAIRS_MAX_ROWS`,
+   `SMALL_BATCH_ROWS`). The same engine (``dtype: auto``, weights packed) at batch 1, 2, 16
+   and 64 and a 1,024-token prefill, alternating between our pairs kernel for steps of up
+   to 256 tokens (today, on AVX512-BF16 without AMX), our kernel over the plain weights for
+   steps of up to two tokens (today elsewhere) and oneDNN's packed copy for every step.
 3c. **The residual add and RMS norm** (`workers.models.llama.CPU_NORM_KERNEL`). The same
    engine at batch 1 and 16 and a 1,024-token prefill, alternating between our fused kernel
    (today) and torch's add and ``F.rms_norm``.
@@ -285,19 +286,33 @@ def small_batch(threads: int, repeats: int) -> dict[str, Any]:
     from workers.models import llama
 
     torch.set_num_threads(threads)
-    ours = OurEngine.build(parse_args(["--threads", str(threads)]), 64)
-    today = llama.SMALL_BATCH_ROWS
-    if not today or ours.engine.runner.model.lm_head.small is None:
-        raise SystemExit("the small-batch kernel is not in use here (weights not packed, or "
-                         "the CPU kernels not built)")
+    serves = llama.cpu_weight_layout
+    llama.cpu_weight_layout = lambda *a: "plain"  # load plain; every copy kept below
+    try:
+        ours = OurEngine.build(parse_args(["--threads", str(threads)]), 64)
+    finally:
+        llama.cpu_weight_layout = serves
+    model = ours.engine.runner.model
+    if serves(model.dtype, "cpu") != "packed":
+        raise SystemExit("weights are not packed here: the small-step kernels are not in use")
+    model.lay_out_weights("packed", keep_plain=True)
+    if model.lm_head.small is None:
+        raise SystemExit("the CPU kernels are not built here")
+    today = (llama.PAIRS_MAX_ROWS, llama.SMALL_BATCH_ROWS)
 
-    def rows(n: int) -> Callable[[], None]:
-        return lambda: setattr(llama, "SMALL_BATCH_ROWS", n)
+    def rows(pairs: int, small: int) -> Callable[[], None]:
+        def switch() -> None:
+            llama.PAIRS_MAX_ROWS, llama.SMALL_BATCH_ROWS = pairs, small
+        return switch
 
+    sides = {"plain": rows(0, today[1]), "packed": rows(0, 0)}
+    if model.lm_head.pairs is not None:
+        sides = {"pairs": rows(*today), **sides}
     ours.run(random_prompts(16, 128, "small/warm"), 4)
-    out = alternating(ours, "small", {"kernel": rows(today), "packed": rows(0)},
-                      ["decode_b1", "decode_b2", "decode_b16"], repeats)
-    llama.SMALL_BATCH_ROWS = today
+    out = alternating(ours, "small", sides,
+                      ["decode_b1", "decode_b2", "decode_b16", "decode_b64", "prefill_1024"],
+                      repeats)
+    llama.PAIRS_MAX_ROWS, llama.SMALL_BATCH_ROWS = today
     return out
 
 

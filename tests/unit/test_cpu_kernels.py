@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.support.cpu_kernels import spy_on_kernel
+from tests.support.cpu_kernels import recording, spy_on_kernel
 from tests.support.paged_attention import build, reference
 from workers import kernels
 
@@ -202,11 +202,19 @@ def test_small_linear_reads_a_non_contiguous_row_and_refuses_mismatches(kernel):
         kernel.small_linear(torch.randn(1, 32), weight, torch.randn(7))
 
 
+PAIRS = kernels.cpu() is not None and kernels.cpu().pairs_linear_available()
+
+
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
                     reason="weights are packed only where oneDNN computes bfloat16")
-def test_packed_projections_run_one_or_two_rows_on_the_plain_weight(monkeypatch):
+@pytest.mark.parametrize("pairs_rows", [256, 0] if PAIRS else [0])
+def test_packed_projections_run_small_steps_on_our_kernels(monkeypatch, pairs_rows):
+    # On AVX512-BF16 steps of up to PAIRS_MAX_ROWS tokens run the pairs kernel on its own
+    # copy (the plain weight let go); elsewhere (or with it off) steps of one or two tokens
+    # run on the plain weight, kept beside the packed copy; larger steps run oneDNN's.
     from workers.models import llama
 
+    monkeypatch.setattr(llama, "PAIRS_MAX_ROWS", pairs_rows)
     proj = llama.Projection(64, 48, True, torch.bfloat16, "cpu")
     with torch.no_grad():
         proj.weight.normal_()
@@ -217,25 +225,70 @@ def test_packed_projections_run_one_or_two_rows_on_the_plain_weight(monkeypatch)
     model.embed_tokens = None
     llama.LlamaForCausalLM.lay_out_weights(model, "packed")
     assert proj.small is not None and proj.packed is not None
-    assert torch.equal(proj.weight, plain)  # kept beside the packed copy
-    calls = []
-    real = proj.small
-
-    class Spy:
-        def small_linear(self, *args):
-            calls.append(args[0].shape[0])
-            return real.small_linear(*args)
-
-    proj.small = Spy()
-    for rows in (1, 2, 3, 16):
+    assert (proj.pairs is not None) == bool(pairs_rows)
+    # One second copy: the pairs layout, or the plain weight kept beside the packed copy.
+    assert proj.weight.numel() == 0 if pairs_rows else torch.equal(proj.weight, plain)
+    calls: list[tuple[str, int]] = []
+    proj.small = recording(proj.small, {"pairs_linear", "small_linear"}, calls,
+                           lambda name, args: (name, args[0].shape[0]))
+    for rows in (1, 2, 3, 16, 300):
         x = torch.randn(rows, 64).bfloat16()
         torch.testing.assert_close(proj(x).float(), F.linear(x.float(), plain.float(),
                                                              proj.bias.float()),
                                    rtol=2e-2, atol=5e-2)
-    assert calls == [1, 2]
+    if pairs_rows:
+        assert calls == [("pairs_linear", r) for r in (1, 2, 3, 16)]
+    else:
+        assert calls == [("small_linear", 1), ("small_linear", 2)]
     monkeypatch.setattr(llama, "SMALL_BATCH_ROWS", 0)
+    monkeypatch.setattr(llama, "PAIRS_MAX_ROWS", 0)
+    calls.clear()
     proj(torch.randn(1, 64).bfloat16())
-    assert calls == [1, 2]
+    assert calls == []
+
+
+@pytest.mark.skipif(not PAIRS, reason="the pairs kernel needs AVX512-BF16")
+@pytest.mark.parametrize("rows", [0, 1, 2, 7, 8, 9, 16, 33])
+@pytest.mark.parametrize("in_features,out_features", [(576, 960), (38, 100), (1536, 16),
+                                                      (2, 33)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_pairs_linear_matches_f_linear(kernel, rows, in_features, out_features, with_bias):
+    gen = torch.Generator().manual_seed(rows * 7 + out_features)
+    weight = torch.randn(out_features, in_features, generator=gen).bfloat16()
+    bias = torch.randn(out_features, generator=gen).bfloat16() if with_bias else None
+    x = torch.randn(rows, in_features, generator=gen).bfloat16()
+    packed = kernel.pairs_pack(weight)
+    assert packed.shape == (-(-out_features // 32), in_features // 2, 64)
+    out = kernel.pairs_linear(x, packed, out_features, bias)
+    exact = x.double() @ weight.double().t() + (0 if bias is None else bias.double())
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, out_features)
+    # Products exact, sums in float32: within the rounding of the output to bfloat16.
+    torch.testing.assert_close(out.double(), exact, rtol=2 ** -8, atol=1e-3)
+
+
+@pytest.mark.skipif(not PAIRS, reason="the pairs kernel needs AVX512-BF16")
+def test_pairs_linear_refuses_what_it_would_read_wrongly(kernel):
+    weight = torch.randn(40, 32).bfloat16()
+    packed = kernel.pairs_pack(weight)
+    x = torch.randn(3, 32).bfloat16()
+    torch.testing.assert_close(kernel.pairs_linear(x[:, :], packed, 40, None).float(),
+                               (x.float() @ weight.float().t()), rtol=1e-2, atol=5e-2)
+    strided = torch.randn(3, 64).bfloat16()[:, ::2]  # read from a contiguous copy
+    torch.testing.assert_close(kernel.pairs_linear(strided, packed, 40, None).float(),
+                               strided.float() @ weight.float().t(), rtol=1e-2, atol=5e-2)
+    with pytest.raises(RuntimeError, match="even"):
+        kernel.pairs_pack(torch.randn(8, 31).bfloat16())
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        kernel.pairs_pack(torch.randn(8, 32))
+    for n in (0, 8, 32, 65):  # out_features the packed copy cannot hold
+        with pytest.raises(RuntimeError, match="pairs_pack"):
+            kernel.pairs_linear(x, packed, n, None)
+    with pytest.raises(RuntimeError, match="pairs_pack"):
+        kernel.pairs_linear(torch.randn(3, 30).bfloat16(), packed, 40, None)
+    with pytest.raises(RuntimeError, match="bias"):
+        kernel.pairs_linear(x, packed, 40, torch.randn(39).bfloat16())
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        kernel.pairs_linear(x.float(), packed, 40, None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

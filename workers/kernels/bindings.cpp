@@ -11,6 +11,10 @@ bool paged_decode_has_bf16_dot();
 torch::Tensor small_linear(const torch::Tensor& x, const torch::Tensor& weight,
                            const std::optional<torch::Tensor>& bias);
 torch::Tensor silu_mul(const torch::Tensor& gate, const torch::Tensor& up);
+bool pairs_linear_available();
+torch::Tensor pairs_pack(const torch::Tensor& weight);
+torch::Tensor pairs_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
+                           const std::optional<torch::Tensor>& bias);
 void rope_write_kv(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& signed_sin,
                    const torch::Tensor& positions, torch::Tensor& kv_cache,
                    const torch::Tensor& slots, int64_t heads, int64_t kv_heads);
@@ -25,6 +29,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_has_bf16_dot", &paged_decode_has_bf16_dot,
         "Whether bfloat16 heads of 64 or 128 can run on AVX512-BF16 dot products here");
   m.def("small_linear", &small_linear, "x w^T (+ bias) for one or two rows of x (CPU)");
+  m.def("pairs_linear_available", &pairs_linear_available,
+        "Whether pairs_linear is compiled in (AVX512-BF16)");
+  m.def("pairs_pack", &pairs_pack, "A bfloat16 weight [N, K] in pairs_linear's layout");
+  m.def("pairs_linear", &pairs_linear,
+        "x w^T (+ bias) for a few bfloat16 rows of x, from pairs_pack(w) (CPU, AVX512-BF16)",
+        py::arg("x"), py::arg("packed"), py::arg("out_features"), py::arg("bias"));
   m.def("silu_mul", &silu_mul, "silu(gate) * up, rows read in place (CPU)");
   m.def("rope_write_kv", &rope_write_kv,
         "RoPE of queries and keys in place in the q/k/v rows, keys and values into the cache "

@@ -41,6 +41,16 @@ log = logging.getLogger(__name__)
 # benchmarks compare the two).
 SMALL_BATCH_ROWS = 2
 
+# Where the weights are packed and the CPU has AVX512-BF16 but no AMX, a projection of up to
+# this many tokens runs our kernel on a copy of the weight laid out in pairs of inputs
+# (workers/kernels/pairs_linear.cpp) instead of oneDNN's packed copy or the plain weight,
+# whose memory it takes: `vdpbf16ps` on each 64-byte load of weights, no widening and no
+# horizontal sums. SmolLM2's projections on an AMD EPYC Zen 5: 1.35x oneDNN's time for one
+# token, 1.30x for 16, 1.19x for 64, level at 256, 0.97x at 1,024 (bench/README.md). Where the
+# CPU has AMX, oneDNN's tile kernels run steps of more than SMALL_BATCH_ROWS tokens (unmeasured
+# against this kernel), so it is not used there. 0 turns it off (tests and benchmarks).
+PAIRS_MAX_ROWS = 256
+
 # On a CPU the residual add and the RMS norm before each block run fused in our kernel
 # (workers/kernels/rms_norm.cpp) where it could be built: torch runs F.rms_norm in bfloat16
 # as seven operators, ~40 µs a call for one token, 2.5 ms of a batch-1 decode step on an
@@ -201,21 +211,26 @@ class Projection(nn.Module):
 
     Either snapshot is taken once (load_weights, per ``cpu_weight_layout``), and the plain
     weight's memory then goes back: a model holds one copy of each weight, except an lm_head
-    tied to the embedding, which the embedding lookup still reads plain, and packed weights
-    whose plain copy serves steps of up to ``SMALL_BATCH_ROWS`` tokens (``small``).
+    tied to the embedding, which the embedding lookup still reads plain, and packed weights,
+    which keep a second copy for steps of a few tokens on our kernels (``small``): in pairs
+    of inputs (``pairs``, up to ``PAIRS_MAX_ROWS`` tokens) where the CPU has AVX512-BF16
+    without AMX, else the plain weight (up to ``SMALL_BATCH_ROWS``).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
                  device: torch.device | str):
         super().__init__()
+        self.out_features = out_features
         self.weight = _param(out_features, in_features, dtype=dtype, device=device)
         self.register_parameter("bias", _param(out_features, dtype=dtype, device=device)
                                 if bias else None)
         self.packed: torch.Tensor | None = None
         self.slices: torch.Tensor | None = None  # [slices, in, out / slices]
         self.sliced_bias: torch.Tensor | None = None  # [slices, 1, out / slices]
-        # The CPU kernels' module when a few rows run on the plain weight (SMALL_BATCH_ROWS).
+        # The CPU kernels' module when steps of a few rows run on our kernels: on the pairs
+        # layout (pairs_linear, PAIRS_MAX_ROWS) or on the plain weight kept (SMALL_BATCH_ROWS).
         self.small: ModuleType | None = None
+        self.pairs: torch.Tensor | None = None  # [ceil(out / 32), in / 2, 64]
 
     def pack(self, keep_plain: bool = False) -> None:
         """Runs on oneDNN's packed copy from now on."""
@@ -244,8 +259,11 @@ class Projection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] -> [T, out]."""
-        if self.small is not None and x.shape[0] <= SMALL_BATCH_ROWS:
-            return self.small.small_linear(x, self.weight, self.bias)
+        if self.small is not None:
+            if self.pairs is not None and x.shape[0] <= PAIRS_MAX_ROWS:
+                return self.small.pairs_linear(x, self.pairs, self.out_features, self.bias)
+            if x.shape[0] <= SMALL_BATCH_ROWS and self.weight.numel():
+                return self.small.small_linear(x, self.weight, self.bias)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         if self.slices is not None:
@@ -389,24 +407,38 @@ class LlamaForCausalLM(nn.Module):
         threads, or "plain": as loaded)."""
         if layout == "plain":
             return
-        # Packed weights keep their plain copy for the small-batch kernel, where it is built.
-        small = kernels.cpu() if layout == "packed" and SMALL_BATCH_ROWS > 0 else None
-        kept = 0
+        # Packed weights keep a second copy for our kernels of small steps, where they are
+        # built: in pairs (AVX512-BF16 without AMX), else plain.
+        small = kernels.cpu() if layout == "packed" else None
+        pairs = (small is not None and PAIRS_MAX_ROWS > 0 and small.pairs_linear_available()
+                 and "amx_bf16" not in cpuinfo("flags").split())
+        kept = {"pairs": 0, "plain": 0}
         for module in self.modules():
             if isinstance(module, Projection):
                 keep = keep_plain or module.weight is self.embed_tokens
                 if layout == "packed":
-                    module.pack(keep_plain=keep or small is not None)
-                    module.small = small
-                    if small is not None and not keep:
-                        kept += module.weight.numel() * module.weight.element_size()
+                    module.pack(keep_plain=True)
+                    if (pairs and module.weight.dtype == torch.bfloat16
+                            and module.weight.shape[1] % 2 == 0):
+                        module.pairs = small.pairs_pack(module.weight.detach())
+                        module.small = small
+                        kept["pairs"] += module.pairs.numel() * module.pairs.element_size()
+                    elif small is not None and SMALL_BATCH_ROWS > 0:
+                        module.small = small
+                        if not keep:
+                            keep = True
+                            kept["plain"] += module.weight.numel() * module.weight.element_size()
+                    module._let_go(keep)
                 elif layout == "sliced":
                     module.slice(torch.get_num_threads(), keep_plain=keep)
                 else:
                     raise ValueError(f"unknown weight layout {layout!r}")
-        if kept:
+        if kept["pairs"]:
+            log.info("projections of up to %d tokens run on copies of the weights in pairs, "
+                     "beside the packed copies: %.0f MiB", PAIRS_MAX_ROWS, kept["pairs"] / 2**20)
+        if kept["plain"]:
             log.info("projections of up to %d tokens run on the plain weights, kept beside "
-                     "the packed copies: %.0f MiB more", SMALL_BATCH_ROWS, kept / 2**20)
+                     "the packed copies: %.0f MiB more", SMALL_BATCH_ROWS, kept["plain"] / 2**20)
 
     def _locate(self, hf_name: str) -> tuple[str, int | None] | None:
         """Our parameter name and row offset for an HF name; None for tensors we skip."""

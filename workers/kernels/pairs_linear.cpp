@@ -1,0 +1,145 @@
+// y = x w^T (+ bias) for bfloat16 steps of a few tokens on a CPU with AVX512-BF16, from a copy
+// of the weight laid out in pairs.
+//
+// `vdpbf16ps` adds to each of 16 float lanes the products of a pair of bfloat16 values with
+// another pair. Laid out so that a 64-byte load holds, for 32 output columns, the weights of
+// two consecutive inputs (k, k + 1) — [N / 32][K / 2][32 columns][2] — each pair of a token's
+// inputs is broadcast once and feeds two instructions per weight load: no widening, no
+// horizontal sums, the weights streamed once whatever the number of rows, and each 32-column
+// tile's sums for up to 8 rows kept in 16 registers. oneDNN's packed copy does the same work
+// with more fixed cost a call: its kernels are made for many rows (bench/README.md).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+
+#include "vec.h"
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using namespace electron;
+
+constexpr int64_t COLS = 32;  // output columns of a tile: two vectors of 16 floats
+constexpr int MAX_ROWS = 8;   // rows of x whose sums one pass over a tile keeps
+
+#if defined(__AVX512BF16__)
+// Rows m0 .. m0 + MR - 1 of y, columns n0 .. n0 + min(32, N - n0) - 1.
+template <int MR>
+inline void tile(const c10::BFloat16* x, int64_t K, const c10::BFloat16* w, const c10::BFloat16* bias,
+                 int64_t n0, int64_t N, c10::BFloat16* y, int64_t m0) {
+  __m512 acc[MR][2];
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  const int64_t pairs = K / 2;
+  const c10::BFloat16* wt = w + (n0 / COLS) * pairs * 2 * COLS;
+  for (int64_t k2 = 0; k2 < pairs; ++k2) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wt + k2 * 2 * COLS);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wt + k2 * 2 * COLS + COLS);
+    for (int m = 0; m < MR; ++m) {
+      int32_t pair;
+      std::memcpy(&pair, x + (m0 + m) * K + 2 * k2, sizeof pair);
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], xb, w0);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], xb, w1);
+    }
+  }
+  const int64_t cols = std::min(COLS, N - n0);
+  for (int m = 0; m < MR; ++m) {
+    c10::BFloat16* dst = y + (m0 + m) * N + n0;
+    for (int h = 0; h < 2; ++h) {
+      vec sums;
+      std::memcpy(&sums, &acc[m][h], sizeof sums);
+      const int64_t lo = h * W, n = std::min<int64_t>(W, cols - lo);
+      if (n <= 0) break;
+      if (bias) {
+        vec b{};
+        for (int64_t j = 0; j < n; ++j) b[j] = to_float(bias[n0 + lo + j]);
+        sums += b;
+      }
+      if (n == W) {
+        store_as(dst + lo, sums);
+      } else {
+        for (int64_t j = 0; j < n; ++j) dst[lo + j] = static_cast<c10::BFloat16>(sums[j]);
+      }
+    }
+  }
+}
+
+template <int MR>
+void rows(const c10::BFloat16* x, int64_t K, const c10::BFloat16* w, const c10::BFloat16* bias,
+          int64_t n0, int64_t N, c10::BFloat16* y, int64_t m0, int64_t left) {
+  if constexpr (MR > 1) {
+    if (left < MR) return rows<MR - 1>(x, K, w, bias, n0, N, y, m0, left);
+  }
+  tile<MR>(x, K, w, bias, n0, N, y, m0);
+}
+#endif
+
+}  // namespace
+
+bool pairs_linear_available() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+// weight [N, K] bfloat16 (K even) -> its pairs layout, [ceil(N / 32), K / 2, 64]: tile t,
+// pair p holds (w[32t + j][2p], w[32t + j][2p + 1]) for j = 0 .. 31; columns past N are 0.
+torch::Tensor pairs_pack(const torch::Tensor& weight) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2 &&
+                  weight.scalar_type() == at::kBFloat16,
+              "a bfloat16 CPU weight [N, K]");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(K % 2 == 0 && K > 0 && N > 0, "K must be even and N, K positive");
+  const int64_t tiles = (N + COLS - 1) / COLS;
+  auto padded = torch::zeros({tiles * COLS, K}, weight.options());
+  padded.narrow(0, 0, N).copy_(weight);
+  // [tiles, 32, K/2, 2] -> [tiles, K/2, 32, 2]
+  return padded.view({tiles, COLS, K / 2, 2}).permute({0, 2, 1, 3}).contiguous()
+      .view({tiles, K / 2, 2 * COLS});
+}
+
+// x [M, K] bfloat16, packed = pairs_pack(w) for w [N, K], bias [N] or None -> [M, N].
+torch::Tensor pairs_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
+                           const std::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(pairs_linear_available(), "this build has no AVX512-BF16");
+  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 &&
+                  packed.scalar_type() == at::kBFloat16,
+              "x [M, K] in bfloat16");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.size(1) * 2 == K &&
+                  packed.size(2) == 2 * COLS && N > 0 && packed.size(0) * COLS >= N &&
+                  packed.size(0) * COLS < N + COLS,
+              "packed is not pairs_pack of an [N, K] weight");
+  std::optional<torch::Tensor> b;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == at::kBFloat16,
+                "bias [N] in bfloat16");
+    b = bias->contiguous();
+  }
+  const auto xc = x.contiguous();
+  auto y = torch::empty({M, N}, x.options());
+#if defined(__AVX512BF16__)
+  const auto* xs = xc.data_ptr<c10::BFloat16>();
+  const auto* ws = packed.data_ptr<c10::BFloat16>();
+  const auto* bs = b ? b->data_ptr<c10::BFloat16>() : nullptr;
+  auto* ys = y.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, packed.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t m = 0; m < M; m += MAX_ROWS) {
+        rows<MAX_ROWS>(xs, K, ws, bs, t * COLS, N, ys, m, M - m);
+      }
+    }
+  });
+#endif
+  return y;
+}
