@@ -41,6 +41,10 @@
    prefill, alternating between our kernel rotating queries and keys in place and copying
    keys and values to their slots (today) and torch's multiply, roll, addcmul and two index
    copies.
+3f. **Prefill attention** (`workers.models.attention.CPU_PREFILL_KERNEL`). The same engine
+   (``dtype: auto``): a 1,024-token prefill and decode at batch 16 (a control, which the
+   switch does not touch), alternating between our kernel over the paged cache (today, in
+   bfloat16 on AVX512-BF16) and SDPA.
 4. **Weight layout** (`workers.models.llama.cpu_weight_layout`). The same engine in float32
    (``--layout-dtype bfloat16``: in bfloat16):
    decode at batch 1, 16 and 64 and a 1,024-token prefill, alternating between projections
@@ -317,27 +321,29 @@ def small_batch(threads: int, repeats: int) -> dict[str, Any]:
 
 
 def kernel_switch(threads: int, repeats: int, flag: str, workloads: list[str],
-                  dtype: str = "auto") -> dict[str, Any]:
-    """The engine with one of our CPU kernels (``workers.models.llama.<flag>``) on and off,
-    alternating."""
+                  dtype: str = "auto", module: str = "llama") -> dict[str, Any]:
+    """The engine with one of our CPU kernels (``workers.models.<module>.<flag>``) on and
+    off, alternating."""
+    import importlib
+
     import torch
     from engine_bench import OurEngine, parse_args, random_prompts
 
     from workers import kernels
-    from workers.models import llama
 
+    switches = importlib.import_module(f"workers.models.{module}")
     torch.set_num_threads(threads)
     if kernels.cpu() is None:
         raise SystemExit("the CPU kernels are not built here")
     ours = OurEngine.build(parse_args(["--threads", str(threads), "--dtype", dtype]), 64)
 
     def kernel(on: bool) -> Callable[[], None]:
-        return lambda: setattr(llama, flag, on)
+        return lambda: setattr(switches, flag, on)
 
     ours.run(random_prompts(16, 128, f"{flag}/warm"), 4)
     out = alternating(ours, flag, {"kernel": kernel(True), "torch": kernel(False)}, workloads,
                       repeats)
-    setattr(llama, flag, True)
+    setattr(switches, flag, True)
     ours.close()
     return out
 
@@ -360,6 +366,11 @@ def rope(threads: int, repeats: int) -> dict[str, Any]:
     workloads = ["decode_b1", "decode_b16", "decode_b64", "prefill_1024"]
     return {dtype: kernel_switch(threads, repeats, "CPU_ROPE_KERNEL", workloads, dtype)
             for dtype in ("auto", "float32")}
+
+
+def prefill(threads: int, repeats: int) -> dict[str, Any]:
+    return kernel_switch(threads, repeats, "CPU_PREFILL_KERNEL", ["prefill_1024", "decode_b16"],
+                         module="attention")
 
 
 def weight_layout(threads: int, repeats: int, dtype: str) -> dict[str, Any]:
@@ -434,6 +445,7 @@ PARTS = {"shapes": ("prefill_shapes", lambda a: shapes(a.threads)),
          "norm": ("norm", lambda a: norm(a.threads, a.repeats)),
          "silu": ("silu_mul", lambda a: silu_mul(a.threads, a.repeats)),
          "rope": ("rope_cache", lambda a: rope(a.threads, a.repeats)),
+         "prefill": ("prefill_attention", lambda a: prefill(a.threads, a.repeats)),
          "layout": ("weight_layout",
                     lambda a: weight_layout(a.threads, a.repeats, a.layout_dtype)),
          "dtype": ("weight_dtype", lambda a: weight_dtype(a.threads, a.repeats))}

@@ -497,3 +497,82 @@ def test_rope_write_kv_refuses_what_it_would_read_or_write_out_of_bounds(kernel)
         kernel.rope_write_kv(qkv, cos, ssin, positions, kv_cache.transpose(1, 2), slots, 4, 2)
     # Checked before anything was touched.
     assert torch.equal(qkv, before[0]) and torch.equal(kv_cache, before[1])
+
+
+PREFILL = kernels.cpu() is not None and kernels.cpu().prefill_attention_available()
+
+
+def prefill_case(new, context, heads, kv_heads, head_dim, page, seed=0, blocks=None):
+    """A chunk's queries (strided rows, as views of the q/k/v projection are), a cache whose
+    blocks for this sequence are shuffled, filled with noise elsewhere, and the expected
+    output from float64 attention over the gathered context."""
+    gen = torch.Generator().manual_seed(seed)
+    used = -(-context // page)
+    blocks = blocks or used + 5
+    kv_cache = torch.randn(2, blocks, page, kv_heads, head_dim, generator=gen).bfloat16()
+    table = torch.randperm(blocks, generator=gen)[:used]
+    width = (heads + 2 * kv_heads) * head_dim
+    q = torch.randn(new, width, generator=gen).bfloat16()[:, :heads * head_dim]
+    q = q.view(new, heads, head_dim)
+    pos = torch.arange(context)
+    slots = table[pos // page] * page + pos % page
+    keys = kv_cache[0].reshape(-1, kv_heads, head_dim)[slots].double()
+    values = kv_cache[1].reshape(-1, kv_heads, head_dim)[slots].double()
+    group = heads // kv_heads
+    keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    scores = torch.einsum("nhd,khd->hnk", q.double(), keys) * head_dim ** -0.5
+    query_pos = torch.arange(new) + context - new
+    scores.masked_fill_(pos.view(1, 1, -1) > query_pos.view(1, -1, 1), float("-inf"))
+    expected = torch.einsum("hnk,khd->nhd", scores.softmax(-1), values)
+    return q, kv_cache, table, expected
+
+
+@pytest.mark.skipif(not PREFILL, reason="the prefill kernel needs AVX512-BF16")
+@pytest.mark.parametrize("new,context", [(2, 2), (16, 16), (17, 17), (100, 100), (5, 40),
+                                         (16, 1024), (33, 64), (300, 333)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,page", [(9, 3, 64, 16), (4, 4, 128, 16),
+                                                          (8, 1, 64, 5), (2, 2, 32, 32)])
+def test_prefill_attention_matches_the_reference(kernel, new, context, heads, kv_heads,
+                                                 head_dim, page):
+    q, kv_cache, table, expected = prefill_case(new, context, heads, kv_heads, head_dim, page,
+                                                seed=new * 31 + context)
+    out = kernel.prefill_attention(q, kv_cache, table, context, head_dim ** -0.5)
+    assert out.dtype == torch.bfloat16 and out.shape == (new, heads, head_dim)
+    # bfloat16 inputs, float32 sums, probabilities rounded to bfloat16 as SDPA rounds them.
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+    assert (out.double() - expected).abs().mean() < 4e-3
+
+
+@pytest.mark.skipif(not PREFILL, reason="the prefill kernel needs AVX512-BF16")
+def test_prefill_attention_reads_nothing_past_the_context(kernel):
+    # Rows past the context in its last block (and other blocks) hold NaN: no weight of 0
+    # may touch them, since 0 * NaN is NaN.
+    q, kv_cache, table, expected = prefill_case(20, 37, 4, 2, 64, 16)
+    for half in (0, 1):
+        last = kv_cache[half, table[-1]]
+        last[37 % 16:] = float("nan")
+    spare = [b for b in range(kv_cache.shape[1]) if b not in table.tolist()]
+    kv_cache[:, spare] = float("nan")
+    out = kernel.prefill_attention(q, kv_cache, table, 37, 0.125)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not PREFILL, reason="the prefill kernel needs AVX512-BF16")
+def test_prefill_attention_refuses_what_it_would_read_out_of_bounds(kernel):
+    q, kv_cache, table, _ = prefill_case(4, 40, 4, 2, 64, 16)
+    with pytest.raises(RuntimeError, match="shorter"):
+        kernel.prefill_attention(q, kv_cache, table[:2], 40, 0.125)
+    bad = table.clone()
+    bad[1] = kv_cache.shape[1]
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernel.prefill_attention(q, kv_cache, bad, 40, 0.125)
+    with pytest.raises(RuntimeError, match="new tokens"):
+        kernel.prefill_attention(q, kv_cache, table, 3, 0.125)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        kernel.prefill_attention(q.float(), kv_cache, table, 40, 0.125)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        kernel.prefill_attention(q[..., :48], kv_cache[..., :48].contiguous(), table, 40,
+                                 0.125)
+    with pytest.raises(RuntimeError, match="heads"):
+        kernel.prefill_attention(q[:, :3], kv_cache, table, 40, 0.125)

@@ -20,6 +20,7 @@ import transformers
 from core.model_files import resolve_model_path
 from tests.support.cpu_kernels import spy_on_kernel
 from tests.support.tiny_model import make_tiny_llama_dir
+from workers import kernels
 from workers.models.attention import (
     SDPA_MAX_DECODES,
     AttentionMetadata,
@@ -284,6 +285,18 @@ def test_tiny_qwen2_dir_with_linear_rope_matches_transformers(tmp_path):
                                  [t % 512 for t in PROMPT])
 
 
+def run_both_ways(monkeypatch, module, flag: str, model: LlamaForCausalLM,
+                  steps: list[list[tuple[str, list[int], int]]]) -> dict[bool, tuple]:
+    """The model through ``steps`` (fresh caches each time) with ``module.flag`` True, then
+    False: {flag: (each step's hidden states, the caches)}."""
+    runs = {}
+    for on in (True, False):
+        monkeypatch.setattr(module, flag, on)
+        seqs = PagedSequences(model.config, model.dtype)
+        runs[on] = ([torch.cat(seqs.step(model, items)) for items in steps], seqs.kv_caches)
+    return runs
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_rope_kernel_computes_what_torch_does_in_every_kind_of_step(tmp_path, monkeypatch,
                                                                         dtype):
@@ -300,11 +313,7 @@ def test_the_rope_kernel_computes_what_torch_does_in_every_kind_of_step(tmp_path
              [("a", PROMPT[20:21], 20), ("b", PROMPT[40:41], 37), ("c", PROMPT[:9], 0)],
              [("c", PROMPT[9:30], 9)]]
     calls = spy_on_kernel(monkeypatch, "rope_write_kv")
-    runs = {}
-    for on in (True, False):
-        monkeypatch.setattr(llama, "CPU_ROPE_KERNEL", on)
-        seqs = PagedSequences(model.config, dtype)
-        runs[on] = ([torch.cat(seqs.step(model, items)) for items in steps], seqs.kv_caches)
+    runs = run_both_ways(monkeypatch, llama, "CPU_ROPE_KERNEL", model, steps)
     layers = model.config.num_layers
     # With the kernel on, a call per layer (the step's tokens); off, none.
     assert [shape[0] for shape in calls] == [57] * layers + [11] * layers + [21] * layers
@@ -313,6 +322,34 @@ def test_the_rope_kernel_computes_what_torch_does_in_every_kind_of_step(tmp_path
         torch.testing.assert_close(kernel_out, torch_out, **tol)
     for kernel_cache, torch_cache in zip(runs[True][1], runs[False][1], strict=True):
         torch.testing.assert_close(kernel_cache, torch_cache, **tol)
+
+
+@pytest.mark.skipif(not (kernels.cpu() is not None
+                         and kernels.cpu().prefill_attention_available()),
+                    reason="the prefill kernel needs AVX512-BF16")
+def test_the_prefill_kernel_computes_what_sdpa_does_in_every_kind_of_step(tmp_path,
+                                                                         monkeypatch):
+    # Whole prompts, a chunk over a cached prefix, prefills beside decodes: with the CPU
+    # kernel (bfloat16, heads of 32) and with SDPA over gathered rows, the hidden states agree
+    # within bfloat16's rounding (each sums in its own order).
+    from workers.models import attention
+
+    directory = make_tiny_llama_dir(tmp_path / "tiny", hidden=128, heads=4, kv_heads=2,
+                                    attention_bias=True)
+    model, _ = load_model(directory, torch.bfloat16, "cpu")
+    assert model.config.head_dim == 32
+    steps = [[("a", PROMPT[:40], 0), ("b", PROMPT[3:20], 0)],
+             [("a", PROMPT[40:41], 40), ("b", PROMPT[20:52], 17), ("c", PROMPT[:9], 0)],
+             [("c", PROMPT[9:60], 9)]]
+    calls = spy_on_kernel(monkeypatch, "prefill_attention")
+    runs = run_both_ways(monkeypatch, attention, "CPU_PREFILL_KERNEL", model, steps)
+    layers = model.config.num_layers
+    assert [shape[0] for shape in calls] == [40, 17] * layers + [32, 9] * layers + [51] * layers
+    for kernel_out, sdpa_out in zip(runs[True][0], runs[False][0], strict=True):
+        kernel_out, sdpa_out = kernel_out.float(), sdpa_out.float()
+        assert kernel_out.std() > 0.5  # the states vary: the comparison means something
+        torch.testing.assert_close(kernel_out, sdpa_out, rtol=3e-2, atol=3e-2)
+        assert (kernel_out - sdpa_out).abs().mean() < 5e-3
 
 
 def test_a_step_gathers_keys_and_values_into_buffers_every_layer_refills(smollm, monkeypatch):

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 _HERE = Path(__file__).parent
 _SOURCES = [_HERE / "bindings.cpp", _HERE / "paged_decode.cpp", _HERE / "small_linear.cpp",
             _HERE / "rms_norm.cpp", _HERE / "silu_mul.cpp", _HERE / "rope_cache.cpp",
-            _HERE / "pairs_linear.cpp"]
+            _HERE / "pairs_linear.cpp", _HERE / "prefill_attention.cpp"]
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType | None] = {}
 

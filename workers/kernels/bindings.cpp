@@ -12,6 +12,10 @@ torch::Tensor small_linear(const torch::Tensor& x, const torch::Tensor& weight,
                            const std::optional<torch::Tensor>& bias);
 torch::Tensor silu_mul(const torch::Tensor& gate, const torch::Tensor& up);
 bool pairs_linear_available();
+bool prefill_attention_available();
+torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& kv_cache,
+                                const torch::Tensor& block_table, int64_t context_len,
+                                double scale);
 torch::Tensor pairs_pack(const torch::Tensor& weight);
 torch::Tensor pairs_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
                            const std::optional<torch::Tensor>& bias);
@@ -35,6 +39,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pairs_linear", &pairs_linear,
         "x w^T (+ bias) for a few bfloat16 rows of x, from pairs_pack(w) (CPU, AVX512-BF16)",
         py::arg("x"), py::arg("packed"), py::arg("out_features"), py::arg("bias"));
+  m.def("prefill_attention_available", &prefill_attention_available,
+        "Whether prefill_attention is compiled in (AVX512-BF16)");
+  m.def("prefill_attention", &prefill_attention,
+        "Causal attention of a prefill chunk over the paged KV cache (CPU, bfloat16)",
+        py::arg("q"), py::arg("kv_cache"), py::arg("block_table"), py::arg("context_len"),
+        py::arg("scale"));
   m.def("silu_mul", &silu_mul, "silu(gate) * up, rows read in place (CPU)");
   m.def("rope_write_kv", &rope_write_kv,
         "RoPE of queries and keys in place in the q/k/v rows, keys and values into the cache "

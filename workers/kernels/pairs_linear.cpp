@@ -18,16 +18,13 @@
 
 #include "vec.h"
 
-#if defined(__AVX512BF16__)
-#include <immintrin.h>
-#endif
+#include "pairs.h"
 
 namespace {
 
 using namespace electron;
 
-constexpr int64_t COLS = 32;  // output columns of a tile: two vectors of 16 floats
-constexpr int MAX_ROWS = 8;   // rows of x whose sums one pass over a tile keeps
+constexpr int MAX_ROWS = 8;  // rows of x whose sums one pass over a tile keeps
 
 #if defined(__AVX512BF16__)
 // Rows m0 .. m0 + MR - 1 of y, columns n0 .. n0 + min(32, N - n0) - 1.
@@ -35,21 +32,8 @@ template <int MR>
 inline void tile(const c10::BFloat16* x, int64_t K, const c10::BFloat16* w, const c10::BFloat16* bias,
                  int64_t n0, int64_t N, c10::BFloat16* y, int64_t m0) {
   __m512 acc[MR][2];
-  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-  const int64_t pairs = K / 2;
-  const c10::BFloat16* wt = w + (n0 / COLS) * pairs * 2 * COLS;
-  for (int64_t k2 = 0; k2 < pairs; ++k2) {
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wt + k2 * 2 * COLS);
-    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wt + k2 * 2 * COLS + COLS);
-    for (int m = 0; m < MR; ++m) {
-      int32_t pair;
-      std::memcpy(&pair, x + (m0 + m) * K + 2 * k2, sizeof pair);
-      const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
-      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], xb, w0);
-      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], xb, w1);
-    }
-  }
-  const int64_t cols = std::min(COLS, N - n0);
+  pairs_tile<MR>(x + m0 * K, K, K / 2, w + (n0 / PAIR_COLS) * K * PAIR_COLS, acc);
+  const int64_t cols = std::min(PAIR_COLS, N - n0);
   for (int m = 0; m < MR; ++m) {
     c10::BFloat16* dst = y + (m0 + m) * N + n0;
     for (int h = 0; h < 2; ++h) {
@@ -69,15 +53,6 @@ inline void tile(const c10::BFloat16* x, int64_t K, const c10::BFloat16* w, cons
       }
     }
   }
-}
-
-template <int MR>
-void rows(const c10::BFloat16* x, int64_t K, const c10::BFloat16* w, const c10::BFloat16* bias,
-          int64_t n0, int64_t N, c10::BFloat16* y, int64_t m0, int64_t left) {
-  if constexpr (MR > 1) {
-    if (left < MR) return rows<MR - 1>(x, K, w, bias, n0, N, y, m0, left);
-  }
-  tile<MR>(x, K, w, bias, n0, N, y, m0);
 }
 #endif
 
@@ -99,12 +74,12 @@ torch::Tensor pairs_pack(const torch::Tensor& weight) {
               "a bfloat16 CPU weight [N, K]");
   const int64_t N = weight.size(0), K = weight.size(1);
   TORCH_CHECK(K % 2 == 0 && K > 0 && N > 0, "K must be even and N, K positive");
-  const int64_t tiles = (N + COLS - 1) / COLS;
-  auto padded = torch::zeros({tiles * COLS, K}, weight.options());
+  const int64_t tiles = (N + PAIR_COLS - 1) / PAIR_COLS;
+  auto padded = torch::zeros({tiles * PAIR_COLS, K}, weight.options());
   padded.narrow(0, 0, N).copy_(weight);
   // [tiles, 32, K/2, 2] -> [tiles, K/2, 32, 2]
-  return padded.view({tiles, COLS, K / 2, 2}).permute({0, 2, 1, 3}).contiguous()
-      .view({tiles, K / 2, 2 * COLS});
+  return padded.view({tiles, PAIR_COLS, K / 2, 2}).permute({0, 2, 1, 3}).contiguous()
+      .view({tiles, K / 2, 2 * PAIR_COLS});
 }
 
 // x [M, K] bfloat16, packed = pairs_pack(w) for w [N, K], bias [N] or None -> [M, N].
@@ -117,8 +92,8 @@ torch::Tensor pairs_linear(const torch::Tensor& x, const torch::Tensor& packed, 
               "x [M, K] in bfloat16");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.size(1) * 2 == K &&
-                  packed.size(2) == 2 * COLS && N > 0 && packed.size(0) * COLS >= N &&
-                  packed.size(0) * COLS < N + COLS,
+                  packed.size(2) == 2 * PAIR_COLS && N > 0 && packed.size(0) * PAIR_COLS >= N &&
+                  packed.size(0) * PAIR_COLS < N + PAIR_COLS,
               "packed is not pairs_pack of an [N, K] weight");
   std::optional<torch::Tensor> b;
   if (bias.has_value()) {
@@ -136,7 +111,7 @@ torch::Tensor pairs_linear(const torch::Tensor& x, const torch::Tensor& packed, 
   at::parallel_for(0, packed.size(0), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       for (int64_t m = 0; m < M; m += MAX_ROWS) {
-        rows<MAX_ROWS>(xs, K, ws, bs, t * COLS, N, ys, m, M - m);
+        with_rows<MAX_ROWS>(M - m, [&]<int MR>() { tile<MR>(xs, K, ws, bs, t * PAIR_COLS, N, ys, m); });
       }
     }
   });

@@ -41,6 +41,14 @@ CPU_DECODE_KERNEL = True
 CPU_DECODE_BF16_DOT = True
 
 
+# On a CPU with AVX512-BF16, bfloat16 prefill chunks with heads of a multiple of 32 (up to
+# 256) run our kernel (workers/kernels/prefill_attention.cpp): the chunk's context read from
+# its blocks in place, scores and weighted values on `vdpbf16ps`. torch's SDPA ran a
+# 1,024-token SmolLM2 prefill's attention at 10.9 ms a layer, the kernel at 2.9 (an AMD EPYC
+# Zen 5; bench/README.md). False selects SDPA (tests and benchmarks compare the two).
+CPU_PREFILL_KERNEL = True
+
+
 def padded_length(n: int) -> int:
     """``n`` rounded up to its bucket: a multiple of 16 up to 255, then 8 buckets per doubling
     (at most 1/8 added).
@@ -121,6 +129,9 @@ class _DecodePlan:
 class _PrefillPlan:
     start: int
     num_new: int
+    # The CPU kernel's inputs (the other fields are then unused): None on SDPA's path.
+    kernel: ModuleType | None
+    seq: PrefillSeq
     queries: int  # padded_length(num_new): query rows attention runs (the padding is dropped)
     # None when the whole sequence is new (plain causal attention over the new K/V, padded
     # with zeros to `queries` rows); else the cache rows of positions 0 .. context_len-1 and of
@@ -145,7 +156,8 @@ class PagedAttention:
         # blocks of 1 MiB and more out of the heap), page-faulted in again 2 x layers times.
         self._gathered: dict[tuple[int, int], torch.Tensor] = {}
         self.decode = self._plan_decodes(meta, dtype) if meta.num_decodes else None
-        self.prefills = [self._plan_prefill(p, meta.block_size) for p in meta.prefills]
+        kernel = self._prefill_kernel(meta, dtype) if meta.prefills else None
+        self.prefills = [self._plan_prefill(p, meta.block_size, kernel) for p in meta.prefills]
         # The outputs are concatenated in this order, so the batch must be laid out this way.
         expected_start = meta.num_decodes
         for seq in meta.prefills:
@@ -182,13 +194,24 @@ class PagedAttention:
         return _DecodePlan(index=rows, bias=bias.repeat_interleave(kvh, dim=0).unsqueeze(1),
                            span=span)
 
+    def _prefill_kernel(self, meta: AttentionMetadata, dtype: torch.dtype) -> ModuleType | None:
+        """The CPU kernels' module where prefill chunks run ours (CPU_PREFILL_KERNEL)."""
+        if not (CPU_PREFILL_KERNEL and dtype == torch.bfloat16
+                and meta.slot_mapping.device.type == "cpu"
+                and self.head_dim % 32 == 0 and self.head_dim <= 256):
+            return None
+        kernel = kernels.cpu()
+        return kernel if kernel is not None and kernel.prefill_attention_available() else None
+
     @staticmethod
-    def _plan_prefill(seq: PrefillSeq, bs: int) -> _PrefillPlan:
+    def _plan_prefill(seq: PrefillSeq, bs: int, kernel: ModuleType | None) -> _PrefillPlan:
         if seq.num_new < 1 or seq.context_len < seq.num_new:
             raise ValueError(f"bad prefill: {seq.num_new} new tokens, context {seq.context_len}")
+        if kernel is not None:
+            return _PrefillPlan(seq.start, seq.num_new, kernel, seq, seq.num_new, None, None)
         queries = padded_length(seq.num_new)
         if seq.context_len == seq.num_new:
-            return _PrefillPlan(seq.start, seq.num_new, queries, rows=None, mask=None)
+            return _PrefillPlan(seq.start, seq.num_new, None, seq, queries, rows=None, mask=None)
         device = seq.block_table.device
         pos = torch.arange(seq.context_len, device=device)
         rows = seq.block_table[pos // bs] * bs + pos % bs
@@ -199,7 +222,7 @@ class PagedAttention:
         key_pos = torch.arange(rows.shape[0], device=device)
         query_pos = torch.arange(queries, device=device) + (seq.context_len - seq.num_new)
         mask = key_pos.unsqueeze(0) <= query_pos.unsqueeze(1)
-        return _PrefillPlan(seq.start, seq.num_new, queries, rows=rows, mask=mask)
+        return _PrefillPlan(seq.start, seq.num_new, None, seq, queries, rows=rows, mask=mask)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  kv_cache: torch.Tensor, written: bool = False) -> torch.Tensor:
@@ -259,6 +282,10 @@ class PagedAttention:
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  kv_cache: torch.Tensor, plan: _PrefillPlan) -> torch.Tensor:
+        if plan.kernel is not None:  # reads the chunk's keys and values from the cache
+            return plan.kernel.prefill_attention(q[plan.start:plan.start + plan.num_new],
+                                                 kv_cache, plan.seq.block_table,
+                                                 plan.seq.context_len, self.scale)
         # Batched 4-D inputs [1, heads, n, d]: on CPU, SDPA takes its flash kernel (GQA
         # included) only for 4-D inputs and falls back to the materializing math path for 3-D.
         end, pad = plan.start + plan.num_new, plan.queries - plan.num_new
