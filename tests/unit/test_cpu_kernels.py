@@ -576,3 +576,32 @@ def test_prefill_attention_refuses_what_it_would_read_out_of_bounds(kernel):
                                  0.125)
     with pytest.raises(RuntimeError, match="heads"):
         kernel.prefill_attention(q[:, :3], kv_cache, table, 40, 0.125)
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                    reason="weights are packed only where oneDNN computes bfloat16")
+def test_a_cpu_with_amx_keeps_onednn_and_sdpa(monkeypatch):
+    # oneDNN runs bfloat16 GEMMs and SDPA on AMX's tile kernels, which the pairs kernels were
+    # not measured against: there projections keep the plain-weight kernel for one or two
+    # tokens, and prefill attention SDPA.
+    from workers.models import attention, llama
+
+    monkeypatch.setattr(kernels, "_has_amx", lambda: True)
+    assert kernels.pairs() is None
+    proj = llama.Projection(64, 48, False, torch.bfloat16, "cpu")
+    model = torch.nn.Module()
+    model.proj = proj
+    model.embed_tokens = None
+    llama.LlamaForCausalLM.lay_out_weights(model, "packed")
+    assert proj.pairs is None and proj.small is not None and proj.weight.numel() > 0
+    meta = attention.AttentionMetadata(
+        block_size=16, slot_mapping=torch.arange(20), num_decodes=0, decode_block_tables=None,
+        decode_context_lens=None,
+        prefills=[attention.PrefillSeq(start=0, num_new=20, context_len=20,
+                                       block_table=torch.tensor([0, 1]))])
+    config = type("C", (), dict(num_heads=4, num_kv_heads=2, head_dim=64))()
+    assert attention.PagedAttention(meta, config, torch.bfloat16).prefills[0].kernel is None
+    monkeypatch.setattr(kernels, "_has_amx", lambda: False)
+    expected = kernels.cpu() if PREFILL else None
+    assert attention.PagedAttention(meta, config, torch.bfloat16).prefills[0].kernel is expected
+    assert attention.PagedAttention(meta, config, torch.float32).prefills[0].kernel is None

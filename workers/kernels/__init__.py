@@ -17,6 +17,7 @@ same.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -33,16 +34,21 @@ _lock = threading.Lock()
 _loaded: dict[str, ModuleType | None] = {}
 
 
+def _flags_line() -> str:
+    """This CPU's instruction-set flags as /proc/cpuinfo lists them ("" where unknown)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    return next((line for line in text.splitlines()
+                 if line.startswith(("flags", "Features"))), "")
+
+
 def _tag() -> str:
     """A short digest of this CPU's flags and of the kernels' sources: a build for another
     CPU kind, or of other sources, is never reused."""
     digest = hashlib.sha256()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        digest.update(next((line for line in text.splitlines()
-                            if line.startswith(("flags", "Features"))), "").encode())
-    except OSError:
-        pass
+    digest.update(_flags_line().encode())
     for path in sorted(_HERE.glob("*.[ch]*")):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:10]
@@ -51,6 +57,21 @@ def _tag() -> str:
 def decode_head_dim_ok(head_dim: int) -> bool:
     """Whether ``paged_decode`` takes this head size: a multiple of 16, at most 256."""
     return head_dim % 16 == 0 and 0 < head_dim <= 256
+
+
+def pairs() -> ModuleType | None:
+    """The CPU kernels' module where its kernels on AVX512-BF16's ``vdpbf16ps``
+    (``pairs_linear``, ``prefill_attention``) serve: compiled in, on a CPU without AMX. With
+    AMX, oneDNN runs bfloat16 GEMMs and SDPA on its tile kernels, which ours were not
+    measured against; None there (the engine keeps oneDNN and SDPA)."""
+    module = cpu()
+    usable = module is not None and module.pairs_linear_available() and not _has_amx()
+    return module if usable else None
+
+
+@functools.cache
+def _has_amx() -> bool:
+    return "amx_bf16" in _flags_line().split()
 
 
 def cpu() -> ModuleType | None:

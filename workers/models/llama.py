@@ -410,8 +410,7 @@ class LlamaForCausalLM(nn.Module):
         # Packed weights keep a second copy for our kernels of small steps, where they are
         # built: in pairs (AVX512-BF16 without AMX), else plain.
         small = kernels.cpu() if layout == "packed" else None
-        pairs = (small is not None and PAIRS_MAX_ROWS > 0 and small.pairs_linear_available()
-                 and "amx_bf16" not in cpuinfo("flags").split())
+        pairs = small is not None and PAIRS_MAX_ROWS > 0 and kernels.pairs() is not None
         kept = {"pairs": 0, "plain": 0}
         for module in self.modules():
             if isinstance(module, Projection):
