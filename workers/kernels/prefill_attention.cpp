@@ -25,6 +25,11 @@
 #include "pairs.h"
 #include "vec.h"
 
+// vdpbf16ps, and AVX512-BW's 16-bit permutes for the values' interleave.
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define ELECTRON_PREFILL 1
+#endif
+
 namespace {
 
 using namespace electron;
@@ -33,7 +38,7 @@ constexpr int64_t KEYS = PAIR_COLS;  // keys of a tile
 constexpr int64_t TOKENS = 16;       // new tokens of a work item
 constexpr int MAX_ROWS = 8;          // rows of a pass over a tile
 
-#if defined(__AVX512BF16__)
+#if defined(ELECTRON_PREFILL)
 const vec kIota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
 struct Chunk {
@@ -67,21 +72,26 @@ void pack_tile(const Chunk& c, int64_t h, int64_t tile) {
       k[j] = v[j] = zeros;
     }
   }
-  // keys: [dim / 2][32 keys][2]
-  for (int64_t p = 0; p < d / 2; ++p) {
-    for (int64_t j = 0; j < KEYS; ++j) {
-      kt[(p * KEYS + j) * 2] = k[j][2 * p];
-      kt[(p * KEYS + j) * 2 + 1] = k[j][2 * p + 1];
+  // keys: [dim / 2][32 keys][2], a transpose of the tile's (key, pair) 32-bit words
+  for (int64_t j = 0; j < KEYS; ++j) {
+    for (int64_t p = 0; p < d / 2; ++p) {
+      uint32_t pair;
+      std::memcpy(&pair, k[j] + 2 * p, sizeof pair);
+      std::memcpy(kt + (p * KEYS + j) * 2, &pair, sizeof pair);
     }
   }
-  // values: [dim / 32][16 key pairs][32 dims][2]
+  // values: [dim / 32][16 key pairs][32 dims][2], the rows of each pair of keys interleaved
+  const __m512i first = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
+                                         40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
+                                         32, 0);
+  const __m512i second = _mm512_add_epi16(first, _mm512_set1_epi16(16));
   for (int64_t t = 0; t < d / PAIR_COLS; ++t) {
     for (int64_t p = 0; p < KEYS / 2; ++p) {
       c10::BFloat16* dst = vt + (t * KEYS / 2 + p) * 2 * PAIR_COLS;
-      for (int64_t e = 0; e < PAIR_COLS; ++e) {
-        dst[2 * e] = v[2 * p][t * PAIR_COLS + e];
-        dst[2 * e + 1] = v[2 * p + 1][t * PAIR_COLS + e];
-      }
+      const __m512i a = _mm512_loadu_si512(v[2 * p] + t * PAIR_COLS);
+      const __m512i b = _mm512_loadu_si512(v[2 * p + 1] + t * PAIR_COLS);
+      _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a, first, b));
+      _mm512_storeu_si512(dst + PAIR_COLS, _mm512_permutex2var_epi16(a, second, b));
     }
   }
 }
@@ -179,7 +189,7 @@ void attend(const Chunk& c, Scratch& s, int64_t h, int64_t t0, int64_t count) {
 }  // namespace
 
 bool prefill_attention_available() {
-#if defined(__AVX512BF16__)
+#if defined(ELECTRON_PREFILL)
   return true;
 #else
   return false;
@@ -192,7 +202,7 @@ bool prefill_attention_available() {
 torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& kv_cache,
                                 const torch::Tensor& block_table, int64_t context_len,
                                 double scale) {
-  TORCH_CHECK(prefill_attention_available(), "this build has no AVX512-BF16");
+  TORCH_CHECK(prefill_attention_available(), "this build has no AVX512-BF16 and AVX512-BW");
   TORCH_CHECK(q.device().is_cpu() && kv_cache.device().is_cpu() && block_table.device().is_cpu(),
               "CPU tensors only");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && kv_cache.scalar_type() == at::kBFloat16,
@@ -217,7 +227,7 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& kv_
     TORCH_CHECK(ids[i] >= 0 && ids[i] < blocks, "block id ", ids[i], " out of range");
   }
   auto out = torch::empty({n, q.size(1), dim}, q.options());
-#if defined(__AVX512BF16__)
+#if defined(ELECTRON_PREFILL)
   const int64_t tiles = (context_len + KEYS - 1) / KEYS;
   auto kp = torch::empty({kv_heads, tiles, KEYS * dim}, q.options());
   auto vp = torch::empty({kv_heads, tiles, KEYS * dim}, q.options());

@@ -201,7 +201,8 @@ class PagedAttention:
                 and meta.slot_mapping.device.type == "cpu"
                 and self.head_dim % 32 == 0 and self.head_dim <= 256):
             return None
-        return kernels.pairs()
+        kernel = kernels.pairs()
+        return kernel if kernel is not None and kernel.prefill_attention_available() else None
 
     @staticmethod
     def _plan_prefill(seq: PrefillSeq, bs: int, kernel: ModuleType | None) -> _PrefillPlan:
