@@ -37,8 +37,7 @@ inline void tile(const c10::BFloat16* x, int64_t K, const c10::BFloat16* w, cons
   for (int m = 0; m < MR; ++m) {
     c10::BFloat16* dst = y + (m0 + m) * N + n0;
     for (int h = 0; h < 2; ++h) {
-      vec sums;
-      std::memcpy(&sums, &acc[m][h], sizeof sums);
+      vec sums = acc[m][h];
       const int64_t lo = h * W, n = std::min<int64_t>(W, cols - lo);
       if (n <= 0) break;
       if (bias) {
