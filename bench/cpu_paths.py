@@ -24,11 +24,12 @@
    call in bfloat16 over 30 layers' caches (out of cache, as in the engine) at batch 1, 16
    and 64, alternating between AVX512-BF16's dot products and rows widened to floats; only
    on a CPU with AVX512-BF16.
-3b. **Projections of small steps** (`workers.models.llama.PAIRS_MAX_ROWS`,
-   `SMALL_BATCH_ROWS`). The same engine (``dtype: auto``, weights packed) at batch 1, 2, 16
-   and 64 and a 1,024-token prefill, alternating between our pairs kernel for steps of up
-   to 256 tokens (today, on AVX512-BF16 without AMX), our kernel over the plain weights for
-   steps of up to two tokens (today elsewhere) and oneDNN's packed copy for every step.
+3b. **Projections in bfloat16** (the "pairs" weight layout,
+   `workers.models.llama.SMALL_BATCH_ROWS`). The same engine (``dtype: auto``) at batch 1,
+   2, 16 and 64 and a 1,024-token prefill, alternating between our pairs kernel for every
+   step (today, on AVX512-BF16 without AMX), oneDNN's packed copy with our kernel over the
+   plain weights for steps of up to two tokens (today elsewhere) and the packed copy for
+   every step.
 3c. **The residual add and RMS norm** (`workers.models.llama.CPU_NORM_KERNEL`). The same
    engine at batch 1 and 16 and a 1,024-token prefill, alternating between our fused kernel
    (today) and torch's add and ``F.rms_norm``.
@@ -45,6 +46,9 @@
    (``dtype: auto``): a 1,024-token prefill and decode at batch 16 (a control, which the
    switch does not touch), alternating between our kernel over the paged cache (today, in
    bfloat16 on AVX512-BF16) and SDPA.
+3g. **Projections alone** (the "pairs" weight layout). ms per pass over SmolLM2's four
+   projections in bfloat16, 30 layers of distinct weights, at 1 to 2,048 rows, alternating
+   between our pairs kernel and oneDNN's packed copy; only where the pairs kernel serves.
 4. **Weight layout** (`workers.models.llama.cpu_weight_layout`). The same engine in float32
    (``--layout-dtype bfloat16``: in bfloat16):
    decode at batch 1, 16 and 64 and a 1,024-token prefill, alternating between projections
@@ -283,10 +287,57 @@ def decode_calls(threads: int, repeats: int) -> dict[str, Any]:
     return out
 
 
+def projection_calls(threads: int, repeats: int) -> dict[str, Any]:
+    """SmolLM2's four projections (q/k/v, o, gate/up, down) in bfloat16 over 30 layers of
+    distinct weights (out of cache, as in the engine), ms per pass at each step size: our
+    pairs kernel against oneDNN's packed copy, alternating."""
+    import torch
+
+    from workers import kernels
+
+    module = kernels.pairs()
+    if module is None:
+        print("projections: the pairs kernel does not serve on this CPU, skipped")
+        return {"skipped": "the pairs kernel does not serve on this CPU"}
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    shapes, layers = [(960, 576), (576, 576), (3072, 576), (576, 1536)], 30
+    weights = [[(torch.randn(n, k, generator=gen) * 0.02).bfloat16() for n, k in shapes]
+               for _ in range(layers)]
+    copies = {"pairs": [[module.pairs_pack(w) for w in layer] for layer in weights],
+              "packed": [[torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in layer]
+                         for layer in weights]}
+    del weights
+    run = {"pairs": lambda x, w, n: module.pairs_linear(x, w, n, None),
+           "packed": lambda x, w, n: torch.ops.mkldnn._linear_pointwise(x, w, None, "none",
+                                                                        [], "")}
+    out: dict[str, Any] = {}
+    for rows in (1, 16, 64, 256, 512, 1024, 2048):
+        xs = {k: torch.randn(rows, k, generator=gen).bfloat16() for _, k in shapes}
+        times: dict[str, list[float]] = {side: [] for side in copies}
+        for rep in range(repeats + 1):
+            for side, layers_of in copies.items():
+                start = time.perf_counter()
+                for layer in layers_of:
+                    for (n, k), w in zip(shapes, layer):
+                        run[side](xs[k], w, n)
+                if rep:  # the first pass of each side warms up
+                    times[side].append(1e3 * (time.perf_counter() - start))
+        median = {side: statistics.median(v) for side, v in times.items()}
+        flops = 2 * rows * layers * sum(n * k for n, k in shapes)
+        out[f"rows{rows}"] = {"ms": times, "median_ms": median,
+                              "tflops": {s: flops / m / 1e9 for s, m in median.items()},
+                              "ratio": median["pairs"] / median["packed"]}
+        print(f"projections rows {rows}: pairs / packed time = {out[f'rows{rows}']['ratio']:.3f}"
+              f" ({median})", flush=True)
+    return out
+
+
 def small_batch(threads: int, repeats: int) -> dict[str, Any]:
     import torch
     from engine_bench import OurEngine, parse_args, random_prompts
 
+    from workers import kernels
     from workers.models import llama
 
     torch.set_num_threads(threads)
@@ -297,26 +348,29 @@ def small_batch(threads: int, repeats: int) -> dict[str, Any]:
     finally:
         llama.cpu_weight_layout = serves
     model = ours.engine.runner.model
-    if serves(model.dtype, "cpu") != "packed":
-        raise SystemExit("weights are not packed here: the small-step kernels are not in use")
+    if serves(model.dtype, "cpu") not in ("pairs", "packed"):
+        raise SystemExit("bfloat16 runs F.linear here: neither our kernels nor oneDNN's")
     model.lay_out_weights("packed", keep_plain=True)
     if model.lm_head.small is None:
         raise SystemExit("the CPU kernels are not built here")
-    today = (llama.PAIRS_MAX_ROWS, llama.SMALL_BATCH_ROWS)
+    projections = [m for m in model.modules() if isinstance(m, llama.Projection)]
+    module = kernels.pairs()
+    pairs = [module.pairs_pack(m.weight.detach()) for m in projections] if module else []
+    today = llama.SMALL_BATCH_ROWS
 
-    def rows(pairs: int, small: int) -> Callable[[], None]:
+    def side(name: str) -> Callable[[], None]:
         def switch() -> None:
-            llama.PAIRS_MAX_ROWS, llama.SMALL_BATCH_ROWS = pairs, small
+            for m, copy in zip(projections, pairs):
+                m.pairs = copy if name == "pairs" else None
+            llama.SMALL_BATCH_ROWS = today if name == "plain" else 0
         return switch
 
-    sides = {"plain": rows(0, today[1]), "packed": rows(0, 0)}
-    if model.lm_head.pairs is not None:
-        sides = {"pairs": rows(*today), **sides}
+    sides = {name: side(name) for name in (["pairs"] if pairs else []) + ["plain", "packed"]}
     ours.run(random_prompts(16, 128, "small/warm"), 4)
     out = alternating(ours, "small", sides,
                       ["decode_b1", "decode_b2", "decode_b16", "decode_b64", "prefill_1024"],
                       repeats)
-    llama.PAIRS_MAX_ROWS, llama.SMALL_BATCH_ROWS = today
+    side("pairs" if pairs else "plain")()
     return out
 
 
@@ -441,6 +495,8 @@ PARTS = {"shapes": ("prefill_shapes", lambda a: shapes(a.threads)),
          "top": ("heap_top", lambda a: heap_top(a.threads, a.repeats)),
          "decode": ("decode_attention", lambda a: decode_attention(a.threads, a.repeats)),
          "calls": ("decode_calls", lambda a: decode_calls(a.threads, a.repeats)),
+         "projections": ("projection_calls",
+                         lambda a: projection_calls(a.threads, a.repeats)),
          "small": ("small_batch", lambda a: small_batch(a.threads, a.repeats)),
          "norm": ("norm", lambda a: norm(a.threads, a.repeats)),
          "silu": ("silu_mul", lambda a: silu_mul(a.threads, a.repeats)),

@@ -205,16 +205,10 @@ def test_small_linear_reads_a_non_contiguous_row_and_refuses_mismatches(kernel):
 PAIRS = kernels.cpu() is not None and kernels.cpu().pairs_linear_available()
 
 
-@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-                    reason="weights are packed only where oneDNN computes bfloat16")
-@pytest.mark.parametrize("pairs_rows", [256, 0] if PAIRS else [0])
-def test_packed_projections_run_small_steps_on_our_kernels(monkeypatch, pairs_rows):
-    # On AVX512-BF16 steps of up to PAIRS_MAX_ROWS tokens run the pairs kernel on its own
-    # copy (the plain weight let go); elsewhere (or with it off) steps of one or two tokens
-    # run on the plain weight, kept beside the packed copy; larger steps run oneDNN's.
+def _laid_out_projection(layout: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A bfloat16 Projection(64 -> 48, bias) laid out as ``layout``, and its plain weight."""
     from workers.models import llama
 
-    monkeypatch.setattr(llama, "PAIRS_MAX_ROWS", pairs_rows)
     proj = llama.Projection(64, 48, True, torch.bfloat16, "cpu")
     with torch.no_grad():
         proj.weight.normal_()
@@ -223,28 +217,51 @@ def test_packed_projections_run_small_steps_on_our_kernels(monkeypatch, pairs_ro
     model = torch.nn.Module()
     model.proj = proj
     model.embed_tokens = None
-    llama.LlamaForCausalLM.lay_out_weights(model, "packed")
-    assert proj.small is not None and proj.packed is not None
-    assert (proj.pairs is not None) == bool(pairs_rows)
-    # One second copy: the pairs layout, or the plain weight kept beside the packed copy.
-    assert proj.weight.numel() == 0 if pairs_rows else torch.equal(proj.weight, plain)
+    llama.LlamaForCausalLM.lay_out_weights(model, layout)
+    return proj, plain
+
+
+def _assert_projects(proj: torch.nn.Module, plain: torch.Tensor, x: torch.Tensor) -> None:
+    torch.testing.assert_close(proj(x).float(), F.linear(x.float(), plain.float(),
+                                                         proj.bias.float()),
+                               rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                    reason="weights are packed only where oneDNN computes bfloat16")
+def test_packed_projections_run_small_steps_on_our_kernel(monkeypatch):
+    # Steps of one or two tokens run our kernel on the plain weight, kept beside the packed
+    # copy; larger steps run oneDNN's.
+    from workers.models import llama
+
+    proj, plain = _laid_out_projection("packed")
+    assert proj.small is not None and proj.packed is not None and proj.pairs is None
+    assert torch.equal(proj.weight, plain)
     calls: list[tuple[str, int]] = []
     proj.small = recording(proj.small, {"pairs_linear", "small_linear"}, calls,
                            lambda name, args: (name, args[0].shape[0]))
     for rows in (1, 2, 3, 16, 300):
-        x = torch.randn(rows, 64).bfloat16()
-        torch.testing.assert_close(proj(x).float(), F.linear(x.float(), plain.float(),
-                                                             proj.bias.float()),
-                                   rtol=2e-2, atol=5e-2)
-    if pairs_rows:
-        assert calls == [("pairs_linear", r) for r in (1, 2, 3, 16)]
-    else:
-        assert calls == [("small_linear", 1), ("small_linear", 2)]
+        _assert_projects(proj, plain, torch.randn(rows, 64).bfloat16())
+    assert calls == [("small_linear", 1), ("small_linear", 2)]
     monkeypatch.setattr(llama, "SMALL_BATCH_ROWS", 0)
-    monkeypatch.setattr(llama, "PAIRS_MAX_ROWS", 0)
     calls.clear()
     proj(torch.randn(1, 64).bfloat16())
     assert calls == []
+
+
+@pytest.mark.skipif(kernels.pairs() is None,
+                    reason="the pairs layout serves on AVX512-BF16 without AMX")
+def test_projections_in_pairs_run_every_step_on_our_kernel():
+    # One copy, in pairs: the plain weight let go and no packed copy; steps of any size run
+    # the pairs kernel.
+    proj, plain = _laid_out_projection("pairs")
+    assert proj.pairs is not None and proj.packed is None and proj.weight.numel() == 0
+    calls: list[tuple[str, int]] = []
+    proj.small = recording(proj.small, {"pairs_linear", "small_linear"}, calls,
+                           lambda name, args: (name, args[0].shape[0]))
+    for rows in (1, 2, 3, 16, 300):
+        _assert_projects(proj, plain, torch.randn(rows, 64).bfloat16())
+    assert calls == [("pairs_linear", r) for r in (1, 2, 3, 16, 300)]
 
 
 @pytest.mark.skipif(not PAIRS, reason="the pairs kernel needs AVX512-BF16")
@@ -264,6 +281,26 @@ def test_pairs_linear_matches_f_linear(kernel, rows, in_features, out_features, 
     assert out.dtype == torch.bfloat16 and out.shape == (rows, out_features)
     # Products exact, sums in float32: within the rounding of the output to bfloat16.
     torch.testing.assert_close(out.double(), exact, rtol=2 ** -8, atol=1e-3)
+
+
+@pytest.mark.skipif(not PAIRS, reason="the pairs kernel needs AVX512-BF16")
+@pytest.mark.parametrize("threads", [1, 3, 16])
+@pytest.mark.parametrize("rows", [1, 9, 300])
+@pytest.mark.parametrize("in_features,out_features", [(576, 960), (64, 33)])
+def test_pairs_linear_splits_rows_over_threads_when_tiles_are_few(kernel, threads, rows,
+                                                                 in_features, out_features):
+    # Two 32-column tiles on 16 threads: the rows are cut into blocks, every row computed once.
+    gen = torch.Generator().manual_seed(rows + threads)
+    weight = torch.randn(out_features, in_features, generator=gen).bfloat16()
+    x = torch.randn(rows, in_features, generator=gen).bfloat16()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = kernel.pairs_linear(x, kernel.pairs_pack(weight), out_features, None)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out.double(), x.double() @ weight.double().t(),
+                               rtol=2 ** -8, atol=1e-3)
 
 
 @pytest.mark.skipif(not PAIRS, reason="the pairs kernel needs AVX512-BF16")
@@ -582,12 +619,13 @@ def test_prefill_attention_refuses_what_it_would_read_out_of_bounds(kernel):
                     reason="weights are packed only where oneDNN computes bfloat16")
 def test_a_cpu_with_amx_keeps_onednn_and_sdpa(monkeypatch):
     # oneDNN runs bfloat16 GEMMs and SDPA on AMX's tile kernels, which the pairs kernels were
-    # not measured against: there projections keep the plain-weight kernel for one or two
-    # tokens, and prefill attention SDPA.
+    # not measured against: there projections are packed and keep the plain-weight kernel
+    # for one or two tokens, and prefill attention SDPA.
     from workers.models import attention, llama
 
     monkeypatch.setattr(kernels, "_has_amx", lambda: True)
     assert kernels.pairs() is None
+    assert llama.cpu_weight_layout(torch.bfloat16, "cpu") == "packed"
     proj = llama.Projection(64, 48, False, torch.bfloat16, "cpu")
     model = torch.nn.Module()
     model.proj = proj

@@ -388,11 +388,14 @@ def test_a_step_gathers_keys_and_values_into_buffers_every_layer_refills(smollm,
 @pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_weight_layout_follows_the_fastest_gemm(dtype, vendor, monkeypatch):
-    # bfloat16 packs wherever oneDNN computes it; float32 stays plain on Intel, where MKL's
-    # GEMV (F.linear) is fast, and is sliced per thread elsewhere.
+    # bfloat16 runs the pairs kernel on AVX512-BF16 without AMX and packs elsewhere oneDNN
+    # computes it; float32 stays plain on Intel, where MKL's GEMV (F.linear) is fast, and is
+    # sliced per thread elsewhere.
     monkeypatch.setattr("workers.models.llama.cpuinfo",
                         lambda field: vendor if field == "vendor_id" else "")
-    if dtype == torch.bfloat16:
+    if dtype == torch.bfloat16 and kernels.pairs() is not None:
+        expected = "pairs"
+    elif dtype == torch.bfloat16:
         expected = "packed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "plain"
     else:
         expected = "plain" if vendor == "GenuineIntel" else "sliced"

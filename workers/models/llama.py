@@ -41,15 +41,6 @@ log = logging.getLogger(__name__)
 # benchmarks compare the two).
 SMALL_BATCH_ROWS = 2
 
-# Where the weights are packed and the CPU has AVX512-BF16 but no AMX, a projection of up to
-# this many tokens runs our kernel on a copy of the weight laid out in pairs of inputs
-# (workers/kernels/pairs_linear.cpp) instead of oneDNN's packed copy or the plain weight,
-# whose memory it takes: `vdpbf16ps` on each 64-byte load of weights, no widening and no
-# horizontal sums. SmolLM2's projections on an AMD EPYC Zen 5: 1.35x oneDNN's time for one
-# token, 1.30x for 16, 1.19x for 64, level at 256, 0.97x at 1,024 (bench/README.md). Where the
-# CPU has AMX, oneDNN's tile kernels run steps of more than SMALL_BATCH_ROWS tokens (unmeasured
-# against this kernel), so it is not used there. 0 turns it off (tests and benchmarks).
-PAIRS_MAX_ROWS = 256
 
 # On a CPU the residual add and the RMS norm before each block run fused in our kernel
 # (workers/kernels/rms_norm.cpp) where it could be built: torch runs F.rms_norm in bfloat16
@@ -179,9 +170,15 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Pa
 
 
 def cpu_weight_layout(dtype: torch.dtype, device: torch.device | str) -> str:
-    """How a Projection holds its weight on this device: "packed" (oneDNN's layout),
-    "sliced" (column slices, one per thread, for batched GEMMs) or "plain" (F.linear).
+    """How a Projection holds its weight on this device: "pairs" (our kernel's layout),
+    "packed" (oneDNN's), "sliced" (column slices, one per thread, for batched GEMMs) or
+    "plain" (F.linear).
 
+    bfloat16 runs our pairs kernel on a CPU with AVX512-BF16 and no AMX (``kernels.pairs``):
+    SmolLM2's projections took 0.49x oneDNN's time for one token, 0.74x for 16, 0.98x for
+    1,024 and 1.02x for 2,048 on an AMD EPYC Zen 4 (bench/README.md), and its one copy
+    replaces oneDNN's packed copy, the plain weight kept for small steps and oneDNN's
+    per-shape primitive cache. Elsewhere
     bfloat16 packs wherever oneDNN computes it: a packed copy measured 2x F.linear for one
     token. float32 stays plain on Intel CPUs, where F.linear is MKL's fast GEMV; elsewhere
     MKL runs a GEMV on one thread in its slow orientation, and slices beat both it and
@@ -189,6 +186,8 @@ def cpu_weight_layout(dtype: torch.dtype, device: torch.device | str) -> str:
     if torch.device(device).type != "cpu":
         return "plain"
     if dtype == torch.bfloat16:
+        if kernels.pairs() is not None:
+            return "pairs"
         packs = torch.backends.mkldnn.is_available() and \
             torch.ops.mkldnn._is_mkldnn_bf16_supported()
         return "packed" if packs else "plain"
@@ -200,6 +199,8 @@ def cpu_weight_layout(dtype: torch.dtype, device: torch.device | str) -> str:
 class Projection(nn.Module):
     """A bias-optional linear layer whose weight can be laid out for the CPU's fastest GEMM.
 
+    - ``pair``: a bfloat16 copy in pairs of inputs, ``[out / 32, in / 2, 32 columns, 2]``,
+      for our kernel on AVX512-BF16's ``vdpbf16ps`` (workers/kernels/pairs_linear.cpp).
     - ``pack``: a copy prepacked in oneDNN's layout (what torch.compile's CPU freezing does).
       In bf16, F.linear hands oneDNN a plain weight to reorder on every call; the packed copy
       measured 2x faster for one token, and 2-4x for the lm_head at batch 16.
@@ -209,12 +210,11 @@ class Projection(nn.Module):
       projections read the weights at 20.5 GB/s this way, against 16.1 packed and 13.3 with
       F.linear (whose MKL GEMV runs on one thread there).
 
-    Either snapshot is taken once (load_weights, per ``cpu_weight_layout``), and the plain
+    The snapshot is taken once (load_weights, per ``cpu_weight_layout``), and the plain
     weight's memory then goes back: a model holds one copy of each weight, except an lm_head
     tied to the embedding, which the embedding lookup still reads plain, and packed weights,
-    which keep a second copy for steps of a few tokens on our kernels (``small``): in pairs
-    of inputs (``pairs``, up to ``PAIRS_MAX_ROWS`` tokens) where the CPU has AVX512-BF16
-    without AMX, else the plain weight (up to ``SMALL_BATCH_ROWS``).
+    which keep the plain one for steps of up to ``SMALL_BATCH_ROWS`` tokens on our kernel
+    (``small``).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
@@ -227,10 +227,18 @@ class Projection(nn.Module):
         self.packed: torch.Tensor | None = None
         self.slices: torch.Tensor | None = None  # [slices, in, out / slices]
         self.sliced_bias: torch.Tensor | None = None  # [slices, 1, out / slices]
-        # The CPU kernels' module when steps of a few rows run on our kernels: on the pairs
-        # layout (pairs_linear, PAIRS_MAX_ROWS) or on the plain weight kept (SMALL_BATCH_ROWS).
+        # The CPU kernels' module where steps run on our kernels: every step on the pairs
+        # layout (pairs_linear), or those of up to SMALL_BATCH_ROWS tokens on the plain
+        # weight kept beside a packed copy (small_linear).
         self.small: ModuleType | None = None
         self.pairs: torch.Tensor | None = None  # [ceil(out / 32), in / 2, 64]
+
+    def pair(self, module: ModuleType, keep_plain: bool = False) -> None:
+        """Runs on a copy in pairs of inputs (our kernel, ``module.pairs_linear``) from now
+        on: bfloat16 with an even number of inputs."""
+        self.pairs = module.pairs_pack(self._plain())
+        self.small = module
+        self._let_go(keep_plain)
 
     def pack(self, keep_plain: bool = False) -> None:
         """Runs on oneDNN's packed copy from now on."""
@@ -260,7 +268,7 @@ class Projection(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] -> [T, out]."""
         if self.small is not None:
-            if self.pairs is not None and x.shape[0] <= PAIRS_MAX_ROWS:
+            if self.pairs is not None:
                 return self.small.pairs_linear(x, self.pairs, self.out_features, self.bias)
             if x.shape[0] <= SMALL_BATCH_ROWS and self.weight.numel():
                 return self.small.small_linear(x, self.weight, self.bias)
@@ -403,38 +411,36 @@ class LlamaForCausalLM(nn.Module):
         self.lay_out_weights(self.weight_layout)
 
     def lay_out_weights(self, layout: str, keep_plain: bool = False) -> None:
-        """Every projection to ``layout`` ("packed", "sliced" over this process's torch
-        threads, or "plain": as loaded)."""
+        """Every projection to ``layout`` ("pairs" or "packed", where ``kernels.pairs`` and
+        oneDNN's bfloat16 serve; "sliced" over this process's torch threads; or "plain": as
+        loaded). Under "pairs", a projection the kernel cannot take (not bfloat16, or an odd
+        number of inputs) is packed."""
         if layout == "plain":
             return
-        # Packed weights keep a second copy for our kernels of small steps, where they are
-        # built: in pairs (AVX512-BF16 without AMX), else plain.
-        small = kernels.cpu() if layout == "packed" else None
-        pairs = small is not None and PAIRS_MAX_ROWS > 0 and kernels.pairs() is not None
-        kept = {"pairs": 0, "plain": 0}
+        if layout not in ("pairs", "packed", "sliced"):
+            raise ValueError(f"unknown weight layout {layout!r}")
+        # Packed weights keep the plain one for our kernel of small steps, where it is built.
+        small = kernels.cpu() if layout in ("pairs", "packed") else None
+        pairs = kernels.pairs() if layout == "pairs" else None
+        if layout == "pairs" and pairs is None:
+            raise ValueError("the pairs layout needs the CPU kernels on AVX512-BF16 without AMX")
+        kept = {"plain": 0}
         for module in self.modules():
             if isinstance(module, Projection):
                 keep = keep_plain or module.weight is self.embed_tokens
-                if layout == "packed":
+                if (pairs is not None and module.weight.dtype == torch.bfloat16
+                        and module.weight.shape[1] % 2 == 0):
+                    module.pair(pairs, keep_plain=keep)
+                elif layout != "sliced":
                     module.pack(keep_plain=True)
-                    if (pairs and module.weight.dtype == torch.bfloat16
-                            and module.weight.shape[1] % 2 == 0):
-                        module.pairs = small.pairs_pack(module.weight.detach())
-                        module.small = small
-                        kept["pairs"] += module.pairs.numel() * module.pairs.element_size()
-                    elif small is not None and SMALL_BATCH_ROWS > 0:
+                    if small is not None and SMALL_BATCH_ROWS > 0:
                         module.small = small
                         if not keep:
                             keep = True
                             kept["plain"] += module.weight.numel() * module.weight.element_size()
                     module._let_go(keep)
-                elif layout == "sliced":
-                    module.slice(torch.get_num_threads(), keep_plain=keep)
                 else:
-                    raise ValueError(f"unknown weight layout {layout!r}")
-        if kept["pairs"]:
-            log.info("projections of up to %d tokens run on copies of the weights in pairs, "
-                     "beside the packed copies: %.0f MiB", PAIRS_MAX_ROWS, kept["pairs"] / 2**20)
+                    module.slice(torch.get_num_threads(), keep_plain=keep)
         if kept["plain"]:
             log.info("projections of up to %d tokens run on the plain weights, kept beside "
                      "the packed copies: %.0f MiB more", SMALL_BATCH_ROWS, kept["plain"] / 2**20)
