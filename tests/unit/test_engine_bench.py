@@ -85,3 +85,16 @@ def test_an_unusable_timing_is_an_error_not_a_rate():
     run = recording("ours", [], {1: 0.5, 2: 0.1, 5: 0.4})  # N tokens faster than one
     with pytest.raises(RuntimeError, match="timings are unusable"):
         measure_sides({"ours": Side(run, (1,), 1)}, W)
+
+
+def test_the_peak_rss_leaves_out_what_came_and_went_before_the_reset():
+    # peak_rss_mb is read from VmHWM; the roofline's 2 GiB of buffers came and went before
+    # the engine loads, and must not be the peak reported for the engine.
+    import torch
+
+    buffer = torch.ones(2**27)  # 512 MiB, touched
+    del buffer
+    assert engine_bench.rss_mib("VmHWM") > engine_bench.rss_mib() + 400
+    if not engine_bench.reset_peak_rss():
+        pytest.skip("this kernel does not reset the peak (clear_refs)")
+    assert engine_bench.rss_mib("VmHWM") < engine_bench.rss_mib() + 50
