@@ -216,19 +216,29 @@ def _session_processes(temp_dir: Path) -> list[int]:
     return found
 
 
+def _failed_to_start(exc: Exception) -> bool:
+    """Whether ``exc`` is a Ray node's start failing on the machine rather than on what the test
+    asked: its raylet missed the registration window, or the head's GCS exited before it
+    answered (Ray then reads the GCS's error log, which the GCS had not written yet, and raises
+    FileNotFoundError for ``gcs_server.err``: seen once in a CI run, with the GCS on Redis)."""
+    return ("timed out during startup" in str(exc)
+            or (isinstance(exc, FileNotFoundError) and "gcs_server" in str(exc)))
+
+
 def started_once_more(start: Callable[[], T], temp_dir: Path,
                       before_retry: Callable[[], None] = lambda: None) -> T:
     """``start()``, a Ray node starting under ``temp_dir``. Ray gives a new node's raylet 30 s
     to register with its GCS (not configurable); on a starved machine it may take longer
     (seen for a head with its GCS on Redis beside a busy process, and for a worker node
-    joining one, in a CI run of the suite). Such a node is killed whole (its raylet would
-    outlive the test) and started once more; any other failure is raised at once."""
+    joining one, in a CI run of the suite); a head's GCS may also exit at startup. Such a
+    node is killed whole (its raylet would outlive the test) and started once more
+    (``_failed_to_start``); any other failure is raised at once."""
     for attempt in range(START_ATTEMPTS):
         try:
             return start()
         except Exception as exc:
             kill_session_processes(temp_dir)
-            if "timed out during startup" not in str(exc) or attempt == START_ATTEMPTS - 1:
+            if not _failed_to_start(exc) or attempt == START_ATTEMPTS - 1:
                 raise
             before_retry()
     raise AssertionError("unreachable")
