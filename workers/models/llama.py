@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 # benchmarks compare the two).
 SMALL_BATCH_ROWS = 2
 
-
 # On a CPU the residual add and the RMS norm before each block run fused in our kernel
 # (workers/kernels/rms_norm.cpp) where it could be built: torch runs F.rms_norm in bfloat16
 # as seven operators, ~40 µs a call for one token, 2.5 ms of a batch-1 decode step on an
