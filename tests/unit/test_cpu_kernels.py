@@ -265,18 +265,21 @@ def test_projections_in_pairs_run_every_step_on_our_kernel():
 
 
 @pytest.mark.skipif(not PAIRS, reason="the pairs kernel needs AVX512-BF16")
-@pytest.mark.parametrize("rows", [0, 1, 2, 7, 8, 9, 16, 33])
+@pytest.mark.parametrize("amx", [True, False])
+@pytest.mark.parametrize("rows", [0, 1, 2, 7, 8, 9, 16, 17, 33, 300])
 @pytest.mark.parametrize("in_features,out_features", [(576, 960), (38, 100), (1536, 16),
-                                                      (2, 33)])
+                                                      (2, 33), (96, 64)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_pairs_linear_matches_f_linear(kernel, rows, in_features, out_features, with_bias):
+def test_pairs_linear_matches_f_linear(kernel, amx, rows, in_features, out_features, with_bias):
+    # On AMX (where the CPU has it, unless amx is False): whole and zero-padded 16-row tiles,
+    # one or two per pass, and inputs past the last whole 32 (38, 2) on vdpbf16ps.
     gen = torch.Generator().manual_seed(rows * 7 + out_features)
     weight = torch.randn(out_features, in_features, generator=gen).bfloat16()
     bias = torch.randn(out_features, generator=gen).bfloat16() if with_bias else None
     x = torch.randn(rows, in_features, generator=gen).bfloat16()
     packed = kernel.pairs_pack(weight)
     assert packed.shape == (-(-out_features // 32), in_features // 2, 64)
-    out = kernel.pairs_linear(x, packed, out_features, bias)
+    out = kernel.pairs_linear(x, packed, out_features, bias, amx=amx)
     exact = x.double() @ weight.double().t() + (0 if bias is None else bias.double())
     assert out.dtype == torch.bfloat16 and out.shape == (rows, out_features)
     # Products exact, sums in float32: within the rounding of the output to bfloat16.
@@ -301,6 +304,13 @@ def test_pairs_linear_splits_rows_over_threads_when_tiles_are_few(kernel, thread
         torch.set_num_threads(before)
     torch.testing.assert_close(out.double(), x.double() @ weight.double().t(),
                                rtol=2 ** -8, atol=1e-3)
+
+
+@pytest.mark.skipif(not PAIRS or "amx_bf16" not in kernels._flags_line().split(),
+                    reason="a CPU with AMX")
+def test_pairs_linear_runs_on_amx_where_the_cpu_has_it(kernel):
+    # Linux grants the tile state on request: a CPU with AMX never falls back silently.
+    assert kernel.pairs_linear_amx_available()
 
 
 @pytest.mark.skipif(not PAIRS, reason="the pairs kernel needs AVX512-BF16")
@@ -615,23 +625,16 @@ def test_prefill_attention_refuses_what_it_would_read_out_of_bounds(kernel):
         kernel.prefill_attention(q[:, :3], kv_cache, table, 40, 0.125)
 
 
-@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-                    reason="weights are packed only where oneDNN computes bfloat16")
-def test_a_cpu_with_amx_keeps_onednn_and_sdpa(monkeypatch):
-    # oneDNN runs bfloat16 GEMMs and SDPA on AMX's tile kernels, which the pairs kernels were
-    # not measured against: there projections are packed and keep the plain-weight kernel
-    # for one or two tokens, and prefill attention SDPA.
+def test_a_cpu_with_amx_runs_pairs_projections_and_sdpa(monkeypatch):
+    # With AMX, projections run the pairs kernel on AMX's tiles (one copy of each weight), and
+    # prefill attention SDPA, whose flash attention runs on the tiles too.
     from workers.models import attention, llama
 
     monkeypatch.setattr(kernels, "_has_amx", lambda: True)
-    assert kernels.pairs() is None
-    assert llama.cpu_weight_layout(torch.bfloat16, "cpu") == "packed"
-    proj = llama.Projection(64, 48, False, torch.bfloat16, "cpu")
-    model = torch.nn.Module()
-    model.proj = proj
-    model.embed_tokens = None
-    llama.LlamaForCausalLM.lay_out_weights(model, "packed")
-    assert proj.pairs is None and proj.small is not None and proj.weight.numel() > 0
+    assert kernels.pairs() is (kernels.cpu() if PAIRS else None)
+    assert kernels.prefill() is None
+    if PAIRS:
+        assert llama.cpu_weight_layout(torch.bfloat16, "cpu") == "pairs"
     meta = attention.AttentionMetadata(
         block_size=16, slot_mapping=torch.arange(20), num_decodes=0, decode_block_tables=None,
         decode_context_lens=None,

@@ -60,12 +60,19 @@ def decode_head_dim_ok(head_dim: int) -> bool:
 
 
 def pairs() -> ModuleType | None:
-    """The CPU kernels' module where its kernels on AVX512-BF16's ``vdpbf16ps``
-    (``pairs_linear``, ``prefill_attention``) serve: compiled in, on a CPU without AMX. With
-    AMX, oneDNN runs bfloat16 GEMMs and SDPA on its tile kernels, which ours were not
-    measured against; None there (the engine keeps oneDNN and SDPA)."""
+    """The CPU kernels' module where ``pairs_linear`` serves: compiled in, on a CPU with
+    AVX512-BF16 (``vdpbf16ps``; steps run on AMX's tiles where the CPU has them, from the same
+    copy of the weights)."""
     module = cpu()
-    usable = module is not None and module.pairs_linear_available() and not _has_amx()
+    return module if module is not None and module.pairs_linear_available() else None
+
+
+def prefill() -> ModuleType | None:
+    """The CPU kernels' module where ``prefill_attention`` serves: compiled in, on a CPU
+    without AMX. With AMX, SDPA's flash attention runs its products on AMX's tiles, which
+    ours (on ``vdpbf16ps``) were not measured against; None there."""
+    module = cpu()
+    usable = module is not None and module.prefill_attention_available() and not _has_amx()
     return module if usable else None
 
 

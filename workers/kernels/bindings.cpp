@@ -18,7 +18,8 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& kv_
                                 double scale);
 torch::Tensor pairs_pack(const torch::Tensor& weight);
 torch::Tensor pairs_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
-                           const std::optional<torch::Tensor>& bias);
+                           const std::optional<torch::Tensor>& bias, bool amx);
+bool pairs_linear_amx_available();
 void rope_write_kv(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& signed_sin,
                    const torch::Tensor& positions, torch::Tensor& kv_cache,
                    const torch::Tensor& slots, int64_t heads, int64_t kv_heads);
@@ -37,8 +38,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether pairs_linear is compiled in (AVX512-BF16)");
   m.def("pairs_pack", &pairs_pack, "A bfloat16 weight [N, K] in pairs_linear's layout");
   m.def("pairs_linear", &pairs_linear,
-        "x w^T (+ bias) for a few bfloat16 rows of x, from pairs_pack(w) (CPU, AVX512-BF16)",
-        py::arg("x"), py::arg("packed"), py::arg("out_features"), py::arg("bias"));
+        "x w^T (+ bias) for bfloat16 rows of x, from pairs_pack(w) (CPU, AVX512-BF16; steps of "
+        "a few rows or more on AMX where the CPU has it, unless amx is False)",
+        py::arg("x"), py::arg("packed"), py::arg("out_features"), py::arg("bias"),
+        py::arg("amx") = true);
+  m.def("pairs_linear_amx_available", &pairs_linear_amx_available,
+        "Whether pairs_linear runs steps of a few rows or more on AMX here");
   m.def("prefill_attention_available", &prefill_attention_available,
         "Whether prefill_attention is compiled in (AVX512-BF16)");
   m.def("prefill_attention", &prefill_attention,

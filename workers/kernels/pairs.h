@@ -22,12 +22,11 @@ constexpr int64_t PAIR_COLS = 32;  // columns of a tile: two vectors of 16 float
 
 #if defined(__AVX512BF16__)
 
-// acc[m][h] = lanes 16h .. 16h + 15 of x_m w for rows x_m = x + m * stride (2 P bfloat16
+// acc[m][h] += lanes 16h .. 16h + 15 of x_m w for rows x_m = x + m * stride (2 P bfloat16
 // each) and the tile w ([P][32][2] bfloat16).
 template <int MR>
-inline void pairs_tile(const c10::BFloat16* x, int64_t stride, int64_t P, const c10::BFloat16* w,
-                       __m512 (&acc)[MR][2]) {
-  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+inline void pairs_add(const c10::BFloat16* x, int64_t stride, int64_t P, const c10::BFloat16* w,
+                      __m512 (&acc)[MR][2]) {
   for (int64_t p = 0; p < P; ++p) {
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + p * 2 * PAIR_COLS);
     const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + p * 2 * PAIR_COLS + PAIR_COLS);
@@ -39,6 +38,14 @@ inline void pairs_tile(const c10::BFloat16* x, int64_t stride, int64_t P, const 
       acc[m][1] = _mm512_dpbf16_ps(acc[m][1], xb, w1);
     }
   }
+}
+
+// acc[m][h] = the same sums from zero.
+template <int MR>
+inline void pairs_tile(const c10::BFloat16* x, int64_t stride, int64_t P, const c10::BFloat16* w,
+                       __m512 (&acc)[MR][2]) {
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  pairs_add<MR>(x, stride, P, w, acc);
 }
 
 // fn.template operator()<MR>() for MR = min(rows, MAX): the row count as a template

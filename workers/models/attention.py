@@ -41,7 +41,7 @@ CPU_DECODE_KERNEL = True
 CPU_DECODE_BF16_DOT = True
 
 
-# On a CPU with AVX512-BF16 and no AMX (kernels.pairs), bfloat16 prefill chunks with heads of
+# On a CPU with AVX512-BF16 and no AMX (kernels.prefill), bfloat16 prefill chunks with heads of
 # a multiple of 32 (up to 256) run our kernel (workers/kernels/prefill_attention.cpp): the
 # chunk's context read from its blocks in place, scores and weighted values on `vdpbf16ps`.
 # torch's SDPA ran a 1,024-token SmolLM2 prefill's attention at 10.9 ms a layer, the kernel at
@@ -201,8 +201,7 @@ class PagedAttention:
                 and meta.slot_mapping.device.type == "cpu"
                 and self.head_dim % 32 == 0 and self.head_dim <= 256):
             return None
-        kernel = kernels.pairs()
-        return kernel if kernel is not None and kernel.prefill_attention_available() else None
+        return kernels.prefill()
 
     @staticmethod
     def _plan_prefill(seq: PrefillSeq, bs: int, kernel: ModuleType | None) -> _PrefillPlan:

@@ -173,15 +173,16 @@ def cpu_weight_layout(dtype: torch.dtype, device: torch.device | str) -> str:
     "packed" (oneDNN's), "sliced" (column slices, one per thread, for batched GEMMs) or
     "plain" (F.linear).
 
-    bfloat16 runs our pairs kernel on a CPU with AVX512-BF16 and no AMX (``kernels.pairs``):
-    SmolLM2's projections took 0.49x oneDNN's time for one token, 0.74x for 16, 0.98x for
-    1,024 and 1.02x for 2,048 on an AMD EPYC Zen 4 (bench/README.md), and its one copy
-    replaces oneDNN's packed copy, the plain weight kept for small steps and oneDNN's
-    per-shape primitive cache. Elsewhere
-    bfloat16 packs wherever oneDNN computes it: a packed copy measured 2x F.linear for one
-    token. float32 stays plain on Intel CPUs, where F.linear is MKL's fast GEMV; elsewhere
-    MKL runs a GEMV on one thread in its slow orientation, and slices beat both it and
-    oneDNN's packed copy (``bench/cpu_paths.py --parts layout``, docs/engine.md)."""
+    bfloat16 runs our pairs kernel on a CPU with AVX512-BF16 (``kernels.pairs``), on AMX's
+    tiles where the CPU has them: SmolLM2's projections took 0.49x oneDNN's time for one
+    token, 0.74x for 16, 0.98x for 1,024 and 1.02x for 2,048 on an AMD EPYC Zen 4, and on an
+    Intel Xeon with AMX 0.75x for one token, 0.73x for 16, 0.93x for 256 and 1.14x for 1,024
+    (bench/README.md); its one copy replaces oneDNN's packed copy, the plain weight kept for
+    small steps and oneDNN's per-shape primitive cache. Elsewhere bfloat16 packs wherever
+    oneDNN computes it: a packed copy measured 2x F.linear for one token. float32 stays plain
+    on Intel CPUs, where F.linear is MKL's fast GEMV; elsewhere MKL runs a GEMV on one thread
+    in its slow orientation, and slices beat both it and oneDNN's packed copy
+    (``bench/cpu_paths.py --parts layout``, docs/engine.md)."""
     if torch.device(device).type != "cpu":
         return "plain"
     if dtype == torch.bfloat16:
@@ -422,7 +423,7 @@ class LlamaForCausalLM(nn.Module):
         small = kernels.cpu() if layout in ("pairs", "packed") else None
         pairs = kernels.pairs() if layout == "pairs" else None
         if layout == "pairs" and pairs is None:
-            raise ValueError("the pairs layout needs the CPU kernels on AVX512-BF16 without AMX")
+            raise ValueError("the pairs layout needs the CPU kernels on AVX512-BF16")
         kept = {"plain": 0}
         for module in self.modules():
             if isinstance(module, Projection):
