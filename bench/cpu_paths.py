@@ -49,6 +49,11 @@
 3g. **Projections alone** (the "pairs" weight layout). ms per pass over SmolLM2's four
    projections in bfloat16, 30 layers of distinct weights, at 1 to 2,048 rows, alternating
    between our pairs kernel and oneDNN's packed copy; only where the pairs kernel serves.
+3h. **The prefill kernel alone** (`workers/kernels/prefill_attention.cpp`). ms per call for
+   one SmolLM2 layer's heads (9 query heads, 3 KV heads of 64) in bfloat16: a 1,024-token
+   prompt, a 256-token one, and 128 and 16 new tokens over a 1,024-token context, alternating
+   between the kernel on AMX's tiles (where the CPU has them), on `vdpbf16ps`, and SDPA over
+   the context already gathered (which the engine's SDPA path adds).
 4. **Weight layout** (`workers.models.llama.cpu_weight_layout`). The same engine in float32
    (``--layout-dtype bfloat16``: in bfloat16):
    decode at batch 1, 16 and 64 and a 1,024-token prefill, alternating between projections
@@ -287,6 +292,11 @@ def decode_calls(threads: int, repeats: int) -> dict[str, Any]:
     return out
 
 
+def skipped(part: str, why: str) -> dict[str, Any]:
+    print(f"{part}: {why}, skipped")
+    return {"skipped": why}
+
+
 def projection_calls(threads: int, repeats: int) -> dict[str, Any]:
     """SmolLM2's four projections (q/k/v, o, gate/up, down) in bfloat16 over 30 layers of
     distinct weights (out of cache, as in the engine), ms per pass at each step size: our
@@ -297,8 +307,7 @@ def projection_calls(threads: int, repeats: int) -> dict[str, Any]:
 
     module = kernels.pairs()
     if module is None:
-        print("projections: the pairs kernel does not serve on this CPU, skipped")
-        return {"skipped": "the pairs kernel does not serve on this CPU"}
+        return skipped("projections", "the pairs kernel does not serve on this CPU")
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     shapes, layers = [(960, 576), (576, 576), (3072, 576), (576, 1536)], 30
@@ -427,6 +436,56 @@ def prefill(threads: int, repeats: int) -> dict[str, Any]:
                          module="attention")
 
 
+def prefill_calls(threads: int, repeats: int) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    from workers import kernels
+
+    module = kernels.prefill()
+    if module is None:
+        return skipped("prefill kernel", "the prefill kernel needs AVX512-BF16")
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    heads, kv_heads, dim, page = 9, 3, 64, 16
+    sides = ["amx", "vdpbf16ps", "sdpa"] if module.pairs_linear_amx_available() else \
+        ["vdpbf16ps", "sdpa"]
+    out: dict[str, Any] = {"sides": sides}
+    for new, context in ((1024, 1024), (256, 256), (128, 1024), (16, 1024)):
+        blocks = -(-context // page)
+        kv = torch.randn(2, blocks, page, kv_heads, dim, generator=gen).bfloat16()
+        table = torch.randperm(blocks, generator=gen)
+        q = torch.randn(new, heads, dim, generator=gen).bfloat16()
+        pos = torch.arange(context)
+        rows = (table[pos // page] * page + pos % page)
+        keys, values = (kv[i].reshape(-1, kv_heads, dim)[rows].transpose(0, 1).unsqueeze(0)
+                        for i in (0, 1))
+        mask = pos.view(1, -1) <= (torch.arange(new) + context - new).view(-1, 1)
+
+        def sdpa() -> Any:  # a whole prompt causal, as the engine runs it; else masked
+            whole = new == context
+            return F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys, values,
+                                                  attn_mask=None if whole else mask,
+                                                  is_causal=whole, enable_gqa=True)
+
+        run = {"amx": lambda: module.prefill_attention(q, kv, table, context, dim ** -0.5),
+               "vdpbf16ps": lambda: module.prefill_attention(q, kv, table, context,
+                                                             dim ** -0.5, amx=False),
+               "sdpa": sdpa}
+        times: dict[str, list[float]] = {side: [] for side in sides}
+        for rep in range(repeats + 2):
+            for side in sides:
+                start = time.perf_counter()
+                run[side]()
+                if rep >= 2:  # two warm-up passes
+                    times[side].append(1e3 * (time.perf_counter() - start))
+        median = {side: statistics.median(v) for side, v in times.items()}
+        out[f"new{new}_context{context}"] = {"ms": times, "median_ms": median}
+        print(f"prefill kernel, {new} new over {context}: ms " +
+              ", ".join(f"{side} {m:.3f}" for side, m in median.items()), flush=True)
+    return out
+
+
 def weight_layout(threads: int, repeats: int, dtype: str) -> dict[str, Any]:
     import torch
     from engine_bench import OurEngine, parse_args, random_prompts
@@ -502,6 +561,7 @@ PARTS = {"shapes": ("prefill_shapes", lambda a: shapes(a.threads)),
          "silu": ("silu_mul", lambda a: silu_mul(a.threads, a.repeats)),
          "rope": ("rope_cache", lambda a: rope(a.threads, a.repeats)),
          "prefill": ("prefill_attention", lambda a: prefill(a.threads, a.repeats)),
+         "prefill_calls": ("prefill_calls", lambda a: prefill_calls(a.threads, a.repeats)),
          "layout": ("weight_layout",
                     lambda a: weight_layout(a.threads, a.repeats, a.layout_dtype)),
          "dtype": ("weight_dtype", lambda a: weight_dtype(a.threads, a.repeats))}

@@ -575,15 +575,18 @@ def prefill_case(new, context, heads, kv_heads, head_dim, page, seed=0, blocks=N
 
 
 @pytest.mark.skipif(not PREFILL, reason="the prefill kernel needs AVX512-BF16")
+@pytest.mark.parametrize("amx", [True, False])
 @pytest.mark.parametrize("new,context", [(2, 2), (16, 16), (17, 17), (100, 100), (5, 40),
                                          (16, 1024), (33, 64), (300, 333)])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,page", [(9, 3, 64, 16), (4, 4, 128, 16),
                                                           (8, 1, 64, 5), (2, 2, 32, 32)])
-def test_prefill_attention_matches_the_reference(kernel, new, context, heads, kv_heads,
+def test_prefill_attention_matches_the_reference(kernel, amx, new, context, heads, kv_heads,
                                                  head_dim, page):
+    # Products on AMX where the CPU has it (rows of an item: 16 tokens x the group, 1 to 8
+    # tiles of 16; a last item's partial tile), or on vdpbf16ps.
     q, kv_cache, table, expected = prefill_case(new, context, heads, kv_heads, head_dim, page,
                                                 seed=new * 31 + context)
-    out = kernel.prefill_attention(q, kv_cache, table, context, head_dim ** -0.5)
+    out = kernel.prefill_attention(q, kv_cache, table, context, head_dim ** -0.5, amx=amx)
     assert out.dtype == torch.bfloat16 and out.shape == (new, heads, head_dim)
     # bfloat16 inputs, float32 sums, probabilities rounded to bfloat16 as SDPA rounds them.
     torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
@@ -591,7 +594,8 @@ def test_prefill_attention_matches_the_reference(kernel, new, context, heads, kv
 
 
 @pytest.mark.skipif(not PREFILL, reason="the prefill kernel needs AVX512-BF16")
-def test_prefill_attention_reads_nothing_past_the_context(kernel):
+@pytest.mark.parametrize("amx", [True, False])
+def test_prefill_attention_reads_nothing_past_the_context(kernel, amx):
     # Rows past the context in its last block (and other blocks) hold NaN: no weight of 0
     # may touch them, since 0 * NaN is NaN.
     q, kv_cache, table, expected = prefill_case(20, 37, 4, 2, 64, 16)
@@ -600,7 +604,7 @@ def test_prefill_attention_reads_nothing_past_the_context(kernel):
         last[37 % 16:] = float("nan")
     spare = [b for b in range(kv_cache.shape[1]) if b not in table.tolist()]
     kv_cache[:, spare] = float("nan")
-    out = kernel.prefill_attention(q, kv_cache, table, 37, 0.125)
+    out = kernel.prefill_attention(q, kv_cache, table, 37, 0.125, amx=amx)
     assert not out.isnan().any()
     torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
 
@@ -625,24 +629,20 @@ def test_prefill_attention_refuses_what_it_would_read_out_of_bounds(kernel):
         kernel.prefill_attention(q[:, :3], kv_cache, table, 40, 0.125)
 
 
-def test_a_cpu_with_amx_runs_pairs_projections_and_sdpa(monkeypatch):
-    # With AMX, projections run the pairs kernel on AMX's tiles (one copy of each weight), and
-    # prefill attention SDPA, whose flash attention runs on the tiles too.
-    from workers.models import attention, llama
+def test_prefill_chunks_short_and_long_run_our_kernel_in_bfloat16():
+    # On AVX512-BF16, with or without AMX (whose tiles then run the kernel's products): a
+    # prompt's tail over its cached prefix and a long prompt alike; float32 runs SDPA.
+    from workers.models import attention
 
-    monkeypatch.setattr(kernels, "_has_amx", lambda: True)
-    assert kernels.pairs() is (kernels.cpu() if PAIRS else None)
-    assert kernels.prefill() is None
-    if PAIRS:
-        assert llama.cpu_weight_layout(torch.bfloat16, "cpu") == "pairs"
     meta = attention.AttentionMetadata(
-        block_size=16, slot_mapping=torch.arange(20), num_decodes=0, decode_block_tables=None,
-        decode_context_lens=None,
-        prefills=[attention.PrefillSeq(start=0, num_new=20, context_len=20,
-                                       block_table=torch.tensor([0, 1]))])
+        block_size=16, slot_mapping=torch.arange(300), num_decodes=0,
+        decode_block_tables=None, decode_context_lens=None,
+        prefills=[attention.PrefillSeq(start=0, num_new=16, context_len=100,
+                                       block_table=torch.arange(8)),
+                  attention.PrefillSeq(start=16, num_new=284, context_len=284,
+                                       block_table=torch.arange(8, 26))])
     config = type("C", (), dict(num_heads=4, num_kv_heads=2, head_dim=64))()
-    assert attention.PagedAttention(meta, config, torch.bfloat16).prefills[0].kernel is None
-    monkeypatch.setattr(kernels, "_has_amx", lambda: False)
-    expected = kernels.cpu() if PREFILL else None
-    assert attention.PagedAttention(meta, config, torch.bfloat16).prefills[0].kernel is expected
+    ours = kernels.cpu() if PREFILL else None
+    plans = attention.PagedAttention(meta, config, torch.bfloat16).prefills
+    assert [p.kernel for p in plans] == [ours, ours]
     assert attention.PagedAttention(meta, config, torch.float32).prefills[0].kernel is None

@@ -334,7 +334,6 @@ def test_the_prefill_kernel_computes_what_sdpa_does_in_every_kind_of_step(tmp_pa
     # within bfloat16's rounding (each sums in its own order).
     from workers.models import attention
 
-    monkeypatch.setattr(kernels, "_has_amx", lambda: False)  # where it serves; tested anywhere
     directory = make_tiny_llama_dir(tmp_path / "tiny", hidden=128, heads=4, kv_heads=2,
                                     attention_bias=True)
     model, _ = load_model(directory, torch.bfloat16, "cpu")

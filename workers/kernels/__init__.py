@@ -17,7 +17,6 @@ same.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import threading
@@ -68,17 +67,10 @@ def pairs() -> ModuleType | None:
 
 
 def prefill() -> ModuleType | None:
-    """The CPU kernels' module where ``prefill_attention`` serves: compiled in, on a CPU
-    without AMX. With AMX, SDPA's flash attention runs its products on AMX's tiles, which
-    ours (on ``vdpbf16ps``) were not measured against; None there."""
+    """The CPU kernels' module where ``prefill_attention`` serves: compiled in (AVX512-BF16;
+    its products on AMX's tiles where the CPU has them)."""
     module = cpu()
-    usable = module is not None and module.prefill_attention_available() and not _has_amx()
-    return module if usable else None
-
-
-@functools.cache
-def _has_amx() -> bool:
-    return "amx_bf16" in _flags_line().split()
+    return module if module is not None and module.prefill_attention_available() else None
 
 
 def cpu() -> ModuleType | None:

@@ -15,7 +15,7 @@ bool pairs_linear_available();
 bool prefill_attention_available();
 torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& kv_cache,
                                 const torch::Tensor& block_table, int64_t context_len,
-                                double scale);
+                                double scale, bool amx);
 torch::Tensor pairs_pack(const torch::Tensor& weight);
 torch::Tensor pairs_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
                            const std::optional<torch::Tensor>& bias, bool amx);
@@ -47,9 +47,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefill_attention_available", &prefill_attention_available,
         "Whether prefill_attention is compiled in (AVX512-BF16)");
   m.def("prefill_attention", &prefill_attention,
-        "Causal attention of a prefill chunk over the paged KV cache (CPU, bfloat16)",
+        "Causal attention of a prefill chunk over the paged KV cache (CPU, bfloat16; products on "
+        "AMX where the CPU has it, unless amx is False)",
         py::arg("q"), py::arg("kv_cache"), py::arg("block_table"), py::arg("context_len"),
-        py::arg("scale"));
+        py::arg("scale"), py::arg("amx") = true);
   m.def("silu_mul", &silu_mul, "silu(gate) * up, rows read in place (CPU)");
   m.def("rope_write_kv", &rope_write_kv,
         "RoPE of queries and keys in place in the q/k/v rows, keys and values into the cache "

@@ -9,7 +9,8 @@
 // group (GQA) as rows — walks the key tiles its tokens can see (flash attention's online
 // softmax): scores by `vdpbf16ps` (rows x key tile), scaled and masked in float32, the running
 // max and sum updated, the probabilities rounded to bfloat16 and multiplied into the output
-// sums by `vdpbf16ps` again (rows x value tile).
+// sums by `vdpbf16ps` again (rows x value tile). On a CPU with AMX both products run on its
+// tiles instead (pairs.h: the key and value tiles are the layout AMX's second operand wants).
 //
 // New token i of n sits at position context_len - n + i and sees keys 0 .. that position.
 #include <torch/extension.h>
@@ -105,15 +106,31 @@ inline __m512 m512(vec v) {
 // Scratch of one thread: the item's query rows, scores, probabilities and output sums.
 struct Scratch {
   std::vector<c10::BFloat16> q, probs;
-  std::vector<float> scores, sums, max, total;
+  std::vector<float> scores, values, sums, max, total;
   explicit Scratch(int64_t rows, int64_t dim)
-      : q(rows * dim), probs(rows * KEYS), scores(rows * KEYS), sums(rows * dim), max(rows),
-        total(rows) {}
+      : q(rows * dim), probs(rows * KEYS), scores(rows * KEYS), values(rows * PAIR_COLS),
+        sums(rows * dim), max(rows), total(rows) {}
 };
 
+#if defined(ELECTRON_AMX)
+// On AMX: out [rows][32] floats (rows rounded up to 16, the buffers of x and out holding them) =
+// rows of x (`lda` apart, 2 P inputs) times the tile w ([P][32][2]), 32 rows a pass.
+void amx_rows(const c10::BFloat16* x, int64_t lda, int64_t rows, const c10::BFloat16* w,
+              int64_t P, float* out) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 2 * AMX_ROWS) {
+    const c10::BFloat16* const a[2] = {x + r0 * lda, x + (r0 + AMX_ROWS) * lda};
+    if (rows - r0 > AMX_ROWS) {
+      amx_tile<2>(a, lda, w, P, out + r0 * PAIR_COLS);
+    } else {
+      amx_tile<1>(a, lda, w, P, out + r0 * PAIR_COLS);
+    }
+  }
+}
+#endif
+
 // KV head h, new tokens t0 .. t0 + count - 1: rows r = (token t0 + r / group, query head
-// h * group + r % group).
-void attend(const Chunk& c, Scratch& s, int64_t h, int64_t t0, int64_t count) {
+// h * group + r % group). Products on AMX's tiles if `amx` (the thread's tiles configured).
+void attend(const Chunk& c, Scratch& s, int64_t h, int64_t t0, int64_t count, bool amx) {
   const int64_t d = c.dim, g = c.group, rows = count * g;
   for (int64_t r = 0; r < rows; ++r) {
     std::memcpy(&s.q[r * d], c.q + (t0 + r / g) * c.q_stride + (h * g + r % g) * d,
@@ -128,7 +145,10 @@ void attend(const Chunk& c, Scratch& s, int64_t h, int64_t t0, int64_t count) {
     const c10::BFloat16* kt = c.kp + (h * c.tiles + tile) * KEYS * d;
     const c10::BFloat16* vt = c.vp + (h * c.tiles + tile) * KEYS * d;
     // Scores, scaled; keys past a row's position masked.
-    for (int64_t r0 = 0; r0 < rows; r0 += MAX_ROWS) {
+#if defined(ELECTRON_AMX)
+    if (amx) amx_rows(s.q.data(), d, rows, kt, d / 2, s.scores.data());
+#endif
+    for (int64_t r0 = 0; r0 < rows && !amx; r0 += MAX_ROWS) {
       with_rows<MAX_ROWS>(rows - r0, [&]<int MR>() {
         __m512 acc[MR][2];
         pairs_tile<MR>(&s.q[r0 * d], d, d / 2, kt, acc);
@@ -149,22 +169,36 @@ void attend(const Chunk& c, Scratch& s, int64_t h, int64_t t0, int64_t count) {
         hi = kIota + static_cast<float>(W) < visible ? hi : splat(-inf);
       }
       const float top = std::max(s.max[r], _mm512_reduce_max_ps(m512(lo > hi ? lo : hi)));
-      const float rescale = std::exp(s.max[r] - top);  // exp(-inf) = 0 on the first tile
+      // exp(-inf) = 0 on the first tile; none where the running max stands (most tiles)
+      const float rescale = top == s.max[r] ? 1.f : std::exp(s.max[r] - top);
       s.max[r] = top;
       // exp_nonpositive clamps at -87: masked keys must weigh exactly 0.
       const vec p_lo = lo == -inf ? vec{} : exp_nonpositive(lo - top);
       const vec p_hi = hi == -inf ? vec{} : exp_nonpositive(hi - top);
-      const vec r_lo = round_as<c10::BFloat16>(p_lo), r_hi = round_as<c10::BFloat16>(p_hi);
-      s.total[r] = s.total[r] * rescale + _mm512_reduce_add_ps(m512(r_lo + r_hi));
-      store_as(&s.probs[r * KEYS], r_lo);
-      store_as(&s.probs[r * KEYS + W], r_hi);
+      // Rounded to bfloat16 (to nearest even) in one instruction, and summed as rounded: each
+      // pair times 1 by vdpbf16ps.
+      const __m512bh probs = _mm512_cvtne2ps_pbh(m512(p_hi), m512(p_lo));
+      _mm512_storeu_si512(&s.probs[r * KEYS], (__m512i)probs);
+      const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3f80);
+      s.total[r] = s.total[r] * rescale +
+                   _mm512_reduce_add_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), probs, ones));
       if (rescale != 1.f) {
         float* o = &s.sums[r * d];
         for (int64_t e = 0; e < d; e += W) store(o + e, load(o + e) * rescale);
       }
     }
     // Output sums += probabilities x values.
-    for (int64_t r0 = 0; r0 < rows; r0 += MAX_ROWS) {
+#if defined(ELECTRON_AMX)
+    for (int64_t t = 0; t < d / PAIR_COLS && amx; ++t) {
+      amx_rows(s.probs.data(), KEYS, rows, vt + t * KEYS * PAIR_COLS, KEYS / 2, s.values.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        float* o = &s.sums[r * d + t * PAIR_COLS];
+        const float* v = &s.values[r * PAIR_COLS];
+        for (int64_t e = 0; e < PAIR_COLS; e += W) store(o + e, load(o + e) + load(v + e));
+      }
+    }
+#endif
+    for (int64_t r0 = 0; r0 < rows && !amx; r0 += MAX_ROWS) {
       for (int64_t t = 0; t < d / PAIR_COLS; ++t) {
         with_rows<MAX_ROWS>(rows - r0, [&]<int MR>() {
           __m512 acc[MR][2];
@@ -201,7 +235,7 @@ bool prefill_attention_available() {
 // block_table [>= ceil(context_len / block_size)] -> [n, heads, dim].
 torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& kv_cache,
                                 const torch::Tensor& block_table, int64_t context_len,
-                                double scale) {
+                                double scale, bool amx) {
   TORCH_CHECK(prefill_attention_available(), "this build has no AVX512-BF16 and AVX512-BW");
   TORCH_CHECK(q.device().is_cpu() && kv_cache.device().is_cpu() && block_table.device().is_cpu(),
               "CPU tensors only");
@@ -246,12 +280,23 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& kv_
   std::vector<int64_t> order;
   order.reserve(spans);
   for (int64_t i = 0; i < spans; ++i) order.push_back(i % 2 ? spans - 1 - i / 2 : i / 2);
+#if defined(ELECTRON_AMX)
+  const bool on_amx = amx && amx_usable();
+#else
+  constexpr bool on_amx = false;
+#endif
   at::parallel_for(0, kv_heads * spans, 1, [&](int64_t begin, int64_t end) {
     Scratch s(TOKENS * c.group, dim);
+#if defined(ELECTRON_AMX)
+    if (on_amx) configure_tiles();
+#endif
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t0 = order[i % spans] * TOKENS;
-      attend(c, s, i / spans, t0, std::min(TOKENS, n - t0));
+      attend(c, s, i / spans, t0, std::min(TOKENS, n - t0), on_amx);
     }
+#if defined(ELECTRON_AMX)
+    if (on_amx) _tile_release();
+#endif
   });
 #endif
   return out;
