@@ -27,7 +27,7 @@
 3b. **Projections in bfloat16** (the "pairs" weight layout,
    `workers.models.llama.SMALL_BATCH_ROWS`). The same engine (``dtype: auto``) at batch 1,
    2, 16 and 64 and a 1,024-token prefill, alternating between our pairs kernel for every
-   step (today, on AVX512-BF16 without AMX), oneDNN's packed copy with our kernel over the
+   step (today, on AVX512-BF16), oneDNN's packed copy with our kernel over the
    plain weights for steps of up to two tokens (today elsewhere) and the packed copy for
    every step.
 3c. **The residual add and RMS norm** (`workers.models.llama.CPU_NORM_KERNEL`). The same

@@ -250,7 +250,7 @@ def test_packed_projections_run_small_steps_on_our_kernel(monkeypatch):
 
 
 @pytest.mark.skipif(kernels.pairs() is None,
-                    reason="the pairs layout serves on AVX512-BF16 without AMX")
+                    reason="the pairs layout serves on AVX512-BF16")
 def test_projections_in_pairs_run_every_step_on_our_kernel():
     # One copy, in pairs: the plain weight let go and no packed copy; steps of any size run
     # the pairs kernel.

@@ -388,7 +388,7 @@ def test_a_step_gathers_keys_and_values_into_buffers_every_layer_refills(smollm,
 @pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_weight_layout_follows_the_fastest_gemm(dtype, vendor, monkeypatch):
-    # bfloat16 runs the pairs kernel on AVX512-BF16 without AMX and packs elsewhere oneDNN
+    # bfloat16 runs the pairs kernel on AVX512-BF16 (AMX or not) and packs elsewhere oneDNN
     # computes it; float32 stays plain on Intel, where MKL's GEMV (F.linear) is fast, and is
     # sliced per thread elsewhere.
     monkeypatch.setattr("workers.models.llama.cpuinfo",
