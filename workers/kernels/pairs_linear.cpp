@@ -71,7 +71,6 @@ inline void tile(const c10::BFloat16* x, int64_t K, const c10::BFloat16* w, cons
 }
 #endif
 
-
 }  // namespace
 
 bool pairs_linear_amx_available() {
@@ -150,7 +149,8 @@ torch::Tensor pairs_linear(const torch::Tensor& x, const torch::Tensor& packed, 
   // Rows m .. m + rows - 1 (at most two tiles) of the tile of columns n0 ..
   const auto amx_rows = [&](int64_t n0, int64_t m, int64_t rows) {
     alignas(64) float c[2 * AMX_ROWS * PAIR_COLS];
-    const c10::BFloat16* const a[2] = {row_tile(m), rows > AMX_ROWS ? row_tile(m + AMX_ROWS) : nullptr};
+    const c10::BFloat16* const a[2] = {row_tile(m),
+                                       rows > AMX_ROWS ? row_tile(m + AMX_ROWS) : nullptr};
     const auto* w = ws + (n0 / PAIR_COLS) * K * PAIR_COLS;
     if (rows > AMX_ROWS) {
       amx_tile<2>(a, K, w, K / 2, c);

@@ -118,8 +118,9 @@ struct Scratch {
 void amx_rows(const c10::BFloat16* x, int64_t lda, int64_t rows, const c10::BFloat16* w,
               int64_t P, float* out) {
   for (int64_t r0 = 0; r0 < rows; r0 += 2 * AMX_ROWS) {
-    const c10::BFloat16* const a[2] = {x + r0 * lda, x + (r0 + AMX_ROWS) * lda};
-    if (rows - r0 > AMX_ROWS) {
+    const bool two = rows - r0 > AMX_ROWS;
+    const c10::BFloat16* const a[2] = {x + r0 * lda, two ? x + (r0 + AMX_ROWS) * lda : nullptr};
+    if (two) {
       amx_tile<2>(a, lda, w, P, out + r0 * PAIR_COLS);
     } else {
       amx_tile<1>(a, lda, w, P, out + r0 * PAIR_COLS);
