@@ -46,9 +46,11 @@
    (``dtype: auto``): a 1,024-token prefill and decode at batch 16 (a control, which the
    switch does not touch), alternating between our kernel over the paged cache (today, in
    bfloat16 on AVX512-BF16) and SDPA.
-3g. **Projections alone** (the "pairs" weight layout). ms per pass over SmolLM2's four
-   projections in bfloat16, 30 layers of distinct weights, at 1 to 2,048 rows, alternating
-   between our pairs kernel and oneDNN's packed copy; only where the pairs kernel serves.
+3g. **Projections alone** (the "pairs" and "panels" weight layouts). ms per pass over
+   SmolLM2's four projections, 30 layers of distinct weights, at 1 to 2,048 rows,
+   alternating: in bfloat16 (``--projections-dtype``, the default) our pairs kernel against
+   oneDNN's packed copy, only where the pairs kernel serves; in float32 our panels kernel
+   against column slices in one batched matmul and ``F.linear``.
 3h. **The prefill kernel alone** (`workers/kernels/prefill_attention.cpp`). ms per call for
    one SmolLM2 layer's heads (9 query heads, 3 KV heads of 64) in bfloat16: a 1,024-token
    prompt, a 256-token one, and 128 and 16 new tokens over a 1,024-token context, alternating
@@ -57,9 +59,10 @@
 4. **Weight layout** (`workers.models.llama.cpu_weight_layout`). The same engine in float32
    (``--layout-dtype bfloat16``: in bfloat16):
    decode at batch 1, 16 and 64 and a 1,024-token prefill, alternating between projections
-   that run on column slices of their weight, one per thread, as one batched matmul (today on
-   CPUs other than Intel's), on oneDNN's packed copy (before), and on plain ``F.linear``
-   (today on Intel CPUs).
+   that run on our panels kernel (float32 only; today on CPUs other than Intel's), on column
+   slices of their weight, one per thread, as one batched matmul (before; today where the
+   kernels cannot be built), on oneDNN's packed copy (with our kernel for steps of up to two
+   tokens), and on plain ``F.linear`` (today on Intel CPUs).
 5. **Weight dtype** (`workers.models.dtype.pick_dtype`, what ``dtype: auto`` serves). Two
    engines with SmolLM2, one in bfloat16 and one in float32: decode at batch 1 and 16 and a
    1,024-token prefill, alternating between them.
@@ -297,32 +300,52 @@ def skipped(part: str, why: str) -> dict[str, Any]:
     return {"skipped": why}
 
 
-def projection_calls(threads: int, repeats: int) -> dict[str, Any]:
-    """SmolLM2's four projections (q/k/v, o, gate/up, down) in bfloat16 over 30 layers of
-    distinct weights (out of cache, as in the engine), ms per pass at each step size: our
-    pairs kernel against oneDNN's packed copy, alternating."""
+def projection_calls(threads: int, repeats: int, dtype: str) -> dict[str, Any]:
+    """SmolLM2's four projections (q/k/v, o, gate/up, down) over 30 layers of distinct
+    weights (out of cache, as in the engine), ms per pass at each step size, alternating: in
+    bfloat16 our pairs kernel against oneDNN's packed copy; in float32 our panels kernel
+    against column slices in one batched matmul and ``F.linear``."""
     import torch
+    import torch.nn.functional as F
 
     from workers import kernels
 
-    module = kernels.pairs()
+    bf16 = dtype == "bfloat16"
+    module = kernels.pairs() if bf16 else kernels.cpu()
     if module is None:
-        return skipped("projections", "the pairs kernel does not serve on this CPU")
+        return skipped("projections", f"our {'pairs' if bf16 else 'panels'} kernel does not "
+                       "serve on this CPU")
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     shapes, layers = [(960, 576), (576, 576), (3072, 576), (576, 1536)], 30
-    weights = [[(torch.randn(n, k, generator=gen) * 0.02).bfloat16() for n, k in shapes]
-               for _ in range(layers)]
-    copies = {"pairs": [[module.pairs_pack(w) for w in layer] for layer in weights],
-              "packed": [[torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in layer]
-                         for layer in weights]}
+    weights = [[(torch.randn(n, k, generator=gen) * 0.02).to(getattr(torch, dtype))
+                for n, k in shapes] for _ in range(layers)]
+    if bf16:
+        ours = "pairs"
+        copies = {"pairs": [[module.pairs_pack(w) for w in layer] for layer in weights],
+                  "packed": [[torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in layer]
+                             for layer in weights]}
+        run = {"pairs": lambda x, w, n: module.pairs_linear(x, w, n, None),
+               "packed": lambda x, w, n: torch.ops.mkldnn._linear_pointwise(
+                   x, w, None, "none", [], "")}
+    else:
+        ours, parts = "panels", threads
+        copies = {"panels": [[module.panels_pack(w) for w in layer] for layer in weights],
+                  "sliced": [[torch.stack([c.t() for c in w.chunk(parts)]).contiguous()
+                              for w in layer] for layer in weights],
+                  "f_linear": weights}
+
+        def sliced(x: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
+            return torch.bmm(x.expand(w.shape[0], *x.shape), w).transpose(0, 1).reshape(
+                x.shape[0], n)
+
+        run = {"panels": lambda x, w, n: module.panels_linear(x, w, n, None),
+               "sliced": sliced, "f_linear": lambda x, w, n: F.linear(x, w)}
     del weights
-    run = {"pairs": lambda x, w, n: module.pairs_linear(x, w, n, None),
-           "packed": lambda x, w, n: torch.ops.mkldnn._linear_pointwise(x, w, None, "none",
-                                                                        [], "")}
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"dtype": dtype}
     for rows in (1, 16, 64, 256, 512, 1024, 2048):
-        xs = {k: torch.randn(rows, k, generator=gen).bfloat16() for _, k in shapes}
+        xs = {k: torch.randn(rows, k, generator=gen).to(getattr(torch, dtype))
+              for _, k in shapes}
         times: dict[str, list[float]] = {side: [] for side in copies}
         for rep in range(repeats + 1):
             for side, layers_of in copies.items():
@@ -336,9 +359,11 @@ def projection_calls(threads: int, repeats: int) -> dict[str, Any]:
         flops = 2 * rows * layers * sum(n * k for n, k in shapes)
         out[f"rows{rows}"] = {"ms": times, "median_ms": median,
                               "tflops": {s: flops / m / 1e9 for s, m in median.items()},
-                              "ratio": median["pairs"] / median["packed"]}
-        print(f"projections rows {rows}: pairs / packed time = {out[f'rows{rows}']['ratio']:.3f}"
-              f" ({median})", flush=True)
+                              "ratio": {s: median[ours] / m for s, m in median.items()
+                                        if s != ours}}
+        print(f"projections rows {rows}: {ours} time / " + ", ".join(
+            f"{s} {r:.3f}" for s, r in out[f"rows{rows}"]["ratio"].items()) + f" ({median})",
+            flush=True)
     return out
 
 
@@ -490,6 +515,7 @@ def weight_layout(threads: int, repeats: int, dtype: str) -> dict[str, Any]:
     import torch
     from engine_bench import OurEngine, parse_args, random_prompts
 
+    from workers import kernels
     from workers.models import llama
 
     torch.set_num_threads(threads)
@@ -503,19 +529,25 @@ def weight_layout(threads: int, repeats: int, dtype: str) -> dict[str, Any]:
     projections = [m for m in model.modules() if isinstance(m, llama.Projection)]
     model.lay_out_weights("packed", keep_plain=True)
     model.lay_out_weights("sliced", keep_plain=True)
-    copies = [(m.packed, m.slices, m.sliced_bias) for m in projections]
+    sides = ["sliced", "packed", "f_linear"]
+    if dtype == "float32" and kernels.cpu() is not None:
+        model.lay_out_weights("panels", keep_plain=True)
+        sides.insert(0, "panels")
+    copies = [(m.packed, m.slices, m.sliced_bias, m.panels, m.small) for m in projections]
 
     def layout(name: str) -> Callable[[], None]:
         def switch() -> None:
-            for m, (packed, slices, sliced_bias) in zip(projections, copies):
+            for m, (packed, slices, sliced_bias, panels, small) in zip(projections, copies):
                 m.packed = packed if name == "packed" else None
                 m.slices = slices if name == "sliced" else None
                 m.sliced_bias = sliced_bias if name == "sliced" else None
+                m.panels = panels if name == "panels" else None
+                # Our kernels: every step on the panels, or small steps beside a packed copy.
+                m.small = small if name in ("panels", "packed") else None
         return switch
 
     ours.run(random_prompts(16, 128, "layout/warm"), 4)
-    out = alternating(ours, "layout", {name: layout(name)
-                                       for name in ("sliced", "packed", "f_linear")},
+    out = alternating(ours, "layout", {name: layout(name) for name in sides},
                       ["prefill_1024", "decode_b1", "decode_b16", "decode_b64"], repeats)
     out["dtype"] = dtype
     out["serves"] = serves(getattr(torch, dtype), "cpu")
@@ -555,7 +587,8 @@ PARTS = {"shapes": ("prefill_shapes", lambda a: shapes(a.threads)),
          "decode": ("decode_attention", lambda a: decode_attention(a.threads, a.repeats)),
          "calls": ("decode_calls", lambda a: decode_calls(a.threads, a.repeats)),
          "projections": ("projection_calls",
-                         lambda a: projection_calls(a.threads, a.repeats)),
+                         lambda a: projection_calls(a.threads, a.repeats,
+                                                    a.projections_dtype)),
          "small": ("small_batch", lambda a: small_batch(a.threads, a.repeats)),
          "norm": ("norm", lambda a: norm(a.threads, a.repeats)),
          "silu": ("silu_mul", lambda a: silu_mul(a.threads, a.repeats)),
@@ -575,6 +608,8 @@ def main() -> None:
     p.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=list(PARTS))
     p.add_argument("--layout-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="the dtype of the weight-layout part")
+    p.add_argument("--projections-dtype", choices=("float32", "bfloat16"), default="bfloat16",
+                   help="the dtype of the projections part")
     args = p.parse_args()
     from workers.models.dtype import cpuinfo
 

@@ -338,6 +338,119 @@ def test_pairs_linear_refuses_what_it_would_read_wrongly(kernel):
         kernel.pairs_linear(x.float(), packed, 40, None)
 
 
+def _panels_projection(out_features: int = 48, bias: bool = True
+                       ) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A float32 Projection(64 -> out_features) laid out in panels, and its plain weight."""
+    from workers.models import llama
+
+    proj = llama.Projection(64, out_features, bias, torch.float32, "cpu")
+    with torch.no_grad():
+        proj.weight.normal_()
+        if bias:
+            proj.bias.normal_()
+    plain = proj.weight.detach().clone()
+    model = torch.nn.Module()
+    model.proj = proj
+    model.embed_tokens = None
+    llama.LlamaForCausalLM.lay_out_weights(model, "panels")
+    return proj, plain
+
+
+def test_projections_in_panels_run_every_step_on_our_kernel():
+    # One copy, in panels: the plain weight let go and no other copy; steps of any size run
+    # the panels kernel.
+    proj, plain = _panels_projection()
+    assert proj.panels is not None and proj.weight.numel() == 0
+    assert proj.packed is None and proj.slices is None and proj.pairs is None
+    calls: list[tuple[str, int]] = []
+    proj.small = recording(proj.small, {"panels_linear", "small_linear"}, calls,
+                           lambda name, args: (name, args[0].shape[0]))
+    for rows in (1, 2, 3, 16, 300):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(proj(x), F.linear(x, plain, proj.bias))
+    assert calls == [("panels_linear", r) for r in (1, 2, 3, 16, 300)]
+
+
+@pytest.mark.parametrize("rows", [0, 1, 2, 5, 6, 7, 12, 13, 64, 65, 300])
+@pytest.mark.parametrize("in_features,out_features", [(576, 960), (17, 33), (1536, 16),
+                                                      (300, 100), (1, 7)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_panels_linear_matches_f_linear(kernel, rows, in_features, out_features, with_bias):
+    # Whole and partial panels of columns, rows in whole and partial register blocks, and
+    # past 64 rows in blocks of inputs whose sums are carried in the output.
+    gen = torch.Generator().manual_seed(rows * 7 + out_features)
+    weight = torch.randn(out_features, in_features, generator=gen)
+    bias = torch.randn(out_features, generator=gen) if with_bias else None
+    x = torch.randn(rows, in_features, generator=gen)
+    packed = kernel.panels_pack(weight)
+    width = kernel.panels_width()
+    assert width in (16, 32) and packed.shape == (-(-out_features // width), in_features, width)
+    out = kernel.panels_linear(x, packed, out_features, bias)
+    exact = x.double() @ weight.double().t() + (0 if bias is None else bias.double())
+    assert out.dtype == torch.float32 and out.shape == (rows, out_features)
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 3, 16])
+def test_panels_linear_gives_a_row_the_same_bits_in_any_step(kernel, threads):
+    # Each row's sums run in input order whatever the step's other rows (how many, and so
+    # which blocks of rows and inputs), and however the threads share the work: a request's
+    # logits do not depend on which requests share its step.
+    gen = torch.Generator().manual_seed(threads)
+    weight = torch.randn(40, 600, generator=gen)
+    bias = torch.randn(40, generator=gen)
+    x = torch.randn(300, 600, generator=gen)
+    packed = kernel.panels_pack(weight)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        full = kernel.panels_linear(x, packed, 40, bias)
+        for start, rows in ((0, 1), (17, 1), (5, 7), (100, 64), (30, 65), (299, 1)):
+            part = kernel.panels_linear(x[start:start + rows], packed, 40, bias)
+            assert torch.equal(part, full[start:start + rows]), (start, rows)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(full.double(), x.double() @ weight.double().t() + bias.double(),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_panels_linear_holds_non_finite_inputs_to_their_rows(kernel):
+    # A NaN or infinity in one row's inputs reaches that row's outputs only.
+    weight = torch.randn(20, 32)
+    packed = kernel.panels_pack(weight)
+    x = torch.randn(9, 32)
+    x[2, 5], x[7, 0] = float("nan"), float("inf")
+    out = kernel.panels_linear(x, packed, 20, None)
+    assert out[2].isnan().all() and not out[7].isfinite().any()
+    finite = [r for r in range(9) if r not in (2, 7)]
+    torch.testing.assert_close(out[finite], x[finite] @ weight.t())
+
+
+def test_panels_linear_refuses_what_it_would_read_wrongly(kernel):
+    weight = torch.randn(40, 32)
+    packed = kernel.panels_pack(weight)
+    strided = torch.randn(3, 64)[:, ::2]  # read from a contiguous copy
+    torch.testing.assert_close(kernel.panels_linear(strided, packed, 40, None),
+                               strided @ weight.t())
+    with pytest.raises(RuntimeError, match="float32"):
+        kernel.panels_pack(torch.randn(8, 32).bfloat16())
+    with pytest.raises(RuntimeError, match="positive"):
+        kernel.panels_pack(torch.randn(8, 0))
+    x = torch.randn(3, 32)
+    width = kernel.panels_width()
+    for n in (0, 8 if width == 16 else 16, 64 if width == 16 else 72):
+        with pytest.raises(RuntimeError, match="panels_pack"):
+            kernel.panels_linear(x, packed, n, None)
+    with pytest.raises(RuntimeError, match="panels_pack"):
+        kernel.panels_linear(torch.randn(3, 30), packed, 40, None)
+    with pytest.raises(RuntimeError, match="panels_pack"):
+        kernel.panels_linear(x, packed.transpose(1, 2), 40, None)
+    with pytest.raises(RuntimeError, match="bias"):
+        kernel.panels_linear(x, packed, 40, torch.randn(39))
+    with pytest.raises(RuntimeError, match="float32"):
+        kernel.panels_linear(x.bfloat16(), packed, 40, None)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,hidden", [(1, 576), (3, 100), (64, 576)])
 def test_add_rms_norm_matches_torch(kernel, dtype, rows, hidden):
@@ -419,7 +532,7 @@ def test_silu_mul_holds_extreme_inputs_and_refuses_mismatches(kernel):
 
 
 @pytest.mark.parametrize("layout,dtype", [("plain", torch.float32), ("sliced", torch.float32),
-                                          ("packed", torch.bfloat16)])
+                                          ("panels", torch.float32), ("packed", torch.bfloat16)])
 def test_the_mlp_runs_its_activation_through_the_kernel_on_cpu(monkeypatch, layout, dtype):
     # The gate/up halves come from every weight layout (a weight sliced in two hands over its
     # two slices as they are), and the layer's output equals torch's activation's.

@@ -389,8 +389,8 @@ def test_a_step_gathers_keys_and_values_into_buffers_every_layer_refills(smollm,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_weight_layout_follows_the_fastest_gemm(dtype, vendor, monkeypatch):
     # bfloat16 runs the pairs kernel on AVX512-BF16 (AMX or not) and packs elsewhere oneDNN
-    # computes it; float32 stays plain on Intel, where MKL's GEMV (F.linear) is fast, and is
-    # sliced per thread elsewhere.
+    # computes it; float32 stays plain on Intel, where MKL's GEMV (F.linear) is fast, and
+    # runs our panels kernel elsewhere (sliced per thread where the kernels are not built).
     monkeypatch.setattr("workers.models.llama.cpuinfo",
                         lambda field: vendor if field == "vendor_id" else "")
     if dtype == torch.bfloat16 and kernels.pairs() is not None:
@@ -398,8 +398,11 @@ def test_cpu_weight_layout_follows_the_fastest_gemm(dtype, vendor, monkeypatch):
     elif dtype == torch.bfloat16:
         expected = "packed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "plain"
     else:
-        expected = "plain" if vendor == "GenuineIntel" else "sliced"
+        expected = "plain" if vendor == "GenuineIntel" else "panels"
     assert cpu_weight_layout(dtype, "cpu") == expected
+    if dtype == torch.float32 and vendor == "AuthenticAMD":
+        monkeypatch.setattr("workers.models.llama.kernels.cpu", lambda: None)
+        assert cpu_weight_layout(dtype, "cpu") == "sliced"
     assert cpu_weight_layout(dtype, "meta") == "plain"
     assert cpu_weight_layout(torch.float16, "cpu") == "plain"
 
@@ -451,13 +454,14 @@ def test_a_packed_projection_computes_what_f_linear_does():
         projection.pack()
 
 
-@pytest.mark.parametrize("layout,small_rows", [("packed", 0), ("packed", 2), ("sliced", 2)])
+@pytest.mark.parametrize("layout,small_rows", [("packed", 0), ("packed", 2), ("sliced", 2),
+                                               ("panels", 2)])
 @pytest.mark.parametrize("tied", [False, True])
 def test_a_laid_out_model_keeps_one_copy_of_each_weight(tmp_path, monkeypatch, tied, layout,
                                                        small_rows):
-    # Packing or slicing lets each plain projection weight go, except an lm_head tied to the
-    # embedding (the lookup reads it) and packed weights whose plain copy serves steps of one
-    # or two tokens (SMALL_BATCH_ROWS); the model computes what the plain one does.
+    # Packing, slicing or panels let each plain projection weight go, except an lm_head tied
+    # to the embedding (the lookup reads it) and packed weights whose plain copy serves steps
+    # of one or two tokens (SMALL_BATCH_ROWS); the model computes what the plain one does.
     monkeypatch.setattr("workers.models.llama.SMALL_BATCH_ROWS", small_rows)
     directory = make_tiny_llama_dir(tmp_path / "tiny", tie_word_embeddings=tied)
     monkeypatch.setattr("workers.models.llama.cpu_weight_layout", lambda *a: "plain")
@@ -469,10 +473,12 @@ def test_a_laid_out_model_keeps_one_copy_of_each_weight(tmp_path, monkeypatch, t
     assert len(projections) == 4 * config.num_layers + 1
     small = layout == "packed" and small_rows > 0
     for m in projections:
-        assert (m.packed if layout == "packed" else m.slices) is not None
+        copies = {"packed": m.packed, "sliced": m.slices, "panels": m.panels}
+        assert [name for name, copy in copies.items() if copy is not None] == [layout]
         kept = (m is laid_out.lm_head and tied) or small
         assert (m.weight.numel() > 0) == kept
-        assert (m.small is not None) == small and m.pairs is None  # pairs: bfloat16 only
+        assert (m.small is not None) == (small or layout == "panels")
+        assert m.pairs is None  # pairs: bfloat16 only
     if tied:
         assert laid_out.lm_head.weight is laid_out.embed_tokens
     # Another GEMM sums in another order: float32 logits of a few units then differ by up to

@@ -10,9 +10,10 @@ already loaded, so they share torch's intra-op threads (one pool, ``torch_thread
 ``cpu()`` returns the module (``paged_decode``: decode attention over the paged KV cache;
 ``small_linear``: a projection of one or two tokens; ``add_rms_norm``: the residual add and
 RMS norm before a layer's blocks; ``silu_mul``: the MLP's activation; ``rope_write_kv``:
-RoPE of the queries and keys and the step's keys and values into the cache), or None when it
-cannot be built here (no compiler): the engine then runs its torch paths, which compute the
-same.
+RoPE of the queries and keys and the step's keys and values into the cache;
+``panels_linear``: float32 projections from the weights in panels of output columns), or
+None when it cannot be built here (no compiler): the engine then runs its torch paths, which
+compute the same.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 _HERE = Path(__file__).parent
 _SOURCES = [_HERE / "bindings.cpp", _HERE / "paged_decode.cpp", _HERE / "small_linear.cpp",
             _HERE / "rms_norm.cpp", _HERE / "silu_mul.cpp", _HERE / "rope_cache.cpp",
-            _HERE / "pairs_linear.cpp", _HERE / "prefill_attention.cpp"]
+            _HERE / "pairs_linear.cpp", _HERE / "prefill_attention.cpp",
+            _HERE / "panels_linear.cpp"]
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType | None] = {}
 

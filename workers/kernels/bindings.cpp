@@ -20,6 +20,10 @@ torch::Tensor pairs_pack(const torch::Tensor& weight);
 torch::Tensor pairs_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
                            const std::optional<torch::Tensor>& bias, bool amx);
 bool pairs_linear_amx_available();
+int64_t panels_width();
+torch::Tensor panels_pack(const torch::Tensor& weight);
+torch::Tensor panels_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
+                            const std::optional<torch::Tensor>& bias);
 void rope_write_kv(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& signed_sin,
                    const torch::Tensor& positions, torch::Tensor& kv_cache,
                    const torch::Tensor& slots, int64_t heads, int64_t kv_heads);
@@ -44,6 +48,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("amx") = true);
   m.def("pairs_linear_amx_available", &pairs_linear_amx_available,
         "Whether pairs_linear runs steps of a few rows or more on AMX here");
+  m.def("panels_width", &panels_width, "Output columns of a panel in panels_pack's layout");
+  m.def("panels_pack", &panels_pack, "A float32 weight [N, K] in panels_linear's layout");
+  m.def("panels_linear", &panels_linear,
+        "x w^T (+ bias) for float32 rows of x, from panels_pack(w) (CPU)", py::arg("x"),
+        py::arg("packed"), py::arg("out_features"), py::arg("bias"));
   m.def("prefill_attention_available", &prefill_attention_available,
         "Whether prefill_attention is compiled in (AVX512-BF16)");
   m.def("prefill_attention", &prefill_attention,

@@ -54,16 +54,6 @@ inline void pairs_tile(const c10::BFloat16* x, int64_t stride, int64_t P, const 
   pairs_add<MR>(x, stride, P, w, acc);
 }
 
-// fn.template operator()<MR>() for MR = min(rows, MAX): the row count as a template
-// argument, so that a tile's sums stay in registers.
-template <int MAX, typename Fn>
-inline void with_rows(int64_t rows, Fn&& fn) {
-  if constexpr (MAX > 1) {
-    if (rows < MAX) return with_rows<MAX - 1>(rows, fn);
-  }
-  fn.template operator()<MAX>();
-}
-
 #endif
 
 #if defined(ELECTRON_AMX)

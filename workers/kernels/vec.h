@@ -9,6 +9,10 @@
 #include <cstring>
 #include <type_traits>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 namespace electron {
 
 // Floats per vector: one register of the widest kind the CPU has (a vector type wider than
@@ -24,6 +28,17 @@ typedef int32_t ivec __attribute__((vector_size(W * sizeof(int32_t))));
 inline vec load(const float* p) { vec v; std::memcpy(&v, p, sizeof v); return v; }
 inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 inline vec splat(float x) { return vec{} + x; }
+// *p in every lane, as one broadcast from memory (splat's `vec{} + x` costs an add and a
+// shuffle, which matters in a loop of fused multiply-adds).
+inline vec broadcast(const float* p) {
+#if defined(__AVX512F__)
+  return (vec)_mm512_set1_ps(*p);
+#elif defined(__AVX__)
+  return (vec)_mm256_broadcast_ss(p);
+#else
+  return splat(*p);
+#endif
+}
 
 inline float to_float(float x) { return x; }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
@@ -51,6 +66,16 @@ inline vec transpose_sum(vec* p) {
     for (int64_t i = 0; i < n; ++i) p[i] = pair_sum(p[2 * i], p[2 * i + 1]);
   }
   return p[0];
+}
+
+// fn.template operator()<MR>() for MR = min(rows, MAX): the row count as a template
+// argument, so that a tile's sums stay in registers.
+template <int MAX, typename Fn>
+inline void with_rows(int64_t rows, Fn&& fn) {
+  if constexpr (MAX > 1) {
+    if (rows < MAX) return with_rows<MAX - 1>(rows, fn);
+  }
+  fn.template operator()<MAX>();
 }
 
 typedef uint16_t hvec __attribute__((vector_size(W * sizeof(uint16_t))));

@@ -169,9 +169,9 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Pa
 
 
 def cpu_weight_layout(dtype: torch.dtype, device: torch.device | str) -> str:
-    """How a Projection holds its weight on this device: "pairs" (our kernel's layout),
-    "packed" (oneDNN's), "sliced" (column slices, one per thread, for batched GEMMs) or
-    "plain" (F.linear).
+    """How a Projection holds its weight on this device: "pairs" (our bfloat16 kernel's
+    layout), "panels" (our float32 kernel's), "packed" (oneDNN's), "sliced" (column slices,
+    one per thread, for batched GEMMs) or "plain" (F.linear).
 
     bfloat16 runs our pairs kernel on a CPU with AVX512-BF16 (``kernels.pairs``), on AMX's
     tiles where the CPU has them: SmolLM2's projections took 0.49x oneDNN's time for one
@@ -181,8 +181,9 @@ def cpu_weight_layout(dtype: torch.dtype, device: torch.device | str) -> str:
     small steps and oneDNN's per-shape primitive cache. Elsewhere bfloat16 packs wherever
     oneDNN computes it: a packed copy measured 2x F.linear for one token. float32 stays plain
     on Intel CPUs, where F.linear is MKL's fast GEMV; elsewhere MKL runs a GEMV on one thread
-    in its slow orientation, and slices beat both it and oneDNN's packed copy
-    (``bench/cpu_paths.py --parts layout``, docs/engine.md)."""
+    in its slow orientation and small GEMMs far under the CPU's peak, and our panels kernel
+    serves every step where the kernels are built (column slices for batched GEMMs where
+    they are not; ``bench/cpu_paths.py --parts layout projections``, docs/engine.md)."""
     if torch.device(device).type != "cpu":
         return "plain"
     if dtype == torch.bfloat16:
@@ -192,7 +193,7 @@ def cpu_weight_layout(dtype: torch.dtype, device: torch.device | str) -> str:
             torch.ops.mkldnn._is_mkldnn_bf16_supported()
         return "packed" if packs else "plain"
     if dtype == torch.float32 and cpuinfo("vendor_id") != "GenuineIntel":
-        return "sliced"
+        return "panels" if kernels.cpu() is not None else "sliced"
     return "plain"
 
 
@@ -201,6 +202,9 @@ class Projection(nn.Module):
 
     - ``pair``: a bfloat16 copy in pairs of inputs, ``[out / 32, in / 2, 32 columns, 2]``,
       for our kernel on AVX512-BF16's ``vdpbf16ps`` (workers/kernels/pairs_linear.cpp).
+    - ``panel``: a float32 copy in panels of output columns, ``[out / P, in, P columns]``
+      (P = 16 on AVX2, 32 on AVX-512), for our kernel's fused multiply-adds
+      (workers/kernels/panels_linear.cpp).
     - ``pack``: a copy prepacked in oneDNN's layout (what torch.compile's CPU freezing does).
       In bf16, F.linear hands oneDNN a plain weight to reorder on every call; the packed copy
       measured 2x faster for one token, and 2-4x for the lm_head at batch 16.
@@ -232,11 +236,19 @@ class Projection(nn.Module):
         # weight kept beside a packed copy (small_linear).
         self.small: ModuleType | None = None
         self.pairs: torch.Tensor | None = None  # [ceil(out / 32), in / 2, 64]
+        self.panels: torch.Tensor | None = None  # [ceil(out / P), in, P]
 
     def pair(self, module: ModuleType, keep_plain: bool = False) -> None:
         """Runs on a copy in pairs of inputs (our kernel, ``module.pairs_linear``) from now
         on: bfloat16 with an even number of inputs."""
         self.pairs = module.pairs_pack(self._plain())
+        self.small = module
+        self._let_go(keep_plain)
+
+    def panel(self, module: ModuleType, keep_plain: bool = False) -> None:
+        """Runs on a copy in panels of output columns (our kernel, ``module.panels_linear``)
+        from now on: float32."""
+        self.panels = module.panels_pack(self._plain())
         self.small = module
         self._let_go(keep_plain)
 
@@ -270,6 +282,8 @@ class Projection(nn.Module):
         if self.small is not None:
             if self.pairs is not None:
                 return self.small.pairs_linear(x, self.pairs, self.out_features, self.bias)
+            if self.panels is not None:
+                return self.small.panels_linear(x, self.panels, self.out_features, self.bias)
             if x.shape[0] <= SMALL_BATCH_ROWS and self.weight.numel():
                 return self.small.small_linear(x, self.weight, self.bias)
         if self.packed is not None:
@@ -411,19 +425,22 @@ class LlamaForCausalLM(nn.Module):
         self.lay_out_weights(self.weight_layout)
 
     def lay_out_weights(self, layout: str, keep_plain: bool = False) -> None:
-        """Every projection to ``layout`` ("pairs" or "packed", where ``kernels.pairs`` and
-        oneDNN's bfloat16 serve; "sliced" over this process's torch threads; or "plain": as
-        loaded). Under "pairs", a projection the kernel cannot take (not bfloat16, or an odd
-        number of inputs) is packed."""
+        """Every projection to ``layout`` ("pairs", "panels" or "packed", where
+        ``kernels.pairs``, ``kernels.cpu`` and oneDNN's bfloat16 serve; "sliced" over this
+        process's torch threads; or "plain": as loaded). Under "pairs", a projection the
+        kernel cannot take (not bfloat16, or an odd number of inputs) is packed; under
+        "panels", one not in float32 is sliced."""
         if layout == "plain":
             return
-        if layout not in ("pairs", "packed", "sliced"):
+        if layout not in ("pairs", "panels", "packed", "sliced"):
             raise ValueError(f"unknown weight layout {layout!r}")
         # Packed weights keep the plain one for our kernel of small steps, where it is built.
-        small = kernels.cpu() if layout in ("pairs", "packed") else None
+        small = kernels.cpu() if layout in ("pairs", "panels", "packed") else None
         pairs = kernels.pairs() if layout == "pairs" else None
         if layout == "pairs" and pairs is None:
             raise ValueError("the pairs layout needs the CPU kernels on AVX512-BF16")
+        if layout == "panels" and small is None:
+            raise ValueError("the panels layout needs the CPU kernels")
         kept = {"plain": 0}
         for module in self.modules():
             if isinstance(module, Projection):
@@ -431,7 +448,11 @@ class LlamaForCausalLM(nn.Module):
                 if (pairs is not None and module.weight.dtype == torch.bfloat16
                         and module.weight.shape[1] % 2 == 0):
                     module.pair(pairs, keep_plain=keep)
-                elif layout != "sliced":
+                elif layout == "panels" and module.weight.dtype == torch.float32:
+                    module.panel(small, keep_plain=keep)
+                elif layout in ("sliced", "panels"):
+                    module.slice(torch.get_num_threads(), keep_plain=keep)
+                else:
                     module.pack(keep_plain=True)
                     if small is not None and SMALL_BATCH_ROWS > 0:
                         module.small = small
@@ -439,8 +460,6 @@ class LlamaForCausalLM(nn.Module):
                             keep = True
                             kept["plain"] += module.weight.numel() * module.weight.element_size()
                     module._let_go(keep)
-                else:
-                    module.slice(torch.get_num_threads(), keep_plain=keep)
         if kept["plain"]:
             log.info("projections of up to %d tokens run on the plain weights, kept beside "
                      "the packed copies: %.0f MiB more", SMALL_BATCH_ROWS, kept["plain"] / 2**20)
