@@ -434,7 +434,8 @@ class LlamaForCausalLM(nn.Module):
             return
         if layout not in ("pairs", "panels", "packed", "sliced"):
             raise ValueError(f"unknown weight layout {layout!r}")
-        # Packed weights keep the plain one for our kernel of small steps, where it is built.
+        # Our kernels' module: the pairs' and panels' every step, and a packed copy's small
+        # steps on the plain weight kept beside it, where the kernels are built.
         small = kernels.cpu() if layout in ("pairs", "panels", "packed") else None
         pairs = kernels.pairs() if layout == "pairs" else None
         if layout == "pairs" and pairs is None:
